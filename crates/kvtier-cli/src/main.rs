@@ -1,0 +1,41 @@
+//! The `kvtier` command: benchmarks (and later serving and inspection tools) over the
+//! kvtier engine.
+
+mod bench;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Top-level command line.
+#[derive(Debug, Parser)]
+#[command(name = "kvtier", version, about = "Tiered KV-cache engine tools")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Subcommands. `serve` and `inspect` will join `bench` here.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a synthetic workload against an embedded engine and compare it with memcpy.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    init_tracing();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Bench(args) => bench::run(&args),
+    }
+}
+
+/// Logs go to stderr so that `--json` output on stdout stays machine-readable.
+/// `KVTIER_LOG` (an `EnvFilter` directive, e.g. `debug` or `kvtier=trace`) sets the level.
+fn init_tracing() {
+    let filter = EnvFilter::try_from_env("KVTIER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

@@ -1,0 +1,531 @@
+//! Engine configuration: a YAML (or JSON) file plus `KVTIER_<KEY>` environment overrides.
+//!
+//! LMCache's key names are accepted where the meaning is the same (`chunk_size`,
+//! `local_cpu`, `max_local_cpu_size` in GB, `local_disk`, `max_local_disk_size`,
+//! `remote_url`, `save_unfull_chunk`, ...). Unknown keys and bad values are errors naming
+//! the key and what is allowed; nothing is silently ignored.
+//!
+//! ```
+//! let cfg = kvtier::config::EngineConfig::from_yaml_str("chunk_size: 128\nmax_local_cpu_size: 0.5\n").unwrap();
+//! assert_eq!(cfg.chunk_size, 128);
+//! assert_eq!(cfg.max_local_cpu_size, 512 << 20);
+//! let err = kvtier::config::EngineConfig::from_yaml_str("chunk_sise: 128").unwrap_err();
+//! assert!(err.to_string().contains("did you mean `chunk_size`"));
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use yaml_rust2::{Yaml, YamlLoader};
+
+use crate::error::{Error, Result};
+use crate::policy::PolicyKind;
+
+/// Environment variable naming the config file.
+pub const CONFIG_FILE_ENV: &str = "KVTIER_CONFIG_FILE";
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "KVTIER_";
+/// `KVTIER_*` variables that are not config keys.
+const ENV_NOT_KEYS: &[&str] = &[
+    "CONFIG_FILE",
+    "AUTH_TOKEN",
+    "REDIS_USERNAME",
+    "REDIS_PASSWORD",
+    "LOG",
+    "TEST_REDIS",
+    "SOAK",
+];
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// How a process with several disk paths picks where chunks go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathSharding {
+    /// Rank r uses path `r % paths` (LMCache's `by_gpu`).
+    #[default]
+    ByRank,
+    /// Chunks spread over all paths by key hash.
+    Striped,
+}
+
+/// Every engine setting, with defaults.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct EngineConfig {
+    /// Tokens per chunk.
+    pub chunk_size: usize,
+    /// Store the trailing partial chunk of a prompt.
+    pub save_unfull_chunk: bool,
+    /// Keep chunks in the CPU tier (false: the pool only stages I/O for lower tiers).
+    pub local_cpu: bool,
+    /// CPU pool size in bytes (config value in GB, i.e. GiB as in LMCache).
+    pub max_local_cpu_size: u64,
+    /// Ask for transparent huge pages for the pool.
+    pub local_cpu_huge_pages: bool,
+    /// Touch the whole pool at start so its memory is resident.
+    pub local_cpu_prefault: bool,
+    /// Eviction policy.
+    pub cache_policy: PolicyKind,
+    /// Abandoned pins expire after this many seconds.
+    pub pin_timeout_sec: f64,
+    /// Deadline of one lookup/read call on a tier, ms.
+    pub read_deadline_ms: u64,
+    /// Deadline of one write call on a tier, ms.
+    pub store_deadline_ms: u64,
+    /// Chunks queued per lower tier before stores to it are skipped.
+    pub write_queue_chunks: usize,
+    /// Chunk loads a prefetch runs at once.
+    pub prefetch_concurrency: usize,
+    /// Disk tier directories.
+    pub local_disk: Vec<PathBuf>,
+    /// Disk tier budget per path, bytes (config value in GB).
+    pub max_local_disk_size: u64,
+    /// Disk path sharding.
+    pub local_disk_path_sharding: PathSharding,
+    /// Write a chunk to disk only once it has been stored this many times.
+    pub disk_admit_after: u32,
+    /// Remote tiers, consulted in order after local tiers.
+    pub remote_url: Vec<String>,
+    /// Port of the admin HTTP endpoint (none by default).
+    pub admin_port: Option<u16>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            chunk_size: 256,
+            save_unfull_chunk: false,
+            local_cpu: true,
+            max_local_cpu_size: 5 << 30,
+            local_cpu_huge_pages: true,
+            local_cpu_prefault: false,
+            cache_policy: PolicyKind::Lru,
+            pin_timeout_sec: 300.0,
+            read_deadline_ms: 2000,
+            store_deadline_ms: 30_000,
+            write_queue_chunks: 64,
+            prefetch_concurrency: 8,
+            local_disk: Vec::new(),
+            max_local_disk_size: 0,
+            local_disk_path_sharding: PathSharding::ByRank,
+            disk_admit_after: 1,
+            remote_url: Vec::new(),
+            admin_port: None,
+        }
+    }
+}
+
+/// A raw value: from YAML, or a string from the environment.
+enum Raw<'a> {
+    Yaml(&'a Yaml),
+    Env(&'a str),
+}
+
+impl Raw<'_> {
+    fn show(&self) -> String {
+        match self {
+            Raw::Env(s) => format!("\"{s}\""),
+            Raw::Yaml(Yaml::String(s)) => format!("\"{s}\""),
+            Raw::Yaml(Yaml::Integer(i)) => i.to_string(),
+            Raw::Yaml(Yaml::Real(r)) => r.clone(),
+            Raw::Yaml(Yaml::Boolean(b)) => b.to_string(),
+            Raw::Yaml(Yaml::Null) => "null".into(),
+            Raw::Yaml(Yaml::Array(_)) => "a list".into(),
+            Raw::Yaml(Yaml::Hash(_)) => "a mapping".into(),
+            Raw::Yaml(_) => "an unsupported value".into(),
+        }
+    }
+
+    fn text(&self) -> Option<String> {
+        match self {
+            Raw::Env(s) => Some(s.trim().to_string()),
+            Raw::Yaml(Yaml::String(s)) | Raw::Yaml(Yaml::Real(s)) => Some(s.trim().to_string()),
+            Raw::Yaml(Yaml::Integer(i)) => Some(i.to_string()),
+            Raw::Yaml(Yaml::Boolean(b)) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+
+    fn bool(&self) -> std::result::Result<bool, String> {
+        match self.text().as_deref().map(str::to_ascii_lowercase).as_deref() {
+            Some("true" | "1" | "yes" | "on") => Ok(true),
+            Some("false" | "0" | "no" | "off") => Ok(false),
+            _ => Err(format!("expected true or false, got {}", self.show())),
+        }
+    }
+
+    fn u64_in(&self, min: u64, max: u64) -> std::result::Result<u64, String> {
+        let t = self.text().ok_or_else(|| format!("expected a whole number, got {}", self.show()))?;
+        let v: u64 = t
+            .replace('_', "")
+            .parse()
+            .map_err(|_| format!("expected a whole number, got {}", self.show()))?;
+        if v < min || v > max {
+            return Err(format!("must be between {min} and {max}, got {v}"));
+        }
+        Ok(v)
+    }
+
+    fn f64_in(&self, min: f64, max: f64) -> std::result::Result<f64, String> {
+        let t = self.text().ok_or_else(|| format!("expected a number, got {}", self.show()))?;
+        let v: f64 = t.parse().map_err(|_| format!("expected a number, got {}", self.show()))?;
+        if !(v >= min && v <= max) {
+            return Err(format!("must be between {min} and {max}, got {v}"));
+        }
+        Ok(v)
+    }
+
+    /// A size: a number of GB (GiB, as LMCache counts them) or a string with a unit.
+    fn size(&self) -> std::result::Result<u64, String> {
+        let t = self
+            .text()
+            .ok_or_else(|| format!("expected a size in GB (e.g. 4 or \"512MiB\"), got {}", self.show()))?;
+        let lower = t.to_ascii_lowercase().replace(' ', "");
+        let units: [(&str, f64); 9] = [
+            ("gib", GIB),
+            ("gb", GIB),
+            ("g", GIB),
+            ("mib", GIB / 1024.0),
+            ("mb", GIB / 1024.0),
+            ("m", GIB / 1024.0),
+            ("kib", 1024.0),
+            ("kb", 1024.0),
+            ("b", 1.0),
+        ];
+        let (num, mult) = units
+            .iter()
+            .find_map(|(u, m)| lower.strip_suffix(u).map(|n| (n.to_string(), *m)))
+            .unwrap_or((lower.clone(), GIB));
+        let v: f64 = num
+            .parse()
+            .map_err(|_| format!("expected a size in GB (e.g. 4 or \"512MiB\"), got {}", self.show()))?;
+        if !(v >= 0.0) || v * mult > 1e15 {
+            return Err(format!("size must be between 0 and 1 PB, got {}", self.show()));
+        }
+        Ok((v * mult) as u64)
+    }
+
+    fn list(&self) -> std::result::Result<Vec<String>, String> {
+        match self {
+            Raw::Yaml(Yaml::Array(items)) => items
+                .iter()
+                .map(|y| Raw::Yaml(y).text().ok_or_else(|| format!("list items must be strings, got {}", Raw::Yaml(y).show())))
+                .collect(),
+            Raw::Yaml(Yaml::Null) => Ok(Vec::new()),
+            _ => {
+                let t = self.text().ok_or_else(|| format!("expected a string or list, got {}", self.show()))?;
+                Ok(t.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+            }
+        }
+    }
+}
+
+type Apply = fn(&mut EngineConfig, &Raw<'_>) -> std::result::Result<(), String>;
+
+struct KeyDef {
+    name: &'static str,
+    aliases: &'static [&'static str],
+    apply: Apply,
+}
+
+fn disk_paths(raw: &Raw<'_>) -> std::result::Result<Vec<PathBuf>, String> {
+    raw.list()?
+        .into_iter()
+        .map(|s| {
+            let p = s.strip_prefix("file://").unwrap_or(&s).to_string();
+            if p.is_empty() {
+                return Err("a disk path is empty".to_string());
+            }
+            Ok(PathBuf::from(p))
+        })
+        .collect()
+}
+
+const KEYS: &[KeyDef] = &[
+    KeyDef {
+        name: "chunk_size",
+        aliases: &[],
+        apply: |c, v| Ok(c.chunk_size = v.u64_in(1, 1 << 20)? as usize),
+    },
+    KeyDef {
+        name: "save_unfull_chunk",
+        aliases: &[],
+        apply: |c, v| Ok(c.save_unfull_chunk = v.bool()?),
+    },
+    KeyDef {
+        name: "local_cpu",
+        aliases: &[],
+        apply: |c, v| Ok(c.local_cpu = v.bool()?),
+    },
+    KeyDef {
+        name: "max_local_cpu_size",
+        aliases: &[],
+        apply: |c, v| {
+            let s = v.size()?;
+            if s < 4096 {
+                return Err(format!("must be at least 4 KiB, got {s} bytes"));
+            }
+            Ok(c.max_local_cpu_size = s)
+        },
+    },
+    KeyDef {
+        name: "local_cpu_huge_pages",
+        aliases: &["local_cpu_use_hugepages"],
+        apply: |c, v| Ok(c.local_cpu_huge_pages = v.bool()?),
+    },
+    KeyDef {
+        name: "local_cpu_prefault",
+        aliases: &[],
+        apply: |c, v| Ok(c.local_cpu_prefault = v.bool()?),
+    },
+    KeyDef {
+        name: "cache_policy",
+        aliases: &[],
+        apply: |c, v| {
+            let t = v.text().unwrap_or_default();
+            c.cache_policy = t.parse().map_err(|e: Error| e.to_string().replace("invalid input: ", ""))?;
+            Ok(())
+        },
+    },
+    KeyDef {
+        name: "pin_timeout_sec",
+        aliases: &[],
+        apply: |c, v| Ok(c.pin_timeout_sec = v.f64_in(0.001, 86_400.0)?),
+    },
+    KeyDef {
+        name: "read_deadline_ms",
+        aliases: &[],
+        apply: |c, v| Ok(c.read_deadline_ms = v.u64_in(1, 600_000)?),
+    },
+    KeyDef {
+        name: "blocking_timeout_secs",
+        aliases: &[],
+        apply: |c, v| Ok(c.read_deadline_ms = (v.f64_in(0.001, 600.0)? * 1000.0) as u64),
+    },
+    KeyDef {
+        name: "store_deadline_ms",
+        aliases: &[],
+        apply: |c, v| Ok(c.store_deadline_ms = v.u64_in(1, 3_600_000)?),
+    },
+    KeyDef {
+        name: "write_queue_chunks",
+        aliases: &[],
+        apply: |c, v| Ok(c.write_queue_chunks = v.u64_in(1, 1 << 20)? as usize),
+    },
+    KeyDef {
+        name: "prefetch_concurrency",
+        aliases: &[],
+        apply: |c, v| Ok(c.prefetch_concurrency = v.u64_in(1, 1024)? as usize),
+    },
+    KeyDef {
+        name: "local_disk",
+        aliases: &[],
+        apply: |c, v| Ok(c.local_disk = disk_paths(v)?),
+    },
+    KeyDef {
+        name: "max_local_disk_size",
+        aliases: &[],
+        apply: |c, v| Ok(c.max_local_disk_size = v.size()?),
+    },
+    KeyDef {
+        name: "local_disk_path_sharding",
+        aliases: &[],
+        apply: |c, v| {
+            c.local_disk_path_sharding = match v.text().unwrap_or_default().to_ascii_lowercase().as_str() {
+                "by_rank" | "by_gpu" => PathSharding::ByRank,
+                "striped" => PathSharding::Striped,
+                _ => return Err(format!("expected by_rank (alias by_gpu) or striped, got {}", v.show())),
+            };
+            Ok(())
+        },
+    },
+    KeyDef {
+        name: "disk_admit_after",
+        aliases: &["ssd_gate_min_access_count"],
+        apply: |c, v| Ok(c.disk_admit_after = v.u64_in(1, 1000)? as u32),
+    },
+    KeyDef {
+        name: "remote_url",
+        aliases: &[],
+        apply: |c, v| Ok(c.remote_url = v.list()?),
+    },
+    KeyDef {
+        name: "admin_port",
+        aliases: &[],
+        apply: |c, v| Ok(c.admin_port = Some(v.u64_in(1, 65535)? as u16)),
+    },
+];
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn unknown_key(key: &str, source: &str) -> Error {
+    let all = KEYS.iter().flat_map(|k| std::iter::once(k.name).chain(k.aliases.iter().copied()));
+    let best = all.map(|n| (edit_distance(key, n), n)).min();
+    let hint = match best {
+        Some((d, n)) if d <= 3 => format!(" (did you mean `{n}`?)"),
+        _ => String::new(),
+    };
+    let names: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
+    Error::config(
+        key,
+        format!("unknown key{source}{hint}; known keys: {}", names.join(", ")),
+    )
+}
+
+impl EngineConfig {
+    fn set(&mut self, key: &str, raw: &Raw<'_>, source: &str) -> Result<()> {
+        let norm = key.trim().to_ascii_lowercase();
+        let def = KEYS
+            .iter()
+            .find(|k| k.name == norm || k.aliases.contains(&norm.as_str()))
+            .ok_or_else(|| unknown_key(key, source))?;
+        (def.apply)(self, raw).map_err(|m| Error::config(key, format!("{m}{source}")))
+    }
+
+    /// Parses YAML (or JSON) text; keys not given keep their defaults.
+    pub fn from_yaml_str(text: &str) -> Result<EngineConfig> {
+        let mut cfg = EngineConfig::default();
+        cfg.apply_yaml(text, "")?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn apply_yaml(&mut self, text: &str, source: &str) -> Result<()> {
+        let docs = YamlLoader::load_from_str(text)
+            .map_err(|e| Error::config("<file>", format!("not valid YAML{source}: {e}")))?;
+        let Some(doc) = docs.into_iter().next() else { return Ok(()) };
+        let map = match doc {
+            Yaml::Hash(h) => h,
+            Yaml::Null => return Ok(()),
+            _ => return Err(Error::config("<file>", format!("the top level must be a mapping of keys to values{source}"))),
+        };
+        for (k, v) in &map {
+            let key = k
+                .as_str()
+                .ok_or_else(|| Error::config(format!("{k:?}"), format!("config keys must be strings{source}")))?;
+            self.set(key, &Raw::Yaml(v), source)?;
+        }
+        Ok(())
+    }
+
+    /// Applies `(key, value)` string pairs (e.g. from a CLI or Python dict).
+    pub fn apply_pairs<'a>(&mut self, pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<()> {
+        for (k, v) in pairs {
+            self.set(k, &Raw::Env(v), "")?;
+        }
+        self.validate()
+    }
+
+    /// Applies `KVTIER_<KEY>` variables from `vars` (normally `std::env::vars()`).
+    pub fn apply_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<()> {
+        for (name, value) in vars {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+            if ENV_NOT_KEYS.contains(&rest) {
+                continue;
+            }
+            let source = format!(" (from environment variable {name})");
+            self.set(&rest.to_ascii_lowercase(), &Raw::Env(&value), &source)?;
+        }
+        self.validate()
+    }
+
+    /// Loads the file given (or named by `KVTIER_CONFIG_FILE`), then environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<EngineConfig> {
+        let mut cfg = EngineConfig::default();
+        let from_env = std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from);
+        if let Some(p) = path.map(Path::to_path_buf).or(from_env) {
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| Error::io(format!("reading config file {}", p.display()), e))?;
+            cfg.apply_yaml(&text, &format!(" (in {})", p.display()))?;
+        }
+        cfg.apply_env(std::env::vars())?;
+        Ok(cfg)
+    }
+
+    /// Cross-key checks.
+    pub fn validate(&self) -> Result<()> {
+        if !self.local_disk.is_empty() && self.max_local_disk_size == 0 {
+            return Err(Error::config(
+                "max_local_disk_size",
+                "local_disk is set but max_local_disk_size is 0; give the disk budget per path in GB",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every accepted key name (aliases included).
+    pub fn known_keys() -> Vec<&'static str> {
+        KEYS.iter().flat_map(|k| std::iter::once(k.name).chain(k.aliases.iter().copied())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lmcache_style_file_parses() {
+        let c = EngineConfig::from_yaml_str(
+            "chunk_size: 256\nlocal_cpu: true\nmax_local_cpu_size: 2.5\nlocal_disk: \"file:///a,/b\"\nmax_local_disk_size: 10\nsave_unfull_chunk: true\nremote_url: redis://h:6379\ncache_policy: S3FIFO\nlocal_cpu_use_hugepages: false\n",
+        )
+        .unwrap();
+        assert_eq!(c.max_local_cpu_size, (2.5 * GIB) as u64);
+        assert_eq!(c.local_disk, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
+        assert_eq!(c.max_local_disk_size, 10 << 30);
+        assert!(c.save_unfull_chunk && !c.local_cpu_huge_pages);
+        assert_eq!(c.cache_policy, PolicyKind::S3Fifo);
+        assert_eq!(c.remote_url, vec!["redis://h:6379".to_string()]);
+    }
+
+    #[test]
+    fn json_is_accepted_too() {
+        let c = EngineConfig::from_yaml_str(r#"{"chunk_size": 64, "max_local_cpu_size": "256MiB"}"#).unwrap();
+        assert_eq!((c.chunk_size, c.max_local_cpu_size), (64, 256 << 20));
+    }
+
+    #[test]
+    fn errors_name_the_key_and_what_is_allowed() {
+        let e = EngineConfig::from_yaml_str("chunk_size: -3").unwrap_err().to_string();
+        assert!(e.contains("chunk_size") && e.contains("whole number"), "{e}");
+        let e = EngineConfig::from_yaml_str("cache_policy: arc").unwrap_err().to_string();
+        assert!(e.contains("cache_policy") && e.contains("lru, s3fifo"), "{e}");
+        let e = EngineConfig::from_yaml_str("max_local_cpu_size: lots").unwrap_err().to_string();
+        assert!(e.contains("max_local_cpu_size") && e.contains("GB"), "{e}");
+        let e = EngineConfig::from_yaml_str("local_disk: /x").unwrap_err().to_string();
+        assert!(e.contains("max_local_disk_size"), "{e}");
+        let e = EngineConfig::from_yaml_str("- a\n- b").unwrap_err().to_string();
+        assert!(e.contains("mapping"), "{e}");
+        let e = EngineConfig::from_yaml_str("chunk_size: [1").unwrap_err().to_string();
+        assert!(e.contains("YAML"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_file_and_typos_in_env_are_caught() {
+        let mut c = EngineConfig::from_yaml_str("chunk_size: 64").unwrap();
+        c.apply_env([
+            ("KVTIER_CHUNK_SIZE".to_string(), "32".to_string()),
+            ("KVTIER_LOCAL_CPU".to_string(), "false".to_string()),
+            ("KVTIER_AUTH_TOKEN".to_string(), "secret".to_string()),
+            ("OTHER".to_string(), "x".to_string()),
+        ])
+        .unwrap();
+        assert_eq!(c.chunk_size, 32);
+        assert!(!c.local_cpu);
+        let e = c
+            .apply_env([("KVTIER_MAX_LOCAL_CPU_SIZ".to_string(), "1".to_string())])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("KVTIER_MAX_LOCAL_CPU_SIZ") && e.contains("max_local_cpu_size"), "{e}");
+    }
+}

@@ -1,0 +1,596 @@
+//! The storage manager: one ordered list of tiers behind the [`Tier`] trait, with L1 (the CPU
+//! tier) first.
+//!
+//! - **lookup** (C2): how many leading chunks are stored, and in which tier each one is;
+//!   each tier continues from the first chunk the tiers before it lacked.
+//! - **store** (C5): write-through; L1 synchronously, lower tiers asynchronously through a
+//!   bounded queue per tier; present or in-flight keys are skipped; never waits for memory.
+//! - **reads** (C3): blocking get, batched get, non-blocking get and prefetch; hits from a
+//!   lower tier are written back into L1 unless that tier is marked `write_back: false`.
+//! - **prefetch** (C4): loads a prefix spread over tiers concurrently, then keeps only the
+//!   contiguous prefix; chunks after the first failure are released, never written back.
+//! - **deadlines** (C8): every tier call has one; failures and timeouts mark a tier down for
+//!   a backoff period, during which it is skipped.
+
+mod handles;
+mod health;
+mod read;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use tokio::runtime::{Handle, Runtime};
+
+pub use handles::{GetHandle, PrefetchHandle, PrefetchResult, StoreTicket, WriteOutcome};
+pub use health::{Health, HealthPolicy};
+
+use crate::chunk::Chunk;
+use crate::error::{Error, Result};
+use crate::keys::{ChunkKey, KeyMap};
+use crate::metrics::Metrics;
+use crate::tier::{CpuTier, PutOutcome, Tier, TierUsage};
+
+/// Manager settings.
+#[derive(Clone, Debug)]
+pub struct ManagerOptions {
+    /// Deadline of one lookup or read call on a tier.
+    pub read_deadline: Duration,
+    /// Deadline of one store call on a tier.
+    pub store_deadline: Duration,
+    /// Chunks queued for writing per lower tier before further stores to it are skipped.
+    pub write_queue_chunks: usize,
+    /// Bytes queued for writing per lower tier before further stores to it are skipped.
+    pub write_queue_bytes: u64,
+    /// Chunk loads a prefetch runs at once.
+    pub prefetch_concurrency: usize,
+    /// Backoff of failing tiers.
+    pub health: HealthPolicy,
+    /// Worker threads of the manager's async runtime.
+    pub runtime_threads: usize,
+}
+
+impl Default for ManagerOptions {
+    fn default() -> Self {
+        ManagerOptions {
+            read_deadline: Duration::from_secs(2),
+            store_deadline: Duration::from_secs(30),
+            write_queue_chunks: 64,
+            write_queue_bytes: 4 << 30,
+            prefetch_concurrency: 8,
+            health: HealthPolicy::default(),
+            runtime_threads: 2,
+        }
+    }
+}
+
+/// A tier below L1 with its manager-side settings.
+#[derive(Clone)]
+pub struct TierSpec {
+    /// The tier.
+    pub tier: Arc<dyn Tier>,
+    /// Whether hits from this tier are promoted into L1 (false for e.g. a peer's transfer
+    /// buffer).
+    pub write_back: bool,
+}
+
+impl TierSpec {
+    /// A tier whose hits are written back into L1.
+    pub fn new(tier: Arc<dyn Tier>) -> TierSpec {
+        TierSpec { tier, write_back: true }
+    }
+}
+
+/// Result of a prefix lookup.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PrefixLookup {
+    /// Number of leading chunks stored.
+    pub hit_chunks: usize,
+    /// Tier index of each hit chunk (0 = L1, then lower tiers in order).
+    pub tiers: Vec<usize>,
+}
+
+impl PrefixLookup {
+    /// Chunks served by tier `t`.
+    pub fn chunks_in(&self, t: usize) -> usize {
+        self.tiers.iter().filter(|&&x| x == t).count()
+    }
+}
+
+pub(crate) struct Slot {
+    pub(crate) tier: Arc<dyn Tier>,
+    pub(crate) name: String,
+    pub(crate) write_back: bool,
+    pub(crate) health: Health,
+    queued_chunks: AtomicUsize,
+    queued_bytes: AtomicU64,
+    inflight: Mutex<KeyMap<()>>,
+}
+
+#[derive(Default)]
+struct Pending {
+    count: Mutex<usize>,
+    idle: Condvar,
+}
+
+pub(crate) struct Inner {
+    pub(crate) l1: Arc<CpuTier>,
+    pub(crate) l1_enabled: bool,
+    pub(crate) lower: Vec<Slot>,
+    pub(crate) opts: ManagerOptions,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) handle: Handle,
+    storing: Mutex<KeyMap<()>>,
+    pending: Pending,
+}
+
+struct RuntimeHolder(Option<Runtime>);
+
+impl Drop for RuntimeHolder {
+    fn drop(&mut self) {
+        // Tasks hold only `Inner`, so the runtime can be dropped from anywhere; do it without
+        // blocking so dropping an engine inside another async runtime is fine.
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// The storage manager. Cheap to clone; thread-safe.
+#[derive(Clone)]
+pub struct StorageManager {
+    pub(crate) inner: Arc<Inner>,
+    _rt: Arc<RuntimeHolder>,
+}
+
+impl std::fmt::Debug for StorageManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageManager").field("tiers", &self.tier_names()).finish()
+    }
+}
+
+/// Outcome of [`StorageManager::claim`].
+pub enum StoreClaim {
+    /// L1 already holds the key: its chunk is returned so lower tiers can be written
+    /// through without another copy.
+    Present(Chunk),
+    /// Another store of the key is under way.
+    InFlight,
+    /// The caller owns the store of this key until the guard drops.
+    New(ClaimGuard),
+}
+
+/// Exclusive right to store one key; dropping it releases the key.
+pub struct ClaimGuard {
+    inner: Arc<Inner>,
+    key: ChunkKey,
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        self.inner.storing.lock().remove(&self.key);
+    }
+}
+
+impl StorageManager {
+    /// Builds a manager over `l1` (enabled or used only as the staging allocator) and the
+    /// lower tiers in order.
+    pub fn new(
+        l1: Arc<CpuTier>,
+        l1_enabled: bool,
+        lower: Vec<TierSpec>,
+        opts: ManagerOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<StorageManager> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(opts.runtime_threads.max(1))
+            .thread_name("kvtier-io")
+            .enable_time()
+            .build()
+            .map_err(|e| Error::io("starting the engine's I/O runtime", e))?;
+        let mut names: Vec<String> = vec![l1.name().to_string()];
+        let slots = lower
+            .into_iter()
+            .map(|s| {
+                let name = s.tier.name().to_string();
+                if names.contains(&name) {
+                    return Err(Error::invalid(format!("two tiers are named `{name}`; tier names must be unique")));
+                }
+                names.push(name.clone());
+                Ok(Slot {
+                    health: Health::new(&name, opts.health),
+                    tier: s.tier,
+                    name,
+                    write_back: s.write_back,
+                    queued_chunks: AtomicUsize::new(0),
+                    queued_bytes: AtomicU64::new(0),
+                    inflight: Mutex::default(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let inner = Arc::new(Inner {
+            l1,
+            l1_enabled,
+            lower: slots,
+            opts,
+            metrics,
+            handle: rt.handle().clone(),
+            storing: Mutex::default(),
+            pending: Pending::default(),
+        });
+        Ok(StorageManager {
+            inner,
+            _rt: Arc::new(RuntimeHolder(Some(rt))),
+        })
+    }
+
+    /// The L1 tier (also the allocator of every read buffer).
+    pub fn l1(&self) -> &Arc<CpuTier> {
+        &self.inner.l1
+    }
+
+    /// Whether L1 caches chunks (false: it is only a staging pool).
+    pub fn l1_enabled(&self) -> bool {
+        self.inner.l1_enabled
+    }
+
+    /// Names of all tiers, L1 first.
+    pub fn tier_names(&self) -> Vec<String> {
+        std::iter::once(self.inner.l1.name().to_string())
+            .chain(self.inner.lower.iter().map(|s| s.name.clone()))
+            .collect()
+    }
+
+    /// The lower tier at index `i` (1-based: 1 is the tier after L1).
+    pub fn tier(&self, i: usize) -> Option<&Arc<dyn Tier>> {
+        i.checked_sub(1).and_then(|j| self.inner.lower.get(j)).map(|s| &s.tier)
+    }
+
+    /// Whether lower tier `i` (1-based) is currently marked down.
+    pub fn tier_is_down(&self, i: usize) -> bool {
+        i.checked_sub(1)
+            .and_then(|j| self.inner.lower.get(j))
+            .is_some_and(|s| s.health.is_down())
+    }
+
+    /// Usage of every tier, L1 first.
+    pub fn usage(&self) -> Vec<(String, TierUsage)> {
+        std::iter::once((self.inner.l1.name().to_string(), Tier::usage(&*self.inner.l1)))
+            .chain(self.inner.lower.iter().map(|s| (s.name.clone(), s.tier.usage())))
+            .collect()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// Runs `fut` on the manager's runtime and waits for it from a synchronous caller.
+    pub(crate) fn run_sync<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> Result<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.inner.handle.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv().map_err(|_| Error::Closed)
+    }
+
+    /// Prefix lookup over all tiers (C2).
+    pub fn lookup(&self, keys: &[ChunkKey]) -> Result<PrefixLookup> {
+        let inner = &self.inner;
+        let l1_hits = if inner.l1_enabled { inner.l1.prefix_len(keys) } else { 0 };
+        if l1_hits == keys.len() || inner.lower.is_empty() {
+            return Ok(PrefixLookup {
+                hit_chunks: l1_hits,
+                tiers: vec![0; l1_hits],
+            });
+        }
+        let inner = self.inner.clone();
+        let keys = keys.to_vec();
+        self.run_sync(async move { inner.lookup_lower(&keys).await })
+    }
+
+    /// Async form of [`StorageManager::lookup`].
+    pub async fn lookup_async(&self, keys: Vec<ChunkKey>) -> Result<PrefixLookup> {
+        let inner = self.inner.clone();
+        self.inner
+            .handle
+            .spawn(async move { inner.lookup_lower(&keys).await })
+            .await
+            .map_err(|_| Error::Closed)
+    }
+
+    /// Decides whether a key needs storing, claiming it when it does (dedupe, C5).
+    pub fn claim(&self, key: ChunkKey) -> StoreClaim {
+        if self.inner.l1_enabled {
+            if let Some(c) = self.inner.l1.lookup(&key) {
+                return StoreClaim::Present(c);
+            }
+        }
+        let mut storing = self.inner.storing.lock();
+        if storing.contains_key(&key) {
+            return StoreClaim::InFlight;
+        }
+        storing.insert(key, ());
+        StoreClaim::New(ClaimGuard {
+            inner: self.inner.clone(),
+            key,
+        })
+    }
+
+    /// Allocates a pool buffer for a new chunk (evicting as needed); `None` when L1 cannot
+    /// make room, in which case a store stops there (it never waits for memory).
+    pub fn allocate(&self, len: usize) -> Option<crate::memory::WritableBuf> {
+        self.inner.l1.allocate(len)
+    }
+
+    /// Commits a new chunk: inserts it into L1 (when enabled) and queues writes to every
+    /// lower tier. The ticket reports when those writes are done.
+    pub fn commit(&self, claim: ClaimGuard, chunk: Chunk) -> StoreTicket {
+        let mut ticket = StoreTicket::default();
+        if self.inner.l1_enabled {
+            let len = chunk.buf.len() as u64;
+            if self.inner.l1.insert(chunk.clone()) == PutOutcome::Stored {
+                let l = Metrics::tier(self.inner.l1.name());
+                self.inner.metrics.stored_bytes.get_or_create(&l).inc_by(len);
+                self.inner.metrics.stored_chunks.get_or_create(&l).inc();
+            }
+        }
+        self.write_through(&chunk, &mut ticket);
+        drop(claim);
+        ticket
+    }
+
+    /// Queues writes of `chunk` to every lower tier that is up and not already writing it.
+    pub fn write_through(&self, chunk: &Chunk, ticket: &mut StoreTicket) {
+        for i in 0..self.inner.lower.len() {
+            if let Some(rx) = self.inner.enqueue_put(i, chunk.clone()) {
+                ticket.push(rx);
+            }
+        }
+    }
+
+    /// Waits until no write to a lower tier is queued or running, at most `timeout`.
+    /// Returns whether everything finished.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut count = self.inner.pending.count.lock();
+        while *count > 0 {
+            if self.inner.pending.idle.wait_until(&mut count, deadline).timed_out() {
+                return *count == 0;
+            }
+        }
+        true
+    }
+
+    /// Removes a key from every tier; returns how many tiers held it.
+    pub fn remove(&self, key: ChunkKey) -> Result<usize> {
+        let mut n = usize::from(self.inner.l1.remove_key(&key));
+        if !self.inner.lower.is_empty() {
+            let inner = self.inner.clone();
+            n += self.run_sync(async move {
+                let mut n = 0;
+                for s in &inner.lower {
+                    if let Ok(Ok(true)) = tokio::time::timeout(inner.opts.store_deadline, s.tier.remove(key)).await {
+                        n += 1;
+                    }
+                }
+                n
+            })?;
+        }
+        Ok(n)
+    }
+
+    /// Empties every tier; returns chunks dropped per tier.
+    pub fn clear(&self) -> Result<Vec<(String, u64)>> {
+        let mut out = vec![(self.inner.l1.name().to_string(), self.inner.l1.clear_all())];
+        let inner = self.inner.clone();
+        out.extend(self.run_sync(async move {
+            let mut v = Vec::new();
+            for s in &inner.lower {
+                let n = match tokio::time::timeout(inner.opts.store_deadline, s.tier.clear()).await {
+                    Ok(Ok(n)) => n,
+                    _ => 0,
+                };
+                v.push((s.name.clone(), n));
+            }
+            v
+        })?);
+        Ok(out)
+    }
+
+    /// Forgets one tenant's chunks in every tier; returns chunks dropped per tier.
+    pub fn remove_salt(&self, salt: &str) -> Result<Vec<(String, u64)>> {
+        let inner = self.inner.clone();
+        let salt = salt.to_string();
+        self.run_sync(async move {
+            let mut v = Vec::new();
+            let n = Tier::remove_salt(&*inner.l1, &salt).await.unwrap_or(0);
+            v.push((inner.l1.name().to_string(), n));
+            for s in &inner.lower {
+                let n = match tokio::time::timeout(inner.opts.store_deadline, s.tier.remove_salt(&salt)).await {
+                    Ok(Ok(n)) => n,
+                    _ => 0,
+                };
+                v.push((s.name.clone(), n));
+            }
+            v
+        })
+    }
+
+    /// Updates usage gauges and eviction counters from the tiers (call before rendering).
+    pub fn refresh_metrics(&self) {
+        let m = &self.inner.metrics;
+        for (name, u) in self.usage() {
+            let l = Metrics::tier(&name);
+            m.used_bytes.get_or_create(&l).set(u.used_bytes);
+            m.capacity_bytes.get_or_create(&l).set(u.capacity_bytes);
+            m.resident_chunks.get_or_create(&l).set(u.chunks);
+        }
+        m.observe_evictions(self.inner.l1.name(), self.inner.l1.stats().evictions);
+    }
+}
+
+impl Inner {
+    /// Walks the tiers for the longest stored prefix of `keys` (C2): tiers are asked in
+    /// order, each continuing from the first chunk the ones before it lacked; when a lower
+    /// tier makes progress, earlier tiers are asked again from the new position (a chunk in
+    /// L1 right after a disk segment still counts), until a full pass adds nothing. A tier
+    /// is never asked twice at the same position. Returns the tier index of each chunk and,
+    /// when `take_l1` is set, handles on the L1 chunks (which keeps them from eviction).
+    pub(crate) async fn plan_prefix(&self, keys: &[ChunkKey], take_l1: bool) -> (Vec<usize>, Vec<Option<Chunk>>) {
+        let mut tiers: Vec<usize> = Vec::with_capacity(keys.len());
+        let mut handles: Vec<Option<Chunk>> = Vec::new();
+        let mut asked_at = vec![usize::MAX; self.lower.len() + 1];
+        loop {
+            let start = tiers.len();
+            for t in 0..=self.lower.len() {
+                let n = tiers.len();
+                if n == keys.len() {
+                    break;
+                }
+                if asked_at[t] == n {
+                    continue;
+                }
+                asked_at[t] = n;
+                let m = if t == 0 {
+                    if !self.l1_enabled {
+                        continue;
+                    }
+                    if take_l1 {
+                        let got = self.l1.lookup_prefix(&keys[n..]);
+                        let m = got.len();
+                        handles.resize(n, None);
+                        handles.extend(got.into_iter().map(Some));
+                        m
+                    } else {
+                        self.l1.prefix_len(&keys[n..])
+                    }
+                } else {
+                    let slot = &self.lower[t - 1];
+                    if !slot.health.available() {
+                        continue;
+                    }
+                    let r = tokio::time::timeout(self.opts.read_deadline, slot.tier.contains_prefix(&keys[n..])).await;
+                    self.settle(slot, "contains", r).unwrap_or(0).min(keys.len() - n)
+                };
+                tiers.extend(std::iter::repeat_n(t, m));
+            }
+            if tiers.len() == start || tiers.len() == keys.len() {
+                break;
+            }
+        }
+        handles.resize(tiers.len(), None);
+        (tiers, handles)
+    }
+
+    async fn lookup_lower(&self, keys: &[ChunkKey]) -> PrefixLookup {
+        let (tiers, _) = self.plan_prefix(keys, false).await;
+        PrefixLookup {
+            hit_chunks: tiers.len(),
+            tiers,
+        }
+    }
+
+    /// Records the outcome of a tier call in metrics and health; `Some` on success.
+    pub(crate) fn settle<T>(
+        &self,
+        slot: &Slot,
+        op: &'static str,
+        r: std::result::Result<Result<T>, tokio::time::error::Elapsed>,
+    ) -> Option<T> {
+        match r {
+            Ok(Ok(v)) => {
+                slot.health.success();
+                Some(v)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(tier = %slot.name, op, error = %e, "tier operation failed");
+                self.metrics.tier_errors.get_or_create(&Metrics::tier_op(&slot.name, op)).inc();
+                slot.health.failure(false, &e.to_string());
+                None
+            }
+            Err(_) => {
+                self.metrics.tier_timeouts.get_or_create(&Metrics::tier_op(&slot.name, op)).inc();
+                slot.health.failure(true, &format!("{op} exceeded its deadline"));
+                None
+            }
+        }
+    }
+
+    fn skip_store(&self, slot: &Slot, reason: &str) {
+        self.metrics
+            .store_skipped
+            .get_or_create(&Metrics::tier_reason(&slot.name, reason))
+            .inc();
+    }
+
+    fn enqueue_put(
+        self: &Arc<Self>,
+        i: usize,
+        chunk: Chunk,
+    ) -> Option<tokio::sync::oneshot::Receiver<WriteOutcome>> {
+        let slot = &self.lower[i];
+        if !slot.health.available() {
+            self.skip_store(slot, "tier_down");
+            return None;
+        }
+        let key = chunk.info.key;
+        let len = chunk.buf.len() as u64;
+        {
+            let mut inflight = slot.inflight.lock();
+            if inflight.contains_key(&key) {
+                return None;
+            }
+            let queued = slot.queued_chunks.load(Ordering::Relaxed);
+            let bytes = slot.queued_bytes.load(Ordering::Relaxed);
+            if queued >= self.opts.write_queue_chunks || bytes + len > self.opts.write_queue_bytes {
+                drop(inflight);
+                self.skip_store(slot, "queue_full");
+                return None;
+            }
+            inflight.insert(key, ());
+            slot.queued_chunks.fetch_add(1, Ordering::Relaxed);
+            slot.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        }
+        *self.pending.count.lock() += 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let inner = self.clone();
+        self.handle.spawn(async move {
+            let slot = &inner.lower[i];
+            let r = tokio::time::timeout(inner.opts.store_deadline, slot.tier.put(chunk)).await;
+            let result = match inner.settle(slot, "put", r) {
+                Some(PutOutcome::Stored) => {
+                    let l = Metrics::tier(&slot.name);
+                    inner.metrics.stored_bytes.get_or_create(&l).inc_by(len);
+                    inner.metrics.stored_chunks.get_or_create(&l).inc();
+                    Ok(PutOutcome::Stored)
+                }
+                Some(PutOutcome::Skipped(reason)) => {
+                    inner.skip_store(slot, reason);
+                    Ok(PutOutcome::Skipped(reason))
+                }
+                Some(o) => Ok(o),
+                None => Err(format!("write to tier `{}` failed or timed out", slot.name)),
+            };
+            slot.inflight.lock().remove(&key);
+            slot.queued_chunks.fetch_sub(1, Ordering::Relaxed);
+            slot.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            let _ = tx.send(WriteOutcome {
+                key,
+                tier: i + 1,
+                result,
+            });
+            let mut count = inner.pending.count.lock();
+            *count -= 1;
+            if *count == 0 {
+                inner.pending.idle.notify_all();
+            }
+        });
+        Some(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests;

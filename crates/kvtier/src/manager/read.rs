@@ -1,0 +1,219 @@
+//! Read paths: blocking get, batched get, non-blocking get and prefetch, with write-back
+//! into L1 (C3) and prefix truncation (C4).
+
+use std::sync::Arc;
+
+use futures::stream::{self, StreamExt};
+
+use super::handles::{GetHandle, PrefetchHandle, PrefetchResult};
+use super::{Inner, StorageManager};
+use crate::chunk::Chunk;
+use crate::error::Result;
+use crate::keys::ChunkKey;
+use crate::metrics::Metrics;
+use crate::tier::PutOutcome;
+
+impl Inner {
+    fn tier_name(&self, t: usize) -> &str {
+        if t == 0 {
+            self.l1.name()
+        } else {
+            &self.lower[t - 1].name
+        }
+    }
+
+    pub(crate) fn count_hit(&self, t: usize, bytes: u64) {
+        let l = Metrics::tier(self.tier_name(t));
+        self.metrics.tier_hits.get_or_create(&l).inc();
+        self.metrics.loaded_bytes.get_or_create(&l).inc_by(bytes);
+    }
+
+    /// Reads `key` from lower tier `i` (0-based in `lower`), verifying its checksum unless
+    /// the tier already did. A corrupt copy is a miss, is removed from that tier and counted.
+    async fn load_from(self: &Arc<Self>, i: usize, key: ChunkKey) -> Option<Chunk> {
+        let slot = &self.lower[i];
+        if !slot.health.available() {
+            return None;
+        }
+        let r = tokio::time::timeout(self.opts.read_deadline, slot.tier.get(key, &*self.l1)).await;
+        let chunk = self.settle(slot, "get", r)??;
+        if chunk.info.key != key || (!slot.tier.verifies_reads() && chunk.info.verify(chunk.payload()).is_err()) {
+            tracing::warn!(tier = %slot.name, key = %key, "checksum mismatch on read: treated as a miss, copy removed");
+            self.metrics.checksum_failures.get_or_create(&Metrics::tier(&slot.name)).inc();
+            let inner = self.clone();
+            self.handle.spawn(async move {
+                let slot = &inner.lower[i];
+                let _ = tokio::time::timeout(inner.opts.store_deadline, slot.tier.remove(key)).await;
+            });
+            return None;
+        }
+        self.count_hit(i + 1, chunk.buf.len() as u64);
+        Some(chunk)
+    }
+
+    /// First lower tier that has `key`.
+    async fn get_lower(self: &Arc<Self>, key: ChunkKey) -> Option<(Chunk, usize)> {
+        for i in 0..self.lower.len() {
+            if let Some(c) = self.load_from(i, key).await {
+                return Some((c, i + 1));
+            }
+        }
+        None
+    }
+
+    /// Promotes a chunk read from tier `t` into L1 when the rules allow (C3).
+    pub(crate) fn write_back(&self, chunk: &Chunk, t: usize) -> bool {
+        if t == 0 || !self.l1_enabled || !self.lower[t - 1].write_back {
+            return false;
+        }
+        let promoted = self.l1.insert(chunk.clone()) == PutOutcome::Stored;
+        if promoted {
+            self.metrics.write_backs.get_or_create(&Metrics::tier(self.tier_name(t))).inc();
+        }
+        promoted
+    }
+
+    fn l1_get(&self, key: &ChunkKey) -> Option<Chunk> {
+        if !self.l1_enabled {
+            return None;
+        }
+        let c = self.l1.lookup(key)?;
+        self.l1.touch_reverse(std::slice::from_ref(key));
+        self.count_hit(0, c.buf.len() as u64);
+        Some(c)
+    }
+
+    async fn prefetch_task(self: Arc<Self>, keys: Vec<ChunkKey>) -> PrefetchResult {
+        // Plan first. Handles on L1 chunks keep them from eviction while the rest loads.
+        let (tiers, l1_handles) = self.plan_prefix(&keys, true).await;
+        // Load every lower-tier chunk of the plan concurrently (order preserved).
+        let loads: Vec<_> = tiers
+            .iter()
+            .zip(l1_handles)
+            .enumerate()
+            .map(|(j, (&t, h))| {
+                let inner = self.clone();
+                let k = keys[j];
+                async move {
+                    match h {
+                        Some(c) => {
+                            inner.count_hit(0, c.buf.len() as u64);
+                            Some(c)
+                        }
+                        None if t > 0 => inner.load_from(t - 1, k).await,
+                        None => None,
+                    }
+                }
+            })
+            .collect();
+        let loaded: Vec<Option<Chunk>> = stream::iter(loads)
+            .buffered(self.opts.prefetch_concurrency.max(1))
+            .collect()
+            .await;
+        // Keep the contiguous prefix only; everything after the first failure is released
+        // here, before any write-back (C4).
+        let valid = loaded.iter().position(Option::is_none).unwrap_or(loaded.len());
+        let failed_chunks = loaded.len() - valid;
+        let chunks: Vec<Chunk> = loaded.into_iter().take(valid).flatten().collect();
+        for (c, &t) in chunks.iter().zip(&tiers) {
+            self.write_back(c, t);
+        }
+        if self.l1_enabled && !chunks.is_empty() {
+            let prefix: Vec<ChunkKey> = chunks.iter().map(Chunk::key).collect();
+            self.l1.touch_reverse(&prefix);
+        }
+        PrefetchResult {
+            chunks,
+            tiers: tiers[..valid].to_vec(),
+            failed_chunks,
+        }
+    }
+}
+
+impl StorageManager {
+    /// Blocking get of one chunk from the first tier that has it; a lower-tier hit is
+    /// written back into L1.
+    pub fn get(&self, key: ChunkKey) -> Result<Option<Chunk>> {
+        if let Some(c) = self.inner.l1_get(&key) {
+            return Ok(Some(c));
+        }
+        if self.inner.lower.is_empty() {
+            return Ok(None);
+        }
+        let inner = self.inner.clone();
+        self.run_sync(async move {
+            let (c, t) = inner.get_lower(key).await?;
+            inner.write_back(&c, t);
+            Some(c)
+        })
+    }
+
+    /// Non-blocking get: returns at once; the handle completes with the chunk, after
+    /// writing a lower-tier hit back into L1.
+    pub fn get_async(&self, key: ChunkKey) -> GetHandle {
+        if let Some(c) = self.inner.l1_get(&key) {
+            return GetHandle::ready(Some(c), self.inner.handle.clone());
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let inner = self.inner.clone();
+        self.inner.handle.spawn(async move {
+            let r = inner.get_lower(key).await;
+            if let Some((c, t)) = &r {
+                inner.write_back(c, *t);
+            }
+            let _ = tx.send(r.map(|x| x.0));
+        });
+        GetHandle {
+            rx,
+            rt: self.inner.handle.clone(),
+        }
+    }
+
+    /// Batched get: one result per key. Lower-tier hits are written back into L1 only when
+    /// every key hit (C3).
+    pub fn batched_get(&self, keys: &[ChunkKey]) -> Result<Vec<Option<Chunk>>> {
+        let mut out: Vec<Option<Chunk>> = keys.iter().map(|k| self.inner.l1_get(k)).collect();
+        let missing: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
+        if missing.is_empty() || self.inner.lower.is_empty() {
+            return Ok(out);
+        }
+        let inner = self.inner.clone();
+        let want: Vec<ChunkKey> = missing.iter().map(|&i| keys[i]).collect();
+        let found = self.run_sync(async move {
+            let futs = want.into_iter().map(|k| {
+                let inner = inner.clone();
+                async move { inner.get_lower(k).await }
+            });
+            stream::iter(futs)
+                .buffered(inner.opts.prefetch_concurrency.max(1))
+                .collect::<Vec<_>>()
+                .await
+        })?;
+        let all_hit = found.iter().all(Option::is_some);
+        for (&i, f) in missing.iter().zip(found) {
+            if let Some((c, t)) = f {
+                if all_hit {
+                    self.inner.write_back(&c, t);
+                }
+                out[i] = Some(c);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Starts loading the chunks of `keys` (a prompt's chunk keys, in order) from wherever
+    /// they are. The result is the contiguous prefix that loaded (C4); its lower-tier chunks
+    /// are written back into L1 (C3).
+    pub fn prefetch(&self, keys: Vec<ChunkKey>) -> PrefetchHandle {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let inner = self.inner.clone();
+        self.inner.handle.spawn(async move {
+            let r = inner.prefetch_task(keys).await;
+            let _ = tx.send(r);
+        });
+        PrefetchHandle {
+            rx,
+            rt: self.inner.handle.clone(),
+        }
+    }
+}

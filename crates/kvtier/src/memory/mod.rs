@@ -1,0 +1,26 @@
+//! Memory: one pre-allocated, page-aligned pool and the buffers carved out of it.
+//!
+//! # Design
+//! The CPU tier owns a single region of exactly the configured budget, mapped once
+//! (anonymous memory, a memfd, or a file under `/dev/shm` so other processes can map it;
+//! transparent huge pages requested where the kernel allows). Buffers are extents of that
+//! region addressed by **offset**, so a handle means the same bytes in every process that
+//! maps the pool.
+//!
+//! Buffers of any size come from a best-fit extent allocator with coalescing (4 KiB
+//! granularity): a short last chunk and two models' chunk sizes share the pool without
+//! per-chunk `malloc`. Fragmentation is handled in two steps when an allocation fails: the
+//! CPU tier first evicts in policy order until enough bytes are free, then **compacts**:
+//! every chunk that no reader holds and no pin protects slides down (one `memmove` each,
+//! offsets updated under the tier lock), merging the free space. Only buffers somebody is
+//! using stay put, so a store fails only when the bytes it needs are really held.
+//!
+//! Lifetimes are RAII: a [`WritableBuf`] is the unique, writable state of a fresh buffer;
+//! [`WritableBuf::seal`] turns it into a shared, read-only [`ChunkBuf`]; the extent returns
+//! to the pool when the last handle drops.
+
+mod extent;
+mod pool;
+
+pub use extent::{round_up, ExtentAllocator, PAGE};
+pub use pool::{ChunkBuf, Pool, PoolBacking, PoolOptions, PoolStats, WritableBuf};

@@ -1,0 +1,468 @@
+//! The pool region and its buffer handles.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use memmap2::{MmapMut, MmapOptions};
+use parking_lot::Mutex;
+
+use super::extent::{round_up, ExtentAllocator, PAGE};
+use crate::error::{Error, Result};
+
+/// What memory backs the pool.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum PoolBacking {
+    /// Private anonymous memory (embedded engine).
+    #[default]
+    Anonymous,
+    /// An anonymous memfd, shareable by passing its descriptor to another process.
+    Memfd,
+    /// A file (normally under `/dev/shm`) other processes can map by path.
+    SharedFile(PathBuf),
+}
+
+/// How to build a pool.
+#[derive(Clone, Debug)]
+pub struct PoolOptions {
+    /// Size in bytes; rounded down to a multiple of 4 KiB.
+    pub bytes: u64,
+    /// Backing memory.
+    pub backing: PoolBacking,
+    /// Ask for transparent huge pages (`MADV_HUGEPAGE`).
+    pub huge_pages: bool,
+    /// Touch every page at start, so the budget is resident and first use is not slowed by
+    /// page faults.
+    pub prefault: bool,
+}
+
+impl PoolOptions {
+    /// Anonymous memory of `bytes`, huge pages on, no prefault.
+    pub fn anonymous(bytes: u64) -> PoolOptions {
+        PoolOptions {
+            bytes,
+            backing: PoolBacking::Anonymous,
+            huge_pages: true,
+            prefault: false,
+        }
+    }
+}
+
+/// Point-in-time usage of a pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Pool size in bytes.
+    pub capacity: u64,
+    /// Bytes in live buffers.
+    pub used: u64,
+    /// Largest contiguous free extent.
+    pub largest_free: u64,
+}
+
+pub(crate) struct PoolInner {
+    base: *mut u8,
+    capacity: u64,
+    alloc: Mutex<ExtentAllocator>,
+    backing: PoolBacking,
+    fd: Option<File>,
+    _map: MmapMut,
+}
+
+// SAFETY: the raw base pointer is only dereferenced within extents that the allocator hands
+// out exclusively (WritableBuf) or shares read-only (ChunkBuf); the map lives as long as the
+// PoolInner.
+unsafe impl Send for PoolInner {}
+unsafe impl Sync for PoolInner {}
+
+impl Drop for PoolInner {
+    fn drop(&mut self) {
+        if let PoolBacking::SharedFile(p) = &self.backing {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A fixed-size memory pool; cheap to clone (shared).
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("capacity", &self.inner.capacity).finish()
+    }
+}
+
+impl Pool {
+    /// Maps a pool. Fails with a clear error when the memory cannot be had.
+    pub fn new(opts: &PoolOptions) -> Result<Pool> {
+        let capacity = opts.bytes / PAGE * PAGE;
+        if capacity == 0 {
+            return Err(Error::invalid(format!(
+                "memory pool of {} bytes is smaller than one 4 KiB page",
+                opts.bytes
+            )));
+        }
+        let len = usize::try_from(capacity).map_err(|_| Error::invalid("pool size exceeds the address space"))?;
+        let (map, fd) = match &opts.backing {
+            PoolBacking::Anonymous => {
+                let mut o = MmapOptions::new();
+                o.len(len);
+                if opts.prefault && !opts.huge_pages {
+                    o.populate();
+                }
+                (o.map_anon().map_err(|e| Error::io(format!("mapping a {len}-byte memory pool"), e))?, None)
+            }
+            PoolBacking::Memfd => {
+                // SAFETY: memfd_create with a static NUL-terminated name.
+                let fd: RawFd = unsafe { libc::memfd_create(c"kvtier-pool".as_ptr(), libc::MFD_CLOEXEC) };
+                if fd < 0 {
+                    return Err(Error::io("memfd_create for the memory pool", std::io::Error::last_os_error()));
+                }
+                // SAFETY: fd is a fresh descriptor we own.
+                let file = unsafe { File::from_raw_fd(fd) };
+                file.set_len(capacity)
+                    .map_err(|e| Error::io(format!("sizing the memfd pool to {capacity} bytes"), e))?;
+                // SAFETY: the memfd is private to us until we share it; its size is fixed.
+                let map = unsafe { MmapOptions::new().len(len).map_mut(&file) }
+                    .map_err(|e| Error::io("mapping the memfd pool", e))?;
+                (map, Some(file))
+            }
+            PoolBacking::SharedFile(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(path)
+                    .map_err(|e| Error::io(format!("creating pool file {}", path.display()), e))?;
+                file.set_len(capacity)
+                    .map_err(|e| Error::io(format!("sizing pool file {}", path.display()), e))?;
+                // SAFETY: we created and truncated the file; clients map it read/write by
+                // agreement and only touch extents the server hands them.
+                let map = unsafe { MmapOptions::new().len(len).map_mut(&file) }
+                    .map_err(|e| Error::io(format!("mapping pool file {}", path.display()), e))?;
+                (map, Some(file))
+            }
+        };
+        if opts.huge_pages {
+            // Best effort: THP may be off or `never` for shmem; the pool works either way.
+            let _ = map.advise(memmap2::Advice::HugePage);
+        }
+        let mut map = map;
+        if opts.prefault {
+            // Write one byte per page so the whole budget is resident now.
+            let p = map.as_mut_ptr();
+            let mut off = 0usize;
+            while off < len {
+                // SAFETY: off < len, inside the mapping.
+                unsafe { p.add(off).write_volatile(0) };
+                off += PAGE as usize;
+            }
+        }
+        let base = map.as_mut_ptr();
+        Ok(Pool {
+            inner: Arc::new(PoolInner {
+                base,
+                capacity,
+                alloc: Mutex::new(ExtentAllocator::new(capacity)),
+                backing: opts.backing.clone(),
+                fd,
+                _map: map,
+            }),
+        })
+    }
+
+    /// Pool size in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.inner.capacity
+    }
+
+    /// Usage snapshot.
+    pub fn stats(&self) -> PoolStats {
+        let a = self.inner.alloc.lock();
+        PoolStats {
+            capacity: a.capacity(),
+            used: a.used_bytes(),
+            largest_free: a.largest_free(),
+        }
+    }
+
+    /// The backing, for sharing the pool with other processes.
+    pub fn backing(&self) -> &PoolBacking {
+        &self.inner.backing
+    }
+
+    /// Descriptor of a memfd or file backing, to hand to a client process.
+    pub fn raw_fd(&self) -> Option<RawFd> {
+        self.inner.fd.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
+    /// Whether two handles are the same pool.
+    pub fn same_as(&self, other: &Pool) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Allocates a buffer of `len` bytes without evicting anything; `None` when no free
+    /// extent is large enough.
+    pub fn try_alloc(&self, len: usize) -> Option<WritableBuf> {
+        let cap = round_up(len as u64);
+        let off = self.inner.alloc.lock().alloc(cap)?;
+        Some(WritableBuf {
+            ext: Extent {
+                pool: self.inner.clone(),
+                offset: AtomicU64::new(off),
+                len,
+                cap,
+            },
+        })
+    }
+
+    /// Compacts the pool: every buffer in `movable` slides towards offset 0 (its bytes
+    /// moved with `memmove`), everything else stays. Callers must guarantee that nobody
+    /// else can reach the buffers in `movable` during the call (the CPU tier holds its
+    /// index lock and passes only buffers whose sole holder is the index).
+    pub(crate) fn compact(&self, movable: &[&ChunkBuf]) -> usize {
+        let mut by_offset: std::collections::HashMap<u64, &ChunkBuf> =
+            movable.iter().map(|b| (b.offset(), *b)).collect();
+        let mut a = self.inner.alloc.lock();
+        let moves = a.compact(|o| by_offset.contains_key(&o));
+        for &(from, to, cap) in &moves {
+            let buf = by_offset.remove(&from).expect("planned move of a movable buffer");
+            // SAFETY: both ranges are inside the mapping; the source extent is exclusively
+            // ours (sole holder, under the tier lock) and the target range was free or
+            // belonged to extents already moved out of it; `copy` handles the overlap.
+            unsafe {
+                std::ptr::copy(
+                    self.inner.base.add(from as usize),
+                    self.inner.base.add(to as usize),
+                    cap as usize,
+                )
+            };
+            buf.ext.offset.store(to, Ordering::Release);
+        }
+        moves.len()
+    }
+}
+
+struct Extent {
+    pool: Arc<PoolInner>,
+    offset: AtomicU64,
+    len: usize,
+    cap: u64,
+}
+
+impl Extent {
+    fn ptr(&self) -> *mut u8 {
+        // SAFETY: offset + cap <= capacity by construction of the allocator.
+        unsafe { self.pool.base.add(self.offset.load(Ordering::Acquire) as usize) }
+    }
+}
+
+impl Drop for Extent {
+    fn drop(&mut self) {
+        let off = self.offset.load(Ordering::Acquire);
+        let freed = self.pool.alloc.lock().free(off, self.cap);
+        debug_assert!(freed, "pool extent freed twice or never allocated");
+    }
+}
+
+/// A freshly allocated buffer with a single owner: the only state in which bytes may be
+/// written. Dropping it returns the extent to the pool.
+pub struct WritableBuf {
+    ext: Extent,
+}
+
+impl WritableBuf {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.ext.len
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.ext.len == 0
+    }
+
+    /// Offset of the buffer in its pool.
+    pub fn offset(&self) -> u64 {
+        self.ext.offset.load(Ordering::Acquire)
+    }
+
+    /// Bytes reserved in the pool (length rounded up to 4 KiB).
+    pub fn capacity(&self) -> u64 {
+        self.ext.cap
+    }
+
+    /// The bytes, writable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the extent is exclusively owned by this buffer.
+        unsafe { std::slice::from_raw_parts_mut(self.ext.ptr(), self.ext.len) }
+    }
+
+    /// The bytes, read-only.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: as above.
+        unsafe { std::slice::from_raw_parts(self.ext.ptr(), self.ext.len) }
+    }
+
+    /// The whole reserved capacity (a multiple of 4 KiB), for direct I/O of whole pages.
+    pub fn as_mut_capacity(&mut self) -> &mut [u8] {
+        // SAFETY: the reserved extent is `cap` bytes and exclusively owned.
+        unsafe { std::slice::from_raw_parts_mut(self.ext.ptr(), self.ext.cap as usize) }
+    }
+
+    /// Shrinks the logical length (the reservation stays).
+    pub fn truncate(&mut self, len: usize) {
+        self.ext.len = self.ext.len.min(len);
+    }
+
+    /// Whether the buffer belongs to `pool`.
+    pub fn is_from(&self, pool: &Pool) -> bool {
+        Arc::ptr_eq(&self.ext.pool, &pool.inner)
+    }
+
+    /// Freezes the contents and makes the buffer shareable.
+    pub fn seal(self) -> ChunkBuf {
+        ChunkBuf { ext: Arc::new(self.ext) }
+    }
+}
+
+/// A sealed, read-only, reference-counted buffer. Each clone is a reader's handle; the
+/// extent returns to the pool when the last clone drops.
+#[derive(Clone)]
+pub struct ChunkBuf {
+    ext: Arc<Extent>,
+}
+
+impl std::fmt::Debug for ChunkBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkBuf")
+            .field("offset", &self.offset())
+            .field("len", &self.ext.len)
+            .finish()
+    }
+}
+
+impl ChunkBuf {
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.ext.len
+    }
+
+    /// Whether the buffer is empty.
+    pub fn is_empty(&self) -> bool {
+        self.ext.len == 0
+    }
+
+    /// Offset of the buffer in its pool (the same in every process mapping the pool).
+    pub fn offset(&self) -> u64 {
+        self.ext.offset.load(Ordering::Acquire)
+    }
+
+    /// Bytes reserved in the pool.
+    pub fn capacity(&self) -> u64 {
+        self.ext.cap
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: sealed buffers are never written; the extent lives while `self` does and
+        // is only relocated when no handle other than the index's exists.
+        unsafe { std::slice::from_raw_parts(self.ext.ptr(), self.ext.len) }
+    }
+
+    /// The whole reserved extent (length rounded up to 4 KiB), for direct I/O of whole
+    /// pages; bytes past `len()` are unspecified.
+    pub fn as_capacity_slice(&self) -> &[u8] {
+        // SAFETY: the extent is `cap` bytes; sealed buffers are read-only.
+        unsafe { std::slice::from_raw_parts(self.ext.ptr(), self.ext.cap as usize) }
+    }
+
+    /// Number of live handles to this buffer (the cache's own included).
+    pub fn handle_count(&self) -> usize {
+        Arc::strong_count(&self.ext)
+    }
+
+    /// Whether the buffer belongs to `pool`.
+    pub fn is_from(&self, pool: &Pool) -> bool {
+        Arc::ptr_eq(&self.ext.pool, &pool.inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_page_aligned_and_return_on_drop() {
+        let pool = Pool::new(&PoolOptions::anonymous(1 << 20)).unwrap();
+        let mut a = pool.try_alloc(5000).unwrap();
+        assert_eq!(a.capacity(), 8192);
+        assert_eq!(a.as_mut_slice().as_ptr() as usize % 4096, 0);
+        a.as_mut_slice().fill(3);
+        let sealed = a.seal();
+        let reader = sealed.clone();
+        assert_eq!(reader.handle_count(), 2);
+        drop(sealed);
+        assert_eq!(pool.stats().used, 8192);
+        assert!(reader.as_slice().iter().all(|&b| b == 3));
+        drop(reader);
+        assert_eq!(pool.stats().used, 0);
+    }
+
+    #[test]
+    fn budget_is_never_exceeded() {
+        let pool = Pool::new(&PoolOptions::anonymous(64 * 4096)).unwrap();
+        let mut held = Vec::new();
+        while let Some(b) = pool.try_alloc(10_000) {
+            held.push(b);
+        }
+        assert_eq!(held.len(), 21); // 3 pages each, 64 pages total
+        assert!(pool.stats().used <= pool.capacity());
+    }
+
+    #[test]
+    fn shared_file_and_memfd_backings_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool");
+        for backing in [PoolBacking::Memfd, PoolBacking::SharedFile(path.clone())] {
+            let pool = Pool::new(&PoolOptions {
+                bytes: 1 << 20,
+                backing,
+                huge_pages: false,
+                prefault: true,
+            })
+            .unwrap();
+            assert!(pool.raw_fd().is_some());
+            let mut b = pool.try_alloc(100).unwrap();
+            b.as_mut_slice()[99] = 9;
+        }
+        assert!(!path.exists(), "shared pool file is removed with the pool");
+    }
+
+    #[test]
+    fn compaction_moves_bytes_and_offsets_together() {
+        let pool = Pool::new(&PoolOptions::anonymous(8 * 4096)).unwrap();
+        let mut bufs: Vec<ChunkBuf> = (0..8u8)
+            .map(|i| {
+                let mut b = pool.try_alloc(4096).unwrap();
+                b.as_mut_slice().fill(i);
+                b.seal()
+            })
+            .collect();
+        // Free every other buffer: 4 pages free but no two adjacent.
+        let kept: Vec<ChunkBuf> = bufs.drain(..).enumerate().filter(|(i, _)| i % 2 == 1).map(|x| x.1).collect();
+        assert_eq!(pool.stats().largest_free, 4096);
+        let refs: Vec<&ChunkBuf> = kept.iter().collect();
+        pool.compact(&refs);
+        assert_eq!(pool.stats().largest_free, 4 * 4096);
+        for (j, b) in kept.iter().enumerate() {
+            let expect = (2 * j + 1) as u8;
+            assert!(b.as_slice().iter().all(|&x| x == expect));
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Eviction policies shared by every tier that evicts (CPU now, disk later).
+//!
+//! A policy only orders keys; the tier decides what is evictable (not pinned, not in use)
+//! and passes that predicate in, so a policy can never pick a chunk somebody holds.
+
+mod lru;
+mod s3fifo;
+
+use std::fmt;
+use std::str::FromStr;
+
+pub use lru::Lru;
+pub use s3fifo::S3Fifo;
+
+use crate::error::Error;
+use crate::keys::ChunkKey;
+
+/// Orders resident keys for eviction.
+pub trait EvictionPolicy: Send {
+    /// Policy name for stats and logs.
+    fn name(&self) -> &'static str;
+    /// A key became resident with `size` bytes.
+    fn insert(&mut self, key: ChunkKey, size: u64);
+    /// A resident key was used.
+    fn touch(&mut self, key: &ChunkKey);
+    /// A key left the tier for a reason other than eviction (explicit remove, clear).
+    fn remove(&mut self, key: &ChunkKey);
+    /// Picks the next victim among keys for which `evictable` is true, forgets it and
+    /// returns it; the tier must then drop it. `None` when nothing is evictable.
+    fn evict(&mut self, evictable: &mut dyn FnMut(&ChunkKey) -> bool) -> Option<ChunkKey>;
+    /// Resident keys tracked.
+    fn len(&self) -> usize;
+    /// Whether no key is tracked.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Which policy to build.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PolicyKind {
+    /// Least recently used (default).
+    #[default]
+    Lru,
+    /// S3-FIFO: scan-resistant (one-hit wonders leave through a small probationary queue).
+    S3Fifo,
+}
+
+impl PolicyKind {
+    /// Builds the policy for a tier of `capacity` bytes.
+    pub fn build(self, capacity: u64) -> Box<dyn EvictionPolicy> {
+        match self {
+            PolicyKind::Lru => Box::new(Lru::default()),
+            PolicyKind::S3Fifo => Box::new(S3Fifo::new(capacity)),
+        }
+    }
+}
+
+impl fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PolicyKind::Lru => "lru",
+            PolicyKind::S3Fifo => "s3fifo",
+        })
+    }
+}
+
+impl FromStr for PolicyKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s.trim().to_ascii_lowercase().replace(['-', '_'], "").as_str() {
+            "lru" => Ok(PolicyKind::Lru),
+            "s3fifo" => Ok(PolicyKind::S3Fifo),
+            _ => Err(Error::invalid(format!("unknown cache policy `{s}`; allowed: lru, s3fifo"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashSet;
+
+    fn k(i: u8) -> ChunkKey {
+        ChunkKey([i; 32])
+    }
+
+    #[test]
+    fn lru_evicts_least_recent_and_skips_non_evictable() {
+        let mut p = PolicyKind::Lru.build(100);
+        for i in 0..4 {
+            p.insert(k(i), 10);
+        }
+        p.touch(&k(0));
+        // order now 1,2,3,0; 1 is pinned.
+        assert_eq!(p.evict(&mut |x| *x != k(1)), Some(k(2)));
+        assert_eq!(p.evict(&mut |_| true), Some(k(1)));
+        assert_eq!(p.len(), 2);
+        assert_eq!(p.evict(&mut |_| false), None);
+        assert_eq!(p.len(), 2, "a refused selection changes nothing");
+    }
+
+    #[test]
+    fn s3fifo_resists_a_scan() {
+        // A hot working set touched repeatedly survives a long scan of one-hit keys.
+        let mut p = PolicyKind::S3Fifo.build(100 * 10);
+        let mut resident: HashSet<ChunkKey> = HashSet::new();
+        let mut admit = |p: &mut Box<dyn EvictionPolicy>, resident: &mut HashSet<ChunkKey>, key: ChunkKey| {
+            while resident.len() >= 100 {
+                let v = p.evict(&mut |_| true).unwrap();
+                resident.remove(&v);
+            }
+            p.insert(key, 10);
+            resident.insert(key);
+        };
+        let hot: Vec<ChunkKey> = (0..50u8).map(k).collect();
+        for &h in &hot {
+            admit(&mut p, &mut resident, h);
+        }
+        for round in 0..3 {
+            for &h in &hot {
+                p.touch(&h);
+            }
+            for i in 0..200u32 {
+                let mut b = [0u8; 32];
+                b[..4].copy_from_slice(&(i + round * 1000 + 1000).to_le_bytes());
+                b[31] = 1;
+                admit(&mut p, &mut resident, ChunkKey(b));
+            }
+        }
+        let survived = hot.iter().filter(|h| resident.contains(h)).count();
+        assert!(survived >= 45, "only {survived} of 50 hot keys survived the scan");
+    }
+
+    proptest! {
+        #[test]
+        fn policies_never_return_non_evictable_or_unknown_keys(
+            kind in prop_oneof![Just(PolicyKind::Lru), Just(PolicyKind::S3Fifo)],
+            ops in proptest::collection::vec((0u8..4, 0u8..16), 1..300),
+        ) {
+            let mut p = kind.build(16 * 8);
+            let mut resident: HashSet<ChunkKey> = HashSet::new();
+            let pinned = |x: &ChunkKey| x.0[0] % 5 == 0;
+            for (op, i) in ops {
+                let key = k(i);
+                match op {
+                    0 => if resident.insert(key) { p.insert(key, 8) },
+                    1 => if resident.contains(&key) { p.touch(&key) },
+                    2 => if resident.remove(&key) { p.remove(&key) },
+                    _ => {
+                        if let Some(v) = p.evict(&mut |x| !pinned(x)) {
+                            prop_assert!(!pinned(&v));
+                            prop_assert!(resident.remove(&v), "evicted a key that was not resident");
+                        } else {
+                            prop_assert!(resident.iter().all(pinned));
+                        }
+                    }
+                }
+                prop_assert_eq!(p.len(), resident.len());
+            }
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Low-level file I/O of the disk tier: aligned scratch buffers, `O_DIRECT` opens with a
+//! buffered fallback, and directory fsync.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// Block size of the on-disk format and of `O_DIRECT` transfers.
+pub(crate) const BLOCK: usize = 4096;
+
+/// Rounds `n` up to a whole number of blocks.
+pub(crate) fn round_block(n: u64) -> u64 {
+    n.div_ceil(BLOCK as u64) * BLOCK as u64
+}
+
+/// A zeroed, 4096-aligned heap buffer for direct I/O of headers and tails.
+pub(crate) struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the buffer is uniquely owned heap memory.
+unsafe impl Send for AlignedBuf {}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` bytes (`len` > 0, a multiple of [`BLOCK`]).
+    pub(crate) fn zeroed(len: usize) -> io::Result<AlignedBuf> {
+        let len = len.max(BLOCK).div_ceil(BLOCK) * BLOCK;
+        let layout = Layout::from_size_align(len, BLOCK).map_err(|e| io::Error::other(e.to_string()))?;
+        // SAFETY: layout has non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        }
+        Ok(AlignedBuf { ptr, len })
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` owns `len` initialised (zeroed) bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, uniquely owned.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this exact layout.
+        unsafe { dealloc(self.ptr, Layout::from_size_align_unchecked(self.len, BLOCK)) }
+    }
+}
+
+/// Whether `s` can be handed to `O_DIRECT` as is (aligned address and length).
+pub(crate) fn is_aligned(s: &[u8]) -> bool {
+    (s.as_ptr() as usize) % BLOCK == 0 && s.len() % BLOCK == 0
+}
+
+/// Whether an error means "this file system does not do `O_DIRECT`".
+pub(crate) fn is_direct_unsupported(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EINVAL) || e.raw_os_error() == Some(libc::EOPNOTSUPP)
+}
+
+/// Whether an error means the device is out of space (or quota).
+pub(crate) fn is_no_space(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) || e.kind() == io::ErrorKind::StorageFull
+}
+
+/// Creates a new file for writing (`O_EXCL`), with `O_DIRECT` when `direct`.
+pub(crate) fn create_new(path: &Path, direct: bool) -> io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.write(true).create_new(true).mode(0o644);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o.open(path)
+}
+
+/// Opens a file for reading, with `O_DIRECT` when `direct`.
+pub(crate) fn open_read(path: &Path, direct: bool) -> io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o.open(path)
+}
+
+/// fsyncs a directory so renames and unlinks in it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY).open(dir)?;
+    f.sync_all()
+}
+
+/// Probes whether `dir` accepts `O_DIRECT` writes and reads; errors other than "unsupported"
+/// (permissions, read-only file system, missing directory) are returned.
+pub(crate) fn probe_direct(dir: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join(format!(".probe.{:016x}", rand::random::<u64>()));
+    let result = (|| {
+        let f = match create_new(&path, true) {
+            Ok(f) => f,
+            Err(e) if is_direct_unsupported(&e) => {
+                // Still check the directory is writable at all.
+                create_new(&path, false)?;
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        let buf = AlignedBuf::zeroed(BLOCK)?;
+        match f.write_all_at(buf.as_slice(), 0) {
+            Ok(()) => {}
+            Err(e) if is_direct_unsupported(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        drop(f);
+        let r = open_read(&path, true);
+        match r {
+            Ok(f) => {
+                let mut b = AlignedBuf::zeroed(BLOCK)?;
+                match f.read_exact_at(b.as_mut_slice(), 0) {
+                    Ok(()) => Ok(true),
+                    Err(e) if is_direct_unsupported(&e) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) if is_direct_unsupported(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
+}

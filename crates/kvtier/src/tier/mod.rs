@@ -1,0 +1,85 @@
+//! Tiers: the `Tier` trait every storage level implements, and the built-in tiers.
+//!
+//! Order is the manager's business (L1 CPU first, then disk, then remote stores); a tier
+//! only answers for itself. Every method returns a boxed future so slow tiers (disk, network)
+//! run concurrently and the manager can put a deadline on each call (C8).
+
+mod cpu;
+mod disk;
+mod fault;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use cpu::{CpuTier, CpuTierOptions, CpuTierStats, PinToken};
+pub use disk::{DiskTier, DiskTierOptions, DiskTierStats};
+pub use fault::{Fault, FaultOp, FaultRule, FaultTier};
+
+use crate::chunk::Chunk;
+use crate::error::Result;
+use crate::keys::ChunkKey;
+use crate::memory::WritableBuf;
+
+/// Boxed future returned by tier methods.
+pub type TierFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+/// Where a tier gets buffers to read into (the L1 pool, with eviction), so a lower-tier read
+/// lands directly in memory that can be written back without another copy.
+pub trait BufferSource: Send + Sync {
+    /// A buffer of `len` bytes, or `None` when the pool cannot make room.
+    fn allocate(&self, len: usize) -> Option<WritableBuf>;
+}
+
+/// Result of a put.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Stored (durably, for durable tiers).
+    Stored,
+    /// The key was already present or in flight; nothing written.
+    AlreadyPresent,
+    /// Not stored, for the given reason (full, not admitted, ...); not an error.
+    Skipped(&'static str),
+}
+
+/// Capacity and occupancy of a tier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TierUsage {
+    /// Bytes held.
+    pub used_bytes: u64,
+    /// Byte budget (0 = unknown).
+    pub capacity_bytes: u64,
+    /// Chunks held.
+    pub chunks: u64,
+}
+
+/// One storage level.
+pub trait Tier: Send + Sync {
+    /// Name used in stats, metrics and logs.
+    fn name(&self) -> &str;
+
+    /// Whether `get` already verifies payload checksums itself (then the manager does not).
+    fn verifies_reads(&self) -> bool {
+        false
+    }
+
+    /// How many leading keys of `keys` this tier holds.
+    fn contains_prefix<'a>(&'a self, keys: &'a [ChunkKey]) -> TierFuture<'a, usize>;
+
+    /// Reads a chunk; buffers come from `bufs`. `Ok(None)` is a miss.
+    fn get<'a>(&'a self, key: ChunkKey, bufs: &'a dyn BufferSource) -> TierFuture<'a, Option<Chunk>>;
+
+    /// Stores a chunk; completes once the chunk is as durable as the tier makes it.
+    fn put(&self, chunk: Chunk) -> TierFuture<'_, PutOutcome>;
+
+    /// Forgets a key. Returns whether it was present.
+    fn remove(&self, key: ChunkKey) -> TierFuture<'_, bool>;
+
+    /// Forgets everything; returns the number of chunks dropped.
+    fn clear(&self) -> TierFuture<'_, u64>;
+
+    /// Forgets every chunk stored under a tenant salt; returns how many.
+    fn remove_salt<'a>(&'a self, salt: &'a str) -> TierFuture<'a, u64>;
+
+    /// Current usage.
+    fn usage(&self) -> TierUsage;
+}

@@ -1,0 +1,192 @@
+//! Crash safety: a child process (this test binary, re-executed) writes chunks to a disk
+//! tier and prints every acknowledged key; the parent SIGKILLs it at a random moment, then
+//! reopens the directory and checks that every acknowledged chunk is there with the right
+//! bytes and that nothing returns wrong bytes.
+//!
+//! `KVTIER_SOAK=1` runs a longer soak (`KVTIER_SOAK_ITERS`, default 2000).
+
+#[path = "disk_util.rs"]
+mod util;
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use kvtier::tier::{DiskTier, DiskTierOptions, PutOutcome};
+use rand::Rng;
+use util::*;
+
+const CHILD_DIR_ENV: &str = "KVTIER_CRASH_CHILD_DIR";
+const CHILD_BASE_ENV: &str = "KVTIER_CRASH_CHILD_BASE";
+const MAX_LEN: usize = 200_000;
+const BUDGET: u64 = 1 << 36;
+const WRITERS: u64 = 3;
+
+/// The writer child. A no-op in a normal test run.
+#[test]
+fn crash_child_writer() {
+    let Ok(dir) = std::env::var(CHILD_DIR_ENV) else {
+        return;
+    };
+    let base: u64 = std::env::var(CHILD_BASE_ENV).unwrap().parse().unwrap();
+    let tier = std::sync::Arc::new(DiskTier::open(DiskTierOptions::new(&dir, BUDGET)).unwrap());
+    let l1 = std::sync::Arc::new(l1(64 << 20));
+    println!("READY");
+    let threads: Vec<_> = (0..WRITERS)
+        .map(|t| {
+            let (tier, l1) = (tier.clone(), l1.clone());
+            std::thread::spawn(move || {
+                for j in 0.. {
+                    let i = base + t * 1_000_000 + j;
+                    let c = chunk(&l1, i, len_of(i, MAX_LEN), None);
+                    println!("START {i}");
+                    if tier.put_blocking(&c) == PutOutcome::Stored {
+                        println!("ACK {i}");
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+struct Iteration {
+    acked: Vec<u64>,
+    started: BTreeSet<u64>,
+}
+
+fn run_child(dir: &Path, base: u64, rng: &mut impl Rng) -> Iteration {
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args(["--exact", "crash_child_writer", "--nocapture", "--test-threads=1"])
+        .env(CHILD_DIR_ENV, dir)
+        .env(CHILD_BASE_ENV, base.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Kill either during start-up/recovery (sometimes) or while writes are under way.
+    let before_ready = rng.random_bool(0.1);
+    let delay = Duration::from_micros(rng.random_range(0..120_000));
+    let t0 = Instant::now();
+    let mut lines = Vec::new();
+    if !before_ready {
+        // Wait for READY (bounded).
+        while t0.elapsed() < Duration::from_secs(10) {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(l) => {
+                    let ready = l == "READY";
+                    lines.push(l);
+                    if ready {
+                        break;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    std::thread::sleep(delay);
+    // SIGKILL: no destructors, no flushing.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    let _ = child.wait();
+    reader.join().unwrap();
+    lines.extend(rx.try_iter());
+    let mut acked = Vec::new();
+    let mut started = BTreeSet::new();
+    for l in lines {
+        if let Some(i) = l.strip_prefix("ACK ") {
+            acked.push(i.trim().parse().unwrap());
+        } else if let Some(i) = l.strip_prefix("START ") {
+            started.insert(i.trim().parse().unwrap());
+        }
+    }
+    Iteration { acked, started }
+}
+
+fn crash_iterations(iters: u64, time_limit: Duration) {
+    let d = tempdir();
+    let dir = d.path().join("cache");
+    let mut rng = rand::rng();
+    let l1 = l1(64 << 20);
+    let mut all_acked: Vec<u64> = Vec::new();
+    let t0 = Instant::now();
+    let mut done = 0;
+    let mut kills_mid_write = 0;
+    for it in 0..iters {
+        if t0.elapsed() > time_limit {
+            break;
+        }
+        let base = (it + 1) * 10_000_000;
+        let res = run_child(&dir, base, &mut rng);
+        // Reopen (recovery) and check.
+        let tier = DiskTier::open(DiskTierOptions::new(&dir, BUDGET)).unwrap();
+        for &i in &res.acked {
+            let c = tier
+                .get_blocking(key(i), &l1)
+                .unwrap()
+                .unwrap_or_else(|| panic!("iteration {it}: acknowledged chunk {i} lost"));
+            assert_eq!(c.payload(), &expected(i, len_of(i, MAX_LEN))[..], "iteration {it}: chunk {i} bytes");
+        }
+        // Chunks started but not acknowledged: either absent or exactly right.
+        let acked: BTreeSet<u64> = res.acked.iter().copied().collect();
+        for &i in res.started.difference(&acked) {
+            if let Some(c) = tier.get_blocking(key(i), &l1).unwrap() {
+                assert_eq!(c.payload(), &expected(i, len_of(i, MAX_LEN))[..], "iteration {it}: chunk {i} bytes");
+            }
+        }
+        kills_mid_write += usize::from(res.started.len() > res.acked.len());
+        let s = tier.stats();
+        assert_eq!(s.checksum_failures, 0, "iteration {it}: a committed file was torn: {s:?}");
+        assert_eq!(std::fs::read_dir(dir.join("tmp")).unwrap().count(), 0, "tmp files left after recovery");
+        all_acked.extend(res.acked);
+        done += 1;
+        // Keep the directory from growing without bound: clear every 20 iterations.
+        if it % 20 == 19 {
+            for &i in &all_acked {
+                let c = tier.get_blocking(key(i), &l1).unwrap().expect("acknowledged chunk kept");
+                assert_eq!(c.payload(), &expected(i, len_of(i, MAX_LEN))[..]);
+            }
+            all_acked.clear();
+            futures::executor::block_on(kvtier::tier::Tier::clear(&tier)).unwrap();
+        }
+    }
+    eprintln!(
+        "crash test: {done} SIGKILLed writers in {:?}, {kills_mid_write} killed with writes in flight",
+        t0.elapsed()
+    );
+    assert!(done >= iters.min(100), "only {done} iterations ran");
+    assert!(kills_mid_write * 2 >= done, "most kills should land mid-write ({kills_mid_write}/{done})");
+}
+
+#[test]
+fn sigkill_at_random_moments_never_loses_acknowledged_chunks() {
+    crash_iterations(100, Duration::from_secs(55));
+}
+
+#[test]
+fn sigkill_soak() {
+    if std::env::var("KVTIER_SOAK").as_deref() != Ok("1") {
+        eprintln!("sigkill_soak: set KVTIER_SOAK=1 to run");
+        return;
+    }
+    let iters = std::env::var("KVTIER_SOAK_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    crash_iterations(iters, Duration::from_secs(3600));
+}
