@@ -146,7 +146,12 @@ impl Raw<'_> {
     }
 
     fn bool(&self) -> std::result::Result<bool, String> {
-        match self.text().as_deref().map(str::to_ascii_lowercase).as_deref() {
+        match self
+            .text()
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             Some("true" | "1" | "yes" | "on") => Ok(true),
             Some("false" | "0" | "no" | "off") => Ok(false),
             _ => Err(format!("expected true or false, got {}", self.show())),
@@ -154,7 +159,9 @@ impl Raw<'_> {
     }
 
     fn u64_in(&self, min: u64, max: u64) -> std::result::Result<u64, String> {
-        let t = self.text().ok_or_else(|| format!("expected a whole number, got {}", self.show()))?;
+        let t = self
+            .text()
+            .ok_or_else(|| format!("expected a whole number, got {}", self.show()))?;
         let v: u64 = t
             .replace('_', "")
             .parse()
@@ -166,9 +173,13 @@ impl Raw<'_> {
     }
 
     fn f64_in(&self, min: f64, max: f64) -> std::result::Result<f64, String> {
-        let t = self.text().ok_or_else(|| format!("expected a number, got {}", self.show()))?;
-        let v: f64 = t.parse().map_err(|_| format!("expected a number, got {}", self.show()))?;
-        if !(v >= min && v <= max) {
+        let t = self
+            .text()
+            .ok_or_else(|| format!("expected a number, got {}", self.show()))?;
+        let v: f64 = t
+            .parse()
+            .map_err(|_| format!("expected a number, got {}", self.show()))?;
+        if v.is_nan() || v < min || v > max {
             return Err(format!("must be between {min} and {max}, got {v}"));
         }
         Ok(v)
@@ -176,9 +187,12 @@ impl Raw<'_> {
 
     /// A size: a number of GB (GiB, as LMCache counts them) or a string with a unit.
     fn size(&self) -> std::result::Result<u64, String> {
-        let t = self
-            .text()
-            .ok_or_else(|| format!("expected a size in GB (e.g. 4 or \"512MiB\"), got {}", self.show()))?;
+        let t = self.text().ok_or_else(|| {
+            format!(
+                "expected a size in GB (e.g. 4 or \"512MiB\"), got {}",
+                self.show()
+            )
+        })?;
         let lower = t.to_ascii_lowercase().replace(' ', "");
         let units: [(&str, f64); 9] = [
             ("gib", GIB),
@@ -195,11 +209,17 @@ impl Raw<'_> {
             .iter()
             .find_map(|(u, m)| lower.strip_suffix(u).map(|n| (n.to_string(), *m)))
             .unwrap_or((lower.clone(), GIB));
-        let v: f64 = num
-            .parse()
-            .map_err(|_| format!("expected a size in GB (e.g. 4 or \"512MiB\"), got {}", self.show()))?;
-        if !(v >= 0.0) || v * mult > 1e15 {
-            return Err(format!("size must be between 0 and 1 PB, got {}", self.show()));
+        let v: f64 = num.parse().map_err(|_| {
+            format!(
+                "expected a size in GB (e.g. 4 or \"512MiB\"), got {}",
+                self.show()
+            )
+        })?;
+        if v.is_nan() || v < 0.0 || v * mult > 1e15 {
+            return Err(format!(
+                "size must be between 0 and 1 PB, got {}",
+                self.show()
+            ));
         }
         Ok((v * mult) as u64)
     }
@@ -208,12 +228,21 @@ impl Raw<'_> {
         match self {
             Raw::Yaml(Yaml::Array(items)) => items
                 .iter()
-                .map(|y| Raw::Yaml(y).text().ok_or_else(|| format!("list items must be strings, got {}", Raw::Yaml(y).show())))
+                .map(|y| {
+                    Raw::Yaml(y).text().ok_or_else(|| {
+                        format!("list items must be strings, got {}", Raw::Yaml(y).show())
+                    })
+                })
                 .collect(),
             Raw::Yaml(Yaml::Null) => Ok(Vec::new()),
             _ => {
-                let t = self.text().ok_or_else(|| format!("expected a string or list, got {}", self.show()))?;
-                Ok(t.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+                let t = self
+                    .text()
+                    .ok_or_else(|| format!("expected a string or list, got {}", self.show()))?;
+                Ok(t.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect())
             }
         }
     }
@@ -244,17 +273,26 @@ const KEYS: &[KeyDef] = &[
     KeyDef {
         name: "chunk_size",
         aliases: &[],
-        apply: |c, v| Ok(c.chunk_size = v.u64_in(1, 1 << 20)? as usize),
+        apply: |c, v| {
+            c.chunk_size = v.u64_in(1, 1 << 20)? as usize;
+            Ok(())
+        },
     },
     KeyDef {
         name: "save_unfull_chunk",
         aliases: &[],
-        apply: |c, v| Ok(c.save_unfull_chunk = v.bool()?),
+        apply: |c, v| {
+            c.save_unfull_chunk = v.bool()?;
+            Ok(())
+        },
     },
     KeyDef {
         name: "local_cpu",
         aliases: &[],
-        apply: |c, v| Ok(c.local_cpu = v.bool()?),
+        apply: |c, v| {
+            c.local_cpu = v.bool()?;
+            Ok(())
+        },
     },
     KeyDef {
         name: "max_local_cpu_size",
@@ -264,94 +302,142 @@ const KEYS: &[KeyDef] = &[
             if s < 4096 {
                 return Err(format!("must be at least 4 KiB, got {s} bytes"));
             }
-            Ok(c.max_local_cpu_size = s)
+            c.max_local_cpu_size = s;
+            Ok(())
         },
     },
     KeyDef {
         name: "local_cpu_huge_pages",
         aliases: &["local_cpu_use_hugepages"],
-        apply: |c, v| Ok(c.local_cpu_huge_pages = v.bool()?),
+        apply: |c, v| {
+            c.local_cpu_huge_pages = v.bool()?;
+            Ok(())
+        },
     },
     KeyDef {
         name: "local_cpu_prefault",
         aliases: &[],
-        apply: |c, v| Ok(c.local_cpu_prefault = v.bool()?),
+        apply: |c, v| {
+            c.local_cpu_prefault = v.bool()?;
+            Ok(())
+        },
     },
     KeyDef {
         name: "cache_policy",
         aliases: &[],
         apply: |c, v| {
             let t = v.text().unwrap_or_default();
-            c.cache_policy = t.parse().map_err(|e: Error| e.to_string().replace("invalid input: ", ""))?;
+            c.cache_policy = t
+                .parse()
+                .map_err(|e: Error| e.to_string().replace("invalid input: ", ""))?;
             Ok(())
         },
     },
     KeyDef {
         name: "pin_timeout_sec",
         aliases: &[],
-        apply: |c, v| Ok(c.pin_timeout_sec = v.f64_in(0.001, 86_400.0)?),
+        apply: |c, v| {
+            c.pin_timeout_sec = v.f64_in(0.001, 86_400.0)?;
+            Ok(())
+        },
     },
     KeyDef {
         name: "read_deadline_ms",
         aliases: &[],
-        apply: |c, v| Ok(c.read_deadline_ms = v.u64_in(1, 600_000)?),
+        apply: |c, v| {
+            c.read_deadline_ms = v.u64_in(1, 600_000)?;
+            Ok(())
+        },
     },
     KeyDef {
         name: "blocking_timeout_secs",
         aliases: &[],
-        apply: |c, v| Ok(c.read_deadline_ms = (v.f64_in(0.001, 600.0)? * 1000.0) as u64),
+        apply: |c, v| {
+            c.read_deadline_ms = (v.f64_in(0.001, 600.0)? * 1000.0) as u64;
+            Ok(())
+        },
     },
     KeyDef {
         name: "store_deadline_ms",
         aliases: &[],
-        apply: |c, v| Ok(c.store_deadline_ms = v.u64_in(1, 3_600_000)?),
+        apply: |c, v| {
+            c.store_deadline_ms = v.u64_in(1, 3_600_000)?;
+            Ok(())
+        },
     },
     KeyDef {
         name: "write_queue_chunks",
         aliases: &[],
-        apply: |c, v| Ok(c.write_queue_chunks = v.u64_in(1, 1 << 20)? as usize),
+        apply: |c, v| {
+            c.write_queue_chunks = v.u64_in(1, 1 << 20)? as usize;
+            Ok(())
+        },
     },
     KeyDef {
         name: "prefetch_concurrency",
         aliases: &[],
-        apply: |c, v| Ok(c.prefetch_concurrency = v.u64_in(1, 1024)? as usize),
+        apply: |c, v| {
+            c.prefetch_concurrency = v.u64_in(1, 1024)? as usize;
+            Ok(())
+        },
     },
     KeyDef {
         name: "local_disk",
         aliases: &[],
-        apply: |c, v| Ok(c.local_disk = disk_paths(v)?),
+        apply: |c, v| {
+            c.local_disk = disk_paths(v)?;
+            Ok(())
+        },
     },
     KeyDef {
         name: "max_local_disk_size",
         aliases: &[],
-        apply: |c, v| Ok(c.max_local_disk_size = v.size()?),
+        apply: |c, v| {
+            c.max_local_disk_size = v.size()?;
+            Ok(())
+        },
     },
     KeyDef {
         name: "local_disk_path_sharding",
         aliases: &[],
         apply: |c, v| {
-            c.local_disk_path_sharding = match v.text().unwrap_or_default().to_ascii_lowercase().as_str() {
-                "by_rank" | "by_gpu" => PathSharding::ByRank,
-                "striped" => PathSharding::Striped,
-                _ => return Err(format!("expected by_rank (alias by_gpu) or striped, got {}", v.show())),
-            };
+            c.local_disk_path_sharding =
+                match v.text().unwrap_or_default().to_ascii_lowercase().as_str() {
+                    "by_rank" | "by_gpu" => PathSharding::ByRank,
+                    "striped" => PathSharding::Striped,
+                    _ => {
+                        return Err(format!(
+                            "expected by_rank (alias by_gpu) or striped, got {}",
+                            v.show()
+                        ))
+                    }
+                };
             Ok(())
         },
     },
     KeyDef {
         name: "disk_admit_after",
         aliases: &["ssd_gate_min_access_count"],
-        apply: |c, v| Ok(c.disk_admit_after = v.u64_in(1, 1000)? as u32),
+        apply: |c, v| {
+            c.disk_admit_after = v.u64_in(1, 1000)? as u32;
+            Ok(())
+        },
     },
     KeyDef {
         name: "remote_url",
         aliases: &[],
-        apply: |c, v| Ok(c.remote_url = v.list()?),
+        apply: |c, v| {
+            c.remote_url = v.list()?;
+            Ok(())
+        },
     },
     KeyDef {
         name: "admin_port",
         aliases: &[],
-        apply: |c, v| Ok(c.admin_port = Some(v.u64_in(1, 65535)? as u16)),
+        apply: |c, v| {
+            c.admin_port = Some(v.u64_in(1, 65535)? as u16);
+            Ok(())
+        },
     },
 ];
 
@@ -370,7 +456,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 fn unknown_key(key: &str, source: &str) -> Error {
-    let all = KEYS.iter().flat_map(|k| std::iter::once(k.name).chain(k.aliases.iter().copied()));
+    let all = KEYS
+        .iter()
+        .flat_map(|k| std::iter::once(k.name).chain(k.aliases.iter().copied()));
     let best = all.map(|n| (edit_distance(key, n), n)).min();
     let hint = match best {
         Some((d, n)) if d <= 3 => format!(" (did you mean `{n}`?)"),
@@ -379,7 +467,10 @@ fn unknown_key(key: &str, source: &str) -> Error {
     let names: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
     Error::config(
         key,
-        format!("unknown key{source}{hint}; known keys: {}", names.join(", ")),
+        format!(
+            "unknown key{source}{hint}; known keys: {}",
+            names.join(", ")
+        ),
     )
 }
 
@@ -404,23 +495,36 @@ impl EngineConfig {
     fn apply_yaml(&mut self, text: &str, source: &str) -> Result<()> {
         let docs = YamlLoader::load_from_str(text)
             .map_err(|e| Error::config("<file>", format!("not valid YAML{source}: {e}")))?;
-        let Some(doc) = docs.into_iter().next() else { return Ok(()) };
+        let Some(doc) = docs.into_iter().next() else {
+            return Ok(());
+        };
         let map = match doc {
             Yaml::Hash(h) => h,
             Yaml::Null => return Ok(()),
-            _ => return Err(Error::config("<file>", format!("the top level must be a mapping of keys to values{source}"))),
+            _ => {
+                return Err(Error::config(
+                    "<file>",
+                    format!("the top level must be a mapping of keys to values{source}"),
+                ))
+            }
         };
         for (k, v) in &map {
-            let key = k
-                .as_str()
-                .ok_or_else(|| Error::config(format!("{k:?}"), format!("config keys must be strings{source}")))?;
+            let key = k.as_str().ok_or_else(|| {
+                Error::config(
+                    format!("{k:?}"),
+                    format!("config keys must be strings{source}"),
+                )
+            })?;
             self.set(key, &Raw::Yaml(v), source)?;
         }
         Ok(())
     }
 
     /// Applies `(key, value)` string pairs (e.g. from a CLI or Python dict).
-    pub fn apply_pairs<'a>(&mut self, pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Result<()> {
+    pub fn apply_pairs<'a>(
+        &mut self,
+        pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<()> {
         for (k, v) in pairs {
             self.set(k, &Raw::Env(v), "")?;
         }
@@ -430,7 +534,9 @@ impl EngineConfig {
     /// Applies `KVTIER_<KEY>` variables from `vars` (normally `std::env::vars()`).
     pub fn apply_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<()> {
         for (name, value) in vars {
-            let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
             if ENV_NOT_KEYS.contains(&rest) {
                 continue;
             }
@@ -466,7 +572,9 @@ impl EngineConfig {
 
     /// Every accepted key name (aliases included).
     pub fn known_keys() -> Vec<&'static str> {
-        KEYS.iter().flat_map(|k| std::iter::once(k.name).chain(k.aliases.iter().copied())).collect()
+        KEYS.iter()
+            .flat_map(|k| std::iter::once(k.name).chain(k.aliases.iter().copied()))
+            .collect()
     }
 }
 
@@ -490,23 +598,43 @@ mod tests {
 
     #[test]
     fn json_is_accepted_too() {
-        let c = EngineConfig::from_yaml_str(r#"{"chunk_size": 64, "max_local_cpu_size": "256MiB"}"#).unwrap();
+        let c =
+            EngineConfig::from_yaml_str(r#"{"chunk_size": 64, "max_local_cpu_size": "256MiB"}"#)
+                .unwrap();
         assert_eq!((c.chunk_size, c.max_local_cpu_size), (64, 256 << 20));
     }
 
     #[test]
     fn errors_name_the_key_and_what_is_allowed() {
-        let e = EngineConfig::from_yaml_str("chunk_size: -3").unwrap_err().to_string();
-        assert!(e.contains("chunk_size") && e.contains("whole number"), "{e}");
-        let e = EngineConfig::from_yaml_str("cache_policy: arc").unwrap_err().to_string();
-        assert!(e.contains("cache_policy") && e.contains("lru, s3fifo"), "{e}");
-        let e = EngineConfig::from_yaml_str("max_local_cpu_size: lots").unwrap_err().to_string();
+        let e = EngineConfig::from_yaml_str("chunk_size: -3")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("chunk_size") && e.contains("whole number"),
+            "{e}"
+        );
+        let e = EngineConfig::from_yaml_str("cache_policy: arc")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cache_policy") && e.contains("lru, s3fifo"),
+            "{e}"
+        );
+        let e = EngineConfig::from_yaml_str("max_local_cpu_size: lots")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max_local_cpu_size") && e.contains("GB"), "{e}");
-        let e = EngineConfig::from_yaml_str("local_disk: /x").unwrap_err().to_string();
+        let e = EngineConfig::from_yaml_str("local_disk: /x")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max_local_disk_size"), "{e}");
-        let e = EngineConfig::from_yaml_str("- a\n- b").unwrap_err().to_string();
+        let e = EngineConfig::from_yaml_str("- a\n- b")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("mapping"), "{e}");
-        let e = EngineConfig::from_yaml_str("chunk_size: [1").unwrap_err().to_string();
+        let e = EngineConfig::from_yaml_str("chunk_size: [1")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("YAML"), "{e}");
     }
 
@@ -526,6 +654,9 @@ mod tests {
             .apply_env([("KVTIER_MAX_LOCAL_CPU_SIZ".to_string(), "1".to_string())])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("KVTIER_MAX_LOCAL_CPU_SIZ") && e.contains("max_local_cpu_size"), "{e}");
+        assert!(
+            e.contains("KVTIER_MAX_LOCAL_CPU_SIZ") && e.contains("max_local_cpu_size"),
+            "{e}"
+        );
     }
 }

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::chunk::{copy_with_checksum, now_ms, Chunk, ChunkInfo};
+use crate::chunk::{copy_payload, copy_with_checksum, now_ms, Chunk, ChunkInfo};
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, ChunkSpan, KeySpace, ModelIdentity, Origin};
@@ -65,6 +65,8 @@ pub struct StoreReport {
     pub inflight_chunks: usize,
     /// Chunks not stored because L1 had no room for them (the store stopped there).
     pub dropped_chunks: usize,
+    /// Payload bytes copied into the engine by this store.
+    pub new_bytes: u64,
     /// Lower-tier writes started by this store; wait on it for durability.
     pub ticket: StoreTicket,
 }
@@ -77,6 +79,7 @@ impl std::fmt::Debug for StoreReport {
             .field("present_chunks", &self.present_chunks)
             .field("inflight_chunks", &self.inflight_chunks)
             .field("dropped_chunks", &self.dropped_chunks)
+            .field("new_bytes", &self.new_bytes)
             .field("queued_writes", &self.ticket.len())
             .finish()
     }
@@ -144,7 +147,10 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("config", &self.config).field("manager", &self.manager).finish()
+        f.debug_struct("Engine")
+            .field("config", &self.config)
+            .field("manager", &self.manager)
+            .finish()
     }
 }
 
@@ -166,7 +172,11 @@ impl Engine {
     }
 
     /// Builds an engine with explicit tiers below L1 (tests, custom tiers).
-    pub fn with_lower_tiers(config: EngineConfig, identity: ModelIdentity, lower: Vec<TierSpec>) -> Result<Engine> {
+    pub fn with_lower_tiers(
+        config: EngineConfig,
+        identity: ModelIdentity,
+        lower: Vec<TierSpec>,
+    ) -> Result<Engine> {
         config.validate()?;
         let keys = KeySpace::new(identity, config.chunk_size, config.save_unfull_chunk)?;
         let full_chunk = keys.identity().layout.chunk_bytes(config.chunk_size) as u64;
@@ -261,13 +271,19 @@ impl Engine {
         self.metrics.lookups.inc();
         self.metrics.requested_tokens.inc_by(tokens.len() as u64);
         self.metrics.hit_tokens.inc_by(res.hit_tokens as u64);
-        self.metrics.lookup_seconds.observe(t0.elapsed().as_secs_f64());
+        self.metrics
+            .lookup_seconds
+            .observe(t0.elapsed().as_secs_f64());
         Ok(res)
     }
 
     fn lookup_result(&self, spans: &[ChunkSpan], r: PrefixLookup) -> LookupResult {
         LookupResult {
-            hit_tokens: if r.hit_chunks == 0 { 0 } else { spans[r.hit_chunks - 1].end },
+            hit_tokens: if r.hit_chunks == 0 {
+                0
+            } else {
+                spans[r.hit_chunks - 1].end
+            },
             hit_chunks: r.hit_chunks,
             tiers: r.tiers,
         }
@@ -281,7 +297,12 @@ impl Engine {
         cache_salt: Option<&str>,
         ttl: Option<Duration>,
     ) -> Result<Vec<crate::tier::PinToken>> {
-        let keys: Vec<ChunkKey> = self.keys.chunk_spans(tokens, cache_salt)?.iter().map(|s| s.key).collect();
+        let keys: Vec<ChunkKey> = self
+            .keys
+            .chunk_spans(tokens, cache_salt)?
+            .iter()
+            .map(|s| s.key)
+            .collect();
         let n = self.manager.l1().prefix_len(&keys);
         Ok(self.manager.l1().pin(&keys[..n], ttl))
     }
@@ -295,7 +316,12 @@ impl Engine {
     /// `payload` holds the prompt's chunk payloads back to back and must cover at least
     /// the chunked tokens. Never waits for memory: when L1 cannot make room it stops and
     /// reports how far it got.
-    pub fn store(&self, tokens: &[u32], cache_salt: Option<&str>, payload: &[u8]) -> Result<StoreReport> {
+    pub fn store(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        payload: &[u8],
+    ) -> Result<StoreReport> {
         let t0 = Instant::now();
         let spans = self.keys.chunk_spans(tokens, cache_salt)?;
         let bpt = self.bytes_per_token();
@@ -312,21 +338,23 @@ impl Engine {
         }
         let origin = self.origin(cache_salt)?;
         let mut report = StoreReport::default();
-        let mut new_bytes = 0u64;
         for (i, span) in spans.iter().enumerate() {
             let bytes = &payload[span.start * bpt..span.end * bpt];
             match self.manager.claim(span.key) {
-                StoreClaim::Present(c) => {
-                    self.manager.write_through(&c, &mut report.ticket);
-                    report.present_chunks += 1;
-                }
+                // Present in L1: skipped (C5). Its lower-tier writes were queued when it was
+                // first stored, or it came from a lower tier; re-sending every hot chunk to
+                // every tier on each store would multiply remote traffic.
+                StoreClaim::Present(_) => report.present_chunks += 1,
                 StoreClaim::InFlight => report.inflight_chunks += 1,
                 StoreClaim::New(claim) => {
                     let Some(mut buf) = self.manager.allocate(bytes.len()) else {
                         report.dropped_chunks = spans.len() - i;
                         self.metrics
                             .store_skipped
-                            .get_or_create(&Metrics::tier_reason(self.manager.l1().name(), "no_memory"))
+                            .get_or_create(&Metrics::tier_reason(
+                                self.manager.l1().name(),
+                                "no_memory",
+                            ))
                             .inc_by(report.dropped_chunks as u64);
                         break;
                     };
@@ -344,28 +372,40 @@ impl Engine {
                     };
                     report.ticket.merge(self.manager.commit(claim, chunk));
                     report.new_chunks += 1;
-                    new_bytes += bytes.len() as u64;
+                    report.new_bytes += bytes.len() as u64;
                 }
             }
             report.stored_tokens = span.end;
         }
         let dt = t0.elapsed().as_secs_f64();
         self.metrics.store_seconds.observe(dt);
-        if new_bytes > 0 && dt > 0.0 {
-            self.metrics.store_gbps.observe(new_bytes as f64 / dt / 1e9);
+        if report.new_bytes > 0 && dt > 0.0 {
+            self.metrics
+                .store_gbps
+                .observe(report.new_bytes as f64 / dt / 1e9);
         }
         Ok(report)
     }
 
     /// Starts loading the prompt's stored prefix from wherever it is (non-blocking).
     pub fn prefetch(&self, tokens: &[u32], cache_salt: Option<&str>) -> Result<PrefetchHandle> {
-        let keys = self.keys.chunk_spans(tokens, cache_salt)?.iter().map(|s| s.key).collect();
+        let keys = self
+            .keys
+            .chunk_spans(tokens, cache_salt)?
+            .iter()
+            .map(|s| s.key)
+            .collect();
         Ok(self.manager.prefetch(keys))
     }
 
     /// Loads the prompt's stored prefix and copies it into `out` (laid out like `store`'s
     /// payload). Returns the tokens copied: always a contiguous prefix (C4).
-    pub fn retrieve(&self, tokens: &[u32], cache_salt: Option<&str>, out: &mut [u8]) -> Result<RetrieveReport> {
+    pub fn retrieve(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        out: &mut [u8],
+    ) -> Result<RetrieveReport> {
         let t0 = Instant::now();
         let spans = self.keys.chunk_spans(tokens, cache_salt)?;
         let bpt = self.bytes_per_token();
@@ -390,7 +430,7 @@ impl Engine {
                     dst.len()
                 )));
             }
-            dst.copy_from_slice(chunk.payload());
+            copy_payload(dst, chunk.payload());
             bytes += dst.len() as u64;
         }
         let n = loaded.chunks.len();
@@ -430,7 +470,10 @@ impl Engine {
     pub fn stats(&self) -> EngineStats {
         self.manager.refresh_metrics();
         let m = &self.metrics;
-        let sum_ops = |fam: &prometheus_client::metrics::family::Family<crate::metrics::TierOpLabel, prometheus_client::metrics::counter::Counter>,
+        let sum_ops = |fam: &prometheus_client::metrics::family::Family<
+            crate::metrics::TierOpLabel,
+            prometheus_client::metrics::counter::Counter,
+        >,
                        tier: &str| {
             ["contains", "get", "put"]
                 .iter()

@@ -131,33 +131,103 @@ impl Metrics {
             eviction_seen: Mutex::default(),
         };
         let r = &mut m.registry;
-        r.register("requested_tokens", "Tokens asked for by lookups and retrieves", m.requested_tokens.clone());
-        r.register("hit_tokens", "Tokens found as a contiguous stored prefix", m.hit_tokens.clone());
+        r.register(
+            "requested_tokens",
+            "Tokens asked for by lookups and retrieves",
+            m.requested_tokens.clone(),
+        );
+        r.register(
+            "hit_tokens",
+            "Tokens found as a contiguous stored prefix",
+            m.hit_tokens.clone(),
+        );
         r.register("lookups", "Prefix lookups", m.lookups.clone());
         r.register("tier_hits", "Chunk hits per tier", m.tier_hits.clone());
-        r.register("stored_bytes", "Payload bytes written per tier", m.stored_bytes.clone());
-        r.register("loaded_bytes", "Payload bytes read per tier", m.loaded_bytes.clone());
-        r.register("stored_chunks", "Chunks written per tier", m.stored_chunks.clone());
+        r.register(
+            "stored_bytes",
+            "Payload bytes written per tier",
+            m.stored_bytes.clone(),
+        );
+        r.register(
+            "loaded_bytes",
+            "Payload bytes read per tier",
+            m.loaded_bytes.clone(),
+        );
+        r.register(
+            "stored_chunks",
+            "Chunks written per tier",
+            m.stored_chunks.clone(),
+        );
         r.register("used_bytes", "Bytes used per tier", m.used_bytes.clone());
-        r.register("capacity_bytes", "Byte budget per tier", m.capacity_bytes.clone());
-        r.register("resident_chunks", "Chunks resident per tier", m.resident_chunks.clone());
+        r.register(
+            "capacity_bytes",
+            "Byte budget per tier",
+            m.capacity_bytes.clone(),
+        );
+        r.register(
+            "resident_chunks",
+            "Chunks resident per tier",
+            m.resident_chunks.clone(),
+        );
         r.register("evictions", "Chunks evicted per tier", m.evictions.clone());
-        r.register("write_backs", "Chunks promoted into L1 by reads, by source tier", m.write_backs.clone());
-        r.register("checksum_failures", "Checksum mismatches caught, by tier", m.checksum_failures.clone());
-        r.register("tier_errors", "Tier operation errors", m.tier_errors.clone());
-        r.register("tier_timeouts", "Tier operations that missed their deadline", m.tier_timeouts.clone());
-        r.register("store_skipped", "Chunk stores not done, by tier and reason", m.store_skipped.clone());
-        r.register("lookup_seconds", "Lookup latency, hashing included", m.lookup_seconds.clone());
-        r.register("store_seconds", "Store call latency", m.store_seconds.clone());
-        r.register("retrieve_seconds", "Retrieve call latency", m.retrieve_seconds.clone());
-        r.register("store_throughput_gbps", "Store throughput per call (GB/s)", m.store_gbps.clone());
-        r.register("retrieve_throughput_gbps", "Retrieve throughput per call (GB/s)", m.retrieve_gbps.clone());
+        r.register(
+            "write_backs",
+            "Chunks promoted into L1 by reads, by source tier",
+            m.write_backs.clone(),
+        );
+        r.register(
+            "checksum_failures",
+            "Checksum mismatches caught, by tier",
+            m.checksum_failures.clone(),
+        );
+        r.register(
+            "tier_errors",
+            "Tier operation errors",
+            m.tier_errors.clone(),
+        );
+        r.register(
+            "tier_timeouts",
+            "Tier operations that missed their deadline",
+            m.tier_timeouts.clone(),
+        );
+        r.register(
+            "store_skipped",
+            "Chunk stores not done, by tier and reason",
+            m.store_skipped.clone(),
+        );
+        r.register(
+            "lookup_seconds",
+            "Lookup latency, hashing included",
+            m.lookup_seconds.clone(),
+        );
+        r.register(
+            "store_seconds",
+            "Store call latency",
+            m.store_seconds.clone(),
+        );
+        r.register(
+            "retrieve_seconds",
+            "Retrieve call latency",
+            m.retrieve_seconds.clone(),
+        );
+        r.register(
+            "store_throughput_gbps",
+            "Store throughput per call (GB/s)",
+            m.store_gbps.clone(),
+        );
+        r.register(
+            "retrieve_throughput_gbps",
+            "Retrieve throughput per call (GB/s)",
+            m.retrieve_gbps.clone(),
+        );
         m
     }
 
     /// Label for a tier.
     pub fn tier(name: &str) -> TierLabel {
-        TierLabel { tier: name.to_string() }
+        TierLabel {
+            tier: name.to_string(),
+        }
     }
 
     /// Label for a tier and operation.
@@ -181,7 +251,9 @@ impl Metrics {
         let mut seen = self.eviction_seen.lock();
         let last = seen.entry(tier.to_string()).or_insert(0);
         if total > *last {
-            self.evictions.get_or_create(&Metrics::tier(tier)).inc_by(total - *last);
+            self.evictions
+                .get_or_create(&Metrics::tier(tier))
+                .inc_by(total - *last);
             *last = total;
         }
     }

@@ -63,7 +63,12 @@ struct Iteration {
 fn run_child(dir: &Path, base: u64, rng: &mut impl Rng) -> Iteration {
     let exe = std::env::current_exe().unwrap();
     let mut child = Command::new(exe)
-        .args(["--exact", "crash_child_writer", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash_child_writer",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_DIR_ENV, dir)
         .env(CHILD_BASE_ENV, base.to_string())
         .stdout(Stdio::piped())
@@ -90,7 +95,7 @@ fn run_child(dir: &Path, base: u64, rng: &mut impl Rng) -> Iteration {
         while t0.elapsed() < Duration::from_secs(10) {
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(l) => {
-                    let ready = l == "READY";
+                    let ready = l.ends_with("READY");
                     lines.push(l);
                     if ready {
                         break;
@@ -129,39 +134,68 @@ fn crash_iterations(iters: u64, time_limit: Duration) {
     let mut all_acked: Vec<u64> = Vec::new();
     let t0 = Instant::now();
     let mut done = 0;
-    let mut kills_mid_write = 0;
+    let mut kills_mid_write = 0u64;
     for it in 0..iters {
         if t0.elapsed() > time_limit {
             break;
         }
         let base = (it + 1) * 10_000_000;
+        let t_it = Instant::now();
         let res = run_child(&dir, base, &mut rng);
+        let t_child = t_it.elapsed();
         // Reopen (recovery) and check.
         let tier = DiskTier::open(DiskTierOptions::new(&dir, BUDGET)).unwrap();
+        let t_open = t_it.elapsed();
         for &i in &res.acked {
             let c = tier
                 .get_blocking(key(i), &l1)
                 .unwrap()
                 .unwrap_or_else(|| panic!("iteration {it}: acknowledged chunk {i} lost"));
-            assert_eq!(c.payload(), &expected(i, len_of(i, MAX_LEN))[..], "iteration {it}: chunk {i} bytes");
+            assert_eq!(
+                c.payload(),
+                &expected(i, len_of(i, MAX_LEN))[..],
+                "iteration {it}: chunk {i} bytes"
+            );
         }
         // Chunks started but not acknowledged: either absent or exactly right.
         let acked: BTreeSet<u64> = res.acked.iter().copied().collect();
         for &i in res.started.difference(&acked) {
             if let Some(c) = tier.get_blocking(key(i), &l1).unwrap() {
-                assert_eq!(c.payload(), &expected(i, len_of(i, MAX_LEN))[..], "iteration {it}: chunk {i} bytes");
+                assert_eq!(
+                    c.payload(),
+                    &expected(i, len_of(i, MAX_LEN))[..],
+                    "iteration {it}: chunk {i} bytes"
+                );
             }
         }
-        kills_mid_write += usize::from(res.started.len() > res.acked.len());
+        kills_mid_write += u64::from(res.started.len() > res.acked.len());
         let s = tier.stats();
-        assert_eq!(s.checksum_failures, 0, "iteration {it}: a committed file was torn: {s:?}");
-        assert_eq!(std::fs::read_dir(dir.join("tmp")).unwrap().count(), 0, "tmp files left after recovery");
+        assert_eq!(
+            s.checksum_failures, 0,
+            "iteration {it}: a committed file was torn: {s:?}"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.join("tmp")).unwrap().count(),
+            0,
+            "tmp files left after recovery"
+        );
+        if std::env::var("KVTIER_CRASH_DEBUG").is_ok() {
+            eprintln!(
+                "it {it}: child {t_child:?} open {t_open:?} total {:?} acked {} started {}",
+                t_it.elapsed(),
+                res.acked.len(),
+                res.started.len()
+            );
+        }
         all_acked.extend(res.acked);
         done += 1;
         // Keep the directory from growing without bound: clear every 20 iterations.
         if it % 20 == 19 {
             for &i in &all_acked {
-                let c = tier.get_blocking(key(i), &l1).unwrap().expect("acknowledged chunk kept");
+                let c = tier
+                    .get_blocking(key(i), &l1)
+                    .unwrap()
+                    .expect("acknowledged chunk kept");
                 assert_eq!(c.payload(), &expected(i, len_of(i, MAX_LEN))[..]);
             }
             all_acked.clear();
@@ -173,7 +207,10 @@ fn crash_iterations(iters: u64, time_limit: Duration) {
         t0.elapsed()
     );
     assert!(done >= iters.min(100), "only {done} iterations ran");
-    assert!(kills_mid_write * 2 >= done, "most kills should land mid-write ({kills_mid_write}/{done})");
+    assert!(
+        kills_mid_write * 2 >= done,
+        "most kills should land mid-write ({kills_mid_write}/{done})"
+    );
 }
 
 #[test]
@@ -187,6 +224,9 @@ fn sigkill_soak() {
         eprintln!("sigkill_soak: set KVTIER_SOAK=1 to run");
         return;
     }
-    let iters = std::env::var("KVTIER_SOAK_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let iters = std::env::var("KVTIER_SOAK_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
     crash_iterations(iters, Duration::from_secs(3600));
 }

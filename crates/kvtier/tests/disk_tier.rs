@@ -14,7 +14,11 @@ use kvtier::{Engine, EngineConfig};
 use util::*;
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 #[test]
@@ -34,7 +38,10 @@ fn tier_trait_put_get_contains_remove_clear_salt() {
         }
         let keys: Vec<_> = (0..12).map(key).collect();
         assert_eq!(tier.contains_prefix(&keys).await.unwrap(), 12);
-        let expect_bytes: u64 = lens.iter().map(|&l| 4096 + (l as u64).div_ceil(4096) * 4096).sum();
+        let expect_bytes: u64 = lens
+            .iter()
+            .map(|&l| 4096 + (l as u64).div_ceil(4096) * 4096)
+            .sum();
         assert_eq!(tier.usage().used_bytes, expect_bytes);
         assert_eq!(disk_bytes(&root), expect_bytes);
         for i in 0..12u64 {
@@ -52,7 +59,14 @@ fn tier_trait_put_get_contains_remove_clear_salt() {
         assert_eq!(tier.remove_salt("tenant-a").await.unwrap(), 0);
         assert_eq!(tier.usage().chunks, 7);
         assert_eq!(tier.clear().await.unwrap(), 7);
-        assert_eq!(tier.usage(), kvtier::tier::TierUsage { used_bytes: 0, capacity_bytes: 64 << 20, chunks: 0 });
+        assert_eq!(
+            tier.usage(),
+            kvtier::tier::TierUsage {
+                used_bytes: 0,
+                capacity_bytes: 64 << 20,
+                chunks: 0
+            }
+        );
         assert_eq!(disk_bytes(&root), 0);
     });
     let s = tier.stats();
@@ -63,7 +77,8 @@ fn tier_trait_put_get_contains_remove_clear_salt() {
 #[test]
 fn concurrent_puts_and_gets() {
     let d = tempdir();
-    let tier = Arc::new(DiskTier::open(DiskTierOptions::new(d.path().join("c"), 256 << 20)).unwrap());
+    let tier =
+        Arc::new(DiskTier::open(DiskTierOptions::new(d.path().join("c"), 256 << 20)).unwrap());
     let l1 = Arc::new(l1(64 << 20));
     let rt = rt();
     rt.block_on(async {
@@ -116,17 +131,26 @@ fn budget_evicts_in_lru_order_and_never_overflows() {
     let tier = DiskTier::open(DiskTierOptions::new(&root, cap)).unwrap();
     let l1 = l1(16 << 20);
     for i in 0..10 {
-        assert_eq!(tier.put_blocking(&chunk(&l1, i, 65536, None)), PutOutcome::Stored);
+        assert_eq!(
+            tier.put_blocking(&chunk(&l1, i, 65536, None)),
+            PutOutcome::Stored
+        );
     }
     // Touch 0 so 1 is the LRU victim.
     assert!(tier.get_blocking(key(0), &l1).unwrap().is_some());
-    assert_eq!(tier.put_blocking(&chunk(&l1, 10, 65536, None)), PutOutcome::Stored);
+    assert_eq!(
+        tier.put_blocking(&chunk(&l1, 10, 65536, None)),
+        PutOutcome::Stored
+    );
     assert!(tier.contains(&key(0)) && !tier.contains(&key(1)) && tier.contains(&key(10)));
     assert!(disk_bytes(&root) <= cap);
     assert_eq!(disk_bytes(&root), tier.stats().bytes);
     assert_eq!(tier.stats().evictions, 1);
     // Larger than the whole budget: skipped, nothing evicted.
-    assert_eq!(tier.put_blocking(&chunk(&l1, 11, 800 << 10, None)), PutOutcome::Skipped("disk full"));
+    assert_eq!(
+        tier.put_blocking(&chunk(&l1, 11, 800 << 10, None)),
+        PutOutcome::Skipped("disk full")
+    );
     assert_eq!(tier.stats().chunks, 10);
 }
 
@@ -138,7 +162,10 @@ fn smaller_budget_on_restart_evicts_down() {
     {
         let tier = DiskTier::open(DiskTierOptions::new(&root, 4 << 20)).unwrap();
         for i in 0..20 {
-            assert_eq!(tier.put_blocking(&chunk(&l1, i, 65536, None)), PutOutcome::Stored);
+            assert_eq!(
+                tier.put_blocking(&chunk(&l1, i, 65536, None)),
+                PutOutcome::Stored
+            );
         }
     }
     let tier = DiskTier::open(DiskTierOptions::new(&root, 10 * 69632)).unwrap();
@@ -150,15 +177,21 @@ fn smaller_budget_on_restart_evicts_down() {
 fn missing_parent_or_unwritable_path_fails_naming_it() {
     let d = tempdir();
     let missing = d.path().join("no-such-parent").join("cache");
-    let e = DiskTier::open(DiskTierOptions::new(&missing, 1 << 20)).unwrap_err().to_string();
+    let e = DiskTier::open(DiskTierOptions::new(&missing, 1 << 20))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains(&missing.display().to_string()), "{e}");
     let file = d.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
     let under_file = file.join("cache");
-    let e = DiskTier::open(DiskTierOptions::new(&under_file, 1 << 20)).unwrap_err().to_string();
+    let e = DiskTier::open(DiskTierOptions::new(&under_file, 1 << 20))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains(&under_file.display().to_string()), "{e}");
     let proc_path = PathBuf::from("/proc/kvtier-disk-test");
-    let e = DiskTier::open(DiskTierOptions::new(&proc_path, 1 << 20)).unwrap_err().to_string();
+    let e = DiskTier::open(DiskTierOptions::new(&proc_path, 1 << 20))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("/proc/kvtier-disk-test"), "{e}");
     // Through the engine config too.
     let mut cfg = engine_config(&missing);
@@ -168,16 +201,19 @@ fn missing_parent_or_unwritable_path_fails_naming_it() {
 }
 
 fn engine_config(path: &std::path::Path) -> EngineConfig {
-    let mut cfg = EngineConfig::default();
-    cfg.chunk_size = 16; // 64 KiB chunks for the test model
-    cfg.max_local_cpu_size = 16 << 20;
-    cfg.local_disk = vec![path.to_path_buf()];
-    cfg.max_local_disk_size = 256 << 20;
-    cfg
+    EngineConfig {
+        chunk_size: 16, // 64 KiB chunks for the test model
+        max_local_cpu_size: 16 << 20,
+        local_disk: vec![path.to_path_buf()],
+        max_local_disk_size: 256 << 20,
+        ..EngineConfig::default()
+    }
 }
 
 fn prompt(p: u64, chunks: usize) -> Vec<u32> {
-    (0..chunks * 16).map(|t| (p as u32).wrapping_mul(7919).wrapping_add(t as u32 * 31)).collect()
+    (0..chunks * 16)
+        .map(|t| (p as u32).wrapping_mul(7919).wrapping_add(t as u32 * 31))
+        .collect()
 }
 
 fn kv(engine: &Engine, p: u64, n_tokens: usize) -> Vec<u8> {
@@ -195,7 +231,10 @@ fn engine_round_trip_from_disk_with_write_back() {
     assert_eq!(r.new_chunks, 8);
     let outs = r.ticket.wait();
     assert_eq!(outs.len(), 8);
-    assert!(outs.iter().all(|o| o.result == Ok(PutOutcome::Stored)), "{outs:?}");
+    assert!(
+        outs.iter().all(|o| o.result == Ok(PutOutcome::Stored)),
+        "{outs:?}"
+    );
     // Empty L1: everything must come from disk.
     engine.manager().l1().clear_all();
     let l = engine.lookup(&tokens, None).unwrap();
@@ -235,7 +274,9 @@ fn restart_three_times_hits_every_acknowledged_chunk() {
         }
         for p in gen * 10..gen * 10 + 10 {
             let tokens = prompt(p, 3);
-            let r = engine.store(&tokens, None, &kv(&engine, p, tokens.len())).unwrap();
+            let r = engine
+                .store(&tokens, None, &kv(&engine, p, tokens.len()))
+                .unwrap();
             let outs = r.ticket.wait();
             if outs.len() == 3 && outs.iter().all(|o| o.result == Ok(PutOutcome::Stored)) {
                 acked.push(p);
@@ -261,7 +302,9 @@ fn engine_striped_and_by_rank_sharding() {
         let engine = Engine::new(cfg.clone(), identity()).unwrap();
         for p in 0..8 {
             let tokens = prompt(p, 2);
-            let r = engine.store(&tokens, None, &kv(&engine, p, tokens.len())).unwrap();
+            let r = engine
+                .store(&tokens, None, &kv(&engine, p, tokens.len()))
+                .unwrap();
             r.ticket.wait();
         }
         assert!(engine.flush(Duration::from_secs(30)));
@@ -280,7 +323,11 @@ fn engine_striped_and_by_rank_sharding() {
     id.rank = 1;
     let engine = Engine::new(cfg, id).unwrap();
     let tokens = prompt(1, 2);
-    engine.store(&tokens, None, &kv(&engine, 1, tokens.len())).unwrap().ticket.wait();
+    engine
+        .store(&tokens, None, &kv(&engine, 1, tokens.len()))
+        .unwrap()
+        .ticket
+        .wait();
     assert!(!paths[0].exists());
     assert_eq!(disk_bytes(&paths[1]), 2 * (4096 + 65536));
 }
@@ -288,19 +335,29 @@ fn engine_striped_and_by_rank_sharding() {
 #[test]
 fn recovery_of_many_chunks_is_fast() {
     // Files are created directly (valid names, right sizes) to test the scan alone.
-    let n: u64 = std::env::var("KVTIER_RECOVERY_N").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000);
+    let n: u64 = std::env::var("KVTIER_RECOVERY_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
     let d = tempdir();
     let root = d.path().join("c");
     drop(DiskTier::open(DiskTierOptions::new(&root, 1 << 40)).unwrap());
-    let block = vec![0u8; 8192];
+    // Sparse files of the right size: the scan reads names and sizes only.
     for i in 0..n {
         let k = key(i).to_hex();
-        std::fs::write(root.join(&k[..2]).join(format!("{k}.none.kvc")), &block).unwrap();
+        let f = std::fs::File::create(root.join(&k[..2]).join(format!("{k}.none.kvc"))).unwrap();
+        f.set_len(8192).unwrap();
     }
     let t0 = Instant::now();
     let tier = DiskTier::open(DiskTierOptions::new(&root, 1 << 40)).unwrap();
     let dt = t0.elapsed();
     assert_eq!(tier.stats().chunks, n);
-    eprintln!("recovery of {n} chunks: {dt:?} ({:.2} s per 100K)", dt.as_secs_f64() * 100_000.0 / n as f64);
-    assert!(dt.as_secs_f64() * 100_000.0 / n as f64 <= 1.5, "recovery too slow: {dt:?} for {n}");
+    eprintln!(
+        "recovery of {n} chunks: {dt:?} ({:.2} s per 100K)",
+        dt.as_secs_f64() * 100_000.0 / n as f64
+    );
+    assert!(
+        dt.as_secs_f64() * 100_000.0 / n as f64 <= 1.5,
+        "recovery too slow: {dt:?} for {n}"
+    );
 }

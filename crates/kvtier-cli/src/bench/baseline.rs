@@ -6,7 +6,7 @@ use super::buffers::{AlignedBuf, SourceRing, GIB};
 use super::report::{gbps, median, BaselineSection};
 
 /// Timed passes; the median is reported so one disturbed pass does not skew it.
-const PASSES: usize = 5;
+const PASSES: usize = 7;
 
 /// Measures single-thread `copy_from_slice` of exactly one chunk, cold.
 ///

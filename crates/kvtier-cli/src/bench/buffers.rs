@@ -46,7 +46,11 @@ impl AlignedBuf {
 
     fn layout(len: usize) -> Layout {
         // Buffers that can hold a huge page are aligned to one so THP can back all of it.
-        let align = if len >= HUGE_PAGE { HUGE_PAGE } else { Self::ALIGN };
+        let align = if len >= HUGE_PAGE {
+            HUGE_PAGE
+        } else {
+            Self::ALIGN
+        };
         // A zero-length request still allocates one byte: `alloc` forbids zero sizes.
         Layout::from_size_align(len.max(1), align).expect("buffer size overflows a Layout")
     }
@@ -234,7 +238,10 @@ mod tests {
         ring.compose(1, &mut a);
         for (i, piece) in a.chunks(chunk).enumerate() {
             assert!(ring.chunk_matches(1, i, piece), "chunk {i}");
-            assert!(!ring.chunk_matches(2, i, piece), "chunk {i} must not match doc 2");
+            assert!(
+                !ring.chunk_matches(2, i, piece),
+                "chunk {i} must not match doc 2"
+            );
         }
         assert!(!ring.chunk_matches(1, 1, &a[..chunk]));
         a[chunk + 500] ^= 1;

@@ -38,18 +38,31 @@ pub struct MicroResults {
 /// prompt fits trivially and only index and hashing costs are measured.
 pub fn measure(policy: PolicyKind, seed: u64) -> Result<MicroResults> {
     let engine = micro_engine(policy)?;
-    let mut rng = StdRng::seed_from_u64(seed ^ 0x4D49_4352_4F);
-    let tokens: Vec<u32> = (0..CHUNK_TOKENS * CHUNKS).map(|_| rng.random_range(0..128_256)).collect();
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x004D_4943_524F);
+    let tokens: Vec<u32> = (0..CHUNK_TOKENS * CHUNKS)
+        .map(|_| rng.random_range(0..128_256))
+        .collect();
     let payload = AlignedBuf::new(engine.payload_bytes(tokens.len()));
-    let stored = engine.store(&tokens, None, &payload).context("micro phase: storing the 128K prompt")?;
+    let stored = engine
+        .store(&tokens, None, &payload)
+        .context("micro phase: storing the 128K prompt")?;
     if stored.stored_tokens != tokens.len() {
-        bail!("micro phase: only {} of {} tokens were stored", stored.stored_tokens, tokens.len());
+        bail!(
+            "micro phase: only {} of {} tokens were stored",
+            stored.stored_tokens,
+            tokens.len()
+        );
     }
     let lookup = sample_us(|| {
         let r = engine.lookup(&tokens, None)?;
         check_full(r.hit_chunks)
     })?;
-    let keys: Vec<ChunkKey> = engine.key_space().chunk_spans(&tokens, None)?.iter().map(|s| s.key).collect();
+    let keys: Vec<ChunkKey> = engine
+        .key_space()
+        .chunk_spans(&tokens, None)?
+        .iter()
+        .map(|s| s.key)
+        .collect();
     let probe = sample_us(|| {
         let r = engine.manager().lookup(&keys)?;
         check_full(r.hit_chunks)
@@ -63,15 +76,18 @@ pub fn measure(policy: PolicyKind, seed: u64) -> Result<MicroResults> {
 }
 
 fn micro_engine(policy: PolicyKind) -> Result<Engine> {
-    let mut cfg = EngineConfig::default();
-    cfg.chunk_size = CHUNK_TOKENS;
-    cfg.max_local_cpu_size = 64 * MIB as u64;
-    cfg.cache_policy = policy;
-    // 64 MiB is too small for huge pages or prefaulting to matter.
-    cfg.local_cpu_huge_pages = false;
-    cfg.local_cpu_prefault = false;
+    let cfg = EngineConfig {
+        chunk_size: CHUNK_TOKENS,
+        max_local_cpu_size: 64 * MIB as u64,
+        cache_policy: policy,
+        // 64 MiB is too small for huge pages or prefaulting to matter.
+        local_cpu_huge_pages: false,
+        local_cpu_prefault: false,
+        ..EngineConfig::default()
+    };
     let layout = KvLayout::simple(1, 1, 8, Dtype::Bf16);
-    Engine::new(cfg, ModelIdentity::new("kvtier-bench-micro", layout)).context("building the micro-phase engine")
+    Engine::new(cfg, ModelIdentity::new("kvtier-bench-micro", layout))
+        .context("building the micro-phase engine")
 }
 
 /// A lookup that did not find the whole stored prompt means the engine lost chunks.

@@ -189,7 +189,8 @@ impl ModelShape {
 
 /// Builds the bench engine's config: file and environment first, then CLI flags.
 fn engine_config(args: &BenchArgs) -> Result<EngineConfig> {
-    let mut cfg = EngineConfig::load(args.config.as_deref()).context("loading the engine config")?;
+    let mut cfg =
+        EngineConfig::load(args.config.as_deref()).context("loading the engine config")?;
     let mut pairs: Vec<(&str, String)> = Vec::new();
     if let Some(cs) = args.chunk_size {
         pairs.push(("chunk_size", cs.to_string()));
@@ -306,7 +307,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         "source ring ready"
     );
     let baseline = baseline::measure(&ring, plan.chunk_bytes);
-    info!(memcpy_gbps = format!("{:.2}", baseline.memcpy_gbps), "memcpy baseline");
+    info!(
+        memcpy_gbps = format!("{:.2}", baseline.memcpy_gbps),
+        "memcpy baseline"
+    );
     let micro = micro::measure(cfg.cache_policy, plan.seed)?;
     info!(
         lookup_128k_p50_us = format!("{:.1}", micro.lookup_p50_us),
@@ -316,7 +320,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 
     let t_engine = Instant::now();
     let engine = Engine::new(cfg.clone(), shape.identity()).context("building the bench engine")?;
-    info!(secs = format!("{:.2}", t_engine.elapsed().as_secs_f64()), "engine ready (L1 prefaulted)");
+    info!(
+        secs = format!("{:.2}", t_engine.elapsed().as_secs_f64()),
+        "engine ready (L1 prefaulted)"
+    );
     let mut results = match plan.workload {
         WorkloadKind::LongDocQa => workload::long_doc_qa(&engine, &plan, &ring)?,
         WorkloadKind::Random => workload::random(&engine, &plan, &ring)?,
@@ -368,7 +375,12 @@ fn fill_micro(r: &mut ResultsSection, m: &micro::MicroResults) {
     r.probe_512_p99_us = m.probe_p99_us;
 }
 
-fn config_section(shape: &ModelShape, cfg: &EngineConfig, plan: &Plan, ring_bytes: usize) -> ConfigSection {
+fn config_section(
+    shape: &ModelShape,
+    cfg: &EngineConfig,
+    plan: &Plan,
+    ring_bytes: usize,
+) -> ConfigSection {
     ConfigSection {
         model: shape.name.clone(),
         layout: shape.layout().describe(),
@@ -424,7 +436,9 @@ mod tests {
 
     #[test]
     fn tp_must_divide_kv_heads() {
-        let e = ModelShape::resolve(&args(&["--tp", "3"])).unwrap_err().to_string();
+        let e = ModelShape::resolve(&args(&["--tp", "3"]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not divide"), "{e}");
         let shape = ModelShape::resolve(&args(&["--tp", "4"])).unwrap();
         assert_eq!((shape.kv_heads, shape.identity().world_size), (2, 4));

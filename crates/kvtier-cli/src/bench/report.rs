@@ -197,7 +197,13 @@ pub struct Report {
 impl Report {
     /// Computes the ratios from results and baseline.
     pub fn ratios(results: &ResultsSection, baseline: &BaselineSection) -> Ratios {
-        let rel = |x: f64| if baseline.memcpy_gbps > 0.0 { x / baseline.memcpy_gbps } else { 0.0 };
+        let rel = |x: f64| {
+            if baseline.memcpy_gbps > 0.0 {
+                x / baseline.memcpy_gbps
+            } else {
+                0.0
+            }
+        };
         Ratios {
             store: rel(results.store_gbps),
             retrieve: results.retrieve_gbps.map(rel),
@@ -222,12 +228,42 @@ impl Report {
         let r = &self.results;
         let mut rows = vec![
             ("workload".into(), self.workload.clone()),
-            ("model".into(), format!("{} ({}, tp {})", c.model, c.layout, c.tp)),
-            ("chunk".into(), format!("{} tokens, {}", c.chunk_size, human_bytes(c.chunk_bytes as u64))),
-            ("L1".into(), format!("{} ({})", human_bytes(c.l1_bytes), c.cache_policy)),
-            ("docs x tokens".into(), format!("{} x {} ({} each)", c.docs, c.doc_tokens, human_bytes(c.doc_bytes as u64))),
-            ("memcpy baseline".into(), format!("{:.2} GB/s", self.baseline.memcpy_gbps)),
-            ("store".into(), format!("{:.2} GB/s  ({:.2}x memcpy)", r.store_gbps, self.ratios.store)),
+            (
+                "model".into(),
+                format!("{} ({}, tp {})", c.model, c.layout, c.tp),
+            ),
+            (
+                "chunk".into(),
+                format!(
+                    "{} tokens, {}",
+                    c.chunk_size,
+                    human_bytes(c.chunk_bytes as u64)
+                ),
+            ),
+            (
+                "L1".into(),
+                format!("{} ({})", human_bytes(c.l1_bytes), c.cache_policy),
+            ),
+            (
+                "docs x tokens".into(),
+                format!(
+                    "{} x {} ({} each)",
+                    c.docs,
+                    c.doc_tokens,
+                    human_bytes(c.doc_bytes as u64)
+                ),
+            ),
+            (
+                "memcpy baseline".into(),
+                format!("{:.2} GB/s", self.baseline.memcpy_gbps),
+            ),
+            (
+                "store".into(),
+                format!(
+                    "{:.2} GB/s  ({:.2}x memcpy)",
+                    r.store_gbps, self.ratios.store
+                ),
+            ),
         ];
         if let (Some(g), Some(x)) = (r.retrieve_gbps, self.ratios.retrieve) {
             rows.push(("retrieve".into(), format!("{g:.2} GB/s  ({x:.2}x memcpy)")));
@@ -236,14 +272,32 @@ impl Report {
             rows.push(("store overhead vs memcpy".into(), format!("{o:.1} ms/GB")));
         }
         rows.extend([
-            ("lookup p50 / p99".into(), format!("{:.1} / {:.1} us", r.lookup_p50_us, r.lookup_p99_us)),
+            (
+                "lookup p50 / p99".into(),
+                format!("{:.1} / {:.1} us", r.lookup_p50_us, r.lookup_p99_us),
+            ),
             ("hit rate".into(), format!("{:.3}", r.hit_rate)),
             ("tier hits (chunks)".into(), format!("{:?}", r.tier_hits)),
-            ("evictions / write-backs".into(), format!("{} / {}", r.evictions, r.write_backs)),
-            ("restores / dropped chunks".into(), format!("{} / {}", r.restores, r.dropped_chunks)),
+            (
+                "evictions / write-backs".into(),
+                format!("{} / {}", r.evictions, r.write_backs),
+            ),
+            (
+                "restores / dropped chunks".into(),
+                format!("{} / {}", r.restores, r.dropped_chunks),
+            ),
             ("verified chunks".into(), r.verified_chunks.to_string()),
-            ("lookup 128K tok p50 / p99".into(), format!("{:.1} / {:.1} us", r.lookup_128k_p50_us, r.lookup_128k_p99_us)),
-            ("probe 512 keys p50 / p99".into(), format!("{:.1} / {:.1} us", r.probe_512_p50_us, r.probe_512_p99_us)),
+            (
+                "lookup 128K tok p50 / p99".into(),
+                format!(
+                    "{:.1} / {:.1} us",
+                    r.lookup_128k_p50_us, r.lookup_128k_p99_us
+                ),
+            ),
+            (
+                "probe 512 keys p50 / p99".into(),
+                format!("{:.1} / {:.1} us", r.probe_512_p50_us, r.probe_512_p99_us),
+            ),
             ("wall time".into(), format!("{:.1} s", self.wall_secs)),
         ]);
         rows

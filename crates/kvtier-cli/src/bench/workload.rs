@@ -86,13 +86,19 @@ impl<'a> Ctx<'a> {
     }
 
     fn random_tokens(&mut self) -> Vec<u32> {
-        (0..self.plan.doc_tokens).map(|_| self.rng.random_range(0..VOCAB)).collect()
+        (0..self.plan.doc_tokens)
+            .map(|_| self.rng.random_range(0..VOCAB))
+            .collect()
     }
 
     /// Bytes L1 has taken in so far (engine counter): what a store actually wrote, which
     /// excludes chunks already present and chunks dropped for lack of room.
     fn l1_stored_bytes(&self) -> u64 {
-        self.engine.stats().tiers.first().map_or(0, |t| t.stored_bytes)
+        self.engine
+            .stats()
+            .tiers
+            .first()
+            .map_or(0, |t| t.stored_bytes)
     }
 
     /// Composes document `doc`'s payload (untimed), then times `engine.store` alone.
@@ -106,7 +112,11 @@ impl<'a> Ctx<'a> {
         let bytes = self.l1_stored_bytes() - before;
         self.tally.store.add(bytes, dt);
         if rep.dropped_chunks > 0 {
-            warn!(doc, dropped = rep.dropped_chunks, "L1 had no room for part of a store");
+            warn!(
+                doc,
+                dropped = rep.dropped_chunks,
+                "L1 had no room for part of a store"
+            );
             self.tally.dropped_chunks += rep.dropped_chunks as u64;
         }
         Ok(bytes)
@@ -130,9 +140,16 @@ impl<'a> Ctx<'a> {
             let t0 = Instant::now();
             let got = self.engine.retrieve(tokens, None, &mut self.out)?;
             let dt = t0.elapsed();
-            self.tally.retrieve.add((got.hit_tokens * self.plan.bytes_per_token) as u64, dt);
+            self.tally
+                .retrieve
+                .add((got.hit_tokens * self.plan.bytes_per_token) as u64, dt);
             if got.hit_tokens < hit {
-                warn!(doc, lookup = hit, retrieved = got.hit_tokens, "retrieve found less than lookup");
+                warn!(
+                    doc,
+                    lookup = hit,
+                    retrieved = got.hit_tokens,
+                    "retrieve found less than lookup"
+                );
             }
             self.verify(doc, got.hit_tokens)?;
         }
@@ -168,7 +185,10 @@ impl<'a> Ctx<'a> {
     fn timed_memcpy(&mut self, bytes: usize) {
         let cb = self.plan.chunk_bytes;
         let t0 = Instant::now();
-        for (d, s) in self.out[..bytes].chunks_mut(cb).zip(self.payload[..bytes].chunks(cb)) {
+        for (d, s) in self.out[..bytes]
+            .chunks_mut(cb)
+            .zip(self.payload[..bytes].chunks(cb))
+        {
             d.copy_from_slice(s);
         }
         let dt = t0.elapsed();
@@ -179,7 +199,9 @@ impl<'a> Ctx<'a> {
 
 fn progress(len: usize, prefix: &'static str) -> ProgressBar {
     let pb = ProgressBar::new(len as u64).with_prefix(prefix);
-    if let Ok(style) = ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({elapsed})") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+    {
         pb.set_style(style.progress_chars("=> "));
     }
     pb
@@ -191,14 +213,20 @@ fn progress(len: usize, prefix: &'static str) -> ProgressBar {
 pub fn long_doc_qa(engine: &Engine, plan: &Plan, ring: &SourceRing) -> Result<ResultsSection> {
     let mut ctx = Ctx::new(engine, plan, ring);
     let docs: Vec<Vec<u32>> = (0..plan.docs).map(|_| ctx.random_tokens()).collect();
-    let chunked_tokens = engine.key_space().chunk_spans(&docs[0], None)?.last().map_or(0, |s| s.end);
+    let chunked_tokens = engine
+        .key_space()
+        .chunk_spans(&docs[0], None)?
+        .last()
+        .map_or(0, |s| s.end);
     let pb = progress(plan.docs + plan.total_queries(), "long-doc-qa");
     pb.set_message("storing");
     for (d, tokens) in docs.iter().enumerate() {
         ctx.store_doc(d as u64, tokens)?;
         pb.inc(1);
     }
-    let mut order: Vec<usize> = (0..plan.docs).flat_map(|d| std::iter::repeat_n(d, plan.queries_per_doc)).collect();
+    let mut order: Vec<usize> = (0..plan.docs)
+        .flat_map(|d| std::iter::repeat_n(d, plan.queries_per_doc))
+        .collect();
     order.shuffle(&mut ctx.rng);
     pb.set_message("querying");
     for d in order {
@@ -236,7 +264,11 @@ pub fn random(engine: &Engine, plan: &Plan, ring: &SourceRing) -> Result<Results
 
 /// Copies the engine's tier counters into the results.
 pub fn fill_engine_counters(r: &mut ResultsSection, stats: &EngineStats) {
-    r.tier_hits = stats.tiers.iter().map(|t| (t.name.clone(), t.hits)).collect();
+    r.tier_hits = stats
+        .tiers
+        .iter()
+        .map(|t| (t.name.clone(), t.hits))
+        .collect();
     r.write_backs = stats.tiers.iter().map(|t| t.write_backs).sum();
     r.evictions = stats.l1.evictions;
 }

@@ -124,7 +124,10 @@ pub struct LayerGroup {
 impl LayerGroup {
     /// Bytes one token occupies in one layer of this group.
     pub fn layer_bytes_per_token(&self) -> usize {
-        self.planes as usize * self.num_kv_heads as usize * self.head_dim as usize * self.dtype.size()
+        self.planes as usize
+            * self.num_kv_heads as usize
+            * self.head_dim as usize
+            * self.dtype.size()
     }
 
     /// Bytes one token occupies across all layers of this group.
@@ -257,8 +260,20 @@ mod tests {
     fn layer_ranges_tile_the_payload_across_groups() {
         let l = KvLayout {
             groups: vec![
-                LayerGroup { num_layers: 2, num_kv_heads: 2, head_dim: 4, dtype: Dtype::F16, planes: 2 },
-                LayerGroup { num_layers: 3, num_kv_heads: 1, head_dim: 8, dtype: Dtype::U8, planes: 1 },
+                LayerGroup {
+                    num_layers: 2,
+                    num_kv_heads: 2,
+                    head_dim: 4,
+                    dtype: Dtype::F16,
+                    planes: 2,
+                },
+                LayerGroup {
+                    num_layers: 3,
+                    num_kv_heads: 1,
+                    head_dim: 8,
+                    dtype: Dtype::U8,
+                    planes: 1,
+                },
             ],
             tag: LAYER_MAJOR.into(),
         };
@@ -280,6 +295,9 @@ mod tests {
             assert_eq!(Dtype::parse(d.name()).unwrap(), d);
         }
         assert_eq!(Dtype::parse("bfloat16").unwrap(), Dtype::Bf16);
-        assert!(Dtype::parse("int4").unwrap_err().to_string().contains("allowed"));
+        assert!(Dtype::parse("int4")
+            .unwrap_err()
+            .to_string()
+            .contains("allowed"));
     }
 }

@@ -49,29 +49,83 @@ impl ChunkInfo {
     }
 }
 
-/// Checksum of a payload (xxh3-64).
-pub fn checksum(payload: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(payload)
-}
-
-/// Block size for fused copy + checksum: small enough that the block is still in L2 when
-/// it is hashed right after being copied.
+/// Payloads are checksummed in segments of this size (see [`checksum`]).
+pub const CHECKSUM_SEGMENT: usize = 1 << 20;
+/// Payloads of at least this many bytes are copied and checksummed on the rayon pool.
+const PARALLEL_MIN: usize = 4 * CHECKSUM_SEGMENT;
+/// Sub-block of a segment for fused copy + checksum: small enough that it is still in the
+/// core's L2 cache when it is hashed right after being copied.
 const FUSED_BLOCK: usize = 256 * 1024;
 
-/// Copies `src` into `dst` (same length) and returns the checksum of the bytes, reading
-/// each block from cache rather than DRAM a second time.
-pub fn copy_with_checksum(dst: &mut [u8], src: &[u8]) -> u64 {
-    assert_eq!(dst.len(), src.len(), "copy_with_checksum: length mismatch");
-    if src.len() <= FUSED_BLOCK {
-        dst.copy_from_slice(src);
-        return checksum(dst);
+fn combine(digests: impl IntoIterator<Item = u64>) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for d in digests {
+        h.update(&d.to_le_bytes());
     }
+    h.digest()
+}
+
+/// Checksum of a payload: xxh3-64 of each 1 MiB segment, then xxh3-64 of those digests
+/// (little-endian u64s, in order). The two levels make it computable in parallel with a
+/// result independent of the thread count; an empty payload has no segments.
+pub fn checksum(payload: &[u8]) -> u64 {
+    use rayon::prelude::*;
+    if payload.len() >= PARALLEL_MIN {
+        let d: Vec<u64> = payload
+            .par_chunks(CHECKSUM_SEGMENT)
+            .map(xxhash_rust::xxh3::xxh3_64)
+            .collect();
+        combine(d)
+    } else {
+        combine(
+            payload
+                .chunks(CHECKSUM_SEGMENT)
+                .map(xxhash_rust::xxh3::xxh3_64),
+        )
+    }
+}
+
+fn copy_segment(dst: &mut [u8], src: &[u8]) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for (d, s) in dst.chunks_mut(FUSED_BLOCK).zip(src.chunks(FUSED_BLOCK)) {
         d.copy_from_slice(s);
         h.update(d);
     }
     h.digest()
+}
+
+/// Copies `src` into `dst` (same length) and returns [`checksum`] of the bytes, hashing
+/// each block while it is still in cache; large payloads use both memory paths (rayon).
+pub fn copy_with_checksum(dst: &mut [u8], src: &[u8]) -> u64 {
+    use rayon::prelude::*;
+    assert_eq!(dst.len(), src.len(), "copy_with_checksum: length mismatch");
+    if src.len() >= PARALLEL_MIN {
+        let d: Vec<u64> = dst
+            .par_chunks_mut(CHECKSUM_SEGMENT)
+            .zip(src.par_chunks(CHECKSUM_SEGMENT))
+            .map(|(d, s)| copy_segment(d, s))
+            .collect();
+        combine(d)
+    } else {
+        combine(
+            dst.chunks_mut(CHECKSUM_SEGMENT)
+                .zip(src.chunks(CHECKSUM_SEGMENT))
+                .map(|(d, s)| copy_segment(d, s)),
+        )
+    }
+}
+
+/// Copies `src` into `dst` (same length), in parallel for large payloads.
+pub fn copy_payload(dst: &mut [u8], src: &[u8]) {
+    use rayon::prelude::*;
+    assert_eq!(dst.len(), src.len(), "copy_payload: length mismatch");
+    if src.len() >= PARALLEL_MIN {
+        dst.par_chunks_mut(CHECKSUM_SEGMENT)
+            .zip(src.par_chunks(CHECKSUM_SEGMENT))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    } else {
+        dst.copy_from_slice(src);
+    }
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -88,12 +142,25 @@ mod tests {
 
     #[test]
     fn fused_copy_checksum_equals_plain_checksum() {
-        for len in [0usize, 1, 4095, FUSED_BLOCK, FUSED_BLOCK + 1, 3 * FUSED_BLOCK + 17] {
+        for len in [
+            0usize,
+            1,
+            4095,
+            FUSED_BLOCK,
+            FUSED_BLOCK + 1,
+            3 * FUSED_BLOCK + 17,
+        ] {
             let src: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
             let mut dst = vec![0u8; len];
             let sum = copy_with_checksum(&mut dst, &src);
             assert_eq!(dst, src);
             assert_eq!(sum, checksum(&src), "len {len}");
+            // Same value as the definition computed serially.
+            let serial = combine(src.chunks(CHECKSUM_SEGMENT).map(xxhash_rust::xxh3::xxh3_64));
+            assert_eq!(sum, serial, "len {len}");
+            let mut out = vec![0u8; len];
+            copy_payload(&mut out, &src);
+            assert_eq!(out, src);
         }
     }
 }

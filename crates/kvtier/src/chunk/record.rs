@@ -36,7 +36,8 @@ pub const MAX_HEADER_LEN: usize = 4096;
 const FIXED_LEN: usize = 72;
 
 fn put_str(out: &mut Vec<u8>, s: &str) -> Result<()> {
-    let len = u16::try_from(s.len()).map_err(|_| Error::invalid("record string longer than 65535 bytes"))?;
+    let len = u16::try_from(s.len())
+        .map_err(|_| Error::invalid("record string longer than 65535 bytes"))?;
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(s.as_bytes());
     Ok(())
@@ -61,7 +62,8 @@ pub fn encode_header(info: &ChunkInfo) -> Result<Vec<u8>> {
         out.extend_from_slice(&v.to_le_bytes());
     }
     put_str(&mut out, &id.layout.tag)?;
-    let groups = u16::try_from(id.layout.groups.len()).map_err(|_| Error::invalid("too many layer groups"))?;
+    let groups = u16::try_from(id.layout.groups.len())
+        .map_err(|_| Error::invalid("too many layer groups"))?;
     out.extend_from_slice(&groups.to_le_bytes());
     for g in &id.layout.groups {
         for v in [g.num_layers, g.num_kv_heads, g.head_dim] {
@@ -106,18 +108,25 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.take(2)?.try_into().expect("2 bytes"),
+        ))
     }
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn str(&mut self) -> Result<String> {
         let n = self.u16()? as usize;
         let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|_| Error::Corrupt("record string is not UTF-8".into()))
+        String::from_utf8(b.to_vec())
+            .map_err(|_| Error::Corrupt("record string is not UTF-8".into()))
     }
 }
 
@@ -128,7 +137,9 @@ pub fn peek_header_len(buf: &[u8]) -> Result<usize> {
     }
     let len = u32::from_le_bytes(buf[8..12].try_into().expect("4 bytes")) as usize;
     if !(FIXED_LEN + 8..=MAX_HEADER_LEN).contains(&len) {
-        return Err(Error::Corrupt(format!("record header length {len} out of range")));
+        return Err(Error::Corrupt(format!(
+            "record header length {len} out of range"
+        )));
     }
     Ok(len)
 }
@@ -144,7 +155,10 @@ pub fn decode_header(buf: &[u8]) -> Result<(ChunkInfo, usize)> {
     if xxhash_rust::xxh3::xxh3_64(&buf[..len - 8]) != stored {
         return Err(Error::Corrupt("record header checksum mismatch".into()));
     }
-    let mut r = Reader { buf: &buf[..len - 8], pos: 4 };
+    let mut r = Reader {
+        buf: &buf[..len - 8],
+        pos: 4,
+    };
     let version = r.u16()?;
     if version != FORMAT_VERSION {
         return Err(Error::Corrupt(format!(
@@ -167,7 +181,8 @@ pub fn decode_header(buf: &[u8]) -> Result<(ChunkInfo, usize)> {
     for _ in 0..n_groups {
         let (num_layers, num_kv_heads, head_dim) = (r.u32()?, r.u32()?, r.u32()?);
         let code = r.u8()?;
-        let dtype = Dtype::from_code(code).ok_or_else(|| Error::Corrupt(format!("unknown dtype code {code}")))?;
+        let dtype = Dtype::from_code(code)
+            .ok_or_else(|| Error::Corrupt(format!("unknown dtype code {code}")))?;
         let planes = u32::from(r.u8()?);
         groups.push(LayerGroup {
             num_layers,
@@ -187,7 +202,11 @@ pub fn decode_header(buf: &[u8]) -> Result<(ChunkInfo, usize)> {
     }
     let identity = ModelIdentity {
         model_name,
-        model_revision: if revision.is_empty() { None } else { Some(revision) },
+        model_revision: if revision.is_empty() {
+            None
+        } else {
+            Some(revision)
+        },
         layout: KvLayout { groups, tag },
         world_size,
         rank,
@@ -269,7 +288,10 @@ mod tests {
             for bit in 0..8 {
                 let mut bad = rec.clone();
                 bad[pos] ^= 1 << bit;
-                assert!(decode_record(&bad).is_err(), "flip at {pos}:{bit} undetected");
+                assert!(
+                    decode_record(&bad).is_err(),
+                    "flip at {pos}:{bit} undetected"
+                );
             }
         }
     }

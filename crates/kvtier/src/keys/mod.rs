@@ -165,9 +165,9 @@ pub fn normalize_salt(salt: Option<&str>) -> Result<Option<&str>> {
             "cache_salt is {} bytes; at most {MAX_SALT_LEN} are allowed",
             s.len()
         ))),
-        Some(s) if s.chars().any(char::is_control) => {
-            Err(Error::invalid("cache_salt must not contain control characters"))
-        }
+        Some(s) if s.chars().any(char::is_control) => Err(Error::invalid(
+            "cache_salt must not contain control characters",
+        )),
         Some(s) => Ok(Some(s)),
     }
 }
@@ -230,7 +230,11 @@ fn tokens_as_le_bytes(tokens: &[u32]) -> std::borrow::Cow<'_, [u8]> {
 
 impl KeySpace {
     /// A key space; `chunk_size` must be in 1..=1_048_576.
-    pub fn new(identity: ModelIdentity, chunk_size: usize, save_unfull_chunk: bool) -> Result<KeySpace> {
+    pub fn new(
+        identity: ModelIdentity,
+        chunk_size: usize,
+        save_unfull_chunk: bool,
+    ) -> Result<KeySpace> {
         identity.validate()?;
         if chunk_size == 0 || chunk_size > 1 << 20 {
             return Err(Error::invalid(format!(

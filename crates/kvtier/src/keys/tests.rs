@@ -21,7 +21,11 @@ fn tokens_of(v: &serde_json::Value) -> Vec<u32> {
         let (a, b) = (r[0].as_u64().unwrap() as u32, r[1].as_u64().unwrap() as u32);
         return (a..b).collect();
     }
-    v.as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -40,7 +44,11 @@ fn golden_vectors_match_the_published_file() {
             .collect();
         assert_eq!(got, v.keys, "vector `{}`", v.name);
         for k in &v.keys {
-            assert!(SPEC.contains(k.as_str()), "key {k} of `{}` is not in docs/key-spec.md", v.name);
+            assert!(
+                SPEC.contains(k.as_str()),
+                "key {k} of `{}` is not in docs/key-spec.md",
+                v.name
+            );
         }
     }
 }
@@ -63,9 +71,14 @@ fn space(salt_free_rank: u32) -> KeySpace {
 fn invalid_identities_and_salts_are_rejected() {
     let mut id = ModelIdentity::new("m", KvLayout::simple(2, 2, 4, Dtype::F16));
     id.rank = 1;
-    assert!(KeySpace::new(id, 4, false).unwrap_err().to_string().contains("rank"));
+    assert!(KeySpace::new(id, 4, false)
+        .unwrap_err()
+        .to_string()
+        .contains("rank"));
     let ks = space(0);
-    assert!(ks.chunk_spans(&[1, 2, 3, 4], Some(&"x".repeat(200))).is_err());
+    assert!(ks
+        .chunk_spans(&[1, 2, 3, 4], Some(&"x".repeat(200)))
+        .is_err());
     assert!(ks.chunk_spans(&[1, 2, 3, 4], Some("a\0b")).is_err());
     assert_eq!(
         ks.chunk_spans(&[1, 2, 3, 4], Some("")).unwrap(),

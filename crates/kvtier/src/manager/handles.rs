@@ -14,7 +14,11 @@ use crate::error::{Error, Result};
 use crate::keys::ChunkKey;
 use crate::tier::PutOutcome;
 
-fn wait_blocking<T: Send + 'static>(rx: oneshot::Receiver<T>, timeout: Option<Duration>, rt: &Handle) -> Result<T> {
+fn wait_blocking<T: Send + 'static>(
+    rx: oneshot::Receiver<T>,
+    timeout: Option<Duration>,
+    rt: &Handle,
+) -> Result<T> {
     let Some(d) = timeout else {
         return futures::executor::block_on(rx).map_err(|_| Error::Closed);
     };
@@ -70,7 +74,9 @@ impl GetHandle {
 impl Future for GetHandle {
     type Output = Result<Option<Chunk>>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.rx).poll(cx).map(|r| r.map_err(|_| Error::Closed))
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.map_err(|_| Error::Closed))
     }
 }
 
@@ -132,7 +138,9 @@ impl PrefetchHandle {
 impl Future for PrefetchHandle {
     type Output = Result<PrefetchResult>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.rx).poll(cx).map(|r| r.map_err(|_| Error::Closed))
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.map_err(|_| Error::Closed))
     }
 }
 

@@ -79,7 +79,10 @@ pub struct TierSpec {
 impl TierSpec {
     /// A tier whose hits are written back into L1.
     pub fn new(tier: Arc<dyn Tier>) -> TierSpec {
-        TierSpec { tier, write_back: true }
+        TierSpec {
+            tier,
+            write_back: true,
+        }
     }
 }
 
@@ -147,14 +150,15 @@ pub struct StorageManager {
 
 impl std::fmt::Debug for StorageManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StorageManager").field("tiers", &self.tier_names()).finish()
+        f.debug_struct("StorageManager")
+            .field("tiers", &self.tier_names())
+            .finish()
     }
 }
 
 /// Outcome of [`StorageManager::claim`].
 pub enum StoreClaim {
-    /// L1 already holds the key: its chunk is returned so lower tiers can be written
-    /// through without another copy.
+    /// L1 already holds the key (its chunk is returned; nothing needs storing).
     Present(Chunk),
     /// Another store of the key is under way.
     InFlight,
@@ -196,7 +200,9 @@ impl StorageManager {
             .map(|s| {
                 let name = s.tier.name().to_string();
                 if names.contains(&name) {
-                    return Err(Error::invalid(format!("two tiers are named `{name}`; tier names must be unique")));
+                    return Err(Error::invalid(format!(
+                        "two tiers are named `{name}`; tier names must be unique"
+                    )));
                 }
                 names.push(name.clone());
                 Ok(Slot {
@@ -245,7 +251,9 @@ impl StorageManager {
 
     /// The lower tier at index `i` (1-based: 1 is the tier after L1).
     pub fn tier(&self, i: usize) -> Option<&Arc<dyn Tier>> {
-        i.checked_sub(1).and_then(|j| self.inner.lower.get(j)).map(|s| &s.tier)
+        i.checked_sub(1)
+            .and_then(|j| self.inner.lower.get(j))
+            .map(|s| &s.tier)
     }
 
     /// Whether lower tier `i` (1-based) is currently marked down.
@@ -257,9 +265,17 @@ impl StorageManager {
 
     /// Usage of every tier, L1 first.
     pub fn usage(&self) -> Vec<(String, TierUsage)> {
-        std::iter::once((self.inner.l1.name().to_string(), Tier::usage(&*self.inner.l1)))
-            .chain(self.inner.lower.iter().map(|s| (s.name.clone(), s.tier.usage())))
-            .collect()
+        std::iter::once((
+            self.inner.l1.name().to_string(),
+            Tier::usage(&*self.inner.l1),
+        ))
+        .chain(
+            self.inner
+                .lower
+                .iter()
+                .map(|s| (s.name.clone(), s.tier.usage())),
+        )
+        .collect()
     }
 
     /// The metrics.
@@ -268,7 +284,10 @@ impl StorageManager {
     }
 
     /// Runs `fut` on the manager's runtime and waits for it from a synchronous caller.
-    pub(crate) fn run_sync<T: Send + 'static>(&self, fut: impl Future<Output = T> + Send + 'static) -> Result<T> {
+    pub(crate) fn run_sync<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.inner.handle.spawn(async move {
             let _ = tx.send(fut.await);
@@ -279,7 +298,11 @@ impl StorageManager {
     /// Prefix lookup over all tiers (C2).
     pub fn lookup(&self, keys: &[ChunkKey]) -> Result<PrefixLookup> {
         let inner = &self.inner;
-        let l1_hits = if inner.l1_enabled { inner.l1.prefix_len(keys) } else { 0 };
+        let l1_hits = if inner.l1_enabled {
+            inner.l1.prefix_len(keys)
+        } else {
+            0
+        };
         if l1_hits == keys.len() || inner.lower.is_empty() {
             return Ok(PrefixLookup {
                 hit_chunks: l1_hits,
@@ -333,7 +356,11 @@ impl StorageManager {
             let len = chunk.buf.len() as u64;
             if self.inner.l1.insert(chunk.clone()) == PutOutcome::Stored {
                 let l = Metrics::tier(self.inner.l1.name());
-                self.inner.metrics.stored_bytes.get_or_create(&l).inc_by(len);
+                self.inner
+                    .metrics
+                    .stored_bytes
+                    .get_or_create(&l)
+                    .inc_by(len);
                 self.inner.metrics.stored_chunks.get_or_create(&l).inc();
             }
         }
@@ -357,7 +384,13 @@ impl StorageManager {
         let deadline = std::time::Instant::now() + timeout;
         let mut count = self.inner.pending.count.lock();
         while *count > 0 {
-            if self.inner.pending.idle.wait_until(&mut count, deadline).timed_out() {
+            if self
+                .inner
+                .pending
+                .idle
+                .wait_until(&mut count, deadline)
+                .timed_out()
+            {
                 return *count == 0;
             }
         }
@@ -372,7 +405,9 @@ impl StorageManager {
             n += self.run_sync(async move {
                 let mut n = 0;
                 for s in &inner.lower {
-                    if let Ok(Ok(true)) = tokio::time::timeout(inner.opts.store_deadline, s.tier.remove(key)).await {
+                    if let Ok(Ok(true)) =
+                        tokio::time::timeout(inner.opts.store_deadline, s.tier.remove(key)).await
+                    {
                         n += 1;
                     }
                 }
@@ -389,7 +424,8 @@ impl StorageManager {
         out.extend(self.run_sync(async move {
             let mut v = Vec::new();
             for s in &inner.lower {
-                let n = match tokio::time::timeout(inner.opts.store_deadline, s.tier.clear()).await {
+                let n = match tokio::time::timeout(inner.opts.store_deadline, s.tier.clear()).await
+                {
                     Ok(Ok(n)) => n,
                     _ => 0,
                 };
@@ -409,7 +445,12 @@ impl StorageManager {
             let n = Tier::remove_salt(&*inner.l1, &salt).await.unwrap_or(0);
             v.push((inner.l1.name().to_string(), n));
             for s in &inner.lower {
-                let n = match tokio::time::timeout(inner.opts.store_deadline, s.tier.remove_salt(&salt)).await {
+                let n = match tokio::time::timeout(
+                    inner.opts.store_deadline,
+                    s.tier.remove_salt(&salt),
+                )
+                .await
+                {
                     Ok(Ok(n)) => n,
                     _ => 0,
                 };
@@ -439,12 +480,17 @@ impl Inner {
     /// L1 right after a disk segment still counts), until a full pass adds nothing. A tier
     /// is never asked twice at the same position. Returns the tier index of each chunk and,
     /// when `take_l1` is set, handles on the L1 chunks (which keeps them from eviction).
-    pub(crate) async fn plan_prefix(&self, keys: &[ChunkKey], take_l1: bool) -> (Vec<usize>, Vec<Option<Chunk>>) {
+    pub(crate) async fn plan_prefix(
+        &self,
+        keys: &[ChunkKey],
+        take_l1: bool,
+    ) -> (Vec<usize>, Vec<Option<Chunk>>) {
         let mut tiers: Vec<usize> = Vec::with_capacity(keys.len());
         let mut handles: Vec<Option<Chunk>> = Vec::new();
         let mut asked_at = vec![usize::MAX; self.lower.len() + 1];
         loop {
             let start = tiers.len();
+            #[allow(clippy::needless_range_loop)] // t also names the tier (0 = L1)
             for t in 0..=self.lower.len() {
                 let n = tiers.len();
                 if n == keys.len() {
@@ -472,8 +518,14 @@ impl Inner {
                     if !slot.health.available() {
                         continue;
                     }
-                    let r = tokio::time::timeout(self.opts.read_deadline, slot.tier.contains_prefix(&keys[n..])).await;
-                    self.settle(slot, "contains", r).unwrap_or(0).min(keys.len() - n)
+                    let r = tokio::time::timeout(
+                        self.opts.read_deadline,
+                        slot.tier.contains_prefix(&keys[n..]),
+                    )
+                    .await;
+                    self.settle(slot, "contains", r)
+                        .unwrap_or(0)
+                        .min(keys.len() - n)
                 };
                 tiers.extend(std::iter::repeat_n(t, m));
             }
@@ -507,13 +559,20 @@ impl Inner {
             }
             Ok(Err(e)) => {
                 tracing::debug!(tier = %slot.name, op, error = %e, "tier operation failed");
-                self.metrics.tier_errors.get_or_create(&Metrics::tier_op(&slot.name, op)).inc();
+                self.metrics
+                    .tier_errors
+                    .get_or_create(&Metrics::tier_op(&slot.name, op))
+                    .inc();
                 slot.health.failure(false, &e.to_string());
                 None
             }
             Err(_) => {
-                self.metrics.tier_timeouts.get_or_create(&Metrics::tier_op(&slot.name, op)).inc();
-                slot.health.failure(true, &format!("{op} exceeded its deadline"));
+                self.metrics
+                    .tier_timeouts
+                    .get_or_create(&Metrics::tier_op(&slot.name, op))
+                    .inc();
+                slot.health
+                    .failure(true, &format!("{op} exceeded its deadline"));
                 None
             }
         }

@@ -37,13 +37,19 @@ impl Inner {
         }
         let r = tokio::time::timeout(self.opts.read_deadline, slot.tier.get(key, &*self.l1)).await;
         let chunk = self.settle(slot, "get", r)??;
-        if chunk.info.key != key || (!slot.tier.verifies_reads() && chunk.info.verify(chunk.payload()).is_err()) {
+        if chunk.info.key != key
+            || (!slot.tier.verifies_reads() && chunk.info.verify(chunk.payload()).is_err())
+        {
             tracing::warn!(tier = %slot.name, key = %key, "checksum mismatch on read: treated as a miss, copy removed");
-            self.metrics.checksum_failures.get_or_create(&Metrics::tier(&slot.name)).inc();
+            self.metrics
+                .checksum_failures
+                .get_or_create(&Metrics::tier(&slot.name))
+                .inc();
             let inner = self.clone();
             self.handle.spawn(async move {
                 let slot = &inner.lower[i];
-                let _ = tokio::time::timeout(inner.opts.store_deadline, slot.tier.remove(key)).await;
+                let _ =
+                    tokio::time::timeout(inner.opts.store_deadline, slot.tier.remove(key)).await;
             });
             return None;
         }
@@ -68,7 +74,10 @@ impl Inner {
         }
         let promoted = self.l1.insert(chunk.clone()) == PutOutcome::Stored;
         if promoted {
-            self.metrics.write_backs.get_or_create(&Metrics::tier(self.tier_name(t))).inc();
+            self.metrics
+                .write_backs
+                .get_or_create(&Metrics::tier(self.tier_name(t)))
+                .inc();
         }
         promoted
     }
@@ -112,7 +121,10 @@ impl Inner {
             .await;
         // Keep the contiguous prefix only; everything after the first failure is released
         // here, before any write-back (C4).
-        let valid = loaded.iter().position(Option::is_none).unwrap_or(loaded.len());
+        let valid = loaded
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(loaded.len());
         let failed_chunks = loaded.len() - valid;
         let chunks: Vec<Chunk> = loaded.into_iter().take(valid).flatten().collect();
         for (c, &t) in chunks.iter().zip(&tiers) {

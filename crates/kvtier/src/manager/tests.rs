@@ -28,7 +28,10 @@ fn byte_of(k: &ChunkKey) -> u8 {
 
 fn origin() -> Arc<Origin> {
     Arc::new(Origin {
-        identity: Arc::new(ModelIdentity::new("m", KvLayout::simple(1, 1, 8, Dtype::U8))),
+        identity: Arc::new(ModelIdentity::new(
+            "m",
+            KvLayout::simple(1, 1, 8, Dtype::U8),
+        )),
         cache_salt: None,
     })
 }
@@ -59,7 +62,11 @@ fn chunk_in(t: &CpuTier, i: usize) -> Chunk {
 
 fn check(c: &Chunk) {
     let b = byte_of(&c.info.key);
-    assert!(c.payload().iter().all(|&x| x == b), "wrong bytes for {:?}", c.info.key);
+    assert!(
+        c.payload().iter().all(|&x| x == b),
+        "wrong bytes for {:?}",
+        c.info.key
+    );
 }
 
 struct Rig {
@@ -95,7 +102,14 @@ fn rig_with(n_lower: usize, l1_enabled: bool, write_back: &[bool], read_deadline
         },
         ..ManagerOptions::default()
     };
-    let m = StorageManager::new(l1.clone(), l1_enabled, specs, opts, Arc::new(Metrics::new())).unwrap();
+    let m = StorageManager::new(
+        l1.clone(),
+        l1_enabled,
+        specs,
+        opts,
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
     Rig { m, l1, lower }
 }
 
@@ -148,14 +162,25 @@ fn blocking_get_writes_back_lower_hits_only() {
     assert!(r.l1.contains(&key(1)), "hit in tier 1 promoted into L1");
     let c = r.m.get(key(2)).unwrap().unwrap();
     check(&c);
-    assert!(!r.l1.contains(&key(2)), "tier marked write_back=false is not promoted");
+    assert!(
+        !r.l1.contains(&key(2)),
+        "tier marked write_back=false is not promoted"
+    );
     let before = r.l1.stats().chunks;
     r.m.get(key(3)).unwrap().unwrap();
-    assert_eq!(r.l1.stats().chunks, before, "an L1 hit is not written again");
+    assert_eq!(
+        r.l1.stats().chunks,
+        before,
+        "an L1 hit is not written again"
+    );
     assert!(r.m.get(key(99)).unwrap().is_none());
     // Nothing is ever written into a lower tier by a read.
     assert!(!r.lower[1].0.contains(&key(1)));
-    let wb = r.m.metrics().write_backs.get_or_create(&Metrics::tier("t1")).get();
+    let wb =
+        r.m.metrics()
+            .write_backs
+            .get_or_create(&Metrics::tier("t1"))
+            .get();
     assert_eq!(wb, 1);
 }
 
@@ -186,9 +211,10 @@ fn batched_get_writes_back_only_when_every_key_hit() {
 fn non_blocking_get_writes_back_when_it_completes() {
     let r = rig(1);
     place(&r, 1, 5);
-    r.lower[0]
-        .1
-        .add_rule(FaultRule::always(FaultOp::Get, Fault::Stall(Duration::from_millis(100))));
+    r.lower[0].1.add_rule(FaultRule::always(
+        FaultOp::Get,
+        Fault::Stall(Duration::from_millis(100)),
+    ));
     let h = r.m.get_async(key(5));
     assert!(!r.l1.contains(&key(5)), "not promoted before it completes");
     let c = h.wait().unwrap().unwrap();
@@ -196,7 +222,9 @@ fn non_blocking_get_writes_back_when_it_completes() {
     assert!(r.l1.contains(&key(5)), "promoted once the future completed");
     // Awaiting from async code works too.
     place(&r, 1, 6);
-    let c = futures::executor::block_on(r.m.get_async(key(6))).unwrap().unwrap();
+    let c = futures::executor::block_on(r.m.get_async(key(6)))
+        .unwrap()
+        .unwrap();
     check(&c);
     assert!(r.l1.contains(&key(6)));
 }
@@ -215,7 +243,9 @@ fn prefetch_truncates_at_the_first_failure_and_caches_nothing_beyond() {
         place(&r, 2, i);
     }
     // Tier 1 delivers only chunk 3: chunk 4 fails, so 5 and 6 (tier 2) are released.
-    r.lower[0].1.add_rule(FaultRule::always(FaultOp::Get, Fault::Fail).for_keys([key(4)]));
+    r.lower[0]
+        .1
+        .add_rule(FaultRule::always(FaultOp::Get, Fault::Fail).for_keys([key(4)]));
     let res = r.m.prefetch(keys(7)).wait().unwrap();
     assert_eq!(res.len(), 4);
     assert_eq!(res.tiers, vec![0, 0, 0, 1]);
@@ -223,7 +253,10 @@ fn prefetch_truncates_at_the_first_failure_and_caches_nothing_beyond() {
     res.chunks.iter().for_each(check);
     assert!(r.l1.contains(&key(3)), "validated prefix written back");
     for i in 4..7 {
-        assert!(!r.l1.contains(&key(i)), "chunk {i} beyond the gap must not be cached");
+        assert!(
+            !r.l1.contains(&key(i)),
+            "chunk {i} beyond the gap must not be cached"
+        );
     }
     drop(res);
     assert_eq!(r.l1.stats().in_use, 0, "released chunks hold no references");
@@ -239,17 +272,26 @@ fn prefetch_truncates_at_the_first_failure_and_caches_nothing_beyond() {
 fn a_stalled_tier_turns_into_misses_within_the_deadline_and_recovers() {
     let r = rig_with(1, true, &[], 100);
     place(&r, 1, 0);
-    r.lower[0]
-        .1
-        .add_rule(FaultRule::always(FaultOp::Any, Fault::Stall(Duration::from_secs(3))));
+    r.lower[0].1.add_rule(FaultRule::always(
+        FaultOp::Any,
+        Fault::Stall(Duration::from_secs(3)),
+    ));
     let t0 = Instant::now();
     assert_eq!(r.m.lookup(&keys(1)).unwrap().hit_chunks, 0);
     assert!(r.m.get(key(0)).unwrap().is_none());
     let res = r.m.prefetch(keys(1)).wait().unwrap();
     assert!(res.is_empty());
-    assert!(t0.elapsed() < Duration::from_millis(1500), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "took {:?}",
+        t0.elapsed()
+    );
     assert!(r.m.tier_is_down(1));
-    let timeouts = r.m.metrics().tier_timeouts.get_or_create(&Metrics::tier_op("t1", "contains")).get();
+    let timeouts =
+        r.m.metrics()
+            .tier_timeouts
+            .get_or_create(&Metrics::tier_op("t1", "contains"))
+            .get();
     assert!(timeouts >= 1);
     // While down, the tier is skipped at once.
     let t1 = Instant::now();
@@ -267,20 +309,31 @@ fn corrupt_reads_are_misses_counted_and_removed() {
     let r = rig(2);
     place(&r, 1, 0);
     place(&r, 2, 0);
-    r.lower[0].1.add_rule(FaultRule::always(FaultOp::Get, Fault::Corrupt).times(1));
+    r.lower[0]
+        .1
+        .add_rule(FaultRule::always(FaultOp::Get, Fault::Corrupt).times(1));
     // Tier 1's copy is corrupt: a miss there; the good copy in tier 2 is returned.
     let c = r.m.get(key(0)).unwrap().unwrap();
     check(&c);
-    let fails = r.m.metrics().checksum_failures.get_or_create(&Metrics::tier("t1")).get();
+    let fails =
+        r.m.metrics()
+            .checksum_failures
+            .get_or_create(&Metrics::tier("t1"))
+            .get();
     assert_eq!(fails, 1);
     std::thread::sleep(Duration::from_millis(50));
-    assert!(!r.lower[0].0.contains(&key(0)), "bad copy removed from its tier");
+    assert!(
+        !r.lower[0].0.contains(&key(0)),
+        "bad copy removed from its tier"
+    );
 }
 
 #[test]
 fn commit_writes_through_and_dedupes_in_flight_keys() {
     let r = rig(2);
-    let StoreClaim::New(claim) = r.m.claim(key(1)) else { panic!("fresh key") };
+    let StoreClaim::New(claim) = r.m.claim(key(1)) else {
+        panic!("fresh key")
+    };
     assert!(matches!(r.m.claim(key(1)), StoreClaim::InFlight));
     let ticket = r.m.commit(claim, chunk_in(&r.l1, 1));
     let outcomes = ticket.wait();
@@ -289,8 +342,12 @@ fn commit_writes_through_and_dedupes_in_flight_keys() {
     assert!(r.lower[0].0.contains(&key(1)) && r.lower[1].0.contains(&key(1)));
     assert!(matches!(r.m.claim(key(1)), StoreClaim::Present(_)));
     // A failing lower tier does not fail the store, and is reported in the ticket.
-    r.lower[1].1.add_rule(FaultRule::always(FaultOp::Put, Fault::Fail));
-    let StoreClaim::New(claim) = r.m.claim(key(2)) else { panic!() };
+    r.lower[1]
+        .1
+        .add_rule(FaultRule::always(FaultOp::Put, Fault::Fail));
+    let StoreClaim::New(claim) = r.m.claim(key(2)) else {
+        panic!()
+    };
     let outcomes = r.m.commit(claim, chunk_in(&r.l1, 2)).wait();
     assert!(outcomes.iter().any(|o| o.tier == 2 && o.result.is_err()));
     assert!(r.m.flush(Duration::from_secs(2)));
@@ -382,10 +439,10 @@ proptest! {
         }).unwrap_or(n);
         prop_assert_eq!(res.len(), expected, "placement {:?} fates {:?}", placement, &fates[..n]);
         // Written back: the prefix; beyond it nothing new is cached.
-        for i in 0..n {
+        for (i, was) in before.iter().enumerate() {
             let now = r.l1.contains(&key(i));
             if i < res.len() { prop_assert!(now, "prefix chunk {} not in L1", i); }
-            else { prop_assert_eq!(now, before[i], "chunk {} beyond the prefix changed in L1", i); }
+            else { prop_assert_eq!(now, *was, "chunk {} beyond the prefix changed in L1", i); }
         }
         drop(res);
         let s = r.l1.stats();

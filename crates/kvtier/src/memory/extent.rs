@@ -123,7 +123,11 @@ impl ExtentAllocator {
         let mut cursor = 0u64;
         // Pinned extents split the region into windows; movable ones fill each window from
         // its start. `next_fixed` is the start of the next immovable extent.
-        let fixed: Vec<(u64, u64)> = extents.iter().copied().filter(|&(o, _)| !movable(o)).collect();
+        let fixed: Vec<(u64, u64)> = extents
+            .iter()
+            .copied()
+            .filter(|&(o, _)| !movable(o))
+            .collect();
         let mut fixed_iter = fixed.iter().peekable();
         for &(off, cap) in &extents {
             if fixed.binary_search(&(off, cap)).is_ok() {
@@ -234,7 +238,9 @@ mod tests {
         let pinned = 9 * PAGE;
         let moves = a.compact(|o| o != pinned);
         a.check().unwrap();
-        assert!(moves.iter().all(|&(from, to, _)| to < from && from != pinned));
+        assert!(moves
+            .iter()
+            .all(|&(from, to, _)| to < from && from != pinned));
         assert_eq!(a.largest_free(), 5 * PAGE);
     }
 

@@ -92,7 +92,9 @@ pub struct Pool {
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pool").field("capacity", &self.inner.capacity).finish()
+        f.debug_struct("Pool")
+            .field("capacity", &self.inner.capacity)
+            .finish()
     }
 }
 
@@ -106,7 +108,8 @@ impl Pool {
                 opts.bytes
             )));
         }
-        let len = usize::try_from(capacity).map_err(|_| Error::invalid("pool size exceeds the address space"))?;
+        let len = usize::try_from(capacity)
+            .map_err(|_| Error::invalid("pool size exceeds the address space"))?;
         let (map, fd) = match &opts.backing {
             PoolBacking::Anonymous => {
                 let mut o = MmapOptions::new();
@@ -114,18 +117,27 @@ impl Pool {
                 if opts.prefault && !opts.huge_pages {
                     o.populate();
                 }
-                (o.map_anon().map_err(|e| Error::io(format!("mapping a {len}-byte memory pool"), e))?, None)
+                (
+                    o.map_anon()
+                        .map_err(|e| Error::io(format!("mapping a {len}-byte memory pool"), e))?,
+                    None,
+                )
             }
             PoolBacking::Memfd => {
                 // SAFETY: memfd_create with a static NUL-terminated name.
-                let fd: RawFd = unsafe { libc::memfd_create(c"kvtier-pool".as_ptr(), libc::MFD_CLOEXEC) };
+                let fd: RawFd =
+                    unsafe { libc::memfd_create(c"kvtier-pool".as_ptr(), libc::MFD_CLOEXEC) };
                 if fd < 0 {
-                    return Err(Error::io("memfd_create for the memory pool", std::io::Error::last_os_error()));
+                    return Err(Error::io(
+                        "memfd_create for the memory pool",
+                        std::io::Error::last_os_error(),
+                    ));
                 }
                 // SAFETY: fd is a fresh descriptor we own.
                 let file = unsafe { File::from_raw_fd(fd) };
-                file.set_len(capacity)
-                    .map_err(|e| Error::io(format!("sizing the memfd pool to {capacity} bytes"), e))?;
+                file.set_len(capacity).map_err(|e| {
+                    Error::io(format!("sizing the memfd pool to {capacity} bytes"), e)
+                })?;
                 // SAFETY: the memfd is private to us until we share it; its size is fixed.
                 let map = unsafe { MmapOptions::new().len(len).map_mut(&file) }
                     .map_err(|e| Error::io("mapping the memfd pool", e))?;
@@ -231,7 +243,9 @@ impl Pool {
         let mut a = self.inner.alloc.lock();
         let moves = a.compact(|o| by_offset.contains_key(&o));
         for &(from, to, cap) in &moves {
-            let buf = by_offset.remove(&from).expect("planned move of a movable buffer");
+            let buf = by_offset
+                .remove(&from)
+                .expect("planned move of a movable buffer");
             // SAFETY: both ranges are inside the mapping; the source extent is exclusively
             // ours (sole holder, under the tier lock) and the target range was free or
             // belonged to extents already moved out of it; `copy` handles the overlap.
@@ -258,7 +272,11 @@ struct Extent {
 impl Extent {
     fn ptr(&self) -> *mut u8 {
         // SAFETY: offset + cap <= capacity by construction of the allocator.
-        unsafe { self.pool.base.add(self.offset.load(Ordering::Acquire) as usize) }
+        unsafe {
+            self.pool
+                .base
+                .add(self.offset.load(Ordering::Acquire) as usize)
+        }
     }
 }
 
@@ -327,7 +345,9 @@ impl WritableBuf {
 
     /// Freezes the contents and makes the buffer shareable.
     pub fn seal(self) -> ChunkBuf {
-        ChunkBuf { ext: Arc::new(self.ext) }
+        ChunkBuf {
+            ext: Arc::new(self.ext),
+        }
     }
 }
 
@@ -455,7 +475,12 @@ mod tests {
             })
             .collect();
         // Free every other buffer: 4 pages free but no two adjacent.
-        let kept: Vec<ChunkBuf> = bufs.drain(..).enumerate().filter(|(i, _)| i % 2 == 1).map(|x| x.1).collect();
+        let kept: Vec<ChunkBuf> = bufs
+            .drain(..)
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 1)
+            .map(|x| x.1)
+            .collect();
         assert_eq!(pool.stats().largest_free, 4096);
         let refs: Vec<&ChunkBuf> = kept.iter().collect();
         pool.compact(&refs);

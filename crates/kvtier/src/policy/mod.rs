@@ -69,10 +69,17 @@ impl fmt::Display for PolicyKind {
 impl FromStr for PolicyKind {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self, Error> {
-        match s.trim().to_ascii_lowercase().replace(['-', '_'], "").as_str() {
+        match s
+            .trim()
+            .to_ascii_lowercase()
+            .replace(['-', '_'], "")
+            .as_str()
+        {
             "lru" => Ok(PolicyKind::Lru),
             "s3fifo" => Ok(PolicyKind::S3Fifo),
-            _ => Err(Error::invalid(format!("unknown cache policy `{s}`; allowed: lru, s3fifo"))),
+            _ => Err(Error::invalid(format!(
+                "unknown cache policy `{s}`; allowed: lru, s3fifo"
+            ))),
         }
     }
 }
@@ -107,14 +114,15 @@ mod tests {
         // A hot working set touched repeatedly survives a long scan of one-hit keys.
         let mut p = PolicyKind::S3Fifo.build(100 * 10);
         let mut resident: HashSet<ChunkKey> = HashSet::new();
-        let mut admit = |p: &mut Box<dyn EvictionPolicy>, resident: &mut HashSet<ChunkKey>, key: ChunkKey| {
-            while resident.len() >= 100 {
-                let v = p.evict(&mut |_| true).unwrap();
-                resident.remove(&v);
-            }
-            p.insert(key, 10);
-            resident.insert(key);
-        };
+        let admit =
+            |p: &mut Box<dyn EvictionPolicy>, resident: &mut HashSet<ChunkKey>, key: ChunkKey| {
+                while resident.len() >= 100 {
+                    let v = p.evict(&mut |_| true).unwrap();
+                    resident.remove(&v);
+                }
+                p.insert(key, 10);
+                resident.insert(key);
+            };
         let hot: Vec<ChunkKey> = (0..50u8).map(k).collect();
         for &h in &hot {
             admit(&mut p, &mut resident, h);
@@ -131,7 +139,10 @@ mod tests {
             }
         }
         let survived = hot.iter().filter(|h| resident.contains(h)).count();
-        assert!(survived >= 45, "only {survived} of 50 hot keys survived the scan");
+        assert!(
+            survived >= 45,
+            "only {survived} of 50 hot keys survived the scan"
+        );
     }
 
     proptest! {

@@ -94,7 +94,11 @@ impl EvictionPolicy for S3Fifo {
             self.touch(&key);
             return;
         }
-        let queue = if self.ghost.remove(&key).is_some() { Queue::Main } else { Queue::Small };
+        let queue = if self.ghost.remove(&key).is_some() {
+            Queue::Main
+        } else {
+            Queue::Small
+        };
         self.entries.insert(
             key,
             Entry {
@@ -111,8 +115,10 @@ impl EvictionPolicy for S3Fifo {
         // The queues hold stale entries after removals; rebuild them when they grow too large.
         if self.small.len() + self.main.len() > 4 * self.entries.len() + 64 {
             let entries = &self.entries;
-            self.small.retain(|(k, s)| entries.get(k).is_some_and(|e| e.seq == *s));
-            self.main.retain(|(k, s)| entries.get(k).is_some_and(|e| e.seq == *s));
+            self.small
+                .retain(|(k, s)| entries.get(k).is_some_and(|e| e.seq == *s));
+            self.main
+                .retain(|(k, s)| entries.get(k).is_some_and(|e| e.seq == *s));
         }
     }
 
@@ -142,9 +148,15 @@ impl EvictionPolicy for S3Fifo {
             }
             let from_small =
                 !small_blocked && (main_blocked || self.small_bytes * 10 >= self.capacity);
-            let popped = if from_small { self.small.pop_front() } else { self.main.pop_front() };
-            let Some((key, seq)) = popped else { return None };
-            let Some(e) = self.entries.get(&key) else { continue };
+            let popped = if from_small {
+                self.small.pop_front()
+            } else {
+                self.main.pop_front()
+            };
+            let (key, seq) = popped?;
+            let Some(e) = self.entries.get(&key) else {
+                continue;
+            };
             if e.seq != seq {
                 continue; // stale queue slot
             }

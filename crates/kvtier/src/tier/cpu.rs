@@ -117,7 +117,10 @@ pub struct CpuTier {
 
 impl std::fmt::Debug for CpuTier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CpuTier").field("name", &self.name).field("pool", &self.pool).finish()
+        f.debug_struct("CpuTier")
+            .field("name", &self.name)
+            .field("pool", &self.pool)
+            .finish()
     }
 }
 
@@ -157,12 +160,19 @@ impl CpuTier {
 
     fn evict_one(&self, st: &mut State) -> Option<u64> {
         let now = Instant::now();
-        let State { index, policy, bytes, .. } = st;
+        let State {
+            index,
+            policy,
+            bytes,
+            ..
+        } = st;
         let victim = policy.evict(&mut |k| index.get(k).is_none_or(|e| e.evictable(now)))?;
         let freed = index.remove(&victim).map_or(0, |e| e.chunk.buf.capacity());
         *bytes -= freed;
         self.counters.evictions.fetch_add(1, Ordering::Relaxed);
-        self.counters.evicted_bytes.fetch_add(freed, Ordering::Relaxed);
+        self.counters
+            .evicted_bytes
+            .fetch_add(freed, Ordering::Relaxed);
         Some(freed)
     }
 
@@ -236,7 +246,13 @@ impl CpuTier {
         let cap = chunk.buf.capacity();
         st.policy.insert(key, cap);
         st.bytes += cap;
-        st.index.insert(key, Entry { chunk, pins: Vec::new() });
+        st.index.insert(
+            key,
+            Entry {
+                chunk,
+                pins: Vec::new(),
+            },
+        );
         PutOutcome::Stored
     }
 
@@ -273,7 +289,9 @@ impl CpuTier {
     /// Handles on the leading resident chunks of `keys`.
     pub fn lookup_prefix(&self, keys: &[ChunkKey]) -> Vec<Chunk> {
         let st = self.state.lock();
-        keys.iter().map_while(|k| st.index.get(k).map(|e| e.chunk.clone())).collect()
+        keys.iter()
+            .map_while(|k| st.index.get(k).map(|e| e.chunk.clone()))
+            .collect()
     }
 
     /// Marks `keys` used, last key first, so a prompt's head ends up most recent and its tail
@@ -326,7 +344,12 @@ impl CpuTier {
 
     fn remove_where(&self, mut pred: impl FnMut(&Entry) -> bool) -> u64 {
         let mut st = self.state.lock();
-        let keys: Vec<ChunkKey> = st.index.iter().filter(|(_, e)| pred(e)).map(|(k, _)| *k).collect();
+        let keys: Vec<ChunkKey> = st
+            .index
+            .iter()
+            .filter(|(_, e)| pred(e))
+            .map(|(k, _)| *k)
+            .collect();
         for k in &keys {
             if let Some(e) = st.index.remove(k) {
                 st.bytes -= e.chunk.buf.capacity();
@@ -388,7 +411,11 @@ impl Tier for CpuTier {
         Box::pin(ready(Ok(self.prefix_len(keys))))
     }
 
-    fn get<'a>(&'a self, key: ChunkKey, _bufs: &'a dyn BufferSource) -> TierFuture<'a, Option<Chunk>> {
+    fn get<'a>(
+        &'a self,
+        key: ChunkKey,
+        _bufs: &'a dyn BufferSource,
+    ) -> TierFuture<'a, Option<Chunk>> {
         Box::pin(ready(Ok(self.lookup(&key))))
     }
 
@@ -405,9 +432,9 @@ impl Tier for CpuTier {
     }
 
     fn remove_salt<'a>(&'a self, salt: &'a str) -> TierFuture<'a, u64> {
-        Box::pin(ready(Ok(
-            self.remove_where(|e| e.chunk.info.origin.cache_salt.as_deref() == Some(salt))
-        )))
+        Box::pin(ready(Ok(self.remove_where(|e| {
+            e.chunk.info.origin.cache_salt.as_deref() == Some(salt)
+        }))))
     }
 
     fn usage(&self) -> TierUsage {

@@ -186,7 +186,11 @@ impl Tier for FaultTier {
         })
     }
 
-    fn get<'a>(&'a self, key: ChunkKey, bufs: &'a dyn BufferSource) -> TierFuture<'a, Option<Chunk>> {
+    fn get<'a>(
+        &'a self,
+        key: ChunkKey,
+        bufs: &'a dyn BufferSource,
+    ) -> TierFuture<'a, Option<Chunk>> {
         let fault = self.pick(FaultOp::Get, Some(&key));
         Box::pin(async move {
             match fault {
@@ -197,8 +201,12 @@ impl Tier for FaultTier {
                     self.inner.get(key, bufs).await
                 }
                 Some(Fault::Corrupt) => {
-                    let Some(c) = self.inner.get(key, bufs).await? else { return Ok(None) };
-                    let Some(mut copy) = bufs.allocate(c.buf.len()) else { return Ok(None) };
+                    let Some(c) = self.inner.get(key, bufs).await? else {
+                        return Ok(None);
+                    };
+                    let Some(mut copy) = bufs.allocate(c.buf.len()) else {
+                        return Ok(None);
+                    };
                     copy.as_mut_slice().copy_from_slice(c.payload());
                     if let Some(b) = copy.as_mut_slice().get_mut(c.buf.len() / 2) {
                         *b ^= 0x5A;

@@ -66,7 +66,11 @@ pub trait Tier: Send + Sync {
     fn contains_prefix<'a>(&'a self, keys: &'a [ChunkKey]) -> TierFuture<'a, usize>;
 
     /// Reads a chunk; buffers come from `bufs`. `Ok(None)` is a miss.
-    fn get<'a>(&'a self, key: ChunkKey, bufs: &'a dyn BufferSource) -> TierFuture<'a, Option<Chunk>>;
+    fn get<'a>(
+        &'a self,
+        key: ChunkKey,
+        bufs: &'a dyn BufferSource,
+    ) -> TierFuture<'a, Option<Chunk>>;
 
     /// Stores a chunk; completes once the chunk is as durable as the tier makes it.
     fn put(&self, chunk: Chunk) -> TierFuture<'_, PutOutcome>;

@@ -10,7 +10,10 @@ use crate::memory::PAGE;
 
 fn origin() -> Arc<Origin> {
     Arc::new(Origin {
-        identity: Arc::new(ModelIdentity::new("m", KvLayout::simple(1, 1, 8, Dtype::U8))),
+        identity: Arc::new(ModelIdentity::new(
+            "m",
+            KvLayout::simple(1, 1, 8, Dtype::U8),
+        )),
         cache_salt: None,
     })
 }
@@ -29,7 +32,9 @@ fn tier(bytes: u64) -> CpuTier {
 }
 
 fn put(t: &CpuTier, i: u32, len: usize) -> PutOutcome {
-    let Some(mut b) = t.allocate(len) else { return PutOutcome::Skipped("full") };
+    let Some(mut b) = t.allocate(len) else {
+        return PutOutcome::Skipped("full");
+    };
     b.as_mut_slice().fill(i as u8);
     let info = ChunkInfo {
         key: key(i),
@@ -39,7 +44,10 @@ fn put(t: &CpuTier, i: u32, len: usize) -> PutOutcome {
         origin: origin(),
         created_ms: 0,
     };
-    t.insert(Chunk { info, buf: b.seal() })
+    t.insert(Chunk {
+        info,
+        buf: b.seal(),
+    })
 }
 
 #[test]
@@ -117,7 +125,10 @@ fn reverse_touch_keeps_prompt_heads_and_evicts_tails_first() {
     put(&t, 20, 4096);
     put(&t, 21, 4096);
     assert!(t.contains(&key(0)) && t.contains(&key(1)), "head survives");
-    assert!(!t.contains(&key(3)) && !t.contains(&key(2)), "tail goes first");
+    assert!(
+        !t.contains(&key(3)) && !t.contains(&key(2)),
+        "tail goes first"
+    );
 }
 
 #[test]
@@ -140,12 +151,20 @@ fn fragmentation_does_not_fail_a_store_while_evictable_bytes_exist() {
     let held_pages = held.len() as u64;
     // Largest possible store: everything not held.
     let big = ((32 - held_pages) * PAGE) as usize;
-    assert_eq!(put(&t, 1000, big), PutOutcome::Stored, "stats: {:?}", t.stats());
+    assert_eq!(
+        put(&t, 1000, big),
+        PutOutcome::Stored,
+        "stats: {:?}",
+        t.stats()
+    );
     assert!(t.stats().compactions >= 1);
     for p in &held {
         let h = t.lookup(&p.key).expect("pinned chunk kept");
         let expect = u32::from_le_bytes(p.key.0[..4].try_into().unwrap()) as u8;
-        assert!(h.payload().iter().all(|&b| b == expect), "pinned chunk intact after compaction");
+        assert!(
+            h.payload().iter().all(|&b| b == expect),
+            "pinned chunk intact after compaction"
+        );
     }
 }
 

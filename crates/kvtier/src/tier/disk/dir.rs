@@ -15,8 +15,8 @@ use parking_lot::Mutex;
 use rayon::prelude::*;
 
 use super::io::{
-    create_new, is_aligned, is_direct_unsupported, is_no_space, open_read, probe_direct, round_block, sync_dir,
-    AlignedBuf, BLOCK,
+    create_new, is_aligned, is_direct_unsupported, is_no_space, open_read, probe_direct,
+    round_block, sync_dir, AlignedBuf, BLOCK,
 };
 use crate::chunk::{record, Chunk, ChunkInfo};
 use crate::error::{Error, Result};
@@ -50,7 +50,11 @@ fn file_name(key: &ChunkKey, salt: Option<u64>) -> String {
 fn parse_name(name: &str) -> Option<(ChunkKey, Option<u64>)> {
     let mut parts = name.split('.');
     let (k, s, e) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || e != EXT || k.len() != 64 || k.bytes().any(|b| b.is_ascii_uppercase()) {
+    if parts.next().is_some()
+        || e != EXT
+        || k.len() != 64
+        || k.bytes().any(|b| b.is_ascii_uppercase())
+    {
         return None;
     }
     let key = ChunkKey::from_hex(k).ok()?;
@@ -63,6 +67,9 @@ fn parse_name(name: &str) -> Option<(ChunkKey, Option<u64>)> {
     };
     Some((key, salt))
 }
+
+/// A record file found at startup: key, salt tag, size, mtime.
+type Found = (ChunkKey, Option<u64>, u64, SystemTime);
 
 /// Options of one directory.
 #[derive(Clone, Debug)]
@@ -211,7 +218,7 @@ impl DiskDir {
             tracing::warn!(path = %root.display(), "file system rejects O_DIRECT; the disk tier uses buffered I/O + fdatasync");
         }
         // Scan the 256 shard directories in parallel: readdir + fstatat, no payload reads.
-        let scanned: Vec<(Vec<(ChunkKey, Option<u64>, u64, SystemTime)>, u64)> = (0..=255u8)
+        let scanned: Vec<(Vec<Found>, u64)> = (0..=255u8)
             .into_par_iter()
             .map(|b| scan_shard(&root.join(format!("{b:02x}")), b))
             .collect();
@@ -233,7 +240,10 @@ impl DiskDir {
         };
         for (key, salt, size, _) in found {
             if st.index.contains_key(&key) {
-                let _ = fs::remove_file(root.join(format!("{:02x}", key.0[0])).join(file_name(&key, salt)));
+                let _ = fs::remove_file(
+                    root.join(format!("{:02x}", key.0[0]))
+                        .join(file_name(&key, salt)),
+                );
                 removed += 1;
                 continue;
             }
@@ -276,14 +286,20 @@ impl DiskDir {
         let n = dir.state.lock().index.len() as u64;
         let dt = t0.elapsed();
         dir.counters.recovered_chunks.store(n, Ordering::Relaxed);
-        dir.counters.recovery_removed.store(removed, Ordering::Relaxed);
-        dir.counters.recovery_micros.store(dt.as_micros() as u64, Ordering::Relaxed);
+        dir.counters
+            .recovery_removed
+            .store(removed, Ordering::Relaxed);
+        dir.counters
+            .recovery_micros
+            .store(dt.as_micros() as u64, Ordering::Relaxed);
         tracing::info!(path = %dir.root.display(), chunks = n, removed, direct_io = direct, ms = dt.as_millis() as u64, "disk tier recovered");
         Ok(dir)
     }
 
     fn final_path(&self, key: &ChunkKey, salt: Option<u64>) -> PathBuf {
-        self.root.join(format!("{:02x}", key.0[0])).join(file_name(key, salt))
+        self.root
+            .join(format!("{:02x}", key.0[0]))
+            .join(file_name(key, salt))
     }
 
     /// Root directory.
@@ -316,7 +332,9 @@ impl DiskDir {
         st.reserved += e.size;
         *st.deleting.entry(victim).or_insert(0) += 1;
         self.counters.evictions.fetch_add(1, Ordering::Relaxed);
-        self.counters.evicted_bytes.fetch_add(e.size, Ordering::Relaxed);
+        self.counters
+            .evicted_bytes
+            .fetch_add(e.size, Ordering::Relaxed);
         Some((victim, e.salt, e.size))
     }
 
@@ -387,7 +405,9 @@ impl DiskDir {
                 let seen = st.admit.get(&key).copied().unwrap_or(0) + 1;
                 if seen < self.admit_after {
                     st.admit.insert(key, seen);
-                    self.counters.skipped_not_admitted.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .skipped_not_admitted
+                        .fetch_add(1, Ordering::Relaxed);
                     return PutOutcome::Skipped("not admitted");
                 }
                 st.admit.remove(&key);
@@ -494,8 +514,16 @@ impl DiskDir {
     }
 
     /// Writes the record file; on error nothing is left behind.
-    fn write_file(&self, key: &ChunkKey, salt: Option<u64>, header: &[u8], chunk: &Chunk) -> io::Result<()> {
-        let tmp = self.tmp.join(format!("{}.{:016x}", key.to_hex(), rand::random::<u64>()));
+    fn write_file(
+        &self,
+        key: &ChunkKey,
+        salt: Option<u64>,
+        header: &[u8],
+        chunk: &Chunk,
+    ) -> io::Result<()> {
+        let tmp = self
+            .tmp
+            .join(format!("{}.{:016x}", key.to_hex(), rand::random::<u64>()));
         let dst = self.final_path(key, salt);
         let mut renamed = false;
         let r = (|| {
@@ -542,7 +570,12 @@ impl DiskDir {
     }
 
     /// Reads and verifies the record of `key` into `buf` (capacity = file size - 4096).
-    pub(crate) fn read(&self, key: &ChunkKey, gen: u64, buf: &mut WritableBuf) -> std::result::Result<ChunkInfo, ReadError> {
+    pub(crate) fn read(
+        &self,
+        key: &ChunkKey,
+        gen: u64,
+        buf: &mut WritableBuf,
+    ) -> std::result::Result<ChunkInfo, ReadError> {
         let path = {
             let st = self.state.lock();
             match st.index.get(key) {
@@ -593,8 +626,15 @@ impl DiskDir {
     pub(crate) fn remove_where(&self, pred: impl Fn(Option<u64>) -> bool) -> u64 {
         let victims: Vec<_> = {
             let mut st = self.state.lock();
-            let keys: Vec<ChunkKey> = st.index.iter().filter(|(_, e)| pred(e.salt)).map(|(k, _)| *k).collect();
-            keys.iter().filter_map(|k| Self::take_locked(&mut st, k)).collect()
+            let keys: Vec<ChunkKey> = st
+                .index
+                .iter()
+                .filter(|(_, e)| pred(e.salt))
+                .map(|(k, _)| *k)
+                .collect();
+            keys.iter()
+                .filter_map(|k| Self::take_locked(&mut st, k))
+                .collect()
         };
         let n = victims.len() as u64;
         self.unlink_reserved(&victims);
@@ -671,10 +711,15 @@ fn read_record(
         )));
     }
     let mut head = AlignedBuf::zeroed(BLOCK).map_err(ReadError::Io)?;
-    f.read_exact_at(head.as_mut_slice(), 0).map_err(|e| eof_to_corrupt(e, "header"))?;
-    let (info, _) = record::decode_header(head.as_slice()).map_err(|e| ReadError::Corrupt(e.to_string()))?;
+    f.read_exact_at(head.as_mut_slice(), 0)
+        .map_err(|e| eof_to_corrupt(e, "header"))?;
+    let (info, _) =
+        record::decode_header(head.as_slice()).map_err(|e| ReadError::Corrupt(e.to_string()))?;
     if info.key != *key {
-        return Err(ReadError::Corrupt(format!("header names chunk {}", info.key)));
+        return Err(ReadError::Corrupt(format!(
+            "header names chunk {}",
+            info.key
+        )));
     }
     if round_block(info.len) != cap || info.len == 0 {
         return Err(ReadError::Corrupt(format!(
@@ -685,14 +730,14 @@ fn read_record(
     f.read_exact_at(buf.as_mut_capacity(), BLOCK as u64)
         .map_err(|e| eof_to_corrupt(e, "payload"))?;
     buf.truncate(info.len as usize);
-    info.verify(buf.as_slice()).map_err(|e| ReadError::Corrupt(e.to_string()))?;
+    info.verify(buf.as_slice())
+        .map_err(|e| ReadError::Corrupt(e.to_string()))?;
     Ok(info)
 }
 
 /// Lists one shard directory: valid record files (key, salt tag, size, mtime) and the
 /// number of invalid files deleted.
-#[allow(clippy::type_complexity)]
-fn scan_shard(dir: &Path, byte: u8) -> (Vec<(ChunkKey, Option<u64>, u64, SystemTime)>, u64) {
+fn scan_shard(dir: &Path, byte: u8) -> (Vec<Found>, u64) {
     let mut out = Vec::new();
     let mut removed = 0;
     let Ok(rd) = fs::read_dir(dir) else {
@@ -700,7 +745,10 @@ fn scan_shard(dir: &Path, byte: u8) -> (Vec<(ChunkKey, Option<u64>, u64, SystemT
     };
     for e in rd.flatten() {
         let name = e.file_name();
-        let parsed = name.to_str().and_then(parse_name).filter(|(k, _)| k.0[0] == byte);
+        let parsed = name
+            .to_str()
+            .and_then(parse_name)
+            .filter(|(k, _)| k.0[0] == byte);
         let Ok(meta) = e.metadata() else { continue };
         if !meta.is_file() {
             continue;
@@ -708,7 +756,12 @@ fn scan_shard(dir: &Path, byte: u8) -> (Vec<(ChunkKey, Option<u64>, u64, SystemT
         let size = meta.len();
         match parsed {
             Some((key, salt)) if size >= 2 * BLOCK as u64 && size % BLOCK as u64 == 0 => {
-                out.push((key, salt, size, meta.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+                out.push((
+                    key,
+                    salt,
+                    size,
+                    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                ));
             }
             _ => {
                 tracing::warn!(path = %e.path().display(), "disk tier: deleting a file that is not a valid record");

@@ -28,7 +28,8 @@ impl AlignedBuf {
     /// A zeroed buffer of `len` bytes (`len` > 0, a multiple of [`BLOCK`]).
     pub(crate) fn zeroed(len: usize) -> io::Result<AlignedBuf> {
         let len = len.max(BLOCK).div_ceil(BLOCK) * BLOCK;
-        let layout = Layout::from_size_align(len, BLOCK).map_err(|e| io::Error::other(e.to_string()))?;
+        let layout =
+            Layout::from_size_align(len, BLOCK).map_err(|e| io::Error::other(e.to_string()))?;
         // SAFETY: layout has non-zero size.
         let ptr = unsafe { alloc_zeroed(layout) };
         if ptr.is_null() {
@@ -67,7 +68,8 @@ pub(crate) fn is_direct_unsupported(e: &io::Error) -> bool {
 
 /// Whether an error means the device is out of space (or quota).
 pub(crate) fn is_no_space(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) || e.kind() == io::ErrorKind::StorageFull
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || e.kind() == io::ErrorKind::StorageFull
 }
 
 /// Creates a new file for writing (`O_EXCL`), with `O_DIRECT` when `direct`.
@@ -92,7 +94,10 @@ pub(crate) fn open_read(path: &Path, direct: bool) -> io::Result<File> {
 
 /// fsyncs a directory so renames and unlinks in it are durable.
 pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    let f = OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY).open(dir)?;
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)?;
     f.sync_all()
 }
 
@@ -105,7 +110,9 @@ pub(crate) fn probe_direct(dir: &Path) -> io::Result<bool> {
         let f = match create_new(&path, true) {
             Ok(f) => f,
             Err(e) if is_direct_unsupported(&e) => {
-                // Still check the directory is writable at all.
+                // The open may have created the file before rejecting O_DIRECT. Still check
+                // the directory is writable at all.
+                let _ = std::fs::remove_file(&path);
                 create_new(&path, false)?;
                 return Ok(false);
             }

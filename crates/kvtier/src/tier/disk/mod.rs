@@ -66,7 +66,7 @@ impl DiskTierOptions {
             capacity_per_path: capacity,
             policy: PolicyKind::Lru,
             admit_after: 1,
-            admit_tracking: 1 << 20,
+            admit_tracking: 1 << 18,
             direct_io: true,
         }
     }
@@ -78,7 +78,9 @@ impl DiskTierOptions {
             return None;
         }
         let paths = match config.local_disk_path_sharding {
-            PathSharding::ByRank => vec![config.local_disk[rank as usize % config.local_disk.len()].clone()],
+            PathSharding::ByRank => {
+                vec![config.local_disk[rank as usize % config.local_disk.len()].clone()]
+            }
             PathSharding::Striped => config.local_disk.clone(),
         };
         Some(DiskTierOptions {
@@ -135,7 +137,14 @@ impl std::fmt::Debug for DiskTier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DiskTier")
             .field("name", &self.name)
-            .field("paths", &self.dirs.iter().map(|d| d.root().to_path_buf()).collect::<Vec<_>>())
+            .field(
+                "paths",
+                &self
+                    .dirs
+                    .iter()
+                    .map(|d| d.root().to_path_buf())
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -189,12 +198,17 @@ impl DiskTier {
                 allow_direct_io: opts.direct_io,
             })?));
         }
-        Ok(DiskTier { name: opts.name, dirs })
+        Ok(DiskTier {
+            name: opts.name,
+            dirs,
+        })
     }
 
     /// Opens the disk tier an engine config asks for, if any.
     pub fn from_config(config: &EngineConfig, rank: u32) -> Result<Option<DiskTier>> {
-        DiskTierOptions::from_config(config, rank).map(DiskTier::open).transpose()
+        DiskTierOptions::from_config(config, rank)
+            .map(DiskTier::open)
+            .transpose()
     }
 
     /// The directory holding `key`.
@@ -223,7 +237,8 @@ impl DiskTier {
         for d in &self.dirs {
             let u = d.usage();
             let c = &d.counters;
-            let ld = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            let ld =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
             s.chunks += u.chunks;
             s.bytes += u.bytes;
             s.reserved += u.reserved;
@@ -284,7 +299,10 @@ impl DiskTier {
         let gen = guard.gen;
         drop(guard);
         match r {
-            Ok(info) => Ok(Some(Chunk { info, buf: buf.seal() })),
+            Ok(info) => Ok(Some(Chunk {
+                info,
+                buf: buf.seal(),
+            })),
             Err(ReadError::Missing) => {
                 // Deleted behind our back (or removed meanwhile): forget it.
                 dir.drop_entry(&key, gen);
@@ -299,8 +317,16 @@ impl DiskTier {
                 Ok(None)
             }
             Err(ReadError::Io(e)) => {
-                dir.counters.read_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Err(Error::io(format!("disk tier: reading chunk {key} under `{}`", dir.root().display()), e))
+                dir.counters
+                    .read_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(Error::io(
+                    format!(
+                        "disk tier: reading chunk {key} under `{}`",
+                        dir.root().display()
+                    ),
+                    e,
+                ))
             }
         }
     }
@@ -320,7 +346,11 @@ impl Tier for DiskTier {
         Box::pin(futures::future::ready(Ok(n)))
     }
 
-    fn get<'a>(&'a self, key: ChunkKey, bufs: &'a dyn BufferSource) -> TierFuture<'a, Option<Chunk>> {
+    fn get<'a>(
+        &'a self,
+        key: ChunkKey,
+        bufs: &'a dyn BufferSource,
+    ) -> TierFuture<'a, Option<Chunk>> {
         Box::pin(async move {
             let dir = self.dir(&key).clone();
             let Some((guard, cap)) = self.begin_read(&dir, key) else {
@@ -351,13 +381,17 @@ impl Tier for DiskTier {
 
     fn clear(&self) -> TierFuture<'_, u64> {
         let dirs = self.dirs.clone();
-        Box::pin(blocking(move || dirs.iter().map(|d| d.remove_where(|_| true)).sum()))
+        Box::pin(blocking(move || {
+            dirs.iter().map(|d| d.remove_where(|_| true)).sum()
+        }))
     }
 
     fn remove_salt<'a>(&'a self, salt: &'a str) -> TierFuture<'a, u64> {
         let dirs = self.dirs.clone();
         let tag = dir::salt_tag(Some(salt));
-        Box::pin(blocking(move || dirs.iter().map(|d| d.remove_where(|s| s == tag)).sum()))
+        Box::pin(blocking(move || {
+            dirs.iter().map(|d| d.remove_where(|s| s == tag)).sum()
+        }))
     }
 
     fn usage(&self) -> TierUsage {

@@ -1,0 +1,68 @@
+//! Runs the built `kvtier` binary on a small long-doc-qa workload and checks its JSON.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+/// Looks up a dotted path such as `results.hit_rate`.
+fn get<'a>(v: &'a Value, path: &str) -> &'a Value {
+    path.split('.').fold(v, |v, k| &v[k])
+}
+
+#[test]
+fn long_doc_qa_json_has_the_documented_keys() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvtier"))
+        .args(["bench", "long-doc-qa", "--model", "tiny", "--l1-gb", "0.05"])
+        .args(["--docs", "6", "--doc-tokens", "2048", "--json"])
+        // Keep the run independent of the caller's engine config.
+        .env_remove("KVTIER_CONFIG_FILE")
+        .output()
+        .expect("running kvtier");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kvtier failed: {stderr}");
+    let json: Value =
+        serde_json::from_slice(&out.stdout).expect("stdout must be exactly one JSON object");
+    assert_eq!(json["workload"], "long-doc-qa");
+
+    for key in [
+        "config.model",
+        "config.layout",
+        "config.chunk_bytes",
+        "config.l1_bytes",
+        "config.docs",
+        "config.doc_tokens",
+        "config.queries",
+        "baseline.memcpy_gbps",
+        "results.store_gbps",
+        "results.retrieve_gbps",
+        "results.lookup_p50_us",
+        "results.lookup_p99_us",
+        "results.hit_rate",
+        "results.write_backs",
+        "results.evictions",
+        "results.lookup_128k_p50_us",
+        "results.lookup_128k_p99_us",
+        "results.probe_512_p50_us",
+        "results.probe_512_p99_us",
+    ] {
+        assert!(
+            get(&json, key).is_number() || get(&json, key).is_string(),
+            "missing {key}"
+        );
+    }
+    assert!(get(&json, "results.tier_hits").is_object());
+    for key in [
+        "ratios.store",
+        "ratios.retrieve",
+        "baseline.memcpy_gbps",
+        "results.store_gbps",
+    ] {
+        let x = get(&json, key)
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} is not a number"));
+        assert!(x.is_finite() && x > 0.0, "{key} = {x}");
+    }
+    let hit_rate = get(&json, "results.hit_rate").as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&hit_rate), "hit_rate = {hit_rate}");
+    assert_eq!(get(&json, "config.docs").as_u64(), Some(6));
+}

@@ -1,0 +1,472 @@
+//! `remote_url` parsing for Redis/Valkey tiers, and redaction of credentials.
+//!
+//! Accepted forms:
+//!
+//! ```text
+//! redis://[user:password@]host[:port][/db][?options]
+//! valkey://...                         (same as redis://)
+//! redis+cluster://[user:password@]host:port[,host:port...][?options]
+//! ```
+//!
+//! `rediss://` (TLS) is recognised and rejected: this build has no TLS support. `kvtier://`
+//! (the kvtier server) is not available yet. Credentials not in the URL come from the
+//! environment (`KVTIER_REDIS_USERNAME`, `KVTIER_REDIS_PASSWORD`); the URL wins field by
+//! field. Options (query parameters):
+//!
+//! | option | default | meaning |
+//! |---|---|---|
+//! | `prefix` | `kvtier:` | key namespace: every key is `<prefix><64 hex chars>` |
+//! | `ttl_sec` | 0 (none) | expire stored chunks after this many seconds (`SET ... EX`) |
+//! | `pool` | 4 | connections per Redis node (concurrent requests per node) |
+//! | `connect_timeout_ms` | 1000 | bound on one connect + handshake |
+//! | `retry_max_ms` | 5000 | longest reconnect backoff after failed connects |
+//! | `name` | `redis`, `redis2`, ... | tier name in stats, metrics and logs |
+//!
+//! Secrets never reach `Debug` output, logs or error messages: everything shows the redacted
+//! form `redis://user:***@host:port/db?...`.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Environment variable for the username when the URL has none.
+pub const ENV_USERNAME: &str = "KVTIER_REDIS_USERNAME";
+/// Environment variable for the password when the URL has none.
+pub const ENV_PASSWORD: &str = "KVTIER_REDIS_PASSWORD";
+
+/// Credentials for `AUTH`. `Debug` never shows the password.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    /// ACL username (`None`: the `default` user / `requirepass`).
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// Standalone server or cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One server (or a proxy in front of several).
+    Standalone,
+    /// Redis Cluster: the hosts are seeds for slot discovery.
+    Cluster,
+}
+
+/// A parsed Redis tier URL.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    /// Standalone or cluster.
+    pub mode: Mode,
+    /// `host:port` of the server, or the cluster seeds.
+    pub hosts: Vec<String>,
+    /// Database index (standalone only).
+    pub db: u32,
+    /// Credentials (URL first, then environment).
+    pub credentials: Credentials,
+    /// Key prefix.
+    pub prefix: String,
+    /// Expiry of stored chunks.
+    pub ttl: Option<Duration>,
+    /// Connections per node.
+    pub pool: usize,
+    /// Connect + handshake timeout.
+    pub connect_timeout: Duration,
+    /// Longest reconnect backoff.
+    pub retry_max: Duration,
+    /// Tier name override.
+    pub name: Option<String>,
+    redacted: String,
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
+fn err(msg: impl Into<String>) -> Error {
+    Error::config("remote_url", msg)
+}
+
+fn percent_decode(s: &str, what: &str) -> Result<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            match hex {
+                Some(v) => out.push(v),
+                // Never echo the text: it may be a password.
+                None => return Err(err(format!("bad percent-escape in the URL's {what}"))),
+            }
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| err(format!("the URL's {what} is not UTF-8")))
+}
+
+/// Splits what follows `scheme://` into userinfo, host list and the rest (`/db?query`).
+/// The userinfo ends at the last `@` before any `?`, so an unescaped `/` in a password
+/// still counts as part of the password (and is never shown).
+fn split_authority(rest: &str) -> (Option<&str>, &str, &str) {
+    let q = rest.find('?').unwrap_or(rest.len());
+    let (userinfo, after) = match rest[..q].rfind('@') {
+        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+        None => (None, rest),
+    };
+    let end = after.find(['/', '?']).unwrap_or(after.len());
+    (userinfo, &after[..end], &after[end..])
+}
+
+/// Redacts the credentials of any URL-like string (`scheme://user:secret@host` becomes
+/// `scheme://user:***@host`), for messages about URLs that failed to parse.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (userinfo, hosts, tail) = split_authority(rest);
+    let tail = redact_query(tail);
+    match userinfo {
+        None => format!("{scheme}://{hosts}{tail}"),
+        Some(ui) => {
+            let user = ui.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:***@{hosts}{tail}")
+        }
+    }
+}
+
+/// Masks `password=` style query parameters.
+fn redact_query(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else {
+        return tail.to_string();
+    };
+    let q: Vec<String> = query
+        .split('&')
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => kv.to_string(),
+        })
+        .collect();
+    format!("{path}?{}", q.join("&"))
+}
+
+fn parse_host(h: &str) -> Result<String> {
+    let (host, port) = if let Some(rest) = h.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| err(format!("bad IPv6 host `{h}`")))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err(err(format!("bad host `{h}`"))),
+        };
+        (format!("[{host}]"), port)
+    } else {
+        match h.rsplit_once(':') {
+            Some((host, port)) => (host.to_string(), Some(port)),
+            None => (h.to_string(), None),
+        }
+    };
+    if host.is_empty() || host == "[]" {
+        return Err(err("the URL has no host"));
+    }
+    let port = match port {
+        None => 6379,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| err(format!("bad port `{p}` for host `{host}`")))?,
+    };
+    Ok(format!("{host}:{port}"))
+}
+
+impl RedisUrl {
+    /// Parses `url`, taking missing credentials from the process environment.
+    pub fn parse(url: &str) -> Result<RedisUrl> {
+        RedisUrl::parse_with_env(url, |k| std::env::var(k).ok())
+    }
+
+    /// Parses `url`, taking missing credentials from `env` (tests pass a map).
+    pub fn parse_with_env(url: &str, env: impl Fn(&str) -> Option<String>) -> Result<RedisUrl> {
+        let shown = redact(url);
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| err(format!("`{shown}` is not a URL (expected redis://host:port)")))?;
+        let mode = match scheme.to_ascii_lowercase().as_str() {
+            "redis" | "valkey" => Mode::Standalone,
+            "redis+cluster" | "valkey+cluster" => Mode::Cluster,
+            "rediss" | "valkeys" | "rediss+cluster" | "valkeys+cluster" => {
+                return Err(err(format!(
+                    "`{shown}`: TLS (rediss://) is not supported in this build; use redis:// on a trusted network or a TLS-terminating proxy"
+                )))
+            }
+            "kvtier" => {
+                return Err(err(format!(
+                    "`{shown}`: the kvtier:// server tier is not available yet"
+                )))
+            }
+            other => {
+                return Err(err(format!(
+                    "`{shown}`: unsupported scheme `{other}`; supported: redis://, valkey://, redis+cluster://"
+                )))
+            }
+        };
+        let (userinfo, hostlist, tail) = split_authority(rest);
+        let (mut username, mut password) = (None, None);
+        if let Some(ui) = userinfo {
+            let (u, p) = match ui.split_once(':') {
+                Some((u, p)) => (u, Some(p)),
+                None => (ui, None),
+            };
+            if !u.is_empty() {
+                username = Some(percent_decode(u, "username")?);
+            }
+            if let Some(p) = p.filter(|p| !p.is_empty()) {
+                password = Some(percent_decode(p, "password")?);
+            }
+        }
+        let env = |k: &str| env(k).filter(|v| !v.is_empty());
+        let username = username.or_else(|| env(ENV_USERNAME));
+        let password = password.or_else(|| env(ENV_PASSWORD));
+        if username.is_some() && password.is_none() {
+            return Err(err(format!(
+                "`{shown}`: a username needs a password (in the URL or {ENV_PASSWORD})"
+            )));
+        }
+        let hosts = hostlist
+            .split(',')
+            .map(parse_host)
+            .collect::<Result<Vec<_>>>()?;
+        if mode == Mode::Standalone && hosts.len() != 1 {
+            return Err(err(format!(
+                "`{shown}`: several hosts need redis+cluster://; a standalone URL names one server"
+            )));
+        }
+        let (path, query) = match tail.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (tail, None),
+        };
+        let db_text = path.trim_start_matches('/');
+        let db = if db_text.is_empty() {
+            0
+        } else {
+            db_text
+                .parse::<u32>()
+                .map_err(|_| err(format!("`{shown}`: database `{db_text}` is not a number")))?
+        };
+        if mode == Mode::Cluster && db != 0 {
+            return Err(err(format!(
+                "`{shown}`: Redis Cluster has only database 0"
+            )));
+        }
+        let mut out = RedisUrl {
+            mode,
+            hosts,
+            db,
+            credentials: Credentials { username, password },
+            prefix: "kvtier:".into(),
+            ttl: None,
+            pool: 4,
+            connect_timeout: Duration::from_millis(1000),
+            retry_max: Duration::from_millis(5000),
+            name: None,
+            redacted: String::new(),
+        };
+        for kv in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            let v = percent_decode(v, "options")?;
+            let num = |max: u64| -> Result<u64> {
+                v.parse::<u64>()
+                    .ok()
+                    .filter(|&n| n <= max)
+                    .ok_or_else(|| err(format!("`{shown}`: option `{k}={v}` needs a number up to {max}")))
+            };
+            match k {
+                "prefix" => out.prefix = v.clone(),
+                "ttl_sec" => {
+                    let n = num(u64::from(u32::MAX))?;
+                    out.ttl = (n > 0).then(|| Duration::from_secs(n));
+                }
+                "pool" => {
+                    let n = num(256)?;
+                    if n == 0 {
+                        return Err(err(format!("`{shown}`: pool must be at least 1")));
+                    }
+                    out.pool = n as usize;
+                }
+                "connect_timeout_ms" => {
+                    out.connect_timeout = Duration::from_millis(num(600_000)?.max(1))
+                }
+                "retry_max_ms" => out.retry_max = Duration::from_millis(num(3_600_000)?.max(1)),
+                "name" => {
+                    if v.is_empty() {
+                        return Err(err(format!("`{shown}`: name must not be empty")));
+                    }
+                    out.name = Some(v.clone());
+                }
+                _ => {
+                    return Err(err(format!(
+                        "`{shown}`: unknown option `{k}`; known: prefix, ttl_sec, pool, connect_timeout_ms, retry_max_ms, name"
+                    )))
+                }
+            }
+        }
+        out.redacted = out.render(scheme, query);
+        Ok(out)
+    }
+
+    fn render(&self, scheme: &str, query: Option<&str>) -> String {
+        let mut s = format!("{}://", scheme.to_ascii_lowercase());
+        match (&self.credentials.username, &self.credentials.password) {
+            (Some(u), Some(_)) => s.push_str(&format!("{u}:***@")),
+            (None, Some(_)) => s.push_str(":***@"),
+            _ => {}
+        }
+        s.push_str(&self.hosts.join(","));
+        if self.db != 0 {
+            s.push_str(&format!("/{}", self.db));
+        }
+        if let Some(q) = query.filter(|q| !q.is_empty()) {
+            s.push_str(&redact_query(&format!("?{q}")));
+        }
+        s
+    }
+
+    /// The URL with the password masked.
+    pub fn redacted(&self) -> &str {
+        &self.redacted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn parses_standalone_with_defaults() {
+        let u = RedisUrl::parse_with_env("redis://h:6380", no_env).unwrap();
+        assert_eq!(u.mode, Mode::Standalone);
+        assert_eq!(u.hosts, vec!["h:6380"]);
+        assert_eq!((u.db, u.pool, u.ttl), (0, 4, None));
+        assert_eq!(u.prefix, "kvtier:");
+        assert_eq!(u.credentials, Credentials::default());
+        let u = RedisUrl::parse_with_env("valkey://h", no_env).unwrap();
+        assert_eq!(u.hosts, vec!["h:6379"]);
+        let u = RedisUrl::parse_with_env("redis://[::1]:7000/3", no_env).unwrap();
+        assert_eq!((u.hosts[0].as_str(), u.db), ("[::1]:7000", 3));
+    }
+
+    #[test]
+    fn parses_credentials_and_options() {
+        let u = RedisUrl::parse_with_env(
+            "redis://al%40ice:p%3Ass@127.0.0.1:6379/2?prefix=x:&ttl_sec=60&pool=8&name=shared",
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(u.credentials.username.as_deref(), Some("al@ice"));
+        assert_eq!(u.credentials.password.as_deref(), Some("p:ss"));
+        assert_eq!(u.db, 2);
+        assert_eq!(u.prefix, "x:");
+        assert_eq!(u.ttl, Some(Duration::from_secs(60)));
+        assert_eq!(u.pool, 8);
+        assert_eq!(u.name.as_deref(), Some("shared"));
+        let u = RedisUrl::parse_with_env("redis://:secret@h", no_env).unwrap();
+        assert_eq!(u.credentials.username, None);
+        assert_eq!(u.credentials.password.as_deref(), Some("secret"));
+    }
+
+    #[test]
+    fn url_credentials_win_over_env() {
+        let env = |k: &str| match k {
+            ENV_USERNAME => Some("envuser".to_string()),
+            ENV_PASSWORD => Some("envpass".to_string()),
+            _ => None,
+        };
+        let u = RedisUrl::parse_with_env("redis://h:1", env).unwrap();
+        assert_eq!(u.credentials.username.as_deref(), Some("envuser"));
+        assert_eq!(u.credentials.password.as_deref(), Some("envpass"));
+        let u = RedisUrl::parse_with_env("redis://me:mine@h:1", env).unwrap();
+        assert_eq!(u.credentials.username.as_deref(), Some("me"));
+        assert_eq!(u.credentials.password.as_deref(), Some("mine"));
+        assert!(!format!("{u:?}").contains("envpass"));
+    }
+
+    #[test]
+    fn parses_cluster_seeds() {
+        let u = RedisUrl::parse_with_env("redis+cluster://a:7000,b:7001,[::1]:7002", no_env)
+            .unwrap();
+        assert_eq!(u.mode, Mode::Cluster);
+        assert_eq!(u.hosts, vec!["a:7000", "b:7001", "[::1]:7002"]);
+        assert!(RedisUrl::parse_with_env("redis+cluster://a:7000/1", no_env).is_err());
+        assert!(RedisUrl::parse_with_env("redis://a:1,b:2", no_env).is_err());
+    }
+
+    #[test]
+    fn rejects_bad_urls_with_clear_messages() {
+        let cases = [
+            ("rediss://u:topsecret@h:1", "not supported in this build"),
+            ("kvtier://h:1", "not available yet"),
+            ("http://u:topsecret@h", "unsupported scheme"),
+            ("redis://u:topsecret@h:notaport", "bad port"),
+            ("redis://u:topsecret@h:1/x", "not a number"),
+            ("redis://u:topsecret@h:1?bogus=1", "unknown option"),
+            ("redis://u:topsecret@h:1?pool=0", "at least 1"),
+            ("redis://onlyuser@h:1", "needs a password"),
+            ("redis://u:topsecret@:1", "no host"),
+            ("u:topsecret@h", "not a URL"),
+            ("redis://u:top%zzsecret@h", "percent-escape"),
+            ("redis://u:top/secret@h:1/x", "not a number"),
+        ];
+        for (url, want) in cases {
+            let e = RedisUrl::parse_with_env(url, no_env).unwrap_err().to_string();
+            assert!(e.contains(want), "{url}: {e}");
+            assert!(!e.contains("secret"), "secret leaked: {e}");
+        }
+    }
+
+    #[test]
+    fn redaction_hides_passwords_everywhere() {
+        let u = RedisUrl::parse_with_env("redis://user:hunter2@h:6379/1?prefix=p:", no_env)
+            .unwrap();
+        assert_eq!(u.redacted(), "redis://user:***@h:6379/1?prefix=p:");
+        assert_eq!(format!("{u:?}"), "redis://user:***@h:6379/1?prefix=p:");
+        assert_eq!(format!("{u}"), "redis://user:***@h:6379/1?prefix=p:");
+        assert!(!format!("{:?}", u.credentials).contains("hunter2"));
+        let env = |k: &str| (k == ENV_PASSWORD).then(|| "fromenv".to_string());
+        let u = RedisUrl::parse_with_env("redis://h", env).unwrap();
+        assert_eq!(u.redacted(), "redis://:***@h:6379");
+        assert_eq!(
+            redact("redis://a:b@c:1/0?password=x&prefix=y"),
+            "redis://a:***@c:1/0?password=***&prefix=y"
+        );
+        assert_eq!(redact("redis://c:1"), "redis://c:1");
+        assert_eq!(redact("redis://:pw@c"), "redis://:***@c");
+    }
+}
