@@ -6,6 +6,7 @@
 //! as one hierarchy, and [`Engine`] is the API over tokens and KV bytes.
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod chunk;
 pub mod config;
 mod engine;
@@ -16,7 +17,12 @@ pub mod memory;
 pub mod metrics;
 pub mod policy;
 pub mod tier;
+pub mod transport;
 
+pub use api::{KvCache, PendingLoad, StoreSummary};
 pub use config::EngineConfig;
-pub use engine::{Engine, EngineStats, LookupResult, RetrieveReport, StoreReport, TierStats};
+pub use engine::{
+    Acquired, Engine, EngineCore, EngineStats, LookupResult, RetrieveReport, StoreReport,
+    StoreSession, TierStats,
+};
 pub use error::{Error, Result};

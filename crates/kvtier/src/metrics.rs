@@ -93,7 +93,7 @@ pub struct Metrics {
     pub store_gbps: Histogram,
     /// Retrieve throughput per call, GB/s.
     pub retrieve_gbps: Histogram,
-    eviction_seen: Mutex<std::collections::HashMap<String, u64>>,
+    tier_seen: Mutex<std::collections::HashMap<String, crate::tier::TierCounters>>,
 }
 
 impl Default for Metrics {
@@ -128,7 +128,7 @@ impl Metrics {
             retrieve_seconds: latency_histogram(),
             store_gbps: throughput_histogram(),
             retrieve_gbps: throughput_histogram(),
-            eviction_seen: Mutex::default(),
+            tier_seen: Mutex::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -246,16 +246,24 @@ impl Metrics {
         }
     }
 
-    /// Brings a monotonic eviction total observed on a tier into the counter.
-    pub fn observe_evictions(&self, tier: &str, total: u64) {
-        let mut seen = self.eviction_seen.lock();
-        let last = seen.entry(tier.to_string()).or_insert(0);
-        if total > *last {
+    /// Brings monotonic totals a tier keeps itself (evictions, checksum failures it caught)
+    /// into the exported counters.
+    pub fn observe_tier_counters(&self, tier: &str, c: crate::tier::TierCounters) {
+        let mut seen = self.tier_seen.lock();
+        let last = seen.entry(tier.to_string()).or_default();
+        let l = Metrics::tier(tier);
+        if c.evictions > last.evictions {
             self.evictions
-                .get_or_create(&Metrics::tier(tier))
-                .inc_by(total - *last);
-            *last = total;
+                .get_or_create(&l)
+                .inc_by(c.evictions - last.evictions);
         }
+        if c.checksum_failures > last.checksum_failures {
+            self.checksum_failures
+                .get_or_create(&l)
+                .inc_by(c.checksum_failures - last.checksum_failures);
+        }
+        last.evictions = last.evictions.max(c.evictions);
+        last.checksum_failures = last.checksum_failures.max(c.checksum_failures);
     }
 
     /// Renders everything in Prometheus text format.

@@ -263,6 +263,16 @@ impl StorageManager {
             .is_some_and(|s| s.health.is_down())
     }
 
+    /// Tier-specific details of tier `i` (0 = L1).
+    pub fn tier_details(&self, i: usize) -> serde_json::Value {
+        match i {
+            0 => Tier::details(&*self.inner.l1),
+            _ => self
+                .tier(i)
+                .map_or(serde_json::Value::Null, |t| t.details()),
+        }
+    }
+
     /// Usage of every tier, L1 first.
     pub fn usage(&self) -> Vec<(String, TierUsage)> {
         std::iter::once((
@@ -469,7 +479,10 @@ impl StorageManager {
             m.capacity_bytes.get_or_create(&l).set(u.capacity_bytes);
             m.resident_chunks.get_or_create(&l).set(u.chunks);
         }
-        m.observe_evictions(self.inner.l1.name(), self.inner.l1.stats().evictions);
+        m.observe_tier_counters(self.inner.l1.name(), Tier::counters(&*self.inner.l1));
+        for s in &self.inner.lower {
+            m.observe_tier_counters(&s.name, s.tier.counters());
+        }
     }
 }
 

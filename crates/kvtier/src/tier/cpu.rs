@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures::future::ready;
 use parking_lot::Mutex;
 
-use super::{BufferSource, PutOutcome, Tier, TierFuture, TierUsage};
+use super::{BufferSource, PutOutcome, Tier, TierCounters, TierFuture, TierUsage};
 use crate::chunk::Chunk;
 use crate::error::Result;
 use crate::keys::{ChunkKey, KeyMap};
@@ -42,11 +42,12 @@ impl CpuTierOptions {
 }
 
 /// A pin on one chunk; give it back with [`CpuTier::unpin`]. Pins also expire on their own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct PinToken {
     /// Pinned key.
     pub key: ChunkKey,
-    id: u64,
+    /// Pin id (unique within the tier).
+    pub id: u64,
 }
 
 struct Entry {
@@ -435,6 +436,17 @@ impl Tier for CpuTier {
         Box::pin(ready(Ok(self.remove_where(|e| {
             e.chunk.info.origin.cache_salt.as_deref() == Some(salt)
         }))))
+    }
+
+    fn counters(&self) -> TierCounters {
+        TierCounters {
+            evictions: self.counters.evictions.load(Ordering::Relaxed),
+            checksum_failures: 0,
+        }
+    }
+
+    fn details(&self) -> serde_json::Value {
+        serde_json::to_value(self.stats()).unwrap_or_default()
     }
 
     fn usage(&self) -> TierUsage {

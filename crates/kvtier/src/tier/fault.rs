@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{BufferSource, PutOutcome, Tier, TierFuture, TierUsage};
+use super::{BufferSource, PutOutcome, Tier, TierCounters, TierFuture, TierUsage};
 use crate::chunk::Chunk;
 use crate::error::Error;
 use crate::keys::ChunkKey;
@@ -250,5 +250,13 @@ impl Tier for FaultTier {
 
     fn usage(&self) -> TierUsage {
         self.inner.usage()
+    }
+
+    fn counters(&self) -> TierCounters {
+        self.inner.counters()
+    }
+
+    fn details(&self) -> serde_json::Value {
+        self.inner.details()
     }
 }

@@ -7,6 +7,7 @@
 mod cpu;
 mod disk;
 mod fault;
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,6 +15,8 @@ use std::pin::Pin;
 pub use cpu::{CpuTier, CpuTierOptions, CpuTierStats, PinToken};
 pub use disk::{DiskTier, DiskTierOptions, DiskTierStats};
 pub use fault::{Fault, FaultOp, FaultRule, FaultTier};
+pub use redis::url::RedisUrl;
+pub use redis::{RedisTier, RedisTierStats};
 
 use crate::chunk::Chunk;
 use crate::error::Result;
@@ -52,6 +55,15 @@ pub struct TierUsage {
     pub chunks: u64,
 }
 
+/// Monotonic counters a tier keeps itself; the manager exports them as metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TierCounters {
+    /// Chunks evicted.
+    pub evictions: u64,
+    /// Corrupt records caught by the tier's own read verification.
+    pub checksum_failures: u64,
+}
+
 /// One storage level.
 pub trait Tier: Send + Sync {
     /// Name used in stats, metrics and logs.
@@ -86,4 +98,14 @@ pub trait Tier: Send + Sync {
 
     /// Current usage.
     fn usage(&self) -> TierUsage;
+
+    /// Counters the tier keeps itself (eviction, its own checksum verification).
+    fn counters(&self) -> TierCounters {
+        TierCounters::default()
+    }
+
+    /// Tier-specific details for `stats()` (JSON object; empty by default).
+    fn details(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }

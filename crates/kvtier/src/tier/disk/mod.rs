@@ -394,6 +394,18 @@ impl Tier for DiskTier {
         }))
     }
 
+    fn counters(&self) -> super::TierCounters {
+        let st = self.stats();
+        super::TierCounters {
+            evictions: st.evictions,
+            checksum_failures: st.checksum_failures,
+        }
+    }
+
+    fn details(&self) -> serde_json::Value {
+        serde_json::to_value(self.stats()).unwrap_or_default()
+    }
+
     fn usage(&self) -> TierUsage {
         let s = self.stats();
         TierUsage {

@@ -46,7 +46,11 @@ pub enum Redirect {
 pub fn parse_redirect(err: &str, seed_host: &str) -> Option<Redirect> {
     let mut it = err.split_ascii_whitespace();
     let kind = it.next()?;
-    let slot = it.next()?.parse::<u16>().ok().filter(|&s| (s as usize) < SLOTS)?;
+    let slot = it
+        .next()?
+        .parse::<u16>()
+        .ok()
+        .filter(|&s| (s as usize) < SLOTS)?;
     let addr = it.next()?;
     let addr = if addr.starts_with(':') {
         format!("{seed_host}{addr}")
@@ -164,7 +168,11 @@ mod tests {
             ])
         };
         let r = Reply::Array(vec![
-            Reply::Array(vec![Reply::Int(0), Reply::Int(5460), node("127.0.0.1", 7000)]),
+            Reply::Array(vec![
+                Reply::Int(0),
+                Reply::Int(5460),
+                node("127.0.0.1", 7000),
+            ]),
             Reply::Array(vec![Reply::Int(5461), Reply::Int(16383), node("", 7001)]),
         ]);
         let s = parse_slots(&r, "seed").unwrap();
@@ -173,7 +181,11 @@ mod tests {
         assert_eq!(s[1].end, 16383);
         assert!(parse_slots(&Reply::Int(1), "h").is_none());
         assert!(parse_slots(
-            &Reply::Array(vec![Reply::Array(vec![Reply::Int(5), Reply::Int(1), node("h", 1)])]),
+            &Reply::Array(vec![Reply::Array(vec![
+                Reply::Int(5),
+                Reply::Int(1),
+                node("h", 1)
+            ])]),
             "h"
         )
         .is_none());

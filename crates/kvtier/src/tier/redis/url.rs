@@ -212,9 +212,11 @@ impl RedisUrl {
     /// Parses `url`, taking missing credentials from `env` (tests pass a map).
     pub fn parse_with_env(url: &str, env: impl Fn(&str) -> Option<String>) -> Result<RedisUrl> {
         let shown = redact(url);
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| err(format!("`{shown}` is not a URL (expected redis://host:port)")))?;
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+            err(format!(
+                "`{shown}` is not a URL (expected redis://host:port)"
+            ))
+        })?;
         let mode = match scheme.to_ascii_lowercase().as_str() {
             "redis" | "valkey" => Mode::Standalone,
             "redis+cluster" | "valkey+cluster" => Mode::Cluster,
@@ -278,9 +280,7 @@ impl RedisUrl {
                 .map_err(|_| err(format!("`{shown}`: database `{db_text}` is not a number")))?
         };
         if mode == Mode::Cluster && db != 0 {
-            return Err(err(format!(
-                "`{shown}`: Redis Cluster has only database 0"
-            )));
+            return Err(err(format!("`{shown}`: Redis Cluster has only database 0")));
         }
         let mut out = RedisUrl {
             mode,
@@ -299,10 +299,11 @@ impl RedisUrl {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
             let v = percent_decode(v, "options")?;
             let num = |max: u64| -> Result<u64> {
-                v.parse::<u64>()
-                    .ok()
-                    .filter(|&n| n <= max)
-                    .ok_or_else(|| err(format!("`{shown}`: option `{k}={v}` needs a number up to {max}")))
+                v.parse::<u64>().ok().filter(|&n| n <= max).ok_or_else(|| {
+                    err(format!(
+                        "`{shown}`: option `{k}={v}` needs a number up to {max}"
+                    ))
+                })
             };
             match k {
                 "prefix" => out.prefix = v.clone(),
@@ -420,8 +421,8 @@ mod tests {
 
     #[test]
     fn parses_cluster_seeds() {
-        let u = RedisUrl::parse_with_env("redis+cluster://a:7000,b:7001,[::1]:7002", no_env)
-            .unwrap();
+        let u =
+            RedisUrl::parse_with_env("redis+cluster://a:7000,b:7001,[::1]:7002", no_env).unwrap();
         assert_eq!(u.mode, Mode::Cluster);
         assert_eq!(u.hosts, vec!["a:7000", "b:7001", "[::1]:7002"]);
         assert!(RedisUrl::parse_with_env("redis+cluster://a:7000/1", no_env).is_err());
@@ -445,7 +446,9 @@ mod tests {
             ("redis://u:top/secret@h:1/x", "not a number"),
         ];
         for (url, want) in cases {
-            let e = RedisUrl::parse_with_env(url, no_env).unwrap_err().to_string();
+            let e = RedisUrl::parse_with_env(url, no_env)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{url}: {e}");
             assert!(!e.contains("secret"), "secret leaked: {e}");
         }
@@ -453,8 +456,8 @@ mod tests {
 
     #[test]
     fn redaction_hides_passwords_everywhere() {
-        let u = RedisUrl::parse_with_env("redis://user:hunter2@h:6379/1?prefix=p:", no_env)
-            .unwrap();
+        let u =
+            RedisUrl::parse_with_env("redis://user:hunter2@h:6379/1?prefix=p:", no_env).unwrap();
         assert_eq!(u.redacted(), "redis://user:***@h:6379/1?prefix=p:");
         assert_eq!(format!("{u:?}"), "redis://user:***@h:6379/1?prefix=p:");
         assert_eq!(format!("{u}"), "redis://user:***@h:6379/1?prefix=p:");

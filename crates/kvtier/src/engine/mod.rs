@@ -24,6 +24,8 @@
 //! assert_eq!(&out[..32 * engine.bytes_per_token()], &kv[..32 * engine.bytes_per_token()]);
 //! ```
 
+mod tiers;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,11 +37,12 @@ use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, ChunkSpan, KeySpace, ModelIdentity, Origin};
 use crate::manager::{
-    ManagerOptions, PrefetchHandle, PrefixLookup, StorageManager, StoreClaim, StoreTicket, TierSpec,
+    ClaimGuard, ManagerOptions, PrefetchHandle, PrefixLookup, StorageManager, StoreClaim,
+    StoreTicket, TierSpec,
 };
-use crate::memory::{PoolBacking, PoolOptions};
+use crate::memory::{PoolBacking, PoolOptions, WritableBuf};
 use crate::metrics::Metrics;
-use crate::tier::{CpuTier, CpuTierOptions, CpuTierStats, DiskTier, TierUsage};
+use crate::tier::{CpuTier, CpuTierOptions, CpuTierStats, PinToken, TierUsage};
 
 /// Answer to a prefix lookup, in tokens.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -94,6 +97,59 @@ pub struct RetrieveReport {
     pub tiers: Vec<usize>,
 }
 
+impl StoreReport {
+    /// The report without its ticket, for crossing process boundaries.
+    pub fn summary(&self) -> crate::api::StoreSummary {
+        crate::api::StoreSummary {
+            stored_tokens: self.stored_tokens,
+            new_chunks: self.new_chunks,
+            present_chunks: self.present_chunks,
+            inflight_chunks: self.inflight_chunks,
+            dropped_chunks: self.dropped_chunks,
+            new_bytes: self.new_bytes,
+        }
+    }
+}
+
+/// One chunk of a [`StoreSession`]: its span and the pool buffer to fill.
+pub struct StoreSlot {
+    /// Token range and key.
+    pub span: ChunkSpan,
+    /// The buffer to fill with the chunk's payload (its offset is valid in every process
+    /// mapping the pool).
+    pub buf: WritableBuf,
+    /// Checksum, when the writer computed it while filling; else computed at commit.
+    pub checksum: Option<u64>,
+    claim: ClaimGuard,
+}
+
+/// A store in progress (see [`Engine::begin_store`]).
+pub struct StoreSession {
+    origin: Arc<Origin>,
+    /// Buffers to fill, in prompt order.
+    pub slots: Vec<StoreSlot>,
+    /// Leading tokens covered once the slots are committed.
+    pub stored_tokens: usize,
+    /// Chunks already present.
+    pub present_chunks: usize,
+    /// Chunks being stored by another call.
+    pub inflight_chunks: usize,
+    /// Chunks with no room in L1.
+    pub dropped_chunks: usize,
+}
+
+/// A loaded, held prefix (see [`Engine::acquire`]).
+pub struct Acquired {
+    /// Tokens of the contiguous prefix.
+    pub hit_tokens: usize,
+    /// Span of each held chunk.
+    pub spans: Vec<ChunkSpan>,
+    /// The held chunks, in prompt order.
+    pub chunks: Vec<Chunk>,
+    /// Tier each chunk came from.
+    pub tiers: Vec<usize>,
+}
+
 /// Per-tier numbers in [`EngineStats`].
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct TierStats {
@@ -117,8 +173,12 @@ pub struct TierStats {
     pub errors: u64,
     /// Deadline expiries.
     pub timeouts: u64,
+    /// Chunks evicted.
+    pub evictions: u64,
     /// Whether the tier is marked down.
     pub down: bool,
+    /// Tier-specific details (e.g. the disk tier's direct-I/O state and recovery numbers).
+    pub details: serde_json::Value,
 }
 
 /// Engine-wide numbers.
@@ -136,64 +196,44 @@ pub struct EngineStats {
     pub tiers: Vec<TierStats>,
 }
 
-/// The embedded engine.
-pub struct Engine {
+/// What every model served by one process (or one server) shares: configuration, the tiers
+/// with their pool, and the metrics. Build it once; attach one [`Engine`] per model identity.
+pub struct EngineCore {
     config: EngineConfig,
-    keys: KeySpace,
     manager: StorageManager,
     metrics: Arc<Metrics>,
-    origins: Mutex<HashMap<Option<String>, Arc<Origin>>>,
 }
 
-impl std::fmt::Debug for Engine {
+impl std::fmt::Debug for EngineCore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine")
+        f.debug_struct("EngineCore")
             .field("config", &self.config)
             .field("manager", &self.manager)
             .finish()
     }
 }
 
-impl Engine {
-    /// Builds an engine from config for one model identity.
-    pub fn new(config: EngineConfig, identity: ModelIdentity) -> Result<Engine> {
-        if !config.remote_url.is_empty() {
-            return Err(Error::config(
-                "remote_url",
-                "remote tiers are not available in this build yet; remove remote_url",
-            ));
-        }
+impl EngineCore {
+    /// Builds L1 (backed by `backing`) and the lower tiers the config names (disk, remote).
+    /// `rank` picks the disk path under `by_rank` sharding.
+    pub fn open(config: EngineConfig, rank: u32, backing: PoolBacking) -> Result<Arc<EngineCore>> {
         config.validate()?;
-        let mut lower = Vec::new();
-        if let Some(disk) = DiskTier::from_config(&config, identity.rank)? {
-            lower.push(TierSpec::new(Arc::new(disk)));
-        }
-        Engine::with_lower_tiers(config, identity, lower)
+        let lower = tiers::lower_tiers_from_config(&config, rank)?;
+        EngineCore::with_lower_tiers(config, backing, lower)
     }
 
-    /// Builds an engine with explicit tiers below L1 (tests, custom tiers).
+    /// Builds L1 and uses the given lower tiers (tests, custom tiers).
     pub fn with_lower_tiers(
         config: EngineConfig,
-        identity: ModelIdentity,
+        backing: PoolBacking,
         lower: Vec<TierSpec>,
-    ) -> Result<Engine> {
+    ) -> Result<Arc<EngineCore>> {
         config.validate()?;
-        let keys = KeySpace::new(identity, config.chunk_size, config.save_unfull_chunk)?;
-        let full_chunk = keys.identity().layout.chunk_bytes(config.chunk_size) as u64;
-        if full_chunk > config.max_local_cpu_size {
-            return Err(Error::config(
-                "max_local_cpu_size",
-                format!(
-                    "{} bytes cannot hold one chunk of {} tokens ({full_chunk} bytes for this model); raise it",
-                    config.max_local_cpu_size, config.chunk_size
-                ),
-            ));
-        }
         let l1 = Arc::new(CpuTier::new(CpuTierOptions {
             name: "cpu".into(),
             pool: PoolOptions {
                 bytes: config.max_local_cpu_size,
-                backing: PoolBacking::Anonymous,
+                backing,
                 huge_pages: config.local_cpu_huge_pages,
                 prefault: config.local_cpu_prefault,
             },
@@ -211,18 +251,97 @@ impl Engine {
             ..ManagerOptions::default()
         };
         let manager = StorageManager::new(l1, config.local_cpu, lower, opts, metrics.clone())?;
-        Ok(Engine {
+        Ok(Arc::new(EngineCore {
             config,
-            keys,
             manager,
             metrics,
-            origins: Mutex::default(),
-        })
+        }))
     }
 
     /// The configuration.
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// The storage manager.
+    pub fn manager(&self) -> &StorageManager {
+        &self.manager
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+}
+
+/// The engine for one model identity: the API over tokens and KV bytes. Several engines
+/// (models, ranks) can share one [`EngineCore`].
+pub struct Engine {
+    core: Arc<EngineCore>,
+    keys: KeySpace,
+    origins: Mutex<HashMap<Option<String>, Arc<Origin>>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model", &self.keys.identity().model_name)
+            .field("core", &self.core)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Builds an engine from config for one model identity (private anonymous pool).
+    pub fn new(config: EngineConfig, identity: ModelIdentity) -> Result<Engine> {
+        let core = EngineCore::open(config, identity.rank, PoolBacking::Anonymous)?;
+        Engine::attach(core, identity)
+    }
+
+    /// Builds an engine with explicit tiers below L1 (tests, custom tiers).
+    pub fn with_lower_tiers(
+        config: EngineConfig,
+        identity: ModelIdentity,
+        lower: Vec<TierSpec>,
+    ) -> Result<Engine> {
+        let core = EngineCore::with_lower_tiers(config, PoolBacking::Anonymous, lower)?;
+        Engine::attach(core, identity)
+    }
+
+    /// An engine for `identity` over an existing core (shared tiers and pool).
+    pub fn attach(core: Arc<EngineCore>, identity: ModelIdentity) -> Result<Engine> {
+        let config = &core.config;
+        let keys = KeySpace::new(identity, config.chunk_size, config.save_unfull_chunk)?;
+        let full_chunk = keys.identity().layout.chunk_bytes(config.chunk_size) as u64;
+        if full_chunk > core.manager.l1().pool().capacity() {
+            return Err(Error::config(
+                "max_local_cpu_size",
+                format!(
+                    "{} bytes cannot hold one chunk of {} tokens ({full_chunk} bytes for this model); raise it",
+                    config.max_local_cpu_size, config.chunk_size
+                ),
+            ));
+        }
+        Ok(Engine {
+            core,
+            keys,
+            origins: Mutex::default(),
+        })
+    }
+
+    /// Another model (or rank) sharing this engine's tiers and pool.
+    pub fn for_model(&self, identity: ModelIdentity) -> Result<Engine> {
+        Engine::attach(self.core.clone(), identity)
+    }
+
+    /// The shared core.
+    pub fn core(&self) -> &Arc<EngineCore> {
+        &self.core
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.core.config
     }
 
     /// The key space (model identity and chunking).
@@ -232,7 +351,7 @@ impl Engine {
 
     /// The storage manager (key-level operations).
     pub fn manager(&self) -> &StorageManager {
-        &self.manager
+        &self.core.manager
     }
 
     /// KV bytes per token for this model.
@@ -266,12 +385,16 @@ impl Engine {
         let t0 = Instant::now();
         let spans = self.keys.chunk_spans(tokens, cache_salt)?;
         let keys: Vec<ChunkKey> = spans.iter().map(|s| s.key).collect();
-        let r = self.manager.lookup(&keys)?;
+        let r = self.core.manager.lookup(&keys)?;
         let res = self.lookup_result(&spans, r);
-        self.metrics.lookups.inc();
-        self.metrics.requested_tokens.inc_by(tokens.len() as u64);
-        self.metrics.hit_tokens.inc_by(res.hit_tokens as u64);
-        self.metrics
+        self.core.metrics.lookups.inc();
+        self.core
+            .metrics
+            .requested_tokens
+            .inc_by(tokens.len() as u64);
+        self.core.metrics.hit_tokens.inc_by(res.hit_tokens as u64);
+        self.core
+            .metrics
             .lookup_seconds
             .observe(t0.elapsed().as_secs_f64());
         Ok(res)
@@ -296,20 +419,20 @@ impl Engine {
         tokens: &[u32],
         cache_salt: Option<&str>,
         ttl: Option<Duration>,
-    ) -> Result<Vec<crate::tier::PinToken>> {
+    ) -> Result<Vec<PinToken>> {
         let keys: Vec<ChunkKey> = self
             .keys
             .chunk_spans(tokens, cache_salt)?
             .iter()
             .map(|s| s.key)
             .collect();
-        let n = self.manager.l1().prefix_len(&keys);
-        Ok(self.manager.l1().pin(&keys[..n], ttl))
+        let n = self.core.manager.l1().prefix_len(&keys);
+        Ok(self.core.manager.l1().pin(&keys[..n], ttl))
     }
 
     /// Releases pins from [`Engine::pin`].
-    pub fn unpin(&self, pins: &[crate::tier::PinToken]) {
-        self.manager.l1().unpin(pins);
+    pub fn unpin(&self, pins: &[PinToken]) {
+        self.core.manager.l1().unpin(pins);
     }
 
     /// Stores a prompt's KV: every full chunk (and the tail with `save_unfull_chunk`).
@@ -323,9 +446,12 @@ impl Engine {
         payload: &[u8],
     ) -> Result<StoreReport> {
         let t0 = Instant::now();
-        let spans = self.keys.chunk_spans(tokens, cache_salt)?;
         let bpt = self.bytes_per_token();
-        let covered = spans.last().map_or(0, |s| s.end);
+        let covered = self
+            .keys
+            .num_chunks(tokens.len())
+            .min(tokens.len().div_ceil(self.keys.chunk_size()));
+        let covered = (covered * self.keys.chunk_size()).min(tokens.len());
         if payload.len() != covered * bpt && payload.len() != tokens.len() * bpt {
             return Err(Error::invalid(format!(
                 "KV payload is {} bytes; {} tokens of this model need {} bytes ({} bytes per token; {} if only the {covered} chunked tokens are passed)",
@@ -336,55 +462,120 @@ impl Engine {
                 covered * bpt
             )));
         }
-        let origin = self.origin(cache_salt)?;
-        let mut report = StoreReport::default();
-        for (i, span) in spans.iter().enumerate() {
-            let bytes = &payload[span.start * bpt..span.end * bpt];
-            match self.manager.claim(span.key) {
-                // Present in L1: skipped (C5). Its lower-tier writes were queued when it was
-                // first stored, or it came from a lower tier; re-sending every hot chunk to
-                // every tier on each store would multiply remote traffic.
-                StoreClaim::Present(_) => report.present_chunks += 1,
-                StoreClaim::InFlight => report.inflight_chunks += 1,
-                StoreClaim::New(claim) => {
-                    let Some(mut buf) = self.manager.allocate(bytes.len()) else {
-                        report.dropped_chunks = spans.len() - i;
-                        self.metrics
-                            .store_skipped
-                            .get_or_create(&Metrics::tier_reason(
-                                self.manager.l1().name(),
-                                "no_memory",
-                            ))
-                            .inc_by(report.dropped_chunks as u64);
-                        break;
-                    };
-                    let checksum = copy_with_checksum(buf.as_mut_slice(), bytes);
-                    let chunk = Chunk {
-                        info: ChunkInfo {
-                            key: span.key,
-                            num_tokens: span.len() as u32,
-                            len: bytes.len() as u64,
-                            checksum,
-                            origin: origin.clone(),
-                            created_ms: now_ms(),
-                        },
-                        buf: buf.seal(),
-                    };
-                    report.ticket.merge(self.manager.commit(claim, chunk));
-                    report.new_chunks += 1;
-                    report.new_bytes += bytes.len() as u64;
-                }
-            }
-            report.stored_tokens = span.end;
+        let mut session = self.begin_store(tokens, cache_salt)?;
+        for slot in &mut session.slots {
+            let src = &payload[slot.span.start * bpt..slot.span.end * bpt];
+            slot.checksum = Some(copy_with_checksum(slot.buf.as_mut_slice(), src));
         }
+        let report = self.commit_store(session);
         let dt = t0.elapsed().as_secs_f64();
-        self.metrics.store_seconds.observe(dt);
+        self.core.metrics.store_seconds.observe(dt);
         if report.new_bytes > 0 && dt > 0.0 {
-            self.metrics
+            self.core
+                .metrics
                 .store_gbps
                 .observe(report.new_bytes as f64 / dt / 1e9);
         }
         Ok(report)
+    }
+
+    /// First half of a store for writers that fill pool buffers in place (a shared-memory
+    /// client): claims every chunk not yet stored and allocates its buffer. Chunks present
+    /// or in flight elsewhere are skipped; allocation stops at the first chunk L1 cannot
+    /// make room for. Dropping the session releases claims and buffers.
+    pub fn begin_store(&self, tokens: &[u32], cache_salt: Option<&str>) -> Result<StoreSession> {
+        let spans = self.keys.chunk_spans(tokens, cache_salt)?;
+        let bpt = self.bytes_per_token();
+        let mut session = StoreSession {
+            origin: self.origin(cache_salt)?,
+            slots: Vec::new(),
+            stored_tokens: 0,
+            present_chunks: 0,
+            inflight_chunks: 0,
+            dropped_chunks: 0,
+        };
+        for (i, span) in spans.iter().enumerate() {
+            match self.core.manager.claim(span.key) {
+                // Present in L1: skipped (C5). Its lower-tier writes were queued when it was
+                // first stored, or it came from a lower tier; re-sending every hot chunk to
+                // every tier on each store would multiply remote traffic.
+                StoreClaim::Present(_) => session.present_chunks += 1,
+                StoreClaim::InFlight => session.inflight_chunks += 1,
+                StoreClaim::New(claim) => {
+                    let Some(buf) = self.core.manager.allocate(span.len() * bpt) else {
+                        session.dropped_chunks = spans.len() - i;
+                        self.core
+                            .metrics
+                            .store_skipped
+                            .get_or_create(&Metrics::tier_reason(
+                                self.core.manager.l1().name(),
+                                "no_memory",
+                            ))
+                            .inc_by(session.dropped_chunks as u64);
+                        break;
+                    };
+                    session.slots.push(StoreSlot {
+                        span: *span,
+                        buf,
+                        claim,
+                        checksum: None,
+                    });
+                }
+            }
+            session.stored_tokens = span.end;
+        }
+        Ok(session)
+    }
+
+    /// Second half of a store: seals the session's buffers (checksumming those the writer did
+    /// not), inserts them into L1 and queues the lower-tier writes.
+    pub fn commit_store(&self, session: StoreSession) -> StoreReport {
+        let mut report = StoreReport {
+            stored_tokens: session.stored_tokens,
+            present_chunks: session.present_chunks,
+            inflight_chunks: session.inflight_chunks,
+            dropped_chunks: session.dropped_chunks,
+            ..StoreReport::default()
+        };
+        for slot in session.slots {
+            let len = slot.buf.len() as u64;
+            let checksum = slot
+                .checksum
+                .unwrap_or_else(|| crate::chunk::checksum(slot.buf.as_slice()));
+            let chunk = Chunk {
+                info: ChunkInfo {
+                    key: slot.span.key,
+                    num_tokens: slot.span.len() as u32,
+                    len,
+                    checksum,
+                    origin: session.origin.clone(),
+                    created_ms: now_ms(),
+                },
+                buf: slot.buf.seal(),
+            };
+            report
+                .ticket
+                .merge(self.core.manager.commit(slot.claim, chunk));
+            report.new_chunks += 1;
+            report.new_bytes += len;
+        }
+        report
+    }
+
+    /// Loads the prompt's stored prefix and holds it: the returned chunks stay valid (and
+    /// unevictable) until the [`Acquired`] value drops. For readers that copy out of the
+    /// pool themselves (shared-memory clients).
+    pub fn acquire(&self, tokens: &[u32], cache_salt: Option<&str>) -> Result<Acquired> {
+        let spans = self.keys.chunk_spans(tokens, cache_salt)?;
+        let keys = spans.iter().map(|s| s.key).collect();
+        let loaded = self.core.manager.prefetch(keys).wait()?;
+        let n = loaded.chunks.len();
+        Ok(Acquired {
+            hit_tokens: if n == 0 { 0 } else { spans[n - 1].end },
+            spans: spans.into_iter().take(n).collect(),
+            chunks: loaded.chunks,
+            tiers: loaded.tiers,
+        })
     }
 
     /// Starts loading the prompt's stored prefix from wherever it is (non-blocking).
@@ -395,7 +586,7 @@ impl Engine {
             .iter()
             .map(|s| s.key)
             .collect();
-        Ok(self.manager.prefetch(keys))
+        Ok(self.core.manager.prefetch(keys))
     }
 
     /// Loads the prompt's stored prefix and copies it into `out` (laid out like `store`'s
@@ -418,7 +609,7 @@ impl Engine {
             )));
         }
         let keys = spans.iter().map(|s| s.key).collect();
-        let loaded = self.manager.prefetch(keys).wait()?;
+        let loaded = self.core.manager.prefetch(keys).wait()?;
         let mut bytes = 0u64;
         for (span, chunk) in spans.iter().zip(&loaded.chunks) {
             let dst = &mut out[span.start * bpt..span.end * bpt];
@@ -435,9 +626,12 @@ impl Engine {
         }
         let n = loaded.chunks.len();
         let dt = t0.elapsed().as_secs_f64();
-        self.metrics.retrieve_seconds.observe(dt);
+        self.core.metrics.retrieve_seconds.observe(dt);
         if bytes > 0 && dt > 0.0 {
-            self.metrics.retrieve_gbps.observe(bytes as f64 / dt / 1e9);
+            self.core
+                .metrics
+                .retrieve_gbps
+                .observe(bytes as f64 / dt / 1e9);
         }
         Ok(RetrieveReport {
             hit_tokens: if n == 0 { 0 } else { spans[n - 1].end },
@@ -447,29 +641,29 @@ impl Engine {
 
     /// Waits until queued lower-tier writes are done, at most `timeout`.
     pub fn flush(&self, timeout: Duration) -> bool {
-        self.manager.flush(timeout)
+        self.core.manager.flush(timeout)
     }
 
     /// Empties every tier.
     pub fn clear(&self) -> Result<Vec<(String, u64)>> {
-        self.manager.clear()
+        self.core.manager.clear()
     }
 
     /// Forgets every chunk of one tenant, in every tier.
     pub fn remove_salt(&self, salt: &str) -> Result<Vec<(String, u64)>> {
-        self.manager.remove_salt(salt)
+        self.core.manager.remove_salt(salt)
     }
 
     /// Prometheus text exposition of every metric.
     pub fn metrics_text(&self) -> String {
-        self.manager.refresh_metrics();
-        self.metrics.render()
+        self.core.manager.refresh_metrics();
+        self.core.metrics.render()
     }
 
     /// Snapshot of engine and tier numbers.
     pub fn stats(&self) -> EngineStats {
-        self.manager.refresh_metrics();
-        let m = &self.metrics;
+        self.core.manager.refresh_metrics();
+        let m = &self.core.metrics;
         let sum_ops = |fam: &prometheus_client::metrics::family::Family<
             crate::metrics::TierOpLabel,
             prometheus_client::metrics::counter::Counter,
@@ -481,6 +675,7 @@ impl Engine {
                 .sum::<u64>()
         };
         let tiers = self
+            .core
             .manager
             .usage()
             .into_iter()
@@ -496,7 +691,9 @@ impl Engine {
                     checksum_failures: m.checksum_failures.get_or_create(&l).get(),
                     errors: sum_ops(&m.tier_errors, &name),
                     timeouts: sum_ops(&m.tier_timeouts, &name),
-                    down: self.manager.tier_is_down(i),
+                    evictions: m.evictions.get_or_create(&l).get(),
+                    down: self.core.manager.tier_is_down(i),
+                    details: self.core.manager.tier_details(i),
                     name,
                     usage,
                 }
@@ -506,8 +703,93 @@ impl Engine {
             lookups: m.lookups.get(),
             requested_tokens: m.requested_tokens.get(),
             hit_tokens: m.hit_tokens.get(),
-            l1: self.manager.l1().stats(),
+            l1: self.core.manager.l1().stats(),
             tiers,
         }
+    }
+}
+
+struct EmbeddedLoad(PrefetchHandle);
+
+impl crate::api::PendingLoad for EmbeddedLoad {
+    fn wait(self: Box<Self>, timeout: Option<Duration>) -> Result<usize> {
+        let r = match timeout {
+            Some(t) => self.0.wait_timeout(t)?,
+            None => self.0.wait()?,
+        };
+        Ok(r.tokens())
+    }
+}
+
+impl crate::api::KvCache for Engine {
+    fn chunk_size(&self) -> usize {
+        self.keys.chunk_size()
+    }
+
+    fn bytes_per_token(&self) -> usize {
+        Engine::bytes_per_token(self)
+    }
+
+    fn lookup(&self, tokens: &[u32], cache_salt: Option<&str>) -> Result<LookupResult> {
+        Engine::lookup(self, tokens, cache_salt)
+    }
+
+    fn store(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        payload: &[u8],
+    ) -> Result<crate::api::StoreSummary> {
+        Ok(Engine::store(self, tokens, cache_salt, payload)?.summary())
+    }
+
+    fn retrieve(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        out: &mut [u8],
+    ) -> Result<RetrieveReport> {
+        Engine::retrieve(self, tokens, cache_salt, out)
+    }
+
+    fn prefetch(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+    ) -> Result<Box<dyn crate::api::PendingLoad>> {
+        Ok(Box::new(EmbeddedLoad(Engine::prefetch(
+            self, tokens, cache_salt,
+        )?)))
+    }
+
+    fn pin(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        ttl: Option<Duration>,
+    ) -> Result<Vec<PinToken>> {
+        Engine::pin(self, tokens, cache_salt, ttl)
+    }
+
+    fn unpin(&self, pins: &[PinToken]) -> Result<()> {
+        Engine::unpin(self, pins);
+        Ok(())
+    }
+
+    fn remove_salt(&self, salt: &str) -> Result<u64> {
+        Ok(Engine::remove_salt(self, salt)?.iter().map(|x| x.1).sum())
+    }
+
+    fn clear(&self) -> Result<u64> {
+        Ok(Engine::clear(self)?.iter().map(|x| x.1).sum())
+    }
+
+    fn flush(&self, timeout: Duration) -> Result<bool> {
+        Ok(Engine::flush(self, timeout))
+    }
+
+    fn stats_json(&self) -> Result<serde_json::Value> {
+        serde_json::to_value(self.stats())
+            .map_err(|e| Error::invalid(format!("stats are not JSON: {e}")))
     }
 }

@@ -1,0 +1,3 @@
+//! Network transports used by remote tiers.
+
+pub mod resp;
