@@ -2,6 +2,7 @@
 //! kvtier engine.
 
 mod bench;
+mod inspect;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -19,6 +20,8 @@ struct Cli {
 enum Command {
     /// Run a synthetic workload against an embedded engine and compare it with memcpy.
     Bench(bench::BenchArgs),
+    /// List what a disk tier directory holds (chunks, bytes, models, tenants) and verify it.
+    Inspect(inspect::InspectArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,6 +29,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(args) => bench::run(&args),
+        Command::Inspect(args) => inspect::run(&args),
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod baseline;
 mod buffers;
+mod disk;
 mod micro;
 mod report;
 mod workload;
@@ -31,6 +32,9 @@ pub enum WorkloadKind {
     LongDocQa,
     /// Fresh random prompts, never reused: measures store overhead against memcpy.
     Random,
+    /// The disk tier against same-run O_DIRECT I/O: durable writes, then reads after a
+    /// restart (see `--disk-dir`, `--disk-only`).
+    Disk,
 }
 
 impl WorkloadKind {
@@ -38,6 +42,7 @@ impl WorkloadKind {
         match self {
             WorkloadKind::LongDocQa => "long-doc-qa",
             WorkloadKind::Random => "random",
+            WorkloadKind::Disk => "disk",
         }
     }
 }
@@ -129,6 +134,13 @@ pub struct BenchArgs {
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Disk workload: directory on the device to measure [default: ./kvtier-bench-disk,
+    /// removed afterwards].
+    #[arg(long)]
+    pub disk_dir: Option<PathBuf>,
+    /// Disk workload: no CPU cache at all (L1 only stages I/O).
+    #[arg(long)]
+    pub disk_only: bool,
 }
 
 /// The resolved per-rank model shape.
@@ -274,7 +286,7 @@ impl Plan {
     pub fn total_queries(&self) -> usize {
         match self.workload {
             WorkloadKind::LongDocQa => self.docs * self.queries_per_doc,
-            WorkloadKind::Random => self.docs,
+            WorkloadKind::Random | WorkloadKind::Disk => self.docs,
         }
     }
 
@@ -293,6 +305,9 @@ fn default_docs(l1_bytes: u64, doc_bytes: usize) -> usize {
 
 /// Runs `kvtier bench`.
 pub fn run(args: &BenchArgs) -> Result<()> {
+    if args.workload == WorkloadKind::Disk {
+        return disk::run(args);
+    }
     let t0 = Instant::now();
     let shape = ModelShape::resolve(args)?;
     let cfg = engine_config(args)?;
@@ -327,6 +342,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut results = match plan.workload {
         WorkloadKind::LongDocQa => workload::long_doc_qa(&engine, &plan, &ring)?,
         WorkloadKind::Random => workload::random(&engine, &plan, &ring)?,
+        WorkloadKind::Disk => unreachable!("the disk workload returns early"),
     };
     let stats = engine.stats();
     workload::fill_engine_counters(&mut results, &stats);

@@ -13,7 +13,10 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub use cpu::{CpuTier, CpuTierOptions, CpuTierStats, PinToken};
-pub use disk::{DiskTier, DiskTierOptions, DiskTierStats};
+pub use disk::{
+    inspect as inspect_disk, BadRecord, DiskTier, DiskTierOptions, DiskTierStats, GroupCount,
+    InspectReport,
+};
 pub use fault::{Fault, FaultOp, FaultRule, FaultTier};
 pub use redis::url::RedisUrl;
 pub use redis::{RedisTier, RedisTierStats};

@@ -24,12 +24,14 @@
 //! eviction order. Invalid names and sizes are deleted.
 
 mod dir;
+mod inspect;
 mod io;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use dir::{DirOptions, DiskDir, ReadError};
+pub use inspect::{inspect, BadRecord, GroupCount, InspectReport};
 
 use super::{BufferSource, PutOutcome, Tier, TierFuture, TierUsage};
 use crate::chunk::Chunk;
