@@ -9,7 +9,9 @@ mod baseline;
 mod buffers;
 mod disk;
 mod micro;
+mod plot;
 mod report;
+mod sweep;
 mod workload;
 
 use std::path::PathBuf;
@@ -35,6 +37,9 @@ pub enum WorkloadKind {
     /// The disk tier against same-run O_DIRECT I/O: durable writes, then reads after a
     /// restart (see `--disk-dir`, `--disk-only`).
     Disk,
+    /// long-doc-qa as the document set grows from 0.5x to 4x the L1 budget, with and
+    /// without a disk tier: where each tier takes over.
+    Sweep,
 }
 
 impl WorkloadKind {
@@ -43,6 +48,7 @@ impl WorkloadKind {
             WorkloadKind::LongDocQa => "long-doc-qa",
             WorkloadKind::Random => "random",
             WorkloadKind::Disk => "disk",
+            WorkloadKind::Sweep => "sweep",
         }
     }
 }
@@ -141,6 +147,9 @@ pub struct BenchArgs {
     /// Disk workload: no CPU cache at all (L1 only stages I/O).
     #[arg(long)]
     pub disk_only: bool,
+    /// Write SVG plots (throughput against baselines, lookup latency, hit rate) here.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 /// The resolved per-rank model shape.
@@ -248,6 +257,8 @@ pub struct Plan {
     pub l1_bytes: u64,
     /// Seed.
     pub seed: u64,
+    /// Wait for lower-tier writes after each store.
+    pub sync_stores: bool,
 }
 
 impl Plan {
@@ -279,6 +290,7 @@ impl Plan {
             queries_per_doc: args.queries,
             l1_bytes: cfg.max_local_cpu_size,
             seed: args.seed,
+            sync_stores: false,
         })
     }
 
@@ -286,7 +298,7 @@ impl Plan {
     pub fn total_queries(&self) -> usize {
         match self.workload {
             WorkloadKind::LongDocQa => self.docs * self.queries_per_doc,
-            WorkloadKind::Random | WorkloadKind::Disk => self.docs,
+            WorkloadKind::Random | WorkloadKind::Disk | WorkloadKind::Sweep => self.docs,
         }
     }
 
@@ -305,8 +317,10 @@ fn default_docs(l1_bytes: u64, doc_bytes: usize) -> usize {
 
 /// Runs `kvtier bench`.
 pub fn run(args: &BenchArgs) -> Result<()> {
-    if args.workload == WorkloadKind::Disk {
-        return disk::run(args);
+    match args.workload {
+        WorkloadKind::Disk => return disk::run(args),
+        WorkloadKind::Sweep => return sweep::run(args),
+        _ => {}
     }
     let t0 = Instant::now();
     let shape = ModelShape::resolve(args)?;
@@ -342,7 +356,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut results = match plan.workload {
         WorkloadKind::LongDocQa => workload::long_doc_qa(&engine, &plan, &ring)?,
         WorkloadKind::Random => workload::random(&engine, &plan, &ring)?,
-        WorkloadKind::Disk => unreachable!("the disk workload returns early"),
+        WorkloadKind::Disk | WorkloadKind::Sweep => {
+            unreachable!("disk and sweep return early")
+        }
     };
     let stats = engine.stats();
     workload::fill_engine_counters(&mut results, &stats);
@@ -357,12 +373,63 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         wall_secs: t0.elapsed().as_secs_f64(),
         engine: stats,
     };
+    if let Some(dir) = &args.plot {
+        write_plots(dir, &report)?;
+    }
     if args.json {
         report.print_json()
     } else {
         report.print_table();
         Ok(())
     }
+}
+
+/// The three plots of a workload run.
+fn write_plots(dir: &std::path::Path, r: &Report) -> Result<()> {
+    let mut bars = vec![("memcpy (baseline)".to_string(), r.baseline.memcpy_gbps, 0)];
+    bars.push(("L1 store".into(), r.results.store_gbps, 1));
+    if let Some(g) = r.results.retrieve_gbps {
+        bars.push(("L1 retrieve".into(), g, 2));
+    }
+    let svg = plot::BarChart {
+        title: format!(
+            "{}: throughput against the same-run memcpy baseline",
+            r.workload
+        ),
+        y_label: "GB/s".into(),
+        bars,
+    };
+    plot::write(dir, "throughput.svg", &svg.to_svg())?;
+    let lat = plot::LineChart {
+        title: "lookup latency (hashing included), CDF".into(),
+        x_label: format!("µs (prompts of {} tokens)", r.config.doc_tokens),
+        y_label: "fraction of lookups".into(),
+        series: vec![plot::Series {
+            name: "workload lookups".into(),
+            points: plot::cdf(&r.results.lookup_us_samples),
+        }],
+        y_range: Some((0.0, 1.0)),
+    };
+    plot::write(dir, "lookup_latency.svg", &lat.to_svg())?;
+    let hits = plot::LineChart {
+        title: "cumulative hit rate over the run".into(),
+        x_label: "lookup".into(),
+        y_label: "hit tokens / requested tokens".into(),
+        series: vec![plot::Series {
+            name: r.workload.clone(),
+            points: r
+                .results
+                .hit_rate_series
+                .iter()
+                .enumerate()
+                .map(|(i, &h)| ((i + 1) as f64, h))
+                .collect(),
+        }],
+        y_range: Some((0.0, 1.0)),
+    };
+    plot::write(dir, "hit_rate.svg", &hits.to_svg())?;
+    info!(dir = %dir.display(), "plots written");
+    Ok(())
 }
 
 fn log_plan(shape: &ModelShape, plan: &Plan) {

@@ -164,6 +164,12 @@ pub struct ResultsSection {
     /// Random workload: memcpy of the same bytes, same chunking, GB/s.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memcpy_same_bytes_gbps: Option<f64>,
+    /// Every workload lookup latency, µs (for plots; not in the JSON).
+    #[serde(skip)]
+    pub lookup_us_samples: Vec<f64>,
+    /// Cumulative hit rate after each lookup (for plots; not in the JSON).
+    #[serde(skip)]
+    pub hit_rate_series: Vec<f64>,
 }
 
 /// Results relative to the memcpy baseline.

@@ -26,6 +26,7 @@ struct Tally {
     retrieve: Throughput,
     memcpy: Throughput,
     lookup_us: Vec<f64>,
+    hit_rate_series: Vec<f64>,
     requested_tokens: u64,
     hit_tokens: u64,
     dropped_chunks: u64,
@@ -56,6 +57,8 @@ impl Tally {
             dropped_chunks: self.dropped_chunks,
             restores: self.restores,
             verified_chunks: self.verified_chunks,
+            lookup_us_samples: self.lookup_us,
+            hit_rate_series: self.hit_rate_series,
             ..ResultsSection::default()
         }
     }
@@ -109,6 +112,10 @@ impl<'a> Ctx<'a> {
         let t0 = Instant::now();
         let rep = self.engine.store(tokens, None, &self.payload)?;
         let dt = t0.elapsed();
+        if self.plan.sync_stores {
+            // Let lower-tier writes land before the next request (sweeps with a disk tier).
+            self.engine.flush(std::time::Duration::from_secs(120));
+        }
         let bytes = self.l1_stored_bytes() - before;
         self.tally.store.add(bytes, dt);
         if rep.dropped_chunks > 0 {
@@ -129,6 +136,8 @@ impl<'a> Ctx<'a> {
         self.tally.lookup_us.push(t0.elapsed().as_secs_f64() * 1e6);
         self.tally.requested_tokens += tokens.len() as u64;
         self.tally.hit_tokens += hit as u64;
+        let rate = self.tally.hit_tokens as f64 / self.tally.requested_tokens.max(1) as f64;
+        self.tally.hit_rate_series.push(rate);
         Ok(hit)
     }
 
