@@ -48,8 +48,9 @@ pub enum PathSharding {
     Striped,
 }
 
-/// Every engine setting, with defaults.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+/// Every engine setting, with defaults. `Debug` and `Serialize` redact credentials in
+/// `remote_url`, so a config dump, a log line or `/stats` never shows a password.
+#[derive(Clone, PartialEq, serde::Serialize)]
 pub struct EngineConfig {
     /// Tokens per chunk.
     pub chunk_size: usize,
@@ -84,9 +85,27 @@ pub struct EngineConfig {
     /// Write a chunk to disk only once it has been stored this many times.
     pub disk_admit_after: u32,
     /// Remote tiers, consulted in order after local tiers.
+    #[serde(serialize_with = "serialize_redacted_urls")]
     pub remote_url: Vec<String>,
     /// Port of the admin HTTP endpoint (none by default).
     pub admin_port: Option<u16>,
+}
+
+fn serialize_redacted_urls<S: serde::Serializer>(
+    urls: &[String],
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    s.collect_seq(urls.iter().map(|u| crate::tier::redis::url::redact(u)))
+}
+
+impl std::fmt::Debug for EngineConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Through the redacting serializer, so secrets never reach logs.
+        match serde_json::to_string(self) {
+            Ok(j) => write!(f, "EngineConfig {j}"),
+            Err(_) => f.write_str("EngineConfig { .. }"),
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -594,6 +613,17 @@ mod tests {
         assert!(c.save_unfull_chunk && !c.local_cpu_huge_pages);
         assert_eq!(c.cache_policy, PolicyKind::S3Fifo);
         assert_eq!(c.remote_url, vec!["redis://h:6379".to_string()]);
+    }
+
+    #[test]
+    fn credentials_never_show_in_debug_or_serialized_config() {
+        let c = EngineConfig::from_yaml_str("remote_url: redis://user:hunter2@h:6379/0").unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        assert!(!serde_json::to_string(&c).unwrap().contains("hunter2"));
+        assert_eq!(
+            c.remote_url[0], "redis://user:hunter2@h:6379/0",
+            "the value itself is kept"
+        );
     }
 
     #[test]

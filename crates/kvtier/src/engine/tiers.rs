@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use crate::config::EngineConfig;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::manager::TierSpec;
-use crate::tier::DiskTier;
+use crate::tier::{DiskTier, RedisTier};
 
 /// The lower tiers of `config`, in lookup order.
 pub(crate) fn lower_tiers_from_config(config: &EngineConfig, rank: u32) -> Result<Vec<TierSpec>> {
@@ -13,11 +13,10 @@ pub(crate) fn lower_tiers_from_config(config: &EngineConfig, rank: u32) -> Resul
     if let Some(disk) = DiskTier::from_config(config, rank)? {
         lower.push(TierSpec::new(Arc::new(disk)));
     }
-    if !config.remote_url.is_empty() {
-        return Err(Error::config(
-            "remote_url",
-            "remote tiers are not available in this build yet; remove remote_url",
-        ));
+    // Remote stores after the disk, consulted in the order given. Built without connecting:
+    // an unreachable server is a tier fault (misses, skipped stores), not a startup failure.
+    for (i, url) in config.remote_url.iter().enumerate() {
+        lower.push(TierSpec::new(Arc::new(RedisTier::from_url(url, i)?)));
     }
     Ok(lower)
 }

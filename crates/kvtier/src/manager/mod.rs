@@ -565,10 +565,20 @@ impl Inner {
         op: &'static str,
         r: std::result::Result<Result<T>, tokio::time::error::Elapsed>,
     ) -> Option<T> {
+        self.settle_why(slot, op, r).ok()
+    }
+
+    /// Like [`Inner::settle`], keeping the reason of a failure.
+    pub(crate) fn settle_why<T>(
+        &self,
+        slot: &Slot,
+        op: &'static str,
+        r: std::result::Result<Result<T>, tokio::time::error::Elapsed>,
+    ) -> std::result::Result<T, String> {
         match r {
             Ok(Ok(v)) => {
                 slot.health.success();
-                Some(v)
+                Ok(v)
             }
             Ok(Err(e)) => {
                 tracing::debug!(tier = %slot.name, op, error = %e, "tier operation failed");
@@ -576,18 +586,31 @@ impl Inner {
                     .tier_errors
                     .get_or_create(&Metrics::tier_op(&slot.name, op))
                     .inc();
-                slot.health.failure(false, &e.to_string());
-                None
+                let why = e.to_string();
+                slot.health.failure(false, &why);
+                Err(why)
             }
             Err(_) => {
                 self.metrics
                     .tier_timeouts
                     .get_or_create(&Metrics::tier_op(&slot.name, op))
                     .inc();
-                slot.health
-                    .failure(true, &format!("{op} exceeded its deadline"));
-                None
+                let why = format!(
+                    "tier `{}`: {op} exceeded its {:?} deadline",
+                    slot.name,
+                    self.deadline_of(op)
+                );
+                slot.health.failure(true, &why);
+                Err(why)
             }
+        }
+    }
+
+    fn deadline_of(&self, op: &str) -> Duration {
+        if op == "put" {
+            self.opts.store_deadline
+        } else {
+            self.opts.read_deadline
         }
     }
 
@@ -632,19 +655,18 @@ impl Inner {
         self.handle.spawn(async move {
             let slot = &inner.lower[i];
             let r = tokio::time::timeout(inner.opts.store_deadline, slot.tier.put(chunk)).await;
-            let result = match inner.settle(slot, "put", r) {
-                Some(PutOutcome::Stored) => {
+            let result = match inner.settle_why(slot, "put", r) {
+                Ok(PutOutcome::Stored) => {
                     let l = Metrics::tier(&slot.name);
                     inner.metrics.stored_bytes.get_or_create(&l).inc_by(len);
                     inner.metrics.stored_chunks.get_or_create(&l).inc();
                     Ok(PutOutcome::Stored)
                 }
-                Some(PutOutcome::Skipped(reason)) => {
+                Ok(PutOutcome::Skipped(reason)) => {
                     inner.skip_store(slot, reason);
                     Ok(PutOutcome::Skipped(reason))
                 }
-                Some(o) => Ok(o),
-                None => Err(format!("write to tier `{}` failed or timed out", slot.name)),
+                other => other,
             };
             slot.inflight.lock().remove(&key);
             slot.queued_chunks.fetch_sub(1, Ordering::Relaxed);

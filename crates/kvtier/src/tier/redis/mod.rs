@@ -830,6 +830,17 @@ impl Tier for RedisTier {
         &self.name
     }
 
+    fn counters(&self) -> super::TierCounters {
+        super::TierCounters {
+            evictions: 0,
+            checksum_failures: self.stats().checksum_failures,
+        }
+    }
+
+    fn details(&self) -> serde_json::Value {
+        serde_json::to_value(self.stats()).unwrap_or_default()
+    }
+
     fn verifies_reads(&self) -> bool {
         true
     }

@@ -144,7 +144,11 @@ fn split_authority(rest: &str) -> (Option<&str>, &str, &str) {
 /// `scheme://user:***@host`), for messages about URLs that failed to parse.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+        // Not a URL: anything before an `@` may be a secret.
+        return match url.rfind('@') {
+            Some(at) => format!("***@{}", &url[at + 1..]),
+            None => url.to_string(),
+        };
     };
     let (userinfo, hosts, tail) = split_authority(rest);
     let tail = redact_query(tail);
@@ -471,5 +475,6 @@ mod tests {
         );
         assert_eq!(redact("redis://c:1"), "redis://c:1");
         assert_eq!(redact("redis://:pw@c"), "redis://:***@c");
+        assert_eq!(redact("u:pw@c"), "***@c");
     }
 }

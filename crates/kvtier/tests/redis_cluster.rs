@@ -1,0 +1,169 @@
+//! The Redis tier against a real 3-master Redis Cluster on loopback.
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::sync::Arc;
+
+use kvtier::chunk::{Dtype, KvLayout};
+use kvtier::keys::ModelIdentity;
+use kvtier::manager::TierSpec;
+use kvtier::tier::{PutOutcome, RedisTier};
+use kvtier::{Engine, EngineConfig};
+use redis_server::RedisCluster;
+
+fn config(urls: Vec<String>) -> EngineConfig {
+    EngineConfig {
+        chunk_size: 16,
+        max_local_cpu_size: 16 << 20,
+        local_cpu_huge_pages: false,
+        remote_url: urls,
+        ..EngineConfig::default()
+    }
+}
+
+fn identity() -> ModelIdentity {
+    ModelIdentity::new("test/cluster", KvLayout::simple(2, 4, 64, Dtype::F16))
+}
+
+fn kv(e: &Engine, tokens: &[u32]) -> Vec<u8> {
+    (0..e.payload_bytes(tokens.len()))
+        .map(|i| (i * 13 % 251) as u8)
+        .collect()
+}
+
+#[test]
+fn two_engines_share_prefixes_through_a_cluster() {
+    let Some(cluster) = RedisCluster::start(3) else {
+        return;
+    };
+    let url = cluster.url("?prefix=c:");
+    let a = Engine::new(config(vec![url.clone()]), identity()).unwrap();
+    let tier = Arc::new(RedisTier::from_url(&url, 0).unwrap());
+    let b = Engine::with_lower_tiers(
+        config(Vec::new()),
+        identity(),
+        vec![TierSpec::new(tier.clone())],
+    )
+    .unwrap();
+    let tokens: Vec<u32> = (0..320).collect(); // 20 chunks: spread over the 3 masters
+    let payload = kv(&a, &tokens);
+    let r = a.store(&tokens, None, &payload).unwrap();
+    let outs = r.ticket.wait();
+    assert_eq!(outs.len(), 20);
+    assert!(
+        outs.iter().all(|w| w.result == Ok(PutOutcome::Stored)),
+        "{:?}",
+        outs.iter().find(|w| w.result.is_err()).map(|w| &w.result)
+    );
+    // Keys really are spread over the masters.
+    let per_node: Vec<usize> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.cli(&["dbsize"]).trim().parse().unwrap())
+        .collect();
+    assert_eq!(per_node.iter().sum::<usize>(), 20);
+    assert!(
+        per_node.iter().filter(|&&n| n > 0).count() >= 2,
+        "{per_node:?}"
+    );
+
+    let l = b.lookup(&tokens, None).unwrap();
+    assert_eq!((l.hit_tokens, l.tiers), (320, vec![1; 20]));
+    let mut out = vec![0u8; payload.len()];
+    let r = b.retrieve(&tokens, None, &mut out).unwrap();
+    assert_eq!(r.hit_tokens, 320);
+    assert_eq!(out, payload);
+    let s = b.stats();
+    assert_eq!(s.tiers[1].write_backs, 20);
+    assert_eq!(s.l1.chunks, 20);
+    assert_eq!(tier.stats().hits, 20);
+
+    // A seed that is not the first node works too, and clear reaches every master.
+    let url2 = format!(
+        "redis+cluster://127.0.0.1:{}?prefix=c:",
+        cluster.nodes[2].port
+    );
+    let c = Engine::new(config(vec![url2]), identity()).unwrap();
+    assert_eq!(c.lookup(&tokens, None).unwrap().hit_tokens, 320);
+    let cleared = c.clear().unwrap();
+    assert!(cleared.contains(&("redis".to_string(), 20)), "{cleared:?}");
+}
+
+#[test]
+fn moved_slots_are_followed() {
+    let Some(cluster) = RedisCluster::start(3) else {
+        return;
+    };
+    let url = cluster.url("?prefix=m:");
+    let tier = Arc::new(RedisTier::from_url(&url, 0).unwrap());
+    let a = Engine::with_lower_tiers(
+        config(Vec::new()),
+        identity(),
+        vec![TierSpec::new(tier.clone())],
+    )
+    .unwrap();
+    let tokens: Vec<u32> = (1000..1160).collect(); // 10 chunks
+    let payload = kv(&a, &tokens);
+    assert!(a
+        .store(&tokens, None, &payload)
+        .unwrap()
+        .ticket
+        .wait()
+        .iter()
+        .all(|w| w.result == Ok(PutOutcome::Stored)));
+
+    // Move the slot of chunk 0's key from its owner to another master, behind the tier's back.
+    let key = format!("m:{}", a.chunk_spans(&tokens, None).unwrap()[0].key);
+    let slot: u16 = cluster.nodes[0]
+        .cli(&["cluster", "keyslot", &key])
+        .trim()
+        .parse()
+        .unwrap();
+    let ids: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.cli(&["cluster", "myid"]).trim().to_string())
+        .collect();
+    let owner = cluster
+        .nodes
+        .iter()
+        .position(|n| {
+            n.cli(&["cluster", "countkeysinslot", &slot.to_string()])
+                .trim()
+                != "0"
+        })
+        .expect("owner");
+    let dest = (owner + 1) % 3;
+    let (src_n, dst_n) = (&cluster.nodes[owner], &cluster.nodes[dest]);
+    let s = slot.to_string();
+    assert!(dst_n
+        .cli(&["cluster", "setslot", &s, "importing", &ids[owner]])
+        .contains("OK"));
+    assert!(src_n
+        .cli(&["cluster", "setslot", &s, "migrating", &ids[dest]])
+        .contains("OK"));
+    let mig = src_n.cli(&[
+        "migrate",
+        "127.0.0.1",
+        &dst_n.port.to_string(),
+        &key,
+        "0",
+        "5000",
+    ]);
+    assert!(mig.contains("OK"), "{mig}");
+    for n in &cluster.nodes {
+        n.cli(&["cluster", "setslot", &s, "node", &ids[dest]]);
+    }
+    // The tier still routes chunk 0 to the old owner: MOVED is followed and the map refreshed.
+    let b = Engine::with_lower_tiers(
+        config(Vec::new()),
+        identity(),
+        vec![TierSpec::new(tier.clone())],
+    )
+    .unwrap();
+    let mut out = vec![0u8; payload.len()];
+    assert_eq!(b.retrieve(&tokens, None, &mut out).unwrap().hit_tokens, 160);
+    assert_eq!(out, payload);
+    assert!(tier.stats().redirects >= 1);
+}

@@ -1,0 +1,239 @@
+//! Test harness: real `redis-server` processes on free loopback ports, killed on drop.
+//!
+//! Include with `#[path = "support/redis_server.rs"] mod redis_server;`. When `redis-server`
+//! is not installed, [`RedisServer::start`] prints `SKIPPED: redis-server not found` and
+//! returns `None` (CI installs it with `apt-get install -y redis-server redis-tools`).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Finds an executable on `PATH` or in the usual system directories.
+pub fn find_bin(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.extend(["/usr/bin", "/usr/sbin", "/usr/local/bin"].map(PathBuf::from));
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// Whether the tests can run; prints the skip message when not.
+pub fn available() -> bool {
+    if find_bin("redis-server").is_some() {
+        true
+    } else {
+        println!("SKIPPED: redis-server not found (apt-get install -y redis-server redis-tools)");
+        false
+    }
+}
+
+/// A free loopback port `p` (with `p + 10000` free too, for the cluster bus).
+pub fn free_port() -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let p = l.local_addr().unwrap().port();
+        if p < 55_000 && TcpListener::bind(("127.0.0.1", p + 10_000)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// A running `redis-server`.
+pub struct RedisServer {
+    child: Option<Child>,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    dir: tempfile::TempDir,
+    extra: Vec<String>,
+}
+
+/// Sends one inline command on a fresh connection and returns the first reply line.
+pub fn raw_command(port: u16, cmd: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(
+        &format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_millis(500),
+    )?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(format!("{cmd}\r\n").as_bytes())?;
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+impl RedisServer {
+    /// Starts a server with extra arguments (e.g. `["--requirepass", "pw"]`); `None` (after
+    /// printing the skip message) when redis-server is not installed.
+    pub fn start(extra: &[&str]) -> Option<RedisServer> {
+        if !available() {
+            return None;
+        }
+        let mut s = RedisServer {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        s.spawn();
+        Some(s)
+    }
+
+    /// Working directory of the server.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn spawn(&mut self) {
+        let bin = find_bin("redis-server").expect("redis-server");
+        let port = self.port.to_string();
+        let child = Command::new(bin)
+            .current_dir(self.dir.path())
+            .args([
+                "--port",
+                &port,
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--daemonize", "no", "--protected-mode", "no"])
+            .args(["--logfile", "redis.log"])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning redis-server");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(15) {
+            if let Ok(r) = raw_command(self.port, "PING") {
+                // A password-protected server answers NOAUTH: it is up.
+                if r.starts_with("+PONG") || r.starts_with("-NOAUTH") {
+                    return;
+                }
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    let log = std::fs::read_to_string(self.dir.path().join("redis.log"))
+                        .unwrap_or_default();
+                    panic!(
+                        "redis-server exited ({status}) on port {}:\n{log}",
+                        self.port
+                    );
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on port {} did not answer PING", self.port);
+    }
+
+    /// `redis://127.0.0.1:<port>` plus `suffix` (e.g. `"/0?prefix=t:"`).
+    pub fn url(&self, suffix: &str) -> String {
+        format!("redis://127.0.0.1:{}{suffix}", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Runs `redis-cli -p <port> args...` and returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let bin = find_bin("redis-cli").expect("redis-cli");
+        let out = Command::new(bin)
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("running redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Redis Cluster of `n` masters (no replicas) on loopback.
+pub struct RedisCluster {
+    /// The masters.
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `n` cluster-enabled servers and joins them with `redis-cli --cluster create`.
+    pub fn start(n: usize) -> Option<RedisCluster> {
+        if !available() {
+            return None;
+        }
+        if find_bin("redis-cli").is_none() {
+            println!("SKIPPED: redis-cli not found (apt-get install -y redis-tools)");
+            return None;
+        }
+        let args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "5000",
+        ];
+        let nodes: Vec<RedisServer> = (0..n)
+            .map(|_| RedisServer::start(&args).expect("redis-server"))
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        let out = Command::new(find_bin("redis-cli").unwrap())
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let t0 = Instant::now();
+        loop {
+            let ok = nodes
+                .iter()
+                .all(|s| s.cli(&["cluster", "info"]).contains("cluster_state:ok"));
+            if ok {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "cluster never became ok"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(RedisCluster { nodes })
+    }
+
+    /// `redis+cluster://` URL naming the first node as the only seed, plus `suffix`.
+    pub fn url(&self, suffix: &str) -> String {
+        format!("redis+cluster://127.0.0.1:{}{suffix}", self.nodes[0].port)
+    }
+}
