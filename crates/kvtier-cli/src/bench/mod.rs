@@ -10,6 +10,7 @@ mod buffers;
 mod disk;
 mod micro;
 mod plot;
+mod remote;
 mod report;
 mod sweep;
 mod workload;
@@ -40,6 +41,9 @@ pub enum WorkloadKind {
     /// long-doc-qa as the document set grows from 0.5x to 4x the L1 budget, with and
     /// without a disk tier: where each tier takes over.
     Sweep,
+    /// The Redis/Valkey tier (local tiers off) against redis-benchmark on the same server
+    /// (see `--remote-url`; default: a redis-server started for the run).
+    Remote,
 }
 
 impl WorkloadKind {
@@ -49,6 +53,7 @@ impl WorkloadKind {
             WorkloadKind::Random => "random",
             WorkloadKind::Disk => "disk",
             WorkloadKind::Sweep => "sweep",
+            WorkloadKind::Remote => "remote",
         }
     }
 }
@@ -150,6 +155,9 @@ pub struct BenchArgs {
     /// Write SVG plots (throughput against baselines, lookup latency, hit rate) here.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Remote workload: the Redis/Valkey URL to measure [default: start a redis-server].
+    #[arg(long)]
+    pub remote_url: Option<String>,
 }
 
 /// The resolved per-rank model shape.
@@ -298,7 +306,7 @@ impl Plan {
     pub fn total_queries(&self) -> usize {
         match self.workload {
             WorkloadKind::LongDocQa => self.docs * self.queries_per_doc,
-            WorkloadKind::Random | WorkloadKind::Disk | WorkloadKind::Sweep => self.docs,
+            _ => self.docs,
         }
     }
 
@@ -320,6 +328,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     match args.workload {
         WorkloadKind::Disk => return disk::run(args),
         WorkloadKind::Sweep => return sweep::run(args),
+        WorkloadKind::Remote => return remote::run(args),
         _ => {}
     }
     let t0 = Instant::now();
@@ -356,8 +365,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut results = match plan.workload {
         WorkloadKind::LongDocQa => workload::long_doc_qa(&engine, &plan, &ring)?,
         WorkloadKind::Random => workload::random(&engine, &plan, &ring)?,
-        WorkloadKind::Disk | WorkloadKind::Sweep => {
-            unreachable!("disk and sweep return early")
+        WorkloadKind::Disk | WorkloadKind::Sweep | WorkloadKind::Remote => {
+            unreachable!("these workloads return early")
         }
     };
     let stats = engine.stats();
