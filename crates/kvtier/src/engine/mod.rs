@@ -55,34 +55,34 @@ pub struct LookupResult {
     pub tiers: Vec<usize>,
 }
 
-/// What a store did.
+/// What a store did: the counts (a [`StoreSummary`](crate::api::StoreSummary), readable
+/// directly through `Deref`, e.g. `report.stored_tokens`) plus the ticket of the lower-tier
+/// writes it queued.
 #[derive(Default)]
 pub struct StoreReport {
-    /// Leading tokens now held by L1 or on their way to it: the prefix the store got to (C5).
-    pub stored_tokens: usize,
-    /// Chunks newly written.
-    pub new_chunks: usize,
-    /// Chunks already present (skipped).
-    pub present_chunks: usize,
-    /// Chunks another store is writing right now (skipped).
-    pub inflight_chunks: usize,
-    /// Chunks not stored because L1 had no room for them (the store stopped there).
-    pub dropped_chunks: usize,
-    /// Payload bytes copied into the engine by this store.
-    pub new_bytes: u64,
+    /// The counts.
+    pub summary: crate::api::StoreSummary,
     /// Lower-tier writes started by this store; wait on it for durability.
     pub ticket: StoreTicket,
+}
+
+impl std::ops::Deref for StoreReport {
+    type Target = crate::api::StoreSummary;
+    fn deref(&self) -> &Self::Target {
+        &self.summary
+    }
+}
+
+impl std::ops::DerefMut for StoreReport {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.summary
+    }
 }
 
 impl std::fmt::Debug for StoreReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreReport")
-            .field("stored_tokens", &self.stored_tokens)
-            .field("new_chunks", &self.new_chunks)
-            .field("present_chunks", &self.present_chunks)
-            .field("inflight_chunks", &self.inflight_chunks)
-            .field("dropped_chunks", &self.dropped_chunks)
-            .field("new_bytes", &self.new_bytes)
+            .field("summary", &self.summary)
             .field("queued_writes", &self.ticket.len())
             .finish()
     }
@@ -98,16 +98,9 @@ pub struct RetrieveReport {
 }
 
 impl StoreReport {
-    /// The report without its ticket, for crossing process boundaries.
+    /// The counts without the ticket, for crossing process boundaries.
     pub fn summary(&self) -> crate::api::StoreSummary {
-        crate::api::StoreSummary {
-            stored_tokens: self.stored_tokens,
-            new_chunks: self.new_chunks,
-            present_chunks: self.present_chunks,
-            inflight_chunks: self.inflight_chunks,
-            dropped_chunks: self.dropped_chunks,
-            new_bytes: self.new_bytes,
-        }
+        self.summary.clone()
     }
 }
 
@@ -531,11 +524,14 @@ impl Engine {
     /// not), inserts them into L1 and queues the lower-tier writes.
     pub fn commit_store(&self, session: StoreSession) -> StoreReport {
         let mut report = StoreReport {
-            stored_tokens: session.stored_tokens,
-            present_chunks: session.present_chunks,
-            inflight_chunks: session.inflight_chunks,
-            dropped_chunks: session.dropped_chunks,
-            ..StoreReport::default()
+            summary: crate::api::StoreSummary {
+                stored_tokens: session.stored_tokens,
+                present_chunks: session.present_chunks,
+                inflight_chunks: session.inflight_chunks,
+                dropped_chunks: session.dropped_chunks,
+                ..Default::default()
+            },
+            ticket: StoreTicket::default(),
         };
         for slot in session.slots {
             let len = slot.buf.len() as u64;
