@@ -15,13 +15,16 @@ struct Cli {
     command: Command,
 }
 
-/// Subcommands. `serve` and `inspect` will join `bench` here.
+/// Subcommands.
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a synthetic workload against an embedded engine and compare it with memcpy.
     Bench(bench::BenchArgs),
     /// List what a disk tier directory holds (chunks, bytes, models, tenants) and verify it.
     Inspect(inspect::InspectArgs),
+    /// Run the cache server: one engine per node shared by many engine processes over a
+    /// Unix socket (shared-memory transfers) and optionally TCP, with admin HTTP.
+    Serve(kvtier_server::cli::ServeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -29,6 +32,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(args) => bench::run(&args),
+        Command::Serve(args) => kvtier_server::cli::run(&args),
         Command::Inspect(args) => inspect::run(&args),
     }
 }

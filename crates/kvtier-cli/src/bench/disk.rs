@@ -10,22 +10,19 @@
 //! 3. Engine B opens the same directory (a restart: empty L1, index rebuilt from disk) and
 //!    retrieves every document; every chunk comes from disk.
 
-use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use kvtier::manager::StoreTicket;
-use kvtier::tier::PutOutcome;
 use kvtier::{Engine, EngineConfig};
 use serde::Serialize;
 use tracing::{info, warn};
 
 use super::buffers::{AlignedBuf, SourceRing, GIB};
 use super::report::{gbps, human_bytes};
-use super::{BenchArgs, ModelShape};
+use super::{stream, BenchArgs, ModelShape};
 
 /// Chunks a store may have in flight to disk before the bench waits for acknowledgements.
 const WINDOW: usize = 8;
@@ -135,7 +132,8 @@ fn baseline(dir: &Path, buf: &mut AlignedBuf, n: usize) -> Result<DiskBaseline> 
         f.read_exact_at(&mut buf[..], 0)?;
     }
     let read = gbps((n * len) as u64, t0.elapsed().as_secs_f64());
-    std::fs::remove_dir_all(&base).ok();
+    // The files stay until the run ends: deleting them now (with `discard` mounts) would
+    // put their discard work inside the engine's timed writes.
     Ok(DiskBaseline {
         disk_write_gbps: write,
         disk_write_durable_gbps: durable,
@@ -176,20 +174,6 @@ fn engine_config(
     ];
     cfg.apply_pairs(pairs.iter().map(|(k, v)| (*k, v.as_str())))?;
     Ok(cfg)
-}
-
-/// Waits for the oldest in-flight stores until at most `keep` remain; counts acknowledged
-/// and skipped chunk writes.
-fn drain(window: &mut VecDeque<StoreTicket>, keep: usize, acked: &mut usize, skipped: &mut usize) {
-    while window.len() > keep {
-        let Some(t) = window.pop_front() else { break };
-        for o in t.wait() {
-            match o.result {
-                Ok(PutOutcome::Stored) | Ok(PutOutcome::AlreadyPresent) => *acked += 1,
-                _ => *skipped += 1,
-            }
-        }
-    }
 }
 
 /// Runs the disk scenario.
@@ -234,34 +218,25 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let tier_dir = dir.join("tier");
     let cfg = engine_config(args, &tier_dir, data_bytes, chunk_bytes)?;
     let doc_len = args.doc_tokens;
-    let mut payload = AlignedBuf::new(doc_len * layout.bytes_per_token());
 
     // Engine A: store everything, a window of chunks in flight, until all are durable.
-    let (acked, skipped, write_secs, stats_w) = {
+    let (streamed, stats_w) = {
         let engine =
             Engine::new(cfg.clone(), shape.identity()).context("building the writer engine")?;
-        let mut window = VecDeque::new();
-        let (mut acked, mut skipped) = (0, 0);
-        let t0 = Instant::now();
-        for d in 0..docs {
-            ring.compose(d as u64, &mut payload);
-            let tokens = doc_tokens(d, doc_len);
-            // Grow the prompt one chunk per store so writes stream with a bounded window.
-            for c in 1..=chunks_per_doc {
-                let n = c * chunk_size;
-                let bpt = layout.bytes_per_token();
-                let rep = engine.store(&tokens[..n], None, &payload[..n * bpt])?;
-                window.push_back(rep.ticket);
-                drain(&mut window, WINDOW, &mut acked, &mut skipped);
-            }
-        }
-        drain(&mut window, 0, &mut acked, &mut skipped);
-        let secs = t0.elapsed().as_secs_f64();
+        let streamed = stream::store_documents(
+            &engine,
+            &ring,
+            docs,
+            doc_len,
+            |d| doc_tokens(d, doc_len),
+            WINDOW,
+        )?;
         if !engine.flush(Duration::from_secs(120)) {
             warn!("disk writes still queued after 120 s");
         }
-        (acked, skipped, secs, engine.stats())
+        (streamed, engine.stats())
     };
+    let (acked, skipped, write_secs) = (streamed.acked, streamed.skipped, streamed.secs);
     let write_gbps = gbps((acked * chunk_bytes) as u64, write_secs);
 
     // Engine B: restart over the same directory; every read comes from disk.
@@ -289,6 +264,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     drop(engine);
     if args.disk_dir.is_none() {
         std::fs::remove_dir_all(&dir).ok();
+    } else {
+        std::fs::remove_dir_all(dir.join("baseline")).ok();
     }
     let read_gbps = gbps(bytes, secs);
     let rel = |x: f64, b: f64| if b > 0.0 { x / b } else { 0.0 };

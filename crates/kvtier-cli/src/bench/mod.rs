@@ -12,6 +12,8 @@ mod micro;
 mod plot;
 mod remote;
 mod report;
+mod server;
+mod stream;
 mod sweep;
 mod workload;
 
@@ -158,6 +160,13 @@ pub struct BenchArgs {
     /// Remote workload: the Redis/Valkey URL to measure [default: start a redis-server].
     #[arg(long)]
     pub remote_url: Option<String>,
+    /// Also run the store/retrieve/lookup phase through a `kvtier serve` server at this
+    /// address (unix:/path or tcp:host:port) and report it against the embedded engine.
+    #[arg(long, conflicts_with = "spawn_server")]
+    pub server: Option<String>,
+    /// Like `--server`, with a server this bench starts (`kvtier serve`) and stops.
+    #[arg(long)]
+    pub spawn_server: bool,
 }
 
 /// The resolved per-rank model shape.
@@ -385,11 +394,18 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if let Some(dir) = &args.plot {
         write_plots(dir, &report)?;
     }
-    if args.json {
-        report.print_json()
-    } else {
-        report.print_table();
-        Ok(())
+    drop(engine);
+    let server = server::maybe_run(args, &shape, &cfg, &plan, &ring)?;
+    match (args.json, &server) {
+        (true, Some(sv)) => server::print_json(&report, sv),
+        (true, None) => report.print_json(),
+        (false, sv) => {
+            report.print_table();
+            if let Some(sv) = sv {
+                sv.print_table();
+            }
+            Ok(())
+        }
     }
 }
 

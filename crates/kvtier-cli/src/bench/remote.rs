@@ -5,7 +5,6 @@
 //! remote tier and every retrieve comes from it. Without `--remote-url` the bench starts its
 //! own `redis-server` on a free loopback port and stops it afterwards.
 
-use std::collections::VecDeque;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,7 +16,7 @@ use tracing::info;
 
 use super::buffers::{AlignedBuf, SourceRing, MIB};
 use super::report::gbps;
-use super::{BenchArgs, ModelShape};
+use super::{stream, BenchArgs, ModelShape};
 
 /// Stores in flight before the bench waits for acknowledgements.
 const WINDOW: usize = 8;
@@ -205,35 +204,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .map(|i| (d as u32).wrapping_mul(2_654_435_761) ^ i)
             .collect()
     };
-    let mut payload = AlignedBuf::new(args.doc_tokens * bpt);
-
     let (acked, store_secs, stats_w) = {
         let engine =
             Engine::new(cfg.clone(), shape.identity()).context("building the writer engine")?;
-        let mut window = VecDeque::new();
-        let mut acked = 0;
-        let t0 = Instant::now();
-        for d in 0..docs {
-            ring.compose(d as u64, &mut payload);
-            let tokens = doc_tokens(d);
-            for c in 1..=per_doc {
-                let n = c * chunk_size;
-                window.push_back(
-                    engine
-                        .store(&tokens[..n], None, &payload[..n * bpt])?
-                        .ticket,
-                );
-                while window.len() > WINDOW {
-                    acked += window
-                        .pop_front()
-                        .map_or(0, |t| t.wait().iter().filter(|o| o.result.is_ok()).count());
-                }
-            }
-        }
-        for t in window {
-            acked += t.wait().iter().filter(|o| o.result.is_ok()).count();
-        }
-        (acked, t0.elapsed().as_secs_f64(), engine.stats())
+        let s = stream::store_documents(&engine, &ring, docs, args.doc_tokens, doc_tokens, WINDOW)?;
+        (s.acked, s.secs, engine.stats())
     };
     let engine = Engine::new(cfg, shape.identity()).context("building the reader engine")?;
     let mut out = AlignedBuf::new(args.doc_tokens * bpt);

@@ -14,9 +14,10 @@ use hashlink::LruCache;
 use parking_lot::Mutex;
 use rayon::prelude::*;
 
+use super::commit::GroupCommit;
 use super::io::{
     create_new, is_aligned, is_direct_unsupported, is_no_space, open_read, probe_direct,
-    round_block, sync_dir, AlignedBuf, BLOCK,
+    read_exact_vectored_at, round_block, sync_dir, write_all_vectored_at, AlignedBuf, BLOCK,
 };
 use crate::chunk::{record, Chunk, ChunkInfo};
 use crate::error::{Error, Result};
@@ -118,6 +119,8 @@ pub(crate) struct Counters {
     pub recovered_chunks: AtomicU64,
     pub recovery_removed: AtomicU64,
     pub recovery_micros: AtomicU64,
+    pub commit_groups: AtomicU64,
+    pub committed: AtomicU64,
 }
 
 /// How a read failed.
@@ -139,7 +142,17 @@ pub(crate) struct DiskDir {
     direct: AtomicBool,
     full: AtomicBool,
     state: Mutex<State>,
+    /// Batches the durability step of concurrent puts.
+    commit: GroupCommit<Pending>,
     pub(crate) counters: Counters,
+}
+
+/// A tmp file written (not yet flushed) and waiting for its commit round.
+struct Pending {
+    file: fs::File,
+    tmp: PathBuf,
+    dst: PathBuf,
+    shard: u8,
 }
 
 impl std::fmt::Debug for DiskDir {
@@ -262,6 +275,7 @@ impl DiskDir {
             st.bytes += size;
         }
         let dir = DiskDir {
+            commit: GroupCommit::default(),
             tmp,
             capacity: opts.capacity,
             admit_after: opts.admit_after.max(1),
@@ -373,7 +387,8 @@ impl DiskDir {
         }
     }
 
-    /// Stores a chunk durably (C5): tmp file, fdatasync, rename, directory fsync.
+    /// Stores a chunk durably (C5): tmp file, then a commit round shared with concurrent
+    /// puts (fdatasync, rename, shard directory fsync).
     pub(crate) fn put(&self, chunk: &Chunk) -> PutOutcome {
         let key = chunk.info.key;
         let len = chunk.info.len;
@@ -513,7 +528,7 @@ impl DiskDir {
         }
     }
 
-    /// Writes the record file; on error nothing is left behind.
+    /// Writes the record file durably; on error nothing is left behind.
     fn write_file(
         &self,
         key: &ChunkKey,
@@ -524,29 +539,73 @@ impl DiskDir {
         let tmp = self
             .tmp
             .join(format!("{}.{:016x}", key.to_hex(), rand::random::<u64>()));
-        let dst = self.final_path(key, salt);
-        let mut renamed = false;
-        let r = (|| {
-            let direct = self.direct.load(Ordering::Relaxed);
-            match write_tmp(&tmp, header, chunk, direct) {
-                Err(e) if direct && is_direct_unsupported(&e) => {
-                    let _ = fs::remove_file(&tmp);
-                    self.disable_direct(&e);
-                    write_tmp(&tmp, header, chunk, false)?;
-                }
-                r => r?,
+        let direct = self.direct.load(Ordering::Relaxed);
+        let file = match write_tmp(&tmp, header, chunk, direct) {
+            Err(e) if direct && is_direct_unsupported(&e) => {
+                let _ = fs::remove_file(&tmp);
+                self.disable_direct(&e);
+                write_tmp(&tmp, header, chunk, false)
             }
-            fs::rename(&tmp, &dst)?;
-            renamed = true;
-            sync_dir(dst.parent().unwrap_or(&self.root))
-        })();
-        if r.is_err() {
-            let _ = fs::remove_file(&tmp);
-            if renamed {
-                let _ = fs::remove_file(&dst);
+            r => r,
+        };
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let p = Pending {
+            file,
+            dst: self.final_path(key, salt),
+            tmp,
+            shard: key.0[0],
+        };
+        self.commit.submit(p, |group| self.commit_round(group))
+    }
+
+    /// One commit round for a group of written tmp files: make their data durable, rename
+    /// them into place, make the new directory entries durable. One result per file; a
+    /// failed file is removed (under either name).
+    fn commit_round(&self, group: Vec<Pending>) -> Vec<io::Result<()>> {
+        self.counters.commit_groups.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .committed
+            .fetch_add(group.len() as u64, Ordering::Relaxed);
+        // 1. Data (and file size) durable: the fdatasyncs run in parallel, so the file
+        //    system commits the group's metadata in one journal transaction and the block
+        //    layer merges the device flushes. (`syncfs` measured no faster here, and would
+        //    also write back unrelated dirty data and blame every file for any error.)
+        let mut res = parallel(&group, |p| p.file.sync_data());
+        // 2. Renames.
+        for (p, r) in group.iter().zip(res.iter_mut()) {
+            if r.is_ok() {
+                *r = fs::rename(&p.tmp, &p.dst);
+            }
+            if r.is_err() {
+                let _ = fs::remove_file(&p.tmp);
             }
         }
-        r
+        // 3. Directory entries durable: each touched shard directory once.
+        let mut touched: Vec<u8> = group
+            .iter()
+            .zip(&res)
+            .filter(|(_, r)| r.is_ok())
+            .map(|(p, _)| p.shard)
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let dir_res = parallel(&touched, |b| sync_dir(&self.root.join(format!("{b:02x}"))));
+        for (p, r) in group.iter().zip(res.iter_mut()) {
+            if r.is_ok() {
+                let i = touched.binary_search(&p.shard).unwrap_or(0);
+                if let Err(e) = &dir_res[i] {
+                    *r = Err(clone_err(e));
+                    let _ = fs::remove_file(&p.dst);
+                }
+            }
+        }
+        res
     }
 
     /// Registers a reader of `key`: its file will not be evicted until [`DiskDir::end_read`].
@@ -645,41 +704,76 @@ impl DiskDir {
     }
 }
 
-/// Writes header block + payload (+ zero padding to a whole block) into a new file and
-/// fdatasyncs it.
-fn write_tmp(path: &Path, header: &[u8], chunk: &Chunk, direct: bool) -> io::Result<()> {
+fn clone_err(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(c) => io::Error::from_raw_os_error(c),
+        None => io::Error::new(e.kind(), e.to_string()),
+    }
+}
+
+/// Runs `f` on every item, the first on the calling thread and the others on scoped
+/// threads, so blocking syscalls (fdatasync, fsync) are in flight together.
+fn parallel<T: Sync>(items: &[T], f: impl Fn(&T) -> io::Result<()> + Sync) -> Vec<io::Result<()>> {
+    match items {
+        [] => Vec::new(),
+        [one] => vec![f(one)],
+        [first, rest @ ..] => std::thread::scope(|s| {
+            let f = &f;
+            let handles: Vec<_> = rest.iter().map(|x| s.spawn(move || f(x))).collect();
+            let mut out = vec![f(first)];
+            out.extend(handles.into_iter().map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("disk tier: sync thread panicked")))
+            }));
+            out
+        }),
+    }
+}
+
+/// Writes header block + payload (+ zero padding to a whole block) into a new file (not
+/// yet flushed: the commit round does that). One `pwritev` when the payload is a pool
+/// buffer.
+fn write_tmp(path: &Path, header: &[u8], chunk: &Chunk, direct: bool) -> io::Result<fs::File> {
     let f = create_new(path, direct)?;
     let payload = chunk.payload();
     let len = payload.len();
     let whole = len / BLOCK * BLOCK;
     let mut head = AlignedBuf::zeroed(BLOCK)?;
     head.as_mut_slice()[..header.len()].copy_from_slice(header);
-    f.write_all_at(head.as_slice(), 0)?;
-    if whole > 0 {
-        let cap = chunk.buf.as_capacity_slice();
-        let body = &cap[..whole];
-        if !direct || is_aligned(body) {
-            f.write_all_at(body, BLOCK as u64)?;
-        } else {
-            // Not a pool buffer: go through an aligned bounce buffer.
-            let step = (1 << 20).min(whole);
-            let mut bounce = AlignedBuf::zeroed(step)?;
-            let mut off = 0;
-            while off < whole {
-                let n = step.min(whole - off);
-                bounce.as_mut_slice()[..n].copy_from_slice(&body[off..off + n]);
-                f.write_all_at(&bounce.as_slice()[..n], (BLOCK + off) as u64)?;
-                off += n;
-            }
-        }
-    }
+    let cap = chunk.buf.as_capacity_slice();
+    let body = &cap[..whole];
+    let mut tail = None;
     if whole < len {
         // The last partial block goes through a zeroed buffer: no stale pool bytes on disk.
-        let mut tail = AlignedBuf::zeroed(BLOCK)?;
-        tail.as_mut_slice()[..len - whole].copy_from_slice(&payload[whole..]);
-        f.write_all_at(tail.as_slice(), (BLOCK + whole) as u64)?;
+        let mut t = AlignedBuf::zeroed(BLOCK)?;
+        t.as_mut_slice()[..len - whole].copy_from_slice(&payload[whole..]);
+        tail = Some(t);
     }
-    f.sync_data()
+    if !direct || is_aligned(body) {
+        let mut bufs: Vec<&[u8]> = vec![head.as_slice(), body];
+        if let Some(t) = &tail {
+            bufs.push(t.as_slice());
+        }
+        write_all_vectored_at(&f, &bufs, 0)?;
+        return Ok(f);
+    }
+    f.write_all_at(head.as_slice(), 0)?;
+    if whole > 0 {
+        // Not a pool buffer: go through an aligned bounce buffer.
+        let step = (1 << 20).min(whole);
+        let mut bounce = AlignedBuf::zeroed(step)?;
+        let mut off = 0;
+        while off < whole {
+            let n = step.min(whole - off);
+            bounce.as_mut_slice()[..n].copy_from_slice(&body[off..off + n]);
+            f.write_all_at(&bounce.as_slice()[..n], (BLOCK + off) as u64)?;
+            off += n;
+        }
+    }
+    if let Some(t) = &tail {
+        f.write_all_at(t.as_slice(), (BLOCK + whole) as u64)?;
+    }
+    Ok(f)
 }
 
 fn eof_to_corrupt(e: io::Error, what: &str) -> ReadError {
@@ -711,8 +805,15 @@ fn read_record(
         )));
     }
     let mut head = AlignedBuf::zeroed(BLOCK).map_err(ReadError::Io)?;
-    f.read_exact_at(head.as_mut_slice(), 0)
-        .map_err(|e| eof_to_corrupt(e, "header"))?;
+    // Header and payload in one `preadv` when the buffer suits `O_DIRECT` (pool buffers do).
+    let together = !direct || is_aligned(buf.as_mut_capacity());
+    if together {
+        read_exact_vectored_at(&f, &mut [head.as_mut_slice(), buf.as_mut_capacity()], 0)
+            .map_err(|e| eof_to_corrupt(e, "record"))?;
+    } else {
+        f.read_exact_at(head.as_mut_slice(), 0)
+            .map_err(|e| eof_to_corrupt(e, "header"))?;
+    }
     let (info, _) =
         record::decode_header(head.as_slice()).map_err(|e| ReadError::Corrupt(e.to_string()))?;
     if info.key != *key {
@@ -727,8 +828,10 @@ fn read_record(
             info.len
         )));
     }
-    f.read_exact_at(buf.as_mut_capacity(), BLOCK as u64)
-        .map_err(|e| eof_to_corrupt(e, "payload"))?;
+    if !together {
+        f.read_exact_at(buf.as_mut_capacity(), BLOCK as u64)
+            .map_err(|e| eof_to_corrupt(e, "payload"))?;
+    }
     buf.truncate(info.len as usize);
     info.verify(buf.as_slice())
         .map_err(|e| ReadError::Corrupt(e.to_string()))?;

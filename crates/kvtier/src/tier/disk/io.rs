@@ -92,13 +92,129 @@ pub(crate) fn open_read(path: &Path, direct: bool) -> io::Result<File> {
     o.open(path)
 }
 
-/// fsyncs a directory so renames and unlinks in it are durable.
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    let f = OpenOptions::new()
+/// Opens a directory (to fsync it).
+pub(crate) fn open_dir(dir: &Path) -> io::Result<File> {
+    OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECTORY)
-        .open(dir)?;
-    f.sync_all()
+        .open(dir)
+}
+
+/// fsyncs a directory so renames and unlinks in it are durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    open_dir(dir)?.sync_all()
+}
+
+/// Drops the slices (or their parts) already transferred.
+fn advance<T: AsRef<[u8]>>(bufs: &mut Vec<T>, first: &mut usize, mut done: usize) {
+    while done > 0 && !bufs.is_empty() {
+        let left = bufs[0].as_ref().len() - *first;
+        if done >= left {
+            done -= left;
+            bufs.remove(0);
+            *first = 0;
+        } else {
+            *first += done;
+            done = 0;
+        }
+    }
+    while !bufs.is_empty() && bufs[0].as_ref().len() == *first {
+        bufs.remove(0);
+        *first = 0;
+    }
+}
+
+/// Writes all of `bufs` at `offset` with `pwritev(2)` (one call in the common case).
+pub(crate) fn write_all_vectored_at(f: &File, bufs: &[&[u8]], mut offset: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut bufs: Vec<&[u8]> = bufs.to_vec();
+    let mut first = 0usize;
+    advance(&mut bufs, &mut first, 0);
+    while !bufs.is_empty() {
+        let iov: Vec<libc::iovec> = bufs
+            .iter()
+            .enumerate()
+            .take(libc::UIO_MAXIOV as usize)
+            .map(|(i, b)| {
+                let b = if i == 0 { &b[first..] } else { b };
+                libc::iovec {
+                    iov_base: b.as_ptr() as *mut libc::c_void,
+                    iov_len: b.len(),
+                }
+            })
+            .collect();
+        // SAFETY: every iovec points into a live borrowed slice.
+        let n = unsafe {
+            libc::pwritev(
+                f.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                offset as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::WriteZero));
+        }
+        offset += n as u64;
+        advance(&mut bufs, &mut first, n as usize);
+    }
+    Ok(())
+}
+
+/// Fills all of `bufs` from `offset` with `preadv(2)` (one call in the common case);
+/// `UnexpectedEof` when the file ends first.
+pub(crate) fn read_exact_vectored_at(
+    f: &File,
+    bufs: &mut [&mut [u8]],
+    mut offset: u64,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut bufs: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut **b).collect();
+    let mut first = 0usize;
+    advance(&mut bufs, &mut first, 0);
+    while !bufs.is_empty() {
+        let iov: Vec<libc::iovec> = bufs
+            .iter_mut()
+            .enumerate()
+            .take(libc::UIO_MAXIOV as usize)
+            .map(|(i, b)| {
+                let b = if i == 0 { &mut b[first..] } else { &mut b[..] };
+                libc::iovec {
+                    iov_base: b.as_mut_ptr() as *mut libc::c_void,
+                    iov_len: b.len(),
+                }
+            })
+            .collect();
+        // SAFETY: every iovec points into a live, exclusively borrowed slice.
+        let n = unsafe {
+            libc::preadv(
+                f.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                offset as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        offset += n as u64;
+        advance(&mut bufs, &mut first, n as usize);
+    }
+    Ok(())
 }
 
 /// Probes whether `dir` accepts `O_DIRECT` writes and reads; errors other than "unsupported"

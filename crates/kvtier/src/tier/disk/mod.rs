@@ -6,14 +6,27 @@
 //! payload zero-padded to a whole block. The file size is therefore `4096 + round_up(len)`,
 //! which is also exactly what the byte budget counts.
 //!
-//! # Durability (C5)
-//! A put writes `<root>/tmp/<key>.<random>`, fdatasyncs it, renames it into place and fsyncs
-//! the shard directory; only then is it acknowledged (`PutOutcome::Stored`). A crash at any
-//! point leaves either no file or a complete one; tmp leftovers are deleted at startup.
+//! # Durability (C5) and group commit
+//! A put writes `<root>/tmp/<key>.<random>` (header block, payload and zeroed tail in one
+//! `pwritev`, no flush yet) on its own thread, so concurrent puts write in parallel. It then
+//! joins a *commit round* (`commit.rs`): the first put to arrive while no round runs leads
+//! one for every tmp file queued so far; puts arriving meanwhile queue for the next round.
+//! A round, in this order:
+//! 1. fdatasyncs every file of the group, in parallel (the file system commits their
+//!    metadata in one journal transaction; the block layer merges the device flushes);
+//! 2. renames each file whose flush succeeded to `<root>/<2hex>/<name>.kvc`;
+//! 3. fsyncs each shard directory the group touched once, in parallel.
+//!
+//! Only then are the group's puts acknowledged (`PutOutcome::Stored`). A file's data is
+//! durable before its name appears, and its name is durable before the put returns, so a
+//! crash at any point leaves either no file or a complete one; tmp leftovers are deleted at
+//! startup. Errors are per file: a failed flush or rename fails only that put (its tmp file
+//! is removed); a failed directory fsync fails the puts renamed into that directory (their
+//! files are removed). [`DiskTierStats::commit_groups`] counts rounds.
 //!
 //! # I/O
 //! `O_DIRECT` with 4096-aligned buffers: the payload goes straight from / into L1 pool
-//! buffers. A file system that rejects `O_DIRECT` (tmpfs) is detected at startup (or on the
+//! buffers (a read fetches header and payload with one `preadv`). A file system that rejects `O_DIRECT` (tmpfs) is detected at startup (or on the
 //! first `EINVAL`) and the tier falls back to buffered I/O + fdatasync, logged once and
 //! visible in [`DiskTierStats::direct_io`]. Reads verify the header, the key and the payload
 //! checksum (C7); a bad file is a miss, is deleted and counted.
@@ -23,6 +36,7 @@
 //! header reads) and rebuilds the index from file names and sizes, oldest first in the
 //! eviction order. Invalid names and sizes are deleted.
 
+mod commit;
 mod dir;
 mod inspect;
 mod io;
@@ -127,6 +141,10 @@ pub struct DiskTierStats {
     pub recovery_removed: u64,
     /// Startup scan time, microseconds (slowest path).
     pub recovery_micros: u64,
+    /// Commit rounds run (one round makes a whole group of puts durable).
+    pub commit_groups: u64,
+    /// Files that went through a commit round; `/ commit_groups` is the mean group size.
+    pub committed_files: u64,
 }
 
 /// The local-disk tier.
@@ -256,6 +274,8 @@ impl DiskTier {
             s.recovered_chunks += ld(&c.recovered_chunks);
             s.recovery_removed += ld(&c.recovery_removed);
             s.recovery_micros = s.recovery_micros.max(ld(&c.recovery_micros));
+            s.commit_groups += ld(&c.commit_groups);
+            s.committed_files += ld(&c.committed);
         }
         s
     }

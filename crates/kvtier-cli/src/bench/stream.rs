@@ -1,0 +1,72 @@
+//! Streaming stores for the tier scenarios (disk, remote): each document is stored one
+//! chunk at a time (the prompt grows by a chunk per store, earlier chunks are already
+//! present), with at most `window` stores' lower-tier writes in flight, until every write is
+//! acknowledged. This measures a lower tier's sustained write throughput without letting the
+//! engine's bounded write queue drop stores.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use anyhow::Result;
+use kvtier::manager::StoreTicket;
+use kvtier::tier::PutOutcome;
+use kvtier::Engine;
+
+use super::buffers::{AlignedBuf, SourceRing};
+
+/// Lower-tier write outcomes of a streaming store.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Streamed {
+    /// Chunk writes acknowledged (stored, or already there).
+    pub acked: usize,
+    /// Chunk writes skipped or failed.
+    pub skipped: usize,
+    /// Time from the first store to the last acknowledgement.
+    pub secs: f64,
+}
+
+fn drain(window: &mut VecDeque<StoreTicket>, keep: usize, s: &mut Streamed) {
+    while window.len() > keep {
+        let Some(t) = window.pop_front() else { break };
+        for o in t.wait() {
+            match o.result {
+                Ok(PutOutcome::Stored) | Ok(PutOutcome::AlreadyPresent) => s.acked += 1,
+                _ => s.skipped += 1,
+            }
+        }
+    }
+}
+
+/// Stores `docs` documents (tokens from `tokens_of`, payload from the ring) as described
+/// above.
+pub fn store_documents(
+    engine: &Engine,
+    ring: &SourceRing,
+    docs: usize,
+    doc_tokens: usize,
+    tokens_of: impl Fn(usize) -> Vec<u32>,
+    window: usize,
+) -> Result<Streamed> {
+    let chunk = engine.key_space().chunk_size();
+    let bpt = engine.bytes_per_token();
+    let mut payload = AlignedBuf::new(doc_tokens * bpt);
+    let mut pending = VecDeque::new();
+    let mut s = Streamed::default();
+    let t0 = Instant::now();
+    for d in 0..docs {
+        ring.compose(d as u64, &mut payload);
+        let tokens = tokens_of(d);
+        for c in 1..=doc_tokens / chunk {
+            let n = c * chunk;
+            pending.push_back(
+                engine
+                    .store(&tokens[..n], None, &payload[..n * bpt])?
+                    .ticket,
+            );
+            drain(&mut pending, window, &mut s);
+        }
+    }
+    drain(&mut pending, 0, &mut s);
+    s.secs = t0.elapsed().as_secs_f64();
+    Ok(s)
+}

@@ -1,0 +1,626 @@
+//! Python bindings of the kvtier engine (`kvtier._native`, re-exported by the `kvtier`
+//! package in `python/kvtier`).
+//!
+//! KV payloads cross the boundary without copies: numpy arrays (and anything else with the
+//! buffer protocol) are read through `PyObject_GetBuffer`, CPU torch tensors through their
+//! `data_ptr()`. The GIL is released while the engine works.
+//!
+//! Every operation goes through the [`kvtier::KvCache`] trait, so the embedded engine and a
+//! client of a `kvtier serve` server are interchangeable behind one Python class.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvtier::chunk::{Dtype, KvLayout, LayerGroup};
+use kvtier::keys::{KeySpace, ModelIdentity};
+use kvtier::{Engine, EngineConfig, KvCache, PendingLoad};
+use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+
+pyo3::create_exception!(
+    _native,
+    KvTierError,
+    PyRuntimeError,
+    "An error reported by the kvtier engine; the message is the engine's."
+);
+
+fn engine_err(e: kvtier::Error) -> PyErr {
+    KvTierError::new_err(e.to_string())
+}
+
+// ---------------------------------------------------------------------------------------
+// Zero-copy byte views of numpy arrays / torch tensors.
+
+/// A contiguous byte region borrowed from a Python object, kept valid while this lives.
+struct ByteView {
+    ptr: *mut u8,
+    len: usize,
+    /// The buffer-protocol view to release on drop (None for torch tensors, which stay
+    /// alive through the Python reference the caller holds).
+    view: Option<Box<pyo3::ffi::Py_buffer>>,
+}
+
+impl Drop for ByteView {
+    fn drop(&mut self) {
+        if let Some(v) = self.view.as_mut() {
+            // The GIL is held here: ByteViews are dropped on the calling Python thread.
+            unsafe { pyo3::ffi::PyBuffer_Release(&mut **v) };
+        }
+    }
+}
+
+impl ByteView {
+    /// Borrows the bytes of `obj`: a CPU torch tensor (any dtype) or any object exporting a
+    /// C-contiguous buffer (numpy array of any dtype, bytearray, memoryview, ...).
+    fn new(obj: &Bound<'_, PyAny>, writable: bool, what: &str) -> PyResult<ByteView> {
+        if obj.hasattr("data_ptr")? && obj.hasattr("is_contiguous")? {
+            return Self::from_tensor(obj, what);
+        }
+        let mut view: Box<pyo3::ffi::Py_buffer> = Box::new(unsafe { std::mem::zeroed() });
+        let mut flags = pyo3::ffi::PyBUF_C_CONTIGUOUS;
+        if writable {
+            flags |= pyo3::ffi::PyBUF_WRITABLE;
+        }
+        let rc = unsafe { pyo3::ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, flags) };
+        if rc != 0 {
+            let cause = PyErr::take(obj.py())
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            let tname = obj
+                .get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default();
+            return Err(PyBufferError::new_err(format!(
+                "{what} must be a C-contiguous{} buffer (numpy array, CPU torch tensor, bytearray); got {tname}: {cause}{}",
+                if writable { ", writable" } else { "" },
+                if cause.contains("contiguous") {
+                    " (use numpy.ascontiguousarray(x) or x.contiguous())"
+                } else {
+                    ""
+                }
+            )));
+        }
+        let len = view.len.max(0) as usize;
+        let ptr = view.buf as *mut u8;
+        Ok(ByteView {
+            ptr,
+            len,
+            view: Some(view),
+        })
+    }
+
+    fn from_tensor(t: &Bound<'_, PyAny>, what: &str) -> PyResult<ByteView> {
+        let device: String = t.getattr("device")?.getattr("type")?.extract()?;
+        if device != "cpu" {
+            return Err(PyValueError::new_err(format!(
+                "{what} is a torch tensor on `{device}`; kvtier reads and writes host memory: copy it to a CPU tensor (ideally pinned) first"
+            )));
+        }
+        if !t.call_method0("is_contiguous")?.extract::<bool>()? {
+            return Err(PyBufferError::new_err(format!(
+                "{what} must be C-contiguous; call .contiguous() first"
+            )));
+        }
+        let ptr: usize = t.call_method0("data_ptr")?.extract()?;
+        let numel: usize = t.call_method0("numel")?.extract()?;
+        let esize: usize = t.call_method0("element_size")?.extract()?;
+        Ok(ByteView {
+            ptr: ptr as *mut u8,
+            len: numel * esize,
+            view: None,
+        })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        if self.len == 0 {
+            return &mut [];
+        }
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+/// Token ids from a list/tuple of ints, a numpy array or a torch tensor.
+fn tokens_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    if let Ok(v) = obj.extract::<Vec<u32>>() {
+        return Ok(v);
+    }
+    if obj.hasattr("tolist")? {
+        let l = obj.call_method0("tolist")?;
+        return l.extract::<Vec<u32>>().map_err(|_| {
+            PyValueError::new_err("tokens must be a 1-D sequence of integers in 0..2**32")
+        });
+    }
+    Err(PyTypeError::new_err(
+        "tokens must be a sequence of integers in 0..2**32 (list, numpy array, torch tensor)",
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// Configuration and identity.
+
+fn value_text(v: &Bound<'_, PyAny>) -> PyResult<String> {
+    if let Ok(b) = v.extract::<bool>() {
+        return Ok(if b { "true" } else { "false" }.into());
+    }
+    if let Ok(l) = v.downcast::<PyList>() {
+        let parts: PyResult<Vec<String>> = l.iter().map(|x| value_text(&x)).collect();
+        return Ok(parts?.join(","));
+    }
+    Ok(v.str()?.to_string())
+}
+
+enum Backend {
+    Embedded(EngineConfig),
+    Server(String),
+}
+
+fn config_of(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyResult<Backend> {
+    let Some(config) = config.filter(|c| !c.is_none()) else {
+        return EngineConfig::load(None)
+            .map(Backend::Embedded)
+            .map_err(engine_err);
+    };
+    if let Ok(d) = config.downcast::<PyDict>() {
+        let mut pairs = Vec::new();
+        let mut server = None;
+        for (k, v) in d.iter() {
+            let key: String = k.extract()?;
+            if v.is_none() {
+                continue;
+            }
+            if key == "server" {
+                server = Some(value_text(&v)?);
+                continue;
+            }
+            pairs.push((key, value_text(&v)?));
+        }
+        if let Some(addr) = server {
+            if !pairs.is_empty() {
+                let keys: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
+                return Err(PyValueError::new_err(format!(
+                    "config key `server` selects a kvtier server, which owns its own tiers; the keys {keys:?} configure an embedded engine and cannot be combined with it"
+                )));
+            }
+            return Ok(Backend::Server(addr));
+        }
+        let mut cfg = EngineConfig::default();
+        cfg.apply_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(engine_err)?;
+        return Ok(Backend::Embedded(cfg));
+    }
+    let os = py.import("os")?;
+    let path: String = os
+        .call_method1("fspath", (config,))
+        .map_err(|_| PyTypeError::new_err("config must be a dict, a path to a YAML file, or None"))?
+        .extract()?;
+    EngineConfig::load(Some(std::path::Path::new(&path)))
+        .map(Backend::Embedded)
+        .map_err(engine_err)
+}
+
+/// Parses an identity dict shaped like `docs/key-vectors.json`'s `identity` objects.
+fn identity_of(py: Python<'_>, d: &Bound<'_, PyAny>) -> PyResult<ModelIdentity> {
+    let json: String = py.import("json")?.call_method1("dumps", (d,))?.extract()?;
+    let mut v: serde_json::Value =
+        serde_json::from_str(&json).map_err(|e| PyValueError::new_err(format!("identity: {e}")))?;
+    if let Some(o) = v.as_object_mut() {
+        // Defaults for everything but the model name and layout.
+        o.entry("model_revision").or_insert(serde_json::Value::Null);
+        for (k, def) in [
+            ("world_size", 1),
+            ("rank", 0),
+            ("pp_size", 1),
+            ("pp_rank", 0),
+        ] {
+            o.entry(k).or_insert(def.into());
+        }
+        if let Some(l) = o.get_mut("layout").and_then(|l| l.as_object_mut()) {
+            l.entry("tag").or_insert("layer-major".into());
+            if let Some(gs) = l.get_mut("groups").and_then(|g| g.as_array_mut()) {
+                for g in gs.iter_mut().filter_map(|g| g.as_object_mut()) {
+                    g.entry("planes").or_insert(2.into());
+                }
+            }
+        }
+    }
+    let id: ModelIdentity = serde_json::from_value(v).map_err(|e| {
+        PyValueError::new_err(format!(
+            "identity: {e} (expected {{model_name, model_revision?, world_size?, rank?, pp_size?, pp_rank?, layout: {{tag?, groups: [{{num_layers, num_kv_heads, head_dim, dtype, planes?}}]}}}})"
+        ))
+    })?;
+    id.validate().map_err(engine_err)?;
+    Ok(id)
+}
+
+fn dtype_of(s: &str) -> PyResult<Dtype> {
+    Dtype::parse(s).map_err(engine_err)
+}
+
+/// The chunk keys of `tokens` (hex strings), per docs/key-spec.md.
+#[pyfunction]
+#[pyo3(signature = (identity, chunk_size, save_unfull_chunk, salt, tokens))]
+fn chunk_keys(
+    py: Python<'_>,
+    identity: &Bound<'_, PyAny>,
+    chunk_size: usize,
+    save_unfull_chunk: bool,
+    salt: Option<String>,
+    tokens: &Bound<'_, PyAny>,
+) -> PyResult<Vec<String>> {
+    let id = identity_of(py, identity)?;
+    let ks = KeySpace::new(id, chunk_size, save_unfull_chunk).map_err(engine_err)?;
+    let toks = tokens_of(tokens)?;
+    let spans = py
+        .allow_threads(|| ks.chunk_spans(&toks, salt.as_deref()))
+        .map_err(engine_err)?;
+    Ok(spans.iter().map(|s| s.key.to_hex()).collect())
+}
+
+// ---------------------------------------------------------------------------------------
+// Engine.
+
+/// A kvtier cache handle: an embedded engine, or (with `config={"server": addr}`) a client
+/// of a `kvtier serve` server.
+#[pyclass(module = "kvtier._native", name = "Engine", frozen)]
+struct PyEngine {
+    cache: Arc<dyn KvCache>,
+    embedded: Option<Arc<Engine>>,
+    identity: ModelIdentity,
+    server: Option<String>,
+}
+
+#[pymethods]
+impl PyEngine {
+    /// Engine(config=None, *, identity=None, model="kvtier/model", layers=..., kv_heads=...,
+    /// head_dim=..., dtype="f16", layout_tag="layer-major", model_revision=None,
+    /// world_size=1, rank=0, pp_size=1, pp_rank=0)
+    #[new]
+    #[pyo3(signature = (config=None, *, identity=None, model=None, layers=None, kv_heads=None,
+        head_dim=None, dtype="f16", layout_tag=None, model_revision=None, world_size=1, rank=0,
+        pp_size=1, pp_rank=0, planes=2))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        config: Option<&Bound<'_, PyAny>>,
+        identity: Option<&Bound<'_, PyAny>>,
+        model: Option<String>,
+        layers: Option<u32>,
+        kv_heads: Option<u32>,
+        head_dim: Option<u32>,
+        dtype: &str,
+        layout_tag: Option<String>,
+        model_revision: Option<String>,
+        world_size: u32,
+        rank: u32,
+        pp_size: u32,
+        pp_rank: u32,
+        planes: u32,
+    ) -> PyResult<PyEngine> {
+        let identity = match identity {
+            Some(d) => identity_of(py, d)?,
+            None => {
+                let (Some(layers), Some(kv_heads), Some(head_dim)) = (layers, kv_heads, head_dim)
+                else {
+                    return Err(PyValueError::new_err(
+                        "give the model's KV shape: layers=, kv_heads=, head_dim= (and dtype=), or identity={...}",
+                    ));
+                };
+                let mut layout = KvLayout {
+                    groups: vec![LayerGroup {
+                        num_layers: layers,
+                        num_kv_heads: kv_heads,
+                        head_dim,
+                        dtype: dtype_of(dtype)?,
+                        planes,
+                    }],
+                    tag: kvtier::chunk::LAYER_MAJOR.to_string(),
+                };
+                if let Some(t) = layout_tag {
+                    layout.tag = t;
+                }
+                let mut id =
+                    ModelIdentity::new(model.unwrap_or_else(|| "kvtier/model".into()), layout);
+                id.model_revision = model_revision;
+                id.world_size = world_size;
+                id.rank = rank;
+                id.pp_size = pp_size;
+                id.pp_rank = pp_rank;
+                id.validate().map_err(engine_err)?;
+                id
+            }
+        };
+        match config_of(py, config)? {
+            Backend::Embedded(cfg) => {
+                let id = identity.clone();
+                let engine = py
+                    .allow_threads(move || Engine::new(cfg, id))
+                    .map_err(engine_err)?;
+                let engine = Arc::new(engine);
+                Ok(PyEngine {
+                    cache: engine.clone(),
+                    embedded: Some(engine),
+                    identity,
+                    server: None,
+                })
+            }
+            Backend::Server(addr) => {
+                let cache = connect_server(py, &addr, &identity)?;
+                Ok(PyEngine {
+                    cache,
+                    embedded: None,
+                    identity,
+                    server: Some(addr),
+                })
+            }
+        }
+    }
+
+    /// Tokens per chunk.
+    #[getter]
+    fn chunk_size(&self) -> usize {
+        self.cache.chunk_size()
+    }
+
+    /// KV bytes per token of this model.
+    #[getter]
+    fn bytes_per_token(&self) -> usize {
+        self.cache.bytes_per_token()
+    }
+
+    /// The server address in server mode, else None.
+    #[getter]
+    fn server(&self) -> Option<String> {
+        self.server.clone()
+    }
+
+    /// The model identity as a dict (the shape `chunk_keys` accepts).
+    fn identity(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let s = serde_json::to_string(&self.identity)
+            .map_err(|e| KvTierError::new_err(e.to_string()))?;
+        Ok(py.import("json")?.call_method1("loads", (s,))?.unbind())
+    }
+
+    /// Payload bytes of `n_tokens` tokens.
+    fn payload_bytes(&self, n_tokens: usize) -> usize {
+        n_tokens * self.cache.bytes_per_token()
+    }
+
+    /// The chunk keys of `tokens` under this engine's identity (embedded mode).
+    #[pyo3(signature = (tokens, salt=None))]
+    fn chunk_keys(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        salt: Option<String>,
+    ) -> PyResult<Vec<String>> {
+        let toks = tokens_of(tokens)?;
+        let ks = match &self.embedded {
+            Some(e) => e.key_space().clone(),
+            None => KeySpace::new(self.identity.clone(), self.cache.chunk_size(), false)
+                .map_err(engine_err)?,
+        };
+        let spans = py
+            .allow_threads(|| ks.chunk_spans(&toks, salt.as_deref()))
+            .map_err(engine_err)?;
+        Ok(spans.iter().map(|s| s.key.to_hex()).collect())
+    }
+
+    /// How many leading tokens of `tokens` are stored (over all tiers).
+    #[pyo3(signature = (tokens, salt=None))]
+    fn lookup(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        salt: Option<String>,
+    ) -> PyResult<usize> {
+        let toks = tokens_of(tokens)?;
+        let cache = &self.cache;
+        py.allow_threads(|| cache.lookup(&toks, salt.as_deref()))
+            .map(|r| r.hit_tokens)
+            .map_err(engine_err)
+    }
+
+    /// Lookup with details: {"hit_tokens", "hit_chunks", "tiers"}.
+    #[pyo3(signature = (tokens, salt=None))]
+    fn lookup_detail<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+        salt: Option<String>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let toks = tokens_of(tokens)?;
+        let cache = &self.cache;
+        let r = py
+            .allow_threads(|| cache.lookup(&toks, salt.as_deref()))
+            .map_err(engine_err)?;
+        let d = PyDict::new(py);
+        d.set_item("hit_tokens", r.hit_tokens)?;
+        d.set_item("hit_chunks", r.hit_chunks)?;
+        d.set_item("tiers", r.tiers)?;
+        Ok(d)
+    }
+
+    /// Stores the prompt's KV. `kv` is a C-contiguous numpy array / CPU torch tensor of any
+    /// dtype holding the chunk payloads back to back (tokens x bytes_per_token bytes, or
+    /// only the chunked tokens' bytes). Read in place, no copy on the Python side.
+    #[pyo3(signature = (tokens, kv, salt=None))]
+    fn store<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+        kv: &Bound<'py, PyAny>,
+        salt: Option<String>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let toks = tokens_of(tokens)?;
+        let view = ByteView::new(kv, false, "kv")?;
+        let payload = view.as_slice();
+        let cache = &self.cache;
+        let s = py
+            .allow_threads(|| cache.store(&toks, salt.as_deref(), payload))
+            .map_err(engine_err)?;
+        drop(view);
+        let d = PyDict::new(py);
+        d.set_item("stored_tokens", s.stored_tokens)?;
+        d.set_item("new_chunks", s.new_chunks)?;
+        d.set_item("present_chunks", s.present_chunks)?;
+        d.set_item("inflight_chunks", s.inflight_chunks)?;
+        d.set_item("dropped_chunks", s.dropped_chunks)?;
+        d.set_item("new_bytes", s.new_bytes)?;
+        Ok(d)
+    }
+
+    /// Loads the stored prefix into `out` (writable, C-contiguous, laid out like `store`'s
+    /// payload, at least as large as the chunked tokens' bytes). Returns the tokens loaded.
+    #[pyo3(signature = (tokens, out, salt=None))]
+    fn retrieve(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        out: &Bound<'_, PyAny>,
+        salt: Option<String>,
+    ) -> PyResult<usize> {
+        let toks = tokens_of(tokens)?;
+        let mut view = ByteView::new(out, true, "out")?;
+        let buf = view.as_mut_slice();
+        let cache = &self.cache;
+        let r = py
+            .allow_threads(|| cache.retrieve(&toks, salt.as_deref(), buf))
+            .map_err(engine_err)?;
+        drop(view);
+        Ok(r.hit_tokens)
+    }
+
+    /// Starts loading the stored prefix into L1; returns a handle with `wait(timeout=None)`.
+    #[pyo3(signature = (tokens, salt=None))]
+    fn prefetch(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        salt: Option<String>,
+    ) -> PyResult<PrefetchHandle> {
+        let toks = tokens_of(tokens)?;
+        let cache = &self.cache;
+        let h = py
+            .allow_threads(|| cache.prefetch(&toks, salt.as_deref()))
+            .map_err(engine_err)?;
+        Ok(PrefetchHandle {
+            inner: Mutex::new((Some(h), None)),
+        })
+    }
+
+    /// Waits (at most `timeout` seconds) for queued lower-tier writes; True when all done.
+    #[pyo3(signature = (timeout=30.0))]
+    fn flush(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+        let cache = &self.cache;
+        py.allow_threads(|| cache.flush(Duration::from_secs_f64(timeout.max(0.0))))
+            .map_err(engine_err)
+    }
+
+    /// Empties every tier; returns the chunks dropped.
+    fn clear(&self, py: Python<'_>) -> PyResult<u64> {
+        let cache = &self.cache;
+        py.allow_threads(|| cache.clear()).map_err(engine_err)
+    }
+
+    /// Forgets one tenant's chunks in every tier; returns the chunks dropped.
+    fn remove_salt(&self, py: Python<'_>, salt: String) -> PyResult<u64> {
+        let cache = &self.cache;
+        py.allow_threads(|| cache.remove_salt(&salt))
+            .map_err(engine_err)
+    }
+
+    /// Engine and per-tier numbers (hits, checksum_failures, write_backs, ...) as a dict.
+    fn stats(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let cache = &self.cache;
+        let v = py
+            .allow_threads(|| cache.stats_json())
+            .map_err(engine_err)?;
+        let s = serde_json::to_string(&v).map_err(|e| KvTierError::new_err(e.to_string()))?;
+        Ok(py.import("json")?.call_method1("loads", (s,))?.unbind())
+    }
+
+    /// Prometheus text exposition of the engine's metrics (embedded mode).
+    fn metrics_text(&self, py: Python<'_>) -> PyResult<String> {
+        match &self.embedded {
+            Some(e) => Ok(py.allow_threads(|| e.metrics_text())),
+            None => Err(KvTierError::new_err(
+                "metrics_text() is for embedded engines; a server exposes its metrics itself",
+            )),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "kvtier.Engine(model={:?}, chunk_size={}, bytes_per_token={}, mode={})",
+            self.identity.model_name,
+            self.cache.chunk_size(),
+            self.cache.bytes_per_token(),
+            self.server
+                .as_ref()
+                .map_or("embedded".to_string(), |a| format!("server {a}"))
+        )
+    }
+}
+
+type PendingState = (Option<Box<dyn PendingLoad>>, Option<usize>);
+
+/// A prefetch in progress.
+#[pyclass(module = "kvtier._native", frozen)]
+struct PrefetchHandle {
+    inner: Mutex<PendingState>,
+}
+
+#[pymethods]
+impl PrefetchHandle {
+    /// Waits (at most `timeout` seconds, if given) and returns the tokens of the contiguous
+    /// prefix now in L1. Later calls return the same number.
+    #[pyo3(signature = (timeout=None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<usize> {
+        let mut g = self
+            .inner
+            .lock()
+            .map_err(|_| KvTierError::new_err("poisoned"))?;
+        if let Some(n) = g.1 {
+            return Ok(n);
+        }
+        let h = g.0.take().expect("pending load present until resolved");
+        let n = py
+            .allow_threads(|| h.wait(timeout.map(|t| Duration::from_secs_f64(t.max(0.0)))))
+            .map_err(engine_err)?;
+        g.1 = Some(n);
+        Ok(n)
+    }
+}
+
+fn connect_server(
+    py: Python<'_>,
+    addr: &str,
+    identity: &ModelIdentity,
+) -> PyResult<Arc<dyn KvCache>> {
+    let id = identity.clone();
+    let a = addr.to_string();
+    let client = py
+        .allow_threads(move || kvtier_client::KvClient::connect(&a, id))
+        .map_err(|e| KvTierError::new_err(format!("kvtier server {addr}: {e}")))?;
+    Ok(Arc::new(client))
+}
+
+/// The native module.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyEngine>()?;
+    m.add_class::<PrefetchHandle>()?;
+    m.add_function(wrap_pyfunction!(chunk_keys, m)?)?;
+    m.add("KvTierError", m.py().get_type::<KvTierError>())?;
+    m.add("KEY_SPEC_VERSION", kvtier::keys::KEY_SPEC_VERSION)?;
+    Ok(())
+}

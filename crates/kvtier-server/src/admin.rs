@@ -1,0 +1,317 @@
+//! Admin HTTP endpoints, for the server and for embedded engines.
+//!
+//! | method and path | body | answer |
+//! | --- | --- | --- |
+//! | `GET /health` | | `{"status":"ok"}` |
+//! | `GET /metrics` | | Prometheus (OpenMetrics) text of the core's metrics |
+//! | `GET /stats` | | engine and tier numbers (JSON) plus the registered models |
+//! | `POST /lookup` | `{"model", "tokens", "cache_salt"}` | hit tokens, chunks per tier |
+//! | `POST /clear` | | chunks dropped per tier |
+//! | `POST /pin` | `{"model", "tokens", "cache_salt", "ttl_sec"}` | pinned chunk count |
+//! | `DELETE /salt/{cache_salt}` | | chunks dropped per tier (disk included) |
+//!
+//! `model` is a model identity (kvtier's JSON form) or the name of a model a client has
+//! registered.
+//!
+//! The listener runs on its own thread and runtime, so an embedded engine (no tokio of its
+//! own) can expose it too: see [`spawn_embedded_admin`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use kvtier::keys::ModelIdentity;
+use kvtier::{Engine, EngineCore};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::models::Models;
+
+/// A running admin listener; dropping it stops the listener.
+pub struct AdminHandle {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for AdminHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminHandle")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl AdminHandle {
+    /// Bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops the listener and waits for its thread.
+    pub fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for AdminHandle {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+/// Serves the admin endpoints for `models` on `addr` from a dedicated thread.
+pub fn spawn_admin(models: Arc<Models>, addr: SocketAddr) -> Result<AdminHandle> {
+    let std_listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("binding the admin HTTP listener on {addr}"))?;
+    std_listener.set_nonblocking(true)?;
+    let local = std_listener.local_addr()?;
+    let (tx, rx) = oneshot::channel::<()>();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the admin runtime")?;
+    let app = router(models);
+    let thread = std::thread::Builder::new()
+        .name("kvtier-admin".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let listener = match tokio::net::TcpListener::from_std(std_listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "admin listener unusable");
+                        return;
+                    }
+                };
+                let r = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = rx.await;
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "admin HTTP server failed");
+                }
+            });
+        })
+        .context("spawning the admin thread")?;
+    tracing::info!(addr = %local, "admin HTTP listening");
+    Ok(AdminHandle {
+        addr: local,
+        stop: Some(tx),
+        thread: Some(thread),
+    })
+}
+
+/// For an embedded engine: serves the admin endpoints over `core` on
+/// `127.0.0.1:port` (the config's `admin_port`). Register the process's engines on the
+/// returned registry so `/lookup` and `/pin` can name them.
+pub fn spawn_embedded_admin(
+    core: Arc<EngineCore>,
+    engines: &[Arc<Engine>],
+    port: u16,
+) -> Result<(AdminHandle, Arc<Models>)> {
+    let models = Models::new(core);
+    for e in engines {
+        models.register(e.clone());
+    }
+    let h = spawn_admin(models.clone(), SocketAddr::from(([127, 0, 0, 1], port)))?;
+    Ok((h, models))
+}
+
+/// The admin router (exposed for embedding in another axum app).
+pub fn router(models: Arc<Models>) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/stats", get(stats))
+        .route("/lookup", post(lookup))
+        .route("/clear", post(clear))
+        .route("/pin", post(pin))
+        .route("/salt/{cache_salt}", delete(remove_salt))
+        .with_state(models)
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<kvtier::Error> for ApiError {
+    fn from(e: kvtier::Error) -> Self {
+        let code = match e {
+            kvtier::Error::InvalidInput(_) | kvtier::Error::Config { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+type ApiResult<T> = std::result::Result<T, ApiError>;
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> kvtier::Result<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn metrics(State(m): State<Arc<Models>>) -> Response {
+    let text = tokio::task::spawn_blocking(move || {
+        let core = m.core();
+        core.manager().refresh_metrics();
+        core.metrics().render()
+    })
+    .await
+    .unwrap_or_default();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+async fn stats(State(m): State<Arc<Models>>) -> ApiResult<Json<Value>> {
+    let v = blocking(move || {
+        let s = m.any()?.stats();
+        let mut v = serde_json::to_value(s)
+            .map_err(|e| kvtier::Error::invalid(format!("stats are not JSON: {e}")))?;
+        let names: Vec<Value> = m
+            .identities()
+            .into_iter()
+            .filter_map(|i| serde_json::to_value(i).ok())
+            .collect();
+        v["models"] = Value::Array(names);
+        Ok(v)
+    })
+    .await?;
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+struct LookupBody {
+    model: Value,
+    tokens: Vec<u32>,
+    #[serde(default)]
+    cache_salt: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PinBody {
+    model: Value,
+    tokens: Vec<u32>,
+    #[serde(default)]
+    cache_salt: Option<String>,
+    #[serde(default)]
+    ttl_sec: Option<f64>,
+}
+
+fn resolve(m: &Models, model: &Value) -> kvtier::Result<Arc<Engine>> {
+    match model {
+        Value::String(name) => m.by_name(name).ok_or_else(|| {
+            kvtier::Error::invalid(format!(
+                "no client has registered model `{name}`; pass its full identity instead"
+            ))
+        }),
+        v => {
+            let id: ModelIdentity = serde_json::from_value(v.clone())
+                .map_err(|e| kvtier::Error::invalid(format!("bad model identity: {e}")))?;
+            m.get_or_attach(id)
+        }
+    }
+}
+
+async fn lookup(State(m): State<Arc<Models>>, Json(b): Json<LookupBody>) -> ApiResult<Json<Value>> {
+    let v = blocking(move || {
+        let e = resolve(&m, &b.model)?;
+        let r = e.lookup(&b.tokens, b.cache_salt.as_deref())?;
+        let names = m.core().manager().tier_names();
+        let mut per_tier = serde_json::Map::new();
+        for n in &names {
+            per_tier.insert(n.clone(), json!(0));
+        }
+        for &t in &r.tiers {
+            if let Some(n) = names.get(t) {
+                let c = per_tier[n].as_u64().unwrap_or(0) + 1;
+                per_tier.insert(n.clone(), json!(c));
+            }
+        }
+        Ok(json!({
+            "hit_tokens": r.hit_tokens,
+            "hit_chunks": r.hit_chunks,
+            "requested_tokens": b.tokens.len(),
+            "chunks_per_tier": per_tier,
+        }))
+    })
+    .await?;
+    Ok(Json(v))
+}
+
+fn per_tier(v: Vec<(String, u64)>) -> Value {
+    let total: u64 = v.iter().map(|x| x.1).sum();
+    let map: serde_json::Map<String, Value> = v.into_iter().map(|(k, n)| (k, json!(n))).collect();
+    json!({ "dropped": map, "total": total })
+}
+
+async fn clear(State(m): State<Arc<Models>>) -> ApiResult<Json<Value>> {
+    let v = blocking(move || Ok(per_tier(m.core().manager().clear()?))).await?;
+    Ok(Json(v))
+}
+
+async fn pin(State(m): State<Arc<Models>>, Json(b): Json<PinBody>) -> ApiResult<Json<Value>> {
+    let ttl = match b.ttl_sec {
+        Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => {
+            Some(std::time::Duration::from_secs_f64(t))
+        }
+        Some(_) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "ttl_sec must be a positive number of seconds".into(),
+            ))
+        }
+        None => None,
+    };
+    let v = blocking(move || {
+        let e = resolve(&m, &b.model)?;
+        let pins = e.pin(&b.tokens, b.cache_salt.as_deref(), ttl)?;
+        Ok(json!({ "pinned_chunks": pins.len() }))
+    })
+    .await?;
+    Ok(Json(v))
+}
+
+async fn remove_salt(
+    State(m): State<Arc<Models>>,
+    Path(salt): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let v = blocking(move || Ok(per_tier(m.core().manager().remove_salt(&salt)?))).await?;
+    Ok(Json(v))
+}

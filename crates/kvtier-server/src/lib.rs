@@ -1,0 +1,348 @@
+//! `kvtier serve`: one cache server per node shared by many engine processes.
+//!
+//! The server owns one [`EngineCore`] (L1 pool in shared memory, disk and remote tiers) and
+//! attaches one engine per model identity its clients announce. Clients speak the
+//! [`kvtier_client::proto`] protocol on a Unix socket (mapping the pool for zero-copy
+//! transfers) or on TCP (payload in frames, shared token when `KVTIER_AUTH_TOKEN` is set).
+//! An admin HTTP listener ([`admin`]) serves health, Prometheus metrics, stats and cache
+//! operations.
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod cli;
+mod conn;
+mod fdpass;
+pub mod models;
+
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use kvtier::memory::PoolBacking;
+use kvtier::{EngineConfig, EngineCore};
+use tokio::sync::{watch, Notify};
+use tracing::{info, warn};
+
+pub use conn::Transport;
+pub use models::Models;
+
+/// Server settings (the engine's own come from [`EngineConfig`]).
+#[derive(Clone)]
+pub struct ServeConfig {
+    /// Engine configuration (tiers, sizes, policy).
+    pub engine: EngineConfig,
+    /// Unix socket path (None: no Unix listener).
+    pub socket: Option<PathBuf>,
+    /// TCP listen address.
+    pub tcp: Option<SocketAddr>,
+    /// Admin HTTP listen address.
+    pub admin: Option<SocketAddr>,
+    /// Put the pool in a file under this directory (mode 0600) instead of a memfd.
+    pub shm_dir: Option<PathBuf>,
+    /// How long a store or retrieve lease lives without activity.
+    pub lease_timeout: Duration,
+    /// Largest frame body accepted.
+    pub max_frame: usize,
+    /// Shared token required on TCP.
+    pub auth_token: Option<String>,
+    /// How long shutdown waits for connections to finish their current request.
+    pub shutdown_grace: Duration,
+    /// How long shutdown waits for queued durable writes.
+    pub flush_timeout: Duration,
+    /// Rank for disk path sharding.
+    pub rank: u32,
+    /// Server name in handshakes.
+    pub name: String,
+    /// Write a JSON file with the bound addresses once listening.
+    pub ready_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for ServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeConfig")
+            .field("socket", &self.socket)
+            .field("tcp", &self.tcp)
+            .field("admin", &self.admin)
+            .field("shm_dir", &self.shm_dir)
+            .field("lease_timeout", &self.lease_timeout)
+            .field("max_frame", &self.max_frame)
+            .field(
+                "auth_token",
+                &self.auth_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServeConfig {
+    /// Defaults around an engine config: socket `/tmp/kvtier.sock`, memfd pool, 30 s leases.
+    pub fn new(engine: EngineConfig) -> ServeConfig {
+        ServeConfig {
+            engine,
+            socket: Some(PathBuf::from("/tmp/kvtier.sock")),
+            tcp: None,
+            admin: None,
+            shm_dir: None,
+            lease_timeout: Duration::from_secs(30),
+            max_frame: kvtier_client::proto::DEFAULT_MAX_FRAME,
+            auth_token: None,
+            shutdown_grace: Duration::from_secs(10),
+            flush_timeout: Duration::from_secs(60),
+            rank: 0,
+            name: format!("kvtier-{}", env!("CARGO_PKG_VERSION")),
+            ready_file: None,
+        }
+    }
+}
+
+/// State shared by every connection.
+pub(crate) struct ServerState {
+    pub(crate) models: Arc<Models>,
+    pub(crate) name: String,
+    pub(crate) auth_token: Option<String>,
+    pub(crate) pool_fd: Option<RawFd>,
+    pub(crate) max_frame: usize,
+    pub(crate) lease_timeout: Duration,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) active: AtomicUsize,
+    pub(crate) idle: Notify,
+    pub(crate) expired_leases: AtomicU64,
+}
+
+pub(crate) struct ActiveGuard<'a>(&'a ServerState);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl ServerState {
+    pub(crate) fn track(&self) -> ActiveGuard<'_> {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard(self)
+    }
+}
+
+/// Where a running server listens.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Bound {
+    /// Unix socket path.
+    pub socket: Option<PathBuf>,
+    /// TCP address.
+    pub tcp: Option<SocketAddr>,
+    /// Admin HTTP address.
+    pub admin: Option<SocketAddr>,
+    /// Server process id.
+    pub pid: u32,
+}
+
+fn pool_backing(cfg: &ServeConfig) -> Result<(PoolBacking, Option<PathBuf>)> {
+    let Some(dir) = &cfg.shm_dir else {
+        return Ok((PoolBacking::Memfd, None));
+    };
+    let path = dir.join(format!("kvtier-pool-{}", std::process::id()));
+    // Create it 0600 first: the pool opens it without changing its mode.
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating the pool file {}", path.display()))?;
+    Ok((PoolBacking::SharedFile(path.clone()), Some(path)))
+}
+
+fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another server is listening on {}; stop it or pick another --socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding the Unix socket {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(l)
+}
+
+/// Runs a server until SIGTERM/SIGINT (or `stop` turning true): stops accepting, lets
+/// in-flight requests finish, flushes durable writes, removes the socket.
+pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) -> Result<()> {
+    let (backing, pool_file) = pool_backing(&cfg)?;
+    let core = tokio::task::block_in_place(|| {
+        EngineCore::open(cfg.engine.clone(), cfg.rank, backing.clone())
+    })
+    .context("opening the engine")?;
+    let models = Models::new(core.clone());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let state = Arc::new(ServerState {
+        models: models.clone(),
+        name: cfg.name.clone(),
+        auth_token: cfg.auth_token.clone().filter(|t| !t.is_empty()),
+        pool_fd: core.manager().l1().pool().raw_fd(),
+        max_frame: cfg.max_frame,
+        lease_timeout: cfg.lease_timeout,
+        shutdown: shutdown_rx.clone(),
+        active: AtomicUsize::new(0),
+        idle: Notify::new(),
+        expired_leases: AtomicU64::new(0),
+    });
+
+    let unix = match &cfg.socket {
+        Some(p) => Some(bind_unix(p)?),
+        None => None,
+    };
+    let tcp = match cfg.tcp {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding TCP {a}"))?,
+        ),
+        None => None,
+    };
+    let tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+    if let Some(a) = tcp_addr {
+        if state.auth_token.is_none() && !a.ip().is_loopback() {
+            warn!(%a, "TCP listener on a non-loopback address without KVTIER_AUTH_TOKEN");
+        }
+    }
+    let admin = match cfg.admin {
+        Some(a) => Some(admin::spawn_admin(models.clone(), a)?),
+        None => None,
+    };
+    let bound = Bound {
+        socket: cfg.socket.clone(),
+        tcp: tcp_addr,
+        admin: admin.as_ref().map(|a| a.local_addr()),
+        pid: std::process::id(),
+    };
+    info!(
+        socket = ?bound.socket,
+        tcp = ?bound.tcp,
+        admin = ?bound.admin,
+        pool_bytes = core.manager().l1().pool().capacity(),
+        tiers = ?core.manager().tier_names(),
+        auth = state.auth_token.is_some(),
+        "kvtier server listening"
+    );
+    if let Some(f) = &cfg.ready_file {
+        let tmp = f.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec(&bound)?)?;
+        std::fs::rename(&tmp, f)?;
+    }
+
+    let mut accepts = Vec::new();
+    if let Some(l) = unix {
+        let st = state.clone();
+        let mut sd = shutdown_rx.clone();
+        accepts.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = l.accept() => match r {
+                        Ok((s, _)) => { tokio::spawn(conn::serve_unix(s, st.clone())); }
+                        Err(e) => { warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; }
+                    },
+                    _ = sd.changed() => break,
+                }
+            }
+        }));
+    }
+    if let Some(l) = tcp {
+        let st = state.clone();
+        let mut sd = shutdown_rx.clone();
+        accepts.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = l.accept() => match r {
+                        Ok((s, _)) => { tokio::spawn(conn::serve_tcp(s, st.clone())); }
+                        Err(e) => { warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; }
+                    },
+                    _ = sd.changed() => break,
+                }
+            }
+        }));
+    }
+
+    wait_for_signal(stop.as_mut()).await?;
+    info!("shutting down: no new connections; finishing in-flight requests");
+    let _ = shutdown_tx.send(true);
+    for a in accepts {
+        let _ = a.await;
+    }
+    let deadline = Instant::now() + cfg.shutdown_grace;
+    while state.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        let notified = state.idle.notified();
+        let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+    }
+    let left = state.active.load(Ordering::Acquire);
+    if left > 0 {
+        warn!(connections = left, "grace period over; closing the rest");
+    }
+    let eng = models.any()?;
+    let t = cfg.flush_timeout;
+    let flushed = tokio::task::spawn_blocking(move || eng.flush(t)).await?;
+    if flushed {
+        info!("durable writes flushed");
+    } else {
+        warn!(timeout = ?t, "queued writes did not all finish in time");
+    }
+    if let Some(a) = admin {
+        a.shutdown();
+    }
+    if let Some(p) = &cfg.socket {
+        let _ = std::fs::remove_file(p);
+    }
+    if let Some(p) = pool_file {
+        let _ = std::fs::remove_file(p);
+    }
+    info!("kvtier server stopped");
+    Ok(())
+}
+
+async fn wait_for_signal(stop: Option<&mut watch::Receiver<bool>>) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let stopped = async move {
+        match stop {
+            Some(rx) => {
+                while !*rx.borrow() {
+                    if rx.changed().await.is_err() {
+                        break;
+                    }
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
+        _ = stopped => info!("stop requested"),
+    }
+    Ok(())
+}
+
+/// Runs a server on a fresh multi-threaded runtime (the entry point of `kvtier serve`).
+pub fn run(cfg: ServeConfig) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kvtier-serve")
+        .build()
+        .context("starting the server runtime")?;
+    rt.block_on(serve(cfg, None))
+}

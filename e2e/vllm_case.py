@@ -1,0 +1,79 @@
+"""One vLLM process of the end-to-end test (called by vllm_e2e.py).
+
+Usage: vllm_case.py SPEC.json RESULT.json. SPEC: {"model", "connector": "none"|"kvtier"|
+"example", "extra": {...}, "engine_id", "prompts": {name: [token ids]}, "steps": [[label,
+prompt name, max_tokens], ...], "keys_of": prompt name or null}. RESULT: per step the token
+ids, num_cached_tokens and wall seconds, plus the kvtier worker's stats."""
+
+import json
+import os
+import sys
+import time
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = json.load(open(spec_path))
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    kw = dict(
+        model=spec["model"],
+        dtype="float32",
+        max_model_len=16384,
+        max_num_batched_tokens=16384,
+        enforce_eager=True,
+        enable_prefix_caching=False,
+        disable_hybrid_kv_cache_manager=True,
+        seed=0,
+    )
+    conn = spec["connector"]
+    if conn == "kvtier":
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="KvTierConnector",
+            kv_connector_module_path="kvtier.vllm",
+            kv_role="kv_both",
+            engine_id=spec["engine_id"],
+            kv_load_failure_policy="recompute",
+            kv_connector_extra_config=spec["extra"],
+        )
+    elif conn == "example":
+        kw["kv_transfer_config"] = KVTransferConfig(
+            kv_connector="ExampleConnector", kv_role="kv_both", kv_connector_extra_config=spec["extra"]
+        )
+    llm = LLM(**kw)
+    prompts = spec["prompts"]
+    # Warm-up: a short prompt of other tokens (its first-request costs are not measured).
+    for _ in range(2):
+        llm.generate([{"prompt_token_ids": [5] * 300}], SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)
+    steps = []
+    for label, name, max_tokens in spec["steps"]:
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        out = llm.generate([{"prompt_token_ids": prompts[name]}], sp, use_tqdm=False)[0]
+        dt = time.perf_counter() - t0
+        steps.append(
+            {
+                "label": label,
+                "prompt": name,
+                "seconds": dt,
+                "tokens": list(out.outputs[0].token_ids),
+                "num_cached_tokens": out.num_cached_tokens,
+            }
+        )
+        print(f"[case] {label}: {dt:.3f}s cached={out.num_cached_tokens}", flush=True)
+    result = {"steps": steps}
+    if conn == "kvtier" and "kvtier.server" not in spec["extra"]:
+        from kvtier.vllm import worker_call
+
+        eid = spec["engine_id"]
+        sock_dir = spec["extra"].get("kvtier.lookup_socket_dir") or spec["extra"].get("lookup_socket_dir")
+        worker_call(eid, "flush", 60.0, lookup_socket_dir=sock_dir)
+        result["stats"] = worker_call(eid, "stats", lookup_socket_dir=sock_dir)
+        result["connector"] = worker_call(eid, "connector", lookup_socket_dir=sock_dir)
+        if spec.get("keys_of"):
+            result["keys"] = worker_call(eid, "chunk_keys", prompts[spec["keys_of"]], lookup_socket_dir=sock_dir)
+    json.dump(result, open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,362 @@
+"""Tests of the kvtier Python bindings (numpy only; torch tests skip without torch)."""
+
+import gc
+import json
+import threading
+
+import numpy as np
+import pytest
+
+import kvtier
+
+SHAPE = dict(layers=2, kv_heads=2, head_dim=8, dtype="f16")  # 2*2*2*8*2 = 128 B/token
+
+
+def make(cfg, **kw):
+    args = dict(SHAPE)
+    args.update(kw)
+    return kvtier.Engine(cfg, model="test/model", **args)
+
+
+def payload(eng, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(n * eng.bytes_per_token // 2).astype(np.float16)
+
+
+# -- key spec ---------------------------------------------------------------------------
+
+
+def _tokens(v):
+    if isinstance(v, dict) and "range" in v:
+        return list(range(*v["range"]))
+    return v
+
+
+def test_chunk_keys_match_golden_vectors(repo_root):
+    data = json.loads((repo_root / "docs" / "key-vectors.json").read_text())
+    assert data["key_spec_version"] == kvtier.KEY_SPEC_VERSION
+    assert len(data["vectors"]) >= 10
+    for v in data["vectors"]:
+        got = kvtier.chunk_keys(
+            v["identity"], v["chunk_size"], v["save_unfull_chunk"], v["cache_salt"], _tokens(v["tokens"])
+        )
+        assert got == v["keys"], v["name"]
+
+
+def test_engine_chunk_keys_agree_with_module_function(small_cfg):
+    eng = make(small_cfg)
+    toks = list(range(100))
+    ident = eng.identity()
+    assert eng.chunk_keys(toks) == kvtier.chunk_keys(ident, 16, False, None, toks)
+    assert len(eng.chunk_keys(toks)) == 6
+    assert eng.chunk_keys(toks, salt="a") != eng.chunk_keys(toks)
+
+
+def test_bad_identity_is_a_value_error():
+    with pytest.raises(ValueError, match="identity"):
+        kvtier.chunk_keys({"model_name": "x"}, 4, False, None, [1, 2, 3])
+
+
+# -- store / lookup / retrieve ------------------------------------------------------------
+
+
+def test_store_lookup_retrieve_roundtrip(small_cfg):
+    eng = make(small_cfg)
+    assert eng.chunk_size == 16 and eng.bytes_per_token == 128
+    toks = list(range(1000, 1100))  # 6 full chunks = 96 tokens, tail of 4 dropped
+    kv = payload(eng, len(toks))
+    assert eng.lookup(toks) == 0
+    rep = eng.store(toks, kv)
+    assert rep["stored_tokens"] == 96 and rep["new_chunks"] == 6
+    assert eng.lookup(toks) == 96
+    assert eng.lookup(toks[:50]) == 48
+    assert eng.lookup([7] + toks[1:]) == 0
+    d = eng.lookup_detail(toks)
+    assert d["hit_chunks"] == 6 and d["tiers"] == [0] * 6
+    out = np.zeros_like(kv)
+    assert eng.retrieve(toks, out) == 96
+    n = 96 * eng.bytes_per_token // 2
+    assert np.array_equal(out[:n], kv[:n])
+    assert not out[n:].any()
+    # storing again: everything present
+    assert eng.store(toks, kv)["present_chunks"] == 6
+
+
+def test_any_dtype_and_numpy_tokens(small_cfg):
+    eng = make(small_cfg)
+    toks = np.arange(32, dtype=np.int64)
+    raw = np.frombuffer(np.random.default_rng(1).bytes(32 * 128), dtype=np.uint8).copy()
+    eng.store(toks, raw.view(np.float32))  # any dtype: bytes are what count
+    out = np.empty(32 * 128, dtype=np.uint8)
+    assert eng.retrieve(toks.astype(np.uint32), out) == 32
+    assert np.array_equal(out, raw)
+    out2 = bytearray(32 * 128)
+    assert eng.retrieve(list(toks), out2) == 32
+    assert bytes(out2) == raw.tobytes()
+
+
+def test_retrieve_writes_in_place_without_copy(small_cfg):
+    eng = make(small_cfg)
+    toks = list(range(64))
+    kv = payload(eng, 64, seed=3).reshape(64, -1)
+    eng.store(toks, kv)
+    big = np.zeros((2, 64, kv.shape[1]), dtype=np.float16)
+    view = big[1]  # a C-contiguous view into `big`
+    assert eng.retrieve(toks, view) == 64
+    assert np.array_equal(big[1], kv) and not big[0].any()
+
+
+def test_partial_prefix_only(small_cfg):
+    eng = make(small_cfg)
+    a = list(range(64))
+    eng.store(a, payload(eng, 64))
+    b = a[:40] + [9999] * 24  # shares 2.5 chunks -> 2 chunks reusable
+    assert eng.lookup(b) == 32
+    out = np.zeros(64 * 64, dtype=np.float16)
+    assert eng.retrieve(b, out) == 32
+
+
+def test_salt_separates_tenants(small_cfg):
+    eng = make(small_cfg)
+    toks = list(range(32))
+    eng.store(toks, payload(eng, 32), salt="tenant-a")
+    assert eng.lookup(toks, salt="tenant-a") == 32
+    assert eng.lookup(toks, salt="tenant-b") == 0
+    assert eng.lookup(toks) == 0
+    assert eng.remove_salt("tenant-a") >= 2
+    assert eng.lookup(toks, salt="tenant-a") == 0
+
+
+# -- errors -----------------------------------------------------------------------------
+
+
+def test_non_contiguous_is_rejected_clearly(small_cfg):
+    eng = make(small_cfg)
+    kv = payload(eng, 64).reshape(64, -1)
+    with pytest.raises(BufferError, match="contiguous"):
+        eng.store(list(range(64)), kv[:, ::2])
+    with pytest.raises(BufferError, match="contiguous"):
+        eng.retrieve(list(range(64)), np.zeros((64, 128), np.float16)[:, ::2])
+
+
+def test_read_only_output_is_rejected(small_cfg):
+    eng = make(small_cfg)
+    ro = np.zeros(64 * 64, np.float16)
+    ro.setflags(write=False)
+    with pytest.raises(BufferError, match="writable"):
+        eng.retrieve(list(range(64)), ro)
+    with pytest.raises(BufferError):
+        eng.retrieve(list(range(64)), b"\0" * 8192)
+
+
+def test_engine_errors_carry_the_engine_message(small_cfg):
+    eng = make(small_cfg)
+    with pytest.raises(kvtier.KvTierError, match="KV payload is 10 bytes"):
+        eng.store(list(range(32)), np.zeros(10, np.uint8))
+    with pytest.raises(kvtier.KvTierError, match="output buffer"):
+        eng.retrieve(list(range(32)), np.zeros(10, np.uint8))
+    with pytest.raises(kvtier.KvTierError, match="cache_salt"):
+        eng.lookup([1, 2], salt="x" * 200)
+    assert issubclass(kvtier.KvTierError, RuntimeError)
+
+
+def test_bad_config_key(small_cfg):
+    with pytest.raises(kvtier.KvTierError, match="no_such_key"):
+        make({"no_such_key": 1})
+    with pytest.raises(kvtier.KvTierError, match="max_local_disk_size"):
+        make({"local_disk": "/tmp/x"})
+    with pytest.raises(ValueError, match="layers"):
+        kvtier.Engine(small_cfg)
+    with pytest.raises(TypeError):
+        kvtier.Engine(42, **SHAPE)
+    with pytest.raises(TypeError):
+        make(small_cfg).lookup("abc")
+
+
+def test_server_mode_reports_clearly():
+    try:
+        eng = make({"server": "unix:/nonexistent/kvtier.sock"})
+    except kvtier.KvTierError as e:
+        msg = str(e)
+        assert "server" in msg
+    else:  # a client build: connecting to a missing socket must fail
+        pytest.fail(f"connected to a missing server: {eng!r}")
+    with pytest.raises(ValueError, match="server"):
+        make({"server": "unix:/x", "chunk_size": 16})
+
+
+# -- config sources ---------------------------------------------------------------------
+
+
+def test_config_from_yaml_file(tmp_path):
+    p = tmp_path / "kvtier.yaml"
+    p.write_text("chunk_size: 32\nmax_local_cpu_size: 0.015625\nlocal_cpu_huge_pages: false\n")
+    assert make(str(p)).chunk_size == 32
+    assert make(p).chunk_size == 32  # PathLike
+    with pytest.raises(kvtier.KvTierError, match="reading config file"):
+        make(str(tmp_path / "missing.yaml"))
+
+
+def test_config_from_environment(tmp_path, monkeypatch):
+    p = tmp_path / "k.yaml"
+    p.write_text("chunk_size: 32\nmax_local_cpu_size: 0.015625\nlocal_cpu_huge_pages: false\n")
+    monkeypatch.setenv("KVTIER_CONFIG_FILE", str(p))
+    monkeypatch.setenv("KVTIER_CHUNK_SIZE", "64")
+    assert make(None).chunk_size == 64
+
+
+# -- prefetch, stats, metrics, disk tier ---------------------------------------------------
+
+
+def test_prefetch_handle(small_cfg):
+    eng = make(small_cfg)
+    toks = list(range(48))
+    eng.store(toks, payload(eng, 48))
+    h = eng.prefetch(toks)
+    assert isinstance(h, kvtier.PrefetchHandle)
+    assert h.wait() == 48
+    assert h.wait(timeout=0.1) == 48  # idempotent
+    assert eng.prefetch([5, 6, 7] * 20).wait(1.0) == 0
+
+
+def test_stats_and_metrics(small_cfg):
+    eng = make(small_cfg)
+    toks = list(range(32))
+    eng.store(toks, payload(eng, 32))
+    eng.lookup(toks)
+    s = eng.stats()
+    assert isinstance(s, dict)
+    assert s["lookups"] >= 1 and s["hit_tokens"] >= 32
+    assert s["tiers"][0]["checksum_failures"] == 0
+    assert "kvtier" in eng.metrics_text()
+    assert "Engine(" in repr(eng)
+
+
+def test_disk_tier_survives_a_new_engine(tmp_path, small_cfg):
+    cfg = dict(small_cfg, local_disk=str(tmp_path / "disk"), max_local_disk_size=0.0625)
+    eng = make(cfg)
+    toks = list(range(2000, 2064))
+    kv = payload(eng, 64, seed=9)
+    eng.store(toks, kv)
+    assert eng.flush(10.0)
+    del eng
+    gc.collect()
+    eng2 = make(cfg)  # empty L1, same disk
+    d = eng2.lookup_detail(toks)
+    assert d["hit_tokens"] == 64 and set(d["tiers"]) == {1}
+    out = np.zeros_like(kv)
+    assert eng2.retrieve(toks, out) == 64
+    assert np.array_equal(out, kv)
+    st = eng2.stats()
+    assert st["tiers"][1]["hits"] >= 4 and st["tiers"][1]["checksum_failures"] == 0
+
+
+def test_corrupt_disk_chunk_is_detected(tmp_path, small_cfg):
+    cfg = dict(small_cfg, local_disk=str(tmp_path / "disk"), max_local_disk_size=0.0625)
+    eng = make(cfg)
+    toks = list(range(64))
+    eng.store(toks, payload(eng, 64))
+    assert eng.flush(10.0)
+    del eng
+    gc.collect()
+    files = sorted(p for p in (tmp_path / "disk").rglob("*") if p.is_file() and p.stat().st_size > 4096)
+    assert files
+    for f in files:
+        b = bytearray(f.read_bytes())
+        b[len(b) // 2] ^= 0xFF
+        f.write_bytes(bytes(b))
+    eng2 = make(cfg)
+    out = np.zeros(64 * 64, np.float16)
+    got = eng2.retrieve(toks, out)
+    assert got < 64
+    assert eng2.stats()["tiers"][1]["checksum_failures"] >= 1
+
+
+def test_gil_is_released_during_engine_work(small_cfg):
+    eng = make(dict(small_cfg, max_local_cpu_size=0.25), kv_heads=8, head_dim=128)
+    toks = list(range(4096))
+    kv = np.ones(4096 * eng.bytes_per_token, np.uint8)
+    eng.store(toks, kv)
+    out = np.zeros_like(kv)
+    ticks = []
+    stop = threading.Event()
+
+    def ticker():
+        while not stop.is_set():
+            ticks.append(1)
+
+    t = threading.Thread(target=ticker)
+    t.start()
+    try:
+        for _ in range(20):
+            eng.retrieve(toks, out)
+    finally:
+        stop.set()
+        t.join()
+    assert len(ticks) > 0 and out.all()
+
+
+# -- torch (only where installed, e.g. the e2e venv) ---------------------------------------
+
+
+def test_torch_tensors_any_dtype(small_cfg):
+    torch = pytest.importorskip("torch")
+    eng = make(small_cfg)
+    toks = torch.arange(64)
+    kv = torch.randn(64, 64, dtype=torch.bfloat16)  # 64 tokens x 128 bytes
+    eng.store(toks, kv)
+    out = torch.zeros_like(kv)
+    assert eng.retrieve(toks, out) == 64
+    assert torch.equal(out, kv)
+    with pytest.raises(BufferError, match="contiguous"):
+        eng.store(toks, kv.t())
+
+
+# -- server mode (needs a `kvtier` binary with `serve`: $KV_SERVE_BIN or on PATH) ----------
+
+
+def _serve_bin():
+    import os
+    import shutil
+
+    b = os.environ.get("KV_SERVE_BIN") or shutil.which("kvtier")
+    return b if b and os.path.exists(b) else None
+
+
+def test_server_mode_shares_one_cache(tmp_path):
+    import os
+    import subprocess
+    import time
+
+    b = _serve_bin()
+    if b is None:
+        pytest.skip("no kvtier binary (set KV_SERVE_BIN)")
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("chunk_size: 16\nmax_local_cpu_size: 0.0625\nlocal_cpu_huge_pages: false\n")
+    sock = tmp_path / "kvtier.sock"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+    proc = subprocess.Popen([b, "serve", "--config", str(cfg), "--socket", str(sock)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"kvtier serve exited: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.05)
+        a = kvtier.Engine({"server": f"unix:{sock}"}, model="test/model", **SHAPE)
+        b2 = kvtier.Engine({"server": str(sock)}, model="test/model", **SHAPE)
+        assert a.server and a.chunk_size == 16 and a.bytes_per_token == 128
+        toks = list(range(500, 564))
+        kv = payload(a, 64, seed=5)
+        assert a.store(toks, kv)["stored_tokens"] == 64
+        assert b2.lookup(toks) == 64  # another client sees it
+        out = np.zeros_like(kv)
+        assert b2.retrieve(toks, out) == 64 and np.array_equal(out, kv)
+        assert b2.prefetch(toks).wait(5.0) == 64
+        assert isinstance(b2.stats(), dict)
+        with pytest.raises(kvtier.KvTierError):
+            b2.metrics_text()
+    finally:
+        proc.terminate()
+        proc.wait(10)
