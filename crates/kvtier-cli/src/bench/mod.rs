@@ -366,11 +366,26 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     );
 
     let t_engine = Instant::now();
-    let engine = Engine::new(cfg.clone(), shape.identity()).context("building the bench engine")?;
+    let engine = std::sync::Arc::new(
+        Engine::new(cfg.clone(), shape.identity()).context("building the bench engine")?,
+    );
     info!(
         secs = format!("{:.2}", t_engine.elapsed().as_secs_f64()),
         "engine ready (L1 prefaulted)"
     );
+    // `admin_port` in the config: the embedded engine serves the admin endpoints while the
+    // workload runs (watch /metrics during a long bench).
+    let _admin = match cfg.admin_port {
+        Some(port) => Some(
+            kvtier_server::admin::spawn_embedded_admin(
+                engine.core().clone(),
+                &[engine.clone()],
+                port,
+            )
+            .with_context(|| format!("starting the admin endpoint on port {port}"))?,
+        ),
+        None => None,
+    };
     let mut results = match plan.workload {
         WorkloadKind::LongDocQa => workload::long_doc_qa(&engine, &plan, &ring)?,
         WorkloadKind::Random => workload::random(&engine, &plan, &ring)?,
