@@ -7,7 +7,8 @@
 #   5. runs the vLLM scenarios (e2e/vllm_e2e.py) and prints "N passed, M failed".
 # Env: KVE2E_CACHE (venv cache), KVE2E_WORK (scratch dir), KVE2E_WHEEL (use this
 # wheel instead of building), KVE2E_TOKENS (prompt length, default 8192),
-# CARGO_TARGET_DIR (default target/ of the repo).
+# CARGO_TARGET_DIR (default target/ of the repo), KVE2E_PROFILE (release, the default, or
+# dev: CI builds the wheel and binary in the dev profile to reuse `cargo test`'s artifacts).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"
@@ -22,7 +23,9 @@ if [[ -n "${KVE2E_WHEEL:-}" ]]; then
   wheel="$KVE2E_WHEEL"
 else
   rm -rf "$work/wheels"
-  (cd "$repo" && "$venv/bin/maturin" build --release -i "$py" --out "$work/wheels" >&2)
+  profile_flag="--release"
+  [[ "${KVE2E_PROFILE:-release}" == "dev" ]] && profile_flag=""
+  (cd "$repo" && "$venv/bin/maturin" build $profile_flag -i "$py" --out "$work/wheels" >&2)
   wheel="$(ls "$work"/wheels/kvtier-*.whl | head -1)"
 fi
 "$venv/bin/pip" install -q --force-reinstall --no-deps "$wheel"

@@ -45,6 +45,13 @@ def main(spec_path: str, out_path: str) -> None:
     # Warm-up: a short prompt of other tokens (its first-request costs are not measured).
     for _ in range(2):
         llm.generate([{"prompt_token_ids": [5] * 300}], SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)
+    before = None
+    embedded = conn == "kvtier" and "kvtier.server" not in spec["extra"]
+    if embedded:  # the connector's counters after the warm-up (which may hit too)
+        from kvtier.vllm import worker_call
+
+        sock_dir = spec["extra"].get("kvtier.lookup_socket_dir") or spec["extra"].get("lookup_socket_dir")
+        before = worker_call(spec["engine_id"], "connector", lookup_socket_dir=sock_dir)
     steps = []
     for label, name, max_tokens in spec["steps"]:
         sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -69,7 +76,8 @@ def main(spec_path: str, out_path: str) -> None:
         sock_dir = spec["extra"].get("kvtier.lookup_socket_dir") or spec["extra"].get("lookup_socket_dir")
         worker_call(eid, "flush", 60.0, lookup_socket_dir=sock_dir)
         result["stats"] = worker_call(eid, "stats", lookup_socket_dir=sock_dir)
-        result["connector"] = worker_call(eid, "connector", lookup_socket_dir=sock_dir)
+        after = worker_call(eid, "connector", lookup_socket_dir=sock_dir)
+        result["connector"] = {k: after[k] - before.get(k, 0) for k in after}  # the steps only
         if spec.get("keys_of"):
             result["keys"] = worker_call(eid, "chunk_keys", prompts[spec["keys_of"]], lookup_socket_dir=sock_dir)
     json.dump(result, open(out_path, "w"))
