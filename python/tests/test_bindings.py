@@ -360,3 +360,22 @@ def test_server_mode_shares_one_cache(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_embedded_engine_serves_admin_endpoints_when_admin_port_is_set(small_cfg):
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = dict(small_cfg)
+    cfg["admin_port"] = port
+    eng = make(cfg)
+    toks = list(range(64))
+    eng.store(toks, payload(eng, len(toks)))
+    assert eng.lookup(toks) == 64
+    base = f"http://127.0.0.1:{port}"
+    assert json.loads(urllib.request.urlopen(base + "/health", timeout=5).read())["status"] == "ok"
+    metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+    assert "kvtier_hit_tokens_total 64" in metrics

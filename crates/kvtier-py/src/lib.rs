@@ -276,6 +276,9 @@ struct PyEngine {
     embedded: Option<Arc<Engine>>,
     identity: ModelIdentity,
     server: Option<String>,
+    /// The admin HTTP endpoint of an embedded engine with `admin_port` configured; it stops
+    /// when the engine is dropped.
+    _admin: Option<kvtier_server::admin::AdminHandle>,
 }
 
 #[pymethods]
@@ -345,11 +348,28 @@ impl PyEngine {
                     .allow_threads(move || Engine::new(cfg, id))
                     .map_err(engine_err)?;
                 let engine = Arc::new(engine);
+                let admin = match engine.config().admin_port {
+                    Some(port) => Some(
+                        kvtier_server::admin::spawn_embedded_admin(
+                            engine.core().clone(),
+                            &[engine.clone()],
+                            port,
+                        )
+                        .map_err(|e| {
+                            KvTierError::new_err(format!(
+                                "starting the admin endpoint on port {port}: {e:#}"
+                            ))
+                        })?
+                        .0,
+                    ),
+                    None => None,
+                };
                 Ok(PyEngine {
                     cache: engine.clone(),
                     embedded: Some(engine),
                     identity,
                     server: None,
+                    _admin: admin,
                 })
             }
             Backend::Server(addr) => {
@@ -359,6 +379,7 @@ impl PyEngine {
                     embedded: None,
                     identity,
                     server: Some(addr),
+                    _admin: None,
                 })
             }
         }
