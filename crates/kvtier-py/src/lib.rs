@@ -352,7 +352,7 @@ impl PyEngine {
                     Some(port) => Some(
                         kvtier_server::admin::spawn_embedded_admin(
                             engine.core().clone(),
-                            &[engine.clone()],
+                            std::slice::from_ref(&engine),
                             port,
                         )
                         .map_err(|e| {

@@ -379,7 +379,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Some(port) => Some(
             kvtier_server::admin::spawn_embedded_admin(
                 engine.core().clone(),
-                &[engine.clone()],
+                std::slice::from_ref(&engine),
                 port,
             )
             .with_context(|| format!("starting the admin endpoint on port {port}"))?,
