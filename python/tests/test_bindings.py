@@ -379,3 +379,13 @@ def test_embedded_engine_serves_admin_endpoints_when_admin_port_is_set(small_cfg
     assert json.loads(urllib.request.urlopen(base + "/health", timeout=5).read())["status"] == "ok"
     metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
     assert "kvtier_hit_tokens_total 64" in metrics
+
+
+def test_remove_forgets_a_prompt_in_every_tier(small_cfg):
+    eng = make(small_cfg)
+    toks = list(range(200, 264))
+    eng.store(toks, payload(eng, len(toks)))
+    assert eng.lookup(toks) == 64
+    assert eng.remove(toks[:32]) == 2  # the first two chunks
+    assert eng.lookup(toks) == 0
+    assert eng.remove(toks[:32]) == 0

@@ -913,6 +913,21 @@ impl KvCache for KvClient {
         })
     }
 
+    fn remove(&self, tokens: &[u32], cache_salt: Option<&str>) -> Result<u64> {
+        let blob = proto::tokens_to_bytes(tokens);
+        self.with_conn(|c| {
+            match c.call(
+                &Request::Remove {
+                    salt: cache_salt.map(str::to_string),
+                },
+                &[&blob],
+            )? {
+                Response::Count(n) => Ok(n),
+                r => Err(unexpected("Remove", &r)),
+            }
+        })
+    }
+
     fn remove_salt(&self, salt: &str) -> Result<u64> {
         self.with_conn(|c| {
             match c.call(

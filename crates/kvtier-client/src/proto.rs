@@ -203,6 +203,11 @@ pub enum Request {
     Stats,
     /// Liveness check.
     Ping,
+    /// Removes a prompt's chunks from every tier; blob = tokens (u32 LE). Replies `Count`.
+    Remove {
+        /// Tenant salt.
+        salt: Option<String>,
+    },
 }
 
 /// Server → client messages.

@@ -552,6 +552,20 @@ impl PyEngine {
         py.allow_threads(|| cache.clear()).map_err(engine_err)
     }
 
+    /// Removes the prompt's chunks from every tier; returns how many were held somewhere.
+    #[pyo3(signature = (tokens, salt=None))]
+    fn remove(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        salt: Option<String>,
+    ) -> PyResult<u64> {
+        let toks = tokens_of(tokens)?;
+        let cache = &self.cache;
+        py.allow_threads(|| cache.remove(&toks, salt.as_deref()))
+            .map_err(engine_err)
+    }
+
     /// Forgets one tenant's chunks in every tier; returns the chunks dropped.
     fn remove_salt(&self, py: Python<'_>, salt: String) -> PyResult<u64> {
         let cache = &self.cache;

@@ -693,6 +693,10 @@ impl Conn {
                 eng.unpin(&pins);
                 Response::Ok
             }
+            Request::Remove { salt } => {
+                let tokens = proto::tokens_from_bytes(blob).map_err(perr)?;
+                Response::Count(block(|| eng.remove(&tokens, salt.as_deref())).map_err(kerr)?)
+            }
             Request::RemoveSalt { salt } => {
                 let r = block(|| eng.remove_salt(&salt)).map_err(kerr)?;
                 Response::Count(r.iter().map(|x| x.1).sum())

@@ -65,6 +65,8 @@ pub trait KvCache: Send + Sync {
     ) -> Result<Vec<PinToken>>;
     /// Releases pins.
     fn unpin(&self, pins: &[PinToken]) -> Result<()>;
+    /// Removes the prompt's chunks from every tier; returns how many were held somewhere.
+    fn remove(&self, tokens: &[u32], cache_salt: Option<&str>) -> Result<u64>;
     /// Forgets a tenant's chunks in every tier; returns how many chunks were dropped.
     fn remove_salt(&self, salt: &str) -> Result<u64>;
     /// Empties every tier; returns how many chunks were dropped.

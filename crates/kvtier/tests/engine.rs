@@ -236,3 +236,22 @@ fn many_threads_store_lookup_and_retrieve_consistently() {
     assert!(s.l1.pool_used <= s.l1.pool_capacity);
     assert_eq!(s.l1.pool_used, s.l1.bytes);
 }
+
+#[test]
+fn remove_forgets_a_prompts_chunks() {
+    let e = engine(1 << 20);
+    let tokens = prompt(11, 4 * CHUNK);
+    e.store(&tokens, None, &kv_for(&e, &tokens)).unwrap();
+    assert_eq!(e.remove(&tokens[..2 * CHUNK], None).unwrap(), 2);
+    assert_eq!(
+        e.lookup(&tokens, None).unwrap().hit_tokens,
+        0,
+        "the head is gone"
+    );
+    assert_eq!(
+        e.remove(&tokens, None).unwrap(),
+        2,
+        "the two remaining chunks"
+    );
+    assert_eq!(e.stats().l1.chunks, 0);
+}

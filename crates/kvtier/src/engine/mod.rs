@@ -640,6 +640,16 @@ impl Engine {
         self.core.manager.flush(timeout)
     }
 
+    /// Removes the prompt's chunks from every tier; returns how many chunks were held
+    /// somewhere. Readers holding them keep their bytes until they drop them.
+    pub fn remove(&self, tokens: &[u32], cache_salt: Option<&str>) -> Result<u64> {
+        let mut n = 0;
+        for span in self.keys.chunk_spans(tokens, cache_salt)? {
+            n += u64::from(self.core.manager.remove(span.key)? > 0);
+        }
+        Ok(n)
+    }
+
     /// Empties every tier.
     pub fn clear(&self) -> Result<Vec<(String, u64)>> {
         self.core.manager.clear()
@@ -770,6 +780,10 @@ impl crate::api::KvCache for Engine {
     fn unpin(&self, pins: &[PinToken]) -> Result<()> {
         Engine::unpin(self, pins);
         Ok(())
+    }
+
+    fn remove(&self, tokens: &[u32], cache_salt: Option<&str>) -> Result<u64> {
+        Engine::remove(self, tokens, cache_salt)
     }
 
     fn remove_salt(&self, salt: &str) -> Result<u64> {
