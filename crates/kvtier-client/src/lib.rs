@@ -499,8 +499,7 @@ impl KvClient {
 
     /// Tokens covered by the prompt's chunks.
     fn covered(&self, n_tokens: usize) -> usize {
-        let cs = self.shared.keys.chunk_size();
-        (self.shared.keys.num_chunks(n_tokens) * cs).min(n_tokens)
+        self.shared.keys.covered_tokens(n_tokens)
     }
 
     /// Stores and waits until the lower tiers (disk, remote) hold the new chunks. Returns
@@ -523,16 +522,9 @@ impl KvClient {
         durable: bool,
     ) -> Result<(StoreSummary, bool)> {
         let bpt = self.bpt();
-        let covered = self.covered(tokens.len());
-        if payload.len() != covered * bpt && payload.len() != tokens.len() * bpt {
-            return Err(Error::invalid(format!(
-                "KV payload is {} bytes; {} tokens of this model need {} bytes ({bpt} bytes per token; {} if only the {covered} chunked tokens are passed)",
-                payload.len(),
-                tokens.len(),
-                tokens.len() * bpt,
-                covered * bpt
-            )));
-        }
+        self.shared
+            .keys
+            .check_payload_len(tokens.len(), bpt, payload.len())?;
         kvtier::keys::normalize_salt(cache_salt)?;
         let blob = proto::tokens_to_bytes(tokens);
         self.with_conn(|c| self.store_impl(c, &blob, cache_salt, payload, durable))

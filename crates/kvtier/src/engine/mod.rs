@@ -440,21 +440,8 @@ impl Engine {
     ) -> Result<StoreReport> {
         let t0 = Instant::now();
         let bpt = self.bytes_per_token();
-        let covered = self
-            .keys
-            .num_chunks(tokens.len())
-            .min(tokens.len().div_ceil(self.keys.chunk_size()));
-        let covered = (covered * self.keys.chunk_size()).min(tokens.len());
-        if payload.len() != covered * bpt && payload.len() != tokens.len() * bpt {
-            return Err(Error::invalid(format!(
-                "KV payload is {} bytes; {} tokens of this model need {} bytes ({} bytes per token; {} if only the {covered} chunked tokens are passed)",
-                payload.len(),
-                tokens.len(),
-                tokens.len() * bpt,
-                bpt,
-                covered * bpt
-            )));
-        }
+        self.keys
+            .check_payload_len(tokens.len(), bpt, payload.len())?;
         let mut session = self.begin_store(tokens, cache_salt)?;
         for slot in &mut session.slots {
             let src = &payload[slot.span.start * bpt..slot.span.end * bpt];

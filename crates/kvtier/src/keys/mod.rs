@@ -311,6 +311,30 @@ impl KeySpace {
         }
     }
 
+    /// Tokens covered by the chunks (with keys) of a prompt of `n_tokens` tokens.
+    pub fn covered_tokens(&self, n_tokens: usize) -> usize {
+        (self.num_chunks(n_tokens) * self.chunk_size).min(n_tokens)
+    }
+
+    /// Checks the length of a store payload for a prompt of `n_tokens` tokens: the chunk
+    /// payloads back to back, for all tokens or for the chunked ones only.
+    pub fn check_payload_len(
+        &self,
+        n_tokens: usize,
+        bytes_per_token: usize,
+        len: usize,
+    ) -> Result<()> {
+        let covered = self.covered_tokens(n_tokens);
+        if len == covered * bytes_per_token || len == n_tokens * bytes_per_token {
+            return Ok(());
+        }
+        Err(Error::invalid(format!(
+            "KV payload is {len} bytes; {n_tokens} tokens of this model need {} bytes ({bytes_per_token} bytes per token; {} if only the {covered} chunked tokens are passed)",
+            n_tokens * bytes_per_token,
+            covered * bytes_per_token
+        )))
+    }
+
     /// Cuts `tokens` into chunks and derives every chunk key.
     pub fn chunk_spans(&self, tokens: &[u32], cache_salt: Option<&str>) -> Result<Vec<ChunkSpan>> {
         self.chunk_spans_limited(tokens, cache_salt, usize::MAX)
