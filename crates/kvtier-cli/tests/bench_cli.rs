@@ -66,3 +66,53 @@ fn long_doc_qa_json_has_the_documented_keys() {
     assert!((0.0..=1.0).contains(&hit_rate), "hit_rate = {hit_rate}");
     assert_eq!(get(&json, "config.docs").as_u64(), Some(6));
 }
+
+#[test]
+fn disk_json_has_the_issue_keys_and_every_round_hits_every_chunk() {
+    let dir = std::env::temp_dir().join(format!("kvtier-bench-disk-test-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_kvtier"))
+        .args(["bench", "disk", "--model", "tiny", "--docs", "2"])
+        .args([
+            "--doc-tokens",
+            "1024",
+            "--reps",
+            "2",
+            "--json",
+            "--disk-dir",
+        ])
+        .arg(&dir)
+        .env_remove("KVTIER_CONFIG_FILE")
+        .output()
+        .expect("running kvtier");
+    std::fs::remove_dir_all(&dir).ok();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kvtier failed: {stderr}");
+    let json: Value =
+        serde_json::from_slice(&out.stdout).expect("stdout must be exactly one JSON object");
+    assert_eq!(json["workload"], "disk");
+    for key in [
+        "baseline.disk_write_gbps",
+        "baseline.disk_write_durable_gbps",
+        "baseline.disk_read_gbps",
+        "results.disk_write_gbps",
+        "results.disk_read_gbps",
+        "ratios.disk_write",
+        "ratios.disk_write_vs_durable",
+        "ratios.disk_read",
+        "spread.ratio_disk_read.min",
+        "spread.ratio_disk_read.max",
+    ] {
+        let x = get(&json, key)
+            .as_f64()
+            .unwrap_or_else(|| panic!("{key} is not a number"));
+        assert!(x.is_finite() && x > 0.0, "{key} = {x}");
+    }
+    let rounds = json["rounds"].as_array().expect("rounds");
+    assert_eq!(rounds.len(), 2);
+    // Alternating order, so neither pass always gets the device's fresh write cache.
+    assert_ne!(rounds[0]["baseline_first"], rounds[1]["baseline_first"]);
+    for r in rounds {
+        assert_eq!(r["results"]["restart_hit_rate"].as_f64(), Some(1.0), "{r}");
+        assert_eq!(r["results"]["verified_chunks"].as_u64(), Some(8), "{r}");
+    }
+}

@@ -1,14 +1,18 @@
 //! `kvtier bench disk`: the disk tier against the device, measured in the same run.
 //!
-//! 1. Baseline on the same directory with the same I/O size: one file per chunk, written
-//!    sequentially with `O_DIRECT` (fio-like `direct=1`), then read back with `O_DIRECT`;
-//!    also the durable variant (`fdatasync` per file), which is what an acknowledged disk
-//!    store costs at minimum.
-//! 2. Engine A stores the documents with the disk tier (L1 smaller than the working set, or
-//!    `--disk-only`: L1 only stages I/O); write throughput counts until every chunk is
-//!    acknowledged durable.
-//! 3. Engine B opens the same directory (a restart: empty L1, index rebuilt from disk) and
-//!    retrieves every document; every chunk comes from disk.
+//! Each round has two passes over the same directory, with the same bytes and I/O size:
+//! - **baseline**: one file per chunk written sequentially with `O_DIRECT` (fio-like
+//!   `direct=1`), the same with `fdatasync` per file (the least an acknowledged store
+//!   costs), and `O_DIRECT` reads of the first set;
+//! - **engine**: engine A stores the documents with the disk tier (L1 smaller than the
+//!   working set, or `--disk-only`: L1 only stages I/O), timed until every chunk is
+//!   acknowledged durable; engine B opens the same directory (a restart: empty L1, index
+//!   rebuilt from disk) and retrieves every document from disk.
+//!
+//! Why rounds in alternating order: on a virtual disk the host's write cache absorbs the
+//! first gigabytes after an idle period and then throttles, so whichever pass runs first
+//! looks faster. Rounds alternate baseline-first and engine-first, ratios are taken per
+//! round (both passes saw the same device state) and the report gives min/median/max.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -16,12 +20,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use kvtier::{Engine, EngineConfig};
+use kvtier::{Engine, EngineConfig, EngineStats};
 use serde::Serialize;
 use tracing::{info, warn};
 
 use super::buffers::{AlignedBuf, SourceRing, GIB};
-use super::report::{gbps, human_bytes};
+use super::report::{gbps, human_bytes, median, Spread};
 use super::{stream, BenchArgs, ModelShape};
 
 /// Chunks a store may have in flight to disk before the bench waits for acknowledgements.
@@ -32,12 +36,18 @@ const WINDOW: usize = 8;
 struct DiskReport {
     workload: &'static str,
     config: DiskConfig,
+    /// Medians over the rounds.
     baseline: DiskBaseline,
+    /// Medians over the rounds (counts from the last round).
     results: DiskResults,
+    /// Medians of the per-round ratios.
     ratios: DiskRatios,
+    /// Min/median/max over the rounds of every number above.
+    spread: DiskSpread,
+    rounds: Vec<DiskRound>,
     wall_secs: f64,
-    engine_write: kvtier::EngineStats,
-    engine_read: kvtier::EngineStats,
+    engine_write: EngineStats,
+    engine_read: EngineStats,
 }
 
 #[derive(Debug, Serialize)]
@@ -52,9 +62,10 @@ struct DiskConfig {
     disk_only: bool,
     l1_bytes: u64,
     window_chunks: usize,
+    reps: usize,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 struct DiskBaseline {
     /// Sequential O_DIRECT writes, one file per chunk, GB/s.
     disk_write_gbps: f64,
@@ -67,7 +78,7 @@ struct DiskBaseline {
     io_bytes: usize,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 struct DiskResults {
     /// Stored bytes / time until every chunk was acknowledged durable, GB/s.
     disk_write_gbps: f64,
@@ -82,7 +93,7 @@ struct DiskResults {
     verified_chunks: usize,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 struct DiskRatios {
     /// Engine durable writes / O_DIRECT sequential writes.
     disk_write: f64,
@@ -90,6 +101,27 @@ struct DiskRatios {
     disk_write_vs_durable: f64,
     /// Engine reads / O_DIRECT sequential reads.
     disk_read: f64,
+}
+
+/// One round: which pass ran first and what both measured.
+#[derive(Debug, Serialize)]
+struct DiskRound {
+    baseline_first: bool,
+    baseline: DiskBaseline,
+    results: DiskResults,
+    ratios: DiskRatios,
+}
+
+#[derive(Debug, Serialize)]
+struct DiskSpread {
+    baseline_write_gbps: Spread,
+    baseline_write_durable_gbps: Spread,
+    baseline_read_gbps: Spread,
+    disk_write_gbps: Spread,
+    disk_read_gbps: Spread,
+    ratio_disk_write: Spread,
+    ratio_disk_write_vs_durable: Spread,
+    ratio_disk_read: Spread,
 }
 
 fn open_direct(path: &Path, write: bool) -> std::io::Result<(File, bool)> {
@@ -106,10 +138,9 @@ fn open_direct(path: &Path, write: bool) -> std::io::Result<(File, bool)> {
     }
 }
 
-/// fio-like baseline: `n` files of `buf.len()` bytes, one I/O each.
-fn baseline(dir: &Path, buf: &mut AlignedBuf, n: usize) -> Result<DiskBaseline> {
-    let base = dir.join("baseline");
-    std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+/// fio-like baseline in `base`: `n` files of `buf.len()` bytes, one I/O each.
+fn baseline(base: &Path, buf: &mut AlignedBuf, n: usize) -> Result<DiskBaseline> {
+    std::fs::create_dir_all(base).with_context(|| format!("creating {}", base.display()))?;
     let len = buf.len();
     let mut direct = true;
     let mut pass = |durable: bool, tag: &str| -> Result<f64> {
@@ -132,8 +163,6 @@ fn baseline(dir: &Path, buf: &mut AlignedBuf, n: usize) -> Result<DiskBaseline> 
         f.read_exact_at(&mut buf[..], 0)?;
     }
     let read = gbps((n * len) as u64, t0.elapsed().as_secs_f64());
-    // The files stay until the run ends: deleting them now (with `discard` mounts) would
-    // put their discard work inside the engine's timed writes.
     Ok(DiskBaseline {
         disk_write_gbps: write,
         disk_write_durable_gbps: durable,
@@ -176,6 +205,110 @@ fn engine_config(
     Ok(cfg)
 }
 
+/// What the engine pass of one round measured.
+struct EnginePass {
+    results: DiskResults,
+    stats_w: EngineStats,
+    stats_r: EngineStats,
+}
+
+/// The workload's fixed parameters.
+struct Workload<'a> {
+    args: &'a BenchArgs,
+    shape: ModelShape,
+    ring: SourceRing,
+    docs: usize,
+    doc_len: usize,
+    chunk_size: usize,
+    chunk_bytes: usize,
+    chunks: usize,
+    data_bytes: u64,
+}
+
+impl Workload<'_> {
+    /// Engine A stores everything into `tier_dir` (a window of chunks in flight) until all
+    /// are durable; engine B reopens the directory and reads everything back.
+    fn engine_pass(&self, tier_dir: &Path) -> Result<EnginePass> {
+        let cfg = engine_config(self.args, tier_dir, self.data_bytes, self.chunk_bytes)?;
+        let doc_len = self.doc_len;
+        let (streamed, stats_w) = {
+            let engine = Engine::new(cfg.clone(), self.shape.identity())
+                .context("building the writer engine")?;
+            let streamed = stream::store_documents(
+                &engine,
+                &self.ring,
+                self.docs,
+                doc_len,
+                |d| doc_tokens(d, doc_len),
+                WINDOW,
+            )?;
+            if !engine.flush(Duration::from_secs(120)) {
+                warn!("disk writes still queued after 120 s");
+            }
+            (streamed, engine.stats())
+        };
+        let (acked, skipped) = (streamed.acked, streamed.skipped);
+        let write_gbps = gbps((acked * self.chunk_bytes) as u64, streamed.secs);
+
+        let t_open = Instant::now();
+        let engine = Engine::new(cfg, self.shape.identity()).context("reopening the disk tier")?;
+        let open_ms = t_open.elapsed().as_secs_f64() * 1e3;
+        let layout = self.shape.layout();
+        let mut out = AlignedBuf::new(doc_len * layout.bytes_per_token());
+        let (mut hit_chunks, mut verified, mut bytes, mut secs) = (0usize, 0usize, 0u64, 0f64);
+        let cb = self.chunk_bytes;
+        for d in 0..self.docs {
+            let tokens = doc_tokens(d, doc_len);
+            let t0 = Instant::now();
+            let got = engine.retrieve(&tokens, None, &mut out)?;
+            secs += t0.elapsed().as_secs_f64();
+            let n = got.hit_tokens / self.chunk_size;
+            hit_chunks += n;
+            bytes += (n * cb) as u64;
+            for i in 0..n {
+                if !self
+                    .ring
+                    .chunk_matches(d as u64, i, &out[i * cb..(i + 1) * cb])
+                {
+                    bail!("chunk {i} of document {d} read back from disk differs from what was stored");
+                }
+                verified += 1;
+            }
+        }
+        let stats_r = engine.stats();
+        let results = DiskResults {
+            disk_write_gbps: write_gbps,
+            disk_read_gbps: gbps(bytes, secs),
+            chunks_acknowledged: acked,
+            chunks_skipped: skipped,
+            restart_hit_chunks: hit_chunks,
+            restart_hit_rate: hit_chunks as f64 / self.chunks.max(1) as f64,
+            restart_open_ms: open_ms,
+            tier_hits: stats_r
+                .tiers
+                .iter()
+                .map(|t| (t.name.clone(), t.hits))
+                .collect(),
+            verified_chunks: verified,
+        };
+        Ok(EnginePass {
+            results,
+            stats_w,
+            stats_r,
+        })
+    }
+}
+
+/// Removes a round's files and waits until the filesystem has settled, so that neither
+/// the deletion nor its discards land inside the next round's timed passes.
+fn clean_round(dir: &Path) {
+    std::fs::remove_dir_all(dir).ok();
+    if let Ok(f) = File::open(dir.parent().unwrap_or(dir)) {
+        // SAFETY: syncfs only reads the descriptor, which `f` keeps open.
+        unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) };
+    }
+}
+
 /// Runs the disk scenario.
 pub fn run(args: &BenchArgs) -> Result<()> {
     let t_all = Instant::now();
@@ -187,6 +320,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         args.doc_tokens >= chunk_size,
         "--doc-tokens must be at least one chunk"
     );
+    ensure!(args.reps >= 1, "--reps must be at least 1");
     let chunks_per_doc = args.doc_tokens / chunk_size;
     let docs = args.docs.unwrap_or_else(|| (64 / chunks_per_doc).max(1));
     let chunks = docs * chunks_per_doc;
@@ -202,136 +336,155 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         );
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    info!(dir = %dir.display(), chunks, bytes = %human_bytes(data_bytes), "disk scenario");
+    info!(dir = %dir.display(), chunks, bytes = %human_bytes(data_bytes), reps = args.reps, "disk scenario");
 
-    let ring = SourceRing::new(chunk_bytes, args.seed);
-    let mut io = AlignedBuf::new(chunk_bytes);
-    io.copy_from_slice(ring.slot(0));
-    let baseline = baseline(&dir, &mut io, chunks.min(64))?;
-    info!(
-        write = format!("{:.2}", baseline.disk_write_gbps),
-        durable = format!("{:.2}", baseline.disk_write_durable_gbps),
-        read = format!("{:.2}", baseline.disk_read_gbps),
-        "O_DIRECT baseline (GB/s)"
-    );
-
-    let tier_dir = dir.join("tier");
-    let cfg = engine_config(args, &tier_dir, data_bytes, chunk_bytes)?;
-    let doc_len = args.doc_tokens;
-
-    // Engine A: store everything, a window of chunks in flight, until all are durable.
-    let (streamed, stats_w) = {
-        let engine =
-            Engine::new(cfg.clone(), shape.identity()).context("building the writer engine")?;
-        let streamed = stream::store_documents(
-            &engine,
-            &ring,
-            docs,
-            doc_len,
-            |d| doc_tokens(d, doc_len),
-            WINDOW,
-        )?;
-        if !engine.flush(Duration::from_secs(120)) {
-            warn!("disk writes still queued after 120 s");
-        }
-        (streamed, engine.stats())
+    let w = Workload {
+        args,
+        ring: SourceRing::new(chunk_bytes, args.seed),
+        shape,
+        docs,
+        doc_len: args.doc_tokens,
+        chunk_size,
+        chunk_bytes,
+        chunks,
+        data_bytes,
     };
-    let (acked, skipped, write_secs) = (streamed.acked, streamed.skipped, streamed.secs);
-    let write_gbps = gbps((acked * chunk_bytes) as u64, write_secs);
-
-    // Engine B: restart over the same directory; every read comes from disk.
-    let t_open = Instant::now();
-    let engine = Engine::new(cfg, shape.identity()).context("reopening the disk tier")?;
-    let open_ms = t_open.elapsed().as_secs_f64() * 1e3;
-    let mut out = AlignedBuf::new(doc_len * layout.bytes_per_token());
-    let (mut hit_chunks, mut verified, mut bytes, mut secs) = (0usize, 0usize, 0u64, 0f64);
-    for d in 0..docs {
-        let tokens = doc_tokens(d, doc_len);
-        let t0 = Instant::now();
-        let got = engine.retrieve(&tokens, None, &mut out)?;
-        secs += t0.elapsed().as_secs_f64();
-        let n = got.hit_tokens / chunk_size;
-        hit_chunks += n;
-        bytes += (n * chunk_bytes) as u64;
-        for i in 0..n {
-            if !ring.chunk_matches(d as u64, i, &out[i * chunk_bytes..(i + 1) * chunk_bytes]) {
-                bail!("chunk {i} of document {d} read back from disk differs from what was stored");
+    let mut io = AlignedBuf::new(chunk_bytes);
+    io.copy_from_slice(w.ring.slot(0));
+    let rel = |x: f64, b: f64| if b > 0.0 { x / b } else { 0.0 };
+    let mut rounds = Vec::new();
+    let mut last = None;
+    for r in 0..args.reps {
+        let round_dir = dir.join(format!("round-{r}"));
+        let baseline_first = r % 2 == 0;
+        std::fs::create_dir_all(&round_dir)
+            .with_context(|| format!("creating {}", round_dir.display()))?;
+        let mut base = None;
+        let mut pass = None;
+        for step in 0..2 {
+            if (step == 0) == baseline_first {
+                base = Some(baseline(&round_dir.join("baseline"), &mut io, chunks)?);
+            } else {
+                pass = Some(w.engine_pass(&round_dir.join("tier"))?);
             }
-            verified += 1;
         }
+        let (Some(base), Some(pass)) = (base, pass) else {
+            bail!("round {r} did not run both passes");
+        };
+        let ratios = DiskRatios {
+            disk_write: rel(pass.results.disk_write_gbps, base.disk_write_gbps),
+            disk_write_vs_durable: rel(pass.results.disk_write_gbps, base.disk_write_durable_gbps),
+            disk_read: rel(pass.results.disk_read_gbps, base.disk_read_gbps),
+        };
+        info!(
+            round = r,
+            baseline_first,
+            baseline_write = format!("{:.2}", base.disk_write_gbps),
+            baseline_durable = format!("{:.2}", base.disk_write_durable_gbps),
+            baseline_read = format!("{:.2}", base.disk_read_gbps),
+            tier_write = format!("{:.2}", pass.results.disk_write_gbps),
+            tier_read = format!("{:.2}", pass.results.disk_read_gbps),
+            "round done (GB/s)"
+        );
+        rounds.push(DiskRound {
+            baseline_first,
+            baseline: base,
+            results: pass.results.clone(),
+            ratios,
+        });
+        last = Some(pass);
+        clean_round(&round_dir);
     }
-    let stats_r = engine.stats();
-    drop(engine);
     if args.disk_dir.is_none() {
         std::fs::remove_dir_all(&dir).ok();
-    } else {
-        std::fs::remove_dir_all(dir.join("baseline")).ok();
     }
-    let read_gbps = gbps(bytes, secs);
-    let rel = |x: f64, b: f64| if b > 0.0 { x / b } else { 0.0 };
+    let Some(last) = last else {
+        bail!("no round ran");
+    };
+    let col = |f: fn(&DiskRound) -> f64| rounds.iter().map(f).collect::<Vec<_>>();
+    let spread = DiskSpread {
+        baseline_write_gbps: Spread::of(&col(|r| r.baseline.disk_write_gbps)),
+        baseline_write_durable_gbps: Spread::of(&col(|r| r.baseline.disk_write_durable_gbps)),
+        baseline_read_gbps: Spread::of(&col(|r| r.baseline.disk_read_gbps)),
+        disk_write_gbps: Spread::of(&col(|r| r.results.disk_write_gbps)),
+        disk_read_gbps: Spread::of(&col(|r| r.results.disk_read_gbps)),
+        ratio_disk_write: Spread::of(&col(|r| r.ratios.disk_write)),
+        ratio_disk_write_vs_durable: Spread::of(&col(|r| r.ratios.disk_write_vs_durable)),
+        ratio_disk_read: Spread::of(&col(|r| r.ratios.disk_read)),
+    };
+    let direct_io = rounds.iter().all(|r| r.baseline.direct_io);
     let report = DiskReport {
         workload: "disk",
         config: DiskConfig {
-            model: shape.name.clone(),
+            model: w.shape.name.clone(),
             layout: layout.describe(),
             chunk_bytes,
             chunks,
             docs,
-            doc_tokens: doc_len,
+            doc_tokens: w.doc_len,
             disk_dir: dir,
             disk_only: args.disk_only,
-            l1_bytes: stats_w.l1.pool_capacity,
+            l1_bytes: last.stats_w.l1.pool_capacity,
             window_chunks: WINDOW,
+            reps: args.reps,
+        },
+        baseline: DiskBaseline {
+            disk_write_gbps: spread.baseline_write_gbps.median,
+            disk_write_durable_gbps: spread.baseline_write_durable_gbps.median,
+            disk_read_gbps: spread.baseline_read_gbps.median,
+            direct_io,
+            io_bytes: chunk_bytes,
+        },
+        results: DiskResults {
+            disk_write_gbps: spread.disk_write_gbps.median,
+            disk_read_gbps: spread.disk_read_gbps.median,
+            restart_open_ms: median(&col(|r| r.results.restart_open_ms)),
+            ..last.results.clone()
         },
         ratios: DiskRatios {
-            disk_write: rel(write_gbps, baseline.disk_write_gbps),
-            disk_write_vs_durable: rel(write_gbps, baseline.disk_write_durable_gbps),
-            disk_read: rel(read_gbps, baseline.disk_read_gbps),
+            disk_write: spread.ratio_disk_write.median,
+            disk_write_vs_durable: spread.ratio_disk_write_vs_durable.median,
+            disk_read: spread.ratio_disk_read.median,
         },
-        baseline,
-        results: DiskResults {
-            disk_write_gbps: write_gbps,
-            disk_read_gbps: read_gbps,
-            chunks_acknowledged: acked,
-            chunks_skipped: skipped,
-            restart_hit_chunks: hit_chunks,
-            restart_hit_rate: rel(hit_chunks as f64, chunks as f64),
-            restart_open_ms: open_ms,
-            tier_hits: stats_r
-                .tiers
-                .iter()
-                .map(|t| (t.name.clone(), t.hits))
-                .collect(),
-            verified_chunks: verified,
-        },
+        spread,
+        rounds,
         wall_secs: t_all.elapsed().as_secs_f64(),
-        engine_write: stats_w,
-        engine_read: stats_r,
+        engine_write: last.stats_w,
+        engine_read: last.stats_r,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         let r = &report;
+        let s = &r.spread;
         println!(
-            "{:<34} {:.3} GB/s (durable: {:.3}, read {:.3})",
-            "baseline O_DIRECT write",
-            r.baseline.disk_write_gbps,
-            r.baseline.disk_write_durable_gbps,
-            r.baseline.disk_read_gbps
+            "{} rounds of {} x {} chunks; GB/s and ratios as min / median / max",
+            r.config.reps,
+            r.config.chunks,
+            human_bytes(r.config.chunk_bytes as u64)
         );
         println!(
-            "{:<34} {:.3} GB/s  ratio {:.2} (vs durable {:.2})",
+            "{:<34} {}",
+            "baseline O_DIRECT write", s.baseline_write_gbps
+        );
+        println!(
+            "{:<34} {}",
+            "baseline O_DIRECT write+fdatasync", s.baseline_write_durable_gbps
+        );
+        println!("{:<34} {}", "baseline O_DIRECT read", s.baseline_read_gbps);
+        println!(
+            "{:<34} {}  ratio {} (vs durable {})",
             "disk tier durable write",
-            r.results.disk_write_gbps,
-            r.ratios.disk_write,
-            r.ratios.disk_write_vs_durable
+            s.disk_write_gbps,
+            s.ratio_disk_write,
+            s.ratio_disk_write_vs_durable
         );
         println!(
-            "{:<34} {:.3} GB/s  ratio {:.2}",
-            "disk tier read after restart", r.results.disk_read_gbps, r.ratios.disk_read
+            "{:<34} {}  ratio {}",
+            "disk tier read after restart", s.disk_read_gbps, s.ratio_disk_read
         );
         println!(
-            "{:<34} {}/{} chunks ({} verified)",
+            "{:<34} {}/{} chunks ({} verified, last round)",
             "restart hits",
             r.results.restart_hit_chunks,
             r.config.chunks,

@@ -154,6 +154,10 @@ pub struct BenchArgs {
     /// Disk workload: no CPU cache at all (L1 only stages I/O).
     #[arg(long)]
     pub disk_only: bool,
+    /// Disk workload: rounds of (baseline, engine) measured in alternating order; the
+    /// report gives min/median/max.
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
     /// Write SVG plots (throughput against baselines, lookup latency, hit rate) here.
     #[arg(long)]
     pub plot: Option<PathBuf>,

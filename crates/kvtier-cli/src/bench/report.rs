@@ -55,6 +55,34 @@ pub fn median(samples: &[f64]) -> f64 {
     percentile(samples, 50.0)
 }
 
+/// Minimum, median and maximum of repeated measurements.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Spread {
+    /// Smallest sample.
+    pub min: f64,
+    /// Median sample.
+    pub median: f64,
+    /// Largest sample.
+    pub max: f64,
+}
+
+impl Spread {
+    /// The spread of unsorted samples (all zero for none).
+    pub fn of(samples: &[f64]) -> Spread {
+        Spread {
+            min: percentile(samples, 0.0),
+            median: median(samples),
+            max: percentile(samples, 100.0),
+        }
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2} / {:.2} / {:.2}", self.min, self.median, self.max)
+    }
+}
+
 /// The run's parameters.
 #[derive(Clone, Debug, Serialize)]
 pub struct ConfigSection {

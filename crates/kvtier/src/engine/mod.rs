@@ -592,9 +592,10 @@ impl Engine {
             )));
         }
         let keys = spans.iter().map(|s| s.key).collect();
-        let loaded = self.core.manager.prefetch(keys).wait()?;
-        let mut bytes = 0u64;
-        for (span, chunk) in spans.iter().zip(&loaded.chunks) {
+        // Copy each chunk out as soon as it arrives, while later chunks still load.
+        let (handle, arriving) = self.core.manager.prefetch_streaming(keys);
+        let (mut bytes, mut n) = (0u64, 0usize);
+        for (span, chunk) in spans.iter().zip(arriving.iter()) {
             let dst = &mut out[span.start * bpt..span.end * bpt];
             if chunk.payload().len() != dst.len() {
                 return Err(Error::Corrupt(format!(
@@ -606,8 +607,10 @@ impl Engine {
             }
             copy_payload(dst, chunk.payload());
             bytes += dst.len() as u64;
+            n += 1;
         }
-        let n = loaded.chunks.len();
+        let mut tiers = handle.wait()?.tiers;
+        tiers.truncate(n);
         let dt = t0.elapsed().as_secs_f64();
         self.core.metrics.retrieve_seconds.observe(dt);
         if bytes > 0 && dt > 0.0 {
@@ -618,7 +621,7 @@ impl Engine {
         }
         Ok(RetrieveReport {
             hit_tokens: if n == 0 { 0 } else { spans[n - 1].end },
-            tiers: loaded.tiers,
+            tiers,
         })
     }
 

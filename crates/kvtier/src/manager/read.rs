@@ -92,7 +92,13 @@ impl Inner {
         Some(c)
     }
 
-    async fn prefetch_task(self: Arc<Self>, keys: Vec<ChunkKey>) -> PrefetchResult {
+    /// Loads the plan of `keys`; each chunk of the contiguous prefix also goes to `sink`
+    /// as soon as it and every chunk before it are loaded.
+    async fn prefetch_task(
+        self: Arc<Self>,
+        keys: Vec<ChunkKey>,
+        sink: Option<std::sync::mpsc::Sender<Chunk>>,
+    ) -> PrefetchResult {
         // Plan first. Handles on L1 chunks keep them from eviction while the rest loads.
         let (tiers, l1_handles) = self.plan_prefix(&keys, true).await;
         // Load every lower-tier chunk of the plan concurrently (order preserved).
@@ -115,18 +121,21 @@ impl Inner {
                 }
             })
             .collect();
-        let loaded: Vec<Option<Chunk>> = stream::iter(loads)
-            .buffered(self.opts.prefetch_concurrency.max(1))
-            .collect()
-            .await;
-        // Keep the contiguous prefix only; everything after the first failure is released
-        // here, before any write-back (C4).
-        let valid = loaded
-            .iter()
-            .position(Option::is_none)
-            .unwrap_or(loaded.len());
-        let failed_chunks = loaded.len() - valid;
-        let chunks: Vec<Chunk> = loaded.into_iter().take(valid).flatten().collect();
+        let mut loading = stream::iter(loads).buffered(self.opts.prefetch_concurrency.max(1));
+        let mut chunks: Vec<Chunk> = Vec::with_capacity(tiers.len());
+        while let Some(Some(c)) = loading.next().await {
+            if let Some(sink) = &sink {
+                // A receiver that hung up only stops wanting copies; the prefetch goes on.
+                let _ = sink.send(c.clone());
+            }
+            chunks.push(c);
+        }
+        // Keep the contiguous prefix only: loads after the first failure are cancelled and
+        // their buffers released here, before any write-back (C4).
+        drop(loading);
+        drop(sink);
+        let valid = chunks.len();
+        let failed_chunks = tiers.len() - valid;
         for (c, &t) in chunks.iter().zip(&tiers) {
             self.write_back(c, t);
         }
@@ -220,12 +229,33 @@ impl StorageManager {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let inner = self.inner.clone();
         self.inner.handle.spawn(async move {
-            let r = inner.prefetch_task(keys).await;
+            let r = inner.prefetch_task(keys, None).await;
             let _ = tx.send(r);
         });
         PrefetchHandle {
             rx,
             rt: self.inner.handle.clone(),
         }
+    }
+
+    /// Like [`prefetch`](Self::prefetch), and the receiver also gets each chunk of the
+    /// contiguous prefix, in order, as soon as it is loaded: a caller copies chunk `i` out
+    /// while later chunks are still loading. The receiver ends when the prefetch is done.
+    pub fn prefetch_streaming(
+        &self,
+        keys: Vec<ChunkKey>,
+    ) -> (PrefetchHandle, std::sync::mpsc::Receiver<Chunk>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (sink, chunks) = std::sync::mpsc::channel();
+        let inner = self.inner.clone();
+        self.inner.handle.spawn(async move {
+            let r = inner.prefetch_task(keys, Some(sink)).await;
+            let _ = tx.send(r);
+        });
+        let handle = PrefetchHandle {
+            rx,
+            rt: self.inner.handle.clone(),
+        };
+        (handle, chunks)
     }
 }

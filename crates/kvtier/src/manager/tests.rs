@@ -269,6 +269,46 @@ fn prefetch_truncates_at_the_first_failure_and_caches_nothing_beyond() {
 }
 
 #[test]
+fn streaming_prefetch_hands_out_the_contiguous_prefix_in_order_and_nothing_beyond() {
+    let r = rig(2);
+    for i in 0..2 {
+        place(&r, 0, i);
+    }
+    for i in 2..5 {
+        place(&r, 1, i);
+    }
+    for i in 5..8 {
+        place(&r, 2, i);
+    }
+    // Chunk 6 fails: 0..=5 arrive, in order; 7 never does.
+    r.lower[1]
+        .1
+        .add_rule(FaultRule::always(FaultOp::Get, Fault::Fail).for_keys([key(6)]));
+    let (handle, arriving) = r.m.prefetch_streaming(keys(8));
+    let got: Vec<_> = arriving.iter().collect();
+    assert_eq!(
+        got.iter().map(|c| c.key()).collect::<Vec<_>>(),
+        (0..6).map(key).collect::<Vec<_>>()
+    );
+    got.iter().for_each(check);
+    let res = handle.wait().unwrap();
+    assert_eq!(res.len(), 6);
+    assert_eq!(res.failed_chunks, 2);
+    assert!(
+        !r.l1.contains(&key(7)),
+        "chunk beyond the gap must not be cached"
+    );
+    drop((got, res));
+    assert_eq!(r.l1.stats().in_use, 0, "streamed chunks hold no references");
+    // A receiver dropped early does not stop the prefetch or its write-back.
+    r.lower[1].1.clear_rules();
+    let (handle, arriving) = r.m.prefetch_streaming(keys(8));
+    drop(arriving);
+    assert_eq!(handle.wait().unwrap().len(), 8);
+    assert!((0..8).all(|i| r.l1.contains(&key(i))));
+}
+
+#[test]
 fn a_stalled_tier_turns_into_misses_within_the_deadline_and_recovers() {
     let r = rig_with(1, true, &[], 100);
     place(&r, 1, 0);
