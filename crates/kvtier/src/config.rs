@@ -48,6 +48,20 @@ pub enum PathSharding {
     Striped,
 }
 
+/// What an acknowledged disk store survives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskDurability {
+    /// Acknowledged after fdatasync of the file and fsync of its directory: survives power
+    /// loss and kernel crashes.
+    #[default]
+    PowerLoss,
+    /// Acknowledged once written and renamed into place, without flushing the device:
+    /// survives a crash of the process (kill -9), not of the machine. A record lost or torn
+    /// by a power cut is still never served (checksums): it becomes a miss.
+    ProcessCrash,
+}
+
 /// Every engine setting, with defaults. `Debug` and `Serialize` redact credentials in
 /// `remote_url`, so a config dump, a log line or `/stats` never shows a password.
 #[derive(Clone, PartialEq, serde::Serialize)]
@@ -82,6 +96,8 @@ pub struct EngineConfig {
     pub max_local_disk_size: u64,
     /// Disk path sharding.
     pub local_disk_path_sharding: PathSharding,
+    /// What an acknowledged disk store survives.
+    pub local_disk_durability: DiskDurability,
     /// Write a chunk to disk only once it has been stored this many times.
     pub disk_admit_after: u32,
     /// Remote tiers, consulted in order after local tiers.
@@ -126,6 +142,7 @@ impl Default for EngineConfig {
             local_disk: Vec::new(),
             max_local_disk_size: 0,
             local_disk_path_sharding: PathSharding::ByRank,
+            local_disk_durability: DiskDurability::PowerLoss,
             disk_admit_after: 1,
             remote_url: Vec::new(),
             admin_port: None,
@@ -435,6 +452,24 @@ const KEYS: &[KeyDef] = &[
         },
     },
     KeyDef {
+        name: "local_disk_durability",
+        aliases: &[],
+        apply: |c, v| {
+            c.local_disk_durability =
+                match v.text().unwrap_or_default().to_ascii_lowercase().as_str() {
+                    "power_loss" => DiskDurability::PowerLoss,
+                    "process_crash" => DiskDurability::ProcessCrash,
+                    _ => {
+                        return Err(format!(
+                        "expected power_loss (flush before acknowledging) or process_crash, got {}",
+                        v.show()
+                    ))
+                    }
+                };
+            Ok(())
+        },
+    },
+    KeyDef {
         name: "disk_admit_after",
         aliases: &["ssd_gate_min_access_count"],
         apply: |c, v| {
@@ -623,6 +658,23 @@ mod tests {
         assert_eq!(
             c.remote_url[0], "redis://user:hunter2@h:6379/0",
             "the value itself is kept"
+        );
+    }
+
+    #[test]
+    fn disk_durability_defaults_to_power_loss_and_rejects_other_words() {
+        assert_eq!(
+            EngineConfig::default().local_disk_durability,
+            DiskDurability::PowerLoss
+        );
+        let c = EngineConfig::from_yaml_str("local_disk_durability: process_crash").unwrap();
+        assert_eq!(c.local_disk_durability, DiskDurability::ProcessCrash);
+        let e = EngineConfig::from_yaml_str("local_disk_durability: fast")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("local_disk_durability") && e.contains("process_crash"),
+            "{e}"
         );
     }
 

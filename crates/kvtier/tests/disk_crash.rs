@@ -15,12 +15,15 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use kvtier::config::DiskDurability;
 use kvtier::tier::{DiskTier, DiskTierOptions, PutOutcome};
 use rand::Rng;
 use util::*;
 
 const CHILD_DIR_ENV: &str = "KVTIER_CRASH_CHILD_DIR";
 const CHILD_BASE_ENV: &str = "KVTIER_CRASH_CHILD_BASE";
+/// Set (to anything) when the child acknowledges without flushing (`process_crash`).
+const CHILD_NO_FLUSH_ENV: &str = "KVTIER_CRASH_CHILD_NO_FLUSH";
 const MAX_LEN: usize = 200_000;
 const BUDGET: u64 = 1 << 36;
 const WRITERS: u64 = 3;
@@ -32,7 +35,16 @@ fn crash_child_writer() {
         return;
     };
     let base: u64 = std::env::var(CHILD_BASE_ENV).unwrap().parse().unwrap();
-    let tier = std::sync::Arc::new(DiskTier::open(DiskTierOptions::new(&dir, BUDGET)).unwrap());
+    let durability = if std::env::var_os(CHILD_NO_FLUSH_ENV).is_some() {
+        DiskDurability::ProcessCrash
+    } else {
+        DiskDurability::PowerLoss
+    };
+    let opts = DiskTierOptions {
+        durability,
+        ..DiskTierOptions::new(&dir, BUDGET)
+    };
+    let tier = std::sync::Arc::new(DiskTier::open(opts).unwrap());
     let l1 = std::sync::Arc::new(l1(64 << 20));
     println!("READY");
     let threads: Vec<_> = (0..WRITERS)
@@ -60,9 +72,13 @@ struct Iteration {
     started: BTreeSet<u64>,
 }
 
-fn run_child(dir: &Path, base: u64, rng: &mut impl Rng) -> Iteration {
+fn run_child(dir: &Path, base: u64, rng: &mut impl Rng, no_flush: bool) -> Iteration {
     let exe = std::env::current_exe().unwrap();
-    let mut child = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    if no_flush {
+        cmd.env(CHILD_NO_FLUSH_ENV, "1");
+    }
+    let mut child = cmd
         .args([
             "--exact",
             "crash_child_writer",
@@ -126,7 +142,7 @@ fn run_child(dir: &Path, base: u64, rng: &mut impl Rng) -> Iteration {
     Iteration { acked, started }
 }
 
-fn crash_iterations(iters: u64, time_limit: Duration) {
+fn crash_iterations(iters: u64, time_limit: Duration, no_flush: bool) {
     let d = tempdir();
     let dir = d.path().join("cache");
     let mut rng = rand::rng();
@@ -141,7 +157,7 @@ fn crash_iterations(iters: u64, time_limit: Duration) {
         }
         let base = (it + 1) * 10_000_000;
         let t_it = Instant::now();
-        let res = run_child(&dir, base, &mut rng);
+        let res = run_child(&dir, base, &mut rng, no_flush);
         let t_child = t_it.elapsed();
         // Reopen (recovery) and check.
         let tier = DiskTier::open(DiskTierOptions::new(&dir, BUDGET)).unwrap();
@@ -215,7 +231,14 @@ fn crash_iterations(iters: u64, time_limit: Duration) {
 
 #[test]
 fn sigkill_at_random_moments_never_loses_acknowledged_chunks() {
-    crash_iterations(100, Duration::from_secs(55));
+    crash_iterations(100, Duration::from_secs(55), false);
+}
+
+/// `local_disk_durability: process_crash` acknowledges before any flush: a killed process
+/// must still lose nothing acknowledged (the kernel holds the data).
+#[test]
+fn sigkill_without_flushing_never_loses_acknowledged_chunks() {
+    crash_iterations(100, Duration::from_secs(40), true);
 }
 
 #[test]
@@ -228,5 +251,5 @@ fn sigkill_soak() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000);
-    crash_iterations(iters, Duration::from_secs(3600));
+    crash_iterations(iters, Duration::from_secs(3600), false);
 }

@@ -63,6 +63,8 @@ struct DiskConfig {
     l1_bytes: u64,
     window_chunks: usize,
     reps: usize,
+    /// What an acknowledged store survives (`local_disk_durability`).
+    durability: kvtier::config::DiskDurability,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -349,6 +351,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         chunks,
         data_bytes,
     };
+    let durability = engine_config(args, &dir, data_bytes, chunk_bytes)?.local_disk_durability;
     let mut io = AlignedBuf::new(chunk_bytes);
     io.copy_from_slice(w.ring.slot(0));
     let rel = |x: f64, b: f64| if b > 0.0 { x / b } else { 0.0 };
@@ -427,6 +430,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             l1_bytes: last.stats_w.l1.pool_capacity,
             window_chunks: WINDOW,
             reps: args.reps,
+            durability,
         },
         baseline: DiskBaseline {
             disk_write_gbps: spread.baseline_write_gbps.median,
@@ -458,10 +462,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let r = &report;
         let s = &r.spread;
         println!(
-            "{} rounds of {} x {} chunks; GB/s and ratios as min / median / max",
+            "{} rounds of {} x {} chunks, acknowledged stores survive {:?}; GB/s and ratios as min / median / max",
             r.config.reps,
             r.config.chunks,
-            human_bytes(r.config.chunk_bytes as u64)
+            human_bytes(r.config.chunk_bytes as u64),
+            r.config.durability
         );
         println!(
             "{:<34} {}",

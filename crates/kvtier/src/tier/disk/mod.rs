@@ -49,7 +49,7 @@ pub use inspect::{inspect, BadRecord, GroupCount, InspectReport};
 
 use super::{BufferSource, PutOutcome, Tier, TierFuture, TierUsage};
 use crate::chunk::Chunk;
-use crate::config::{EngineConfig, PathSharding};
+use crate::config::{DiskDurability, EngineConfig, PathSharding};
 use crate::error::{Error, Result};
 use crate::keys::ChunkKey;
 use crate::policy::PolicyKind;
@@ -71,6 +71,8 @@ pub struct DiskTierOptions {
     pub admit_tracking: usize,
     /// Use `O_DIRECT` where the file system supports it.
     pub direct_io: bool,
+    /// What an acknowledged put survives.
+    pub durability: DiskDurability,
 }
 
 impl DiskTierOptions {
@@ -84,6 +86,7 @@ impl DiskTierOptions {
             admit_after: 1,
             admit_tracking: 1 << 18,
             direct_io: true,
+            durability: DiskDurability::PowerLoss,
         }
     }
 
@@ -103,6 +106,7 @@ impl DiskTierOptions {
             paths,
             policy: config.cache_policy,
             admit_after: config.disk_admit_after.max(1),
+            durability: config.local_disk_durability,
             ..DiskTierOptions::new(PathBuf::new(), config.max_local_disk_size)
         })
     }
@@ -216,6 +220,7 @@ impl DiskTier {
                 admit_after: opts.admit_after,
                 admit_tracking: opts.admit_tracking,
                 allow_direct_io: opts.direct_io,
+                flush: opts.durability == DiskDurability::PowerLoss,
             })?));
         }
         Ok(DiskTier {
