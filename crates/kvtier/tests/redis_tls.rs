@@ -251,16 +251,16 @@ fn wrong_ca_plaintext_port_and_bad_files_fail_clearly_and_fast() {
 
     // Unreadable files stop the engine at startup, naming the key and the path.
     let missing = pki.path("nope.pem");
-    let err = Engine::new(
+    let err = match Engine::new(
         config(|c| {
             c.remote_url = vec![url.clone()];
             c.remote_tls_ca_file = Some(missing.clone());
         }),
         identity(),
-    )
-    .err()
-    .expect("an unreadable CA file is an error")
-    .to_string();
+    ) {
+        Ok(_) => panic!("an unreadable CA file must be an error"),
+        Err(e) => e.to_string(),
+    };
     assert!(
         err.contains("remote_tls_ca_file") && err.contains(s(&missing)),
         "{err}"
