@@ -103,6 +103,14 @@ pub struct EngineConfig {
     /// Remote tiers, consulted in order after local tiers.
     #[serde(serialize_with = "serialize_redacted_urls")]
     pub remote_url: Vec<String>,
+    /// `rediss://`: PEM CA bundle to verify servers with (none: the system trust store).
+    pub remote_tls_ca_file: Option<PathBuf>,
+    /// `rediss://`: PEM client certificate chain for mutual TLS.
+    pub remote_tls_cert_file: Option<PathBuf>,
+    /// `rediss://`: PEM private key of the client certificate (the path only is ever shown).
+    pub remote_tls_key_file: Option<PathBuf>,
+    /// `rediss://`: accept any server certificate (testing only; warned about when on).
+    pub remote_tls_insecure_skip_verify: bool,
     /// Port of the admin HTTP endpoint (none by default).
     pub admin_port: Option<u16>,
 }
@@ -145,6 +153,10 @@ impl Default for EngineConfig {
             local_disk_durability: DiskDurability::PowerLoss,
             disk_admit_after: 1,
             remote_url: Vec::new(),
+            remote_tls_ca_file: None,
+            remote_tls_cert_file: None,
+            remote_tls_key_file: None,
+            remote_tls_insecure_skip_verify: false,
             admin_port: None,
         }
     }
@@ -303,6 +315,19 @@ fn disk_paths(raw: &Raw<'_>) -> std::result::Result<Vec<PathBuf>, String> {
             Ok(PathBuf::from(p))
         })
         .collect()
+}
+
+/// A TLS file path; empty (or null) means unset.
+fn tls_path(raw: &Raw<'_>) -> std::result::Result<Option<PathBuf>, String> {
+    match raw {
+        Raw::Yaml(Yaml::Null) => Ok(None),
+        _ => {
+            let t = raw
+                .text()
+                .ok_or_else(|| format!("expected a file path, got {}", raw.show()))?;
+            Ok((!t.is_empty()).then(|| PathBuf::from(t)))
+        }
+    }
 }
 
 const KEYS: &[KeyDef] = &[
@@ -486,6 +511,38 @@ const KEYS: &[KeyDef] = &[
         },
     },
     KeyDef {
+        name: "remote_tls_ca_file",
+        aliases: &[],
+        apply: |c, v| {
+            c.remote_tls_ca_file = tls_path(v)?;
+            Ok(())
+        },
+    },
+    KeyDef {
+        name: "remote_tls_cert_file",
+        aliases: &[],
+        apply: |c, v| {
+            c.remote_tls_cert_file = tls_path(v)?;
+            Ok(())
+        },
+    },
+    KeyDef {
+        name: "remote_tls_key_file",
+        aliases: &[],
+        apply: |c, v| {
+            c.remote_tls_key_file = tls_path(v)?;
+            Ok(())
+        },
+    },
+    KeyDef {
+        name: "remote_tls_insecure_skip_verify",
+        aliases: &[],
+        apply: |c, v| {
+            c.remote_tls_insecure_skip_verify = v.bool()?;
+            Ok(())
+        },
+    },
+    KeyDef {
         name: "admin_port",
         aliases: &[],
         apply: |c, v| {
@@ -621,7 +678,28 @@ impl EngineConfig {
                 "local_disk is set but max_local_disk_size is 0; give the disk budget per path in GB",
             ));
         }
+        match (&self.remote_tls_cert_file, &self.remote_tls_key_file) {
+            (Some(_), None) => return Err(Error::config(
+                "remote_tls_key_file",
+                "remote_tls_cert_file is set but remote_tls_key_file is not; mutual TLS needs both",
+            )),
+            (None, Some(_)) => return Err(Error::config(
+                "remote_tls_cert_file",
+                "remote_tls_key_file is set but remote_tls_cert_file is not; mutual TLS needs both",
+            )),
+            _ => {}
+        }
         Ok(())
+    }
+
+    /// The TLS settings of `rediss://` remote tiers.
+    pub fn remote_tls(&self) -> crate::tier::redis::tls::TlsSettings {
+        crate::tier::redis::tls::TlsSettings {
+            ca_file: self.remote_tls_ca_file.clone(),
+            cert_file: self.remote_tls_cert_file.clone(),
+            key_file: self.remote_tls_key_file.clone(),
+            insecure_skip_verify: self.remote_tls_insecure_skip_verify,
+        }
     }
 
     /// Every accepted key name (aliases included).
@@ -676,6 +754,47 @@ mod tests {
             e.contains("local_disk_durability") && e.contains("process_crash"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn tls_keys_from_file_and_env() {
+        let mut c = EngineConfig::from_yaml_str(
+            "remote_url: rediss://h:6380\nremote_tls_ca_file: /etc/ca.pem\n",
+        )
+        .unwrap();
+        assert_eq!(c.remote_tls().ca_file, Some(PathBuf::from("/etc/ca.pem")));
+        c.apply_env([
+            (
+                "KVTIER_REMOTE_TLS_CERT_FILE".to_string(),
+                "/c.pem".to_string(),
+            ),
+            (
+                "KVTIER_REMOTE_TLS_KEY_FILE".to_string(),
+                "/k.pem".to_string(),
+            ),
+            (
+                "KVTIER_REMOTE_TLS_INSECURE_SKIP_VERIFY".to_string(),
+                "yes".to_string(),
+            ),
+        ])
+        .unwrap();
+        let t = c.remote_tls();
+        assert_eq!(t.cert_file, Some(PathBuf::from("/c.pem")));
+        assert_eq!(t.key_file, Some(PathBuf::from("/k.pem")));
+        assert!(t.insecure_skip_verify);
+        // Paths may show in dumps; they are not secrets.
+        assert!(format!("{c:?}").contains("/k.pem"));
+        let e = EngineConfig::from_yaml_str("remote_tls_cert_file: /c.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("remote_tls_key_file") && e.contains("needs both"),
+            "{e}"
+        );
+        let e = EngineConfig::from_yaml_str("remote_tls_ca_fil: /c.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean `remote_tls_ca_file`"), "{e}");
     }
 
     #[test]

@@ -15,8 +15,11 @@ pub(crate) fn lower_tiers_from_config(config: &EngineConfig, rank: u32) -> Resul
     }
     // Remote stores after the disk, consulted in the order given. Built without connecting:
     // an unreachable server is a tier fault (misses, skipped stores), not a startup failure.
+    let tls = config.remote_tls();
     for (i, url) in config.remote_url.iter().enumerate() {
-        lower.push(TierSpec::new(Arc::new(RedisTier::from_url(url, i)?)));
+        lower.push(TierSpec::new(Arc::new(RedisTier::from_url_with_tls(
+            url, i, &tls,
+        )?)));
     }
     Ok(lower)
 }

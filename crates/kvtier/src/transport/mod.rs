@@ -1,3 +1,4 @@
 //! Network transports used by remote tiers.
 
 pub mod resp;
+pub mod stream;

@@ -13,7 +13,8 @@
 use std::io::{self, IoSlice};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+
+pub use super::stream::Stream;
 
 /// Size of the read buffer for reply lines and small replies.
 const READ_BUF: usize = 64 * 1024;
@@ -83,9 +84,9 @@ pub fn encode_bulk_header(out: &mut Vec<u8>, len: usize) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// A RESP connection over TCP (with `TCP_NODELAY`).
+/// A RESP connection over TCP or TLS.
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: Box<[u8]>,
     start: usize,
     end: usize,
@@ -94,21 +95,21 @@ pub struct Conn {
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conn")
-            .field("peer", &self.stream.peer_addr().ok())
+            .field("peer", &self.stream.tcp_ref().peer_addr().ok())
+            .field("tls", &self.stream.is_tls())
             .finish()
     }
 }
 
 impl Conn {
-    /// Wraps a connected stream.
-    pub fn new(stream: TcpStream) -> io::Result<Conn> {
-        stream.set_nodelay(true)?;
-        Ok(Conn {
+    /// Wraps a connected stream (see [`Stream::tcp`]).
+    pub fn new(stream: Stream) -> Conn {
+        Conn {
             stream,
             buf: vec![0u8; READ_BUF].into_boxed_slice(),
             start: 0,
             end: 0,
-        })
+        }
     }
 
     /// Bytes received but not consumed yet.
@@ -289,12 +290,15 @@ impl Conn {
             }
             IoSlice::advance_slices(&mut rest, n);
         }
-        Ok(())
+        // TLS may keep the last records in its buffer when the socket was full: push them
+        // out before waiting for a reply (a no-op for plain TCP).
+        self.stream.flush().await
     }
 
     /// Writes raw bytes.
     pub async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.stream.write_all(bytes).await
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
     }
 
     /// Sends one command and reads its reply.
@@ -323,6 +327,7 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
 
     #[test]
     fn encodes_commands() {
@@ -342,7 +347,7 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
-        (Conn::new(c.unwrap()).unwrap(), s.unwrap().0)
+        (Conn::new(Stream::tcp(c.unwrap()).unwrap()), s.unwrap().0)
     }
 
     #[test]

@@ -41,13 +41,46 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Whether this redis-server was built with TLS; prints the skip message when not.
+pub fn tls_available() -> bool {
+    let Some(bin) = find_bin("redis-server") else {
+        return available();
+    };
+    // A TLS build rejects the missing certificate; a build without TLS the directive itself.
+    let out = Command::new(bin)
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            "1",
+            "--tls-cert-file",
+            "/nonexistent",
+        ])
+        .output();
+    let text = match out {
+        Ok(o) => format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(_) => String::new(),
+    };
+    if text.contains("Bad directive") || text.contains("not compiled") || text.is_empty() {
+        println!("SKIPPED: this redis-server has no TLS support (Debian's redis-server 7 has it)");
+        false
+    } else {
+        true
+    }
+}
+
 /// A running `redis-server`.
 pub struct RedisServer {
     child: Option<Child>,
-    /// Its port on 127.0.0.1.
+    /// Its port on 127.0.0.1 (the TLS port for a TLS server, which has no plaintext port).
     pub port: u16,
     dir: tempfile::TempDir,
     extra: Vec<String>,
+    tls: bool,
 }
 
 /// Sends one inline command on a fresh connection and returns the first reply line.
@@ -75,6 +108,24 @@ impl RedisServer {
             port: free_port(),
             dir: tempfile::tempdir().expect("temp dir"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls: false,
+        };
+        s.spawn();
+        Some(s)
+    }
+
+    /// Starts a TLS-only server (`--port 0 --tls-port <port>`); `extra` names the
+    /// certificate files. `None` (after printing why) without redis-server or TLS support.
+    pub fn start_tls(extra: &[&str]) -> Option<RedisServer> {
+        if !available() || !tls_available() {
+            return None;
+        }
+        let mut s = RedisServer {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().expect("temp dir"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls: true,
         };
         s.spawn();
         Some(s)
@@ -88,18 +139,16 @@ impl RedisServer {
     fn spawn(&mut self) {
         let bin = find_bin("redis-server").expect("redis-server");
         let port = self.port.to_string();
+        // No TLS directive for plaintext servers: builds without TLS reject it.
+        let ports: Vec<&str> = if self.tls {
+            vec!["--port", "0", "--tls-port", &port]
+        } else {
+            vec!["--port", &port]
+        };
         let child = Command::new(bin)
             .current_dir(self.dir.path())
-            .args([
-                "--port",
-                &port,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(ports)
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--protected-mode", "no"])
             .args(["--logfile", "redis.log"])
             .args(&self.extra)
@@ -114,6 +163,11 @@ impl RedisServer {
     fn wait_ready(&mut self) {
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(15) {
+            // A TLS port cannot be PINGed in plaintext: accepting connections is enough.
+            let addr = format!("127.0.0.1:{}", self.port).parse().unwrap();
+            if self.tls && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
             if let Ok(r) = raw_command(self.port, "PING") {
                 // A password-protected server answers NOAUTH: it is up.
                 if r.starts_with("+PONG") || r.starts_with("-NOAUTH") {

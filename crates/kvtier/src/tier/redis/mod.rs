@@ -11,7 +11,11 @@
 //! * `contains_prefix` is one pipelined batch of `EXISTS` per node (one round trip; in a
 //!   cluster, one per involved node, in parallel).
 //! * Cluster mode discovers slots with `CLUSTER SLOTS`, routes by CRC16 key slot, follows
-//!   `MOVED` (and refreshes the map) and `ASK` (with `ASKING`).
+//!   `MOVED` (and refreshes the map) and `ASK` (with `ASKING`). A background task reloads the
+//!   slot map periodically (`slot_refresh_sec`) and soon after a node fails, so slot
+//!   migrations and failovers are followed before requests run into them; it asks every
+//!   known node in turn (seeds first) and keeps the old map when none answers.
+//! * TLS (`rediss://`): rustls, configured by the `remote_tls_*` keys ([`tls`]).
 //! * Faults: connects are bounded by a timeout and retried with backoff; every other wait is
 //!   bounded by the manager's deadlines; cancelled requests discard their connection. See
 //!   [`pool`] for the connection pool.
@@ -20,18 +24,21 @@
 
 pub(crate) mod cluster;
 pub(crate) mod pool;
+pub mod tls;
 pub mod url;
 
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
 
-use self::cluster::{host_of, key_slot, parse_redirect, parse_slots, Redirect, SLOTS};
+use self::cluster::{host_of, key_slot, parse_redirect, parse_slots, Redirect, SlotRange, SLOTS};
 use self::pool::{LinkCounters, Node, Shared};
+use self::tls::TlsSettings;
 use self::url::{Mode, RedisUrl};
 use super::{BufferSource, PutOutcome, Tier, TierFuture, TierUsage};
 use crate::chunk::record::{decode_header, encode_header, peek_header_len, MAX_HEADER_LEN};
@@ -44,6 +51,9 @@ use crate::transport::resp::{encode_bulk_header, encode_command, Conn, Reply};
 const MAX_REDIRECTS: usize = 5;
 /// Keys per `SCAN` page and per delete batch.
 const SCAN_COUNT: &[u8] = b"1000";
+/// Least time between two background slot-map refreshes: node failures wake the refresher,
+/// and a burst of failing requests must not turn into a burst of `CLUSTER SLOTS`.
+const MIN_REFRESH_GAP: Duration = Duration::from_millis(200);
 
 /// Snapshot of a Redis tier's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -74,6 +84,10 @@ pub struct RedisTierStats {
     pub io_errors: u64,
     /// `MOVED`/`ASK` redirects followed.
     pub redirects: u64,
+    /// Cluster slot maps loaded (at start, periodically, after redirects and node failures).
+    pub slot_map_refreshes: u64,
+    /// Slot-map reloads where no known node answered (the previous map was kept).
+    pub slot_map_refresh_failures: u64,
 }
 
 #[derive(Debug, Default)]
@@ -142,18 +156,194 @@ struct SlotMap {
     owner: Vec<Option<Arc<Node>>>,
 }
 
+/// A cluster's nodes and slot map; shared (weakly) with the background refresher.
 struct ClusterState {
+    tier: String,
+    shared: Arc<Shared>,
     seeds: Vec<String>,
     nodes: Mutex<HashMap<String, Arc<Node>>>,
     map: RwLock<Option<Arc<SlotMap>>>,
     stale: AtomicBool,
     generation: AtomicU64,
     refresh_lock: tokio::sync::Mutex<()>,
+    refreshes: AtomicU64,
+    refresh_failures: AtomicU64,
+    /// Whether the last refresh failed (log the first failure and the recovery only).
+    failing: AtomicBool,
+    /// Wakes the background refresher ahead of its period.
+    wake: Arc<Notify>,
+}
+
+impl ClusterState {
+    fn err(&self, msg: impl Into<String>) -> Error {
+        Error::tier(&self.tier, msg)
+    }
+
+    fn node(&self, addr: &str) -> Arc<Node> {
+        self.nodes
+            .lock()
+            .entry(addr.to_string())
+            .or_insert_with(|| Arc::new(Node::new(addr.to_string(), self.shared.clone())))
+            .clone()
+    }
+
+    /// Asks one node for the slot ranges.
+    async fn ask_slots(&self, node: &Node, addr: &str) -> Result<Vec<SlotRange>> {
+        let mut lease = node.acquire().await?;
+        let reply = match lease.conn().command(&[b"CLUSTER", b"SLOTS"]).await {
+            Ok(r) => r,
+            Err(e) => {
+                drop(lease);
+                node.io_failed(&e);
+                return Err(node.error(e));
+            }
+        };
+        lease.done();
+        match parse_slots(&reply, host_of(addr)) {
+            Some(r) if !r.is_empty() => Ok(r),
+            _ => Err(node.error(format_args!(
+                "CLUSTER SLOTS gave no usable slot map ({})",
+                match &reply {
+                    Reply::Error(e) => e.as_str(),
+                    _ => "malformed or empty reply",
+                }
+            ))),
+        }
+    }
+
+    /// Reloads the slot map from the first node that answers `CLUSTER SLOTS`: the seeds,
+    /// then every node discovered so far. When none answers, the old map stays.
+    /// `per_node` bounds each node's turn (the background task; requests have deadlines).
+    async fn refresh(&self, per_node: Option<Duration>) -> Result<()> {
+        let seen = self.generation.load(Ordering::Acquire);
+        let _g = self.refresh_lock.lock().await;
+        if self.generation.load(Ordering::Acquire) != seen {
+            return Ok(()); // refreshed while we waited
+        }
+        let mut candidates = self.seeds.clone();
+        let mut known: Vec<String> = self.nodes.lock().keys().cloned().collect();
+        known.sort();
+        for k in known {
+            if !candidates.contains(&k) {
+                candidates.push(k);
+            }
+        }
+        let mut last = self.err("no cluster node to ask for slots");
+        for addr in candidates {
+            let node = self.node(&addr);
+            let asked = match per_node {
+                Some(t) => tokio::time::timeout(t, self.ask_slots(&node, &addr))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(node.error(format_args!(
+                            "CLUSTER SLOTS took longer than {} ms",
+                            t.as_millis()
+                        )))
+                    }),
+                None => self.ask_slots(&node, &addr).await,
+            };
+            let ranges = match asked {
+                Ok(r) => r,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let mut owner: Vec<Option<Arc<Node>>> = vec![None; SLOTS];
+            for r in &ranges {
+                let n = self.node(&r.addr);
+                for slot in owner[r.start as usize..=r.end as usize].iter_mut() {
+                    *slot = Some(n.clone());
+                }
+            }
+            let served = owner.iter().filter(|o| o.is_some()).count();
+            let old = self.map.read().clone();
+            let moved = old.as_ref().map_or(0, |m| {
+                m.owner
+                    .iter()
+                    .zip(&owner)
+                    .filter(|(a, b)| match (a, b) {
+                        (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+                        (None, None) => false,
+                        _ => true,
+                    })
+                    .count()
+            });
+            if moved > 0 {
+                tracing::info!(tier = %self.tier, moved, served, "cluster slot map changed");
+            } else {
+                tracing::debug!(tier = %self.tier, ranges = ranges.len(), served, "cluster slot map loaded");
+            }
+            if self.failing.swap(false, Ordering::AcqRel) {
+                tracing::info!(tier = %self.tier, from = %addr, "cluster slot map reloaded again");
+            }
+            *self.map.write() = Some(Arc::new(SlotMap { owner }));
+            self.stale.store(false, Ordering::Release);
+            self.refreshes.fetch_add(1, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            return Ok(());
+        }
+        self.refresh_failures.fetch_add(1, Ordering::Relaxed);
+        if !self.failing.swap(true, Ordering::AcqRel) {
+            tracing::warn!(tier = %self.tier, error = %last, "no cluster node answered CLUSTER SLOTS; keeping the previous slot map");
+        }
+        Err(last)
+    }
+
+    async fn slot_map(&self) -> Result<Arc<SlotMap>> {
+        if self.stale.load(Ordering::Acquire) {
+            let r = self.refresh(None).await;
+            let have = self.map.read().clone();
+            match (r, have) {
+                (_, Some(m)) => return Ok(m), // a failed refresh keeps the old map
+                (Err(e), None) => return Err(e),
+                (Ok(()), None) => {}
+            }
+        }
+        self.map
+            .read()
+            .clone()
+            .ok_or_else(|| self.err("cluster slot map unavailable"))
+    }
+}
+
+/// Starts the background slot-map refresher of a cluster: every `every` (if any), and when
+/// woken (startup, node failures). It holds the state weakly and is aborted when the tier is
+/// dropped, so no task outlives the tier.
+fn spawn_refresher(
+    cs: &Arc<ClusterState>,
+    every: Option<Duration>,
+) -> Option<tokio::task::AbortHandle> {
+    let weak: Weak<ClusterState> = Arc::downgrade(cs);
+    let wake = cs.wake.clone();
+    let per_node = (cs.shared.connect_timeout * 2).max(Duration::from_secs(1));
+    let rt = pool::runtime().ok()?;
+    // Load the map at startup instead of on the first request.
+    wake.notify_one();
+    let task = rt.spawn(async move {
+        loop {
+            match every {
+                Some(period) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(period) => {}
+                        _ = wake.notified() => {}
+                    }
+                }
+                None => wake.notified().await,
+            }
+            let Some(cs) = weak.upgrade() else { return };
+            // Failures are logged (once) and counted inside.
+            let _ = cs.refresh(Some(per_node)).await;
+            drop(cs);
+            tokio::time::sleep(MIN_REFRESH_GAP).await;
+        }
+    });
+    Some(task.abort_handle())
 }
 
 enum Topology {
     Single(Arc<Node>),
-    Cluster(ClusterState),
+    Cluster(Arc<ClusterState>),
 }
 
 /// Removes a key from the in-flight set when dropped (also when the put is cancelled).
@@ -173,6 +363,15 @@ pub struct RedisTier {
     topo: Topology,
     inflight: Mutex<KeyMap<()>>,
     counters: Counters,
+    refresher: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for RedisTier {
+    fn drop(&mut self) {
+        if let Some(t) = self.refresher.take() {
+            t.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisTier {
@@ -188,12 +387,20 @@ impl RedisTier {
     /// Builds the tier for the `index`-th entry of `remote_url` (default names: `redis`,
     /// `redis2`, ...). Does not connect: an unreachable server makes operations fail (and
     /// the manager mark the tier down) rather than the engine fail to start.
+    /// `rediss://` URLs verify servers against the system trust store; see
+    /// [`RedisTier::from_url_with_tls`] for other TLS settings.
     pub fn from_url(url: &str, index: usize) -> Result<RedisTier> {
-        RedisTier::new(RedisUrl::parse(url)?, index)
+        RedisTier::new(RedisUrl::parse(url)?, index, &TlsSettings::default())
     }
 
-    /// Builds the tier from a parsed URL.
-    pub fn new(url: RedisUrl, index: usize) -> Result<RedisTier> {
+    /// Like [`RedisTier::from_url`], with TLS settings for `rediss://` URLs (ignored by
+    /// plaintext ones).
+    pub fn from_url_with_tls(url: &str, index: usize, tls: &TlsSettings) -> Result<RedisTier> {
+        RedisTier::new(RedisUrl::parse(url)?, index, tls)
+    }
+
+    /// Builds the tier from a parsed URL; reads the TLS files now when the URL is TLS.
+    pub fn new(url: RedisUrl, index: usize, tls: &TlsSettings) -> Result<RedisTier> {
         let name = url.name.clone().unwrap_or_else(|| match index {
             0 => "redis".to_string(),
             i => format!("redis{}", i + 1),
@@ -205,8 +412,14 @@ impl RedisTier {
             pool: url.pool,
             connect_timeout: url.connect_timeout,
             retry_max: url.retry_max,
+            tls: if url.tls {
+                Some(tls::client_config(tls)?)
+            } else {
+                None
+            },
             counters: LinkCounters::default(),
         });
+        let mut refresher = None;
         let topo = match url.mode {
             Mode::Standalone => {
                 let addr =
@@ -217,16 +430,26 @@ impl RedisTier {
                 node.warm_up();
                 Topology::Single(node)
             }
-            Mode::Cluster => Topology::Cluster(ClusterState {
-                seeds: url.hosts.clone(),
-                nodes: Mutex::default(),
-                map: RwLock::new(None),
-                stale: AtomicBool::new(true),
-                generation: AtomicU64::new(0),
-                refresh_lock: tokio::sync::Mutex::new(()),
-            }),
+            Mode::Cluster => {
+                let cs = Arc::new(ClusterState {
+                    tier: name.clone(),
+                    shared: shared.clone(),
+                    seeds: url.hosts.clone(),
+                    nodes: Mutex::default(),
+                    map: RwLock::new(None),
+                    stale: AtomicBool::new(true),
+                    generation: AtomicU64::new(0),
+                    refresh_lock: tokio::sync::Mutex::new(()),
+                    refreshes: AtomicU64::new(0),
+                    refresh_failures: AtomicU64::new(0),
+                    failing: AtomicBool::new(false),
+                    wake: Arc::new(Notify::new()),
+                });
+                refresher = spawn_refresher(&cs, url.slot_refresh);
+                Topology::Cluster(cs)
+            }
         };
-        tracing::info!(tier = %name, url = %url, "redis tier configured");
+        tracing::info!(tier = %name, url = %url, tls = url.tls, "redis tier configured");
         Ok(RedisTier {
             name,
             url,
@@ -234,6 +457,7 @@ impl RedisTier {
             topo,
             inflight: Mutex::default(),
             counters: Counters::default(),
+            refresher,
         })
     }
 
@@ -247,6 +471,10 @@ impl RedisTier {
         let c = &self.counters;
         let l = &self.shared.counters;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (refreshes, refresh_failures) = match &self.topo {
+            Topology::Cluster(cs) => (g(&cs.refreshes), g(&cs.refresh_failures)),
+            Topology::Single(_) => (0, 0),
+        };
         RedisTierStats {
             gets: g(&c.gets),
             hits: g(&c.hits),
@@ -261,6 +489,8 @@ impl RedisTier {
             connect_failures: g(&l.connect_failures),
             io_errors: g(&l.io_errors),
             redirects: g(&c.redirects),
+            slot_map_refreshes: refreshes,
+            slot_map_refresh_failures: refresh_failures,
         }
     }
 
@@ -278,90 +508,12 @@ impl RedisTier {
 
     // ----- routing -----
 
-    fn cluster_node(&self, cs: &ClusterState, addr: &str) -> Arc<Node> {
-        cs.nodes
-            .lock()
-            .entry(addr.to_string())
-            .or_insert_with(|| Arc::new(Node::new(addr.to_string(), self.shared.clone())))
-            .clone()
-    }
-
-    /// Reloads the slot map from the first node that answers `CLUSTER SLOTS`.
-    async fn refresh(&self, cs: &ClusterState) -> Result<()> {
-        let seen = cs.generation.load(Ordering::Acquire);
-        let _g = cs.refresh_lock.lock().await;
-        if cs.generation.load(Ordering::Acquire) != seen {
-            return Ok(()); // refreshed while we waited
+    /// A node failed (connect or I/O error): in a cluster, wake the refresher, since a failed
+    /// node is often a failover or a topology change in progress.
+    fn node_failed(&self) {
+        if let Topology::Cluster(cs) = &self.topo {
+            cs.wake.notify_one();
         }
-        let mut candidates: Vec<String> = cs.nodes.lock().keys().cloned().collect();
-        for s in cs.seeds.iter().rev() {
-            if !candidates.contains(s) {
-                candidates.insert(0, s.clone());
-            }
-        }
-        let mut last = self.err("no cluster node to ask for slots");
-        for addr in candidates {
-            let node = self.cluster_node(cs, &addr);
-            let mut lease = match node.acquire().await {
-                Ok(l) => l,
-                Err(e) => {
-                    last = e;
-                    continue;
-                }
-            };
-            let reply = match lease.conn().command(&[b"CLUSTER", b"SLOTS"]).await {
-                Ok(r) => r,
-                Err(e) => {
-                    node.io_failed(&e);
-                    last = node.error(e);
-                    continue;
-                }
-            };
-            lease.done();
-            let ranges = match parse_slots(&reply, host_of(&addr)) {
-                Some(r) if !r.is_empty() => r,
-                _ => {
-                    last = node.error(format_args!(
-                        "CLUSTER SLOTS gave no usable slot map ({})",
-                        match &reply {
-                            Reply::Error(e) => e.as_str(),
-                            _ => "malformed or empty reply",
-                        }
-                    ));
-                    continue;
-                }
-            };
-            let mut owner: Vec<Option<Arc<Node>>> = vec![None; SLOTS];
-            for r in &ranges {
-                let n = self.cluster_node(cs, &r.addr);
-                for slot in owner[r.start as usize..=r.end as usize].iter_mut() {
-                    *slot = Some(n.clone());
-                }
-            }
-            let served = owner.iter().filter(|o| o.is_some()).count();
-            tracing::debug!(tier = %self.name, ranges = ranges.len(), served, "cluster slot map loaded");
-            *cs.map.write() = Some(Arc::new(SlotMap { owner }));
-            cs.stale.store(false, Ordering::Release);
-            cs.generation.fetch_add(1, Ordering::AcqRel);
-            return Ok(());
-        }
-        Err(last)
-    }
-
-    async fn slot_map(&self, cs: &ClusterState) -> Result<Arc<SlotMap>> {
-        if cs.stale.load(Ordering::Acquire) {
-            let r = self.refresh(cs).await;
-            let have = cs.map.read().clone();
-            match (r, have) {
-                (_, Some(m)) => return Ok(m), // a failed refresh keeps the old map
-                (Err(e), None) => return Err(e),
-                (Ok(()), None) => {}
-            }
-        }
-        cs.map
-            .read()
-            .clone()
-            .ok_or_else(|| self.err("cluster slot map unavailable"))
     }
 
     /// The node owning `rkey`.
@@ -369,7 +521,7 @@ impl RedisTier {
         match &self.topo {
             Topology::Single(n) => Ok(n.clone()),
             Topology::Cluster(cs) => {
-                let map = self.slot_map(cs).await?;
+                let map = cs.slot_map().await?;
                 let slot = key_slot(rkey) as usize;
                 match map.owner.get(slot).cloned().flatten() {
                     Some(n) => Ok(n),
@@ -384,7 +536,7 @@ impl RedisTier {
 
     fn redirect_node(&self, addr: &str) -> Result<Arc<Node>> {
         match &self.topo {
-            Topology::Cluster(cs) => Ok(self.cluster_node(cs, addr)),
+            Topology::Cluster(cs) => Ok(cs.node(addr)),
             Topology::Single(_) => Err(self.err(format!(
                 "server redirected to {addr}: it is a cluster node; use redis+cluster://"
             ))),
@@ -442,7 +594,7 @@ impl RedisTier {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut lease = node.acquire().await?;
+            let mut lease = node.acquire().await.inspect_err(|_| self.node_failed())?;
             let reused = lease.reused;
             match self.exec_conn(lease.conn(), asking, rkey, op).await {
                 Ok(step) => {
@@ -453,6 +605,7 @@ impl RedisTier {
                     drop(lease);
                     node.io_failed(&e);
                     if !(reused && attempt == 1 && e.kind() != io::ErrorKind::InvalidData) {
+                        self.node_failed();
                         return Err(node.error(e));
                     }
                 }
@@ -594,7 +747,7 @@ impl RedisTier {
         let mut attempt = 0;
         let replies = loop {
             attempt += 1;
-            let mut lease = node.acquire().await?;
+            let mut lease = node.acquire().await.inspect_err(|_| self.node_failed())?;
             let reused = lease.reused;
             match lease.conn().pipeline(&cmds).await {
                 Ok(r) => {
@@ -605,6 +758,7 @@ impl RedisTier {
                     drop(lease);
                     node.io_failed(&e);
                     if !(reused && attempt == 1 && e.kind() != io::ErrorKind::InvalidData) {
+                        self.node_failed();
                         return Err(node.error(e));
                     }
                 }
@@ -722,7 +876,7 @@ impl RedisTier {
             Topology::Single(n) => Ok(vec![n.clone()]),
             Topology::Cluster(cs) => {
                 cs.stale.store(true, Ordering::Release);
-                let map = self.slot_map(cs).await?;
+                let map = cs.slot_map().await?;
                 let mut out: Vec<Arc<Node>> = Vec::new();
                 for n in map.owner.iter().flatten() {
                     if !out.iter().any(|o| Arc::ptr_eq(o, n)) {
@@ -907,5 +1061,35 @@ mod tests {
             RedisTier::from_url("redis://u:sekrit@127.0.0.1:1", 0).unwrap()
         );
         assert!(dbg.contains("u:***@") && !dbg.contains("sekrit"), "{dbg}");
+    }
+
+    #[test]
+    fn dropping_a_cluster_tier_stops_its_refresher() {
+        let t = RedisTier::from_url(
+            "redis+cluster://127.0.0.1:1?slot_refresh_sec=1&connect_timeout_ms=10",
+            0,
+        )
+        .unwrap();
+        let Topology::Cluster(cs) = &t.topo else {
+            panic!("cluster expected")
+        };
+        let weak = Arc::downgrade(cs);
+        let handle = t.refresher.clone().expect("refresher started");
+        // The startup refresh runs (and fails: nothing listens on port 1).
+        let t0 = Instant::now();
+        while t.stats().slot_map_refresh_failures == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(5), "no startup refresh");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!handle.is_finished());
+        drop(t);
+        let t0 = Instant::now();
+        while !(handle.is_finished() && weak.upgrade().is_none()) {
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "refresher outlived the tier"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }

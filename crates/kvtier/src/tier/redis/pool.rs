@@ -6,7 +6,7 @@
 //! future dropped by a deadline) or failed by an I/O error never leaves a half-read reply
 //! in a pooled connection.
 //!
-//! Connects (TCP + `AUTH` + `SELECT`) run on a small runtime owned by this module, with a
+//! Connects (TCP + TLS handshake for `rediss://` + `AUTH` + `SELECT`) run on a small runtime owned by this module, with a
 //! timeout, so they never depend on the caller's runtime having an I/O driver or timer;
 //! established connections are then driven directly by the caller's task. After a failed
 //! connect the node is not retried before a backoff (100 ms doubling to `retry_max`);
@@ -20,14 +20,16 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, SemaphorePermit};
 
+use super::tls;
 use super::url::Credentials;
 use crate::error::{Error, Result};
-use crate::transport::resp::{Conn, Reply};
+use crate::transport::resp::{Conn, Reply, Stream};
 
 const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 
-/// The runtime that owns sockets' I/O registration and runs connects.
-fn runtime() -> Result<&'static tokio::runtime::Runtime> {
+/// The runtime that owns sockets' I/O registration and runs connects (and the cluster's
+/// background slot refresh).
+pub(crate) fn runtime() -> Result<&'static tokio::runtime::Runtime> {
     static RT: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
     RT.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -59,6 +61,8 @@ pub(crate) struct Shared {
     pub pool: usize,
     pub connect_timeout: Duration,
     pub retry_max: Duration,
+    /// TLS client configuration (`rediss://`), `None` for plain TCP.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     pub counters: LinkCounters,
 }
 
@@ -138,10 +142,34 @@ impl Drop for FlagGuard<'_> {
 }
 
 async fn open(addr: &str, shared: &Shared) -> std::result::Result<Conn, String> {
-    let stream = tokio::net::TcpStream::connect(addr)
+    let tcp = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    let mut conn = Conn::new(stream).map_err(|e| format!("socket setup: {e}"))?;
+    // Requests are small writes followed by a wait for the reply: Nagle would add a delay.
+    tcp.set_nodelay(true)
+        .map_err(|e| format!("socket setup: {e}"))?;
+    let stream = match &shared.tls {
+        None => Stream::Tcp(tcp),
+        Some(cfg) => {
+            let name = tls::server_name(addr)?;
+            let s = tokio_rustls::TlsConnector::from(cfg.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| tls::describe(&e))?;
+            Stream::Tls(Box::new(s))
+        }
+    };
+    let is_tls = shared.tls.is_some();
+    // Errors of the first exchanges over TLS are usually TLS errors (TLS 1.3 servers reject
+    // a missing client certificate only after the client's side of the handshake is done).
+    let io_err = |what: &str, e: io::Error| {
+        if is_tls {
+            tls::describe(&e)
+        } else {
+            format!("{what}: {e}")
+        }
+    };
+    let mut conn = Conn::new(stream);
     let creds = &shared.credentials;
     if let Some(pass) = &creds.password {
         let mut args: Vec<&[u8]> = vec![b"AUTH"];
@@ -154,7 +182,15 @@ async fn open(addr: &str, shared: &Shared) -> std::result::Result<Conn, String> 
             // The server's text names no secret (e.g. "WRONGPASS invalid username-password pair").
             Ok(Reply::Error(e)) => return Err(format!("authentication failed: {e}")),
             Ok(other) => return Err(format!("unexpected AUTH reply {other:?}")),
-            Err(e) => return Err(format!("AUTH: {e}")),
+            Err(e) => return Err(io_err("AUTH", e)),
+        }
+    } else if is_tls {
+        // One round trip so a server that refuses this client fails the connect, with a
+        // TLS explanation, instead of the first request.
+        match conn.command(&[b"PING"]).await {
+            Ok(Reply::Status(_)) | Ok(Reply::Error(_)) => {}
+            Ok(other) => return Err(format!("unexpected PING reply {other:?}")),
+            Err(e) => return Err(io_err("PING", e)),
         }
     }
     if shared.db != 0 {
@@ -163,7 +199,7 @@ async fn open(addr: &str, shared: &Shared) -> std::result::Result<Conn, String> 
             Ok(Reply::Status(_)) => {}
             Ok(Reply::Error(e)) => return Err(format!("SELECT {db} failed: {e}")),
             Ok(other) => return Err(format!("unexpected SELECT reply {other:?}")),
-            Err(e) => return Err(format!("SELECT: {e}")),
+            Err(e) => return Err(io_err("SELECT", e)),
         }
     }
     Ok(conn)
@@ -236,6 +272,10 @@ impl Node {
         let task = runtime()?.spawn(async move {
             match tokio::time::timeout(timeout, open(&addr, &shared)).await {
                 Ok(r) => r,
+                Err(_) if shared.tls.is_some() => Err(format!(
+                    "connect + TLS handshake timed out after {} ms (is this port serving TLS? a plaintext server can leave a TLS handshake hanging)",
+                    timeout.as_millis()
+                )),
                 Err(_) => Err(format!(
                     "connect timed out after {} ms",
                     timeout.as_millis()

@@ -6,10 +6,11 @@
 //! redis://[user:password@]host[:port][/db][?options]
 //! valkey://...                         (same as redis://)
 //! redis+cluster://[user:password@]host:port[,host:port...][?options]
+//! rediss://, valkeys://, rediss+cluster://, valkeys+cluster://   (the same over TLS)
 //! ```
 //!
-//! `rediss://` (TLS) is recognised and rejected: this build has no TLS support. `kvtier://`
-//! (the kvtier server) is not available yet. Credentials not in the URL come from the
+//! TLS settings (CA, client certificate) are engine config keys, see [`super::tls`].
+//! `kvtier://` (the kvtier server) is not available yet. Credentials not in the URL come from the
 //! environment (`KVTIER_REDIS_USERNAME`, `KVTIER_REDIS_PASSWORD`); the URL wins field by
 //! field. Options (query parameters):
 //!
@@ -20,6 +21,7 @@
 //! | `pool` | 4 | connections per Redis node (concurrent requests per node) |
 //! | `connect_timeout_ms` | 1000 | bound on one connect + handshake |
 //! | `retry_max_ms` | 5000 | longest reconnect backoff after failed connects |
+//! | `slot_refresh_sec` | 30 | cluster: reload the slot map this often in the background (0: only after redirects and node failures) |
 //! | `name` | `redis`, `redis2`, ... | tier name in stats, metrics and logs |
 //!
 //! Secrets never reach `Debug` output, logs or error messages: everything shows the redacted
@@ -66,6 +68,8 @@ pub enum Mode {
 pub struct RedisUrl {
     /// Standalone or cluster.
     pub mode: Mode,
+    /// TLS (`rediss://`, `valkeys://`, `rediss+cluster://`).
+    pub tls: bool,
     /// `host:port` of the server, or the cluster seeds.
     pub hosts: Vec<String>,
     /// Database index (standalone only).
@@ -82,6 +86,8 @@ pub struct RedisUrl {
     pub connect_timeout: Duration,
     /// Longest reconnect backoff.
     pub retry_max: Duration,
+    /// Period of the background slot-map refresh of a cluster (`None`: event-driven only).
+    pub slot_refresh: Option<Duration>,
     /// Tier name override.
     pub name: Option<String>,
     redacted: String,
@@ -221,14 +227,11 @@ impl RedisUrl {
                 "`{shown}` is not a URL (expected redis://host:port)"
             ))
         })?;
-        let mode = match scheme.to_ascii_lowercase().as_str() {
-            "redis" | "valkey" => Mode::Standalone,
-            "redis+cluster" | "valkey+cluster" => Mode::Cluster,
-            "rediss" | "valkeys" | "rediss+cluster" | "valkeys+cluster" => {
-                return Err(err(format!(
-                    "`{shown}`: TLS (rediss://) is not supported in this build; use redis:// on a trusted network or a TLS-terminating proxy"
-                )))
-            }
+        let (mode, tls) = match scheme.to_ascii_lowercase().as_str() {
+            "redis" | "valkey" => (Mode::Standalone, false),
+            "redis+cluster" | "valkey+cluster" => (Mode::Cluster, false),
+            "rediss" | "valkeys" => (Mode::Standalone, true),
+            "rediss+cluster" | "valkeys+cluster" => (Mode::Cluster, true),
             "kvtier" => {
                 return Err(err(format!(
                     "`{shown}`: the kvtier:// server tier is not available yet"
@@ -236,7 +239,7 @@ impl RedisUrl {
             }
             other => {
                 return Err(err(format!(
-                    "`{shown}`: unsupported scheme `{other}`; supported: redis://, valkey://, redis+cluster://"
+                    "`{shown}`: unsupported scheme `{other}`; supported: redis://, valkey://, redis+cluster://, and rediss:// etc. for TLS"
                 )))
             }
         };
@@ -288,6 +291,7 @@ impl RedisUrl {
         }
         let mut out = RedisUrl {
             mode,
+            tls,
             hosts,
             db,
             credentials: Credentials { username, password },
@@ -296,6 +300,7 @@ impl RedisUrl {
             pool: 4,
             connect_timeout: Duration::from_millis(1000),
             retry_max: Duration::from_millis(5000),
+            slot_refresh: Some(Duration::from_secs(30)),
             name: None,
             redacted: String::new(),
         };
@@ -326,6 +331,10 @@ impl RedisUrl {
                     out.connect_timeout = Duration::from_millis(num(600_000)?.max(1))
                 }
                 "retry_max_ms" => out.retry_max = Duration::from_millis(num(3_600_000)?.max(1)),
+                "slot_refresh_sec" => {
+                    let n = num(86_400)?;
+                    out.slot_refresh = (n > 0).then(|| Duration::from_secs(n));
+                }
                 "name" => {
                     if v.is_empty() {
                         return Err(err(format!("`{shown}`: name must not be empty")));
@@ -334,7 +343,7 @@ impl RedisUrl {
                 }
                 _ => {
                     return Err(err(format!(
-                        "`{shown}`: unknown option `{k}`; known: prefix, ttl_sec, pool, connect_timeout_ms, retry_max_ms, name"
+                        "`{shown}`: unknown option `{k}`; known: prefix, ttl_sec, pool, connect_timeout_ms, retry_max_ms, slot_refresh_sec, name"
                     )))
                 }
             }
@@ -424,6 +433,36 @@ mod tests {
     }
 
     #[test]
+    fn tls_schemes() {
+        for (url, mode) in [
+            ("rediss://u:pw@h:6380/1", Mode::Standalone),
+            ("valkeys://h", Mode::Standalone),
+            ("rediss+cluster://a:1,b:2", Mode::Cluster),
+            ("valkeys+cluster://a:1", Mode::Cluster),
+        ] {
+            let u = RedisUrl::parse_with_env(url, no_env).unwrap();
+            assert!(u.tls && u.mode == mode, "{url}");
+            assert!(!u.redacted().contains("pw"));
+        }
+        let u = RedisUrl::parse_with_env("rediss://u:pw@h:6380/1", no_env).unwrap();
+        assert_eq!(u.redacted(), "rediss://u:***@h:6380/1");
+        assert!(!RedisUrl::parse_with_env("redis://h", no_env).unwrap().tls);
+    }
+
+    #[test]
+    fn slot_refresh_option() {
+        let u = RedisUrl::parse_with_env("redis+cluster://a:1", no_env).unwrap();
+        assert_eq!(u.slot_refresh, Some(Duration::from_secs(30)));
+        let u = RedisUrl::parse_with_env("redis+cluster://a:1?slot_refresh_sec=5", no_env).unwrap();
+        assert_eq!(u.slot_refresh, Some(Duration::from_secs(5)));
+        let u = RedisUrl::parse_with_env("redis+cluster://a:1?slot_refresh_sec=0", no_env).unwrap();
+        assert_eq!(u.slot_refresh, None);
+        assert!(
+            RedisUrl::parse_with_env("redis+cluster://a:1?slot_refresh_sec=x", no_env).is_err()
+        );
+    }
+
+    #[test]
     fn parses_cluster_seeds() {
         let u =
             RedisUrl::parse_with_env("redis+cluster://a:7000,b:7001,[::1]:7002", no_env).unwrap();
@@ -436,7 +475,7 @@ mod tests {
     #[test]
     fn rejects_bad_urls_with_clear_messages() {
         let cases = [
-            ("rediss://u:topsecret@h:1", "not supported in this build"),
+            ("redisss://u:topsecret@h:1", "unsupported scheme"),
             ("kvtier://h:1", "not available yet"),
             ("http://u:topsecret@h", "unsupported scheme"),
             ("redis://u:topsecret@h:notaport", "bad port"),
