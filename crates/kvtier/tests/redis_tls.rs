@@ -200,7 +200,7 @@ fn wrong_ca_plaintext_port_and_bad_files_fail_clearly_and_fast() {
     let Some(srv) = tls_server(&pki, false, &[]) else {
         return;
     };
-    let url = format!("rediss://127.0.0.1:{}?connect_timeout_ms=1000", srv.port);
+    let url = format!("rediss://127.0.0.1:{}?connect_timeout_ms=4000", srv.port);
 
     // A CA that did not sign the server's certificate: a TLS error naming the fix.
     let other = Pki::new("some other CA");
@@ -212,7 +212,8 @@ fn wrong_ca_plaintext_port_and_bad_files_fail_clearly_and_fast() {
     let (e, took) = probe_error(&tier);
     assert!(e.contains("TLS") && e.contains("remote_tls_ca_file"), "{e}");
     assert!(e.contains(&format!("127.0.0.1:{}", srv.port)), "{e}");
-    assert!(took < Duration::from_secs(2), "{took:?}");
+    // Bounded, not fast: the point is that nothing hangs, also on a loaded 2-core CI box.
+    assert!(took < Duration::from_secs(6), "{took:?}");
     // Through an engine: a miss and a skipped store within the deadlines, no hang.
     let e = engine_over(tier.clone());
     let tokens = prompt(2);
@@ -247,7 +248,8 @@ fn wrong_ca_plaintext_port_and_bad_files_fail_clearly_and_fast() {
     .unwrap();
     let (e, took) = probe_error(&tier);
     assert!(e.contains("TLS"), "{e}");
-    assert!(took < Duration::from_secs(2), "{took:?}");
+    // Bounded, not fast: the point is that nothing hangs, also on a loaded 2-core CI box.
+    assert!(took < Duration::from_secs(6), "{took:?}");
 
     // Unreadable files stop the engine at startup, naming the key and the path.
     let missing = pki.path("nope.pem");
@@ -288,7 +290,10 @@ fn mutual_tls_needs_a_client_certificate() {
         ExtendedKeyUsagePurpose::ClientAuth,
     );
     // `localhost`: the server name is a DNS name here (the certificate lists both).
-    let url = format!("rediss://localhost:{}?prefix=m:", srv.port);
+    let url = format!(
+        "rediss://localhost:{}?prefix=m:&connect_timeout_ms=4000",
+        srv.port
+    );
     let ca_only = TlsSettings {
         ca_file: Some(pki.path("ca.pem")),
         ..TlsSettings::default()
@@ -299,7 +304,8 @@ fn mutual_tls_needs_a_client_certificate() {
         e.contains("TLS") && e.contains("remote_tls_cert_file"),
         "{e}"
     );
-    assert!(took < Duration::from_secs(2), "{took:?}");
+    // Bounded, not fast: the point is that nothing hangs, also on a loaded 2-core CI box.
+    assert!(took < Duration::from_secs(6), "{took:?}");
 
     let mutual = TlsSettings {
         cert_file: Some(pki.path("client.pem")),
