@@ -810,8 +810,10 @@ class KvTierConnector(KVConnectorBase_V1):
                 if plan is not None:
                     plans.append(plan)
             cuda = self._device.type == "cuda"
-            ctx = torch.cuda.stream(self._cuda_stream()) if cuda else _nullctx()
-            with ctx:
+            # On CUDA this runs on the load thread: select the cache's device and side stream.
+            dev_ctx = torch.cuda.device(self._device) if cuda else _nullctx()
+            stream_ctx = torch.cuda.stream(self._cuda_stream()) if cuda else _nullctx()
+            with dev_ctx, stream_ctx:
                 if start_ev is not None:
                     self._cuda_stream().wait_event(start_ev)
                 for li, kv in enumerate(self._layers):
