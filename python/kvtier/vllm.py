@@ -803,30 +803,11 @@ class KvTierConnector(KVConnectorBase_V1):
         """Retrieves every spec's chunks, then copies them into the cache layer by layer,
         signalling each layer. Runs on the load thread (or inline for the fallback)."""
         plans = []  # from _retrieve: (block ids, stage chunks, first block in them, n blocks)
+        # vLLM runs the forward pass under inference mode, which is per thread: the cache and
+        # staging tensors are inference tensors that only inference mode may update in place.
         try:
-            stages = self._carve("load", [len(sp.tokens) // self._chunk for sp in specs])
-            for spec, stage in zip(specs, stages):
-                plan = self._retrieve(spec, stage)
-                if plan is not None:
-                    plans.append(plan)
-            cuda = self._device.type == "cuda"
-            # On CUDA this runs on the load thread: select the cache's device and side stream.
-            dev_ctx = torch.cuda.device(self._device) if cuda else _nullctx()
-            stream_ctx = torch.cuda.stream(self._cuda_stream()) if cuda else _nullctx()
-            with dev_ctx, stream_ctx:
-                if start_ev is not None:
-                    self._cuda_stream().wait_event(start_ev)
-                for li, kv in enumerate(self._layers):
-                    for plan in plans:
-                        src = self._layer_blocks(plan, li)
-                        if cuda:
-                            src = src.to(self._device, non_blocking=True)
-                        kv.index_copy_(0, plan[0], src)
-                    if cuda:
-                        ev = torch.cuda.Event()
-                        ev.record(self._cuda_stream())
-                        xfer.cuda_events[li] = ev
-                    xfer.ready[li].set()
+            with torch.inference_mode():
+                self._load_layers(specs, xfer, start_ev, plans)
         except Exception as e:  # unexpected (a copy failed): recompute every block of the step
             logger.warning("kvtier: copying loaded KV into the cache failed: %s", e)
             for spec in specs:
@@ -835,6 +816,32 @@ class KvTierConnector(KVConnectorBase_V1):
         finally:
             for ev in xfer.ready:  # never leave the forward pass waiting
                 ev.set()
+
+    def _load_layers(self, specs: list[LoadSpec], xfer: _InflightLoad, start_ev, plans: list) -> None:
+        """Retrieves, then copies layer by layer (see _load_job); appends to plans."""
+        stages = self._carve("load", [len(sp.tokens) // self._chunk for sp in specs])
+        for spec, stage in zip(specs, stages):
+            plan = self._retrieve(spec, stage)
+            if plan is not None:
+                plans.append(plan)
+        cuda = self._device.type == "cuda"
+        # On CUDA this runs on the load thread: select the cache's device and side stream.
+        dev_ctx = torch.cuda.device(self._device) if cuda else _nullctx()
+        stream_ctx = torch.cuda.stream(self._cuda_stream()) if cuda else _nullctx()
+        with dev_ctx, stream_ctx:
+            if start_ev is not None:
+                self._cuda_stream().wait_event(start_ev)
+            for li, kv in enumerate(self._layers):
+                for plan in plans:
+                    src = self._layer_blocks(plan, li)
+                    if cuda:
+                        src = src.to(self._device, non_blocking=True)
+                    kv.index_copy_(0, plan[0], src)
+                if cuda:
+                    ev = torch.cuda.Event()
+                    ev.record(self._cuda_stream())
+                    xfer.cuda_events[li] = ev
+                xfer.ready[li].set()
 
     def _retrieve(self, spec: LoadSpec, stage: torch.Tensor):
         """Fills ``stage`` with the spec's stored prefix; returns (block ids, source blocks
@@ -904,6 +911,10 @@ class KvTierConnector(KVConnectorBase_V1):
 
     def _stage_layer(self, plan: _SavePlan, li: int) -> None:
         """Copies layer li's blocks of every save of the step into the staging buffer."""
+        with torch.inference_mode():  # per thread, as in _load_job
+            self._stage_layer_blocks(plan, li)
+
+    def _stage_layer_blocks(self, plan: _SavePlan, li: int) -> None:
         kv = self._layers[li]
         for it in plan.items:
             n = len(it.spec.block_ids)

@@ -225,7 +225,14 @@ def worker(tmp_path):
 
 
 def run_step(conn, caches, meta, hooks=True, attention=None):
-    """One model step in vLLM 0.32's order; `attention(i)` plays layer i's attention."""
+    """One model step in vLLM 0.32's order; `attention(i)` plays layer i's attention.
+    Like vLLM's model runner, under inference mode (which is per thread: the connector's
+    background copies must enter it themselves to update the tensors made here)."""
+    with torch.inference_mode():
+        return _run_step(conn, caches, meta, hooks, attention)
+
+
+def _run_step(conn, caches, meta, hooks, attention):
     conn.bind_connector_metadata(meta)
     conn.start_load_kv(None)
     for i, name in enumerate(NAMES):
@@ -274,6 +281,8 @@ def test_per_layer_save_and_load_roundtrip(worker):
 
     meta = KvTierConnectorMetadata(loads=[LoadSpec("l", TOKENS[: 3 * BS], None, dst, 0)])
     conn.bind_connector_metadata(meta)
+    im = torch.inference_mode()
+    im.__enter__()
     t0 = time.monotonic()
     conn.start_load_kv(None)
     assert time.monotonic() - t0 < 0.2, "start_load_kv waited for the retrieval"
@@ -282,6 +291,7 @@ def test_per_layer_save_and_load_roundtrip(worker):
         attention(li)
         conn.save_kv_layer(name, caches[name], None)
     conn.wait_for_save()
+    im.__exit__(None, None, None)
     assert conn.get_block_ids_with_load_errors() == set()
     conn.clear_connector_metadata()
     assert seen == [True] * L
