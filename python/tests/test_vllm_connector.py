@@ -139,6 +139,8 @@ def test_budget_is_shared_by_the_requests_of_one_step(stub_workers):
     assert answers == [(None, False)] * 4
     # 4 asks in one step block for at most the step's budget in total, not 4 x 100 ms.
     assert took < 0.25, f"one step blocked {took:.3f}s"
+    for st in conn._reqs.values():  # let the lookups finish while the stub still listens
+        st.pending.result(timeout=10)
 
 
 def test_lookup_past_its_deadline_is_a_miss_warned_once(stub_workers):
