@@ -95,6 +95,12 @@ def main():
         check("A: tokens identical to baseline (P2)", step(a, "P2")["tokens"] == ref_P2)
         d = a["stats"]["tiers"][1]
         check("A: chunks written to disk", d["stored_chunks"] >= full // BLOCK, f"disk stored_chunks={d['stored_chunks']}")
+        ca = a["connector"]
+        # vLLM CPU calls save_kv_layer after each attention layer: every layer of every save
+        # is staged there, none by the wait_for_save fallback.
+        check("A: saves staged layer by layer (save_kv_layer)",
+              ca["layers_staged_early"] > 0 and ca["layers_staged_late"] == 0,
+              f"layers_staged_early={ca['layers_staged_early']} layers_staged_late={ca['layers_staged_late']}")
 
     # 3. process B: fresh process, empty L1, loads from disk
     b = run_case(work, "B", {"model": model, "connector": "kvtier", "extra": extra, "engine_id": "e2e-" + uuid.uuid4().hex[:8],
@@ -110,6 +116,11 @@ def main():
         d = b["stats"]["tiers"][1]
         check("B: disk tier served the hits", d["hits"] >= full // BLOCK and d["checksum_failures"] == 0,
               f"disk hits={d['hits']} checksum_failures={d['checksum_failures']}")
+        cb = b["connector"]
+        check("B: loads pipelined layer by layer (wait_for_layer_load)",
+              cb["layerwise_loads"] >= 3 and cb["sync_loads"] == 0,
+              f"layerwise_loads={cb['layerwise_loads']} sync_loads={cb['sync_loads']} "
+              f"forward waited {cb['layer_wait_ms']:.1f} ms in wait_for_layer_load")
 
     # 4. corruption: damage the disk chunks of P from token N/2 on, then a fresh process
     if a is not None and "keys" in a:
@@ -194,14 +205,20 @@ def server_mode(work, model, prompts, full, ref_P):
         extra = {"kvtier.server": "unix:" + sock}
         s1 = run_case(work, "S1", {"model": model, "connector": "kvtier", "extra": extra, "engine_id": "e2e-s1",
                       "prompts": prompts, "steps": [["P", "P", 16]]})
-        s2 = run_case(work, "S2", {"model": model, "connector": "kvtier", "extra": extra, "engine_id": "e2e-s2",
+        # S2 gives lookups no synchronous budget: every lookup is answered asynchronously
+        # ((None, False) first, the answer in a later scheduler step).
+        s2_extra = dict(extra, **{"kvtier.lookup_budget_ms": 0})
+        s2 = run_case(work, "S2", {"model": model, "connector": "kvtier", "extra": s2_extra, "engine_id": "e2e-s2",
                       "prompts": prompts, "steps": [["P", "P", 16], ["hit", "P", 1]]})
         if check("server mode: both vLLM processes ran", s1 is not None and s2 is not None):
             check("server mode: S1 stores (miss)", step(s1, "P")["num_cached_tokens"] == 0)
             check("server mode: S2 (another process) hits via the server", step(s2, "P")["num_cached_tokens"] == full,
                   f"{step(s2, 'P')['num_cached_tokens']} == {full}")
             check("server mode: tokens identical to baseline", step(s1, "P")["tokens"] == ref_P == step(s2, "P")["tokens"])
-            SERVER_TTFT["kvtier hit via kvtier serve (fresh process, repeat)"] = step(s2, "hit")["seconds"]
+            with open(os.path.join(work, "S2.log")) as f:
+                deferred = "answering asynchronously" in f.read()
+            check("server mode: S2's lookups were answered asynchronously (lookup_budget_ms=0)", deferred)
+            SERVER_TTFT["kvtier hit via kvtier serve, async lookup (fresh process, repeat)"] = step(s2, "hit")["seconds"]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

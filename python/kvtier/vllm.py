@@ -30,6 +30,23 @@ minimum. So the scheduler sees exactly what the workers hold, L1 included, with 
 engine opening the same disk directory. In server mode (``"kvtier.server": "unix:/path"``)
 both sides are clients of one ``kvtier serve`` and the scheduler asks the server.
 
+*Lookups do not block the scheduler.* A lookup runs on a small thread pool; the scheduler
+waits for it at most ``lookup_budget_ms`` per scheduler step (shared by all the requests
+asked in that step), so a fast lookup is answered synchronously and the common case costs no
+extra step. A slower one is answered ``(None, False)``: vLLM 0.32 then skips the request for
+this step and asks again in the next one. A lookup still unanswered ``lookup_deadline_s``
+after it was issued counts as a miss (the prompt is recomputed; warned once).
+
+*Per-layer pipelining.* vLLM calls ``wait_for_layer_load`` before and ``save_kv_layer``
+after each attention layer. ``start_load_kv`` retrieves the stored chunks in a background
+thread and then copies them into the paged cache layer by layer; ``wait_for_layer_load``
+waits only for its own layer, so the copies of later layers overlap the compute of earlier
+ones. ``save_kv_layer`` stages the layer's blocks to save into a host buffer as soon as the
+layer is computed (a background copy on CPU, a side stream into pinned memory on CUDA) and
+``wait_for_save`` commits the stores. Until the hooks have been seen once (and for any layer
+whose hook did not run) loads and saves fall back to the synchronous path in
+``start_load_kv`` / ``wait_for_save``.
+
 If a load comes back short or corrupt (a checksum failure, a chunk evicted between lookup
 and load), the worker reports the blocks it could not fill through
 ``get_block_ids_with_load_errors`` and vLLM recomputes them when
@@ -39,6 +56,7 @@ and load), the worker reports the blocks it could not fill through
 from __future__ import annotations
 
 import array
+import concurrent.futures
 import dataclasses
 import hashlib
 import os
@@ -46,6 +64,7 @@ import re
 import tempfile
 import threading
 import time
+from contextlib import nullcontext as _nullctx
 from multiprocessing.connection import Client, Listener
 from typing import TYPE_CHECKING, Any
 
@@ -83,7 +102,24 @@ for _name, _code in (("float8_e4m3fn", "f8e4m3"), ("float8_e5m2", "f8e5m2")):
 
 # Keys of kv_connector_extra_config read by the connector itself; everything else (with or
 # without a "kvtier." prefix) is an engine config key.
-_CONNECTOR_KEYS = {"config", "config_file", "blocks_per_chunk", "lookup_socket_dir", "lookup_timeout_s", "server"}
+_CONNECTOR_KEYS = {
+    "config",
+    "config_file",
+    "blocks_per_chunk",
+    "lookup_socket_dir",
+    "lookup_timeout_s",
+    "lookup_budget_ms",
+    "lookup_deadline_s",
+    "lookup_threads",
+    "layerwise",
+    "server",
+}
+
+
+def _flag(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() not in ("0", "false", "no", "off", "")
+    return bool(v)
 
 
 @dataclasses.dataclass
@@ -117,6 +153,41 @@ class _ReqState:
     load_tokens: int = 0  # external tokens vLLM agreed to load
     block_ids: list[int] = dataclasses.field(default_factory=list)
     saved: bool = False
+    usable: int = 0  # the most tokens a load may cover (whole chunks, >= 1 token left)
+    n_save: int = 0  # tokens in the prompt's full chunks
+    pending: "concurrent.futures.Future | None" = None  # the lookup, while unanswered
+    deadline: float = 0.0  # monotonic time after which a pending lookup counts as a miss
+    deferred: bool = False  # answered (None, False) at least once
+
+
+class _InflightLoad:
+    """One step's loads, retrieved and copied by a background thread: ``ready[i]`` is set
+    once layer i's blocks are in place (on CUDA: once their copy is queued, with
+    ``cuda_events[i]`` marking its completion on the side stream)."""
+
+    def __init__(self, n_layers: int):
+        self.ready = [threading.Event() for _ in range(n_layers)]
+        self.cuda_events: list[Any] = [None] * n_layers
+        self.future: concurrent.futures.Future | None = None
+
+
+@dataclasses.dataclass
+class _SaveItem:
+    spec: SaveSpec
+    ids: torch.Tensor  # block ids on the cache's device
+    stage: torch.Tensor  # (chunks, layers, blocks_per_chunk, *block) host view
+    keep: list = dataclasses.field(default_factory=list)  # CUDA temporaries until synced
+
+
+@dataclasses.dataclass
+class _SavePlan:
+    """The saves of one step, staged layer by layer before the store in wait_for_save."""
+
+    meta: Any
+    items: list[_SaveItem]
+    staged: set[int] = dataclasses.field(default_factory=set)
+    futures: list = dataclasses.field(default_factory=list)
+    events: list = dataclasses.field(default_factory=list)
 
 
 def _settings(vllm_config: "VllmConfig") -> tuple[dict[str, Any], dict[str, str]]:
@@ -247,8 +318,13 @@ class _LookupServer:
                         conn.send(("ok", self.engine.identity()))
                     else:
                         conn.send(("err", f"unknown op {op!r}"))
+                except (EOFError, OSError):
+                    return  # the client went away (e.g. it gave up on a slow lookup)
                 except Exception as e:  # answer with the error, keep serving
-                    conn.send(("err", str(e)))
+                    try:
+                        conn.send(("err", str(e)))
+                    except OSError:
+                        return
 
     def close(self):
         listener, self.listener = self.listener, None
@@ -302,19 +378,49 @@ class KvTierConnector(KVConnectorBase_V1):
         pc = vllm_config.parallel_config
         self._num_ranks = int(pc.tensor_parallel_size) * int(pc.pipeline_parallel_size)
         self._lookup_timeout = float(self._conn_cfg.get("lookup_timeout_s", 30.0))
+        self._lookup_budget = float(self._conn_cfg.get("lookup_budget_ms", 2.0)) / 1000.0
+        self._lookup_deadline = float(self._conn_cfg.get("lookup_deadline_s", 2.0))
+        if self._lookup_budget < 0 or self._lookup_deadline <= 0:
+            raise ValueError(
+                "kvtier connector: lookup_budget_ms must be >= 0 and lookup_deadline_s > 0 "
+                f"(got {self._lookup_budget * 1000.0} ms, {self._lookup_deadline} s)"
+            )
+        self._layerwise = _flag(self._conn_cfg.get("layerwise", True))
 
         # scheduler side
         self._reqs: dict[str, _ReqState] = {}
-        self._clients: dict[int, Any] = {}
+        self._tls = threading.local()  # per lookup thread: its connections to the ranks
+        self._lookup_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._step_wait_left = self._lookup_budget  # blocking left in this scheduler step
+        self._warned_deadline = False
+        self._logged_deferred = False
+        self.lookup_stats = {"sync": 0, "deferred": 0, "late": 0, "expired": 0}
         self._sched_engine: kvtier.Engine | None = None
         # worker side
         self._engine: kvtier.Engine | None = None
         self._layers: list[torch.Tensor] = []  # block-major views, model order
+        self._layer_index: dict[str, int] = {}  # layer name -> index in _layers
         self._block_shape: tuple[int, ...] = ()
         self._lookup_server: _LookupServer | None = None
+        self._errors_lock = threading.Lock()
         self._load_errors: set[int] = set()
-        self._stage_buf: torch.Tensor | None = None
-        self.stats = {"loaded_tokens": 0, "saved_tokens": 0, "load_failures": 0}
+        self._bufs: dict[str, torch.Tensor] = {}  # host staging buffers, "load" and "save"
+        self._hooks_seen = False  # vLLM called wait_for_layer_load / save_kv_layer at least once
+        self._xfer_pool: concurrent.futures.ThreadPoolExecutor | None = None  # loads
+        self._copy_pool: concurrent.futures.ThreadPoolExecutor | None = None  # save staging (CPU)
+        self._stream = None  # CUDA side stream for the copies
+        self._inflight_load: _InflightLoad | None = None
+        self._save_plan: _SavePlan | None = None
+        self.stats = {
+            "loaded_tokens": 0,
+            "saved_tokens": 0,
+            "load_failures": 0,
+            "layerwise_loads": 0,  # loads copied layer by layer behind the forward pass
+            "sync_loads": 0,  # loads finished inside start_load_kv (fallback)
+            "layers_staged_early": 0,  # layers of saves staged from save_kv_layer
+            "layers_staged_late": 0,  # layers of saves staged in wait_for_save (fallback)
+            "layer_wait_ms": 0.0,  # time the forward pass waited in wait_for_layer_load
+        }
 
         if role == KVConnectorRole.SCHEDULER and self._server_mode:
             self._sched_engine = self._open_engine(
@@ -350,8 +456,13 @@ class KvTierConnector(KVConnectorBase_V1):
 
     # -- scheduler side --------------------------------------------------------------------
 
-    def _ask_rank(self, rank: int, tokens: list[int], salt: str | None) -> int:
-        c = self._clients.get(rank)
+    def _client(self, rank: int):
+        """This lookup thread's connection to a worker rank (connections are not shared
+        between threads: a request and its answer must not interleave with another's)."""
+        clients = getattr(self._tls, "clients", None)
+        if clients is None:
+            clients = self._tls.clients = {}
+        c = clients.get(rank)
         if c is None:
             path = _socket_path(self._conn_cfg, self._engine_id, rank)
             deadline = time.monotonic() + self._lookup_timeout
@@ -363,41 +474,131 @@ class KvTierConnector(KVConnectorBase_V1):
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.05)
-            self._clients[rank] = c
-        try:
-            c.send(("lookup", _pack_tokens(tokens), salt))
-            status, val = c.recv()
-        except (EOFError, OSError):
-            self._clients.pop(rank, None)
-            raise
-        if status != "ok":
-            raise RuntimeError(val)
-        return int(val)
+            clients[rank] = c
+        return c
 
-    def _lookup(self, tokens: list[int], salt: str | None) -> int:
+    def _drop_clients(self) -> None:
+        # After a timeout or an error a connection may still owe an answer: never reuse it.
+        for c in getattr(self._tls, "clients", {}).values():
+            try:
+                c.close()
+            except OSError:
+                pass
+        self._tls.clients = {}
+
+    def _ask_ranks(self, tokens: list[int], salt: str | None, deadline: float) -> int:
+        """The minimum over the ranks of their stored prefix. The question goes to every
+        rank before any answer is read, so the ranks look up in parallel."""
+        payload = _pack_tokens(tokens)
+        try:
+            conns = []
+            for r in range(self._num_ranks):
+                c = self._client(r)
+                c.send(("lookup", payload, salt))
+                conns.append((r, c))
+            best: int | None = None
+            for r, c in conns:
+                if not c.poll(max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(f"worker rank {r} did not answer the lookup before its deadline")
+                status, val = c.recv()
+                if status != "ok":
+                    raise RuntimeError(f"worker rank {r}: {val}")
+                best = int(val) if best is None else min(best, int(val))
+            return best or 0
+        except BaseException:
+            self._drop_clients()
+            raise
+
+    def _lookup(self, tokens: list[int], salt: str | None, deadline: float | None = None) -> int:
+        """Runs on a lookup thread. Any failure is a miss, never a failed request."""
+        if deadline is None:
+            deadline = time.monotonic() + self._lookup_deadline
         try:
             if self._sched_engine is not None:
                 return self._sched_engine.lookup(tokens, salt)
-            return min(self._ask_rank(r, tokens, salt) for r in range(self._num_ranks))
-        except Exception as e:  # a lookup failure is a miss, never a failed request
+            return self._ask_ranks(tokens, salt, deadline)
+        except TimeoutError as e:
+            # The scheduler has already counted this request a miss (its deadline is
+            # earlier); this only retires the thread and its connections.
+            logger.debug("kvtier lookup abandoned: %s", e)
+            return 0
+        except Exception as e:
             logger.warning("kvtier lookup failed, treating as a miss: %s", e)
             return 0
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._lookup_pool is None:
+            n = max(1, int(self._conn_cfg.get("lookup_threads", 4)))
+            self._lookup_pool = concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="kvtier-lookup")
+        return self._lookup_pool
+
+    def _resolve(self, st: _ReqState, stored: int) -> None:
+        st.pending = None
+        st.hit = min(stored, st.usable)
+        st.saved = st.n_save > 0 and stored >= st.n_save  # every full chunk is stored: no save
+        if st.n_save == 0:
+            st.saved = True
+
+    def _answered(self, req_id: str, st: _ReqState) -> bool:
+        """True once the request's lookup has an answer (a result, or a miss past its
+        deadline). Blocks at most what is left of this step's lookup budget."""
+        fut = st.pending
+        assert fut is not None
+        now = time.monotonic()
+        wait = min(self._step_wait_left, st.deadline - now)
+        if not fut.done() and wait > 0:
+            concurrent.futures.wait([fut], timeout=wait)
+            self._step_wait_left = max(0.0, self._step_wait_left - (time.monotonic() - now))
+        if fut.done():
+            self.lookup_stats["late" if st.deferred else "sync"] += 1
+            self._resolve(st, fut.result())
+            return True
+        if time.monotonic() >= st.deadline:
+            fut.cancel()  # a queued lookup never runs; a running one is left to finish
+            self._resolve(st, 0)
+            self.lookup_stats["expired"] += 1
+            if not self._warned_deadline:
+                self._warned_deadline = True
+                logger.warning(
+                    "kvtier: a lookup took longer than lookup_deadline_s=%.3g s (request %s); "
+                    "such requests are treated as misses and recomputed (warned once)",
+                    self._lookup_deadline,
+                    req_id,
+                )
+            return True
+        st.deferred = True
+        self.lookup_stats["deferred"] += 1
+        if not self._logged_deferred:
+            self._logged_deferred = True
+            logger.info(
+                "kvtier: lookup of request %s is slower than lookup_budget_ms=%.3g: answering "
+                "asynchronously (the scheduler asks again next step)",
+                req_id,
+                self._lookup_budget * 1000.0,
+            )
+        return False
 
     def get_num_new_matched_tokens(
         self, request: "Request", num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        tokens = list(request.prompt_token_ids or [])
-        salt = getattr(request, "cache_salt", None) or None
         st = self._reqs.get(request.request_id)
         if st is None:
-            st = _ReqState(tokens=tokens, salt=salt)
-            n_save = (len(tokens) // self._chunk) * self._chunk
+            tokens = list(request.prompt_token_ids or [])
+            st = _ReqState(tokens=tokens, salt=getattr(request, "cache_salt", None) or None)
+            st.n_save = (len(tokens) // self._chunk) * self._chunk
             # Never load the whole prompt: the last token must be computed for logits.
-            usable = ((len(tokens) - 1) // self._chunk) * self._chunk if tokens else 0
-            stored = self._lookup(tokens[:n_save], salt) if n_save > 0 else 0
-            st.hit = min(stored, usable)
-            st.saved = stored >= n_save  # every full chunk is stored already: no save
+            st.usable = ((len(tokens) - 1) // self._chunk) * self._chunk if tokens else 0
             self._reqs[request.request_id] = st
+            if st.n_save > 0:
+                st.deadline = time.monotonic() + self._lookup_deadline
+                # The lookup thread gives up a little after the scheduler stops waiting.
+                st.pending = self._pool().submit(self._lookup, tokens[: st.n_save], st.salt, st.deadline + 1.0)
+            else:
+                self._resolve(st, 0)
+        if st.pending is not None and not self._answered(request.request_id, st):
+            # vLLM 0.32: None = "cannot tell yet": the request is skipped this step and
+            # asked again in the next one (scheduler.py, skip_request).
+            return None, False
         extra = st.hit - num_computed_tokens
         if extra <= 0:
             return 0, False
@@ -414,6 +615,8 @@ class KvTierConnector(KVConnectorBase_V1):
             st.block_ids = list(blocks.get_block_ids()[0])
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        # Called once at the end of each schedule(): the next step gets a fresh budget.
+        self._step_wait_left = self._lookup_budget
         meta = KvTierConnectorMetadata()
         bs = self._block_size
         for new in scheduler_output.scheduled_new_reqs:
@@ -466,8 +669,16 @@ class KvTierConnector(KVConnectorBase_V1):
         st.saved = True
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict | None]:
-        self._reqs.pop(request.request_id, None)
-        return False, None  # saves are synchronous: blocks can be freed now
+        # Also called for requests aborted while still waiting (e.g. on a pending lookup).
+        st = self._reqs.pop(request.request_id, None)
+        if st is not None and st.pending is not None:
+            st.pending.cancel()
+            st.pending = None
+        return False, None  # saves finish inside wait_for_save: blocks can be freed now
+
+    def pending_lookups(self) -> int:
+        """Requests whose lookup is still unanswered (scheduler side; for tests and metrics)."""
+        return sum(1 for st in self._reqs.values() if st.pending is not None)
 
     # -- worker side -----------------------------------------------------------------------
 
@@ -485,6 +696,7 @@ class KvTierConnector(KVConnectorBase_V1):
         else:
             bdim = 0
         self._layers = [kv_caches[n].movedim(bdim, 0) if bdim else kv_caches[n] for n in names]
+        self._layer_index = {n: i for i, n in enumerate(names)}
         self._block_shape = tuple(self._layers[0].shape[1:])
         dtype = first.dtype
         if dtype not in _TORCH_DTYPES:
@@ -522,94 +734,280 @@ class KvTierConnector(KVConnectorBase_V1):
         except Exception:
             return 0
 
-    def _staging(self, n_blocks: int) -> torch.Tensor:
-        """A host tensor (n_chunks, layers, blocks_per_chunk, *block) in the cache dtype."""
-        shape = (n_blocks // self._bpc, len(self._layers), self._bpc) + self._block_shape
-        numel = 1
-        for d in shape:
-            numel *= d
-        # Reused across steps (loads and saves are synchronous): no page faults per request.
-        if self._stage_buf is None or self._stage_buf.numel() < numel:
+    def _buffer(self, kind: str, numel: int) -> torch.Tensor:
+        """A flat host tensor in the cache dtype, one per kind ("load", "save": a step's loads
+        run while its saves are staged). Reused across steps: no page faults per request;
+        pinned on CUDA so the copies can be asynchronous."""
+        buf = self._bufs.get(kind)
+        if buf is None or buf.numel() < numel:
             pin = self._device.type == "cuda"
-            self._stage_buf = torch.empty(numel, dtype=self._layers[0].dtype, device="cpu", pin_memory=pin)
-        return self._stage_buf[:numel].view(shape)
+            buf = torch.empty(numel, dtype=self._layers[0].dtype, device="cpu", pin_memory=pin)
+            self._bufs[kind] = buf
+        return buf[:numel]
+
+    def _chunk_shape(self, n_chunks: int) -> tuple[int, ...]:
+        return (n_chunks, len(self._layers), self._bpc) + self._block_shape
+
+    def _carve(self, kind: str, chunk_counts: list[int]) -> list[torch.Tensor]:
+        """Views (chunks, layers, blocks_per_chunk, *block) of one staging buffer, one per
+        entry of chunk_counts, back to back."""
+        per_chunk = len(self._layers) * self._bpc
+        for d in self._block_shape:
+            per_chunk *= d
+        flat = self._buffer(kind, per_chunk * sum(chunk_counts))
+        views, off = [], 0
+        for n in chunk_counts:
+            views.append(flat[off : off + n * per_chunk].view(self._chunk_shape(n)))
+            off += n * per_chunk
+        return views
+
+    def _cuda_stream(self):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=self._device)
+        return self._stream
+
+    def _add_load_errors(self, block_ids) -> None:
+        with self._errors_lock:
+            self._load_errors.update(block_ids)
+
+    # -- loads -----------------------------------------------------------------------------
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        self._join_load()
         meta = self._get_connector_metadata()
-        if not isinstance(meta, KvTierConnectorMetadata) or self._engine is None:
+        if not isinstance(meta, KvTierConnectorMetadata) or self._engine is None or not meta.loads:
             return
-        for spec in meta.loads:
-            self._load(spec)
+        specs = list(meta.loads)
+        xfer = _InflightLoad(len(self._layers))
+        start_ev = None
+        if self._device.type == "cuda":
+            # The side stream writes the blocks only after the work already queued on the
+            # compute stream (e.g. vLLM zeroing freshly allocated blocks).
+            start_ev = torch.cuda.Event()
+            start_ev.record(torch.cuda.current_stream(self._device))
+        if self._layerwise and self._hooks_seen:
+            if self._xfer_pool is None:
+                self._xfer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtier-load")
+            self._inflight_load = xfer
+            xfer.future = self._xfer_pool.submit(self._load_job, specs, xfer, start_ev)
+            self.stats["layerwise_loads"] += len(specs)
+        else:
+            # Synchronous fallback: vLLM has not called the per-layer hooks (yet), so the
+            # blocks must be in place before the forward pass starts.
+            self._load_job(specs, xfer, start_ev)
+            if start_ev is not None:
+                torch.cuda.current_stream(self._device).wait_stream(self._cuda_stream())
+            self.stats["sync_loads"] += len(specs)
 
-    def _load(self, spec: LoadSpec) -> None:
+    def _load_job(self, specs: list[LoadSpec], xfer: _InflightLoad, start_ev) -> None:
+        """Retrieves every spec's chunks, then copies them into the cache layer by layer,
+        signalling each layer. Runs on the load thread (or inline for the fallback)."""
+        plans = []  # from _retrieve: (block ids, stage chunks, first block in them, n blocks)
+        # vLLM runs the forward pass under inference mode, which is per thread: the cache and
+        # staging tensors are inference tensors that only inference mode may update in place.
+        try:
+            with torch.inference_mode():
+                self._load_layers(specs, xfer, start_ev, plans)
+        except Exception as e:  # unexpected (a copy failed): recompute every block of the step
+            logger.warning("kvtier: copying loaded KV into the cache failed: %s", e)
+            for spec in specs:
+                self._add_load_errors(spec.block_ids)
+            self.stats["load_failures"] += 1
+        finally:
+            for ev in xfer.ready:  # never leave the forward pass waiting
+                ev.set()
+
+    def _load_layers(self, specs: list[LoadSpec], xfer: _InflightLoad, start_ev, plans: list) -> None:
+        """Retrieves, then copies layer by layer (see _load_job); appends to plans."""
+        stages = self._carve("load", [len(sp.tokens) // self._chunk for sp in specs])
+        for spec, stage in zip(specs, stages):
+            plan = self._retrieve(spec, stage)
+            if plan is not None:
+                plans.append(plan)
+        cuda = self._device.type == "cuda"
+        # On CUDA this runs on the load thread: select the cache's device and side stream.
+        dev_ctx = torch.cuda.device(self._device) if cuda else _nullctx()
+        stream_ctx = torch.cuda.stream(self._cuda_stream()) if cuda else _nullctx()
+        with dev_ctx, stream_ctx:
+            if start_ev is not None:
+                self._cuda_stream().wait_event(start_ev)
+            for li, kv in enumerate(self._layers):
+                for plan in plans:
+                    src = self._layer_blocks(plan, li)
+                    if cuda:
+                        src = src.to(self._device, non_blocking=True)
+                    kv.index_copy_(0, plan[0], src)
+                if cuda:
+                    ev = torch.cuda.Event()
+                    ev.record(self._cuda_stream())
+                    xfer.cuda_events[li] = ev
+                xfer.ready[li].set()
+
+    def _retrieve(self, spec: LoadSpec, stage: torch.Tensor):
+        """Fills ``stage`` with the spec's stored prefix; returns (block ids, source blocks
+        (n, layers, *block)) for the blocks that were filled, and records the rest as load
+        errors."""
         bpc, bs = self._bpc, self._block_size
         first_chunk = spec.first_block // bpc
-        n_chunks = len(spec.tokens) // self._chunk
-        stage = self._staging(n_chunks * bpc)
-        # The engine fills the whole prefix; chunks before first_chunk were computed locally.
         got = 0
         try:
+            # The engine fills the whole prefix; chunks before first_chunk were computed locally.
             got = self._engine.retrieve(spec.tokens, stage)
         except Exception as e:
             logger.warning("kvtier load of %s failed: %s", spec.req_id, e)
         got_blocks = got // bs
-        ok = [i for i in range(len(spec.block_ids)) if spec.first_block + i < got_blocks]
-        bad = spec.block_ids[len(ok) :]
-        if ok:
-            src_from = spec.first_block - first_chunk * bpc
-            ids = torch.tensor(spec.block_ids[: len(ok)], dtype=torch.long, device=self._device)
-            flat = stage.view(n_chunks, len(self._layers), bpc, *self._block_shape)
-            for li, kv in enumerate(self._layers):
-                src = flat[first_chunk:, li].reshape(-1, *self._block_shape)[src_from : src_from + len(ok)]
-                kv.index_copy_(0, ids, src.to(self._device, non_blocking=True))
+        n_ok = max(0, min(len(spec.block_ids), got_blocks - spec.first_block))
+        bad = spec.block_ids[n_ok:]
         if bad:
-            self._load_errors.update(bad)
+            self._add_load_errors(bad)
             self.stats["load_failures"] += 1
             logger.warning(
                 "kvtier: request %s loaded %d of %d tokens; %d block(s) will be recomputed",
                 spec.req_id, got, len(spec.tokens), len(bad),
             )
-        self.stats["loaded_tokens"] += len(ok) * bs
+        self.stats["loaded_tokens"] += n_ok * bs
+        if n_ok == 0:
+            return None
+        ids = torch.tensor(spec.block_ids[:n_ok], dtype=torch.long, device=self._device)
+        return ids, stage[first_chunk:], spec.first_block - first_chunk * bpc, n_ok
+
+    @staticmethod
+    def _layer_blocks(plan, li: int) -> torch.Tensor:
+        """Layer li's loaded blocks (n, *block) out of a plan from _retrieve: within a chunk
+        a layer's blocks are contiguous (the payload is layer-major), so this is one view per
+        chunk (a copy of this layer only when chunks of several blocks each are loaded)."""
+        _, chunks, src_from, n_ok = plan
+        return chunks[:, li].flatten(0, 1)[src_from : src_from + n_ok]
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads finish inside start_load_kv
+        self._hooks_seen = True
+        xfer = self._inflight_load
+        li = self._layer_index.get(layer_name)
+        if xfer is None or li is None:
+            return
+        t0 = time.perf_counter()
+        xfer.ready[li].wait()
+        ev = xfer.cuda_events[li]
+        if ev is not None:  # the compute stream waits on the GPU, the host does not
+            torch.cuda.current_stream(self._device).wait_event(ev)
+        self.stats["layer_wait_ms"] += (time.perf_counter() - t0) * 1000.0
+
+    def _join_load(self) -> None:
+        xfer, self._inflight_load = self._inflight_load, None
+        if xfer is not None and xfer.future is not None:
+            xfer.future.result()  # _load_job handles its own errors
+            if xfer.cuda_events[-1] is not None:
+                xfer.cuda_events[-1].synchronize()  # the staging buffer is reused next step
+
+    # -- saves -----------------------------------------------------------------------------
+
+    def _plan_saves(self, meta: KvTierConnectorMetadata) -> _SavePlan:
+        stages = self._carve("save", [len(sp.block_ids) // self._bpc for sp in meta.saves])
+        items = [
+            _SaveItem(sp, torch.tensor(sp.block_ids, dtype=torch.long, device=self._device), stage)
+            for sp, stage in zip(meta.saves, stages)
+        ]
+        return _SavePlan(meta, items)
+
+    def _stage_layer(self, plan: _SavePlan, li: int) -> None:
+        """Copies layer li's blocks of every save of the step into the staging buffer."""
+        with torch.inference_mode():  # per thread, as in _load_job
+            self._stage_layer_blocks(plan, li)
+
+    def _stage_layer_blocks(self, plan: _SavePlan, li: int) -> None:
+        kv = self._layers[li]
+        for it in plan.items:
+            n = len(it.spec.block_ids)
+            blocks = kv.index_select(0, it.ids).view(n // self._bpc, self._bpc, *self._block_shape)
+            if kv.device.type == "cuda":
+                it.stage[:, li].copy_(blocks, non_blocking=True)
+                it.keep.append(blocks)  # alive until the copy is synced
+            else:
+                it.stage[:, li].copy_(blocks)
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: "AttentionMetadata", **kwargs: Any
     ) -> None:
-        return  # whole blocks of all layers are saved in wait_for_save
+        self._hooks_seen = True
+        li = self._layer_index.get(layer_name)
+        if li is None or self._engine is None or not self._layerwise or not self.has_connector_metadata():
+            return
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, KvTierConnectorMetadata) or not meta.saves:
+            return
+        plan = self._save_plan
+        if plan is None or plan.meta is not meta:
+            plan = self._save_plan = self._plan_saves(meta)
+        if li in plan.staged:
+            return
+        plan.staged.add(li)
+        self.stats["layers_staged_early"] += 1
+        # The layer's cache is final for the saved blocks (this layer has run), so the copy
+        # can proceed while the next layers compute.
+        if self._device.type == "cuda":
+            stream = self._cuda_stream()
+            stream.wait_stream(torch.cuda.current_stream(self._device))
+            with torch.cuda.stream(stream):
+                self._stage_layer(plan, li)
+                ev = torch.cuda.Event()
+                ev.record(stream)
+            plan.events.append(ev)
+        else:
+            if self._copy_pool is None:
+                self._copy_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtier-stage")
+            plan.futures.append(self._copy_pool.submit(self._stage_layer, plan, li))
 
     def wait_for_save(self):
+        self._join_load()  # loads of this step are in the cache (and may be saved again)
+        plan, self._save_plan = self._save_plan, None
         if self._engine is None or not self.has_connector_metadata():
             return
         meta = self._get_connector_metadata()
-        if not isinstance(meta, KvTierConnectorMetadata):
+        if not isinstance(meta, KvTierConnectorMetadata) or not meta.saves:
             return
-        for spec in meta.saves:
+        if plan is None or plan.meta is not meta:
+            plan = self._plan_saves(meta)
+        failed = None
+        for fut in plan.futures:
             try:
-                self._save(spec)
+                fut.result()
+            except Exception as e:
+                failed = e
+        for ev in plan.events:
+            ev.synchronize()
+        if failed is not None:  # a failed save only costs a future hit; never store a half copy
+            logger.warning("kvtier: staging the saves of this step failed, nothing stored: %s", failed)
+            return
+        for li in range(len(self._layers)):
+            if li not in plan.staged:  # the hook did not run for this layer: stage it now
+                self._stage_layer(plan, li)
+                self.stats["layers_staged_late"] += 1
+        if self._device.type == "cuda":
+            torch.cuda.current_stream(self._device).synchronize()
+        for it in plan.items:
+            try:
+                rep = self._engine.store(it.spec.tokens, it.stage, it.spec.salt)
+                self.stats["saved_tokens"] += rep["new_chunks"] * self._chunk
             except Exception as e:  # a failed save only costs a future hit
-                logger.warning("kvtier save of %s failed: %s", spec.req_id, e)
-
-    def _save(self, spec: SaveSpec) -> None:
-        n = len(spec.block_ids)
-        stage = self._staging(n)
-        ids = torch.tensor(spec.block_ids, dtype=torch.long, device=self._device)
-        view = stage.view(n // self._bpc, len(self._layers), self._bpc, *self._block_shape)
-        for li, kv in enumerate(self._layers):
-            blocks = kv.index_select(0, ids).view(n // self._bpc, self._bpc, *self._block_shape)
-            view[:, li].copy_(blocks)
-        rep = self._engine.store(spec.tokens, stage, spec.salt)
-        self.stats["saved_tokens"] += rep["new_chunks"] * self._chunk
+                logger.warning("kvtier save of %s failed: %s", it.spec.req_id, e)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        errs, self._load_errors = self._load_errors, set()
+        self._join_load()
+        with self._errors_lock:
+            errs, self._load_errors = self._load_errors, set()
         return errs
 
     def shutdown(self):
+        try:
+            self._join_load()
+        except Exception:
+            pass
+        for pool in (self._xfer_pool, self._copy_pool, self._lookup_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         if self._lookup_server is not None:
             self._lookup_server.close()
             self._lookup_server = None

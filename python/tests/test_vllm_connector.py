@@ -1,0 +1,378 @@
+"""Tests of the vLLM connector's asynchronous lookup and per-layer pipelining, without a
+running vLLM: a small fake VllmConfig, stub lookup workers on real Unix sockets, and the
+worker hooks called in the order vLLM 0.32 calls them (bind_connector_metadata,
+start_load_kv, per attention layer wait_for_layer_load / attention / save_kv_layer,
+wait_for_save, get_block_ids_with_load_errors, clear_connector_metadata).
+Skipped where vLLM (and torch) are not installed; the e2e venv has both."""
+
+import logging
+import threading
+import time
+from types import SimpleNamespace as NS
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
+
+from kvtier.vllm import (  # noqa: E402
+    KvTierConnector,
+    KvTierConnectorMetadata,
+    LoadSpec,
+    SaveSpec,
+    _authkey,
+    _LookupServer,
+    _socket_path,
+)
+
+L, H, BS, D = 3, 2, 16, 8  # layers, kv heads, block size (tokens), head dim
+NB = 64  # blocks per layer cache
+NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(L)]
+
+
+def make_config(extra, engine_id, tp=1):
+    mc = NS(
+        model="test/tiny",
+        revision=None,
+        dtype=torch.float32,
+        get_num_layers=lambda pc: L,
+        get_num_kv_heads=lambda pc: H,
+        get_head_size=lambda: D,
+    )
+    return NS(
+        kv_transfer_config=NS(kv_connector_extra_config=extra, engine_id=engine_id),
+        cache_config=NS(block_size=BS, cache_dtype="auto"),
+        model_config=mc,
+        parallel_config=NS(tensor_parallel_size=tp, pipeline_parallel_size=1),
+        device_config=NS(device_type="cpu"),
+    )
+
+
+def empty_sched_output():
+    cached = NS(req_ids=[], resumed_req_ids=set(), new_block_ids=[], num_computed_tokens=[])
+    return NS(scheduled_new_reqs=[], scheduled_cached_reqs=cached, num_scheduled_tokens={})
+
+
+class StubEngine:
+    """Answers lookups like a worker's engine, after a delay."""
+
+    def __init__(self, stored, delay):
+        self.stored, self.delay, self.calls = stored, delay, 0
+
+    def lookup(self, tokens, salt):
+        self.calls += 1
+        time.sleep(self.delay)
+        return min(self.stored, len(tokens))
+
+
+@pytest.fixture
+def stub_workers(tmp_path):
+    servers = []
+
+    def start(engine_id, engines):
+        for rank, eng in enumerate(engines):
+            path = _socket_path({"lookup_socket_dir": str(tmp_path)}, engine_id, rank)
+            servers.append(_LookupServer(eng, path, _authkey(engine_id)))
+        return str(tmp_path)
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def scheduler(engine_id, sock_dir, tp=1, **extra):
+    cfg = make_config(dict(lookup_socket_dir=sock_dir, **extra), engine_id, tp=tp)
+    return KvTierConnector(cfg, KVConnectorRole.SCHEDULER, None)
+
+
+def request(rid, n=100):
+    return NS(request_id=rid, prompt_token_ids=list(range(4, 4 + n)), cache_salt=None)
+
+
+def ask_until_answered(conn, req, limit_s=10.0):
+    """Plays the scheduler: asks, and on None runs another (empty) step and asks again."""
+    t0 = time.monotonic()
+    steps = 0
+    while True:
+        n, load_async = conn.get_num_new_matched_tokens(req, 0)
+        if n is not None:
+            return n, load_async, steps, time.monotonic() - t0
+        assert time.monotonic() - t0 < limit_s, "lookup never answered"
+        steps += 1
+        conn.build_connector_meta(empty_sched_output())
+        time.sleep(0.005)
+
+
+def test_fast_lookup_is_answered_in_the_same_step(stub_workers):
+    sock = stub_workers("fast", [StubEngine(stored=96, delay=0.0)])
+    # A generous budget so a loaded test machine still answers within it.
+    conn = scheduler("fast", sock, lookup_budget_ms=1000)
+    # 100 tokens, chunks of 16: 96 stored; at least one token is left to compute.
+    assert conn.get_num_new_matched_tokens(request("a"), 0) == (96, False)
+    assert conn.lookup_stats["sync"] == 1 and conn.lookup_stats["deferred"] == 0
+    assert conn.get_num_new_matched_tokens(request("a"), 32) == (64, False)  # re-ask: cached
+
+
+def test_slow_lookup_does_not_block_the_scheduler(stub_workers):
+    stub = StubEngine(stored=96, delay=0.4)
+    sock = stub_workers("slow", [stub])
+    conn = scheduler("slow", sock, lookup_budget_ms=2, lookup_deadline_s=10)
+    t0 = time.monotonic()
+    assert conn.get_num_new_matched_tokens(request("a"), 0) == (None, False)
+    assert time.monotonic() - t0 < 0.2, "the first ask blocked on the slow lookup"
+    assert conn.pending_lookups() == 1
+    n, load_async, steps, took = ask_until_answered(conn, request("a"))
+    assert (n, load_async) == (96, False)
+    assert steps >= 1 and took >= 0.3
+    assert conn.lookup_stats["late"] == 1 and conn.lookup_stats["expired"] == 0
+    assert conn.pending_lookups() == 0 and stub.calls == 1  # one lookup, not one per ask
+
+
+def test_budget_is_shared_by_the_requests_of_one_step(stub_workers):
+    sock = stub_workers("shared", [StubEngine(stored=96, delay=0.3)])
+    conn = scheduler("shared", sock, lookup_budget_ms=100, lookup_deadline_s=10, lookup_threads=4)
+    t0 = time.monotonic()
+    answers = [conn.get_num_new_matched_tokens(request(f"r{i}"), 0) for i in range(4)]
+    took = time.monotonic() - t0
+    assert answers == [(None, False)] * 4
+    # 4 asks in one step block for at most the step's budget in total, not 4 x 100 ms.
+    assert took < 0.25, f"one step blocked {took:.3f}s"
+    for st in conn._reqs.values():  # let the lookups finish while the stub still listens
+        st.pending.result(timeout=10)
+
+
+def test_lookup_past_its_deadline_is_a_miss_warned_once(stub_workers):
+    sock = stub_workers("late", [StubEngine(stored=96, delay=1.5)])
+    conn = scheduler("late", sock, lookup_budget_ms=0, lookup_deadline_s=0.2, lookup_threads=2)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("vllm.kvtier").addHandler(handler)
+    try:
+        for rid in ("a", "b"):
+            n, load_async, steps, took = ask_until_answered(conn, request(rid))
+            assert (n, load_async) == (0, False)  # recompute
+            assert steps >= 1 and 0.15 <= took < 1.0
+    finally:
+        logging.getLogger("vllm.kvtier").removeHandler(handler)
+    assert conn.lookup_stats["expired"] == 2
+    warnings = [r for r in records if r.levelno == logging.WARNING and "lookup_deadline_s" in r.getMessage()]
+    assert len(warnings) == 1
+    assert conn._reqs["a"].saved is False  # unknown what is stored: the prompt is saved
+
+
+def test_aborted_request_drops_its_pending_lookup(stub_workers):
+    sock = stub_workers("abort", [StubEngine(stored=96, delay=0.5)])
+    conn = scheduler("abort", sock, lookup_budget_ms=0, lookup_deadline_s=10, lookup_threads=1)
+    reqs = [request("a"), request("b")]
+    for r in reqs:
+        assert conn.get_num_new_matched_tokens(r, 0) == (None, False)
+    fut_b = conn._reqs["b"].pending
+    assert conn.pending_lookups() == 2
+    for r in reqs:  # vLLM calls request_finished for requests aborted while waiting
+        conn.request_finished(r, [])
+    assert conn.pending_lookups() == 0 and conn._reqs == {}
+    assert fut_b.cancelled()  # queued behind "a" on the single lookup thread: never runs
+
+
+def test_ranks_are_asked_in_parallel_and_the_minimum_wins(stub_workers):
+    sock = stub_workers("tp2", [StubEngine(stored=96, delay=0.3), StubEngine(stored=48, delay=0.3)])
+    conn = scheduler("tp2", sock, tp=2, lookup_budget_ms=5000)
+    t0 = time.monotonic()
+    assert conn.get_num_new_matched_tokens(request("a"), 0) == (48, False)
+    assert time.monotonic() - t0 < 0.55, "ranks were asked one after the other"
+
+
+def test_bad_lookup_settings_are_rejected():
+    with pytest.raises(ValueError, match="lookup_deadline_s"):
+        scheduler("bad", "/tmp", lookup_deadline_s=0)
+
+
+# -- worker side: per-layer pipelining ------------------------------------------------------
+
+
+class SlowRetrieve:
+    """Wraps an engine so retrieve takes at least `delay` seconds."""
+
+    def __init__(self, eng, delay):
+        self._eng, self._delay = eng, delay
+
+    def retrieve(self, *a, **kw):
+        time.sleep(self._delay)
+        return self._eng.retrieve(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._eng, name)
+
+
+@pytest.fixture
+def worker(tmp_path):
+    made = []
+
+    def make(**extra):
+        cfg = dict(max_local_cpu_size=0.01, local_cpu_huge_pages=False, lookup_socket_dir=str(tmp_path))
+        cfg.update(extra)
+        conn = KvTierConnector(make_config(cfg, f"w{len(made)}"), KVConnectorRole.WORKER, NS(num_blocks=NB))
+        gen = torch.Generator().manual_seed(len(made))
+        caches = {n: torch.randn(NB, H, BS, 2 * D, generator=gen) for n in NAMES}
+        conn.register_kv_caches(caches)
+        made.append(conn)
+        return conn, caches
+
+    yield make
+    for c in made:
+        c.shutdown()
+
+
+def run_step(conn, caches, meta, hooks=True, attention=None):
+    """One model step in vLLM 0.32's order; `attention(i)` plays layer i's attention.
+    Like vLLM's model runner, under inference mode (which is per thread: the connector's
+    background copies must enter it themselves to update the tensors made here)."""
+    with torch.inference_mode():
+        return _run_step(conn, caches, meta, hooks, attention)
+
+
+def _run_step(conn, caches, meta, hooks, attention):
+    conn.bind_connector_metadata(meta)
+    conn.start_load_kv(None)
+    for i, name in enumerate(NAMES):
+        if hooks:
+            conn.wait_for_layer_load(name)
+        if attention is not None:
+            attention(i)
+        if hooks:
+            conn.save_kv_layer(name, caches[name], None)
+    conn.wait_for_save()
+    errs = conn.get_block_ids_with_load_errors()
+    conn.clear_connector_metadata()
+    return errs
+
+
+def stored_blocks(conn, tokens):
+    """What the engine holds for `tokens`: (chunks, layers, 1, *block) (one block per chunk)."""
+    out = torch.zeros(len(tokens) // BS, L, 1, H, BS, 2 * D)
+    got = conn._engine.retrieve(tokens, out)
+    return got, out
+
+
+TOKENS = list(range(10, 10 + 4 * BS))  # 4 chunks of one block
+
+
+def test_per_layer_save_and_load_roundtrip(worker):
+    conn, caches = worker()
+    run_step(conn, caches, KvTierConnectorMetadata())  # vLLM calls the hooks: seen from now on
+    src = [3, 5, 7, 9]
+    run_step(conn, caches, KvTierConnectorMetadata(saves=[SaveSpec("s", TOKENS, None, src)]))
+    assert conn.stats["layers_staged_early"] == L and conn.stats["layers_staged_late"] == 0
+    got, out = stored_blocks(conn, TOKENS)
+    assert got == len(TOKENS)
+    for li, name in enumerate(NAMES):
+        for c, b in enumerate(src):
+            assert torch.equal(out[c, li, 0], caches[name][b])
+
+    # Load the first 3 chunks into other blocks; each layer must be in place when its
+    # wait_for_layer_load returns, and the retrieval must not block start_load_kv.
+    conn._engine = SlowRetrieve(conn._engine, 0.3)
+    dst = [20, 21, 22]
+    seen = []
+
+    def attention(li):
+        seen.append(all(torch.equal(caches[NAMES[li]][d], caches[NAMES[li]][s]) for d, s in zip(dst, src)))
+
+    meta = KvTierConnectorMetadata(loads=[LoadSpec("l", TOKENS[: 3 * BS], None, dst, 0)])
+    conn.bind_connector_metadata(meta)
+    im = torch.inference_mode()
+    im.__enter__()
+    t0 = time.monotonic()
+    conn.start_load_kv(None)
+    assert time.monotonic() - t0 < 0.2, "start_load_kv waited for the retrieval"
+    for li, name in enumerate(NAMES):
+        conn.wait_for_layer_load(name)
+        attention(li)
+        conn.save_kv_layer(name, caches[name], None)
+    conn.wait_for_save()
+    im.__exit__(None, None, None)
+    assert conn.get_block_ids_with_load_errors() == set()
+    conn.clear_connector_metadata()
+    assert seen == [True] * L
+    assert conn.stats["layerwise_loads"] == 1 and conn.stats["sync_loads"] == 0
+    assert conn.stats["loaded_tokens"] == 3 * BS
+    assert conn.stats["layer_wait_ms"] >= 200  # the first layer waited for the retrieval
+
+
+def test_load_and_save_in_one_step(worker):
+    """A prompt whose prefix is loaded and whose new last chunk is computed and saved in
+    the same step (the 75%-shared prompt case): the save must see the loaded blocks."""
+    conn, caches = worker()
+    run_step(conn, caches, KvTierConnectorMetadata())
+    run_step(conn, caches, KvTierConnectorMetadata(saves=[SaveSpec("s", TOKENS[: 2 * BS], None, [1, 2])]))
+    new = TOKENS[: 2 * BS] + list(range(3000, 3000 + 2 * BS))
+    blocks = [30, 31, 32, 33]
+    fresh = {name: torch.randn(2, H, BS, 2 * D) for name in NAMES}
+
+    def attention(li):  # computes the two new blocks of layer li
+        caches[NAMES[li]][blocks[2:]] = fresh[NAMES[li]]
+
+    meta = KvTierConnectorMetadata(
+        loads=[LoadSpec("p2", new[: 2 * BS], None, blocks[:2], 0)],
+        saves=[SaveSpec("p2", new, None, blocks)],
+    )
+    assert run_step(conn, caches, meta, attention=attention) == set()
+    got, out = stored_blocks(conn, new)
+    assert got == len(new)
+    for li, name in enumerate(NAMES):
+        assert torch.equal(out[0, li, 0], caches[name][1]) and torch.equal(out[1, li, 0], caches[name][2])
+        assert torch.equal(out[2, li, 0], fresh[name][0]) and torch.equal(out[3, li, 0], fresh[name][1])
+
+
+def test_without_hooks_loads_and_saves_fall_back_to_whole_step_copies(worker):
+    conn, caches = worker()
+    src = [3, 5, 7, 9]
+    run_step(conn, caches, KvTierConnectorMetadata(saves=[SaveSpec("s", TOKENS, None, src)]), hooks=False)
+    assert conn.stats["layers_staged_late"] == L and conn.stats["layers_staged_early"] == 0
+    dst = [40, 41, 42]
+    seen = []
+
+    def attention(li):  # without hooks, the blocks must be in place before the forward
+        seen.append(all(torch.equal(caches[NAMES[li]][d], caches[NAMES[li]][s]) for d, s in zip(dst, src)))
+
+    meta = KvTierConnectorMetadata(loads=[LoadSpec("l", TOKENS[: 3 * BS], None, dst, 0)])
+    assert run_step(conn, caches, meta, hooks=False, attention=attention) == set()
+    assert seen == [True] * L
+    assert conn.stats["sync_loads"] == 1 and conn.stats["layerwise_loads"] == 0
+
+
+def test_layerwise_off_keeps_the_synchronous_path(worker):
+    conn, caches = worker(layerwise=False)
+    run_step(conn, caches, KvTierConnectorMetadata())
+    run_step(conn, caches, KvTierConnectorMetadata(saves=[SaveSpec("s", TOKENS, None, [3, 5, 7, 9])]))
+    meta = KvTierConnectorMetadata(loads=[LoadSpec("l", TOKENS[: 3 * BS], None, [40, 41, 42], 0)])
+    assert run_step(conn, caches, meta) == set()
+    assert conn.stats["sync_loads"] == 1 and conn.stats["layers_staged_late"] == L
+    assert torch.equal(caches[NAMES[2]][42], caches[NAMES[2]][7])
+
+
+def test_short_layerwise_load_reports_the_missing_blocks(worker):
+    conn, caches = worker()
+    run_step(conn, caches, KvTierConnectorMetadata())
+    run_step(conn, caches, KvTierConnectorMetadata(saves=[SaveSpec("s", TOKENS[: 2 * BS], None, [3, 5])]))
+    before = {name: caches[name][[52, 53]].clone() for name in NAMES}
+    # Four chunks asked for, two stored (e.g. evicted since the lookup): the last two
+    # blocks must be recomputed, and the forward pass must not hang on them.
+    meta = KvTierConnectorMetadata(loads=[LoadSpec("l", TOKENS, None, [50, 51, 52, 53], 0)])
+    done = threading.Event()
+    errs = {}
+
+    def step():
+        errs["v"] = run_step(conn, caches, meta)
+        done.set()
+
+    threading.Thread(target=step, daemon=True).start()
+    assert done.wait(10), "a short load hung the forward pass"
+    assert errs["v"] == {52, 53}
+    for name in NAMES:
+        assert torch.equal(caches[name][50], caches[name][3]) and torch.equal(caches[name][51], caches[name][5])
+        assert torch.equal(caches[name][[52, 53]], before[name])  # untouched, to be recomputed
+    assert conn.stats["load_failures"] == 1 and conn.stats["loaded_tokens"] == 2 * BS
