@@ -9,7 +9,7 @@
 //! ```
 //!
 //! `rediss://` (TLS) is recognised and rejected: this build has no TLS support. `kvtier://`
-//! (the kvtier server) is not available yet. Credentials not in the URL come from the
+//! URLs (another node's `kvtier serve`) are parsed by [`crate::tier::peer::PeerUrl`]. Credentials not in the URL come from the
 //! environment (`KVTIER_REDIS_USERNAME`, `KVTIER_REDIS_PASSWORD`); the URL wins field by
 //! field. Options (query parameters):
 //!
@@ -99,11 +99,11 @@ impl std::fmt::Display for RedisUrl {
     }
 }
 
-fn err(msg: impl Into<String>) -> Error {
+pub(crate) fn err(msg: impl Into<String>) -> Error {
     Error::config("remote_url", msg)
 }
 
-fn percent_decode(s: &str, what: &str) -> Result<String> {
+pub(crate) fn percent_decode(s: &str, what: &str) -> Result<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -130,7 +130,7 @@ fn percent_decode(s: &str, what: &str) -> Result<String> {
 /// Splits what follows `scheme://` into userinfo, host list and the rest (`/db?query`).
 /// The userinfo ends at the last `@` before any `?`, so an unescaped `/` in a password
 /// still counts as part of the password (and is never shown).
-fn split_authority(rest: &str) -> (Option<&str>, &str, &str) {
+pub(crate) fn split_authority(rest: &str) -> (Option<&str>, &str, &str) {
     let q = rest.find('?').unwrap_or(rest.len());
     let (userinfo, after) = match rest[..q].rfind('@') {
         Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
@@ -231,12 +231,12 @@ impl RedisUrl {
             }
             "kvtier" => {
                 return Err(err(format!(
-                    "`{shown}`: the kvtier:// server tier is not available yet"
+                    "`{shown}` names a kvtier server, not Redis (build it with PeerTier::from_url)"
                 )))
             }
             other => {
                 return Err(err(format!(
-                    "`{shown}`: unsupported scheme `{other}`; supported: redis://, valkey://, redis+cluster://"
+                    "`{shown}`: unsupported scheme `{other}`; supported: redis://, valkey://, redis+cluster://, kvtier://"
                 )))
             }
         };
@@ -437,7 +437,7 @@ mod tests {
     fn rejects_bad_urls_with_clear_messages() {
         let cases = [
             ("rediss://u:topsecret@h:1", "not supported in this build"),
-            ("kvtier://h:1", "not available yet"),
+            ("kvtier://h:1", "names a kvtier server"),
             ("http://u:topsecret@h", "unsupported scheme"),
             ("redis://u:topsecret@h:notaport", "bad port"),
             ("redis://u:topsecret@h:1/x", "not a number"),
