@@ -47,6 +47,8 @@ const FRAME_OVERHEAD: usize = 1024;
 /// Snapshot of a kvtier server tier's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PeerTierStats {
+    /// `ContainsChunks` round trips: one per prefix probe, whatever its length.
+    pub probes: u64,
     /// `get` calls that reached the server.
     pub gets: u64,
     /// Gets that returned a verified chunk.
@@ -79,6 +81,7 @@ pub struct PeerTierStats {
 
 #[derive(Debug, Default)]
 struct Counters {
+    probes: AtomicU64,
     gets: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -268,6 +271,7 @@ impl PeerTier {
         let c = &self.counters;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         PeerTierStats {
+            probes: g(&c.probes),
             gets: g(&c.gets),
             hits: g(&c.hits),
             misses: g(&c.misses),
@@ -469,6 +473,7 @@ impl PeerTier {
         for k in keys {
             blob.extend_from_slice(&k.0);
         }
+        bump(&self.counters.probes, 1);
         match self.exec(&Op::Contains(&blob)).await? {
             Out::Count(n) => Ok((n as usize).min(keys.len())),
             _ => Err(self.err("mismatched reply")),

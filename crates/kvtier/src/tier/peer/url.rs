@@ -82,9 +82,11 @@ impl PeerUrl {
                 let t = match ui.split_once(':') {
                     None => ui,
                     Some(("", t)) => t,
-                    Some(_) => return Err(err(format!(
+                    Some(_) => {
+                        return Err(err(format!(
                         "`{shown}`: a kvtier server takes a token only: kvtier://TOKEN@host:port"
-                    ))),
+                    )))
+                    }
                 };
                 Some(percent_decode(t, "token")?).filter(|t| !t.is_empty())
             }
