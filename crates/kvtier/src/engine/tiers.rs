@@ -21,3 +21,38 @@ pub(crate) fn lower_tiers_from_config(config: &EngineConfig, rank: u32) -> Resul
     }
     Ok(lower)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(urls: &[&str]) -> Result<Vec<String>> {
+        let cfg = EngineConfig {
+            remote_url: urls.iter().map(|u| u.to_string()).collect(),
+            ..EngineConfig::default()
+        };
+        Ok(lower_tiers_from_config(&cfg, 0)?
+            .iter()
+            .map(|s| s.tier.name().to_string())
+            .collect())
+    }
+
+    #[test]
+    fn each_scheme_builds_its_tier_in_order() {
+        // Nothing listens on port 1: tiers are built without waiting for their servers.
+        let n = names(&[
+            "redis://127.0.0.1:1?connect_timeout_ms=10",
+            "kvtier://127.0.0.1:1?connect_timeout_ms=10",
+            "kvtier://127.0.0.1:2?name=rack2",
+        ])
+        .unwrap();
+        assert_eq!(n, ["redis", "peer2", "rack2"]);
+        let e = names(&["kvtier://h"]).unwrap_err().to_string();
+        assert!(
+            e.contains("remote_url") && e.contains("missing port"),
+            "{e}"
+        );
+        let e = names(&["ftp://h:1"]).unwrap_err().to_string();
+        assert!(e.contains("kvtier://"), "{e}");
+    }
+}
