@@ -414,7 +414,8 @@ fn a_wrong_token_is_a_clear_error_logged_once_and_misses() {
     let url = format!("kvtier://{wrong}@{}?retry_max_ms=100", tcp_addr(&srv));
     let (out, err) = run_child("bad_token", &[("KVTIER_PEER_URL", url)]);
     let st: Value = serde_json::from_str(child_line(&out, "PEER_STATS ")).unwrap();
-    assert!(st["auth_failures"].as_u64().unwrap() >= 3, "{st}");
+    // Retried (with the manager's and the tier's backoff), yet logged once below.
+    assert!(st["auth_failures"].as_u64().unwrap() >= 2, "{st}");
     assert_eq!(st["connects"], 0, "{st}");
     assert_eq!(st["hits"], 0, "{st}");
     let warns: Vec<&str> = err
