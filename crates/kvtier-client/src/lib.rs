@@ -20,7 +20,9 @@
 //! ```
 #![warn(missing_docs)]
 
-pub mod proto;
+/// The wire protocol, defined in [`kvtier::transport::wire`] (the engine's `kvtier://` tier
+/// speaks it too); re-exported here so `kvtier_client::proto` keeps working.
+pub use kvtier::transport::wire as proto;
 pub mod shm;
 
 use std::io::{self, Read, Write};

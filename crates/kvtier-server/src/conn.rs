@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use kvtier::keys::{ChunkKey, ModelIdentity};
 use kvtier::manager::PrefetchHandle;
 use kvtier::tier::PinToken;
+use kvtier::transport::wire::{self as proto, ErrorCode, Request, Response, Slot};
 use kvtier::{Acquired, Engine, StoreSession};
-use kvtier_client::proto::{self, ErrorCode, Request, Response, Slot};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -41,7 +41,7 @@ enum Incoming {
     Fatal(String),
 }
 
-async fn read_frame<R: AsyncRead + Unpin>(
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> std::result::Result<Option<Vec<u8>>, String> {
@@ -59,7 +59,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
     Ok(Some(body))
 }
 
-async fn write_msg<W: AsyncWrite + Unpin>(
+pub(crate) async fn write_msg<W: AsyncWrite + Unpin>(
     w: &mut W,
     msg: &Response,
     blob: &[u8],
@@ -74,7 +74,7 @@ async fn write_msg<W: AsyncWrite + Unpin>(
     }
 }
 
-fn err(code: ErrorCode, message: impl Into<String>) -> Response {
+pub(crate) fn err(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error {
         code,
         message: message.into(),
@@ -92,12 +92,55 @@ struct Hello {
     client: String,
 }
 
-/// Reads and checks the Hello; replies HelloOk or an error.
+/// What the first frame opened.
+enum Greeting {
+    /// A model connection ([`Request::Hello`]).
+    Model(Hello),
+    /// A chunk-level connection of another engine using this server as a tier
+    /// ([`Request::HelloPeer`]).
+    Peer {
+        /// Client name for logs.
+        client: String,
+    },
+}
+
+fn check_version(version: u16, min: u16) -> std::result::Result<(), Response> {
+    if (min..=proto::PROTOCOL_VERSION).contains(&version) {
+        return Ok(());
+    }
+    Err(err(
+        ErrorCode::Protocol,
+        format!(
+            "protocol version {version} is not supported here (this server speaks {min} to {}); upgrade the older side",
+            proto::PROTOCOL_VERSION
+        ),
+    ))
+}
+
+fn check_token(
+    state: &ServerState,
+    transport: Transport,
+    token: Option<&str>,
+) -> std::result::Result<(), Response> {
+    if transport == Transport::Tcp {
+        if let Some(want) = &state.auth_token {
+            if !token.is_some_and(|t| tokens_eq_ct(t, want)) {
+                return Err(err(
+                    ErrorCode::Unauthorized,
+                    "missing or wrong auth token (set KVTIER_AUTH_TOKEN)",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads and checks the Hello (or HelloPeer); replies HelloOk or an error.
 async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     state: &ServerState,
     transport: Transport,
-) -> Option<Hello> {
+) -> Option<Greeting> {
     let body = match tokio::time::timeout(HELLO_TIMEOUT, read_frame(stream, 1 << 20)).await {
         Ok(Ok(Some(b))) => b,
         Ok(Ok(None)) => return None,
@@ -111,9 +154,25 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let reply_err = |code, m: String| err(code, m);
-    let result: std::result::Result<Hello, Response> = (|| {
+    let result: std::result::Result<Greeting, Response> = (|| {
         let (req, _) = proto::decode::<Request>(&body)
             .map_err(|e| reply_err(ErrorCode::Protocol, e.to_string()))?;
+        if let Request::HelloPeer {
+            magic,
+            version,
+            client_name,
+            auth_token,
+        } = req
+        {
+            if magic != proto::MAGIC {
+                return Err(reply_err(ErrorCode::Protocol, "bad magic".into()));
+            }
+            check_version(version, proto::PEER_PROTOCOL_VERSION)?;
+            check_token(state, transport, auth_token.as_deref())?;
+            return Ok(Greeting::Peer {
+                client: client_name.chars().take(128).collect(),
+            });
+        }
         let Request::Hello {
             magic,
             version,
@@ -132,26 +191,8 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         if magic != proto::MAGIC {
             return Err(reply_err(ErrorCode::Protocol, "bad magic".into()));
         }
-        if version != proto::PROTOCOL_VERSION {
-            return Err(reply_err(
-                ErrorCode::Protocol,
-                format!(
-                    "protocol version {version} is not supported (server speaks {})",
-                    proto::PROTOCOL_VERSION
-                ),
-            ));
-        }
-        if transport == Transport::Tcp {
-            if let Some(want) = &state.auth_token {
-                let ok = auth_token.as_deref().is_some_and(|t| tokens_eq_ct(t, want));
-                if !ok {
-                    return Err(reply_err(
-                        ErrorCode::Unauthorized,
-                        "missing or wrong auth token (set KVTIER_AUTH_TOKEN)".into(),
-                    ));
-                }
-            }
-        }
+        check_version(version, proto::MIN_PROTOCOL_VERSION)?;
+        check_token(state, transport, auth_token.as_deref())?;
         let identity: ModelIdentity = serde_json::from_str(&identity_json).map_err(|e| {
             reply_err(
                 ErrorCode::InvalidInput,
@@ -172,28 +213,30 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             .get_or_attach(identity)
             .map_err(|e| proto::error_reply(&e))?;
         let shm = want_shm && transport == Transport::Unix && state.pool_fd.is_some();
-        Ok(Hello {
+        Ok(Greeting::Model(Hello {
             engine,
             shm,
             client: client_name.chars().take(128).collect(),
-        })
+        }))
     })();
     match result {
-        Ok(h) => {
+        Ok(g) => {
             let cfg = state.models.core().config();
+            let (bytes_per_token, shm) = match &g {
+                Greeting::Model(h) => (h.engine.bytes_per_token() as u64, h.shm),
+                Greeting::Peer { .. } => (0, false),
+            };
             let ok = Response::HelloOk {
                 version: proto::PROTOCOL_VERSION,
                 server_name: state.name.clone(),
                 chunk_size: cfg.chunk_size as u32,
                 save_unfull_chunk: cfg.save_unfull_chunk,
-                bytes_per_token: h.engine.bytes_per_token() as u64,
-                shm_pool_bytes: h
-                    .shm
-                    .then(|| state.models.core().manager().l1().pool().capacity()),
+                bytes_per_token,
+                shm_pool_bytes: shm.then(|| state.models.core().manager().l1().pool().capacity()),
                 max_frame: state.max_frame as u64,
             };
             write_msg(stream, &ok, &[]).await.ok()?;
-            Some(h)
+            Some(g)
         }
         Err(reply) => {
             if let Response::Error { message, .. } = &reply {
@@ -208,8 +251,12 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 /// Serves one Unix-socket connection.
 pub async fn serve_unix(mut stream: tokio::net::UnixStream, state: Arc<ServerState>) {
     let _guard = state.track();
-    let Some(h) = handshake(&mut stream, &state, Transport::Unix).await else {
-        return;
+    let h = match handshake(&mut stream, &state, Transport::Unix).await {
+        Some(Greeting::Model(h)) => h,
+        Some(Greeting::Peer { client }) => {
+            return crate::peer::run(stream, state.clone(), client, Transport::Unix).await
+        }
+        None => return,
     };
     if h.shm {
         if let Some(fd) = state.pool_fd {
@@ -226,10 +273,13 @@ pub async fn serve_unix(mut stream: tokio::net::UnixStream, state: Arc<ServerSta
 pub async fn serve_tcp(mut stream: tokio::net::TcpStream, state: Arc<ServerState>) {
     let _guard = state.track();
     let _ = stream.set_nodelay(true);
-    let Some(h) = handshake(&mut stream, &state, Transport::Tcp).await else {
-        return;
-    };
-    run(stream, state.clone(), h, Transport::Tcp).await;
+    match handshake(&mut stream, &state, Transport::Tcp).await {
+        Some(Greeting::Model(h)) => run(stream, state.clone(), h, Transport::Tcp).await,
+        Some(Greeting::Peer { client }) => {
+            crate::peer::run(stream, state.clone(), client, Transport::Tcp).await
+        }
+        None => {}
+    }
 }
 
 enum LeaseKind {
@@ -449,7 +499,18 @@ impl Conn {
         let perr = |e: proto::ProtoError| err(ErrorCode::Protocol, e.to_string());
         let kerr = |e: kvtier::Error| proto::error_reply(&e);
         Ok(Some(match req {
-            Request::Hello { .. } => return Err(err(ErrorCode::Protocol, "already greeted")),
+            Request::Hello { .. } | Request::HelloPeer { .. } => {
+                return Err(err(ErrorCode::Protocol, "already greeted"))
+            }
+            Request::ContainsChunks
+            | Request::GetChunk { .. }
+            | Request::PutChunk
+            | Request::RemoveChunk { .. } => {
+                return Err(err(
+                    ErrorCode::Protocol,
+                    "chunk frames need a connection opened with HelloPeer (the kvtier:// tier does this)",
+                ))
+            }
             Request::Ping => Response::Pong,
             Request::Lookup { n_tokens } => {
                 let keys = proto::keys_from_bytes(blob).map_err(perr)?;
@@ -767,7 +828,7 @@ impl Conn {
 }
 
 /// Runs blocking engine work without stalling the runtime's other tasks.
-fn block<R>(f: impl FnOnce() -> R) -> R {
+pub(crate) fn block<R>(f: impl FnOnce() -> R) -> R {
     tokio::task::block_in_place(f)
 }
 

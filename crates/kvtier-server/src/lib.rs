@@ -2,7 +2,7 @@
 //!
 //! The server owns one [`EngineCore`] (L1 pool in shared memory, disk and remote tiers) and
 //! attaches one engine per model identity its clients announce. Clients speak the
-//! [`kvtier_client::proto`] protocol on a Unix socket (mapping the pool for zero-copy
+//! [`kvtier::transport::wire`] protocol on a Unix socket (mapping the pool for zero-copy
 //! transfers) or on TCP (payload in frames, shared token when `KVTIER_AUTH_TOKEN` is set).
 //! An admin HTTP listener ([`admin`]) serves health, Prometheus metrics, stats and cache
 //! operations.
@@ -13,6 +13,7 @@ pub mod cli;
 mod conn;
 mod fdpass;
 pub mod models;
+mod peer;
 
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -88,7 +89,7 @@ impl ServeConfig {
             admin: None,
             shm_dir: None,
             lease_timeout: Duration::from_secs(30),
-            max_frame: kvtier_client::proto::DEFAULT_MAX_FRAME,
+            max_frame: kvtier::transport::wire::DEFAULT_MAX_FRAME,
             auth_token: None,
             shutdown_grace: Duration::from_secs(10),
             flush_timeout: Duration::from_secs(60),

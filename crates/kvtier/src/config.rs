@@ -737,6 +737,14 @@ mod tests {
             c.remote_url[0], "redis://user:hunter2@h:6379/0",
             "the value itself is kept"
         );
+        let c = EngineConfig::from_yaml_str(
+            "remote_url: [\"redis://:pw1@h:1\", \"kvtier://tok-secret@n2:7070\"]",
+        )
+        .unwrap();
+        for s in [format!("{c:?}"), serde_json::to_string(&c).unwrap()] {
+            assert!(!s.contains("pw1") && !s.contains("tok-secret"), "{s}");
+            assert!(s.contains("kvtier://:***@n2:7070"), "{s}");
+        }
     }
 
     #[test]

@@ -161,7 +161,8 @@ pub struct BenchArgs {
     /// Write SVG plots (throughput against baselines, lookup latency, hit rate) here.
     #[arg(long)]
     pub plot: Option<PathBuf>,
-    /// Remote workload: the Redis/Valkey URL to measure [default: start a redis-server].
+    /// Remote workload: the Redis/Valkey or kvtier:// URL to measure [default: start a
+    /// redis-server].
     #[arg(long)]
     pub remote_url: Option<String>,
     /// Also run the store/retrieve/lookup phase through a `kvtier serve` server at this

@@ -3,7 +3,9 @@
 //!
 //! Local tiers are off (`local_cpu: false`: L1 only stages I/O), so every store goes to the
 //! remote tier and every retrieve comes from it. Without `--remote-url` the bench starts its
-//! own `redis-server` on a free loopback port and stops it afterwards.
+//! own `redis-server` on a free loopback port and stops it afterwards. With a
+//! `--remote-url kvtier://host:port` (another node's `kvtier serve --tcp`) it measures that
+//! tier instead; `redis-benchmark` speaks only RESP, so there is no baseline (0) then.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -180,12 +182,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         (None, None) => unreachable!("a server was spawned"),
     };
     let (host, port) = host_port(&url)?;
-    let (set_gbps, get_gbps) = redis_benchmark(&host, port, chunk_bytes, 16)?;
-    info!(
-        set = format!("{set_gbps:.2}"),
-        get = format!("{get_gbps:.2}"),
-        "redis-benchmark (GB/s)"
-    );
+    let peer = url.to_ascii_lowercase().starts_with("kvtier://");
+    let (set_gbps, get_gbps) = if peer {
+        (0.0, 0.0)
+    } else {
+        redis_benchmark(&host, port, chunk_bytes, 16)?
+    };
+    if !peer {
+        info!(
+            set = format!("{set_gbps:.2}"),
+            get = format!("{get_gbps:.2}"),
+            "redis-benchmark (GB/s)"
+        );
+    }
 
     let mut cfg =
         EngineConfig::load(args.config.as_deref()).context("loading the engine config")?;
@@ -264,13 +273,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         let r = &report;
-        println!(
-            "{:<34} SET {:.3} / GET {:.3} GB/s ({} B values)",
-            "redis-benchmark (c=1, P=1)",
-            r.baseline.redis_set_gbps,
-            r.baseline.redis_get_gbps,
-            chunk_bytes
-        );
+        if peer {
+            println!(
+                "{:<34} none (redis-benchmark speaks only RESP; {} B values)",
+                "baseline", chunk_bytes
+            );
+        } else {
+            println!(
+                "{:<34} SET {:.3} / GET {:.3} GB/s ({} B values)",
+                "redis-benchmark (c=1, P=1)",
+                r.baseline.redis_set_gbps,
+                r.baseline.redis_get_gbps,
+                chunk_bytes
+            );
+        }
         println!(
             "{:<34} {:.3} GB/s  ratio {:.2}",
             "remote tier store (acknowledged)", r.results.remote_store_gbps, r.ratios.remote_store
@@ -300,5 +316,9 @@ mod tests {
             ("a".into(), 1)
         );
         assert!(super::host_port("redis://nohost").is_err());
+        assert_eq!(
+            super::host_port("kvtier://tok@h:7070").unwrap(),
+            ("h".into(), 7070)
+        );
     }
 }

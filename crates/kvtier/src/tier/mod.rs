@@ -7,10 +7,12 @@
 mod cpu;
 mod disk;
 mod fault;
+pub mod peer;
 pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 pub use cpu::{CpuTier, CpuTierOptions, CpuTierStats, PinToken};
 pub use disk::{
@@ -18,6 +20,8 @@ pub use disk::{
     InspectReport,
 };
 pub use fault::{Fault, FaultOp, FaultRule, FaultTier};
+pub use peer::url::PeerUrl;
+pub use peer::{PeerTier, PeerTierStats};
 pub use redis::url::RedisUrl;
 pub use redis::{RedisTier, RedisTierStats};
 
@@ -25,6 +29,22 @@ use crate::chunk::Chunk;
 use crate::error::Result;
 use crate::keys::ChunkKey;
 use crate::memory::WritableBuf;
+
+/// Builds the remote tier a `remote_url` entry names, by scheme: `kvtier://` is another
+/// node's `kvtier serve` ([`PeerTier`]), anything else goes to the Redis parser (which
+/// accepts `redis://`, `valkey://`, `redis+cluster://` and explains the rest).
+/// `index` is the entry's position, for default tier names; `tls` applies to `rediss://`.
+pub fn remote_tier_from_url(
+    url: &str,
+    index: usize,
+    tls: &redis::tls::TlsSettings,
+) -> Result<Arc<dyn Tier>> {
+    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    if scheme.as_deref() == Some("kvtier") {
+        return Ok(PeerTier::from_url(url, index)?);
+    }
+    Ok(Arc::new(RedisTier::from_url_with_tls(url, index, tls)?))
+}
 
 /// Boxed future returned by tier methods.
 pub type TierFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;

@@ -14,7 +14,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -30,18 +30,7 @@ const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 /// The runtime that owns sockets' I/O registration and runs connects (and the cluster's
 /// background slot refresh).
 pub(crate) fn runtime() -> Result<&'static tokio::runtime::Runtime> {
-    static RT: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("kvtier-redis-io")
-            .enable_all()
-            .build()
-            .map_err(|e| tracing::error!(error = %e, "cannot start the Redis I/O runtime"))
-            .ok()
-    })
-    .as_ref()
-    .ok_or_else(|| Error::invalid("the Redis I/O runtime could not be started"))
+    crate::transport::io_runtime()
 }
 
 /// Counters shared by a tier's nodes.

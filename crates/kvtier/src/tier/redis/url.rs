@@ -10,7 +10,8 @@
 //! ```
 //!
 //! TLS settings (CA, client certificate) are engine config keys, see [`super::tls`].
-//! `kvtier://` (the kvtier server) is not available yet. Credentials not in the URL come from the
+//! `kvtier://` URLs (another node's `kvtier serve`) are parsed by
+//! [`crate::tier::peer::PeerUrl`]. Credentials not in the URL come from the
 //! environment (`KVTIER_REDIS_USERNAME`, `KVTIER_REDIS_PASSWORD`); the URL wins field by
 //! field. Options (query parameters):
 //!
@@ -105,11 +106,11 @@ impl std::fmt::Display for RedisUrl {
     }
 }
 
-fn err(msg: impl Into<String>) -> Error {
+pub(crate) fn err(msg: impl Into<String>) -> Error {
     Error::config("remote_url", msg)
 }
 
-fn percent_decode(s: &str, what: &str) -> Result<String> {
+pub(crate) fn percent_decode(s: &str, what: &str) -> Result<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -136,7 +137,7 @@ fn percent_decode(s: &str, what: &str) -> Result<String> {
 /// Splits what follows `scheme://` into userinfo, host list and the rest (`/db?query`).
 /// The userinfo ends at the last `@` before any `?`, so an unescaped `/` in a password
 /// still counts as part of the password (and is never shown).
-fn split_authority(rest: &str) -> (Option<&str>, &str, &str) {
+pub(crate) fn split_authority(rest: &str) -> (Option<&str>, &str, &str) {
     let q = rest.find('?').unwrap_or(rest.len());
     let (userinfo, after) = match rest[..q].rfind('@') {
         Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
@@ -234,12 +235,12 @@ impl RedisUrl {
             "rediss+cluster" | "valkeys+cluster" => (Mode::Cluster, true),
             "kvtier" => {
                 return Err(err(format!(
-                    "`{shown}`: the kvtier:// server tier is not available yet"
+                    "`{shown}` names a kvtier server, not Redis (build it with PeerTier::from_url)"
                 )))
             }
             other => {
                 return Err(err(format!(
-                    "`{shown}`: unsupported scheme `{other}`; supported: redis://, valkey://, redis+cluster://, and rediss:// etc. for TLS"
+                    "`{shown}`: unsupported scheme `{other}`; supported: redis://, valkey://, redis+cluster://, their TLS forms rediss:// etc., and kvtier://"
                 )))
             }
         };
@@ -476,7 +477,7 @@ mod tests {
     fn rejects_bad_urls_with_clear_messages() {
         let cases = [
             ("redisss://u:topsecret@h:1", "unsupported scheme"),
-            ("kvtier://h:1", "not available yet"),
+            ("kvtier://h:1", "names a kvtier server"),
             ("http://u:topsecret@h", "unsupported scheme"),
             ("redis://u:topsecret@h:notaport", "bad port"),
             ("redis://u:topsecret@h:1/x", "not a number"),

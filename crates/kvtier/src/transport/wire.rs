@@ -19,13 +19,26 @@
 //! name, model identity, chunk size check, optional auth token). On a Unix socket where the
 //! client asked for shared memory, the server follows its [`Response::HelloOk`] with one
 //! byte carrying the pool's file descriptor (SCM_RIGHTS).
+//!
+//! Version 2 adds chunk-level access for another engine using the server as a tier
+//! (`kvtier://host:port`): the connection opens with [`Request::HelloPeer`] (no model: chunk
+//! keys already name the model through their hash chain), then speaks
+//! [`Request::ContainsChunks`], [`Request::GetChunk`], [`Request::PutChunk`] and
+//! [`Request::RemoveChunk`]. Chunks travel as whole records (header + payload, see
+//! [`crate::chunk::record`]) so the reader verifies the checksum itself. New variants are
+//! only ever appended to [`Request`] and [`Response`], so the frames of version 1 keep
+//! their encoding and a version-2 server still serves version-1 clients.
 
 use serde::{Deserialize, Serialize};
 
 /// First field of every Hello.
 pub const MAGIC: u32 = 0x4b56_5431; // "KVT1"
 /// Protocol version spoken by this crate.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Oldest client version a server still accepts (version 1 lacks only the chunk frames).
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// First version with [`Request::HelloPeer`] and the chunk frames.
+pub const PEER_PROTOCOL_VERSION: u16 = 2;
 /// Frame kind of a message frame (the only kind so far; others are refused).
 pub const FRAME_MSG: u8 = 1;
 /// Bytes before the meta: body length, kind, meta length.
@@ -54,7 +67,7 @@ pub enum ProtoError {
     UnknownKind(u8),
 }
 
-/// Machine-readable class of an error reply; maps onto [`kvtier::Error`] on the client.
+/// Machine-readable class of an error reply; maps onto [`crate::Error`] on the client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorCode {
     /// Bad request contents.
@@ -208,6 +221,50 @@ pub enum Request {
         /// Tenant salt.
         salt: Option<String>,
     },
+    // ----- version 2: chunk-level access (the `kvtier://` tier); append only -----
+    /// Handshake of a chunk-level connection (instead of [`Request::Hello`]): no model
+    /// identity, only the chunk frames below (and Ping, Stats, Clear, RemoveSalt).
+    /// Replies [`Response::HelloOk`] with `bytes_per_token` 0.
+    HelloPeer {
+        /// [`MAGIC`].
+        magic: u32,
+        /// [`PROTOCOL_VERSION`] (at least [`PEER_PROTOCOL_VERSION`]).
+        version: u16,
+        /// Free-form client name for logs.
+        client_name: String,
+        /// Shared token (required on TCP when the server has one).
+        auth_token: Option<String>,
+    },
+    /// How many leading keys the server holds in any of its tiers; blob = chunk keys, 32
+    /// bytes each (a whole prefix in one round trip). Replies [`Response::ContainsChunks`].
+    ContainsChunks,
+    /// Reads one chunk from the server's tiers. Replies [`Response::Record`] (blob = record
+    /// header + payload) or [`Response::NotFound`].
+    GetChunk {
+        /// The chunk key.
+        key: [u8; 32],
+    },
+    /// Stores one chunk through the server's store path (its L1, then its lower tiers);
+    /// blob = record header + payload. The server verifies the checksum. Replies
+    /// [`Response::PutChunk`].
+    PutChunk,
+    /// Forgets one chunk in every tier of the server. Replies [`Response::Count`] (how many
+    /// tiers held it).
+    RemoveChunk {
+        /// The chunk key.
+        key: [u8; 32],
+    },
+}
+
+/// What a [`Request::PutChunk`] did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PutResult {
+    /// Stored in the server's L1 (and queued to its lower tiers).
+    Stored,
+    /// The key was already present or being stored.
+    AlreadyPresent,
+    /// Not stored, for the given reason (e.g. no memory); not an error.
+    Skipped(String),
 }
 
 /// Server → client messages.
@@ -260,11 +317,11 @@ pub enum Response {
         dropped_chunks: u32,
     },
     /// A store was committed.
-    Stored(kvtier::StoreSummary),
+    Stored(crate::StoreSummary),
     /// A durable store was committed and its lower-tier writes finished.
     StoredDurable {
         /// What the store did.
-        summary: kvtier::StoreSummary,
+        summary: crate::StoreSummary,
         /// Whether every new chunk reached every lower tier (false when a write failed or
         /// was skipped, e.g. a full write queue or a tier down).
         durable: bool,
@@ -309,6 +366,18 @@ pub enum Response {
     Stats(String),
     /// Reply to Ping.
     Pong,
+    // ----- version 2 (append only) -----
+    /// Reply to [`Request::ContainsChunks`].
+    ContainsChunks {
+        /// Leading keys held.
+        chunks: u32,
+    },
+    /// A chunk record (header + payload) in the blob.
+    Record,
+    /// The chunk is not stored.
+    NotFound,
+    /// Reply to [`Request::PutChunk`].
+    PutChunk(PutResult),
 }
 
 /// Encodes a frame: header, postcard meta, blob.
@@ -406,7 +475,7 @@ pub fn tokens_from_bytes(blob: &[u8]) -> Result<Vec<u32>, ProtoError> {
 }
 
 /// Parses a key blob.
-pub fn keys_from_bytes(blob: &[u8]) -> Result<Vec<kvtier::keys::ChunkKey>, ProtoError> {
+pub fn keys_from_bytes(blob: &[u8]) -> Result<Vec<crate::keys::ChunkKey>, ProtoError> {
     if blob.len() % 32 != 0 {
         return Err(ProtoError::Malformed(format!(
             "key blob of {} bytes is not a multiple of 32",
@@ -418,14 +487,14 @@ pub fn keys_from_bytes(blob: &[u8]) -> Result<Vec<kvtier::keys::ChunkKey>, Proto
         .map(|c| {
             let mut k = [0u8; 32];
             k.copy_from_slice(c);
-            kvtier::keys::ChunkKey(k)
+            crate::keys::ChunkKey(k)
         })
         .collect())
 }
 
 /// Maps a kvtier error to an error reply.
-pub fn error_reply(e: &kvtier::Error) -> Response {
-    use kvtier::Error as E;
+pub fn error_reply(e: &crate::Error) -> Response {
+    use crate::Error as E;
     let code = match e {
         E::InvalidInput(_) | E::Config { .. } => ErrorCode::InvalidInput,
         E::Corrupt(_) => ErrorCode::Corrupt,
@@ -440,12 +509,12 @@ pub fn error_reply(e: &kvtier::Error) -> Response {
 }
 
 /// Maps an error reply back to a kvtier error on the client.
-pub fn error_from_reply(code: ErrorCode, message: String) -> kvtier::Error {
+pub fn error_from_reply(code: ErrorCode, message: String) -> crate::Error {
     match code {
-        ErrorCode::InvalidInput => kvtier::Error::InvalidInput(message),
-        ErrorCode::Corrupt => kvtier::Error::Corrupt(message),
-        ErrorCode::Closed => kvtier::Error::Closed,
-        _ => kvtier::Error::tier("server", format!("{code:?}: {message}")),
+        ErrorCode::InvalidInput => crate::Error::InvalidInput(message),
+        ErrorCode::Corrupt => crate::Error::Corrupt(message),
+        ErrorCode::Closed => crate::Error::Closed,
+        _ => crate::Error::tier("server", format!("{code:?}: {message}")),
     }
 }
 
@@ -463,6 +532,26 @@ mod tests {
         assert_eq!(&f[4..][blob], b"abc");
         let h = encode_head(&Response::Data, 3).unwrap();
         assert_eq!(&h[..], &encode(&Response::Data, b"xyz").unwrap()[..h.len()]);
+    }
+
+    #[test]
+    fn version_1_frames_keep_their_numbers() {
+        // postcard encodes a variant as its index: appending variants must not move these.
+        let req = |r: &Request| postcard::to_stdvec(r).unwrap();
+        let resp = |r: &Response| postcard::to_stdvec(r).unwrap();
+        assert_eq!(req(&Request::Ping), [17]);
+        assert_eq!(req(&Request::Remove { salt: None }), [18, 0]);
+        assert_eq!(req(&Request::ContainsChunks), [20]);
+        assert_eq!(req(&Request::PutChunk), [22]);
+        assert_eq!(resp(&Response::Pong), [16]);
+        assert_eq!(resp(&Response::Record), [18]);
+        assert_eq!(resp(&Response::NotFound), [19]);
+        let k = Request::GetChunk { key: [7; 32] };
+        let (m, _): (Request, _) = decode(&encode(&k, &[]).unwrap()[4..]).unwrap();
+        assert_eq!(m, k);
+        let p = Response::PutChunk(PutResult::Skipped("no_memory".into()));
+        let (m, _): (Response, _) = decode(&encode(&p, &[]).unwrap()[4..]).unwrap();
+        assert_eq!(m, p);
     }
 
     #[test]
