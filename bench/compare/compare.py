@@ -70,14 +70,14 @@ class Runner:
             return None
         self.log.write(p.stdout[-20000:] + "\n--- stderr\n" + p.stderr[-20000:] + "\n")
         self.log.flush()
-        lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
-        if p.returncode != 0 or not lines:
+        parsed = parse_json(p.stdout)
+        if p.returncode != 0 or parsed is None:
             tail = (p.stderr.strip().splitlines() or ["(no stderr)"])[-1]
             print(f" FAILED (exit {p.returncode}): {tail}")
             self.failures.append(f"{label}: exit {p.returncode}: {tail}")
             return None
         print(f" {time.time() - t0:.0f} s")
-        return json.loads(lines[-1])
+        return parsed
 
     def worker(self, system, workload, shape, **kw):
         argv = [self.py, f"w_{system}.py", "--workload", workload, "--shape", shape,
@@ -85,6 +85,21 @@ class Runner:
         for k, v in kw.items():
             argv += [f"--{k.replace('_', '-')}", str(v)]
         return self.run(f"{system} {workload} {shape}", argv)
+
+
+def parse_json(text):
+    """A worker prints one JSON line last; the native CLI prints one pretty JSON document."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                return None
+    return None
 
 
 def load_avg():

@@ -146,7 +146,9 @@ def w_disk(a):
         ok = eng.flush(600.0)
         secs = now() - t0
         check(ok, "flush() timed out: disk writes still queued")
-        disk = [t for t in eng.stats()["tiers"] if t.get("name", "").startswith("disk") or "disk" in str(t.get("kind", ""))]
+        disk = [t for t in eng.stats()["tiers"] if t.get("name") == "disk"]
+        check(len(disk) == 1 and disk[0]["stored_chunks"] == n,
+              f"disk tier holds {disk and disk[0]['stored_chunks']} of {n} chunks after flush")
         del eng
         w.append(gbps(n * cb, secs))
         drop_file_cache(d_dir)
@@ -169,7 +171,7 @@ def w_disk(a):
         os.sync()
     return {"durable_write_gbps": stats(w), "cold_read_gbps": stats(rd), "chunks": n,
             "doc_chunks": dpc, "writer_l1_bytes": int(a.budget_gib * GIB),
-            "disk_tier_stats": disk}
+            "disk_tier_details": disk[0]["details"]}
 
 
 def w_prefetch(a):
