@@ -38,8 +38,11 @@ def plan(quick):
                  "32MiB": dict(doc_chunks=4 if q else 8, budget_gib=0.5 if q else 1.0)}
     for w in ("disk", "prefetch"):
         for s, c in p[w].items():
-            # CPU pool: the data plus slack (equal for both systems).
-            c["budget_gib"] = (c["chunks"] * SHAPES[s]["bytes"] + 256 * MIB) / GIB
+            # CPU pool, equal for both systems: twice the data plus slack. kvtier caps its
+            # disk write queue at half of L1 and skips (does not block) stores beyond it, so
+            # a smaller pool would drop writes of a store burst this size; the workers fail
+            # loudly if any chunk is missing on disk.
+            c["budget_gib"] = (2 * c["chunks"] * SHAPES[s]["bytes"] + 256 * MIB) / GIB
     for w in ("l1", "disk", "prefetch", "ldqa"):
         for c in p[w].values():
             assert c["budget_gib"] * GIB <= MAX_POOL_BYTES

@@ -148,7 +148,8 @@ def w_disk(a):
         check(ok, "flush() timed out: disk writes still queued")
         disk = [t for t in eng.stats()["tiers"] if t.get("name") == "disk"]
         check(len(disk) == 1 and disk[0]["stored_chunks"] == n,
-              f"disk tier holds {disk and disk[0]['stored_chunks']} of {n} chunks after flush")
+              f"disk tier holds {disk and disk[0]['stored_chunks']} of {n} chunks after flush "
+              f"(rep {rep}; disk tier stats: {disk and {k: v for k, v in disk[0].items() if k != 'usage'}})")
         del eng
         w.append(gbps(n * cb, secs))
         drop_file_cache(d_dir)
@@ -193,6 +194,9 @@ def w_prefetch(a):
         r = eng.store(toks, payload)
         check(r["new_chunks"] == n, f"store: {r}")
         check(eng.flush(600.0), "flush timed out")
+        disk = [t for t in eng.stats()["tiers"] if t.get("name") == "disk"]
+        check(len(disk) == 1 and disk[0]["stored_chunks"] == n,
+              f"disk tier holds {disk and disk[0]['stored_chunks']} of {n} chunks after flush")
         del eng
         # Restart over the same directory, then bring the first half into L1 by reading it
         # (reads from a lower tier are promoted to L1): first `half` chunks in L1, the rest
