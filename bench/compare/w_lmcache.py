@@ -348,14 +348,16 @@ def w_ldqa(a):
             h = cpu.batched_contains(keys)
             req += dpc * CHUNK_TOKENS
             hit += h * CHUNK_TOKENS
+            # LMCacheEngine.lookup, .retrieve and .store each run process_tokens on the
+            # prompt; kvtier's lookup, retrieve and store each hash it too. Same here.
             if h:
                 t = now()
-                for k in keys[:h]:
+                for k in keys_of(db, toks[d])[:h]:
                     get_chunk(cpu, k, out)
                 rsecs += now() - t
                 rbytes += h * cb
             if h < dpc:
-                store(keys, h)  # recomputed KV stored again
+                store(keys_of(db, toks[d]), h)  # recomputed KV stored again
         qsecs = now() - t0
         hit_rates.append(hit / req)
         q_gbps.append(gbps(len(order) * dpc * cb, qsecs))
