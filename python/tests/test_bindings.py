@@ -95,6 +95,33 @@ def test_any_dtype_and_numpy_tokens(small_cfg):
     assert bytes(out2) == raw.tobytes()
 
 
+def test_token_inputs_give_the_same_keys_and_bad_ids_are_value_errors(small_cfg):
+    # tokens_fast(): exact lists via the C API, int numpy arrays / CPU torch tensors read in
+    # place; everything else takes the generic path. All must agree.
+    eng = make(small_cfg)
+    toks = [7, 2**32 - 1, 0, 123456] * 64
+    want = eng.chunk_keys(toks)
+    same = [tuple(toks), np.asarray(toks, dtype=np.uint32), np.asarray(toks, dtype=np.int64),
+            np.asarray(toks, dtype=np.uint64), np.asarray(toks, dtype=np.int64)[::1]]
+    torch = None
+    try:
+        import torch
+    except ImportError:
+        pass
+    if torch is not None:
+        same += [torch.tensor(toks, dtype=torch.int64)]
+    for t in same:
+        assert eng.chunk_keys(t) == want, type(t)
+    bad = [[-1], [2**32], np.array([-1]), np.array([2**32], dtype=np.int64)]
+    if torch is not None:
+        bad.append(torch.tensor([-5]))
+    for t in bad:
+        with pytest.raises((ValueError, OverflowError)):
+            eng.lookup(t)
+    with pytest.raises(TypeError):
+        eng.lookup(["x"])
+
+
 def test_retrieve_writes_in_place_without_copy(small_cfg):
     eng = make(small_cfg)
     toks = list(range(64))

@@ -130,6 +130,9 @@ impl ByteView {
 
 /// Token ids from a list/tuple of ints, a numpy array or a torch tensor.
 fn tokens_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    if let Some(v) = tokens_fast(obj)? {
+        return Ok(v);
+    }
     if let Ok(v) = obj.extract::<Vec<u32>>() {
         return Ok(v);
     }
@@ -142,6 +145,94 @@ fn tokens_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
     Err(PyTypeError::new_err(
         "tokens must be a sequence of integers in 0..2**32 (list, numpy array, torch tensor)",
     ))
+}
+
+/// Fast paths of [`tokens_of`] for the shapes prompts usually come in. A 128K-token prompt
+/// is 131,072 Python objects: the generic `extract::<Vec<u32>>` goes through the iterator
+/// protocol per item (and, for numpy arrays and torch tensors, creates a scalar object per
+/// item), which costs more than hashing the prompt. Here an exact `list` is read through
+/// the C API item by item, and a 1-D C-contiguous int32/int64/uint32/uint64 numpy array
+/// or CPU torch int32/int64 tensor is read from its memory. `None`: not one of these shapes
+/// (the caller falls back to the generic path, which also produces the error messages).
+fn tokens_fast(obj: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u32>>> {
+    fn out_of_range() -> PyErr {
+        PyValueError::new_err("tokens must be integers in 0..2**32")
+    }
+    if let Ok(list) = obj.downcast_exact::<PyList>() {
+        let n = list.len();
+        let mut v = Vec::with_capacity(n);
+        for i in 0..n {
+            // SAFETY: i < len of a list we hold a reference to (and the GIL): a borrowed
+            // item pointer, valid while the list is not mutated (no Python code runs here).
+            let item = unsafe { pyo3::ffi::PyList_GET_ITEM(list.as_ptr(), i as isize) };
+            if unsafe { pyo3::ffi::PyLong_Check(item) } == 0 {
+                return Ok(None);
+            }
+            let x = unsafe { pyo3::ffi::PyLong_AsUnsignedLongLong(item) };
+            if x == u64::MAX && PyErr::take(obj.py()).is_some() || x > u32::MAX as u64 {
+                return Err(out_of_range());
+            }
+            v.push(x as u32);
+        }
+        return Ok(Some(v));
+    }
+    fn narrow<T: Copy + TryInto<u32>>(xs: &[T]) -> PyResult<Vec<u32>> {
+        xs.iter()
+            .map(|&x| x.try_into().map_err(|_| out_of_range()))
+            .collect()
+    }
+    if obj.hasattr("data_ptr")? && obj.hasattr("is_contiguous")? {
+        // A torch tensor: only CPU, 1-D, contiguous int32/int64 are read in place.
+        let dtype = obj.getattr("dtype")?.str()?.to_string();
+        let device: String = obj.getattr("device")?.getattr("type")?.extract()?;
+        let dim: usize = obj.call_method0("dim")?.extract()?;
+        let contiguous: bool = obj.call_method0("is_contiguous")?.extract()?;
+        if device != "cpu" || dim != 1 || !contiguous {
+            return Ok(None);
+        }
+        let ptr: usize = obj.call_method0("data_ptr")?.extract()?;
+        let n: usize = obj.call_method0("numel")?.extract()?;
+        if n == 0 {
+            return Ok(Some(Vec::new()));
+        }
+        // SAFETY: a contiguous CPU tensor of n elements of this dtype starts at data_ptr and
+        // stays alive (the caller holds it) while we copy out under the GIL.
+        return match dtype.as_str() {
+            "torch.int64" => {
+                narrow(unsafe { std::slice::from_raw_parts(ptr as *const i64, n) }).map(Some)
+            }
+            "torch.int32" => {
+                narrow(unsafe { std::slice::from_raw_parts(ptr as *const i32, n) }).map(Some)
+            }
+            _ => Ok(None),
+        };
+    }
+    fn from_buffer<T: pyo3::buffer::Element + Copy + TryInto<u32>>(
+        obj: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Vec<u32>>> {
+        let Ok(buf) = pyo3::buffer::PyBuffer::<T>::get(obj) else {
+            return Ok(None);
+        };
+        if buf.dimensions() != 1 || !buf.is_c_contiguous() {
+            return Ok(None);
+        }
+        let xs = buf.to_vec(obj.py())?;
+        narrow(&xs).map(Some)
+    }
+    if obj.hasattr("__array_interface__")? {
+        // At most one element type matches the buffer's format.
+        if let Some(v) = from_buffer::<i64>(obj)? {
+            return Ok(Some(v));
+        }
+        if let Some(v) = from_buffer::<i32>(obj)? {
+            return Ok(Some(v));
+        }
+        if let Some(v) = from_buffer::<u32>(obj)? {
+            return Ok(Some(v));
+        }
+        return from_buffer::<u64>(obj);
+    }
+    Ok(None)
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,0 +1,106 @@
+"""Helpers shared by the bench/compare workers (LMCache, kvtier, baselines).
+
+Every worker runs in its own process, prints exactly one JSON object on its last stdout
+line, and exits non-zero on any error, so the orchestrator (compare.py) fails loudly.
+"""
+import json
+import mmap
+import os
+import statistics
+import sys
+import time
+
+GB = 1e9  # GB/s means 10^9 bytes per second throughout (as in docs/benchmarks.md).
+MIB = 1 << 20
+GIB = 1 << 30
+CHUNK_TOKENS = 256
+
+# The two chunk shapes of issue #7, bf16, 256 tokens per chunk:
+#   4 MiB  = [2, 8 layers, 256 tokens, 512]   (512 = 4 KV heads x head dim 128)
+#   32 MiB = [2, 32 layers, 256 tokens, 1024] (Llama-3-8B: 8 KV heads x head dim 128)
+SHAPES = {
+    "4MiB": dict(layers=8, kv_heads=4, head_dim=128, bytes=4 * MIB),
+    "32MiB": dict(layers=32, kv_heads=8, head_dim=128, bytes=32 * MIB),
+}
+for _s in SHAPES.values():
+    assert 2 * _s["layers"] * CHUNK_TOKENS * _s["kv_heads"] * _s["head_dim"] * 2 == _s["bytes"]
+
+VOCAB = 128_256
+
+
+def now():
+    return time.perf_counter()
+
+
+def stats(xs):
+    """min / median / max of a list of numbers (what every table cell reports)."""
+    xs = [float(x) for x in xs]
+    if not xs:
+        return None
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs)}
+
+
+def gbps(nbytes, secs):
+    return nbytes / secs / GB if secs > 0 else float("nan")
+
+
+def tokens_for(doc, n_tokens, seed=1234):
+    """Deterministic token ids of document `doc` (a Python list of ints, what a serving
+    engine usually holds). Same function in every worker so both systems see equal input."""
+    import random
+
+    rng = random.Random(seed * 1_000_003 + doc)
+    return [rng.randrange(VOCAB) for _ in range(n_tokens)]
+
+
+def aligned_buffer(nbytes):
+    """A page-aligned anonymous mapping (O_DIRECT needs alignment; baselines.md 1b shows
+    malloc'd buffers 16 B past a page boundary make read() ~4.5x slower)."""
+    m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    # Touch every page so no page fault is timed.
+    m.write(b"\x01" * nbytes) if nbytes <= 64 * MIB else _touch(m, nbytes)
+    m.seek(0)
+    return m
+
+
+def _touch(m, nbytes):
+    block = b"\x01" * (4 * MIB)
+    for off in range(0, nbytes, len(block)):
+        m[off : off + min(len(block), nbytes - off)] = block[: min(len(block), nbytes - off)]
+
+
+def drop_file_cache(root):
+    """fsync + POSIX_FADV_DONTNEED every file under `root`: 'cold' reads for both systems.
+    (drop_caches needs root on the host and is not used; see baselines.md 1c.)"""
+    n = 0
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            try:
+                fd = os.open(p, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                n += 1
+            finally:
+                os.close(fd)
+    return n
+
+
+def emit(obj):
+    """The worker's result: one JSON line on stdout."""
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def threads_info():
+    info = {"cpu_count": os.cpu_count()}
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
