@@ -17,7 +17,7 @@ mod health;
 mod read;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,6 +109,9 @@ pub(crate) struct Slot {
     pub(crate) health: Health,
     queued_chunks: AtomicUsize,
     queued_bytes: AtomicU64,
+    /// Whether the write queue overflowed since the last write it accepted: stores skip
+    /// this tier rather than wait (C5), and the operator hears it once per episode.
+    saturated: AtomicBool,
     inflight: Mutex<KeyMap<()>>,
 }
 
@@ -212,6 +215,7 @@ impl StorageManager {
                     write_back: s.write_back,
                     queued_chunks: AtomicUsize::new(0),
                     queued_bytes: AtomicU64::new(0),
+                    saturated: AtomicBool::new(false),
                     inflight: Mutex::default(),
                 })
             })
@@ -642,8 +646,19 @@ impl Inner {
             let bytes = slot.queued_bytes.load(Ordering::Relaxed);
             if queued >= self.opts.write_queue_chunks || bytes + len > self.opts.write_queue_bytes {
                 drop(inflight);
+                if !slot.saturated.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        tier = %slot.name,
+                        queued_chunks = queued,
+                        queued_bytes = bytes,
+                        "write queue full: stores skip this tier until it drains (counted in kvtier_store_skipped_total, reason queue_full); raise write_queue_chunks or max_local_cpu_size, or use a faster device"
+                    );
+                }
                 self.skip_store(slot, "queue_full");
                 return None;
+            }
+            if slot.saturated.swap(false, Ordering::Relaxed) {
+                tracing::info!(tier = %slot.name, "write queue drained: stores reach this tier again");
             }
             inflight.insert(key, ());
             slot.queued_chunks.fetch_add(1, Ordering::Relaxed);

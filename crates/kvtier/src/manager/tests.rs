@@ -76,6 +76,20 @@ struct Rig {
 }
 
 fn rig_with(n_lower: usize, l1_enabled: bool, write_back: &[bool], read_deadline_ms: u64) -> Rig {
+    let opts = ManagerOptions {
+        read_deadline: Duration::from_millis(read_deadline_ms),
+        store_deadline: Duration::from_secs(5),
+        health: HealthPolicy {
+            failure_threshold: 1000,
+            backoff_initial: Duration::from_millis(50),
+            backoff_max: Duration::from_millis(100),
+        },
+        ..ManagerOptions::default()
+    };
+    rig_opts(n_lower, l1_enabled, write_back, opts)
+}
+
+fn rig_opts(n_lower: usize, l1_enabled: bool, write_back: &[bool], opts: ManagerOptions) -> Rig {
     let l1 = cpu("cpu", 256);
     let lower: Vec<(Arc<CpuTier>, Arc<FaultTier>)> = (0..n_lower)
         .map(|i| {
@@ -92,16 +106,6 @@ fn rig_with(n_lower: usize, l1_enabled: bool, write_back: &[bool], read_deadline
             write_back: write_back.get(i).copied().unwrap_or(true),
         })
         .collect();
-    let opts = ManagerOptions {
-        read_deadline: Duration::from_millis(read_deadline_ms),
-        store_deadline: Duration::from_secs(5),
-        health: HealthPolicy {
-            failure_threshold: 1000,
-            backoff_initial: Duration::from_millis(50),
-            backoff_max: Duration::from_millis(100),
-        },
-        ..ManagerOptions::default()
-    };
     let m = StorageManager::new(
         l1.clone(),
         l1_enabled,
@@ -391,6 +395,50 @@ fn commit_writes_through_and_dedupes_in_flight_keys() {
     let outcomes = r.m.commit(claim, chunk_in(&r.l1, 2)).wait();
     assert!(outcomes.iter().any(|o| o.tier == 2 && o.result.is_err()));
     assert!(r.m.flush(Duration::from_secs(2)));
+}
+
+#[test]
+fn a_full_write_queue_skips_the_tier_without_blocking_and_counts_it() {
+    let opts = ManagerOptions {
+        write_queue_chunks: 2,
+        store_deadline: Duration::from_secs(5),
+        ..ManagerOptions::default()
+    };
+    let r = rig_opts(1, true, &[], opts);
+    r.lower[0].1.add_rule(FaultRule::always(
+        FaultOp::Put,
+        Fault::Stall(Duration::from_millis(300)),
+    ));
+    let t0 = std::time::Instant::now();
+    let tickets: Vec<_> = (0..4)
+        .map(|i| {
+            let StoreClaim::New(claim) = r.m.claim(key(i)) else {
+                panic!("fresh key")
+            };
+            r.m.commit(claim, chunk_in(&r.l1, i))
+        })
+        .collect();
+    assert!(
+        t0.elapsed() < Duration::from_millis(250),
+        "stores must not wait for the queue"
+    );
+    let written: usize = tickets.into_iter().map(|t| t.wait().len()).sum();
+    assert_eq!(written, 2, "two writes fit the queue, two were skipped");
+    let text = r.m.metrics().render();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("kvtier_store_skipped_total")
+                && l.contains("queue_full")
+                && l.ends_with(" 2")),
+        "{text}"
+    );
+    // Once drained, the tier takes writes again.
+    r.lower[0].1.clear_rules();
+    let StoreClaim::New(claim) = r.m.claim(key(9)) else {
+        panic!("fresh key")
+    };
+    assert_eq!(r.m.commit(claim, chunk_in(&r.l1, 9)).wait().len(), 1);
+    assert!(r.lower[0].0.contains(&key(9)));
 }
 
 #[test]
