@@ -33,10 +33,11 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use self::url::PeerUrl;
 use super::{BufferSource, PutOutcome, Tier, TierCounters, TierFuture, TierUsage};
-use crate::chunk::record::{decode_header, encode_header, peek_header_len, MAX_HEADER_LEN};
+use crate::chunk::record::encode_header;
 use crate::chunk::Chunk;
 use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, KeyMap};
+use crate::transport::record::{read_record, RecordRead, Terminator};
 use crate::transport::resp::Conn;
 use crate::transport::stream::Stream;
 use crate::transport::wire::{self, ErrorCode, PutResult, Request, Response};
@@ -186,15 +187,6 @@ enum ConnectError {
     /// The server refused the token: retrying will not help until the config changes.
     Auth(String),
     Other(String),
-}
-
-/// What a request produced.
-enum GetOut {
-    Chunk(Chunk),
-    Miss,
-    /// The record is not valid for the key (reason).
-    Corrupt(String),
-    NoBuffer,
 }
 
 /// A tier backed by another node's `kvtier serve` (`kvtier://host:port`).
@@ -487,23 +479,23 @@ impl PeerTier {
             return Err(self.err("mismatched reply"));
         };
         match out {
-            GetOut::Chunk(c) => {
+            Some(RecordRead::Chunk(c)) => {
                 bump(&self.counters.hits, 1);
                 bump(&self.counters.get_bytes, c.buf.len() as u64);
                 Ok(Some(c))
             }
-            GetOut::Corrupt(why) => {
+            Some(RecordRead::Corrupt(why)) => {
                 // Not removed from the server: the server verifies what its own tiers hold,
                 // so the likeliest cause is the transfer, and its copy may well be good.
                 bump(&self.counters.checksum_failures, 1);
                 tracing::warn!(tier = %self.name, key = %key, reason = %why, "invalid chunk from the kvtier server: treated as a miss");
                 Ok(None)
             }
-            GetOut::NoBuffer => {
+            Some(RecordRead::NoBuffer) => {
                 bump(&self.counters.alloc_failures, 1);
                 Ok(None)
             }
-            GetOut::Miss => {
+            None => {
                 bump(&self.counters.misses, 1);
                 Ok(None)
             }
@@ -595,7 +587,8 @@ enum Op<'a> {
 /// What a request produced.
 enum Out {
     Count(u64),
-    Get(GetOut),
+    /// A record, or `None` for a key the server does not hold.
+    Get(Option<RecordRead>),
     Put(PutResult),
 }
 
@@ -716,51 +709,15 @@ async fn get_on(
     conn: &mut Conn,
     key: ChunkKey,
     bufs: &dyn BufferSource,
-) -> io::Result<Reply<GetOut>> {
+) -> io::Result<Reply<Option<RecordRead>>> {
     send(conn, &Request::GetChunk { key: key.0 }, &[]).await?;
     let n = match recv_head(conn).await? {
         (Response::Record, n) => n,
-        (Response::NotFound, 0) => return Ok(Reply::Done(GetOut::Miss)),
+        (Response::NotFound, 0) => return Ok(Reply::Done(None)),
         (other, blob) => return refused_or_unexpected(conn, other, blob).await,
     };
-    // Consumes the rest of the record so the connection stays usable, then reports `why`.
-    async fn corrupt(conn: &mut Conn, left: usize, why: String) -> io::Result<Reply<GetOut>> {
-        conn.skip(left).await?;
-        Ok(Reply::Done(GetOut::Corrupt(why)))
-    }
-    let mut head = vec![0u8; n.min(12)];
-    conn.read_exact_into(&mut head).await?;
-    let hlen = match peek_header_len(&head) {
-        Ok(h) if h <= n && h <= MAX_HEADER_LEN => h,
-        Ok(h) => return corrupt(conn, n - head.len(), format!("header of {h} bytes")).await,
-        Err(e) => return corrupt(conn, n - head.len(), e.to_string()).await,
-    };
-    head.resize(hlen, 0);
-    conn.read_exact_into(&mut head[12..]).await?;
-    let payload_len = n - hlen;
-    let info = match decode_header(&head) {
-        Ok((info, _)) => info,
-        Err(e) => return corrupt(conn, payload_len, e.to_string()).await,
-    };
-    if info.key != key || info.len != payload_len as u64 {
-        let why = format!(
-            "record for key {} of {} payload bytes sent for key {key} with {payload_len}",
-            info.key, info.len
-        );
-        return corrupt(conn, payload_len, why).await;
-    }
-    let Some(mut buf) = bufs.allocate(payload_len) else {
-        conn.skip(payload_len).await?;
-        return Ok(Reply::Done(GetOut::NoBuffer));
-    };
-    conn.read_exact_into(buf.as_mut_slice()).await?;
-    if let Err(e) = info.verify(buf.as_slice()) {
-        return Ok(Reply::Done(GetOut::Corrupt(e.to_string())));
-    }
-    Ok(Reply::Done(GetOut::Chunk(Chunk {
-        info,
-        buf: buf.seal(),
-    })))
+    let rec = read_record(conn, n, key, bufs, Terminator::None).await?;
+    Ok(Reply::Done(Some(rec)))
 }
 
 impl Tier for PeerTier {

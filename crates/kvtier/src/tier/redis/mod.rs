@@ -41,10 +41,11 @@ use self::pool::{LinkCounters, Node, Shared};
 use self::tls::TlsSettings;
 use self::url::{Mode, RedisUrl};
 use super::{BufferSource, PutOutcome, Tier, TierFuture, TierUsage};
-use crate::chunk::record::{decode_header, encode_header, peek_header_len, MAX_HEADER_LEN};
+use crate::chunk::record::{decode_header, encode_header, MAX_HEADER_LEN};
 use crate::chunk::Chunk;
 use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, KeyMap};
+use crate::transport::record::{read_record, RecordRead, Terminator};
 use crate::transport::resp::{encode_bulk_header, encode_command, Conn, Reply};
 
 /// Most redirects followed for one request.
@@ -124,11 +125,8 @@ enum Op<'a> {
 
 /// What a request produced.
 enum Out {
-    Chunk(Chunk),
+    Record(RecordRead),
     Miss,
-    /// The stored value is not a valid record for the key (reason).
-    Corrupt(String),
-    NoBuffer,
     Stored,
     Int(i64),
 }
@@ -696,48 +694,8 @@ impl RedisTier {
         if n < 0 {
             return Ok(Step::Done(Out::Miss));
         }
-        let n = n as usize;
-        // Consumes the rest of the value so the connection stays usable, then reports `why`.
-        async fn corrupt(conn: &mut Conn, left: usize, why: String) -> io::Result<Step<Out>> {
-            conn.skip(left).await?;
-            conn.read_crlf().await?;
-            Ok(Step::Done(Out::Corrupt(why)))
-        }
-        let mut head = vec![0u8; n.min(12)];
-        conn.read_exact_into(&mut head).await?;
-        let hlen = match peek_header_len(&head) {
-            Ok(h) if h <= n && h <= MAX_HEADER_LEN => h,
-            Ok(h) => return corrupt(conn, n - head.len(), format!("header of {h} bytes")).await,
-            Err(e) => return corrupt(conn, n - head.len(), e.to_string()).await,
-        };
-        head.resize(hlen, 0);
-        conn.read_exact_into(&mut head[12..]).await?;
-        let payload_len = n - hlen;
-        let info = match decode_header(&head) {
-            Ok((info, _)) => info,
-            Err(e) => return corrupt(conn, payload_len, e.to_string()).await,
-        };
-        if info.key != key || info.len != payload_len as u64 {
-            let why = format!(
-                "record for key {} of {} payload bytes stored under key {key} with {payload_len}",
-                info.key, info.len
-            );
-            return corrupt(conn, payload_len, why).await;
-        }
-        let Some(mut buf) = bufs.allocate(payload_len) else {
-            conn.skip(payload_len).await?;
-            conn.read_crlf().await?;
-            return Ok(Step::Done(Out::NoBuffer));
-        };
-        conn.read_exact_into(buf.as_mut_slice()).await?;
-        conn.read_crlf().await?;
-        if let Err(e) = info.verify(buf.as_slice()) {
-            return Ok(Step::Done(Out::Corrupt(e.to_string())));
-        }
-        Ok(Step::Done(Out::Chunk(Chunk {
-            info,
-            buf: buf.seal(),
-        })))
+        let rec = read_record(conn, n as usize, key, bufs, Terminator::Crlf).await?;
+        Ok(Step::Done(Out::Record(rec)))
     }
 
     /// Pipelined `EXISTS` of `keys` on one node (one round trip); `None` for keys that
@@ -819,12 +777,12 @@ impl RedisTier {
         let rkey = self.redis_key(&key);
         bump(&self.counters.gets, 1);
         match self.exec(&rkey, &Op::Get { key, bufs }).await? {
-            Out::Chunk(c) => {
+            Out::Record(RecordRead::Chunk(c)) => {
                 bump(&self.counters.hits, 1);
                 bump(&self.counters.get_bytes, c.buf.len() as u64);
                 Ok(Some(c))
             }
-            Out::Corrupt(why) => {
+            Out::Record(RecordRead::Corrupt(why)) => {
                 bump(&self.counters.checksum_failures, 1);
                 tracing::warn!(tier = %self.name, key = %key, reason = %why, "invalid value in redis: treated as a miss and deleted");
                 if let Err(e) = self.exec(&rkey, &Op::Del).await {
@@ -832,7 +790,7 @@ impl RedisTier {
                 }
                 Ok(None)
             }
-            Out::NoBuffer => {
+            Out::Record(RecordRead::NoBuffer) => {
                 bump(&self.counters.alloc_failures, 1);
                 Ok(None)
             }
