@@ -37,7 +37,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
 use self::cluster::{host_of, key_slot, parse_redirect, parse_slots, Redirect, SlotRange, SLOTS};
-use self::pool::{LinkCounters, Node, Shared};
+use self::pool::{Node, Shared};
 use self::tls::TlsSettings;
 use self::url::{Mode, RedisUrl};
 use super::{BufferSource, PutOutcome, Tier, TierFuture, TierUsage};
@@ -45,6 +45,7 @@ use crate::chunk::record::{decode_header, encode_header, MAX_HEADER_LEN};
 use crate::chunk::Chunk;
 use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, KeyMap};
+use crate::transport::link::{LinkCounters, LinkSettings};
 use crate::transport::record::{read_record, RecordRead, Terminator};
 use crate::transport::resp::{encode_bulk_header, encode_command, Conn, Reply};
 
@@ -314,7 +315,7 @@ fn spawn_refresher(
 ) -> Option<tokio::task::AbortHandle> {
     let weak: Weak<ClusterState> = Arc::downgrade(cs);
     let wake = cs.wake.clone();
-    let per_node = (cs.shared.connect_timeout * 2).max(Duration::from_secs(1));
+    let per_node = (cs.shared.link.connect_timeout * 2).max(Duration::from_secs(1));
     let rt = pool::runtime().ok()?;
     // Load the map at startup instead of on the first request.
     wake.notify_one();
@@ -404,18 +405,21 @@ impl RedisTier {
             i => format!("redis{}", i + 1),
         });
         let shared = Arc::new(Shared {
-            tier: name.clone(),
+            link: LinkSettings {
+                kind: "redis",
+                tier: name.clone(),
+                pool: url.pool,
+                connect_timeout: url.connect_timeout,
+                retry_max: url.retry_max,
+                counters: LinkCounters::default(),
+            },
             credentials: url.credentials.clone(),
             db: url.db,
-            pool: url.pool,
-            connect_timeout: url.connect_timeout,
-            retry_max: url.retry_max,
             tls: if url.tls {
                 Some(tls::client_config(tls)?)
             } else {
                 None
             },
-            counters: LinkCounters::default(),
         });
         let mut refresher = None;
         let topo = match url.mode {
@@ -467,7 +471,7 @@ impl RedisTier {
     /// Counter snapshot.
     pub fn stats(&self) -> RedisTierStats {
         let c = &self.counters;
-        let l = &self.shared.counters;
+        let l = &self.shared.link.counters;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let (refreshes, refresh_failures) = match &self.topo {
             Topology::Cluster(cs) => (g(&cs.refreshes), g(&cs.refresh_failures)),
