@@ -43,7 +43,9 @@ pub(crate) async fn read_record(
     conn.read_exact_into(&mut head).await?;
     let hlen = match peek_header_len(&head) {
         Ok(h) if h <= len && h <= MAX_HEADER_LEN => h,
-        Ok(h) => return skip_rest(conn, len - head.len(), end, format!("header of {h} bytes")).await,
+        Ok(h) => {
+            return skip_rest(conn, len - head.len(), end, format!("header of {h} bytes")).await
+        }
         Err(e) => return skip_rest(conn, len - head.len(), end, e.to_string()).await,
     };
     head.resize(hlen, 0);

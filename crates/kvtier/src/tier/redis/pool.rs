@@ -99,7 +99,9 @@ async fn open(addr: &str, shared: &Shared) -> std::result::Result<Conn, ConnectE
         match conn.command(&args).await {
             Ok(Reply::Status(_)) => {}
             // The server's text names no secret (e.g. "WRONGPASS invalid username-password pair").
-            Ok(Reply::Error(e)) => return Err(ConnectError::Auth(format!("authentication failed: {e}"))),
+            Ok(Reply::Error(e)) => {
+                return Err(ConnectError::Auth(format!("authentication failed: {e}")))
+            }
             Ok(reply) => return Err(other(format!("unexpected AUTH reply {reply:?}"))),
             Err(e) => return Err(other(io_err("AUTH", e))),
         }
