@@ -23,7 +23,6 @@
 
 pub mod url;
 
-use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -128,15 +127,10 @@ impl Connector for PeerConnector {
         &self.link
     }
 
-    fn open(
-        self: Arc<Self>,
-        addr: String,
-    ) -> impl Future<Output = std::result::Result<Conn, ConnectError>> + Send + 'static {
-        async move {
-            let (conn, max_frame) = open(&addr, self.token.clone()).await?;
-            self.max_frame.store(max_frame, Ordering::Relaxed);
-            Ok(conn)
-        }
+    async fn open(self: Arc<Self>, addr: String) -> std::result::Result<Conn, ConnectError> {
+        let (conn, max_frame) = open(&addr, self.token.clone()).await?;
+        self.max_frame.store(max_frame, Ordering::Relaxed);
+        Ok(conn)
     }
 }
 

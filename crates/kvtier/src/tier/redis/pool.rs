@@ -2,7 +2,6 @@
 //! its reconnect backoff and link-state logging) and how a connection is opened: TCP, TLS
 //! handshake for `rediss://`, then `AUTH` and `SELECT`.
 
-use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,11 +39,8 @@ impl Connector for Shared {
         &self.link
     }
 
-    fn open(
-        self: Arc<Self>,
-        addr: String,
-    ) -> impl Future<Output = std::result::Result<Conn, ConnectError>> + Send + 'static {
-        async move { open(&addr, &self).await }
+    async fn open(self: Arc<Self>, addr: String) -> std::result::Result<Conn, ConnectError> {
+        open(&addr, &self).await
     }
 
     fn timed_out(&self, timeout: Duration) -> String {
