@@ -17,8 +17,9 @@
 //!   known node in turn (seeds first) and keeps the old map when none answers.
 //! * TLS (`rediss://`): rustls, configured by the `remote_tls_*` keys ([`tls`]).
 //! * Faults: connects are bounded by a timeout and retried with backoff; every other wait is
-//!   bounded by the manager's deadlines; cancelled requests discard their connection. See
-//!   [`pool`] for the connection pool.
+//!   bounded by the manager's deadlines; cancelled requests discard their connection. The
+//!   per-node pool and its link handling are shared with the kvtier server tier
+//!   (`transport::link`); opening a Redis connection is in `pool`.
 //!
 //! URL syntax and options: [`url`].
 

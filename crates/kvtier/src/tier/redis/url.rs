@@ -11,7 +11,7 @@
 //!
 //! TLS settings (CA, client certificate) are engine config keys, see [`super::tls`].
 //! `kvtier://` URLs (another node's `kvtier serve`) are parsed by
-//! [`crate::tier::peer::PeerUrl`]. Credentials not in the URL come from the
+//! [`crate::tier::peer::url::PeerUrl`]. Credentials not in the URL come from the
 //! environment (`KVTIER_REDIS_USERNAME`, `KVTIER_REDIS_PASSWORD`); the URL wins field by
 //! field. Options (query parameters):
 //!
