@@ -74,6 +74,21 @@ pub(crate) async fn write_msg<W: AsyncWrite + Unpin>(
     }
 }
 
+/// Decodes a request frame and its blob; a malformed one is answered with a protocol error
+/// (the connection stays usable) and gives `None`.
+pub(crate) async fn decode_request<'a, W: AsyncWrite + Unpin>(
+    body: &'a [u8],
+    wr: &mut W,
+) -> std::io::Result<Option<(Request, &'a [u8])>> {
+    match proto::decode::<Request>(body) {
+        Ok((req, blob)) => Ok(Some((req, &body[blob]))),
+        Err(e) => {
+            write_msg(wr, &err(ErrorCode::Protocol, e.to_string()), &[]).await?;
+            Ok(None)
+        }
+    }
+}
+
 pub(crate) fn err(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error {
         code,
@@ -434,11 +449,9 @@ impl Conn {
         body: &[u8],
         wr: &mut W,
     ) -> std::io::Result<()> {
-        let (req, blob) = match proto::decode::<Request>(body) {
-            Ok(x) => x,
-            Err(e) => return write_msg(wr, &err(ErrorCode::Protocol, e.to_string()), &[]).await,
+        let Some((req, blob)) = decode_request(body, wr).await? else {
+            return Ok(());
         };
-        let blob = &body[blob];
         // ReadSlot answers with pool bytes written straight from the held chunk.
         if let Request::ReadSlot {
             lease,

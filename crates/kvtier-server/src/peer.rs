@@ -18,7 +18,7 @@ use kvtier::transport::wire::{self as proto, ErrorCode, PutResult, Request, Resp
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
 
-use crate::conn::{block, err, read_frame, write_msg, Transport};
+use crate::conn::{block, decode_request, err, read_frame, write_msg, Transport};
 use crate::ServerState;
 
 /// Serves one chunk-level connection until the peer closes it or the server shuts down.
@@ -57,11 +57,9 @@ async fn handle<W: AsyncWrite + Unpin>(
     body: &[u8],
     wr: &mut W,
 ) -> std::io::Result<()> {
-    let (req, blob) = match proto::decode::<Request>(body) {
-        Ok(x) => x,
-        Err(e) => return write_msg(wr, &err(ErrorCode::Protocol, e.to_string()), &[]).await,
+    let Some((req, blob)) = decode_request(body, wr).await? else {
+        return Ok(());
     };
-    let blob = &body[blob];
     let manager = state.models.core().manager();
     let reply = match req {
         Request::Ping => Response::Pong,

@@ -14,6 +14,16 @@ use kvtier::tier::{PutOutcome, RedisTier, Tier};
 use kvtier::{Engine, EngineConfig};
 use redis_server::{RedisCluster, RedisServer};
 
+/// An engine whose only lower tier is `tier` (no tier built from the config).
+fn engine_over(tier: &Arc<RedisTier>) -> Engine {
+    Engine::with_lower_tiers(
+        config(Vec::new()),
+        identity(),
+        vec![TierSpec::new(tier.clone())],
+    )
+    .unwrap()
+}
+
 fn config(urls: Vec<String>) -> EngineConfig {
     EngineConfig {
         chunk_size: 16,
@@ -42,12 +52,7 @@ fn two_engines_share_prefixes_through_a_cluster() {
     let url = cluster.url("?prefix=c:");
     let a = Engine::new(config(vec![url.clone()]), identity()).unwrap();
     let tier = Arc::new(RedisTier::from_url(&url, 0).unwrap());
-    let b = Engine::with_lower_tiers(
-        config(Vec::new()),
-        identity(),
-        vec![TierSpec::new(tier.clone())],
-    )
-    .unwrap();
+    let b = engine_over(&tier);
     let tokens: Vec<u32> = (0..320).collect(); // 20 chunks: spread over the 3 masters
     let payload = kv(&a, &tokens);
     let r = a.store(&tokens, None, &payload).unwrap();
@@ -99,12 +104,7 @@ fn moved_slots_are_followed() {
     };
     let url = cluster.url("?prefix=m:");
     let tier = Arc::new(RedisTier::from_url(&url, 0).unwrap());
-    let a = Engine::with_lower_tiers(
-        config(Vec::new()),
-        identity(),
-        vec![TierSpec::new(tier.clone())],
-    )
-    .unwrap();
+    let a = engine_over(&tier);
     let tokens: Vec<u32> = (1000..1160).collect(); // 10 chunks
     let payload = kv(&a, &tokens);
     assert!(a
@@ -158,12 +158,7 @@ fn moved_slots_are_followed() {
         n.cli(&["cluster", "setslot", &s, "node", &ids[dest]]);
     }
     // The tier still routes chunk 0 to the old owner: MOVED is followed and the map refreshed.
-    let b = Engine::with_lower_tiers(
-        config(Vec::new()),
-        identity(),
-        vec![TierSpec::new(tier.clone())],
-    )
-    .unwrap();
+    let b = engine_over(&tier);
     let mut out = vec![0u8; payload.len()];
     assert_eq!(b.retrieve(&tokens, None, &mut out).unwrap().hit_tokens, 160);
     assert_eq!(out, payload);
@@ -217,12 +212,7 @@ fn background_refresh_follows_resharding_and_node_failures() {
     wait_for(Duration::from_secs(5), "the startup slot map", || {
         tier.stats().slot_map_refreshes >= 1
     });
-    let a = Engine::with_lower_tiers(
-        config(Vec::new()),
-        identity(),
-        vec![TierSpec::new(tier.clone())],
-    )
-    .unwrap();
+    let a = engine_over(&tier);
     let tokens: Vec<u32> = (5000..5480).collect(); // 30 chunks over the 3 masters
     let payload = kv(&a, &tokens);
     let outs = a.store(&tokens, None, &payload).unwrap().ticket.wait();
@@ -264,12 +254,7 @@ fn background_refresh_follows_resharding_and_node_failures() {
     wait_for(Duration::from_secs(6), "periodic refreshes", || {
         tier.stats().slot_map_refreshes >= after_move + 2
     });
-    let b = Engine::with_lower_tiers(
-        config(Vec::new()),
-        identity(),
-        vec![TierSpec::new(tier.clone())],
-    )
-    .unwrap();
+    let b = engine_over(&tier);
     let mut out = vec![0u8; payload.len()];
     assert_eq!(b.retrieve(&tokens, None, &mut out).unwrap().hit_tokens, 480);
     assert_eq!(out, payload);

@@ -9,6 +9,7 @@ mod disk;
 mod fault;
 pub mod peer;
 pub mod redis;
+mod remote_url;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -1,6 +1,8 @@
 //! Network transports used by remote tiers: RESP for Redis/Valkey, and the framed protocol
 //! of `kvtier serve` ([`wire`]), shared by the server, its client and the `kvtier://` tier.
 
+pub(crate) mod link;
+pub(crate) mod record;
 pub mod resp;
 pub mod stream;
 pub mod wire;

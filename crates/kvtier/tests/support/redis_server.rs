@@ -103,15 +103,7 @@ impl RedisServer {
         if !available() {
             return None;
         }
-        let mut s = RedisServer {
-            child: None,
-            port: free_port(),
-            dir: tempfile::tempdir().expect("temp dir"),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            tls: false,
-        };
-        s.spawn();
-        Some(s)
+        Some(RedisServer::launch(extra, false))
     }
 
     /// Starts a TLS-only server (`--port 0 --tls-port <port>`); `extra` names the
@@ -120,15 +112,20 @@ impl RedisServer {
         if !available() || !tls_available() {
             return None;
         }
+        Some(RedisServer::launch(extra, true))
+    }
+
+    /// Starts a server on a free port (TLS-only when `tls`).
+    fn launch(extra: &[&str], tls: bool) -> RedisServer {
         let mut s = RedisServer {
             child: None,
             port: free_port(),
             dir: tempfile::tempdir().expect("temp dir"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            tls: true,
+            tls,
         };
         s.spawn();
-        Some(s)
+        s
     }
 
     /// Working directory of the server.

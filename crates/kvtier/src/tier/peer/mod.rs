@@ -24,24 +24,23 @@
 pub mod url;
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tokio::sync::{Semaphore, SemaphorePermit};
 
 use self::url::PeerUrl;
 use super::{BufferSource, PutOutcome, Tier, TierCounters, TierFuture, TierUsage};
-use crate::chunk::record::{decode_header, encode_header, peek_header_len, MAX_HEADER_LEN};
+use crate::chunk::record::encode_header;
 use crate::chunk::Chunk;
 use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, KeyMap};
+use crate::transport::link::{ConnectError, Connector, LinkCounters, LinkSettings, Pool};
+use crate::transport::record::{read_record, RecordRead, Terminator};
 use crate::transport::resp::Conn;
 use crate::transport::stream::Stream;
 use crate::transport::wire::{self, ErrorCode, PutResult, Request, Response};
 
-const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 /// Room for the frame header and meta of a put next to its record.
 const FRAME_OVERHEAD: usize = 1024;
 
@@ -93,10 +92,6 @@ struct Counters {
     get_bytes: AtomicU64,
     checksum_failures: AtomicU64,
     alloc_failures: AtomicU64,
-    connects: AtomicU64,
-    connect_failures: AtomicU64,
-    auth_failures: AtomicU64,
-    io_errors: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -105,71 +100,6 @@ fn bump(c: &AtomicU64, n: u64) {
 
 fn protocol(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Link {
-    Unknown,
-    Up,
-    Down,
-}
-
-#[derive(Debug)]
-struct LinkHealth {
-    link: Link,
-    next_attempt: Option<Instant>,
-    backoff: Duration,
-}
-
-/// A connection with what the server said in its handshake.
-struct PeerConn {
-    conn: Conn,
-}
-
-/// A leased connection, returned to the pool only after [`Lease::done`].
-struct Lease<'a> {
-    tier: &'a PeerTier,
-    conn: Option<PeerConn>,
-    reused: bool,
-    clean: bool,
-    _permit: SemaphorePermit<'a>,
-}
-
-impl Lease<'_> {
-    fn conn(&mut self) -> &mut Conn {
-        &mut self
-            .conn
-            .as_mut()
-            .expect("a lease holds its connection until dropped")
-            .conn
-    }
-
-    /// The request completed and the connection is at a frame boundary: keep it.
-    fn done(mut self) {
-        self.clean = true;
-    }
-}
-
-impl Drop for Lease<'_> {
-    fn drop(&mut self) {
-        if let Some(c) = self.conn.take() {
-            if self.clean {
-                let mut idle = self.tier.idle.lock();
-                if idle.len() < self.tier.url.pool {
-                    idle.push(c);
-                }
-            }
-        }
-    }
-}
-
-/// Clears a flag when dropped.
-struct FlagGuard<'a>(&'a AtomicBool);
-
-impl Drop for FlagGuard<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
 }
 
 /// Removes a key from the in-flight set when dropped (also when the put is cancelled).
@@ -181,32 +111,35 @@ impl Drop for Inflight<'_> {
     }
 }
 
-/// Why a connect failed.
-enum ConnectError {
-    /// The server refused the token: retrying will not help until the config changes.
-    Auth(String),
-    Other(String),
+/// Opens connections to the server (TCP, then `HelloPeer`).
+#[derive(Debug)]
+struct PeerConnector {
+    link: LinkSettings,
+    token: Option<String>,
+    /// Largest frame body the server accepts (from its last handshake; 0 until known).
+    max_frame: AtomicUsize,
 }
 
-/// What a request produced.
-enum GetOut {
-    Chunk(Chunk),
-    Miss,
-    /// The record is not valid for the key (reason).
-    Corrupt(String),
-    NoBuffer,
+impl Connector for PeerConnector {
+    type Conn = Conn;
+
+    fn settings(&self) -> &LinkSettings {
+        &self.link
+    }
+
+    async fn open(self: Arc<Self>, addr: String) -> std::result::Result<Conn, ConnectError> {
+        let (conn, max_frame) = open(&addr, self.token.clone()).await?;
+        self.max_frame.store(max_frame, Ordering::Relaxed);
+        Ok(conn)
+    }
 }
 
 /// A tier backed by another node's `kvtier serve` (`kvtier://host:port`).
 pub struct PeerTier {
     name: String,
     url: PeerUrl,
-    idle: Mutex<Vec<PeerConn>>,
-    permits: Semaphore,
-    health: Mutex<LinkHealth>,
-    probing: AtomicBool,
-    /// Largest frame body the server accepts (from its handshake; 0 until known).
-    max_frame: AtomicUsize,
+    connector: Arc<PeerConnector>,
+    pool: Arc<Pool<PeerConnector>>,
     inflight: Mutex<KeyMap<()>>,
     counters: Counters,
 }
@@ -236,30 +169,28 @@ impl PeerTier {
             i => format!("peer{}", i + 1),
         });
         tracing::info!(tier = %name, url = %url, "kvtier server tier configured");
-        let tier = Arc::new(PeerTier {
-            name,
-            permits: Semaphore::new(url.pool),
-            url,
-            idle: Mutex::new(Vec::new()),
-            health: Mutex::new(LinkHealth {
-                link: Link::Unknown,
-                next_attempt: None,
-                backoff: BACKOFF_INITIAL,
-            }),
-            probing: AtomicBool::new(false),
+        let connector = Arc::new(PeerConnector {
+            link: LinkSettings {
+                kind: "kvtier server",
+                tier: name.clone(),
+                pool: url.pool,
+                connect_timeout: url.connect_timeout,
+                retry_max: url.retry_max,
+                counters: LinkCounters::default(),
+            },
+            token: url.token.clone(),
             max_frame: AtomicUsize::new(0),
+        });
+        let pool = Arc::new(Pool::new(url.addr.clone(), connector.clone()));
+        pool.warm_up();
+        Ok(Arc::new(PeerTier {
+            name,
+            url,
+            connector,
+            pool,
             inflight: Mutex::default(),
             counters: Counters::default(),
-        });
-        if let Ok(rt) = crate::transport::io_runtime() {
-            let t = tier.clone();
-            rt.spawn(async move {
-                if let Ok(lease) = t.acquire().await {
-                    lease.done();
-                }
-            });
-        }
-        Ok(tier)
+        }))
     }
 
     /// The URL, token redacted.
@@ -270,6 +201,7 @@ impl PeerTier {
     /// Counter snapshot.
     pub fn stats(&self) -> PeerTierStats {
         let c = &self.counters;
+        let l = &self.connector.link.counters;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         PeerTierStats {
             probes: g(&c.probes),
@@ -283,152 +215,15 @@ impl PeerTier {
             get_bytes: g(&c.get_bytes),
             checksum_failures: g(&c.checksum_failures),
             alloc_failures: g(&c.alloc_failures),
-            connects: g(&c.connects),
-            connect_failures: g(&c.connect_failures),
-            auth_failures: g(&c.auth_failures),
-            io_errors: g(&c.io_errors),
+            connects: g(&l.connects),
+            connect_failures: g(&l.connect_failures),
+            auth_failures: g(&l.auth_failures),
+            io_errors: g(&l.io_errors),
         }
     }
 
     fn err(&self, msg: impl std::fmt::Display) -> Error {
-        Error::tier(
-            &self.name,
-            format!("kvtier server {}: {msg}", self.url.addr),
-        )
-    }
-
-    // ----- connections -----
-
-    async fn acquire(&self) -> Result<Lease<'_>> {
-        let permit = self.permits.acquire().await.map_err(|_| Error::Closed)?;
-        if let Some(c) = self.idle.lock().pop() {
-            return Ok(Lease {
-                tier: self,
-                conn: Some(c),
-                reused: true,
-                clean: false,
-                _permit: permit,
-            });
-        }
-        let conn = self.connect().await?;
-        Ok(Lease {
-            tier: self,
-            conn: Some(conn),
-            reused: false,
-            clean: false,
-            _permit: permit,
-        })
-    }
-
-    async fn connect(&self) -> Result<PeerConn> {
-        {
-            let h = self.health.lock();
-            if let Some(t) = h.next_attempt {
-                let now = Instant::now();
-                if now < t {
-                    return Err(self.err(format_args!(
-                        "unreachable; next reconnect attempt in {} ms",
-                        (t - now).as_millis()
-                    )));
-                }
-            }
-            // While down, one probe at a time; the others fail fast instead of piling up.
-            if h.link == Link::Down && self.probing.swap(true, Ordering::AcqRel) {
-                return Err(self.err("unreachable; reconnect in progress"));
-            }
-        }
-        let _probe = FlagGuard(&self.probing);
-        let addr = self.url.addr.clone();
-        let token = self.url.token.clone();
-        let timeout = self.url.connect_timeout;
-        // On the I/O runtime: the manager's runtime has no I/O driver to register with.
-        let task = crate::transport::io_runtime()?.spawn(async move {
-            match tokio::time::timeout(timeout, open(&addr, token)).await {
-                Ok(r) => r,
-                Err(_) => Err(ConnectError::Other(format!(
-                    "connect timed out after {} ms",
-                    timeout.as_millis()
-                ))),
-            }
-        });
-        let r = match task.await {
-            Ok(r) => r,
-            Err(e) => Err(ConnectError::Other(format!("connect task failed: {e}"))),
-        };
-        match r {
-            Ok((conn, max_frame)) => {
-                bump(&self.counters.connects, 1);
-                self.max_frame.store(max_frame, Ordering::Relaxed);
-                self.mark_up();
-                Ok(PeerConn { conn })
-            }
-            Err(e) => {
-                bump(&self.counters.connect_failures, 1);
-                let msg = match e {
-                    ConnectError::Auth(m) => {
-                        bump(&self.counters.auth_failures, 1);
-                        format!(
-                            "the server refused the auth token ({m}); put the server's KVTIER_AUTH_TOKEN in the URL (kvtier://TOKEN@host:port) or in KVTIER_AUTH_TOKEN"
-                        )
-                    }
-                    ConnectError::Other(m) => m,
-                };
-                self.mark_connect_failed(&msg);
-                Err(self.err(msg))
-            }
-        }
-    }
-
-    fn mark_up(&self) {
-        let mut h = self.health.lock();
-        match h.link {
-            Link::Unknown => {
-                tracing::info!(tier = %self.name, addr = %self.url.addr, "connected to kvtier server")
-            }
-            Link::Down => {
-                tracing::warn!(tier = %self.name, addr = %self.url.addr, "reconnected to kvtier server")
-            }
-            Link::Up => {}
-        }
-        h.link = Link::Up;
-        h.next_attempt = None;
-        h.backoff = BACKOFF_INITIAL;
-    }
-
-    fn mark_connect_failed(&self, msg: &str) {
-        let mut h = self.health.lock();
-        let retry_ms = h.backoff.as_millis();
-        match h.link {
-            Link::Unknown => tracing::warn!(
-                tier = %self.name, addr = %self.url.addr, error = %msg, retry_ms,
-                "kvtier server unreachable; will keep retrying with backoff"
-            ),
-            Link::Up => tracing::warn!(
-                tier = %self.name, addr = %self.url.addr, error = %msg, retry_ms,
-                "lost connection to kvtier server; reconnecting with backoff"
-            ),
-            Link::Down => {
-                tracing::debug!(tier = %self.name, addr = %self.url.addr, error = %msg, "reconnect failed")
-            }
-        }
-        h.link = Link::Down;
-        h.next_attempt = Some(Instant::now() + h.backoff);
-        h.backoff = (h.backoff * 2).min(self.url.retry_max);
-    }
-
-    /// An established connection failed: drop the idle ones too (they likely share its
-    /// fate: server restarted or gone), so the next request reconnects.
-    fn io_failed(&self, e: &io::Error) {
-        bump(&self.counters.io_errors, 1);
-        self.idle.lock().clear();
-        let mut h = self.health.lock();
-        if h.link == Link::Up {
-            tracing::warn!(
-                tier = %self.name, addr = %self.url.addr, error = %e,
-                "lost connection to kvtier server; reconnecting"
-            );
-            h.link = Link::Down;
-        }
+        self.pool.error(msg)
     }
 
     /// Runs one request on a pooled connection. A pooled connection that fails with an I/O
@@ -438,7 +233,7 @@ impl PeerTier {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut lease = self.acquire().await?;
+            let mut lease = self.pool.acquire().await?;
             let reused = lease.reused;
             match exec_conn(lease.conn(), op).await {
                 Ok(Reply::Done(v)) => {
@@ -451,7 +246,7 @@ impl PeerTier {
                 }
                 Err(e) => {
                     drop(lease);
-                    self.io_failed(&e);
+                    self.pool.io_failed(&e);
                     if !(reused && attempt == 1 && e.kind() != io::ErrorKind::InvalidData) {
                         return Err(self.err(e));
                     }
@@ -487,23 +282,23 @@ impl PeerTier {
             return Err(self.err("mismatched reply"));
         };
         match out {
-            GetOut::Chunk(c) => {
+            Some(RecordRead::Chunk(c)) => {
                 bump(&self.counters.hits, 1);
                 bump(&self.counters.get_bytes, c.buf.len() as u64);
                 Ok(Some(c))
             }
-            GetOut::Corrupt(why) => {
+            Some(RecordRead::Corrupt(why)) => {
                 // Not removed from the server: the server verifies what its own tiers hold,
                 // so the likeliest cause is the transfer, and its copy may well be good.
                 bump(&self.counters.checksum_failures, 1);
                 tracing::warn!(tier = %self.name, key = %key, reason = %why, "invalid chunk from the kvtier server: treated as a miss");
                 Ok(None)
             }
-            GetOut::NoBuffer => {
+            Some(RecordRead::NoBuffer) => {
                 bump(&self.counters.alloc_failures, 1);
                 Ok(None)
             }
-            GetOut::Miss => {
+            None => {
                 bump(&self.counters.misses, 1);
                 Ok(None)
             }
@@ -512,7 +307,7 @@ impl PeerTier {
 
     /// The server's frame limit, or the protocol default before the first handshake.
     fn frame_limit(&self) -> usize {
-        match self.max_frame.load(Ordering::Relaxed) {
+        match self.connector.max_frame.load(Ordering::Relaxed) {
             0 => wire::DEFAULT_MAX_FRAME,
             n => n,
         }
@@ -595,7 +390,8 @@ enum Op<'a> {
 /// What a request produced.
 enum Out {
     Count(u64),
-    Get(GetOut),
+    /// A record, or `None` for a key the server does not hold.
+    Get(Option<RecordRead>),
     Put(PutResult),
 }
 
@@ -701,7 +497,9 @@ async fn open(
         Response::Error {
             code: ErrorCode::Unauthorized,
             message,
-        } => Err(ConnectError::Auth(message)),
+        } => Err(ConnectError::Auth(format!(
+            "the server refused the auth token ({message}); put the server's KVTIER_AUTH_TOKEN in the URL (kvtier://TOKEN@host:port) or in KVTIER_AUTH_TOKEN"
+        ))),
         Response::Error { code, message } => Err(ConnectError::Other(format!(
             "handshake refused ({code:?}: {message}); is the server a kvtier serve of protocol version {} or later?",
             wire::PEER_PROTOCOL_VERSION
@@ -716,51 +514,15 @@ async fn get_on(
     conn: &mut Conn,
     key: ChunkKey,
     bufs: &dyn BufferSource,
-) -> io::Result<Reply<GetOut>> {
+) -> io::Result<Reply<Option<RecordRead>>> {
     send(conn, &Request::GetChunk { key: key.0 }, &[]).await?;
     let n = match recv_head(conn).await? {
         (Response::Record, n) => n,
-        (Response::NotFound, 0) => return Ok(Reply::Done(GetOut::Miss)),
+        (Response::NotFound, 0) => return Ok(Reply::Done(None)),
         (other, blob) => return refused_or_unexpected(conn, other, blob).await,
     };
-    // Consumes the rest of the record so the connection stays usable, then reports `why`.
-    async fn corrupt(conn: &mut Conn, left: usize, why: String) -> io::Result<Reply<GetOut>> {
-        conn.skip(left).await?;
-        Ok(Reply::Done(GetOut::Corrupt(why)))
-    }
-    let mut head = vec![0u8; n.min(12)];
-    conn.read_exact_into(&mut head).await?;
-    let hlen = match peek_header_len(&head) {
-        Ok(h) if h <= n && h <= MAX_HEADER_LEN => h,
-        Ok(h) => return corrupt(conn, n - head.len(), format!("header of {h} bytes")).await,
-        Err(e) => return corrupt(conn, n - head.len(), e.to_string()).await,
-    };
-    head.resize(hlen, 0);
-    conn.read_exact_into(&mut head[12..]).await?;
-    let payload_len = n - hlen;
-    let info = match decode_header(&head) {
-        Ok((info, _)) => info,
-        Err(e) => return corrupt(conn, payload_len, e.to_string()).await,
-    };
-    if info.key != key || info.len != payload_len as u64 {
-        let why = format!(
-            "record for key {} of {} payload bytes sent for key {key} with {payload_len}",
-            info.key, info.len
-        );
-        return corrupt(conn, payload_len, why).await;
-    }
-    let Some(mut buf) = bufs.allocate(payload_len) else {
-        conn.skip(payload_len).await?;
-        return Ok(Reply::Done(GetOut::NoBuffer));
-    };
-    conn.read_exact_into(buf.as_mut_slice()).await?;
-    if let Err(e) = info.verify(buf.as_slice()) {
-        return Ok(Reply::Done(GetOut::Corrupt(e.to_string())));
-    }
-    Ok(Reply::Done(GetOut::Chunk(Chunk {
-        info,
-        buf: buf.seal(),
-    })))
+    let rec = read_record(conn, n, key, bufs, Terminator::None).await?;
+    Ok(Reply::Done(Some(rec)))
 }
 
 impl Tier for PeerTier {

@@ -22,7 +22,9 @@
 use std::time::Duration;
 
 use crate::error::Result;
-use crate::tier::redis::url::{err, percent_decode, redact, split_authority};
+use crate::tier::remote_url::{
+    err, parse_host_port, parse_options, percent_decode, redact, split_authority, split_query,
+};
 
 /// Environment variable holding the server's shared token when the URL has none.
 pub const ENV_TOKEN: &str = "KVTIER_AUTH_TOKEN";
@@ -93,59 +95,27 @@ impl PeerUrl {
         };
         let token = token.or_else(|| env(ENV_TOKEN).filter(|t| !t.is_empty()));
         let addr = parse_addr(host, &shown)?;
-        let (path, query) = match tail.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (tail, None),
-        };
+        let (path, query) = split_query(tail);
         if !path.trim_start_matches('/').is_empty() {
             return Err(err(format!(
                 "`{shown}`: a kvtier:// URL has no path; use kvtier://[token@]host:port[?options]"
             )));
         }
+        let link = parse_options(
+            query,
+            &shown,
+            "pool, connect_timeout_ms, retry_max_ms, name",
+            |_| Ok(false),
+        )?;
         let mut out = PeerUrl {
             addr,
             token,
-            pool: 4,
-            connect_timeout: Duration::from_millis(1000),
-            retry_max: Duration::from_millis(5000),
-            name: None,
+            pool: link.pool,
+            connect_timeout: link.connect_timeout,
+            retry_max: link.retry_max,
+            name: link.name,
             redacted: String::new(),
         };
-        for kv in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            let v = percent_decode(v, "options")?;
-            let num = |max: u64| -> Result<u64> {
-                v.parse::<u64>().ok().filter(|&n| n <= max).ok_or_else(|| {
-                    err(format!(
-                        "`{shown}`: option `{k}={v}` needs a number up to {max}"
-                    ))
-                })
-            };
-            match k {
-                "pool" => {
-                    let n = num(256)?;
-                    if n == 0 {
-                        return Err(err(format!("`{shown}`: pool must be at least 1")));
-                    }
-                    out.pool = n as usize;
-                }
-                "connect_timeout_ms" => {
-                    out.connect_timeout = Duration::from_millis(num(600_000)?.max(1))
-                }
-                "retry_max_ms" => out.retry_max = Duration::from_millis(num(3_600_000)?.max(1)),
-                "name" => {
-                    if v.is_empty() {
-                        return Err(err(format!("`{shown}`: name must not be empty")));
-                    }
-                    out.name = Some(v.clone());
-                }
-                _ => {
-                    return Err(err(format!(
-                        "`{shown}`: unknown option `{k}`; known: pool, connect_timeout_ms, retry_max_ms, name"
-                    )))
-                }
-            }
-        }
         out.redacted = format!(
             "kvtier://{}{}{}",
             if out.token.is_some() { ":***@" } else { "" },
@@ -165,42 +135,18 @@ impl PeerUrl {
 }
 
 fn parse_addr(h: &str, shown: &str) -> Result<String> {
-    if h.is_empty() {
-        return Err(err(format!(
-            "`{shown}`: the URL has no host; use kvtier://host:port"
-        )));
-    }
     if h.contains(',') {
         return Err(err(format!(
             "`{shown}`: one kvtier server per URL; list several URLs in remote_url instead"
         )));
     }
-    let (host, port) = if let Some(rest) = h.strip_prefix('[') {
-        match rest.split_once(']') {
-            Some((host, after)) => (format!("[{host}]"), after.strip_prefix(':')),
-            None => return Err(err(format!("`{shown}`: bad IPv6 host"))),
-        }
-    } else {
-        match h.rsplit_once(':') {
-            Some((host, port)) => (host.to_string(), Some(port)),
-            None => (h.to_string(), None),
-        }
-    };
-    if host.is_empty() || host == "[]" {
-        return Err(err(format!(
-            "`{shown}`: the URL has no host; use kvtier://host:port"
-        )));
-    }
+    let (host, port) =
+        parse_host_port(h).map_err(|e| err(format!("`{shown}`: {e}; use kvtier://host:port")))?;
     let Some(port) = port else {
         return Err(err(format!(
             "`{shown}`: missing port; use kvtier://host:port with the port of the server's `kvtier serve --tcp`"
         )));
     };
-    let port = port
-        .parse::<u16>()
-        .ok()
-        .filter(|&p| p != 0)
-        .ok_or_else(|| err(format!("`{shown}`: bad port `{port}`")))?;
     Ok(format!("{host}:{port}"))
 }
 

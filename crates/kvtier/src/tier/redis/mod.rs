@@ -17,8 +17,9 @@
 //!   known node in turn (seeds first) and keeps the old map when none answers.
 //! * TLS (`rediss://`): rustls, configured by the `remote_tls_*` keys ([`tls`]).
 //! * Faults: connects are bounded by a timeout and retried with backoff; every other wait is
-//!   bounded by the manager's deadlines; cancelled requests discard their connection. See
-//!   [`pool`] for the connection pool.
+//!   bounded by the manager's deadlines; cancelled requests discard their connection. The
+//!   per-node pool and its link handling are shared with the kvtier server tier
+//!   (`transport::link`); opening a Redis connection is in `pool`.
 //!
 //! URL syntax and options: [`url`].
 
@@ -37,14 +38,16 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
 use self::cluster::{host_of, key_slot, parse_redirect, parse_slots, Redirect, SlotRange, SLOTS};
-use self::pool::{LinkCounters, Node, Shared};
+use self::pool::{Node, Shared};
 use self::tls::TlsSettings;
 use self::url::{Mode, RedisUrl};
 use super::{BufferSource, PutOutcome, Tier, TierFuture, TierUsage};
-use crate::chunk::record::{decode_header, encode_header, peek_header_len, MAX_HEADER_LEN};
+use crate::chunk::record::{decode_header, encode_header, MAX_HEADER_LEN};
 use crate::chunk::Chunk;
 use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, KeyMap};
+use crate::transport::link::{LinkCounters, LinkSettings};
+use crate::transport::record::{read_record, RecordRead, Terminator};
 use crate::transport::resp::{encode_bulk_header, encode_command, Conn, Reply};
 
 /// Most redirects followed for one request.
@@ -124,11 +127,8 @@ enum Op<'a> {
 
 /// What a request produced.
 enum Out {
-    Chunk(Chunk),
+    Record(RecordRead),
     Miss,
-    /// The stored value is not a valid record for the key (reason).
-    Corrupt(String),
-    NoBuffer,
     Stored,
     Int(i64),
 }
@@ -316,7 +316,7 @@ fn spawn_refresher(
 ) -> Option<tokio::task::AbortHandle> {
     let weak: Weak<ClusterState> = Arc::downgrade(cs);
     let wake = cs.wake.clone();
-    let per_node = (cs.shared.connect_timeout * 2).max(Duration::from_secs(1));
+    let per_node = (cs.shared.link.connect_timeout * 2).max(Duration::from_secs(1));
     let rt = pool::runtime().ok()?;
     // Load the map at startup instead of on the first request.
     wake.notify_one();
@@ -406,18 +406,21 @@ impl RedisTier {
             i => format!("redis{}", i + 1),
         });
         let shared = Arc::new(Shared {
-            tier: name.clone(),
+            link: LinkSettings {
+                kind: "redis",
+                tier: name.clone(),
+                pool: url.pool,
+                connect_timeout: url.connect_timeout,
+                retry_max: url.retry_max,
+                counters: LinkCounters::default(),
+            },
             credentials: url.credentials.clone(),
             db: url.db,
-            pool: url.pool,
-            connect_timeout: url.connect_timeout,
-            retry_max: url.retry_max,
             tls: if url.tls {
                 Some(tls::client_config(tls)?)
             } else {
                 None
             },
-            counters: LinkCounters::default(),
         });
         let mut refresher = None;
         let topo = match url.mode {
@@ -469,7 +472,7 @@ impl RedisTier {
     /// Counter snapshot.
     pub fn stats(&self) -> RedisTierStats {
         let c = &self.counters;
-        let l = &self.shared.counters;
+        let l = &self.shared.link.counters;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let (refreshes, refresh_failures) = match &self.topo {
             Topology::Cluster(cs) => (g(&cs.refreshes), g(&cs.refresh_failures)),
@@ -696,48 +699,8 @@ impl RedisTier {
         if n < 0 {
             return Ok(Step::Done(Out::Miss));
         }
-        let n = n as usize;
-        // Consumes the rest of the value so the connection stays usable, then reports `why`.
-        async fn corrupt(conn: &mut Conn, left: usize, why: String) -> io::Result<Step<Out>> {
-            conn.skip(left).await?;
-            conn.read_crlf().await?;
-            Ok(Step::Done(Out::Corrupt(why)))
-        }
-        let mut head = vec![0u8; n.min(12)];
-        conn.read_exact_into(&mut head).await?;
-        let hlen = match peek_header_len(&head) {
-            Ok(h) if h <= n && h <= MAX_HEADER_LEN => h,
-            Ok(h) => return corrupt(conn, n - head.len(), format!("header of {h} bytes")).await,
-            Err(e) => return corrupt(conn, n - head.len(), e.to_string()).await,
-        };
-        head.resize(hlen, 0);
-        conn.read_exact_into(&mut head[12..]).await?;
-        let payload_len = n - hlen;
-        let info = match decode_header(&head) {
-            Ok((info, _)) => info,
-            Err(e) => return corrupt(conn, payload_len, e.to_string()).await,
-        };
-        if info.key != key || info.len != payload_len as u64 {
-            let why = format!(
-                "record for key {} of {} payload bytes stored under key {key} with {payload_len}",
-                info.key, info.len
-            );
-            return corrupt(conn, payload_len, why).await;
-        }
-        let Some(mut buf) = bufs.allocate(payload_len) else {
-            conn.skip(payload_len).await?;
-            conn.read_crlf().await?;
-            return Ok(Step::Done(Out::NoBuffer));
-        };
-        conn.read_exact_into(buf.as_mut_slice()).await?;
-        conn.read_crlf().await?;
-        if let Err(e) = info.verify(buf.as_slice()) {
-            return Ok(Step::Done(Out::Corrupt(e.to_string())));
-        }
-        Ok(Step::Done(Out::Chunk(Chunk {
-            info,
-            buf: buf.seal(),
-        })))
+        let rec = read_record(conn, n as usize, key, bufs, Terminator::Crlf).await?;
+        Ok(Step::Done(Out::Record(rec)))
     }
 
     /// Pipelined `EXISTS` of `keys` on one node (one round trip); `None` for keys that
@@ -819,12 +782,12 @@ impl RedisTier {
         let rkey = self.redis_key(&key);
         bump(&self.counters.gets, 1);
         match self.exec(&rkey, &Op::Get { key, bufs }).await? {
-            Out::Chunk(c) => {
+            Out::Record(RecordRead::Chunk(c)) => {
                 bump(&self.counters.hits, 1);
                 bump(&self.counters.get_bytes, c.buf.len() as u64);
                 Ok(Some(c))
             }
-            Out::Corrupt(why) => {
+            Out::Record(RecordRead::Corrupt(why)) => {
                 bump(&self.counters.checksum_failures, 1);
                 tracing::warn!(tier = %self.name, key = %key, reason = %why, "invalid value in redis: treated as a miss and deleted");
                 if let Err(e) = self.exec(&rkey, &Op::Del).await {
@@ -832,7 +795,7 @@ impl RedisTier {
                 }
                 Ok(None)
             }
-            Out::NoBuffer => {
+            Out::Record(RecordRead::NoBuffer) => {
                 bump(&self.counters.alloc_failures, 1);
                 Ok(None)
             }

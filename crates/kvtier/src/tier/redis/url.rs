@@ -11,7 +11,7 @@
 //!
 //! TLS settings (CA, client certificate) are engine config keys, see [`super::tls`].
 //! `kvtier://` URLs (another node's `kvtier serve`) are parsed by
-//! [`crate::tier::peer::PeerUrl`]. Credentials not in the URL come from the
+//! [`crate::tier::peer::url::PeerUrl`]. Credentials not in the URL come from the
 //! environment (`KVTIER_REDIS_USERNAME`, `KVTIER_REDIS_PASSWORD`); the URL wins field by
 //! field. Options (query parameters):
 //!
@@ -30,7 +30,11 @@
 
 use std::time::Duration;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
+pub use crate::tier::remote_url::redact;
+use crate::tier::remote_url::{
+    err, parse_host_port, parse_options, percent_decode, redact_query, split_authority, split_query,
+};
 
 /// Environment variable for the username when the URL has none.
 pub const ENV_USERNAME: &str = "KVTIER_REDIS_USERNAME";
@@ -106,112 +110,9 @@ impl std::fmt::Display for RedisUrl {
     }
 }
 
-pub(crate) fn err(msg: impl Into<String>) -> Error {
-    Error::config("remote_url", msg)
-}
-
-pub(crate) fn percent_decode(s: &str, what: &str) -> Result<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok());
-            match hex {
-                Some(v) => out.push(v),
-                // Never echo the text: it may be a password.
-                None => return Err(err(format!("bad percent-escape in the URL's {what}"))),
-            }
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| err(format!("the URL's {what} is not UTF-8")))
-}
-
-/// Splits what follows `scheme://` into userinfo, host list and the rest (`/db?query`).
-/// The userinfo ends at the last `@` before any `?`, so an unescaped `/` in a password
-/// still counts as part of the password (and is never shown).
-pub(crate) fn split_authority(rest: &str) -> (Option<&str>, &str, &str) {
-    let q = rest.find('?').unwrap_or(rest.len());
-    let (userinfo, after) = match rest[..q].rfind('@') {
-        Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
-        None => (None, rest),
-    };
-    let end = after.find(['/', '?']).unwrap_or(after.len());
-    (userinfo, &after[..end], &after[end..])
-}
-
-/// Redacts the credentials of any URL-like string (`scheme://user:secret@host` becomes
-/// `scheme://user:***@host`), for messages about URLs that failed to parse.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        // Not a URL: anything before an `@` may be a secret.
-        return match url.rfind('@') {
-            Some(at) => format!("***@{}", &url[at + 1..]),
-            None => url.to_string(),
-        };
-    };
-    let (userinfo, hosts, tail) = split_authority(rest);
-    let tail = redact_query(tail);
-    match userinfo {
-        None => format!("{scheme}://{hosts}{tail}"),
-        Some(ui) => {
-            let user = ui.split_once(':').map_or("", |(u, _)| u);
-            format!("{scheme}://{user}:***@{hosts}{tail}")
-        }
-    }
-}
-
-/// Masks `password=` style query parameters.
-fn redact_query(tail: &str) -> String {
-    let Some((path, query)) = tail.split_once('?') else {
-        return tail.to_string();
-    };
-    let q: Vec<String> = query
-        .split('&')
-        .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
-            _ => kv.to_string(),
-        })
-        .collect();
-    format!("{path}?{}", q.join("&"))
-}
-
 fn parse_host(h: &str) -> Result<String> {
-    let (host, port) = if let Some(rest) = h.strip_prefix('[') {
-        let (host, after) = rest
-            .split_once(']')
-            .ok_or_else(|| err(format!("bad IPv6 host `{h}`")))?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => Some(p),
-            None if after.is_empty() => None,
-            None => return Err(err(format!("bad host `{h}`"))),
-        };
-        (format!("[{host}]"), port)
-    } else {
-        match h.rsplit_once(':') {
-            Some((host, port)) => (host.to_string(), Some(port)),
-            None => (h.to_string(), None),
-        }
-    };
-    if host.is_empty() || host == "[]" {
-        return Err(err("the URL has no host"));
-    }
-    let port = match port {
-        None => 6379,
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|&p| p != 0)
-            .ok_or_else(|| err(format!("bad port `{p}` for host `{host}`")))?,
-    };
-    Ok(format!("{host}:{port}"))
+    let (host, port) = parse_host_port(h).map_err(err)?;
+    Ok(format!("{host}:{}", port.unwrap_or(6379)))
 }
 
 impl RedisUrl {
@@ -275,10 +176,7 @@ impl RedisUrl {
                 "`{shown}`: several hosts need redis+cluster://; a standalone URL names one server"
             )));
         }
-        let (path, query) = match tail.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (tail, None),
-        };
+        let (path, query) = split_query(tail);
         let db_text = path.trim_start_matches('/');
         let db = if db_text.is_empty() {
             0
@@ -290,65 +188,44 @@ impl RedisUrl {
         if mode == Mode::Cluster && db != 0 {
             return Err(err(format!("`{shown}`: Redis Cluster has only database 0")));
         }
+        let mut prefix = "kvtier:".to_string();
+        let mut ttl = None;
+        let mut slot_refresh = Some(Duration::from_secs(30));
+        let link = parse_options(
+            query,
+            &shown,
+            "prefix, ttl_sec, pool, connect_timeout_ms, retry_max_ms, slot_refresh_sec, name",
+            |opt| {
+                match opt.key {
+                    "prefix" => prefix = opt.value.clone(),
+                    "ttl_sec" => {
+                        let n = opt.number(u64::from(u32::MAX))?;
+                        ttl = (n > 0).then(|| Duration::from_secs(n));
+                    }
+                    "slot_refresh_sec" => {
+                        let n = opt.number(86_400)?;
+                        slot_refresh = (n > 0).then(|| Duration::from_secs(n));
+                    }
+                    _ => return Ok(false),
+                }
+                Ok(true)
+            },
+        )?;
         let mut out = RedisUrl {
             mode,
             tls,
             hosts,
             db,
             credentials: Credentials { username, password },
-            prefix: "kvtier:".into(),
-            ttl: None,
-            pool: 4,
-            connect_timeout: Duration::from_millis(1000),
-            retry_max: Duration::from_millis(5000),
-            slot_refresh: Some(Duration::from_secs(30)),
-            name: None,
+            prefix,
+            ttl,
+            pool: link.pool,
+            connect_timeout: link.connect_timeout,
+            retry_max: link.retry_max,
+            slot_refresh,
+            name: link.name,
             redacted: String::new(),
         };
-        for kv in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            let v = percent_decode(v, "options")?;
-            let num = |max: u64| -> Result<u64> {
-                v.parse::<u64>().ok().filter(|&n| n <= max).ok_or_else(|| {
-                    err(format!(
-                        "`{shown}`: option `{k}={v}` needs a number up to {max}"
-                    ))
-                })
-            };
-            match k {
-                "prefix" => out.prefix = v.clone(),
-                "ttl_sec" => {
-                    let n = num(u64::from(u32::MAX))?;
-                    out.ttl = (n > 0).then(|| Duration::from_secs(n));
-                }
-                "pool" => {
-                    let n = num(256)?;
-                    if n == 0 {
-                        return Err(err(format!("`{shown}`: pool must be at least 1")));
-                    }
-                    out.pool = n as usize;
-                }
-                "connect_timeout_ms" => {
-                    out.connect_timeout = Duration::from_millis(num(600_000)?.max(1))
-                }
-                "retry_max_ms" => out.retry_max = Duration::from_millis(num(3_600_000)?.max(1)),
-                "slot_refresh_sec" => {
-                    let n = num(86_400)?;
-                    out.slot_refresh = (n > 0).then(|| Duration::from_secs(n));
-                }
-                "name" => {
-                    if v.is_empty() {
-                        return Err(err(format!("`{shown}`: name must not be empty")));
-                    }
-                    out.name = Some(v.clone());
-                }
-                _ => {
-                    return Err(err(format!(
-                        "`{shown}`: unknown option `{k}`; known: prefix, ttl_sec, pool, connect_timeout_ms, retry_max_ms, slot_refresh_sec, name"
-                    )))
-                }
-            }
-        }
         out.redacted = out.render(scheme, query);
         Ok(out)
     }

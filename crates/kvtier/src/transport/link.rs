@@ -1,0 +1,333 @@
+//! A connection pool to one remote endpoint, with reconnect backoff and link-state logging:
+//! used by each node of a Redis tier and by the kvtier server tier.
+//!
+//! A pool has a semaphore of `pool` permits (the concurrency to the endpoint) and a stack of
+//! idle connections. A request leases a connection; the lease returns it to the pool only
+//! when the request completed cleanly ([`Lease::done`]), so a request cancelled midway (its
+//! future dropped by a deadline) or failed by an I/O error never leaves a half-read reply
+//! in a pooled connection.
+//!
+//! Connects run on the I/O runtime ([`super::io_runtime`]) with a timeout, so they never
+//! depend on the caller's runtime having an I/O driver or timer; established connections
+//! are then driven directly by the caller's task. After a failed connect the endpoint is
+//! not retried before a backoff (100 ms doubling to `retry_max`); requests in that window
+//! fail at once, and while the link is down only one connect is tried at a time. One log
+//! line per link state change.
+
+use std::future::Future;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::sync::{Semaphore, SemaphorePermit};
+
+use crate::error::{Error, Result};
+
+const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+
+/// Counters of a tier's links (shared by its pools).
+#[derive(Debug, Default)]
+pub(crate) struct LinkCounters {
+    /// Connections opened.
+    pub connects: AtomicU64,
+    /// Failed connects (refused, timed out, handshake refused).
+    pub connect_failures: AtomicU64,
+    /// Connects refused for bad credentials.
+    pub auth_failures: AtomicU64,
+    /// I/O errors on established connections.
+    pub io_errors: AtomicU64,
+}
+
+/// Settings a tier applies to all its pools.
+#[derive(Debug)]
+pub(crate) struct LinkSettings {
+    /// What the endpoint is, in logs and errors (`redis`, `kvtier server`).
+    pub kind: &'static str,
+    /// Tier name, in logs and errors.
+    pub tier: String,
+    /// Connections per endpoint.
+    pub pool: usize,
+    /// Bound on one connect (including handshakes).
+    pub connect_timeout: Duration,
+    /// Longest reconnect backoff.
+    pub retry_max: Duration,
+    /// Counters of all the tier's pools.
+    pub counters: LinkCounters,
+}
+
+/// Why a connect failed (the message is final: it reaches logs and errors as is).
+pub(crate) enum ConnectError {
+    /// The endpoint refused the credentials: retrying will not help until the config changes.
+    Auth(String),
+    /// Anything else.
+    Other(String),
+}
+
+/// Opens connections for a tier's pools.
+pub(crate) trait Connector: Send + Sync + 'static {
+    /// An open connection.
+    type Conn: Send + 'static;
+
+    /// The settings of the tier's pools.
+    fn settings(&self) -> &LinkSettings;
+
+    /// Connects to `addr` and completes any handshake; the pool bounds it in time.
+    fn open(
+        self: Arc<Self>,
+        addr: String,
+    ) -> impl Future<Output = std::result::Result<Self::Conn, ConnectError>> + Send + 'static;
+
+    /// The error for a connect that did not complete within `timeout`.
+    fn timed_out(&self, timeout: Duration) -> String {
+        format!("connect timed out after {} ms", timeout.as_millis())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Link {
+    Unknown,
+    Up,
+    Down,
+}
+
+#[derive(Debug)]
+struct Health {
+    link: Link,
+    next_attempt: Option<Instant>,
+    backoff: Duration,
+}
+
+/// The connections to one endpoint and its link state.
+pub(crate) struct Pool<K: Connector> {
+    /// `host:port` of the endpoint.
+    pub addr: String,
+    connector: Arc<K>,
+    idle: Mutex<Vec<K::Conn>>,
+    permits: Semaphore,
+    health: Mutex<Health>,
+    probing: AtomicBool,
+}
+
+impl<K: Connector> std::fmt::Debug for Pool<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool").field("addr", &self.addr).finish()
+    }
+}
+
+/// A leased connection. Returned to the pool only after [`Lease::done`].
+pub(crate) struct Lease<'a, K: Connector> {
+    pool: &'a Pool<K>,
+    conn: Option<K::Conn>,
+    /// Whether the connection came from the pool (it may have gone stale).
+    pub reused: bool,
+    clean: bool,
+    _permit: SemaphorePermit<'a>,
+}
+
+impl<K: Connector> Lease<'_, K> {
+    /// The connection.
+    pub fn conn(&mut self) -> &mut K::Conn {
+        self.conn
+            .as_mut()
+            .expect("a lease holds its connection until dropped")
+    }
+
+    /// The request completed and the connection is at a reply boundary: keep it.
+    pub fn done(mut self) {
+        self.clean = true;
+    }
+}
+
+impl<K: Connector> Drop for Lease<'_, K> {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            if self.clean {
+                let mut idle = self.pool.idle.lock();
+                if idle.len() < self.pool.settings().pool {
+                    idle.push(c);
+                }
+            }
+        }
+    }
+}
+
+/// Clears a flag when dropped.
+struct FlagGuard<'a>(&'a AtomicBool);
+
+impl Drop for FlagGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl<K: Connector> Pool<K> {
+    /// A pool to `addr`; connects nothing yet.
+    pub fn new(addr: String, connector: Arc<K>) -> Pool<K> {
+        Pool {
+            addr,
+            permits: Semaphore::new(connector.settings().pool),
+            connector,
+            idle: Mutex::new(Vec::new()),
+            health: Mutex::new(Health {
+                link: Link::Unknown,
+                next_attempt: None,
+                backoff: BACKOFF_INITIAL,
+            }),
+            probing: AtomicBool::new(false),
+        }
+    }
+
+    fn settings(&self) -> &LinkSettings {
+        self.connector.settings()
+    }
+
+    /// A tier error about this endpoint.
+    pub fn error(&self, msg: impl std::fmt::Display) -> Error {
+        let s = self.settings();
+        Error::tier(&s.tier, format!("{} {}: {msg}", s.kind, self.addr))
+    }
+
+    /// Leases a connection: an idle one, else a new one (unless in reconnect backoff).
+    pub async fn acquire(&self) -> Result<Lease<'_, K>> {
+        let permit = self.permits.acquire().await.map_err(|_| Error::Closed)?;
+        let idle = self.idle.lock().pop();
+        let reused = idle.is_some();
+        let conn = match idle {
+            Some(c) => c,
+            None => self.connect().await?,
+        };
+        Ok(Lease {
+            pool: self,
+            conn: Some(conn),
+            reused,
+            clean: false,
+            _permit: permit,
+        })
+    }
+
+    async fn connect(&self) -> Result<K::Conn> {
+        {
+            let h = self.health.lock();
+            if let Some(t) = h.next_attempt {
+                let now = Instant::now();
+                if now < t {
+                    return Err(self.error(format_args!(
+                        "unreachable; next reconnect attempt in {} ms",
+                        (t - now).as_millis()
+                    )));
+                }
+            }
+            // While down, one probe at a time; the others fail fast instead of piling up.
+            if h.link == Link::Down && self.probing.swap(true, Ordering::AcqRel) {
+                return Err(self.error("unreachable; reconnect in progress"));
+            }
+        }
+        let _probe = FlagGuard(&self.probing);
+        let connector = self.connector.clone();
+        let addr = self.addr.clone();
+        let timeout = self.settings().connect_timeout;
+        let task = super::io_runtime()?.spawn(async move {
+            match tokio::time::timeout(timeout, connector.clone().open(addr)).await {
+                Ok(r) => r,
+                Err(_) => Err(ConnectError::Other(connector.timed_out(timeout))),
+            }
+        });
+        let r = match task.await {
+            Ok(r) => r,
+            Err(e) => Err(ConnectError::Other(format!("connect task failed: {e}"))),
+        };
+        let counters = &self.settings().counters;
+        match r {
+            Ok(c) => {
+                bump(&counters.connects);
+                self.mark_up();
+                Ok(c)
+            }
+            Err(e) => {
+                bump(&counters.connect_failures);
+                let msg = match e {
+                    ConnectError::Auth(m) => {
+                        bump(&counters.auth_failures);
+                        m
+                    }
+                    ConnectError::Other(m) => m,
+                };
+                self.mark_connect_failed(&msg);
+                Err(self.error(msg))
+            }
+        }
+    }
+
+    fn mark_up(&self) {
+        let s = self.settings();
+        let mut h = self.health.lock();
+        match h.link {
+            Link::Unknown => {
+                tracing::info!(tier = %s.tier, addr = %self.addr, "connected to {}", s.kind)
+            }
+            Link::Down => {
+                tracing::warn!(tier = %s.tier, addr = %self.addr, "reconnected to {}", s.kind)
+            }
+            Link::Up => {}
+        }
+        h.link = Link::Up;
+        h.next_attempt = None;
+        h.backoff = BACKOFF_INITIAL;
+    }
+
+    fn mark_connect_failed(&self, msg: &str) {
+        let s = self.settings();
+        let mut h = self.health.lock();
+        let retry_ms = h.backoff.as_millis();
+        match h.link {
+            Link::Unknown => tracing::warn!(
+                tier = %s.tier, addr = %self.addr, error = %msg, retry_ms,
+                "{} unreachable; will keep retrying with backoff", s.kind
+            ),
+            Link::Up => tracing::warn!(
+                tier = %s.tier, addr = %self.addr, error = %msg, retry_ms,
+                "lost connection to {}; reconnecting with backoff", s.kind
+            ),
+            Link::Down => {
+                tracing::debug!(tier = %s.tier, addr = %self.addr, error = %msg, "reconnect failed")
+            }
+        }
+        h.link = Link::Down;
+        h.next_attempt = Some(Instant::now() + h.backoff);
+        h.backoff = (h.backoff * 2).min(s.retry_max);
+    }
+
+    /// An established connection failed: drop the idle ones too (they likely share its
+    /// fate: server restarted or gone), so the next request reconnects.
+    pub fn io_failed(&self, e: &io::Error) {
+        let s = self.settings();
+        bump(&s.counters.io_errors);
+        self.idle.lock().clear();
+        let mut h = self.health.lock();
+        if h.link == Link::Up {
+            tracing::warn!(
+                tier = %s.tier, addr = %self.addr, error = %e,
+                "lost connection to {}; reconnecting", s.kind
+            );
+            h.link = Link::Down;
+        }
+    }
+
+    /// Opens one connection in the background (startup probe, logs the link state).
+    pub fn warm_up(self: &Arc<Self>) {
+        let pool = self.clone();
+        if let Ok(rt) = super::io_runtime() {
+            rt.spawn(async move {
+                if let Ok(lease) = pool.acquire().await {
+                    lease.done();
+                }
+            });
+        }
+    }
+}
