@@ -479,7 +479,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!("{:<34} {}", "baseline O_DIRECT read", s.baseline_read_gbps);
         println!(
             "{:<34} {}  ratio {} (vs durable {})",
-            "disk tier durable write",
+            "disk tier write (until acknowledged)",
             s.disk_write_gbps,
             s.ratio_disk_write,
             s.ratio_disk_write_vs_durable
