@@ -42,6 +42,16 @@ def run_case(work, name, spec):
     return json.load(open(rp))
 
 
+def stop_group(proc, grace):
+    """SIGTERM a process group started with start_new_session; SIGKILL after `grace` s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def step(res, label):
     return next(s for s in res["steps"] if s["label"] == label)
 
@@ -229,12 +239,7 @@ def server_mode(work, model, prompts, full, ref_P):
             check("server mode: S2's lookups were answered asynchronously (lookup_budget_ms=0)", deferred)
             SERVER_TTFT["kvtier hit via kvtier serve, async lookup (fresh process, repeat)"] = step(s2, "hit")["seconds"]
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, 15)
 
 
 SERVER_TTFT = {}
@@ -295,12 +300,7 @@ def openai_server(work, model, extra, P, ttft):
               f"cached_tokens={outs[1][1]} of {n_prompt}")
         check("OpenAI server: same text on repeat", outs[0][0] == outs[1][0] == outs[2][0])
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc, 30)
 
 
 if __name__ == "__main__":

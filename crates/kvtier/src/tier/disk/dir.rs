@@ -596,6 +596,10 @@ impl DiskDir {
                 let _ = fs::remove_file(&p.tmp);
             }
         }
+        if !self.flush {
+            // Process-crash durability: the renamed entries are in the kernel already.
+            return res;
+        }
         // 3. Directory entries durable: each touched shard directory once.
         let mut touched: Vec<u8> = group
             .iter()
@@ -605,9 +609,6 @@ impl DiskDir {
             .collect();
         touched.sort_unstable();
         touched.dedup();
-        if !self.flush {
-            touched.clear();
-        }
         let dir_res = parallel(&touched, |b| sync_dir(&self.root.join(format!("{b:02x}"))));
         for (p, r) in group.iter().zip(res.iter_mut()) {
             let synced = touched
