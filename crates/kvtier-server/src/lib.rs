@@ -248,34 +248,20 @@ pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) ->
 
     let mut accepts = Vec::new();
     if let Some(l) = unix {
-        let st = state.clone();
-        let mut sd = shutdown_rx.clone();
-        accepts.push(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    r = l.accept() => match r {
-                        Ok((s, _)) => { tokio::spawn(conn::serve_unix(s, st.clone())); }
-                        Err(e) => { warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; }
-                    },
-                    _ = sd.changed() => break,
-                }
-            }
-        }));
+        accepts.push(spawn_accept_loop(
+            l,
+            state.clone(),
+            shutdown_rx.clone(),
+            conn::serve_unix,
+        ));
     }
     if let Some(l) = tcp {
-        let st = state.clone();
-        let mut sd = shutdown_rx.clone();
-        accepts.push(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    r = l.accept() => match r {
-                        Ok((s, _)) => { tokio::spawn(conn::serve_tcp(s, st.clone())); }
-                        Err(e) => { warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; }
-                    },
-                    _ = sd.changed() => break,
-                }
-            }
-        }));
+        accepts.push(spawn_accept_loop(
+            l,
+            state.clone(),
+            shutdown_rx.clone(),
+            conn::serve_tcp,
+        ));
     }
 
     wait_for_signal(stop.as_mut()).await?;
@@ -312,6 +298,54 @@ pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) ->
     }
     info!("kvtier server stopped");
     Ok(())
+}
+
+/// A listener the accept loop drives: Unix socket or TCP.
+trait Listener: Send + 'static {
+    /// The connection type it yields.
+    type Stream: Send + 'static;
+    /// Waits for the next connection.
+    fn next(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send + '_;
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Stream = tokio::net::UnixStream;
+    async fn next(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+impl Listener for tokio::net::TcpListener {
+    type Stream = tokio::net::TcpStream;
+    async fn next(&self) -> std::io::Result<Self::Stream> {
+        self.accept().await.map(|(s, _)| s)
+    }
+}
+
+/// Accepts connections until shutdown, each served on its own task. A failed accept (e.g.
+/// out of file descriptors) is logged and retried after a pause instead of spinning.
+fn spawn_accept_loop<L, F, Fut>(
+    listener: L,
+    state: Arc<ServerState>,
+    mut shutdown: watch::Receiver<bool>,
+    serve: F,
+) -> tokio::task::JoinHandle<()>
+where
+    L: Listener,
+    F: Fn(L::Stream, Arc<ServerState>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = listener.next() => match r {
+                    Ok(s) => { tokio::spawn(serve(s, state.clone())); }
+                    Err(e) => { warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; }
+                },
+                _ = shutdown.changed() => break,
+            }
+        }
+    })
 }
 
 async fn wait_for_signal(stop: Option<&mut watch::Receiver<bool>>) -> Result<()> {
