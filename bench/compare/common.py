@@ -44,6 +44,44 @@ def gbps(nbytes, secs):
     return nbytes / secs / GB if secs > 0 else float("nan")
 
 
+def l1_rounds(a, n, chunk_bytes, store, retrieve, verify, clear, store_ok=None, retrieve_ok=None):
+    """The L1 store/retrieve measurement both workers share: one warm-up round (first touch
+    of the pool's pages), then `a.reps` timed rounds of n stores followed by n retrieves.
+    `store(i)` / `retrieve(i)` are timed per call; `store_ok(i, r)` / `retrieve_ok(i, r)`
+    check each result outside the per-call timing; `verify()` checks the bytes, `clear()`
+    empties the cache between rounds."""
+    st, rt, st_lat, rt_lat = [], [], [], []
+    for rep in range(a.reps + 1):
+        lat = []
+        t0 = now()
+        for i in range(n):
+            t = now()
+            r = store(i)
+            lat.append(now() - t)
+            if store_ok:
+                store_ok(i, r)
+        s_secs = now() - t0
+        rl = []
+        t0 = now()
+        for i in range(n):
+            t = now()
+            r = retrieve(i)
+            rl.append(now() - t)
+            if retrieve_ok:
+                retrieve_ok(i, r)
+        r_secs = now() - t0
+        verify()
+        clear()
+        if rep:
+            st.append(gbps(n * chunk_bytes, s_secs))
+            rt.append(gbps(n * chunk_bytes, r_secs))
+            st_lat += lat
+            rt_lat += rl
+    return {"store_gbps": stats(st), "retrieve_gbps": stats(rt),
+            "store_ms": stats([x * 1e3 for x in st_lat]), "retrieve_ms": stats([x * 1e3 for x in rt_lat]),
+            "chunks_per_rep": n, "budget_bytes": int(a.budget_gib * GIB)}
+
+
 def tokens_for(doc, n_tokens, seed=1234):
     """Deterministic token ids of document `doc` (a Python list of ints, what a serving
     engine usually holds). Same function in every worker so both systems see equal input."""

@@ -17,7 +17,7 @@ import shutil
 import torch
 
 import kvtier
-from common import (CHUNK_TOKENS, GIB, MIB, SHAPES, drop_file_cache, emit, gbps, now, stats,
+from common import (CHUNK_TOKENS, GIB, MIB, SHAPES, drop_file_cache, emit, gbps, l1_rounds, now, stats,
                     threads_info, tokens_for)
 
 torch.set_num_threads(1)  # as the LMCache reference run (baselines.md 3c)
@@ -50,34 +50,19 @@ def w_l1(a):
     outs = [chunk_tensor(a.shape) for _ in range(n)]
     toks = [tokens_for(10_000 + i, CHUNK_TOKENS) for i in range(n)]
     eng = engine(a.shape, max_local_cpu_size=a.budget_gib * GIB)
-    st, rt, st_lat, rt_lat = [], [], [], []
-    for rep in range(a.reps + 1):  # rep 0 is a warm-up (first touch of the pool's pages)
-        lat = []
-        t0 = now()
-        for i in range(n):
-            t = now()
-            r = eng.store(toks[i], srcs[i])
-            lat.append(now() - t)
-            check(r["new_chunks"] == 1, f"store did not take chunk {i}: {r}")
-        s_secs = now() - t0
-        rl = []
-        t0 = now()
-        for i in range(n):
-            t = now()
-            got = eng.retrieve(toks[i], outs[i])
-            rl.append(now() - t)
-            check(got == CHUNK_TOKENS, f"retrieve of chunk {i} returned {got} tokens")
-        r_secs = now() - t0
-        check(torch.equal(outs[n - 1], srcs[n - 1]), "retrieved bytes differ from stored bytes")
-        eng.clear()
-        if rep:
-            st.append(gbps(n * cb, s_secs))
-            rt.append(gbps(n * cb, r_secs))
-            st_lat += lat
-            rt_lat += rl
-    return {"store_gbps": stats(st), "retrieve_gbps": stats(rt),
-            "store_ms": stats([x * 1e3 for x in st_lat]), "retrieve_ms": stats([x * 1e3 for x in rt_lat]),
-            "chunks_per_rep": n, "budget_bytes": int(a.budget_gib * GIB)}
+
+    def store_ok(i, r):
+        check(r["new_chunks"] == 1, f"store did not take chunk {i}: {r}")
+
+    def retrieve_ok(i, got):
+        check(got == CHUNK_TOKENS, f"retrieve of chunk {i} returned {got} tokens")
+
+    return l1_rounds(
+        a, n, cb,
+        store=lambda i: eng.store(toks[i], srcs[i]),
+        retrieve=lambda i: eng.retrieve(toks[i], outs[i]),
+        verify=lambda: check(torch.equal(outs[n - 1], srcs[n - 1]), "retrieved bytes differ from stored bytes"),
+        clear=eng.clear, store_ok=store_ok, retrieve_ok=retrieve_ok)
 
 
 def w_lookup(a):

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from common import (CHUNK_TOKENS, GIB, MIB, SHAPES, drop_file_cache, emit, gbps, now, stats,
+from common import (CHUNK_TOKENS, GIB, MIB, SHAPES, drop_file_cache, emit, gbps, l1_rounds, now, stats,
                     threads_info, tokens_for)
 
 torch.set_num_threads(1)  # as the reference run (baselines.md 3c)
@@ -102,32 +102,12 @@ def w_l1(a):
     srcs = [chunk_tensor(a.shape, i % 100) for i in range(n)]
     outs = [chunk_tensor(a.shape) for _ in range(n)]
     keys = [keys_of(db, tokens_for(10_000 + i, CHUNK_TOKENS))[0] for i in range(n)]
-    st, rt, st_lat, rt_lat = [], [], [], []
-    for rep in range(a.reps + 1):  # rep 0 is a warm-up (first touch of the pool's pages)
-        lat = []
-        t0 = now()
-        for i in range(n):
-            t = now()
-            put_chunk(cpu, cpu, a.shape, keys[i], srcs[i])
-            lat.append(now() - t)
-        s_secs = now() - t0
-        rl = []
-        t0 = now()
-        for i in range(n):
-            t = now()
-            get_chunk(cpu, keys[i], outs[i])
-            rl.append(now() - t)
-        r_secs = now() - t0
-        check(torch.equal(outs[n - 1], srcs[n - 1]), "retrieved bytes differ")
-        cpu.clear()
-        if rep:
-            st.append(gbps(n * cb, s_secs))
-            rt.append(gbps(n * cb, r_secs))
-            st_lat += lat
-            rt_lat += rl
-    return {"store_gbps": stats(st), "retrieve_gbps": stats(rt),
-            "store_ms": stats([x * 1e3 for x in st_lat]), "retrieve_ms": stats([x * 1e3 for x in rt_lat]),
-            "chunks_per_rep": n, "budget_bytes": int(a.budget_gib * GIB)}
+    return l1_rounds(
+        a, n, cb,
+        store=lambda i: put_chunk(cpu, cpu, a.shape, keys[i], srcs[i]),
+        retrieve=lambda i: get_chunk(cpu, keys[i], outs[i]),
+        verify=lambda: check(torch.equal(outs[n - 1], srcs[n - 1]), "retrieved bytes differ"),
+        clear=cpu.clear)
 
 
 def w_lookup(a):
