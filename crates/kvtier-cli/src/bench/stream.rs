@@ -3,6 +3,11 @@
 //! present), with at most `window` stores' lower-tier writes in flight, until every write is
 //! acknowledged. This measures a lower tier's sustained write throughput without letting the
 //! engine's bounded write queue drop stores.
+//!
+//! The clock runs only while the engine works: generating a document's synthetic KV (a
+//! copy as large as the document) is the model's job, not the cache's, so the writes in
+//! flight are drained and the clock stopped before each document is composed. That costs
+//! the engine a pipeline restart per document, never the other way round.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -21,7 +26,7 @@ pub struct Streamed {
     pub acked: usize,
     /// Chunk writes skipped or failed.
     pub skipped: usize,
-    /// Time from the first store to the last acknowledgement.
+    /// Time from each document's first store to its last acknowledgement, summed.
     pub secs: f64,
 }
 
@@ -52,10 +57,11 @@ pub fn store_documents(
     let mut payload = AlignedBuf::new(doc_tokens * bpt);
     let mut pending = VecDeque::new();
     let mut s = Streamed::default();
-    let t0 = Instant::now();
+    let mut secs = 0.0;
     for d in 0..docs {
         ring.compose(d as u64, &mut payload);
         let tokens = tokens_of(d);
+        let t0 = Instant::now();
         for c in 1..=doc_tokens / chunk {
             let n = c * chunk;
             pending.push_back(
@@ -65,8 +71,9 @@ pub fn store_documents(
             );
             drain(&mut pending, window, &mut s);
         }
+        drain(&mut pending, 0, &mut s);
+        secs += t0.elapsed().as_secs_f64();
     }
-    drain(&mut pending, 0, &mut s);
-    s.secs = t0.elapsed().as_secs_f64();
+    s.secs = secs;
     Ok(s)
 }
