@@ -148,12 +148,12 @@ def main():
         for key in a["keys"][half:]:
             sub = os.path.join(disk, key[:2])
             for fn in os.listdir(sub) if os.path.isdir(sub) else []:
-                if fn.startswith(key) and fn.endswith(".kvc"):
+                if fn.startswith(key) and fn.endswith(".kvr"):
                     p = os.path.join(sub, fn)
-                    with open(p, "r+b") as f:
-                        f.seek(4096 + 1000)
+                    with open(p, "r+b") as f:  # a payload byte (the header is the last block)
+                        f.seek(1000)
                         byte = f.read(1)
-                        f.seek(4096 + 1000)
+                        f.seek(1000)
                         f.write(bytes([byte[0] ^ 0xFF]))
                     damaged += 1
         check("corruption: damaged the chunk files of P's second half", damaged >= len(a["keys"]) - half - 1, f"{damaged} files")

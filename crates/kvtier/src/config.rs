@@ -53,12 +53,14 @@ pub enum PathSharding {
 #[serde(rename_all = "snake_case")]
 pub enum DiskDurability {
     /// Acknowledged after fdatasync of the file and fsync of its directory: survives power
-    /// loss and kernel crashes.
-    #[default]
+    /// loss and kernel crashes, at the device's flush rate.
     PowerLoss,
-    /// Acknowledged once written and renamed into place, without flushing the device:
-    /// survives a crash of the process (kill -9), not of the machine. A record lost or torn
-    /// by a power cut is still never served (checksums): it becomes a miss.
+    /// The default (contract C5): acknowledged once written (`O_DIRECT`, so the data has
+    /// left the page cache) and renamed into place, without a device flush: survives a crash
+    /// of the process (kill -9), not a power cut. A cache loses nothing it cannot recompute
+    /// by that, and a record lost or torn by a power cut is never served (checksums): it is
+    /// a miss.
+    #[default]
     ProcessCrash,
 }
 
@@ -150,7 +152,7 @@ impl Default for EngineConfig {
             local_disk: Vec::new(),
             max_local_disk_size: 0,
             local_disk_path_sharding: PathSharding::ByRank,
-            local_disk_durability: DiskDurability::PowerLoss,
+            local_disk_durability: DiskDurability::default(),
             disk_admit_after: 1,
             remote_url: Vec::new(),
             remote_tls_ca_file: None,
@@ -486,7 +488,7 @@ const KEYS: &[KeyDef] = &[
                     "process_crash" => DiskDurability::ProcessCrash,
                     _ => {
                         return Err(format!(
-                        "expected power_loss (flush before acknowledging) or process_crash, got {}",
+                        "expected process_crash (the default) or power_loss (flush before acknowledging), got {}",
                         v.show()
                     ))
                     }
@@ -748,13 +750,13 @@ mod tests {
     }
 
     #[test]
-    fn disk_durability_defaults_to_power_loss_and_rejects_other_words() {
+    fn disk_durability_defaults_to_process_crash_and_rejects_other_words() {
         assert_eq!(
             EngineConfig::default().local_disk_durability,
-            DiskDurability::PowerLoss
+            DiskDurability::ProcessCrash
         );
-        let c = EngineConfig::from_yaml_str("local_disk_durability: process_crash").unwrap();
-        assert_eq!(c.local_disk_durability, DiskDurability::ProcessCrash);
+        let c = EngineConfig::from_yaml_str("local_disk_durability: power_loss").unwrap();
+        assert_eq!(c.local_disk_durability, DiskDurability::PowerLoss);
         let e = EngineConfig::from_yaml_str("local_disk_durability: fast")
             .unwrap_err()
             .to_string();

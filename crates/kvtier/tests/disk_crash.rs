@@ -234,8 +234,8 @@ fn sigkill_at_random_moments_never_loses_acknowledged_chunks() {
     crash_iterations(100, Duration::from_secs(55), false);
 }
 
-/// `local_disk_durability: process_crash` acknowledges before any flush: a killed process
-/// must still lose nothing acknowledged (the kernel holds the data).
+/// `local_disk_durability: process_crash` (the default) acknowledges before any flush: a
+/// killed process must still lose nothing acknowledged (the kernel holds the data).
 #[test]
 fn sigkill_without_flushing_never_loses_acknowledged_chunks() {
     crash_iterations(100, Duration::from_secs(40), true);

@@ -39,6 +39,11 @@ fn flip(path: &Path, at: u64) {
     f.sync_all().unwrap();
 }
 
+/// File offset of the header block of a `len`-byte record (the last block).
+fn header_at(len: usize) -> u64 {
+    (len as u64).div_ceil(4096) * 4096
+}
+
 fn assert_miss_and_removed(tier: &DiskTier, root: &Path, i: u64, failures: u64) {
     let l1 = l1(16 << 20);
     assert!(
@@ -59,11 +64,11 @@ fn corruption_while_open_is_a_miss_and_is_deleted() {
     let root = d.path().join("c");
     let tier = setup(&root, 6);
     // Header bit flip, payload bit flip, last payload byte flip.
-    flip(&file_of(&root, &key(0)).unwrap(), 20);
+    flip(&file_of(&root, &key(0)).unwrap(), header_at(LEN) + 20);
     assert_miss_and_removed(&tier, &root, 0, 1);
-    flip(&file_of(&root, &key(1)).unwrap(), 4096 + 1234);
+    flip(&file_of(&root, &key(1)).unwrap(), 1234);
     assert_miss_and_removed(&tier, &root, 1, 2);
-    flip(&file_of(&root, &key(2)).unwrap(), 4096 + LEN as u64 - 1);
+    flip(&file_of(&root, &key(2)).unwrap(), LEN as u64 - 1);
     assert_miss_and_removed(&tier, &root, 2, 3);
     // Torn: cut inside the payload / to the header only.
     let f = OpenOptions::new()
@@ -91,8 +96,8 @@ fn corruption_found_after_restart() {
     let d = tempdir();
     let root = d.path().join("c");
     drop(setup(&root, 5));
-    flip(&file_of(&root, &key(0)).unwrap(), 60);
-    flip(&file_of(&root, &key(1)).unwrap(), 4096 + 40_000);
+    flip(&file_of(&root, &key(0)).unwrap(), header_at(LEN) + 60);
+    flip(&file_of(&root, &key(1)).unwrap(), 40_000);
     // Torn at a block boundary (recovery cannot tell; the read does).
     OpenOptions::new()
         .write(true)
@@ -107,13 +112,15 @@ fn corruption_found_after_restart() {
         .unwrap()
         .set_len(4096 + 777)
         .unwrap();
-    // Garbage files: bad names, leftovers in tmp.
-    std::fs::write(root.join("ab").join("not-a-record.kvc"), b"junk").unwrap();
+    // Garbage files: bad names, leftovers in tmp, a record of the older header-first layout.
+    std::fs::write(root.join("ab").join("not-a-record.kvr"), b"junk").unwrap();
+    let old = format!("{}.none.kvc", key(9).to_hex());
+    std::fs::write(root.join(&old[..2]).join(&old), vec![0u8; 8192]).unwrap();
     std::fs::write(root.join("tmp").join("partial.123"), b"junk").unwrap();
     let tier = DiskTier::open(DiskTierOptions::new(&root, 64 << 20)).unwrap();
     let s = tier.stats();
     assert_eq!(s.chunks, 4, "{s:?}");
-    assert_eq!(s.recovery_removed, 3, "{s:?}");
+    assert_eq!(s.recovery_removed, 4, "{s:?}");
     assert!(file_of(&root, &key(3)).is_none());
     assert_miss_and_removed(&tier, &root, 0, 1);
     assert_miss_and_removed(&tier, &root, 1, 2);
@@ -123,6 +130,73 @@ fn corruption_found_after_restart() {
         tier.get_blocking(key(4), &l1).unwrap().unwrap().payload(),
         &expected(4, LEN)[..]
     );
+}
+
+/// The engine's retrieve checks a disk chunk's checksum in its copy out (the disk tier
+/// leaves that pass to it): a flipped payload bit still ends the prefix there, is counted
+/// by the disk tier, deleted, and neither it nor anything after it is written back.
+#[test]
+fn retrieve_checks_disk_payloads_in_its_copy_and_cuts_the_prefix_at_a_corrupt_one() {
+    let d = tempdir();
+    let root = d.path().join("c");
+    let config = kvtier::EngineConfig {
+        chunk_size: 16,
+        max_local_cpu_size: 16 << 20,
+        local_disk: vec![root.clone()],
+        max_local_disk_size: 256 << 20,
+        ..kvtier::EngineConfig::default()
+    };
+    let engine = kvtier::Engine::new(config, identity()).unwrap();
+    let tokens: Vec<u32> = (0..6 * 16).map(|t| t * 7 + 3).collect();
+    let payload = expected(9, engine.payload_bytes(tokens.len()));
+    let outs = engine.store(&tokens, None, &payload).unwrap().ticket.wait();
+    assert!(
+        outs.iter().all(|o| o.result == Ok(PutOutcome::Stored)),
+        "{outs:?}"
+    );
+    let keys: Vec<_> = engine
+        .chunk_spans(&tokens, None)
+        .unwrap()
+        .iter()
+        .map(|s| s.key)
+        .collect();
+    flip(&file_of(&root, &keys[3]).unwrap(), 777);
+    engine.manager().l1().clear_all();
+    let chunk_bytes = payload.len() / 6;
+    let mut out = vec![0u8; payload.len()];
+    let rr = engine.retrieve(&tokens, None, &mut out).unwrap();
+    assert_eq!(rr.hit_tokens, 3 * 16);
+    assert_eq!(rr.tiers, vec![1; 3]);
+    assert_eq!(out[..3 * chunk_bytes], payload[..3 * chunk_bytes]);
+    assert!(
+        out[3 * chunk_bytes..].iter().all(|&b| b == 0),
+        "bytes of the corrupt chunk (or beyond) left in the output"
+    );
+    let l1 = engine.manager().l1();
+    assert!(
+        keys[..3].iter().all(|k| l1.contains(k)),
+        "good prefix cached"
+    );
+    assert!(
+        keys[3..].iter().all(|k| !l1.contains(k)),
+        "cached past the corrupt chunk"
+    );
+    // The deletion runs in the background.
+    let t0 = std::time::Instant::now();
+    while file_of(&root, &keys[3]).is_some() && t0.elapsed().as_secs() < 5 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        file_of(&root, &keys[3]).is_none(),
+        "corrupt file not deleted"
+    );
+    let disk = engine.stats().tiers[1].clone();
+    assert_eq!(disk.name, "disk");
+    assert_eq!(disk.checksum_failures, 1, "{disk:?}");
+    assert_eq!(disk.details["checksum_failures"], 1);
+    // Next time: chunks 0..3 from L1, then a miss at the deleted chunk.
+    let rr = engine.retrieve(&tokens, None, &mut out).unwrap();
+    assert_eq!((rr.hit_tokens, rr.tiers), (3 * 16, vec![0; 3]));
 }
 
 #[test]

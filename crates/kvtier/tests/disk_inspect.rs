@@ -42,10 +42,10 @@ fn inspect_lists_models_and_salts_and_finds_corruption_without_touching_files() 
     // Flip one payload byte of one record: only --verify sees it, and the file stays.
     let victim = walk(dir.path())
         .into_iter()
-        .find(|p| p.extension().is_some_and(|e| e == "kvc"))
+        .find(|p| p.extension().is_some_and(|e| e == "kvr"))
         .unwrap();
     let mut bytes = std::fs::read(&victim).unwrap();
-    bytes[4096 + 10] ^= 0xFF;
+    bytes[10] ^= 0xFF;
     std::fs::write(&victim, &bytes).unwrap();
     assert!(inspect_disk(dir.path(), false, |_, _| {})
         .unwrap()

@@ -345,7 +345,7 @@ fn recovery_of_many_chunks_is_fast() {
     // Sparse files of the right size: the scan reads names and sizes only.
     for i in 0..n {
         let k = key(i).to_hex();
-        let f = std::fs::File::create(root.join(&k[..2]).join(format!("{k}.none.kvc"))).unwrap();
+        let f = std::fs::File::create(root.join(&k[..2]).join(format!("{k}.none.kvr"))).unwrap();
         f.set_len(8192).unwrap();
     }
     let t0 = Instant::now();

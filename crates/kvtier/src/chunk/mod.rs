@@ -2,6 +2,7 @@
 
 mod layout;
 pub mod record;
+mod stream_copy;
 
 use std::sync::Arc;
 
@@ -30,15 +31,37 @@ pub struct ChunkInfo {
 impl ChunkInfo {
     /// Checks `payload` against the stored length and checksum.
     pub fn verify(&self, payload: &[u8]) -> Result<()> {
-        if payload.len() as u64 != self.len {
-            return Err(Error::Corrupt(format!(
-                "chunk {}: payload is {} bytes, header says {}",
+        self.check_len(payload.len())?;
+        self.check_sum(checksum(payload))
+    }
+
+    /// Copies `payload` into `dst` (same length) and checks it against the stored length
+    /// and checksum in the same pass over memory. On `Err`, `dst` holds the unverified
+    /// bytes: the caller must not use them.
+    pub fn copy_verified(&self, dst: &mut [u8], payload: &[u8]) -> Result<()> {
+        self.check_len(payload.len())?;
+        if dst.len() != payload.len() {
+            return Err(Error::invalid(format!(
+                "chunk {}: destination is {} bytes, the payload {}",
                 self.key,
-                payload.len(),
-                self.len
+                dst.len(),
+                payload.len()
             )));
         }
-        let sum = checksum(payload);
+        self.check_sum(copy_with_checksum(dst, payload))
+    }
+
+    fn check_len(&self, len: usize) -> Result<()> {
+        if len as u64 != self.len {
+            return Err(Error::Corrupt(format!(
+                "chunk {}: payload is {len} bytes, header says {}",
+                self.key, self.len
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_sum(&self, sum: u64) -> Result<()> {
         if sum != self.checksum {
             return Err(Error::Corrupt(format!(
                 "chunk {}: checksum {sum:016x} does not match {:016x}",
@@ -85,17 +108,26 @@ pub fn checksum(payload: &[u8]) -> u64 {
     }
 }
 
-fn copy_segment(dst: &mut [u8], src: &[u8]) -> u64 {
+/// Copies one segment block by block and hashes each block while it is in cache. Large
+/// payloads (`streaming`) copy with non-temporal stores and hash the source block instead:
+/// the destination lines are then not in cache, the source lines are.
+fn copy_segment(dst: &mut [u8], src: &[u8], streaming: bool) -> u64 {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for (d, s) in dst.chunks_mut(FUSED_BLOCK).zip(src.chunks(FUSED_BLOCK)) {
-        d.copy_from_slice(s);
-        h.update(d);
+        if streaming {
+            stream_copy::copy_nt(d, s);
+            h.update(s);
+        } else {
+            d.copy_from_slice(s);
+            h.update(d);
+        }
     }
     h.digest()
 }
 
 /// Copies `src` into `dst` (same length) and returns [`checksum`] of the bytes, hashing
-/// each block while it is still in cache; large payloads use both memory paths (rayon).
+/// each block while it is still in cache; large payloads use both memory paths (rayon) and
+/// non-temporal stores (see `stream_copy`).
 pub fn copy_with_checksum(dst: &mut [u8], src: &[u8]) -> u64 {
     use rayon::prelude::*;
     assert_eq!(dst.len(), src.len(), "copy_with_checksum: length mismatch");
@@ -103,26 +135,27 @@ pub fn copy_with_checksum(dst: &mut [u8], src: &[u8]) -> u64 {
         let d: Vec<u64> = dst
             .par_chunks_mut(CHECKSUM_SEGMENT)
             .zip(src.par_chunks(CHECKSUM_SEGMENT))
-            .map(|(d, s)| copy_segment(d, s))
+            .map(|(d, s)| copy_segment(d, s, true))
             .collect();
         combine(d)
     } else {
         combine(
             dst.chunks_mut(CHECKSUM_SEGMENT)
                 .zip(src.chunks(CHECKSUM_SEGMENT))
-                .map(|(d, s)| copy_segment(d, s)),
+                .map(|(d, s)| copy_segment(d, s, false)),
         )
     }
 }
 
-/// Copies `src` into `dst` (same length), in parallel for large payloads.
+/// Copies `src` into `dst` (same length); large payloads in parallel with non-temporal
+/// stores (see `stream_copy`).
 pub fn copy_payload(dst: &mut [u8], src: &[u8]) {
     use rayon::prelude::*;
     assert_eq!(dst.len(), src.len(), "copy_payload: length mismatch");
     if src.len() >= PARALLEL_MIN {
         dst.par_chunks_mut(CHECKSUM_SEGMENT)
             .zip(src.par_chunks(CHECKSUM_SEGMENT))
-            .for_each(|(d, s)| d.copy_from_slice(s));
+            .for_each(|(d, s)| stream_copy::copy_nt(d, s));
     } else {
         dst.copy_from_slice(src);
     }
@@ -149,6 +182,7 @@ mod tests {
             FUSED_BLOCK,
             FUSED_BLOCK + 1,
             3 * FUSED_BLOCK + 17,
+            PARALLEL_MIN + 3 * FUSED_BLOCK + 17,
         ] {
             let src: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
             let mut dst = vec![0u8; len];

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::chunk::{copy_payload, copy_with_checksum, now_ms, Chunk, ChunkInfo};
+use crate::chunk::{copy_with_checksum, now_ms, Chunk, ChunkInfo};
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, ChunkSpan, KeySpace, ModelIdentity, Origin};
@@ -592,23 +592,29 @@ impl Engine {
             )));
         }
         let keys = spans.iter().map(|s| s.key).collect();
-        // Copy each chunk out as soon as it arrives, while later chunks still load.
+        // Copy each chunk out as soon as it arrives, while later chunks still load; the copy
+        // is also where a disk read's checksum is checked (one pass over the bytes).
         let (handle, arriving) = self.core.manager.prefetch_streaming(keys);
         let (mut bytes, mut n) = (0u64, 0usize);
         for (span, chunk) in spans.iter().zip(arriving.iter()) {
             let dst = &mut out[span.start * bpt..span.end * bpt];
-            if chunk.payload().len() != dst.len() {
+            if chunk.len() != dst.len() {
                 return Err(Error::Corrupt(format!(
                     "chunk {} holds {} bytes, expected {}",
                     span.key,
-                    chunk.payload().len(),
+                    chunk.len(),
                     dst.len()
                 )));
             }
-            copy_payload(dst, chunk.payload());
+            if !chunk.copy_to(dst)? {
+                // Corrupt: a miss from here on (C4); the prefetch cuts the prefix there too.
+                break;
+            }
             bytes += dst.len() as u64;
             n += 1;
         }
+        // Chunks still queued are dropped unread, so the prefetch need not wait for them.
+        drop(arriving);
         let mut tiers = handle.wait()?.tiers;
         tiers.truncate(n);
         let dt = t0.elapsed().as_secs_f64();

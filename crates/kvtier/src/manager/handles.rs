@@ -80,6 +80,73 @@ impl Future for GetHandle {
     }
 }
 
+/// A chunk handed out by [`StorageManager::prefetch_streaming`](super::StorageManager::prefetch_streaming)
+/// as soon as it, and every chunk before it, has loaded. Its payload may not be verified
+/// yet, so the bytes are only reachable through [`StreamedChunk::copy_to`], which checks
+/// the checksum in the same pass as the copy and reports the verdict to the prefetch: a
+/// chunk that fails is cut from the prefix with everything after it, and is never written
+/// back into L1. Dropping one without copying leaves the check to the prefetch.
+pub struct StreamedChunk {
+    pub(crate) chunk: Chunk,
+    /// `Some` while the payload is unverified: where the verdict goes.
+    pub(crate) verdict: Option<oneshot::Sender<bool>>,
+}
+
+impl StreamedChunk {
+    /// The chunk key.
+    pub fn key(&self) -> ChunkKey {
+        self.chunk.key()
+    }
+
+    /// Payload length in bytes.
+    pub fn len(&self) -> usize {
+        self.chunk.payload().len()
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies the payload into `dst` (exactly [`len`](Self::len) bytes), verifying it on
+    /// the way when the tier left that to the reader. `Ok(false)`: the payload is corrupt,
+    /// `dst` has been zeroed and the chunk ends the prefix (a miss, counted).
+    pub fn copy_to(mut self, dst: &mut [u8]) -> Result<bool> {
+        if dst.len() != self.len() {
+            return Err(Error::invalid(format!(
+                "chunk {}: destination is {} bytes, the payload {}",
+                self.key(),
+                dst.len(),
+                self.len()
+            )));
+        }
+        let Some(verdict) = self.verdict.take() else {
+            crate::chunk::copy_payload(dst, self.chunk.payload());
+            return Ok(true);
+        };
+        let ok = self
+            .chunk
+            .info
+            .copy_verified(dst, self.chunk.payload())
+            .is_ok();
+        if !ok {
+            dst.fill(0);
+        }
+        let _ = verdict.send(ok);
+        Ok(ok)
+    }
+}
+
+impl std::fmt::Debug for StreamedChunk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamedChunk")
+            .field("key", &self.key())
+            .field("len", &self.len())
+            .field("verified", &self.verdict.is_none())
+            .finish()
+    }
+}
+
 /// What a prefetch loaded: a contiguous prefix of the requested chunks.
 #[derive(Debug, Default)]
 pub struct PrefetchResult {

@@ -24,7 +24,9 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 use tokio::runtime::{Handle, Runtime};
 
-pub use handles::{GetHandle, PrefetchHandle, PrefetchResult, StoreTicket, WriteOutcome};
+pub use handles::{
+    GetHandle, PrefetchHandle, PrefetchResult, StoreTicket, StreamedChunk, WriteOutcome,
+};
 pub use health::{Health, HealthPolicy};
 
 use crate::chunk::Chunk;

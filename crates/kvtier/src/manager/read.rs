@@ -4,8 +4,9 @@
 use std::sync::Arc;
 
 use futures::stream::{self, StreamExt};
+use tokio::sync::oneshot;
 
-use super::handles::{GetHandle, PrefetchHandle, PrefetchResult};
+use super::handles::{GetHandle, PrefetchHandle, PrefetchResult, StreamedChunk};
 use super::{Inner, StorageManager};
 use crate::chunk::Chunk;
 use crate::error::Result;
@@ -31,30 +32,95 @@ impl Inner {
     /// Reads `key` from lower tier `i` (0-based in `lower`), verifying its checksum unless
     /// the tier already did. A corrupt copy is a miss, is removed from that tier and counted.
     async fn load_from(self: &Arc<Self>, i: usize, key: ChunkKey) -> Option<Chunk> {
+        // Not deferred: what comes back is verified.
+        self.load_deferred(i, key, false).await.map(|(c, _)| c)
+    }
+
+    /// Like [`Inner::load_from`]; with `defer`, a tier may leave the payload checksum to
+    /// the reader (`false` in the pair), and the hit is counted once the reader's verdict
+    /// is in (see [`Inner::settle_verdicts`]).
+    async fn load_deferred(
+        self: &Arc<Self>,
+        i: usize,
+        key: ChunkKey,
+        defer: bool,
+    ) -> Option<(Chunk, bool)> {
         let slot = &self.lower[i];
         if !slot.health.available() {
             return None;
         }
-        let r = tokio::time::timeout(self.opts.read_deadline, slot.tier.get(key, &*self.l1)).await;
-        let chunk = self.settle(slot, "get", r)??;
-        if chunk.info.key != key
-            || (!slot.tier.verifies_reads() && chunk.info.verify(chunk.payload()).is_err())
-        {
-            tracing::warn!(tier = %slot.name, key = %key, "checksum mismatch on read: treated as a miss, copy removed");
+        let deadline = self.opts.read_deadline;
+        let r = if defer {
+            tokio::time::timeout(deadline, slot.tier.get_deferred(key, &*self.l1)).await
+        } else {
+            let verified = slot.tier.verifies_reads();
+            tokio::time::timeout(deadline, slot.tier.get(key, &*self.l1))
+                .await
+                .map(|r| r.map(|c| c.map(|c| (c, verified))))
+        };
+        let (chunk, verified) = self.settle(slot, "get", r)??;
+        let bad = chunk.info.key != key
+            || (!verified && !defer && chunk.info.verify(chunk.payload()).is_err());
+        if bad {
             self.metrics
                 .checksum_failures
                 .get_or_create(&Metrics::tier(&slot.name))
                 .inc();
-            let inner = self.clone();
-            self.handle.spawn(async move {
-                let slot = &inner.lower[i];
-                let _ =
-                    tokio::time::timeout(inner.opts.store_deadline, slot.tier.remove(key)).await;
-            });
+            self.discard(i, key, false);
             return None;
         }
-        self.count_hit(i + 1, chunk.buf.len() as u64);
-        Some(chunk)
+        if verified || !defer {
+            self.count_hit(i + 1, chunk.buf.len() as u64);
+            return Some((chunk, true));
+        }
+        Some((chunk, false))
+    }
+
+    /// Drops a corrupt copy from lower tier `i` in the background; `by_reader`: found by a
+    /// deferred check, which the tier counts itself if it counts its own failures.
+    fn discard(self: &Arc<Self>, i: usize, key: ChunkKey, by_reader: bool) {
+        let slot = &self.lower[i];
+        tracing::warn!(tier = %slot.name, key = %key, "checksum mismatch on read: treated as a miss, copy removed");
+        if by_reader && !slot.tier.verifies_reads() {
+            self.metrics
+                .checksum_failures
+                .get_or_create(&Metrics::tier(&slot.name))
+                .inc();
+        }
+        let inner = self.clone();
+        self.handle.spawn(async move {
+            let slot = &inner.lower[i];
+            let op = if by_reader {
+                slot.tier.discard_corrupt(key)
+            } else {
+                slot.tier.remove(key)
+            };
+            let _ = tokio::time::timeout(inner.opts.store_deadline, op).await;
+        });
+    }
+
+    /// Collects the readers' verdicts on deferred chunks, in order, and returns how many
+    /// leading chunks are good: the prefix ends at the first corrupt one (C4, C7). A
+    /// verdict never given (the reader dropped the chunk) is reached here by checking the
+    /// payload after all.
+    async fn settle_verdicts(
+        self: &Arc<Self>,
+        loaded: &mut [(Chunk, Option<oneshot::Receiver<bool>>)],
+        tiers: &[usize],
+    ) -> usize {
+        for (j, ((c, verdict), &t)) in loaded.iter_mut().zip(tiers).enumerate() {
+            let Some(rx) = verdict.take() else { continue };
+            let ok = match rx.await {
+                Ok(ok) => ok,
+                Err(_) => c.info.verify(c.payload()).is_ok(),
+            };
+            if !ok {
+                self.discard(t - 1, c.key(), true);
+                return j;
+            }
+            self.count_hit(t, c.buf.len() as u64);
+        }
+        loaded.len()
     }
 
     /// First lower tier that has `key`.
@@ -93,14 +159,16 @@ impl Inner {
     }
 
     /// Loads the plan of `keys`; each chunk of the contiguous prefix also goes to `sink`
-    /// as soon as it and every chunk before it are loaded.
+    /// as soon as it and every chunk before it are loaded. With a sink, tiers may leave
+    /// the checksum to the sink's reader, who checks it while copying.
     async fn prefetch_task(
         self: Arc<Self>,
         keys: Vec<ChunkKey>,
-        sink: Option<std::sync::mpsc::Sender<Chunk>>,
+        sink: Option<std::sync::mpsc::Sender<StreamedChunk>>,
     ) -> PrefetchResult {
         // Plan first. Handles on L1 chunks keep them from eviction while the rest loads.
         let (tiers, l1_handles) = self.plan_prefix(&keys, true).await;
+        let defer = sink.is_some();
         // Load every lower-tier chunk of the plan concurrently (order preserved).
         let loads: Vec<_> = tiers
             .iter()
@@ -113,27 +181,41 @@ impl Inner {
                     match h {
                         Some(c) => {
                             inner.count_hit(0, c.buf.len() as u64);
-                            Some(c)
+                            Some((c, true))
                         }
-                        None if t > 0 => inner.load_from(t - 1, k).await,
+                        None if t > 0 => inner.load_deferred(t - 1, k, defer).await,
                         None => None,
                     }
                 }
             })
             .collect();
         let mut loading = stream::iter(loads).buffered(self.opts.prefetch_concurrency.max(1));
-        let mut chunks: Vec<Chunk> = Vec::with_capacity(tiers.len());
-        while let Some(Some(c)) = loading.next().await {
+        let mut loaded = Vec::with_capacity(tiers.len());
+        while let Some(Some((c, verified))) = loading.next().await {
+            let (tx, rx) = match verified {
+                true => (None, None),
+                false => {
+                    let (tx, rx) = oneshot::channel();
+                    (Some(tx), Some(rx))
+                }
+            };
             if let Some(sink) = &sink {
-                // A receiver that hung up only stops wanting copies; the prefetch goes on.
-                let _ = sink.send(c.clone());
+                // A receiver that hung up only stops wanting copies; the prefetch goes on
+                // (and checks what it deferred itself).
+                let _ = sink.send(StreamedChunk {
+                    chunk: c.clone(),
+                    verdict: tx,
+                });
             }
-            chunks.push(c);
+            loaded.push((c, rx));
         }
         // Keep the contiguous prefix only: loads after the first failure are cancelled and
         // their buffers released here, before any write-back (C4).
         drop(loading);
         drop(sink);
+        let good = self.settle_verdicts(&mut loaded, &tiers).await;
+        loaded.truncate(good);
+        let chunks: Vec<Chunk> = loaded.into_iter().map(|(c, _)| c).collect();
         let valid = chunks.len();
         let failed_chunks = tiers.len() - valid;
         for (c, &t) in chunks.iter().zip(&tiers) {
@@ -240,11 +322,14 @@ impl StorageManager {
 
     /// Like [`prefetch`](Self::prefetch), and the receiver also gets each chunk of the
     /// contiguous prefix, in order, as soon as it is loaded: a caller copies chunk `i` out
-    /// while later chunks are still loading. The receiver ends when the prefetch is done.
+    /// (verifying it in the same pass, see [`StreamedChunk`]) while later chunks are still
+    /// loading. The receiver ends when the prefetch is done. Copy or drop every streamed
+    /// chunk, or drop the receiver, before waiting on the handle: the prefetch waits for
+    /// their verdicts before it writes anything back.
     pub fn prefetch_streaming(
         &self,
         keys: Vec<ChunkKey>,
-    ) -> (PrefetchHandle, std::sync::mpsc::Receiver<Chunk>) {
+    ) -> (PrefetchHandle, std::sync::mpsc::Receiver<StreamedChunk>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let (sink, chunks) = std::sync::mpsc::channel();
         let inner = self.inner.clone();

@@ -289,12 +289,19 @@ fn streaming_prefetch_hands_out_the_contiguous_prefix_in_order_and_nothing_beyon
         .1
         .add_rule(FaultRule::always(FaultOp::Get, Fault::Fail).for_keys([key(6)]));
     let (handle, arriving) = r.m.prefetch_streaming(keys(8));
-    let got: Vec<_> = arriving.iter().collect();
-    assert_eq!(
-        got.iter().map(|c| c.key()).collect::<Vec<_>>(),
-        (0..6).map(key).collect::<Vec<_>>()
-    );
-    got.iter().for_each(check);
+    let mut got = Vec::new();
+    for c in arriving.iter() {
+        let k = c.key();
+        let mut bytes = vec![0u8; c.len()];
+        assert!(
+            c.copy_to(&mut bytes).unwrap(),
+            "chunk {k:?} failed its check"
+        );
+        let b = byte_of(&k);
+        assert!(bytes.iter().all(|&x| x == b), "wrong bytes for {k:?}");
+        got.push(k);
+    }
+    assert_eq!(got, (0..6).map(key).collect::<Vec<_>>());
     let res = handle.wait().unwrap();
     assert_eq!(res.len(), 6);
     assert_eq!(res.failed_chunks, 2);
@@ -370,6 +377,60 @@ fn corrupt_reads_are_misses_counted_and_removed() {
         !r.lower[0].0.contains(&key(0)),
         "bad copy removed from its tier"
     );
+}
+
+#[test]
+fn a_streamed_chunk_that_fails_its_check_in_the_copy_ends_the_prefix_uncached() {
+    let r = rig(1);
+    for i in 0..6 {
+        place(&r, 1, i);
+    }
+    r.lower[0]
+        .1
+        .add_rule(FaultRule::always(FaultOp::Get, Fault::Corrupt).for_keys([key(3)]));
+    let (handle, arriving) = r.m.prefetch_streaming(keys(6));
+    let mut verdicts = Vec::new();
+    for c in arriving.iter() {
+        let mut bytes = vec![1u8; c.len()];
+        let ok = c.copy_to(&mut bytes).unwrap();
+        if !ok {
+            assert!(
+                bytes.iter().all(|&b| b == 0),
+                "corrupt bytes left in the copy"
+            );
+        }
+        verdicts.push(ok);
+    }
+    // The tier left the check to the reader: chunk 3 arrives and fails in the copy.
+    assert_eq!(verdicts[..4], [true, true, true, false]);
+    let res = handle.wait().unwrap();
+    assert_eq!(res.len(), 3);
+    assert_eq!(res.failed_chunks, 3);
+    assert!(
+        (0..3).all(|i| r.l1.contains(&key(i))),
+        "good prefix written back"
+    );
+    assert!(
+        (3..6).all(|i| !r.l1.contains(&key(i))),
+        "nothing from the corrupt chunk on is cached"
+    );
+    let fails =
+        r.m.metrics()
+            .checksum_failures
+            .get_or_create(&Metrics::tier("t1"))
+            .get();
+    assert_eq!(fails, 1);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!r.lower[0].0.contains(&key(3)), "bad copy removed");
+    drop(res);
+    // A reader that drops chunks unread leaves the check to the prefetch, which still
+    // cuts the prefix at the corrupt chunk.
+    place(&r, 1, 3);
+    r.l1.clear_all();
+    let (handle, arriving) = r.m.prefetch_streaming(keys(6));
+    drop(arriving);
+    assert_eq!(handle.wait().unwrap().len(), 3);
+    assert!(!r.l1.contains(&key(3)));
 }
 
 #[test]

@@ -108,6 +108,25 @@ pub trait Tier: Send + Sync {
         bufs: &'a dyn BufferSource,
     ) -> TierFuture<'a, Option<Chunk>>;
 
+    /// Like [`get`](Tier::get), but a tier may leave the payload checksum to the caller
+    /// (`false` in the pair: not verified yet), which then checks it while it copies the
+    /// bytes anyway: one pass over memory instead of two. A caller that finds the payload
+    /// corrupt calls [`discard_corrupt`](Tier::discard_corrupt). By default: `get`.
+    fn get_deferred<'a>(
+        &'a self,
+        key: ChunkKey,
+        bufs: &'a dyn BufferSource,
+    ) -> TierFuture<'a, Option<(Chunk, bool)>> {
+        let verified = self.verifies_reads();
+        Box::pin(async move { Ok(self.get(key, bufs).await?.map(|c| (c, verified))) })
+    }
+
+    /// A chunk this tier returned failed verification: drop the copy (and count it, when
+    /// the tier counts its own checksum failures). By default: `remove`.
+    fn discard_corrupt(&self, key: ChunkKey) -> TierFuture<'_, bool> {
+        self.remove(key)
+    }
+
     /// Stores a chunk; completes once the chunk is as durable as the tier makes it.
     fn put(&self, chunk: Chunk) -> TierFuture<'_, PutOutcome>;
 

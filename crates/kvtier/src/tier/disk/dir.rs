@@ -27,7 +27,9 @@ use crate::policy::{EvictionPolicy, PolicyKind};
 use crate::tier::PutOutcome;
 
 /// Extension of committed record files.
-const EXT: &str = "kvc";
+pub(crate) const EXT: &str = "kvr";
+/// Extension of the header-first layout of earlier builds: deleted at startup.
+const OLD_EXT: &str = ".kvc";
 /// Name of the scratch directory for files being written.
 const TMP_DIR: &str = "tmp";
 /// Salt tag of chunks stored without a tenant salt.
@@ -39,7 +41,7 @@ pub(crate) fn salt_tag(salt: Option<&str>) -> Option<u64> {
     salt.map(|s| xxhash_rust::xxh3::xxh3_64(s.as_bytes()))
 }
 
-/// File name of a committed record: `<64 hex key>.<16 hex salt tag | none>.kvc`.
+/// File name of a committed record: `<64 hex key>.<16 hex salt tag | none>.kvr`.
 fn file_name(key: &ChunkKey, salt: Option<u64>) -> String {
     match salt {
         Some(t) => format!("{}.{t:016x}.{EXT}", key.to_hex()),
@@ -643,12 +645,14 @@ impl DiskDir {
         }
     }
 
-    /// Reads and verifies the record of `key` into `buf` (capacity = file size - 4096).
+    /// Reads the record of `key` into `buf` (capacity = file size - 4096), checking its
+    /// header, and its payload checksum when `verify`.
     pub(crate) fn read(
         &self,
         key: &ChunkKey,
         gen: u64,
         buf: &mut WritableBuf,
+        verify: bool,
     ) -> std::result::Result<ChunkInfo, ReadError> {
         let path = {
             let st = self.state.lock();
@@ -658,10 +662,10 @@ impl DiskDir {
             }
         };
         let direct = self.direct.load(Ordering::Relaxed);
-        match read_record(&path, key, buf, direct) {
+        match read_record(&path, key, buf, direct, verify) {
             Err(ReadError::Io(e)) if direct && is_direct_unsupported(&e) => {
                 self.disable_direct(&e);
-                read_record(&path, key, buf, false)
+                read_record(&path, key, buf, false, verify)
             }
             r => r,
         }
@@ -745,7 +749,7 @@ fn parallel<T: Sync>(items: &[T], f: impl Fn(&T) -> io::Result<()> + Sync) -> Ve
     }
 }
 
-/// Writes header block + payload (+ zero padding to a whole block) into a new file (not
+/// Writes payload (+ zero padding to a whole block) + header block into a new file (not
 /// yet flushed: the commit round does that). One `pwritev` when the payload is a pool
 /// buffer.
 fn write_tmp(path: &Path, header: &[u8], chunk: &Chunk, direct: bool) -> io::Result<fs::File> {
@@ -764,15 +768,16 @@ fn write_tmp(path: &Path, header: &[u8], chunk: &Chunk, direct: bool) -> io::Res
         t.as_mut_slice()[..len - whole].copy_from_slice(&payload[whole..]);
         tail = Some(t);
     }
+    let head_at = round_block(len as u64);
     if !direct || is_aligned(body) {
-        let mut bufs: Vec<&[u8]> = vec![head.as_slice(), body];
+        let mut bufs: Vec<&[u8]> = vec![body];
         if let Some(t) = &tail {
             bufs.push(t.as_slice());
         }
+        bufs.push(head.as_slice());
         write_all_vectored_at(&f, &bufs, 0)?;
         return Ok(f);
     }
-    f.write_all_at(head.as_slice(), 0)?;
     if whole > 0 {
         // Not a pool buffer: go through an aligned bounce buffer.
         let step = (1 << 20).min(whole);
@@ -781,13 +786,14 @@ fn write_tmp(path: &Path, header: &[u8], chunk: &Chunk, direct: bool) -> io::Res
         while off < whole {
             let n = step.min(whole - off);
             bounce.as_mut_slice()[..n].copy_from_slice(&body[off..off + n]);
-            f.write_all_at(&bounce.as_slice()[..n], (BLOCK + off) as u64)?;
+            f.write_all_at(&bounce.as_slice()[..n], off as u64)?;
             off += n;
         }
     }
     if let Some(t) = &tail {
-        f.write_all_at(t.as_slice(), (BLOCK + whole) as u64)?;
+        f.write_all_at(t.as_slice(), whole as u64)?;
     }
+    f.write_all_at(head.as_slice(), head_at)?;
     Ok(f)
 }
 
@@ -799,12 +805,14 @@ fn eof_to_corrupt(e: io::Error, what: &str) -> ReadError {
     }
 }
 
-/// Reads one record file into `buf`, checking header, key, size and payload checksum.
+/// Reads one record file into `buf`, checking header, key, size and (when `verify`) the
+/// payload checksum.
 fn read_record(
     path: &Path,
     key: &ChunkKey,
     buf: &mut WritableBuf,
     direct: bool,
+    verify: bool,
 ) -> std::result::Result<ChunkInfo, ReadError> {
     let f = match open_read(path, direct) {
         Ok(f) => f,
@@ -820,13 +828,13 @@ fn read_record(
         )));
     }
     let mut head = AlignedBuf::zeroed(BLOCK).map_err(ReadError::Io)?;
-    // Header and payload in one `preadv` when the buffer suits `O_DIRECT` (pool buffers do).
+    // Payload and header in one `preadv` when the buffer suits `O_DIRECT` (pool buffers do).
     let together = !direct || is_aligned(buf.as_mut_capacity());
     if together {
-        read_exact_vectored_at(&f, &mut [head.as_mut_slice(), buf.as_mut_capacity()], 0)
+        read_exact_vectored_at(&f, &mut [buf.as_mut_capacity(), head.as_mut_slice()], 0)
             .map_err(|e| eof_to_corrupt(e, "record"))?;
     } else {
-        f.read_exact_at(head.as_mut_slice(), 0)
+        f.read_exact_at(head.as_mut_slice(), cap)
             .map_err(|e| eof_to_corrupt(e, "header"))?;
     }
     let (info, _) =
@@ -844,12 +852,14 @@ fn read_record(
         )));
     }
     if !together {
-        f.read_exact_at(buf.as_mut_capacity(), BLOCK as u64)
+        f.read_exact_at(buf.as_mut_capacity(), 0)
             .map_err(|e| eof_to_corrupt(e, "payload"))?;
     }
     buf.truncate(info.len as usize);
-    info.verify(buf.as_slice())
-        .map_err(|e| ReadError::Corrupt(e.to_string()))?;
+    if verify {
+        info.verify(buf.as_slice())
+            .map_err(|e| ReadError::Corrupt(e.to_string()))?;
+    }
     Ok(info)
 }
 
@@ -882,7 +892,11 @@ fn scan_shard(dir: &Path, byte: u8) -> (Vec<Found>, u64) {
                 ));
             }
             _ => {
-                tracing::warn!(path = %e.path().display(), "disk tier: deleting a file that is not a valid record");
+                if name.to_str().is_some_and(|n| n.ends_with(OLD_EXT)) {
+                    tracing::debug!(path = %e.path().display(), "disk tier: deleting a record of the older header-first layout");
+                } else {
+                    tracing::warn!(path = %e.path().display(), "disk tier: deleting a file that is not a valid record");
+                }
                 if fs::remove_file(e.path()).is_ok() {
                     removed += 1;
                 }
@@ -903,12 +917,13 @@ mod tests {
             assert_eq!(parse_name(&file_name(&k, salt)), Some((k, salt)));
         }
         for bad in [
-            "x.kvc",
-            "ab.none.kvc",
+            "x.kvr",
+            "ab.none.kvr",
+            &format!("{}.none.kvc", k.to_hex()),
             &format!("{}.none.tmp", k.to_hex()),
-            &format!("{}.zz.kvc", k.to_hex()),
-            &format!("{}.none.kvc.1", k.to_hex()),
-            &format!("{}.none.kvc", k.to_hex().to_uppercase()),
+            &format!("{}.zz.kvr", k.to_hex()),
+            &format!("{}.none.kvr.1", k.to_hex()),
+            &format!("{}.none.kvr", k.to_hex().to_uppercase()),
         ] {
             assert_eq!(parse_name(bad), None, "{bad}");
         }

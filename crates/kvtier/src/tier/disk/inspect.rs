@@ -2,7 +2,7 @@
 //! model and tenant, and optionally whether every record verifies. Never modifies anything.
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::io::BLOCK;
@@ -115,7 +115,7 @@ pub fn inspect(
     let mut header = vec![0u8; MAX_HEADER_LEN];
     for (i, path) in files.iter().enumerate() {
         progress(i + 1, total);
-        if path.extension().and_then(|e| e.to_str()) != Some("kvc") {
+        if path.extension().and_then(|e| e.to_str()) != Some(super::dir::EXT) {
             rep.other_files += 1;
             continue;
         }
@@ -123,7 +123,7 @@ pub fn inspect(
             path: path.clone(),
             problem,
         };
-        let mut f = match std::fs::File::open(path) {
+        let f = match std::fs::File::open(path) {
             Ok(f) => f,
             Err(e) => {
                 rep.bad.push(bad(format!("cannot open: {e}")));
@@ -131,8 +131,18 @@ pub fn inspect(
             }
         };
         let size = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let n = read_up_to(&mut f, &mut header);
-        let info = match decode_header(&header[..n]) {
+        if size < BLOCK as u64 || size % BLOCK as u64 != 0 {
+            rep.bad.push(bad(format!(
+                "file is {size} bytes, not whole {BLOCK}-byte blocks (torn write?)"
+            )));
+            continue;
+        }
+        // The header is the last block.
+        if let Err(e) = f.read_exact_at(&mut header, size - BLOCK as u64) {
+            rep.bad.push(bad(format!("header unreadable: {e}")));
+            continue;
+        }
+        let info = match decode_header(&header) {
             Ok((info, _)) => info,
             Err(e) => {
                 rep.bad.push(bad(e.to_string()));
@@ -149,8 +159,7 @@ pub fn inspect(
         }
         if verify {
             let mut payload = vec![0u8; info.len as usize];
-            let read = std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(BLOCK as u64))
-                .and_then(|_| f.read_exact(&mut payload));
+            let read = f.read_exact_at(&mut payload, 0);
             if let Err(e) = read {
                 rep.bad.push(bad(format!("payload unreadable: {e}")));
                 continue;
@@ -180,15 +189,4 @@ pub fn inspect(
         }
     }
     Ok(rep)
-}
-
-fn read_up_to(f: &mut std::fs::File, buf: &mut [u8]) -> usize {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => n += k,
-        }
-    }
-    n
 }
