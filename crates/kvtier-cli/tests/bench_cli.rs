@@ -69,27 +69,8 @@ fn long_doc_qa_json_has_the_documented_keys() {
 
 #[test]
 fn disk_json_has_the_issue_keys_and_every_round_hits_every_chunk() {
-    let dir = std::env::temp_dir().join(format!("kvtier-bench-disk-test-{}", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_kvtier"))
-        .args(["bench", "disk", "--model", "tiny", "--docs", "2"])
-        .args([
-            "--doc-tokens",
-            "1024",
-            "--reps",
-            "2",
-            "--json",
-            "--disk-dir",
-        ])
-        .arg(&dir)
-        .env_remove("KVTIER_CONFIG_FILE")
-        .output()
-        .expect("running kvtier");
-    std::fs::remove_dir_all(&dir).ok();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "kvtier failed: {stderr}");
-    let json: Value =
-        serde_json::from_slice(&out.stdout).expect("stdout must be exactly one JSON object");
-    assert_eq!(json["workload"], "disk");
+    let json = run_disk_bench(&[]);
+    assert_eq!(json["config"]["durability"], "process_crash");
     for key in [
         "baseline.disk_write_gbps",
         "baseline.disk_write_durable_gbps",
@@ -111,8 +92,49 @@ fn disk_json_has_the_issue_keys_and_every_round_hits_every_chunk() {
     assert_eq!(rounds.len(), 2);
     // Alternating order, so neither pass always gets the device's fresh write cache.
     assert_ne!(rounds[0]["baseline_first"], rounds[1]["baseline_first"]);
-    for r in rounds {
-        assert_eq!(r["results"]["restart_hit_rate"].as_f64(), Some(1.0), "{r}");
-        assert_eq!(r["results"]["verified_chunks"].as_u64(), Some(8), "{r}");
+    assert_every_chunk_stored_and_hit(&json);
+}
+
+/// `--disk-only` (L1 only stages I/O): every chunk of the growing prompts is written once and
+/// found after the restart; none is dropped by the write queue.
+#[test]
+fn disk_only_bench_stores_and_hits_every_chunk() {
+    let json = run_disk_bench(&["--disk-only"]);
+    assert_eq!(json["config"]["disk_only"], true);
+    assert_every_chunk_stored_and_hit(&json);
+}
+
+fn run_disk_bench(extra: &[&str]) -> Value {
+    let dir = std::env::temp_dir().join(format!(
+        "kvtier-bench-disk-test-{}-{}",
+        std::process::id(),
+        extra.len()
+    ));
+    let out = Command::new(env!("CARGO_BIN_EXE_kvtier"))
+        .args(["bench", "disk", "--model", "tiny", "--docs", "2"])
+        .args(["--doc-tokens", "1024", "--reps", "2", "--json"])
+        .args(extra)
+        .arg("--disk-dir")
+        .arg(&dir)
+        .env_remove("KVTIER_CONFIG_FILE")
+        .env_remove("KVTIER_LOCAL_DISK_DURABILITY")
+        .output()
+        .expect("running kvtier");
+    std::fs::remove_dir_all(&dir).ok();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kvtier failed: {stderr}");
+    let json: Value =
+        serde_json::from_slice(&out.stdout).expect("stdout must be exactly one JSON object");
+    assert_eq!(json["workload"], "disk");
+    json
+}
+
+fn assert_every_chunk_stored_and_hit(json: &Value) {
+    for r in json["rounds"].as_array().expect("rounds") {
+        let res = &r["results"];
+        assert_eq!(res["chunks_acknowledged"].as_u64(), Some(8), "{r}");
+        assert_eq!(res["chunks_skipped"].as_u64(), Some(0), "{r}");
+        assert_eq!(res["restart_hit_rate"].as_f64(), Some(1.0), "{r}");
+        assert_eq!(res["verified_chunks"].as_u64(), Some(8), "{r}");
     }
 }

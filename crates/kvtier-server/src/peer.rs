@@ -147,7 +147,7 @@ fn put(state: &ServerState, blob: &[u8]) -> Response {
         );
     }
     let guard = match manager.claim(info.key) {
-        StoreClaim::Present(_) | StoreClaim::InFlight => {
+        StoreClaim::Present(_) | StoreClaim::Stored | StoreClaim::InFlight => {
             return Response::PutChunk(PutResult::AlreadyPresent)
         }
         StoreClaim::New(g) => g,

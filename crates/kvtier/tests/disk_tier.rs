@@ -291,6 +291,64 @@ fn restart_three_times_hits_every_acknowledged_chunk() {
     assert_eq!(disk.usage.chunks, 90);
 }
 
+/// The disk-only acceptance: L1 off (it only stages I/O), three processes' worth of
+/// engines in sequence over one directory. Prompts grow a chunk per store, as a serving
+/// engine stores them: earlier chunks are recognised from the disk index (not copied or
+/// queued again, so the bounded write queue never drops the new one), and the second and
+/// third engines hit every chunk the first stored.
+#[test]
+fn disk_only_restarted_twice_hits_every_chunk_the_first_run_stored() {
+    let d = tempdir();
+    let path = d.path().join("c");
+    let config = EngineConfig {
+        local_cpu: false,
+        write_queue_chunks: 2,
+        ..engine_config(&path)
+    };
+    {
+        let engine = Engine::new(config.clone(), identity()).unwrap();
+        for p in 0..4u64 {
+            let tokens = prompt(p, 6);
+            let payload = kv(&engine, p, tokens.len());
+            for c in 1..=6 {
+                let n = c * 16;
+                let r = engine
+                    .store(&tokens[..n], None, &payload[..payload.len() / 6 * c])
+                    .unwrap();
+                assert_eq!(
+                    (r.new_chunks, r.present_chunks),
+                    (1, c - 1),
+                    "prompt {p}, {c} chunks"
+                );
+                let outs = r.ticket.wait();
+                assert_eq!(outs.len(), 1);
+                assert_eq!(
+                    outs[0].result,
+                    Ok(PutOutcome::Stored),
+                    "prompt {p}, chunk {c}"
+                );
+            }
+        }
+        assert!(engine.flush(Duration::from_secs(30)));
+    }
+    for run in 2..=3 {
+        let engine = Engine::new(config.clone(), identity()).unwrap();
+        for p in 0..4u64 {
+            let tokens = prompt(p, 6);
+            let payload = kv(&engine, p, tokens.len());
+            let mut out = vec![0u8; payload.len()];
+            let rr = engine.retrieve(&tokens, None, &mut out).unwrap();
+            assert_eq!(rr.hit_tokens, tokens.len(), "run {run}, prompt {p}");
+            assert_eq!(out, payload, "run {run}, prompt {p}");
+        }
+        // A store of what is there already is recognised, not written again.
+        let r = engine
+            .store(&prompt(0, 6), None, &kv(&engine, 0, 6 * 16))
+            .unwrap();
+        assert_eq!((r.new_chunks, r.present_chunks), (0, 6));
+    }
+}
+
 #[test]
 fn engine_striped_and_by_rank_sharding() {
     let d = tempdir();

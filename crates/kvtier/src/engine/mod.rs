@@ -479,7 +479,7 @@ impl Engine {
                 // Present in L1: skipped (C5). Its lower-tier writes were queued when it was
                 // first stored, or it came from a lower tier; re-sending every hot chunk to
                 // every tier on each store would multiply remote traffic.
-                StoreClaim::Present(_) => session.present_chunks += 1,
+                StoreClaim::Present(_) | StoreClaim::Stored => session.present_chunks += 1,
                 StoreClaim::InFlight => session.inflight_chunks += 1,
                 StoreClaim::New(claim) => {
                     let Some(buf) = self.core.manager.allocate(span.len() * bpt) else {

@@ -165,6 +165,9 @@ impl std::fmt::Debug for StorageManager {
 pub enum StoreClaim {
     /// L1 already holds the key (its chunk is returned; nothing needs storing).
     Present(Chunk),
+    /// L1 is off and a lower tier that can tell at once (a disk tier's index) holds the key
+    /// or is writing it, and none says it lacks it: nothing needs storing.
+    Stored,
     /// Another store of the key is under way.
     InFlight,
     /// The caller owns the store of this key until the guard drops.
@@ -346,6 +349,10 @@ impl StorageManager {
             if let Some(c) = self.inner.l1.lookup(&key) {
                 return StoreClaim::Present(c);
             }
+        } else if self.inner.lower_holds(&key) {
+            // Without L1 this is where a re-stored prefix is recognised; otherwise every
+            // store of a growing prompt would copy and queue all its earlier chunks again.
+            return StoreClaim::Stored;
         }
         let mut storing = self.inner.storing.lock();
         if storing.contains_key(&key) {
@@ -618,6 +625,21 @@ impl Inner {
         } else {
             self.opts.read_deadline
         }
+    }
+
+    /// Whether some lower tier is known, without I/O, to hold or be writing `key`, and none
+    /// is known to lack it.
+    fn lower_holds(&self, key: &ChunkKey) -> bool {
+        let mut held = false;
+        for slot in &self.lower {
+            let queued = slot.inflight.lock().contains_key(key);
+            match (queued, slot.tier.holds(key)) {
+                (true, _) | (false, Some(true)) => held = true,
+                (false, Some(false)) => return false,
+                (false, None) => {}
+            }
+        }
+        held
     }
 
     fn skip_store(&self, slot: &Slot, reason: &str) {

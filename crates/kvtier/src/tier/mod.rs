@@ -98,6 +98,13 @@ pub trait Tier: Send + Sync {
         false
     }
 
+    /// Whether the tier holds `key` (or is writing it), when it can tell at once from
+    /// memory (a disk tier's index); `None` when it cannot without I/O (a remote store).
+    /// With L1 off, a store skips a chunk that a tier answering yes already has.
+    fn holds(&self, _key: &ChunkKey) -> Option<bool> {
+        None
+    }
+
     /// How many leading keys of `keys` this tier holds.
     fn contains_prefix<'a>(&'a self, keys: &'a [ChunkKey]) -> TierFuture<'a, usize>;
 

@@ -343,6 +343,12 @@ impl DiskDir {
         self.state.lock().index.contains_key(key)
     }
 
+    /// Whether `key` is indexed or being written.
+    pub(crate) fn holds(&self, key: &ChunkKey) -> bool {
+        let st = self.state.lock();
+        st.index.contains_key(key) || st.inflight.contains_key(key)
+    }
+
     /// Evicts the policy's next victim that nobody reads. Its bytes move from `bytes` to
     /// `reserved` until the file is unlinked (see [`DiskDir::unlink_reserved`]).
     fn evict_one(&self, st: &mut State) -> Option<(ChunkKey, Option<u64>, u64)> {

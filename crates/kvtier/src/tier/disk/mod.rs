@@ -404,6 +404,10 @@ impl Tier for DiskTier {
         true
     }
 
+    fn holds(&self, key: &ChunkKey) -> Option<bool> {
+        Some(self.dir(key).holds(key))
+    }
+
     fn contains_prefix<'a>(&'a self, keys: &'a [ChunkKey]) -> TierFuture<'a, usize> {
         let n = keys.iter().take_while(|k| self.contains(k)).count();
         Box::pin(futures::future::ready(Ok(n)))
