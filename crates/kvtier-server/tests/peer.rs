@@ -142,7 +142,13 @@ fn peer_child_entry() {
             let e = Engine::new(node_config(None, &url), identity()).unwrap();
             let t0 = Instant::now();
             let mut calls: u64 = 0;
-            while t0.elapsed() < Duration::from_secs(3) {
+            // At least 3 s of calls, and until the tier has retried (the manager's and the
+            // link's backoffs decide when; a loaded machine makes fewer calls in 3 s).
+            let retried =
+                |e: &Engine| peer_stats(&e.stats()).details["auth_failures"].as_u64() >= Some(2);
+            while t0.elapsed() < Duration::from_secs(3)
+                || (!retried(&e) && t0.elapsed() < Duration::from_secs(20))
+            {
                 let t = Instant::now();
                 assert_eq!(
                     e.lookup(&tokens(77, DOC_TOKENS), None).unwrap().hit_tokens,
