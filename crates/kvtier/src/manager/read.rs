@@ -62,10 +62,6 @@ impl Inner {
         let bad = chunk.info.key != key
             || (!verified && !defer && chunk.info.verify(chunk.payload()).is_err());
         if bad {
-            self.metrics
-                .checksum_failures
-                .get_or_create(&Metrics::tier(&slot.name))
-                .inc();
             self.discard(i, key, false);
             return None;
         }
@@ -76,12 +72,13 @@ impl Inner {
         Some((chunk, false))
     }
 
-    /// Drops a corrupt copy from lower tier `i` in the background; `by_reader`: found by a
-    /// deferred check, which the tier counts itself if it counts its own failures.
+    /// Counts and logs a corrupt copy from lower tier `i` and drops it in the background.
+    /// `by_reader`: found by a deferred check; a tier that verifies its own reads then
+    /// counts and logs it itself, in `discard_corrupt`.
     fn discard(self: &Arc<Self>, i: usize, key: ChunkKey, by_reader: bool) {
         let slot = &self.lower[i];
-        tracing::warn!(tier = %slot.name, key = %key, "checksum mismatch on read: treated as a miss, copy removed");
-        if by_reader && !slot.tier.verifies_reads() {
+        if !(by_reader && slot.tier.verifies_reads()) {
+            tracing::warn!(tier = %slot.name, key = %key, "checksum mismatch on read: treated as a miss, copy removed");
             self.metrics
                 .checksum_failures
                 .get_or_create(&Metrics::tier(&slot.name))
