@@ -44,6 +44,38 @@ def gbps(nbytes, secs):
     return nbytes / secs / GB if secs > 0 else float("nan")
 
 
+def _timed_calls(n, op, ok):
+    """Calls op(0..n), timing each call; ok(i, result) runs outside the per-call timing.
+    Returns (total seconds, per-call seconds)."""
+    lat = []
+    t0 = now()
+    for i in range(n):
+        t = now()
+        r = op(i)
+        lat.append(now() - t)
+        if ok:
+            ok(i, r)
+    return now() - t0, lat
+
+
+def worker_args():
+    """Command line of a worker (w_kvtier.py, w_lmcache.py): both take the same options."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workload", required=True, choices=["l1", "lookup", "disk", "prefetch", "ldqa"])
+    ap.add_argument("--shape", default="4MiB", choices=SHAPES)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--chunks", type=int, default=128)
+    ap.add_argument("--doc-chunks", type=int, default=32)
+    ap.add_argument("--budget-gib", type=float, default=2.0)
+    ap.add_argument("--prompt-tokens", type=int, default=131072)
+    ap.add_argument("--disk-dir", default="/tmp/kvtier-compare-disk")
+    ap.add_argument("--working-set-factor", type=float, default=2.0)
+    ap.add_argument("--queries", type=int, default=2)
+    return ap.parse_args()
+
+
 def l1_rounds(a, n, chunk_bytes, store, retrieve, verify, clear, store_ok=None, retrieve_ok=None):
     """The L1 store/retrieve measurement both workers share: one warm-up round (first touch
     of the pool's pages), then `a.reps` timed rounds of n stores followed by n retrieves.
@@ -52,24 +84,8 @@ def l1_rounds(a, n, chunk_bytes, store, retrieve, verify, clear, store_ok=None, 
     empties the cache between rounds."""
     st, rt, st_lat, rt_lat = [], [], [], []
     for rep in range(a.reps + 1):
-        lat = []
-        t0 = now()
-        for i in range(n):
-            t = now()
-            r = store(i)
-            lat.append(now() - t)
-            if store_ok:
-                store_ok(i, r)
-        s_secs = now() - t0
-        rl = []
-        t0 = now()
-        for i in range(n):
-            t = now()
-            r = retrieve(i)
-            rl.append(now() - t)
-            if retrieve_ok:
-                retrieve_ok(i, r)
-        r_secs = now() - t0
+        s_secs, lat = _timed_calls(n, store, store_ok)
+        r_secs, rl = _timed_calls(n, retrieve, retrieve_ok)
         verify()
         clear()
         if rep:

@@ -9,7 +9,6 @@ Workloads (selected with --workload):
   prefetch  a prompt whose first half is in L1 and second half on disk: prefetch + retrieve
   ldqa      long-doc-qa at a fixed L1 budget: hit rate and throughput
 """
-import argparse
 import os
 import random
 import shutil
@@ -18,7 +17,7 @@ import torch
 
 import kvtier
 from common import (CHUNK_TOKENS, GIB, MIB, SHAPES, drop_file_cache, emit, gbps, l1_rounds, now, stats,
-                    threads_info, tokens_for)
+                    threads_info, tokens_for, worker_args)
 
 torch.set_num_threads(1)  # as the LMCache reference run (baselines.md 3c)
 
@@ -254,18 +253,7 @@ def w_ldqa(a):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workload", required=True, choices=["l1", "lookup", "disk", "prefetch", "ldqa"])
-    ap.add_argument("--shape", default="4MiB", choices=SHAPES)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--chunks", type=int, default=128)
-    ap.add_argument("--doc-chunks", type=int, default=32)
-    ap.add_argument("--budget-gib", type=float, default=2.0)
-    ap.add_argument("--prompt-tokens", type=int, default=131072)
-    ap.add_argument("--disk-dir", default="/tmp/kvtier-compare-disk")
-    ap.add_argument("--working-set-factor", type=float, default=2.0)
-    ap.add_argument("--queries", type=int, default=2)
-    a = ap.parse_args()
+    a = worker_args()
     r = globals()["w_" + a.workload](a)
     r.update(system="kvtier", workload=a.workload, shape=a.shape, threads=threads_info(),
              kvtier_version=getattr(kvtier, "__version__", None))

@@ -3,7 +3,6 @@ StorageManager) driven on CPU tensors through its public classes, as a user (or
 LMCacheEngine) would call them, in its own process. Constructors as in
 shared/reference/baselines.md 3c. Workloads mirror w_kvtier.py one for one.
 """
-import argparse
 import asyncio
 import logging
 import os
@@ -15,7 +14,7 @@ import time
 import torch
 
 from common import (CHUNK_TOKENS, GIB, MIB, SHAPES, drop_file_cache, emit, gbps, l1_rounds, now, stats,
-                    threads_info, tokens_for)
+                    threads_info, tokens_for, worker_args)
 
 torch.set_num_threads(1)  # as the reference run (baselines.md 3c)
 logging.disable(logging.WARNING)  # LMCache logs every backend start at INFO
@@ -347,18 +346,7 @@ def w_ldqa(a):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--workload", required=True, choices=["l1", "lookup", "disk", "prefetch", "ldqa"])
-    ap.add_argument("--shape", default="4MiB", choices=SHAPES)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--chunks", type=int, default=128)
-    ap.add_argument("--doc-chunks", type=int, default=32)
-    ap.add_argument("--budget-gib", type=float, default=2.0)
-    ap.add_argument("--prompt-tokens", type=int, default=131072)
-    ap.add_argument("--disk-dir", default="/tmp/kvtier-compare-disk")
-    ap.add_argument("--working-set-factor", type=float, default=2.0)
-    ap.add_argument("--queries", type=int, default=2)
-    a = ap.parse_args()
+    a = worker_args()
     r = globals()["w_" + a.workload](a)
     import lmcache
 
