@@ -299,15 +299,11 @@ impl DiskTier {
 
     /// Reads a chunk, blocking the calling thread.
     pub fn get_blocking(&self, key: ChunkKey, bufs: &dyn BufferSource) -> Result<Option<Chunk>> {
-        let dir = self.dir(&key).clone();
-        let Some(guard) = self.begin_read(&dir, key) else {
+        let Some((dir, guard, mut buf)) = self.begin_read(key, bufs) else {
             return Ok(None);
         };
-        let Some(mut buf) = bufs.allocate(guard.1 as usize) else {
-            return Ok(None);
-        };
-        let r = dir.read(&key, guard.0.gen, &mut buf, true);
-        self.finish_read(&dir, key, guard.0, r, buf)
+        let r = dir.read(&key, guard.gen, &mut buf, true);
+        self.finish_read(&dir, key, guard, r, buf)
     }
 
     /// Reads a chunk on a blocking thread; `verify: false` leaves the payload checksum
@@ -318,11 +314,7 @@ impl DiskTier {
         bufs: &dyn BufferSource,
         verify: bool,
     ) -> Result<Option<Chunk>> {
-        let dir = self.dir(&key).clone();
-        let Some((guard, cap)) = self.begin_read(&dir, key) else {
-            return Ok(None);
-        };
-        let Some(mut buf) = bufs.allocate(cap as usize) else {
+        let Some((dir, guard, mut buf)) = self.begin_read(key, bufs) else {
             return Ok(None);
         };
         let d = dir.clone();
@@ -334,7 +326,7 @@ impl DiskTier {
         self.finish_read(&dir, key, guard, r, buf)
     }
 
-    /// Counts a corrupt record, logs it once per record and deletes it.
+    /// Counts a corrupt record and logs it (the caller deletes it).
     fn corrupt(&self, dir: &DiskDir, key: ChunkKey, why: &str) {
         dir.counters
             .checksum_failures
@@ -342,16 +334,22 @@ impl DiskTier {
         tracing::warn!(tier = %self.name, key = %key, reason = %why, "disk tier: corrupt record; treated as a miss and deleted");
     }
 
-    fn begin_read(&self, dir: &Arc<DiskDir>, key: ChunkKey) -> Option<(ReadGuard, u64)> {
+    /// Registers a read of `key` (its file is kept from eviction until the guard drops) and
+    /// allocates the buffer it lands in; `None`: not held, or no memory for it (a miss).
+    fn begin_read(
+        &self,
+        key: ChunkKey,
+        bufs: &dyn BufferSource,
+    ) -> Option<(Arc<DiskDir>, ReadGuard, crate::memory::WritableBuf)> {
+        let dir = self.dir(&key).clone();
         let (cap, gen) = dir.begin_read(&key)?;
-        Some((
-            ReadGuard {
-                dir: dir.clone(),
-                key,
-                gen,
-            },
-            cap,
-        ))
+        let guard = ReadGuard {
+            dir: dir.clone(),
+            key,
+            gen,
+        };
+        let buf = bufs.allocate(cap as usize)?;
+        Some((dir, guard, buf))
     }
 
     fn finish_read(
