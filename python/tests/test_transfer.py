@@ -47,6 +47,19 @@ def expected_payload(caches, block_ids, bpc, block_dim):
 IDS = [9, 2, 14, 5, 0, 11, 7]  # 7 blocks, out of order: with 3 per chunk, a partial last chunk
 
 
+def gathered(bpc, ids=IDS):
+    """vLLM-layout caches, their PagedLayers, and the payload of blocks ``ids``."""
+    src = vllm_caches()
+    paged = PagedLayers(src, block_dim=1, blocks_per_chunk=bpc)
+    payload = torch.empty(paged.payload_numel(len(ids)))
+    paged.gather(ids, payload)
+    return src, paged, payload
+
+
+def zero_caches():
+    return [torch.zeros(2, NB, BS, H, D) for _ in range(L)]
+
+
 @pytest.mark.parametrize("bpc", [1, 3, 4, 7, 8])
 def test_gather_writes_the_documented_payload_layout(bpc):
     caches = vllm_caches()
@@ -62,10 +75,7 @@ def test_gather_writes_the_documented_payload_layout(bpc):
 
 
 def test_partial_last_chunk_is_layer_major_on_its_own():
-    caches = vllm_caches()
-    paged = PagedLayers(caches, block_dim=1, blocks_per_chunk=3)
-    payload = torch.empty(paged.payload_numel(len(IDS)))
-    paged.gather(IDS, payload)
+    caches, paged, payload = gathered(3)
     per_block = 2 * BS * H * D
     full = 2 * L * 3 * per_block  # two full chunks
     tail = payload[full:].view(L, 1, 2, BS, H, D)  # one block left: (layers, 1, *block)
@@ -77,11 +87,8 @@ def test_partial_last_chunk_is_layer_major_on_its_own():
 
 @pytest.mark.parametrize("bpc", [1, 3, 8])
 def test_scatter_puts_every_block_back_and_touches_nothing_else(bpc):
-    src = vllm_caches()
-    paged = PagedLayers(src, block_dim=1, blocks_per_chunk=bpc)
-    payload = torch.empty(paged.payload_numel(len(IDS)))
-    paged.gather(IDS, payload)
-    dst = [torch.zeros(2, NB, BS, H, D) for _ in range(L)]
+    src, paged, payload = gathered(bpc)
+    dst = zero_caches()
     dst_ids = [1, 3, 4, 6, 8, 10, 15]
     PagedLayers(dst, block_dim=1, blocks_per_chunk=bpc).scatter(payload, dst_ids)
     for li in range(L):
@@ -94,11 +101,8 @@ def test_scatter_puts_every_block_back_and_touches_nothing_else(bpc):
 @pytest.mark.parametrize("bpc", [1, 3, 4])
 def test_scatter_from_an_offset_fills_only_the_asked_blocks(bpc):
     """A payload holding a whole prefix fills only the blocks after those computed locally."""
-    src = vllm_caches()
-    paged = PagedLayers(src, block_dim=1, blocks_per_chunk=bpc)
-    payload = torch.empty(paged.payload_numel(len(IDS)))
-    paged.gather(IDS, payload)
-    dst = [torch.zeros(2, NB, BS, H, D) for _ in range(L)]
+    src, paged, payload = gathered(bpc)
+    dst = zero_caches()
     into = PagedLayers(dst, block_dim=1, blocks_per_chunk=bpc)
     into.scatter(payload, [12, 13, 14], first=2)  # payload blocks 2, 3, 4
     for li in range(L):
@@ -121,17 +125,14 @@ def test_layer_by_layer_moves_only_that_layer():
     layer1[want >= 2 * src[1].numel()] = False  # values of layer 1 lie in [n, 2n)
     assert torch.equal(payload[layer1], want[layer1])
     assert (payload[~layer1] == -1).all()
-    dst = [torch.zeros(2, NB, BS, H, D) for _ in range(L)]
+    dst = zero_caches()
     PagedLayers(dst, block_dim=1, blocks_per_chunk=3).scatter_layer(1, want, IDS)
     assert torch.equal(dst[1][:, IDS], src[1][:, IDS])
     assert not dst[0].any() and not dst[2].any()
 
 
 def test_payload_blocks_across_chunks_and_into_the_partial_one():
-    src = vllm_caches()
-    paged = PagedLayers(src, block_dim=1, blocks_per_chunk=3)
-    payload = torch.empty(paged.payload_numel(len(IDS)))
-    paged.gather(IDS, payload)
+    src, paged, payload = gathered(3)
     for start, stop in [(0, 7), (1, 2), (2, 5), (4, 7), (6, 7), (3, 3)]:
         got = paged.payload_blocks(payload, 2, start, stop)
         assert got.shape == (stop - start, 2, BS, H, D)
@@ -173,7 +174,7 @@ def test_payload_chunks_are_the_engines_chunks():
     assert eng.store(tokens, payload)["new_chunks"] == 2
     out = torch.empty(paged.payload_numel(2))
     assert eng.retrieve(tokens[: 2 * BS], out) == 2 * BS
-    dst = [torch.zeros(2, NB, BS, H, D) for _ in range(L)]
+    dst = zero_caches()
     PagedLayers(dst, block_dim=1, blocks_per_chunk=bpc).scatter(out, [5, 6])
     for li in range(L):
         assert torch.equal(dst[li][:, 5], src[li][:, 3]) and torch.equal(dst[li][:, 6], src[li][:, 8])
