@@ -1,8 +1,10 @@
 """Tests of the kvtier Python bindings (numpy only; torch tests skip without torch)."""
 
+import array
 import gc
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -299,28 +301,62 @@ def test_corrupt_disk_chunk_is_detected(tmp_path, small_cfg):
     assert eng2.stats()["tiers"][1]["checksum_failures"] >= 1
 
 
-def test_gil_is_released_during_engine_work(small_cfg):
-    eng = make(dict(small_cfg, max_local_cpu_size=0.25), kv_heads=8, head_dim=128)
-    toks = list(range(4096))
-    kv = np.ones(4096 * eng.bytes_per_token, np.uint8)
-    eng.store(toks, kv)
-    out = np.zeros_like(kv)
-    ticks = []
+def _ticks_mid_call(work):
+    """Runs ``work()`` on this thread while another Python thread records a timestamp per
+    loop turn; returns (the turns in the middle half of the call, the call's seconds). The
+    middle half leaves out the bytecodes around the call, where the two threads take turns
+    on the GIL whatever the call does."""
+    stamps = array.array("d")
     stop = threading.Event()
+    started = threading.Event()
 
     def ticker():
+        started.set()
         while not stop.is_set():
-            ticks.append(1)
+            stamps.append(time.perf_counter())
 
     t = threading.Thread(target=ticker)
     t.start()
+    started.wait()
     try:
-        for _ in range(20):
-            eng.retrieve(toks, out)
+        t0 = time.perf_counter()
+        work()
+        t1 = time.perf_counter()
     finally:
         stop.set()
         t.join()
-    assert len(ticks) > 0 and out.all()
+    q = (t1 - t0) / 4
+    return sum(1 for s in stamps if t0 + q <= s <= t1 - q), t1 - t0
+
+
+def test_gil_is_released_during_engine_work(small_cfg):
+    """During ONE long native call, another Python thread must run about as often as it does
+    while this thread spins a pure-Python loop for as long (the baseline: the two threads take
+    turns on the GIL). A call that held the GIL would stop it for the whole call."""
+    # 8 KiB/token: 16384 tokens = 128 MiB, one retrieve of 0.1-0.4 s.
+    eng = make(dict(small_cfg, max_local_cpu_size=0.1875), kv_heads=8, head_dim=128)
+    toks = np.arange(16384, dtype=np.uint32)
+    kv = np.ones(16384 * eng.bytes_per_token, np.uint8)
+    assert eng.store(toks, kv)["stored_tokens"] == 16384
+    out = np.zeros_like(kv)
+    eng.retrieve(toks, out)  # first touch of `out`, outside the measurement
+
+    def spin(seconds):
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    native = shared = 0
+    for _ in range(3):  # alternate rounds on a shared machine; sum them
+        ticks, secs = _ticks_mid_call(lambda: eng.retrieve(toks, out))
+        native += ticks
+        shared += _ticks_mid_call(lambda: spin(secs))[0]
+    assert out.all()
+    assert shared > 0
+    assert native > 0.25 * shared, (
+        f"another thread ran {native} loop turns in the middle of retrieve, {shared} beside "
+        "a pure-Python loop as long: retrieve holds the GIL"
+    )
 
 
 # -- torch (only where installed, e.g. the e2e venv) ---------------------------------------

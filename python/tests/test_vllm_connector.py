@@ -17,15 +17,8 @@ pytest.importorskip("vllm")
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
 
-from kvtier.vllm import (  # noqa: E402
-    KvTierConnector,
-    KvTierConnectorMetadata,
-    LoadSpec,
-    SaveSpec,
-    _authkey,
-    _LookupServer,
-    _socket_path,
-)
+from kvtier.vllm import KvTierConnector, KvTierConnectorMetadata, LoadSpec, SaveSpec  # noqa: E402
+from kvtier.vllm.lookup import LookupServer, authkey, socket_path  # noqa: E402
 
 L, H, BS, D = 3, 2, 16, 8  # layers, kv heads, block size (tokens), head dim
 NB = 64  # blocks per layer cache
@@ -73,8 +66,8 @@ def stub_workers(tmp_path):
 
     def start(engine_id, engines):
         for rank, eng in enumerate(engines):
-            path = _socket_path({"lookup_socket_dir": str(tmp_path)}, engine_id, rank)
-            servers.append(_LookupServer(eng, path, _authkey(engine_id)))
+            path = socket_path(str(tmp_path), engine_id, rank)
+            servers.append(LookupServer(eng, path, authkey(engine_id)))
         return str(tmp_path)
 
     yield start
@@ -139,8 +132,8 @@ def test_budget_is_shared_by_the_requests_of_one_step(stub_workers):
     assert answers == [(None, False)] * 4
     # 4 asks in one step block for at most the step's budget in total, not 4 x 100 ms.
     assert took < 0.25, f"one step blocked {took:.3f}s"
-    for st in conn._reqs.values():  # let the lookups finish while the stub still listens
-        st.pending.result(timeout=10)
+    for st in conn.scheduler_side._reqs.values():  # let the lookups finish while the stub still listens
+        st.pending.future.result(timeout=10)
 
 
 def test_lookup_past_its_deadline_is_a_miss_warned_once(stub_workers):
@@ -160,7 +153,7 @@ def test_lookup_past_its_deadline_is_a_miss_warned_once(stub_workers):
     assert conn.lookup_stats["expired"] == 2
     warnings = [r for r in records if r.levelno == logging.WARNING and "lookup_deadline_s" in r.getMessage()]
     assert len(warnings) == 1
-    assert conn._reqs["a"].saved is False  # unknown what is stored: the prompt is saved
+    assert conn.scheduler_side._reqs["a"].saved is False  # unknown what is stored: the prompt is saved
 
 
 def test_aborted_request_drops_its_pending_lookup(stub_workers):
@@ -169,11 +162,11 @@ def test_aborted_request_drops_its_pending_lookup(stub_workers):
     reqs = [request("a"), request("b")]
     for r in reqs:
         assert conn.get_num_new_matched_tokens(r, 0) == (None, False)
-    fut_b = conn._reqs["b"].pending
+    fut_b = conn.scheduler_side._reqs["b"].pending.future
     assert conn.pending_lookups() == 2
     for r in reqs:  # vLLM calls request_finished for requests aborted while waiting
         conn.request_finished(r, [])
-    assert conn.pending_lookups() == 0 and conn._reqs == {}
+    assert conn.pending_lookups() == 0 and conn.scheduler_side._reqs == {}
     assert fut_b.cancelled()  # queued behind "a" on the single lookup thread: never runs
 
 
@@ -253,7 +246,7 @@ def _run_step(conn, caches, meta, hooks, attention):
 def stored_blocks(conn, tokens):
     """What the engine holds for `tokens`: (chunks, layers, 1, *block) (one block per chunk)."""
     out = torch.zeros(len(tokens) // BS, L, 1, H, BS, 2 * D)
-    got = conn._engine.retrieve(tokens, out)
+    got = conn.worker_side.engine.retrieve(tokens, out)
     return got, out
 
 
@@ -274,7 +267,7 @@ def test_per_layer_save_and_load_roundtrip(worker):
 
     # Load the first 3 chunks into other blocks; each layer must be in place when its
     # wait_for_layer_load returns, and the retrieval must not block start_load_kv.
-    conn._engine = SlowRetrieve(conn._engine, 0.3)
+    conn.worker_side.engine = SlowRetrieve(conn.worker_side.engine, 0.3)
     dst = [20, 21, 22]
     seen = []
 

@@ -1,0 +1,68 @@
+"""kvtier as a vLLM KV connector (``KVConnectorBase_V1``, vLLM 0.32).
+
+Use::
+
+    --kv-transfer-config '{"kv_connector": "KvTierConnector",
+                           "kv_connector_module_path": "kvtier.vllm",
+                           "kv_role": "kv_both",
+                           "kv_load_failure_policy": "recompute",
+                           "kv_connector_extra_config": {"kvtier.chunk_size": 256,
+                                                         "kvtier.max_local_cpu_size": 4}}'
+
+Design
+------
+*Blocks and chunks.* vLLM holds KV in blocks of ``block_size`` tokens (128 on CPU). A kvtier
+chunk is ``blocks_per_chunk`` whole blocks (``chunk_size`` must be a multiple of the block
+size; default: one block per chunk). A chunk's payload is, for each attention layer in model
+order, the chunk's blocks copied whole from that layer's cache tensor (:mod:`kvtier.transfer`
+states the layout). Whole-block copies do not depend on the attention backend's layout inside
+a block; the layout tag in the key (``vllm-<device>-blocks-v1``) keeps these payloads apart
+from kvtier's layer-major ones.
+Only full chunks of the prompt are stored; loads are always whole chunks, and at least one
+prompt token is always left to compute.
+
+*Who answers lookups.* vLLM asks the scheduler-side connector (in the EngineCore process)
+how many tokens are stored, but the KV lives in the worker processes (on CPU, and with
+tensor parallelism, the workers are separate processes). In embedded mode each worker owns
+an engine (its L1 and optional disk tier); the worker-side connector serves lookups on a
+private Unix socket (``<lookup_socket_dir>/kvtier-<hash of engine_id>-<rank>.sock``, authenticated
+with a key derived from the engine id) and the scheduler asks every rank, taking the
+minimum. So the scheduler sees exactly what the workers hold, L1 included, with no second
+engine opening the same disk directory. In server mode (``"kvtier.server": "unix:/path"``)
+both sides are clients of one ``kvtier serve`` and the scheduler asks the server.
+
+*Lookups do not block the scheduler.* A lookup runs on a small thread pool; the scheduler
+waits for it at most ``lookup_budget_ms`` per scheduler step (shared by all the requests
+asked in that step), so a fast lookup is answered synchronously and the common case costs no
+extra step. A slower one is answered ``(None, False)``: vLLM 0.32 then skips the request for
+this step and asks again in the next one. A lookup still unanswered ``lookup_deadline_s``
+after it was issued counts as a miss (the prompt is recomputed; warned once).
+
+*Per-layer pipelining.* vLLM calls ``wait_for_layer_load`` before and ``save_kv_layer``
+after each attention layer. ``start_load_kv`` retrieves the stored chunks in a background
+thread and then copies them into the paged cache layer by layer; ``wait_for_layer_load``
+waits only for its own layer, so the copies of later layers overlap the compute of earlier
+ones. ``save_kv_layer`` stages the layer's blocks to save into a host buffer as soon as the
+layer is computed (a background copy on CPU, a side stream into pinned memory on CUDA) and
+``wait_for_save`` commits the stores. Until the hooks have been seen once (and for any layer
+whose hook did not run) loads and saves fall back to the synchronous path in
+``start_load_kv`` / ``wait_for_save``.
+
+The package, by role: :mod:`.connector` (the class vLLM loads, one instance per role),
+:mod:`.scheduler` (lookups per request, the step's loads and saves), :mod:`.worker` (the
+engine, loads and saves around the forward pass), :mod:`.lookup` (the lookup sockets and the
+asynchronous lookup pool), :mod:`.metadata` (what the scheduler sends the workers),
+:mod:`.settings` (``kv_connector_extra_config``); the tensor copies are in
+:mod:`kvtier.transfer`, which does not import vLLM.
+
+If a load comes back short or corrupt (a checksum failure, a chunk evicted between lookup
+and load), the worker reports the blocks it could not fill through
+``get_block_ids_with_load_errors`` and vLLM recomputes them when
+``kv_load_failure_policy="recompute"``.
+"""
+
+from .connector import KvTierConnector
+from .lookup import worker_call
+from .metadata import KvTierConnectorMetadata, LoadSpec, SaveSpec
+
+__all__ = ["KvTierConnector", "KvTierConnectorMetadata", "LoadSpec", "SaveSpec", "worker_call"]

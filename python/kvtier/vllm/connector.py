@@ -1,0 +1,129 @@
+"""``KvTierConnector``: the class vLLM loads. vLLM builds one instance per role (SCHEDULER in
+the EngineCore process, WORKER in each worker); each instance holds only its role's side and
+forwards vLLM's calls to it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.logger import init_logger
+
+from .metadata import KvTierConnectorMetadata
+from .scheduler import SchedulerSide
+from .settings import ConnectorSettings
+from .worker import WorkerSide
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vllm.attention.backends.abstract import AttentionMetadata
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+# The package's modules log to "vllm.kvtier" (vLLM shows only loggers under "vllm.").
+logger = init_logger("vllm.kvtier")
+
+
+class KvTierConnector(KVConnectorBase_V1):
+    """Stores prompt KV in kvtier and loads stored prefixes instead of recomputing them."""
+
+    def __init__(
+        self,
+        vllm_config: "VllmConfig",
+        role: KVConnectorRole,
+        kv_cache_config: "KVCacheConfig | None" = None,
+    ):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        settings = ConnectorSettings.from_vllm(vllm_config)
+        self.scheduler_side: SchedulerSide | None = None
+        self.worker_side: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.scheduler_side = SchedulerSide(settings, vllm_config)
+        else:
+            num_blocks = int(kv_cache_config.num_blocks) if kv_cache_config is not None else None
+            self.worker_side = WorkerSide(settings, vllm_config, num_blocks)
+        logger.info(
+            "kvtier connector (%s): chunk %d tokens = %d block(s) of %d; %s mode",
+            role.name if hasattr(role, "name") else role,
+            settings.chunk_tokens,
+            settings.blocks_per_chunk,
+            settings.block_size,
+            "server" if settings.server_mode else "embedded",
+        )
+
+    # -- counters (for tests and metrics) --------------------------------------------------
+
+    @property
+    def stats(self) -> dict:
+        """Worker side: loaded/saved tokens, load failures, pipelining counters."""
+        return self.worker_side.stats if self.worker_side is not None else {}
+
+    @property
+    def lookup_stats(self) -> dict:
+        """Scheduler side: lookups answered in their step, late, deferred, expired."""
+        return self.scheduler_side.lookups.stats if self.scheduler_side is not None else {}
+
+    def pending_lookups(self) -> int:
+        """Scheduler side: requests whose lookup is still unanswered."""
+        return self.scheduler_side.pending_lookups() if self.scheduler_side is not None else 0
+
+    # -- scheduler side --------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self.scheduler_side.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        self.scheduler_side.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        return self.scheduler_side.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict | None]:
+        if self.scheduler_side is None:
+            return False, None
+        return self.scheduler_side.request_finished(request, block_ids)
+
+    # -- worker side -----------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        self.worker_side.register_kv_caches(kv_caches)
+
+    def _step_meta(self) -> KvTierConnectorMetadata | None:
+        return self._get_connector_metadata() if self.has_connector_metadata() else None
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        if self.worker_side is not None:
+            self.worker_side.start_load_kv(self._step_meta())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if self.worker_side is not None:
+            self.worker_side.wait_for_layer_load(layer_name)
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: "AttentionMetadata", **kwargs: Any
+    ) -> None:
+        if self.worker_side is not None:
+            self.worker_side.save_kv_layer(layer_name, self._step_meta())
+
+    def wait_for_save(self):
+        if self.worker_side is not None:
+            self.worker_side.wait_for_save(self._step_meta())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker_side.get_block_ids_with_load_errors() if self.worker_side is not None else set()
+
+    def shutdown(self):
+        for side in (self.worker_side, self.scheduler_side):
+            if side is not None:
+                side.shutdown()

@@ -1,0 +1,187 @@
+"""The connector's settings, read once for both roles: ``kv_connector_extra_config`` split
+into connector keys and engine config keys, the chunk/block mapping, and the model identity
+an engine is opened with."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+import kvtier
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vllm.config import VllmConfig
+
+# Keys of kv_connector_extra_config read by the connector itself; everything else (with or
+# without a "kvtier." prefix) is an engine config key.
+CONNECTOR_KEYS = {
+    "config",
+    "config_file",
+    "blocks_per_chunk",
+    "lookup_socket_dir",
+    "lookup_timeout_s",
+    "lookup_budget_ms",
+    "lookup_deadline_s",
+    "lookup_threads",
+    "layerwise",
+    "server",
+}
+
+
+def flag(v: Any) -> bool:
+    """A boolean setting given as a bool, a number or a string ("0", "false", "off", ...)."""
+    if isinstance(v, str):
+        return v.strip().lower() not in ("0", "false", "no", "off", "")
+    return bool(v)
+
+
+def split_extra_config(vllm_config: "VllmConfig") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Splits kv_connector_extra_config into connector settings and engine config pairs."""
+    extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+    conn: dict[str, Any] = {}
+    eng: dict[str, Any] = {}
+    for k, v in extra.items():
+        key = k[len("kvtier.") :] if k.startswith("kvtier.") else k
+        (conn if key in CONNECTOR_KEYS else eng)[key] = v
+    return conn, eng
+
+
+@dataclasses.dataclass
+class ConnectorSettings:
+    """What both roles of the connector read from vLLM's config."""
+
+    conn: dict[str, Any]  # the connector's own keys
+    eng: dict[str, Any]  # engine config keys (chunk_size taken out: it follows the blocks)
+    block_size: int  # vLLM's tokens per block
+    blocks_per_chunk: int  # whole vLLM blocks per kvtier chunk
+    engine_id: str  # --kv-transfer-config engine_id: names the lookup sockets
+    num_ranks: int  # tensor x pipeline parallel workers
+    lookup_timeout_s: float  # how long the scheduler retries connecting to a worker
+    lookup_budget_s: float  # blocking allowed per scheduler step, all lookups together
+    lookup_deadline_s: float  # a lookup unanswered this long after it was issued is a miss
+    lookup_threads: int
+    layerwise: bool  # per-layer pipelining of loads and saves
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens per kvtier chunk."""
+        return self.blocks_per_chunk * self.block_size
+
+    @property
+    def server_mode(self) -> bool:
+        """Both roles are clients of one ``kvtier serve`` (else each worker embeds an engine)."""
+        return "server" in self.conn
+
+    @property
+    def lookup_socket_dir(self) -> str | None:
+        """Where the workers' lookup sockets are (None: the temp dir)."""
+        return self.conn.get("lookup_socket_dir")
+
+    @classmethod
+    def from_vllm(cls, vllm_config: "VllmConfig") -> "ConnectorSettings":
+        """Reads and checks the settings; ValueError on a bad value."""
+        conn, eng = split_extra_config(vllm_config)
+        block_size = int(vllm_config.cache_config.block_size)
+        bpc = int(conn.get("blocks_per_chunk", 0) or 0)
+        cs = int(eng.pop("chunk_size", 0) or 0)
+        if bpc <= 0:
+            bpc = max(1, cs // block_size) if cs else 1
+        if cs and cs != bpc * block_size:
+            raise ValueError(
+                f"kvtier connector: chunk_size {cs} must be a multiple of vLLM's block size "
+                f"{block_size} (whole blocks per chunk)"
+            )
+        pc = vllm_config.parallel_config
+        s = cls(
+            conn=conn,
+            eng=eng,
+            block_size=block_size,
+            blocks_per_chunk=bpc,
+            engine_id=str(vllm_config.kv_transfer_config.engine_id or "kvtier"),
+            num_ranks=int(pc.tensor_parallel_size) * int(pc.pipeline_parallel_size),
+            lookup_timeout_s=float(conn.get("lookup_timeout_s", 30.0)),
+            lookup_budget_s=float(conn.get("lookup_budget_ms", 2.0)) / 1000.0,
+            lookup_deadline_s=float(conn.get("lookup_deadline_s", 2.0)),
+            lookup_threads=max(1, int(conn.get("lookup_threads", 4))),
+            layerwise=flag(conn.get("layerwise", True)),
+        )
+        if s.lookup_budget_s < 0 or s.lookup_deadline_s <= 0:
+            raise ValueError(
+                "kvtier connector: lookup_budget_ms must be >= 0 and lookup_deadline_s > 0 "
+                f"(got {s.lookup_budget_s * 1000.0} ms, {s.lookup_deadline_s} s)"
+            )
+        return s
+
+    def engine_config(self):
+        """The config argument for kvtier.Engine: a YAML path, or a dict of keys."""
+        if self.server_mode:
+            return {"server": self.conn["server"]}
+        path = self.conn.get("config") or self.conn.get("config_file")
+        if path:
+            if self.eng:
+                raise ValueError("kvtier connector: give either a config file or inline keys, not both")
+            # chunk_size must match the block mapping: the env override wins over the file.
+            os.environ["KVTIER_CHUNK_SIZE"] = str(self.chunk_tokens)
+            os.environ["KVTIER_SAVE_UNFULL_CHUNK"] = "false"
+            return str(path)
+        cfg = dict(self.eng)
+        cfg["chunk_size"] = self.chunk_tokens
+        cfg["save_unfull_chunk"] = False
+        return cfg
+
+    def open_engine(self, identity: dict) -> "kvtier.Engine":
+        """Opens the engine (or the server's client). In server mode the server's chunk size
+        rules: blocks_per_chunk follows it."""
+        eng = kvtier.Engine(self.engine_config(), identity=identity)
+        if eng.chunk_size != self.chunk_tokens:
+            if eng.chunk_size % self.block_size:
+                raise ValueError(
+                    f"kvtier connector: the server's chunk_size {eng.chunk_size} is not a multiple "
+                    f"of vLLM's block size {self.block_size}"
+                )
+            self.blocks_per_chunk = eng.chunk_size // self.block_size
+        return eng
+
+
+def device_type(vllm_config: "VllmConfig") -> str:
+    """vLLM's device type ("cpu", "cuda", ...)."""
+    return str(getattr(vllm_config.device_config, "device_type", None) or "cpu")
+
+
+def cache_dtype(vllm_config: "VllmConfig") -> torch.dtype:
+    """The KV cache dtype vLLM allocates."""
+    cd = vllm_config.cache_config.cache_dtype
+    if cd in (None, "auto"):
+        return vllm_config.model_config.dtype
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE  # vLLM's own table
+
+    return STR_DTYPE_TO_TORCH_DTYPE[cd]
+
+
+def model_identity(vllm_config: "VllmConfig", dtype_code: str, device: str, rank: int) -> dict:
+    """The engine identity of this model and rank, with the whole-block layout tag."""
+    mc = vllm_config.model_config
+    pc = vllm_config.parallel_config
+    return {
+        "model_name": str(mc.model),
+        "model_revision": getattr(mc, "revision", None),
+        "world_size": int(pc.tensor_parallel_size),
+        "rank": rank % int(pc.tensor_parallel_size),
+        "pp_size": int(pc.pipeline_parallel_size),
+        "pp_rank": rank // int(pc.tensor_parallel_size),
+        "layout": {
+            "tag": f"vllm-{device}-blocks-v1",
+            "groups": [
+                {
+                    "num_layers": int(mc.get_num_layers(pc)),
+                    "num_kv_heads": int(mc.get_num_kv_heads(pc)),
+                    "head_dim": int(mc.get_head_size()),
+                    "dtype": dtype_code,
+                    "planes": 2,
+                }
+            ],
+        },
+    }
