@@ -393,6 +393,8 @@ def test_server_mode_shares_one_cache(tmp_path):
 
     b = _serve_bin()
     if b is None:
+        if os.environ.get("KVTIER_REQUIRE_TEST_SERVERS", "") not in ("", "0"):
+            pytest.fail("no kvtier binary: set KV_SERVE_BIN (required: KVTIER_REQUIRE_TEST_SERVERS is set)")
         pytest.skip("no kvtier binary (set KV_SERVE_BIN)")
     cfg = tmp_path / "serve.yaml"
     cfg.write_text("chunk_size: 16\nmax_local_cpu_size: 0.0625\nlocal_cpu_huge_pages: false\n")
@@ -422,7 +424,11 @@ def test_server_mode_shares_one_cache(tmp_path):
             b2.metrics_text()
     finally:
         proc.terminate()
-        proc.wait(10)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:  # never leave the server running
+            proc.kill()
+            proc.wait()
 
 
 def test_embedded_engine_serves_admin_endpoints_when_admin_port_is_set(small_cfg):

@@ -1,5 +1,5 @@
-//! The `kvtier` command: benchmarks (and later serving and inspection tools) over the
-//! kvtier engine.
+//! The `kvtier` command over the kvtier engine: benchmarks (`bench`), the cache server
+//! (`serve`) and the disk-tier inspector (`inspect`).
 
 mod bench;
 mod inspect;

@@ -31,8 +31,8 @@ const ENV_NOT_KEYS: &[&str] = &[
     "REDIS_USERNAME",
     "REDIS_PASSWORD",
     "LOG",
-    "TEST_REDIS",
-    "SOAK",
+    // Test harness switch: a missing test server fails the test instead of skipping it.
+    "REQUIRE_TEST_SERVERS",
 ];
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -856,6 +856,8 @@ mod tests {
             ("KVTIER_CHUNK_SIZE".to_string(), "32".to_string()),
             ("KVTIER_LOCAL_CPU".to_string(), "false".to_string()),
             ("KVTIER_AUTH_TOKEN".to_string(), "secret".to_string()),
+            // Set by .ci/run for the whole test run: never a config key.
+            ("KVTIER_REQUIRE_TEST_SERVERS".to_string(), "1".to_string()),
             ("OTHER".to_string(), "x".to_string()),
         ])
         .unwrap();

@@ -1,7 +1,7 @@
 //! Property: over random put / get / remove sequences, the bytes on disk never exceed the
 //! budget, always equal the tier's own accounting, and every read returns the right bytes.
 
-#[path = "disk_util.rs"]
+#[path = "support/disk_util.rs"]
 mod util;
 
 use kvtier::tier::{DiskTier, DiskTierOptions, PutOutcome, Tier};

@@ -3,9 +3,12 @@
 //! reopens the directory and checks that every acknowledged chunk is there with the right
 //! bytes and that nothing returns wrong bytes.
 //!
-//! `KVTIER_SOAK=1` runs a longer soak (`KVTIER_SOAK_ITERS`, default 2000).
+//! The soak runs many more kills (`KVTIER_SOAK_ITERS`, default 2000):
+//! `cargo test -p kvtier --test disk_crash -- --ignored --exact sigkill_soak`.
 
-#[path = "disk_util.rs"]
+#[path = "support/process.rs"]
+mod process;
+#[path = "support/disk_util.rs"]
 mod util;
 
 use std::collections::BTreeSet;
@@ -28,10 +31,14 @@ const MAX_LEN: usize = 200_000;
 const BUDGET: u64 = 1 << 36;
 const WRITERS: u64 = 3;
 
-/// The writer child. A no-op in a normal test run.
+/// The writer child: the process the `sigkill_*` tests start and kill (this binary run with
+/// `--ignored --exact crash_child_writer`). Ignored so it never counts as a passing test; it
+/// does nothing when run by hand without the parent's environment.
 #[test]
+#[ignore = "child process of the sigkill_* tests, which run it"]
 fn crash_child_writer() {
     let Ok(dir) = std::env::var(CHILD_DIR_ENV) else {
+        eprintln!("crash_child_writer: only the sigkill_* tests run it ({CHILD_DIR_ENV} unset)");
         return;
     };
     let base: u64 = std::env::var(CHILD_BASE_ENV).unwrap().parse().unwrap();
@@ -78,19 +85,18 @@ fn run_child(dir: &Path, base: u64, rng: &mut impl Rng, no_flush: bool) -> Itera
     if no_flush {
         cmd.env(CHILD_NO_FLUSH_ENV, "1");
     }
-    let mut child = cmd
-        .args([
-            "--exact",
-            "crash_child_writer",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_DIR_ENV, dir)
-        .env(CHILD_BASE_ENV, base.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    cmd.args([
+        "--ignored",
+        "--exact",
+        "crash_child_writer",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(CHILD_DIR_ENV, dir)
+    .env(CHILD_BASE_ENV, base.to_string())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
+    let mut child = process::ChildGuard::spawn(&mut cmd).unwrap();
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
@@ -242,11 +248,8 @@ fn sigkill_without_flushing_never_loses_acknowledged_chunks() {
 }
 
 #[test]
+#[ignore = "soak, up to an hour: --ignored --exact sigkill_soak"]
 fn sigkill_soak() {
-    if std::env::var("KVTIER_SOAK").as_deref() != Ok("1") {
-        eprintln!("sigkill_soak: set KVTIER_SOAK=1 to run");
-        return;
-    }
     let iters = std::env::var("KVTIER_SOAK_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())

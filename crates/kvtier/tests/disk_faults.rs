@@ -1,7 +1,7 @@
 //! Injected corruption (torn files, bit flips) and a full device (ENOSPC on a small tmpfs,
 //! which also exercises the buffered fallback: tmpfs rejects O_DIRECT).
 
-#[path = "disk_util.rs"]
+#[path = "support/disk_util.rs"]
 mod util;
 
 use std::fs::OpenOptions;

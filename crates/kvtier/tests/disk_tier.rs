@@ -1,7 +1,7 @@
 //! Disk tier through the `Tier` trait and through the `Engine`: round trips, restart,
 //! admission, sharding, start-up errors, budget.
 
-#[path = "disk_util.rs"]
+#[path = "support/disk_util.rs"]
 mod util;
 
 use std::path::PathBuf;

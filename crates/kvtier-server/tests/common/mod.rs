@@ -2,6 +2,10 @@
 //! deterministic prompts.
 #![allow(dead_code)]
 
+/// Child processes that die with the test (shared with the kvtier crate's tests).
+#[path = "../../../kvtier/tests/support/process.rs"]
+pub mod process;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -69,7 +73,9 @@ impl Server {
         for (k, v) in envs {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawning kvtier-server");
+        let mut child = process::die_with_parent(&mut cmd)
+            .spawn()
+            .expect("spawning kvtier-server");
         let t0 = Instant::now();
         loop {
             if let Ok(s) = std::fs::read_to_string(&ready) {

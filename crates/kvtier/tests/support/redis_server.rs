@@ -1,31 +1,34 @@
-//! Test harness: real `redis-server` processes on free loopback ports, killed on drop.
+//! Test harness: real `redis-server` processes on free loopback ports, killed on drop and
+//! when the test process dies.
 //!
 //! Include with `#[path = "support/redis_server.rs"] mod redis_server;`. When `redis-server`
-//! is not installed, [`RedisServer::start`] prints `SKIPPED: redis-server not found` and
-//! returns `None` (CI installs it with `apt-get install -y redis-server redis-tools`).
+//! is not installed, [`RedisServer::start`] prints `SKIPPED: redis-server ...` and returns
+//! `None`, or fails the test under `KVTIER_REQUIRE_TEST_SERVERS=1` (see `prereq.rs`; CI
+//! installs it with `apt-get install -y redis-server redis-tools`).
 #![allow(dead_code)]
+
+#[path = "prereq.rs"]
+mod prereq;
+#[path = "process.rs"]
+mod process;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Finds an executable on `PATH` or in the usual system directories.
-pub fn find_bin(name: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    dirs.extend(["/usr/bin", "/usr/sbin", "/usr/local/bin"].map(PathBuf::from));
-    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
-}
+pub use prereq::find_bin;
 
-/// Whether the tests can run; prints the skip message when not.
+/// How to install the servers these tests run.
+const INSTALL: &str = "install it with `apt-get install -y redis-server redis-tools`";
+
+/// Whether the tests can run; reports the missing server when not (see [`prereq::missing`]).
 pub fn available() -> bool {
     if find_bin("redis-server").is_some() {
         true
     } else {
-        println!("SKIPPED: redis-server not found (apt-get install -y redis-server redis-tools)");
+        prereq::missing("redis-server not found", INSTALL);
         false
     }
 }
@@ -66,7 +69,10 @@ pub fn tls_available() -> bool {
         Err(_) => String::new(),
     };
     if text.contains("Bad directive") || text.contains("not compiled") || text.is_empty() {
-        println!("SKIPPED: this redis-server has no TLS support (Debian's redis-server 7 has it)");
+        prereq::missing(
+            "this redis-server has no TLS support",
+            "install one built with TLS (Debian's and Ubuntu's redis-server 6+ are)",
+        );
         false
     } else {
         true
@@ -120,7 +126,11 @@ impl RedisServer {
         let mut s = RedisServer {
             child: None,
             port: free_port(),
-            dir: tempfile::tempdir().expect("temp dir"),
+            // Under the target directory, where tools/no_leftover_processes.sh looks.
+            dir: tempfile::Builder::new()
+                .prefix("redis-")
+                .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+                .expect("temp dir"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             tls,
         };
@@ -142,7 +152,9 @@ impl RedisServer {
         } else {
             vec!["--port", &port]
         };
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        // Dies with the test process too: a static or leaked guard never outlives the run.
+        let child = process::die_with_parent(&mut cmd)
             .current_dir(self.dir.path())
             .args(ports)
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
@@ -236,7 +248,7 @@ impl RedisCluster {
             return None;
         }
         if find_bin("redis-cli").is_none() {
-            println!("SKIPPED: redis-cli not found (apt-get install -y redis-tools)");
+            prereq::missing("redis-cli not found", INSTALL);
             return None;
         }
         let args = [

@@ -1,4 +1,4 @@
-//! Helpers shared by the disk tier tests (included with `#[path]`; has no tests itself).
+//! Helpers shared by the disk tier tests: `#[path = "support/disk_util.rs"] mod util;`.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
