@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use kvtier::keys::{ChunkKey, ModelIdentity};
 use kvtier::manager::PrefetchHandle;
 use kvtier::tier::PinToken;
-use kvtier::transport::wire::{self as proto, ErrorCode, Request, Response, Slot};
+use kvtier::transport::wire::{self as proto, frame, ErrorCode, Request, Response, Slot};
 use kvtier::{Acquired, Engine, StoreSession};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -45,18 +45,7 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> std::result::Result<Option<Vec<u8>>, String> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(format!("read error: {e}")),
-    }
-    let n = proto::body_len(len, max).map_err(|e| e.to_string())?;
-    let mut body = vec![0u8; n];
-    r.read_exact(&mut body)
-        .await
-        .map_err(|e| format!("truncated frame: {e}"))?;
-    Ok(Some(body))
+    frame::read_body(r, max).await.map_err(|e| e.to_string())
 }
 
 pub(crate) async fn write_msg<W: AsyncWrite + Unpin>(
@@ -535,7 +524,7 @@ impl Conn {
                 let session = block(|| eng.begin_store(&tokens, salt.as_deref())).map_err(kerr)?;
                 if session.slots.is_empty() {
                     let report = block(|| eng.commit_store(session));
-                    return Ok(Some(Response::Stored(report.summary())));
+                    return Ok(Some(Response::Stored((&report.summary).into())));
                 }
                 let slots = session
                     .slots
@@ -615,7 +604,7 @@ impl Conn {
                     m.store_gbps.observe(report.new_bytes as f64 / dt / 1e9);
                 }
                 if durable {
-                    let summary = report.summary();
+                    let summary = (&report.summary).into();
                     let lower = self
                         .state
                         .models
@@ -641,7 +630,7 @@ impl Conn {
                         durable: ok == want,
                     }));
                 }
-                Response::Stored(report.summary())
+                Response::Stored((&report.summary).into())
             }
             Request::AbortStore { lease } => {
                 drop(self.take_lease(lease, true));
