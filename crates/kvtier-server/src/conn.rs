@@ -797,31 +797,8 @@ impl Conn {
         keys: &[ChunkKey],
         n_tokens: u64,
     ) -> std::result::Result<Response, Response> {
-        let t0 = Instant::now();
-        let ks = eng.key_space();
         let n = usize::try_from(n_tokens).unwrap_or(usize::MAX);
-        if keys.len() != ks.num_chunks(n) {
-            return Err(err(
-                ErrorCode::InvalidInput,
-                format!(
-                    "{} keys sent for a {n}-token prompt of {} chunks",
-                    keys.len(),
-                    ks.num_chunks(n)
-                ),
-            ));
-        }
-        let r = tokio::task::block_in_place(|| eng.manager().lookup(keys))
-            .map_err(|e| proto::error_reply(&e))?;
-        let hit_tokens = if r.hit_chunks == 0 {
-            0
-        } else {
-            (r.hit_chunks * ks.chunk_size()).min(n)
-        };
-        let m = self.state.models.core().metrics();
-        m.lookups.inc();
-        m.requested_tokens.inc_by(n as u64);
-        m.hit_tokens.inc_by(hit_tokens as u64);
-        m.lookup_seconds.observe(t0.elapsed().as_secs_f64());
+        let r = block(|| eng.lookup_keys(keys, n)).map_err(|e| proto::error_reply(&e))?;
         Ok(Response::Lookup {
             hit_chunks: r.hit_chunks as u32,
             tiers: r.tiers.iter().map(|&t| t as u8).collect(),

@@ -204,6 +204,57 @@ fn metrics_count_requested_and_hit_tokens() {
 }
 
 #[test]
+fn lookup_by_keys_answers_and_counts_like_lookup() {
+    // With a stored partial tail chunk, a full hit ends at the prompt's end (not at a
+    // multiple of the chunk size), a partial hit at a chunk boundary; both entries must say
+    // so and record the same metrics.
+    let e = engine_with(1 << 20, |c| c.save_unfull_chunk = true);
+    let stored = prompt(11, 3 * CHUNK + 5);
+    e.store(&stored, None, &kv_for(&e, &stored)).unwrap();
+    let mut diverged = stored.clone();
+    diverged[2 * CHUNK + 1] ^= 1;
+    let mut by_tokens = Vec::new();
+    for tokens in [&stored, &diverged, &prompt(12, 40)] {
+        let keys: Vec<_> = e
+            .chunk_spans(tokens, None)
+            .unwrap()
+            .iter()
+            .map(|s| s.key)
+            .collect();
+        let a = e.lookup(tokens, None).unwrap();
+        let before = e.stats();
+        let b = e.lookup_keys(&keys, tokens.len()).unwrap();
+        let after = e.stats();
+        assert_eq!(a, b);
+        assert_eq!(
+            (
+                after.lookups - before.lookups,
+                after.requested_tokens - before.requested_tokens,
+                after.hit_tokens - before.hit_tokens
+            ),
+            (1, tokens.len() as u64, a.hit_tokens as u64)
+        );
+        by_tokens.push(a.hit_tokens);
+    }
+    assert_eq!(by_tokens, [3 * CHUNK + 5, 2 * CHUNK, 0]);
+    // Keys that cannot be the prompt's are refused, and counted nowhere.
+    let before = e.stats().lookups;
+    let keys: Vec<_> = e
+        .chunk_spans(&stored, None)
+        .unwrap()
+        .iter()
+        .map(|s| s.key)
+        .collect();
+    let err = e.lookup_keys(&keys, stored.len() - 5).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("4 keys sent for a 48-token prompt of 3 chunks"),
+        "{err}"
+    );
+    assert_eq!(e.stats().lookups, before);
+}
+
+#[test]
 fn many_threads_store_lookup_and_retrieve_consistently() {
     let e = Arc::new(engine(64 * 4096));
     let threads: Vec<_> = (0..8u32)
