@@ -373,10 +373,22 @@ mod tests {
     }
 
     proptest! {
+        /// Any body, mostly with a message kind and a meta length near the body's: an
+        /// error or a message, never a panic (e.g. slicing past the body).
         #[test]
-        fn decode_never_panics(body in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let _ = decode::<Msg>(&body);
-            let _ = decode::<(u64, Vec<u8>)>(&body);
+        fn decode_never_panics(
+            kind in prop_oneof![Just(FRAME_MSG), any::<u8>()],
+            meta_len in prop_oneof![0u32..300, any::<u32>()],
+            rest in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
+            let mut body = vec![kind];
+            body.extend_from_slice(&meta_len.to_le_bytes());
+            body.extend_from_slice(&rest);
+            for cut in [0, 1, 4, 5, body.len()] {
+                let b = &body[..cut.min(body.len())];
+                let _ = decode::<Msg>(b);
+                let _ = decode::<(u64, Vec<u8>)>(b);
+            }
         }
 
         /// Any bytes: the readers return an error or a message, never panic, and never ask
