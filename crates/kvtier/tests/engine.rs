@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvtier::chunk::{Dtype, KvLayout};
-use kvtier::keys::ModelIdentity;
+use kvtier::keys::{ChunkKey, ModelIdentity};
 use kvtier::{Engine, EngineConfig};
 
 const CHUNK: usize = 16;
@@ -40,6 +40,15 @@ fn kv_for(e: &Engine, tokens: &[u32]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// The chunk keys of a prompt, as a server's client computes them.
+fn keys_of(e: &Engine, tokens: &[u32]) -> Vec<ChunkKey> {
+    e.chunk_spans(tokens, None)
+        .unwrap()
+        .iter()
+        .map(|s| s.key)
+        .collect()
 }
 
 fn prompt(seed: u32, n: usize) -> Vec<u32> {
@@ -215,12 +224,7 @@ fn lookup_by_keys_answers_and_counts_like_lookup() {
     diverged[2 * CHUNK + 1] ^= 1;
     let mut by_tokens = Vec::new();
     for tokens in [&stored, &diverged, &prompt(12, 40)] {
-        let keys: Vec<_> = e
-            .chunk_spans(tokens, None)
-            .unwrap()
-            .iter()
-            .map(|s| s.key)
-            .collect();
+        let keys = keys_of(&e, tokens);
         let a = e.lookup(tokens, None).unwrap();
         let before = e.stats();
         let b = e.lookup_keys(&keys, tokens.len()).unwrap();
@@ -239,13 +243,9 @@ fn lookup_by_keys_answers_and_counts_like_lookup() {
     assert_eq!(by_tokens, [3 * CHUNK + 5, 2 * CHUNK, 0]);
     // Keys that cannot be the prompt's are refused, and counted nowhere.
     let before = e.stats().lookups;
-    let keys: Vec<_> = e
-        .chunk_spans(&stored, None)
-        .unwrap()
-        .iter()
-        .map(|s| s.key)
-        .collect();
-    let err = e.lookup_keys(&keys, stored.len() - 5).unwrap_err();
+    let err = e
+        .lookup_keys(&keys_of(&e, &stored), stored.len() - 5)
+        .unwrap_err();
     assert!(
         err.to_string()
             .contains("4 keys sent for a 48-token prompt of 3 chunks"),

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::frame::blob_items;
 use super::ProtoError;
 use crate::keys::ChunkKey;
 
@@ -25,20 +26,7 @@ pub fn keys_to_bytes(keys: &[ChunkKey]) -> Vec<u8> {
 
 /// Parses a key blob.
 pub fn keys_from_bytes(blob: &[u8]) -> Result<Vec<ChunkKey>, ProtoError> {
-    if blob.len() % 32 != 0 {
-        return Err(ProtoError::Malformed(format!(
-            "key blob of {} bytes is not a multiple of 32",
-            blob.len()
-        )));
-    }
-    Ok(blob
-        .chunks_exact(32)
-        .map(|c| {
-            let mut k = [0u8; 32];
-            k.copy_from_slice(c);
-            ChunkKey(k)
-        })
-        .collect())
+    Ok(blob_items(blob, "key")?.map(ChunkKey).collect())
 }
 
 #[cfg(test)]

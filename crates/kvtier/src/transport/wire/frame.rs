@@ -130,6 +130,22 @@ pub fn decode_meta<'de, T: Deserialize<'de>>(meta: &'de [u8]) -> Result<T, Proto
     postcard::from_bytes(meta).map_err(ProtoError::Undecodable)
 }
 
+/// The items of a blob of fixed-size items, e.g. tokens or chunk keys (`what` names them
+/// in the error).
+pub(crate) fn blob_items<'a, const N: usize>(
+    blob: &'a [u8],
+    what: &str,
+) -> Result<impl Iterator<Item = [u8; N]> + 'a, ProtoError> {
+    if blob.len() % N != 0 {
+        return Err(ProtoError::Malformed(format!(
+            "{what} blob of {} bytes is not a multiple of {N}",
+            blob.len()
+        )));
+    }
+    // Every chunk is exactly N bytes long, so the conversion cannot fail.
+    Ok(blob.chunks_exact(N).map(|c| c.try_into().unwrap_or([0; N])))
+}
+
 /// Encodes the head and meta of a frame, with `room` more bytes reserved.
 fn encode_with_room<T: Serialize>(
     msg: &T,

@@ -3,6 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::frame::blob_items;
 use super::ProtoError;
 
 /// A chunk buffer handed to a client: where its bytes are and which tokens they hold.
@@ -48,16 +49,7 @@ pub fn tokens_to_bytes(tokens: &[u32]) -> Vec<u8> {
 
 /// Parses a token blob.
 pub fn tokens_from_bytes(blob: &[u8]) -> Result<Vec<u32>, ProtoError> {
-    if blob.len() % 4 != 0 {
-        return Err(ProtoError::Malformed(format!(
-            "token blob of {} bytes is not a multiple of 4",
-            blob.len()
-        )));
-    }
-    Ok(blob
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
+    Ok(blob_items(blob, "token")?.map(u32::from_le_bytes).collect())
 }
 
 #[cfg(test)]
