@@ -8,7 +8,7 @@ use super::frame::blob_items;
 use super::ProtoError;
 use crate::keys::ChunkKey;
 
-/// What a [`Request::PutChunk`] did.
+/// What a [`super::Request::PutChunk`] did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PutResult {
     /// Stored in the server's L1 (and queued to its lower tiers).
