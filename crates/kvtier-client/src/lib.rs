@@ -243,21 +243,8 @@ impl Conn {
     /// Reads a reply's header and meta; returns the message and the blob length still
     /// to be read.
     fn recv_head(&mut self) -> CallResult<(Response, usize)> {
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len)?;
-        let body = proto::body_len(len, self.max_frame.max(proto::DEFAULT_MAX_FRAME))?;
-        let mut hdr = [0u8; 5];
-        self.stream.read_exact(&mut hdr)?;
-        let meta_len = u32::from_le_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
-        if meta_len > proto::MAX_META || 5 + meta_len > body {
-            return Err(proto::ProtoError::Malformed("reply meta does not fit".into()).into());
-        }
-        let mut buf = Vec::with_capacity(5 + meta_len);
-        buf.extend_from_slice(&hdr);
-        buf.resize(5 + meta_len, 0);
-        self.stream.read_exact(&mut buf[5..])?;
-        let (msg, _) = proto::decode::<Response>(&buf)?;
-        Ok((msg, body - 5 - meta_len))
+        let max = self.max_frame.max(proto::DEFAULT_MAX_FRAME);
+        Ok(proto::frame::read_head_blocking(&mut self.stream, max)?)
     }
 
     fn skip(&mut self, mut n: usize) -> CallResult<()> {
@@ -542,7 +529,7 @@ impl KvClient {
 
     /// Lookup over precomputed chunk keys (`n_tokens` is the prompt length).
     pub fn lookup_keys(&self, keys: &[ChunkKey], n_tokens: usize) -> Result<(usize, Vec<usize>)> {
-        let blob: Vec<u8> = keys.iter().flat_map(|k| k.0).collect();
+        let blob = proto::keys_to_bytes(keys);
         let blob = &blob[..];
         self.with_conn(|c| {
             match c.call(
@@ -576,7 +563,7 @@ impl KvClient {
             &[tokens_blob],
         )?;
         let (lease, slots) = match reply {
-            Response::Stored(s) => return Ok((s, true)),
+            Response::Stored(s) => return Ok((s.into(), true)),
             Response::StoreLease { lease, slots, .. } => (lease, slots),
             r => return Err(unexpected("BeginStore", &r)),
         };
@@ -635,8 +622,8 @@ impl KvClient {
             c.call(&commit, &[])?
         };
         match reply {
-            Response::Stored(s) => Ok((s, !durable)),
-            Response::StoredDurable { summary, durable } => Ok((summary, durable)),
+            Response::Stored(s) => Ok((s.into(), !durable)),
+            Response::StoredDurable { summary, durable } => Ok((summary.into(), durable)),
             r => Err(unexpected("CommitStore", &r)),
         }
     }

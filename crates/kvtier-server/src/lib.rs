@@ -12,11 +12,15 @@ pub mod admin;
 pub mod cli;
 mod conn;
 mod fdpass;
+mod handlers;
+mod handshake;
+mod io;
+mod lease;
 pub mod models;
 mod peer;
+mod state;
 
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -28,7 +32,9 @@ use kvtier::{EngineConfig, EngineCore};
 use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
-pub use conn::Transport;
+use state::ServerState;
+
+pub use handshake::Transport;
 pub use models::Models;
 
 /// Server settings (the engine's own come from [`EngineConfig`]).
@@ -97,37 +103,6 @@ impl ServeConfig {
             name: format!("kvtier-{}", env!("CARGO_PKG_VERSION")),
             ready_file: None,
         }
-    }
-}
-
-/// State shared by every connection.
-pub(crate) struct ServerState {
-    pub(crate) models: Arc<Models>,
-    pub(crate) name: String,
-    pub(crate) auth_token: Option<String>,
-    pub(crate) pool_fd: Option<RawFd>,
-    pub(crate) max_frame: usize,
-    pub(crate) lease_timeout: Duration,
-    pub(crate) shutdown: watch::Receiver<bool>,
-    pub(crate) active: AtomicUsize,
-    pub(crate) idle: Notify,
-    pub(crate) expired_leases: AtomicU64,
-}
-
-pub(crate) struct ActiveGuard<'a>(&'a ServerState);
-
-impl Drop for ActiveGuard<'_> {
-    fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
-impl ServerState {
-    pub(crate) fn track(&self) -> ActiveGuard<'_> {
-        self.active.fetch_add(1, Ordering::AcqRel);
-        ActiveGuard(self)
     }
 }
 
@@ -270,23 +245,8 @@ pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) ->
     for a in accepts {
         let _ = a.await;
     }
-    let deadline = Instant::now() + cfg.shutdown_grace;
-    while state.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-        let notified = state.idle.notified();
-        let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
-    }
-    let left = state.active.load(Ordering::Acquire);
-    if left > 0 {
-        warn!(connections = left, "grace period over; closing the rest");
-    }
-    let eng = models.any()?;
-    let t = cfg.flush_timeout;
-    let flushed = tokio::task::spawn_blocking(move || eng.flush(t)).await?;
-    if flushed {
-        info!("durable writes flushed");
-    } else {
-        warn!(timeout = ?t, "queued writes did not all finish in time");
-    }
+    wait_for_connections(&state, cfg.shutdown_grace).await;
+    flush_before_exit(&models, cfg.flush_timeout).await?;
     if let Some(a) = admin {
         a.shutdown();
     }
@@ -297,6 +257,31 @@ pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) ->
         let _ = std::fs::remove_file(p);
     }
     info!("kvtier server stopped");
+    Ok(())
+}
+
+/// Waits, at most `grace`, for the open connections to finish their current request.
+async fn wait_for_connections(state: &ServerState, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    while state.active.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        let notified = state.idle.notified();
+        let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+    }
+    let left = state.active.load(Ordering::Acquire);
+    if left > 0 {
+        warn!(connections = left, "grace period over; closing the rest");
+    }
+}
+
+/// Waits, at most `timeout`, for the queued lower-tier writes.
+async fn flush_before_exit(models: &Models, timeout: Duration) -> Result<()> {
+    let eng = models.any()?;
+    let flushed = tokio::task::spawn_blocking(move || eng.flush(timeout)).await?;
+    if flushed {
+        info!("durable writes flushed");
+    } else {
+        warn!(?timeout, "queued writes did not all finish in time");
+    }
     Ok(())
 }
 

@@ -14,12 +14,14 @@ use kvtier::chunk::record::{decode_header, encode_header};
 use kvtier::chunk::{copy_with_checksum, Chunk};
 use kvtier::keys::ChunkKey;
 use kvtier::manager::StoreClaim;
-use kvtier::transport::wire::{self as proto, ErrorCode, PutResult, Request, Response};
+use kvtier::transport::wire::{self as proto, frame, ErrorCode, PutResult, Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
 
-use crate::conn::{block, decode_request, err, read_frame, write_msg, Transport};
-use crate::ServerState;
+use crate::handlers::block;
+use crate::handshake::Transport;
+use crate::io::{decode_request, err, write_msg};
+use crate::state::ServerState;
 
 /// Serves one chunk-level connection until the peer closes it or the server shuts down.
 pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
@@ -32,7 +34,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let mut shutdown = state.shutdown.clone();
     loop {
         let frame = tokio::select! {
-            r = read_frame(&mut stream, state.max_frame) => r,
+            r = frame::read_body(&mut stream, state.max_frame) => r,
             _ = shutdown.changed() => break,
         };
         let body = match frame {
@@ -40,7 +42,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(None) => break,
             Err(e) => {
                 debug!(%client, error = %e, "closing peer connection after a bad frame");
-                let _ = write_msg(&mut stream, &err(ErrorCode::Protocol, e), &[]).await;
+                let _ = write_msg(&mut stream, &err(ErrorCode::Protocol, e.to_string()), &[]).await;
                 break;
             }
         };
@@ -119,8 +121,7 @@ async fn send_record<W: AsyncWrite + Unpin>(wr: &mut W, chunk: &Chunk) -> std::i
         Err(e) => return write_msg(wr, &proto::error_reply(&e), &[]).await,
     };
     let payload = chunk.payload();
-    let head = proto::encode_head(&Response::Record, header.len() + payload.len())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let head = proto::encode_head(&Response::Record, header.len() + payload.len())?;
     wr.write_all(&head).await?;
     wr.write_all(&header).await?;
     wr.write_all(payload).await

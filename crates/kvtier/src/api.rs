@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::error::Result;
 use crate::tier::PinToken;
+use crate::transport::wire::StoreCounts;
 use crate::{LookupResult, RetrieveReport};
 
 /// What a store did, in a form that crosses process boundaries.
@@ -23,6 +24,33 @@ pub struct StoreSummary {
     pub dropped_chunks: usize,
     /// Payload bytes copied in.
     pub new_bytes: u64,
+}
+
+impl From<&StoreSummary> for StoreCounts {
+    fn from(s: &StoreSummary) -> StoreCounts {
+        StoreCounts {
+            stored_tokens: s.stored_tokens as u64,
+            new_chunks: s.new_chunks as u64,
+            present_chunks: s.present_chunks as u64,
+            inflight_chunks: s.inflight_chunks as u64,
+            dropped_chunks: s.dropped_chunks as u64,
+            new_bytes: s.new_bytes,
+        }
+    }
+}
+
+impl From<StoreCounts> for StoreSummary {
+    fn from(c: StoreCounts) -> StoreSummary {
+        let n = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        StoreSummary {
+            stored_tokens: n(c.stored_tokens),
+            new_chunks: n(c.new_chunks),
+            present_chunks: n(c.present_chunks),
+            inflight_chunks: n(c.inflight_chunks),
+            dropped_chunks: n(c.dropped_chunks),
+            new_bytes: c.new_bytes,
+        }
+    }
 }
 
 /// A load started by [`KvCache::prefetch`].
@@ -75,4 +103,28 @@ pub trait KvCache: Send + Sync {
     fn flush(&self, timeout: Duration) -> Result<bool>;
     /// Engine and tier numbers as JSON.
     fn stats_json(&self) -> Result<serde_json::Value>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_summary_crosses_the_wire_unchanged() {
+        let s = StoreSummary {
+            stored_tokens: 4096,
+            new_chunks: 16,
+            present_chunks: 1,
+            inflight_chunks: 2,
+            dropped_chunks: 3,
+            new_bytes: 1 << 33,
+        };
+        let c = StoreCounts::from(&s);
+        // Same bytes as the summary itself had on the wire before it got a wire form.
+        assert_eq!(
+            postcard::to_stdvec(&c).unwrap(),
+            postcard::to_stdvec(&s).unwrap()
+        );
+        assert_eq!(StoreSummary::from(c), s);
+    }
 }

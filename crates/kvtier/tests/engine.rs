@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvtier::chunk::{Dtype, KvLayout};
-use kvtier::keys::ModelIdentity;
+use kvtier::keys::{ChunkKey, ModelIdentity};
 use kvtier::{Engine, EngineConfig};
 
 const CHUNK: usize = 16;
@@ -40,6 +40,15 @@ fn kv_for(e: &Engine, tokens: &[u32]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// The chunk keys of a prompt, as a server's client computes them.
+fn keys_of(e: &Engine, tokens: &[u32]) -> Vec<ChunkKey> {
+    e.chunk_spans(tokens, None)
+        .unwrap()
+        .iter()
+        .map(|s| s.key)
+        .collect()
 }
 
 fn prompt(seed: u32, n: usize) -> Vec<u32> {
@@ -201,6 +210,48 @@ fn metrics_count_requested_and_hit_tokens() {
     assert!(text.contains("kvtier_hit_tokens_total 64"), "{text}");
     assert!(text.contains("kvtier_requested_tokens_total 128"));
     assert!(text.contains("kvtier_stored_chunks_total{tier=\"cpu\"} 4"));
+}
+
+#[test]
+fn lookup_by_keys_answers_and_counts_like_lookup() {
+    // With a stored partial tail chunk, a full hit ends at the prompt's end (not at a
+    // multiple of the chunk size), a partial hit at a chunk boundary; both entries must say
+    // so and record the same metrics.
+    let e = engine_with(1 << 20, |c| c.save_unfull_chunk = true);
+    let stored = prompt(11, 3 * CHUNK + 5);
+    e.store(&stored, None, &kv_for(&e, &stored)).unwrap();
+    let mut diverged = stored.clone();
+    diverged[2 * CHUNK + 1] ^= 1;
+    let mut by_tokens = Vec::new();
+    for tokens in [&stored, &diverged, &prompt(12, 40)] {
+        let keys = keys_of(&e, tokens);
+        let a = e.lookup(tokens, None).unwrap();
+        let before = e.stats();
+        let b = e.lookup_keys(&keys, tokens.len()).unwrap();
+        let after = e.stats();
+        assert_eq!(a, b);
+        assert_eq!(
+            (
+                after.lookups - before.lookups,
+                after.requested_tokens - before.requested_tokens,
+                after.hit_tokens - before.hit_tokens
+            ),
+            (1, tokens.len() as u64, a.hit_tokens as u64)
+        );
+        by_tokens.push(a.hit_tokens);
+    }
+    assert_eq!(by_tokens, [3 * CHUNK + 5, 2 * CHUNK, 0]);
+    // Keys that cannot be the prompt's are refused, and counted nowhere.
+    let before = e.stats().lookups;
+    let err = e
+        .lookup_keys(&keys_of(&e, &stored), stored.len() - 5)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("4 keys sent for a 48-token prompt of 3 chunks"),
+        "{err}"
+    );
+    assert_eq!(e.stats().lookups, before);
 }
 
 #[test]

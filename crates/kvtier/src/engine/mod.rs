@@ -37,8 +37,7 @@ use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, ChunkSpan, KeySpace, ModelIdentity, Origin};
 use crate::manager::{
-    ClaimGuard, ManagerOptions, PrefetchHandle, PrefixLookup, StorageManager, StoreClaim,
-    StoreTicket, TierSpec,
+    ClaimGuard, ManagerOptions, PrefetchHandle, StorageManager, StoreClaim, StoreTicket, TierSpec,
 };
 use crate::memory::{PoolBacking, PoolOptions, WritableBuf};
 use crate::metrics::Metrics;
@@ -378,31 +377,45 @@ impl Engine {
         let t0 = Instant::now();
         let spans = self.keys.chunk_spans(tokens, cache_salt)?;
         let keys: Vec<ChunkKey> = spans.iter().map(|s| s.key).collect();
-        let r = self.core.manager.lookup(&keys)?;
-        let res = self.lookup_result(&spans, r);
-        self.core.metrics.lookups.inc();
-        self.core
-            .metrics
-            .requested_tokens
-            .inc_by(tokens.len() as u64);
-        self.core.metrics.hit_tokens.inc_by(res.hit_tokens as u64);
-        self.core
-            .metrics
-            .lookup_seconds
-            .observe(t0.elapsed().as_secs_f64());
-        Ok(res)
+        self.lookup_prefix(t0, &keys, tokens.len())
     }
 
-    fn lookup_result(&self, spans: &[ChunkSpan], r: PrefixLookup) -> LookupResult {
-        LookupResult {
-            hit_tokens: if r.hit_chunks == 0 {
-                0
-            } else {
-                spans[r.hit_chunks - 1].end
-            },
+    /// [`Engine::lookup`] over chunk keys the caller derived itself (a server's clients hash
+    /// their prompts locally and send only the keys). `keys` must be the chunk keys of a
+    /// prompt of `n_tokens` tokens: their count is checked against that. Records the same
+    /// metrics as [`Engine::lookup`].
+    pub fn lookup_keys(&self, keys: &[ChunkKey], n_tokens: usize) -> Result<LookupResult> {
+        let t0 = Instant::now();
+        let chunks = self.keys.num_chunks(n_tokens);
+        if keys.len() != chunks {
+            return Err(Error::invalid(format!(
+                "{} keys sent for a {n_tokens}-token prompt of {chunks} chunks",
+                keys.len()
+            )));
+        }
+        self.lookup_prefix(t0, keys, n_tokens)
+    }
+
+    /// The lookup both entries share: the manager's answer in tokens, and the metrics.
+    fn lookup_prefix(
+        &self,
+        t0: Instant,
+        keys: &[ChunkKey],
+        n_tokens: usize,
+    ) -> Result<LookupResult> {
+        let r = self.core.manager.lookup(keys)?;
+        // Chunk i holds tokens i*cs .. min((i+1)*cs, n): a prefix of h chunks ends there.
+        let hit_tokens = (r.hit_chunks * self.keys.chunk_size()).min(n_tokens);
+        let m = &self.core.metrics;
+        m.lookups.inc();
+        m.requested_tokens.inc_by(n_tokens as u64);
+        m.hit_tokens.inc_by(hit_tokens as u64);
+        m.lookup_seconds.observe(t0.elapsed().as_secs_f64());
+        Ok(LookupResult {
+            hit_tokens,
             hit_chunks: r.hit_chunks,
             tiers: r.tiers,
-        }
+        })
     }
 
     /// Pins the L1-resident chunks of the prompt's stored prefix for `ttl` (default: the pin

@@ -265,10 +265,7 @@ impl PeerTier {
         // that part, which is still a correct (shorter) prefix.
         let max = self.frame_limit().saturating_sub(FRAME_OVERHEAD) / 32;
         let keys = &keys[..keys.len().min(max.max(1))];
-        let mut blob = Vec::with_capacity(keys.len() * 32);
-        for k in keys {
-            blob.extend_from_slice(&k.0);
-        }
+        let blob = wire::keys_to_bytes(keys);
         bump(&self.counters.probes, 1);
         match self.exec(&Op::Contains(&blob)).await? {
             Out::Count(n) => Ok((n as usize).min(keys.len())),
@@ -437,20 +434,7 @@ async fn send(conn: &mut Conn, req: &Request, blobs: &[&[u8]]) -> io::Result<()>
 
 /// Reads a reply's header and meta; returns the message and the blob length still unread.
 async fn recv_head(conn: &mut Conn) -> io::Result<(Response, usize)> {
-    let mut len = [0u8; 4];
-    conn.read_exact_into(&mut len).await?;
-    let body = wire::body_len(len, wire::DEFAULT_MAX_FRAME).map_err(|e| protocol(e.to_string()))?;
-    let mut hdr = [0u8; 5];
-    conn.read_exact_into(&mut hdr).await?;
-    let meta_len = u32::from_le_bytes([hdr[1], hdr[2], hdr[3], hdr[4]]) as usize;
-    if meta_len > wire::MAX_META || 5 + meta_len > body {
-        return Err(protocol("reply meta does not fit its frame"));
-    }
-    let mut buf = vec![0u8; 5 + meta_len];
-    buf[..5].copy_from_slice(&hdr);
-    conn.read_exact_into(&mut buf[5..]).await?;
-    let (msg, _) = wire::decode::<Response>(&buf).map_err(|e| protocol(e.to_string()))?;
-    Ok((msg, body - 5 - meta_len))
+    wire::frame::read_head(conn, wire::DEFAULT_MAX_FRAME).await
 }
 
 /// An error reply (connection still usable once its blob is skipped), or a protocol error.

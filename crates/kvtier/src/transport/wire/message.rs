@@ -1,71 +1,19 @@
-//! The wire protocol between a `kvtier serve` server and its clients.
+//! The messages: every [`Request`] and [`Response`] of both connection kinds, and error
+//! replies.
 //!
-//! Every message travels in one frame:
-//!
-//! ```text
-//! u32 LE  body length (everything after these 4 bytes)
-//! u8      frame kind (FRAME_MSG)
-//! u32 LE  meta length
-//! meta    postcard-encoded Request or Response
-//! blob    raw bytes (tokens, keys, payload), the rest of the body
-//! ```
-//!
-//! Bulk data (tokens as u32 LE, chunk keys as 32-byte digests, KV payload) goes in the blob
-//! so it is never serialised element by element. A body longer than the receiver's maximum
-//! frame size is refused and the connection closed; an unknown kind or an undecodable meta
-//! gets an [`Response::Error`] reply and the connection goes on.
-//!
-//! The first frame on a connection is [`Request::Hello`] (magic, protocol version, client
-//! name, model identity, chunk size check, optional auth token). On a Unix socket where the
-//! client asked for shared memory, the server follows its [`Response::HelloOk`] with one
-//! byte carrying the pool's file descriptor (SCM_RIGHTS).
-//!
-//! Version 2 adds chunk-level access for another engine using the server as a tier
-//! (`kvtier://host:port`): the connection opens with [`Request::HelloPeer`] (no model: chunk
-//! keys already name the model through their hash chain), then speaks
-//! [`Request::ContainsChunks`], [`Request::GetChunk`], [`Request::PutChunk`] and
-//! [`Request::RemoveChunk`]. Chunks travel as whole records (header + payload, see
-//! [`crate::chunk::record`]) so the reader verifies the checksum itself. New variants are
-//! only ever appended to [`Request`] and [`Response`], so the frames of version 1 keep
-//! their encoding and a version-2 server still serves version-1 clients.
+//! Both kinds share one enum per direction because postcard encodes a variant as its index:
+//! the enums are the registry of those numbers. New variants are only ever appended, so the
+//! frames of version 1 keep their encoding (pinned by a test below). The payload types of
+//! model connections are in [`super::rpc`], those of chunk-level connections in
+//! [`super::chunk`].
 
 use serde::{Deserialize, Serialize};
 
-/// First field of every Hello.
-pub const MAGIC: u32 = 0x4b56_5431; // "KVT1"
-/// Protocol version spoken by this crate.
-pub const PROTOCOL_VERSION: u16 = 2;
-/// Oldest client version a server still accepts (version 1 lacks only the chunk frames).
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
-/// First version with [`Request::HelloPeer`] and the chunk frames.
-pub const PEER_PROTOCOL_VERSION: u16 = 2;
-/// Frame kind of a message frame (the only kind so far; others are refused).
-pub const FRAME_MSG: u8 = 1;
-/// Bytes before the meta: body length, kind, meta length.
-pub const HEADER_LEN: usize = 9;
-/// Default largest body accepted: 64 MiB of blob plus 1 MiB of meta.
-pub const DEFAULT_MAX_FRAME: usize = (64 << 20) + (1 << 20);
-/// Largest meta accepted, whatever the frame limit.
-pub const MAX_META: usize = 1 << 20;
-
-/// Errors of frame encoding and decoding.
-#[derive(Debug, thiserror::Error)]
-pub enum ProtoError {
-    /// The body is larger than the limit.
-    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
-    TooLarge {
-        /// Announced length.
-        len: usize,
-        /// Limit.
-        max: usize,
-    },
-    /// The frame is structurally wrong.
-    #[error("malformed frame: {0}")]
-    Malformed(String),
-    /// The frame kind is not known.
-    #[error("unknown frame kind {0}")]
-    UnknownKind(u8),
-}
+use super::chunk::PutResult;
+use super::rpc::{Slot, StoreCounts};
+#[cfg(doc)]
+use super::{MAGIC, PEER_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use crate::error::Error;
 
 /// Machine-readable class of an error reply; maps onto [`crate::Error`] on the client.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,19 +34,6 @@ pub enum ErrorCode {
     Engine,
     /// The server is shutting down.
     Closed,
-}
-
-/// A chunk buffer handed to a client: where its bytes are and which tokens they hold.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Slot {
-    /// First token of the chunk.
-    pub start: u64,
-    /// End token (exclusive).
-    pub end: u64,
-    /// Offset in the shared pool (meaningless over TCP).
-    pub offset: u64,
-    /// Payload bytes.
-    pub len: u64,
 }
 
 /// Client → server messages.
@@ -256,17 +191,6 @@ pub enum Request {
     },
 }
 
-/// What a [`Request::PutChunk`] did.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum PutResult {
-    /// Stored in the server's L1 (and queued to its lower tiers).
-    Stored,
-    /// The key was already present or being stored.
-    AlreadyPresent,
-    /// Not stored, for the given reason (e.g. no memory); not an error.
-    Skipped(String),
-}
-
 /// Server → client messages.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Response {
@@ -317,11 +241,11 @@ pub enum Response {
         dropped_chunks: u32,
     },
     /// A store was committed.
-    Stored(crate::StoreSummary),
+    Stored(StoreCounts),
     /// A durable store was committed and its lower-tier writes finished.
     StoredDurable {
         /// What the store did.
-        summary: crate::StoreSummary,
+        summary: StoreCounts,
         /// Whether every new chunk reached every lower tier (false when a write failed or
         /// was skipped, e.g. a full write queue or a tier down).
         durable: bool,
@@ -380,121 +304,9 @@ pub enum Response {
     PutChunk(PutResult),
 }
 
-/// Encodes a frame: header, postcard meta, blob.
-pub fn encode<T: Serialize>(msg: &T, blob: &[u8]) -> Result<Vec<u8>, ProtoError> {
-    let meta = postcard::to_stdvec(msg).map_err(|e| ProtoError::Malformed(e.to_string()))?;
-    let body = 1 + 4 + meta.len() + blob.len();
-    let body_u32 = u32::try_from(body).map_err(|_| ProtoError::TooLarge {
-        len: body,
-        max: u32::MAX as usize,
-    })?;
-    let mut out = Vec::with_capacity(4 + body);
-    out.extend_from_slice(&body_u32.to_le_bytes());
-    out.push(FRAME_MSG);
-    out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
-    out.extend_from_slice(&meta);
-    out.extend_from_slice(blob);
-    Ok(out)
-}
-
-/// Encodes only the header and meta of a frame whose blob of `blob_len` bytes is written
-/// separately (avoids copying large payloads).
-pub fn encode_head<T: Serialize>(msg: &T, blob_len: usize) -> Result<Vec<u8>, ProtoError> {
-    let meta = postcard::to_stdvec(msg).map_err(|e| ProtoError::Malformed(e.to_string()))?;
-    let body = 1 + 4 + meta.len() + blob_len;
-    let body_u32 = u32::try_from(body).map_err(|_| ProtoError::TooLarge {
-        len: body,
-        max: u32::MAX as usize,
-    })?;
-    let mut out = Vec::with_capacity(4 + 5 + meta.len());
-    out.extend_from_slice(&body_u32.to_le_bytes());
-    out.push(FRAME_MSG);
-    out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
-    out.extend_from_slice(&meta);
-    Ok(out)
-}
-
-/// Reads the body length from the first 4 bytes and checks it against `max`.
-pub fn body_len(prefix: [u8; 4], max: usize) -> Result<usize, ProtoError> {
-    let len = u32::from_le_bytes(prefix) as usize;
-    if len > max {
-        return Err(ProtoError::TooLarge { len, max });
-    }
-    if len < 5 {
-        return Err(ProtoError::Malformed(format!(
-            "body of {len} bytes is shorter than its 5-byte header"
-        )));
-    }
-    Ok(len)
-}
-
-/// Splits a body (everything after the length) into the decoded message and the blob
-/// range inside `body`.
-pub fn decode<'de, T: Deserialize<'de>>(
-    body: &'de [u8],
-) -> Result<(T, std::ops::Range<usize>), ProtoError> {
-    if body.len() < 5 {
-        return Err(ProtoError::Malformed("body shorter than 5 bytes".into()));
-    }
-    if body[0] != FRAME_MSG {
-        return Err(ProtoError::UnknownKind(body[0]));
-    }
-    let meta_len = u32::from_le_bytes([body[1], body[2], body[3], body[4]]) as usize;
-    if meta_len > MAX_META || 5 + meta_len > body.len() {
-        return Err(ProtoError::Malformed(format!(
-            "meta of {meta_len} bytes does not fit a {}-byte body",
-            body.len()
-        )));
-    }
-    let msg = postcard::from_bytes(&body[5..5 + meta_len])
-        .map_err(|e| ProtoError::Malformed(format!("undecodable message: {e}")))?;
-    Ok((msg, 5 + meta_len..body.len()))
-}
-
-/// Tokens as little-endian bytes (the blob of token-carrying requests).
-pub fn tokens_to_bytes(tokens: &[u32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(tokens.len() * 4);
-    for t in tokens {
-        out.extend_from_slice(&t.to_le_bytes());
-    }
-    out
-}
-
-/// Parses a token blob.
-pub fn tokens_from_bytes(blob: &[u8]) -> Result<Vec<u32>, ProtoError> {
-    if blob.len() % 4 != 0 {
-        return Err(ProtoError::Malformed(format!(
-            "token blob of {} bytes is not a multiple of 4",
-            blob.len()
-        )));
-    }
-    Ok(blob
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
-}
-
-/// Parses a key blob.
-pub fn keys_from_bytes(blob: &[u8]) -> Result<Vec<crate::keys::ChunkKey>, ProtoError> {
-    if blob.len() % 32 != 0 {
-        return Err(ProtoError::Malformed(format!(
-            "key blob of {} bytes is not a multiple of 32",
-            blob.len()
-        )));
-    }
-    Ok(blob
-        .chunks_exact(32)
-        .map(|c| {
-            let mut k = [0u8; 32];
-            k.copy_from_slice(c);
-            crate::keys::ChunkKey(k)
-        })
-        .collect())
-}
-
 /// Maps a kvtier error to an error reply.
-pub fn error_reply(e: &crate::Error) -> Response {
-    use crate::Error as E;
+pub fn error_reply(e: &Error) -> Response {
+    use Error as E;
     let code = match e {
         E::InvalidInput(_) | E::Config { .. } => ErrorCode::InvalidInput,
         E::Corrupt(_) => ErrorCode::Corrupt,
@@ -509,30 +321,19 @@ pub fn error_reply(e: &crate::Error) -> Response {
 }
 
 /// Maps an error reply back to a kvtier error on the client.
-pub fn error_from_reply(code: ErrorCode, message: String) -> crate::Error {
+pub fn error_from_reply(code: ErrorCode, message: String) -> Error {
     match code {
-        ErrorCode::InvalidInput => crate::Error::InvalidInput(message),
-        ErrorCode::Corrupt => crate::Error::Corrupt(message),
-        ErrorCode::Closed => crate::Error::Closed,
-        _ => crate::Error::tier("server", format!("{code:?}: {message}")),
+        ErrorCode::InvalidInput => Error::InvalidInput(message),
+        ErrorCode::Corrupt => Error::Corrupt(message),
+        ErrorCode::Closed => Error::Closed,
+        _ => Error::tier("server", format!("{code:?}: {message}")),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn roundtrip() {
-        let f = encode(&Request::Lookup { n_tokens: 7 }, b"abc").unwrap();
-        let len = body_len(f[..4].try_into().unwrap(), DEFAULT_MAX_FRAME).unwrap();
-        assert_eq!(len, f.len() - 4);
-        let (m, blob): (Request, _) = decode(&f[4..]).unwrap();
-        assert_eq!(m, Request::Lookup { n_tokens: 7 });
-        assert_eq!(&f[4..][blob], b"abc");
-        let h = encode_head(&Response::Data, 3).unwrap();
-        assert_eq!(&h[..], &encode(&Response::Data, b"xyz").unwrap()[..h.len()]);
-    }
+    use crate::transport::wire::{decode, encode};
 
     #[test]
     fn version_1_frames_keep_their_numbers() {
@@ -555,22 +356,24 @@ mod tests {
     }
 
     #[test]
-    fn limits() {
-        assert!(matches!(
-            body_len(100u32.to_le_bytes(), 10),
-            Err(ProtoError::TooLarge { .. })
-        ));
-        assert!(body_len(2u32.to_le_bytes(), 10).is_err());
-        assert!(matches!(
-            decode::<Request>(&[9, 0, 0, 0, 0]),
-            Err(ProtoError::UnknownKind(9))
-        ));
-        assert!(decode::<Request>(&[1, 255, 255, 255, 255]).is_err());
-        assert!(tokens_from_bytes(&[1, 2, 3]).is_err());
-        assert_eq!(
-            tokens_from_bytes(&tokens_to_bytes(&[1, 70000])).unwrap(),
-            [1, 70000]
-        );
+    fn store_replies_keep_their_bytes() {
+        // The store counts travel as six varints after the variant index, as they did when
+        // the reply carried the API's summary type directly.
+        let c = StoreCounts {
+            stored_tokens: 1,
+            new_chunks: 2,
+            present_chunks: 3,
+            inflight_chunks: 4,
+            dropped_chunks: 5,
+            new_bytes: 300,
+        };
+        let b = postcard::to_stdvec(&Response::Stored(c.clone())).unwrap();
+        assert_eq!(b, [4, 1, 2, 3, 4, 5, 0xac, 0x02]);
+        let d = Response::StoredDurable {
+            summary: c,
+            durable: true,
+        };
+        assert_eq!(postcard::to_stdvec(&d).unwrap()[..2], [5, 1]);
     }
 
     proptest::proptest! {

@@ -1,0 +1,48 @@
+//! The wire protocol between a `kvtier serve` server and its clients.
+//!
+//! Every message travels in one frame ([`frame`]: length, kind, postcard meta, blob). Bulk
+//! data (tokens as u32 LE, chunk keys as 32-byte digests, KV payload) goes in the blob so it
+//! is never serialised element by element. A body longer than the receiver's maximum frame
+//! size is refused and the connection closed; an unknown kind or an undecodable meta gets an
+//! [`Response::Error`] reply and the connection goes on.
+//!
+//! The first frame on a connection is [`Request::Hello`] (magic, protocol version, client
+//! name, model identity, chunk size check, optional auth token). On a Unix socket where the
+//! client asked for shared memory, the server follows its [`Response::HelloOk`] with one
+//! byte carrying the pool's file descriptor (SCM_RIGHTS). Such a model connection then
+//! speaks the requests whose payloads are in [`rpc`].
+//!
+//! Version 2 adds chunk-level access for another engine using the server as a tier
+//! (`kvtier://host:port`): the connection opens with [`Request::HelloPeer`] (no model: chunk
+//! keys already name the model through their hash chain), then speaks
+//! [`Request::ContainsChunks`], [`Request::GetChunk`], [`Request::PutChunk`] and
+//! [`Request::RemoveChunk`] ([`chunk`]). Chunks travel as whole records (header + payload,
+//! see [`crate::chunk::record`]) so the reader verifies the checksum itself. New variants
+//! are only ever appended to [`Request`] and [`Response`] ([`message`]), so the frames of
+//! version 1 keep their encoding and a version-2 server still serves version-1 clients.
+//!
+//! Files: [`frame`] (framing, the one frame-head parser and readers), [`message`] (the
+//! message enums and error replies), [`rpc`] (model connections), [`chunk`] (chunk-level
+//! connections).
+
+pub mod chunk;
+pub mod frame;
+pub mod message;
+pub mod rpc;
+
+pub use chunk::{keys_from_bytes, keys_to_bytes, PutResult};
+pub use frame::{
+    body_len, decode, encode, encode_head, ProtoError, DEFAULT_MAX_FRAME, FRAME_MSG, HEADER_LEN,
+    MAX_META,
+};
+pub use message::{error_from_reply, error_reply, ErrorCode, Request, Response};
+pub use rpc::{tokens_from_bytes, tokens_to_bytes, Slot, StoreCounts};
+
+/// First field of every Hello.
+pub const MAGIC: u32 = 0x4b56_5431; // "KVT1"
+/// Protocol version spoken by this crate.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// Oldest client version a server still accepts (version 1 lacks only the chunk frames).
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// First version with [`Request::HelloPeer`] and the chunk frames.
+pub const PEER_PROTOCOL_VERSION: u16 = 2;
