@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use kvtier::keys::{ChunkKey, ModelIdentity};
 use kvtier::manager::PrefetchHandle;
-use kvtier::tier::PinToken;
 use kvtier::transport::wire::{self as proto, ErrorCode, Request, Response, Slot};
+use kvtier::PinToken;
 use kvtier::{Acquired, Engine, StoreSession};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -247,7 +247,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 chunk_size: cfg.chunk_size as u32,
                 save_unfull_chunk: cfg.save_unfull_chunk,
                 bytes_per_token,
-                shm_pool_bytes: shm.then(|| state.models.core().manager().l1().pool().capacity()),
+                shm_pool_bytes: shm.then(|| state.models.core().manager().pool().capacity()),
                 max_frame: state.max_frame as u64,
             };
             write_msg(stream, &ok, &[]).await.ok()?;

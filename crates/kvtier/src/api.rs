@@ -5,8 +5,37 @@
 use std::time::Duration;
 
 use crate::error::Result;
-use crate::tier::PinToken;
-use crate::{LookupResult, RetrieveReport};
+use crate::keys::ChunkKey;
+
+/// Answer to a prefix lookup, in tokens.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LookupResult {
+    /// Leading tokens retrievable.
+    pub hit_tokens: usize,
+    /// Chunks in that prefix.
+    pub hit_chunks: usize,
+    /// Tier index of each hit chunk (0 = L1).
+    pub tiers: Vec<usize>,
+}
+
+/// What a retrieve loaded.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RetrieveReport {
+    /// Leading tokens copied into the output.
+    pub hit_tokens: usize,
+    /// Tier index each chunk came from.
+    pub tiers: Vec<usize>,
+}
+
+/// A pin on one L1 chunk (see [`KvCache::pin`]); give it back with [`KvCache::unpin`]. Pins
+/// also expire on their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct PinToken {
+    /// Pinned key.
+    pub key: ChunkKey,
+    /// Pin id (unique within the L1 tier).
+    pub id: u64,
+}
 
 /// What a store did, in a form that crosses process boundaries.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use super::*;
-use crate::chunk::{checksum, ChunkInfo, Dtype, KvLayout};
+use crate::chunk::{checksum, ChunkInfo};
 use crate::keys::{ModelIdentity, Origin};
+use crate::layout::{Dtype, KvLayout};
 use crate::memory::PAGE;
 use crate::tier::{CpuTierOptions, Fault, FaultOp, FaultRule, FaultTier};
 

@@ -30,11 +30,12 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use self::url::PeerUrl;
-use super::{BufferSource, PutOutcome, Tier, TierCounters, TierFuture, TierUsage};
+use super::{PutOutcome, Tier, TierCounters, TierFuture, TierUsage};
 use crate::chunk::record::encode_header;
 use crate::chunk::Chunk;
 use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, KeyMap};
+use crate::memory::BufferSource;
 use crate::transport::link::{ConnectError, Connector, LinkCounters, LinkSettings, Pool};
 use crate::transport::record::{read_record, RecordRead, Terminator};
 use crate::transport::resp::Conn;

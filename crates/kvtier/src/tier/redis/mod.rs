@@ -41,11 +41,12 @@ use self::cluster::{host_of, key_slot, parse_redirect, parse_slots, Redirect, Sl
 use self::pool::{Node, Shared};
 use self::tls::TlsSettings;
 use self::url::{Mode, RedisUrl};
-use super::{BufferSource, PutOutcome, Tier, TierFuture, TierUsage};
+use super::{PutOutcome, Tier, TierFuture, TierUsage};
 use crate::chunk::record::{decode_header, encode_header, MAX_HEADER_LEN};
 use crate::chunk::Chunk;
 use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, KeyMap};
+use crate::memory::BufferSource;
 use crate::transport::link::{LinkCounters, LinkSettings};
 use crate::transport::record::{read_record, RecordRead, Terminator};
 use crate::transport::resp::{encode_bulk_header, encode_command, Conn, Reply};

@@ -1,0 +1,3 @@
+//! What every remote tier (a store shared over the network) is built from.
+
+pub mod url;
