@@ -460,6 +460,32 @@ fn commit_writes_through_and_dedupes_in_flight_keys() {
 }
 
 #[test]
+fn a_lower_tier_never_gets_two_puts_of_one_key_at_once() {
+    // Why remote tiers keep no in-flight map of their own: while a put of a key to a tier is
+    // queued or running, the manager sends that tier no other put of the key.
+    let r = rig(1);
+    r.lower[0].1.add_rule(FaultRule::always(
+        FaultOp::Put,
+        Fault::Stall(Duration::from_millis(300)),
+    ));
+    let c = chunk_in(&r.l1, 1);
+    let (mut first, mut again) = (StoreTicket::default(), StoreTicket::default());
+    r.m.write_through(&c, &mut first);
+    r.m.write_through(&c, &mut again);
+    assert_eq!((first.len(), again.len()), (1, 0));
+    assert!(r.m.flush(Duration::from_secs(5)));
+    assert_eq!(
+        r.lower[0].1.fired(),
+        1,
+        "the tier got a second put of the key"
+    );
+    // Once the first put has returned, the key may be written again.
+    r.m.write_through(&c, &mut again);
+    assert_eq!(again.len(), 1);
+    assert!(r.m.flush(Duration::from_secs(5)));
+}
+
+#[test]
 fn a_full_write_queue_skips_the_tier_without_blocking_and_counts_it() {
     let opts = ManagerOptions {
         write_queue_chunks: 2,

@@ -29,7 +29,7 @@ const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 
 /// Counters of a tier's links (shared by its pools).
 #[derive(Debug, Default)]
-pub(crate) struct LinkCounters {
+pub struct LinkCounters {
     /// Connections opened.
     pub connects: AtomicU64,
     /// Failed connects (refused, timed out, handshake refused).
@@ -55,6 +55,26 @@ pub(crate) struct LinkSettings {
     pub retry_max: Duration,
     /// Counters of all the tier's pools.
     pub counters: LinkCounters,
+}
+
+impl LinkSettings {
+    /// Settings for the pools of tier `tier` to endpoints of `kind`, counters at zero.
+    pub fn new(
+        kind: &'static str,
+        tier: &str,
+        pool: usize,
+        connect_timeout: Duration,
+        retry_max: Duration,
+    ) -> LinkSettings {
+        LinkSettings {
+            kind,
+            tier: tier.to_string(),
+            pool,
+            connect_timeout,
+            retry_max,
+            counters: LinkCounters::default(),
+        }
+    }
 }
 
 /// Why a connect failed (the message is final: it reaches logs and errors as is).
@@ -83,6 +103,20 @@ pub(crate) trait Connector: Send + Sync + 'static {
     fn timed_out(&self, timeout: Duration) -> String {
         format!("connect timed out after {} ms", timeout.as_millis())
     }
+}
+
+/// One request on a leased connection, for [`Pool::exec`]. It must be idempotent: when a
+/// pooled connection turns out stale, the request runs again on a fresh one.
+pub(crate) trait Exchange<C>: Sync {
+    /// What the request produces.
+    type Out: Send;
+
+    /// Runs the request on `conn`. An I/O error leaves the connection unusable; any `Ok`
+    /// leaves it at a reply boundary.
+    fn run<'a>(
+        &'a self,
+        conn: &'a mut C,
+    ) -> impl Future<Output = io::Result<Self::Out>> + Send + 'a;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -301,6 +335,31 @@ impl<K: Connector> Pool<K> {
         h.link = Link::Down;
         h.next_attempt = Some(Instant::now() + h.backoff);
         h.backoff = (h.backoff * 2).min(s.retry_max);
+    }
+
+    /// Runs `req` on a pooled connection. A pooled connection that fails with an I/O error
+    /// (stale after a server restart) is replaced by a fresh one, once; a protocol error
+    /// (`InvalidData`) or a failure on a fresh connection is returned as a tier error.
+    pub async fn exec<E: Exchange<K::Conn>>(&self, req: &E) -> Result<E::Out> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut lease = self.acquire().await?;
+            let reused = lease.reused;
+            match req.run(lease.conn()).await {
+                Ok(out) => {
+                    lease.done();
+                    return Ok(out);
+                }
+                Err(e) => {
+                    drop(lease);
+                    self.io_failed(&e);
+                    if !(reused && attempt == 1 && e.kind() != io::ErrorKind::InvalidData) {
+                        return Err(self.error(e));
+                    }
+                }
+            }
+        }
     }
 
     /// An established connection failed: drop the idle ones too (they likely share its
