@@ -83,6 +83,34 @@ pub(crate) enum ConnectError {
     Auth(String),
     /// Anything else.
     Other(String),
+    /// Anything else, caused by `source` (whose text `message` already includes).
+    Caused {
+        /// What failed, with the cause's text.
+        message: String,
+        /// The cause.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl ConnectError {
+    /// `what: {source}`, keeping `source` as the cause.
+    pub fn caused(
+        what: &str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> ConnectError {
+        ConnectError::described(format!("{what}: {source}"), source)
+    }
+
+    /// `message` (which already describes `source`), keeping `source` as the cause.
+    pub fn described(
+        message: String,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> ConnectError {
+        ConnectError::Caused {
+            message,
+            source: Box::new(source),
+        }
+    }
 }
 
 /// Opens connections for a tier's pools.
@@ -227,6 +255,21 @@ impl<K: Connector> Pool<K> {
         Error::tier(&s.tier, format!("{} {}: {msg}", s.kind, self.addr))
     }
 
+    /// A tier error about this endpoint caused by `source` (described in the message too).
+    pub fn error_caused(
+        &self,
+        msg: impl std::fmt::Display,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Error {
+        let s = self.settings();
+        Error::tier_caused(&s.tier, format!("{} {}: {msg}", s.kind, self.addr), source)
+    }
+
+    /// A tier error for an I/O error on a connection to this endpoint.
+    pub fn io_error(&self, e: io::Error) -> Error {
+        self.error_caused(e.to_string(), e)
+    }
+
     /// Leases a connection: an idle one, else a new one (unless in reconnect backoff).
     pub async fn acquire(&self) -> Result<Lease<'_, K>> {
         let permit = self.permits.acquire().await.map_err(|_| Error::Closed)?;
@@ -274,7 +317,7 @@ impl<K: Connector> Pool<K> {
         });
         let r = match task.await {
             Ok(r) => r,
-            Err(e) => Err(ConnectError::Other(format!("connect task failed: {e}"))),
+            Err(e) => Err(ConnectError::caused("connect task failed", e)),
         };
         let counters = &self.settings().counters;
         match r {
@@ -285,15 +328,19 @@ impl<K: Connector> Pool<K> {
             }
             Err(e) => {
                 bump(&counters.connect_failures);
-                let msg = match e {
+                let (msg, source) = match e {
                     ConnectError::Auth(m) => {
                         bump(&counters.auth_failures);
-                        m
+                        (m, None)
                     }
-                    ConnectError::Other(m) => m,
+                    ConnectError::Other(m) => (m, None),
+                    ConnectError::Caused { message, source } => (message, Some(source)),
                 };
                 self.mark_connect_failed(&msg);
-                Err(self.error(msg))
+                Err(match source {
+                    Some(source) => self.error_caused(msg, source),
+                    None => self.error(msg),
+                })
             }
         }
     }
@@ -355,7 +402,7 @@ impl<K: Connector> Pool<K> {
                     drop(lease);
                     self.io_failed(&e);
                     if !(reused && attempt == 1 && e.kind() != io::ErrorKind::InvalidData) {
-                        return Err(self.error(e));
+                        return Err(self.io_error(e));
                     }
                 }
             }

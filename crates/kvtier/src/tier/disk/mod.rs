@@ -181,7 +181,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         Ok(h) => h
             .spawn_blocking(f)
             .await
-            .map_err(|e| Error::tier("disk", format!("I/O task failed: {e}"))),
+            .map_err(|e| Error::tier_caused("disk", format!("I/O task failed: {e}"), e)),
         Err(_) => Ok(f()),
     }
 }

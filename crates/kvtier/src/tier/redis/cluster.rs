@@ -197,7 +197,7 @@ impl ClusterState {
             Err(e) => {
                 drop(lease);
                 node.io_failed(&e);
-                return Err(node.error(e));
+                return Err(node.io_error(e));
             }
         };
         lease.done();

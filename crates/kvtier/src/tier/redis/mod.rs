@@ -414,7 +414,7 @@ impl RedisStore {
                     Ok(r) => r,
                     Err(e) => {
                         node.io_failed(&e);
-                        return Err(node.error(e));
+                        return Err(node.io_error(e));
                     }
                 };
                 let (next, keys) = match reply {
@@ -442,7 +442,7 @@ impl RedisStore {
                             .collect();
                         let heads = lease.conn().pipeline(&cmds).await.map_err(|e| {
                             node.io_failed(&e);
-                            node.error(e)
+                            node.io_error(e)
                         })?;
                         keys.iter()
                             .zip(heads)
@@ -461,7 +461,7 @@ impl RedisStore {
                         doomed.iter().map(|k| vec![&b"UNLINK"[..], k]).collect();
                     let replies = lease.conn().pipeline(&cmds).await.map_err(|e| {
                         node.io_failed(&e);
-                        node.error(e)
+                        node.io_error(e)
                     })?;
                     removed += replies
                         .iter()
@@ -610,6 +610,36 @@ mod tests {
             RedisTier::from_url("redis://u:sekrit@127.0.0.1:1", 0).unwrap()
         );
         assert!(dbg.contains("u:***@") && !dbg.contains("sekrit"), "{dbg}");
+    }
+
+    #[test]
+    fn a_refused_connect_keeps_its_cause() {
+        // A port nothing listens on.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        let t = RedisTier::from_url(&format!("redis://127.0.0.1:{port}"), 0).unwrap();
+        // Calls in a reconnect backoff (after the background warm-up failed) fail without
+        // trying; wait for one that tries.
+        let t0 = Instant::now();
+        let (e, msg) = loop {
+            let e =
+                futures::executor::block_on(t.contains_prefix(&[ChunkKey([1; 32])])).unwrap_err();
+            let msg = e.to_string();
+            if !msg.contains("unreachable;") {
+                break (e, msg);
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "{msg}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            msg.starts_with(&format!("tier `redis`: redis 127.0.0.1:{port}: connect: ")),
+            "{msg}"
+        );
+        let cause = std::error::Error::source(&e).expect("the I/O error is kept as the source");
+        let io = cause.downcast_ref::<io::Error>().expect("an io::Error");
+        assert_eq!(io.kind(), io::ErrorKind::ConnectionRefused);
+        assert!(msg.ends_with(&io.to_string()), "{msg}");
     }
 
     #[test]
