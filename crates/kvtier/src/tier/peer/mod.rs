@@ -95,7 +95,6 @@ impl Connector for PeerConnector {
 
 /// The kvtier-server side of a [`PeerTier`]: its connection pool and frames.
 pub struct PeerStore {
-    name: String,
     url: PeerUrl,
     connector: Arc<PeerConnector>,
     pool: Arc<Pool<PeerConnector>>,
@@ -131,13 +130,16 @@ impl PeerTier {
         });
         let pool = Arc::new(Pool::new(url.addr.clone(), connector.clone()));
         pool.warm_up();
-        Ok(Arc::new(RemoteTier::with_store(PeerStore {
+        Ok(Arc::new(RemoteTier::with_store(
             name,
-            url,
-            connector,
-            pool,
-            probes: AtomicU64::new(0),
-        })))
+            url.to_string(),
+            PeerStore {
+                url,
+                connector,
+                pool,
+                probes: AtomicU64::new(0),
+            },
+        )))
     }
 
     /// The URL, token redacted.
@@ -158,6 +160,11 @@ impl Exchange<Conn> for Op<'_> {
 }
 
 impl PeerStore {
+    /// The tier's name.
+    fn name(&self) -> &str {
+        &self.connector.link.tier
+    }
+
     fn err(&self, msg: impl std::fmt::Display) -> Error {
         self.pool.error(msg)
     }
@@ -190,18 +197,7 @@ impl PeerStore {
 impl RemoteStore for PeerStore {
     type Stats = PeerTierStats;
 
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn url(&self) -> &dyn std::fmt::Display {
-        &self.url
-    }
-
     async fn prefix_len(&self, keys: &[ChunkKey]) -> Result<usize> {
-        if keys.is_empty() {
-            return Ok(0);
-        }
         // A prefix longer than one frame holds is asked in part: the answer is then at most
         // that part, which is still a correct (shorter) prefix.
         let max = self.frame_limit().saturating_sub(FRAME_OVERHEAD) / 32;
@@ -227,7 +223,7 @@ impl RemoteStore for PeerStore {
     async fn discard(&self, key: ChunkKey, why: &str) {
         // Not removed from the server: the server verifies what its own tiers hold, so the
         // likeliest cause is the transfer, and its copy may well be good.
-        tracing::warn!(tier = %self.name, key = %key, reason = %why, "invalid chunk from the kvtier server: treated as a miss");
+        tracing::warn!(tier = %self.name(), key = %key, reason = %why, "invalid chunk from the kvtier server: treated as a miss");
     }
 
     async fn store(&self, chunk: &Chunk) -> Result<PutOutcome> {
@@ -249,7 +245,7 @@ impl RemoteStore for PeerStore {
             PutResult::Stored => PutOutcome::Stored,
             PutResult::AlreadyPresent => PutOutcome::AlreadyPresent,
             PutResult::Skipped(why) => {
-                tracing::debug!(tier = %self.name, key = %chunk.info.key, reason = %why, "kvtier server skipped a chunk");
+                tracing::debug!(tier = %self.name(), key = %chunk.info.key, reason = %why, "kvtier server skipped a chunk");
                 PutOutcome::Skipped(if why == "no_memory" {
                     "peer_no_memory"
                 } else {

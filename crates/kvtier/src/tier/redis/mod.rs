@@ -120,7 +120,6 @@ fn error_step<T>(e: String) -> Step<T> {
 
 /// The Redis side of a [`RedisTier`]: routing, commands and the cluster's topology.
 pub struct RedisStore {
-    name: String,
     url: RedisUrl,
     shared: Arc<Shared>,
     topo: Topology,
@@ -172,13 +171,16 @@ impl RedisTier {
             }
         };
         tracing::info!(tier = %name, url = %url, tls = url.tls, "redis tier configured");
-        Ok(RemoteTier::with_store(RedisStore {
+        Ok(RemoteTier::with_store(
             name,
-            url,
-            shared,
-            topo,
-            redirects: AtomicU64::new(0),
-        }))
+            url.to_string(),
+            RedisStore {
+                url,
+                shared,
+                topo,
+                redirects: AtomicU64::new(0),
+            },
+        ))
     }
 
     /// The URL, credentials redacted.
@@ -234,8 +236,13 @@ impl RedisStore {
         k
     }
 
+    /// The tier's name.
+    fn name(&self) -> &str {
+        &self.shared.link.tier
+    }
+
     fn err(&self, msg: impl Into<String>) -> Error {
-        Error::tier(&self.name, msg)
+        Error::tier(self.name(), msg)
     }
 
     // ----- request execution -----
@@ -271,10 +278,10 @@ impl RedisStore {
                     target = Some(match r {
                         Redirect::Moved(_, addr) => {
                             self.topo.mark_stale();
-                            (self.topo.redirect_node(&self.name, &addr)?, false)
+                            (self.topo.redirect_node(self.name(), &addr)?, false)
                         }
                         Redirect::Ask(_, addr) => {
-                            (self.topo.redirect_node(&self.name, &addr)?, true)
+                            (self.topo.redirect_node(self.name(), &addr)?, true)
                         }
                     });
                 }
@@ -475,7 +482,7 @@ impl RedisStore {
             }
             lease.done();
         }
-        tracing::info!(tier = %self.name, removed, salt = salt.is_some(), elapsed_ms = started.elapsed().as_millis() as u64, "redis keys removed");
+        tracing::info!(tier = %self.name(), removed, salt = salt.is_some(), elapsed_ms = started.elapsed().as_millis() as u64, "redis keys removed");
         Ok(removed)
     }
 }
@@ -483,18 +490,7 @@ impl RedisStore {
 impl RemoteStore for RedisStore {
     type Stats = RedisTierStats;
 
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn url(&self) -> &dyn std::fmt::Display {
-        &self.url
-    }
-
     async fn prefix_len(&self, keys: &[ChunkKey]) -> Result<usize> {
-        if keys.is_empty() {
-            return Ok(0);
-        }
         let rkeys: Vec<Vec<u8>> = keys.iter().map(|k| self.redis_key(k)).collect();
         // Group by node (one group when standalone), keeping each key's index.
         let mut groups: Vec<(Arc<Node>, Vec<usize>)> = Vec::new();
@@ -540,9 +536,9 @@ impl RemoteStore for RedisStore {
     }
 
     async fn discard(&self, key: ChunkKey, why: &str) {
-        tracing::warn!(tier = %self.name, key = %key, reason = %why, "invalid value in redis: treated as a miss and deleted");
+        tracing::warn!(tier = %self.name(), key = %key, reason = %why, "invalid value in redis: treated as a miss and deleted");
         if let Err(e) = self.exec(&self.redis_key(&key), &Op::Del).await {
-            tracing::debug!(tier = %self.name, key = %key, error = %e, "could not delete the invalid value");
+            tracing::debug!(tier = %self.name(), key = %key, error = %e, "could not delete the invalid value");
         }
     }
 

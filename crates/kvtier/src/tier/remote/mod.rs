@@ -46,13 +46,7 @@ pub trait RemoteStore: Send + Sync + 'static {
     /// The stats of the tier: [`RemoteStats`] plus what only this store counts.
     type Stats: serde::Serialize;
 
-    /// The tier's name (stats, metrics, logs).
-    fn name(&self) -> &str;
-
-    /// The store's URL, secrets redacted (for `Debug` and logs).
-    fn url(&self) -> &dyn std::fmt::Display;
-
-    /// How many leading keys of `keys` the store holds.
+    /// How many leading keys of `keys` the store holds (`keys` is never empty).
     fn prefix_len<'a>(
         &'a self,
         keys: &'a [ChunkKey],
@@ -106,6 +100,9 @@ pub(crate) fn default_name(base: &str, index: usize) -> String {
 
 /// A remote tier: a [`RemoteStore`] with the scaffold's counters and [`Tier`] implementation.
 pub struct RemoteTier<S> {
+    name: String,
+    /// The store's URL, secrets redacted.
+    shown_url: String,
     store: S,
     counters: RemoteCounters,
 }
@@ -113,16 +110,19 @@ pub struct RemoteTier<S> {
 impl<S: RemoteStore> std::fmt::Debug for RemoteTier<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteTier")
-            .field("name", &self.store.name())
-            .field("url", &format_args!("{}", self.store.url()))
+            .field("name", &self.name)
+            .field("url", &format_args!("{}", self.shown_url))
             .finish()
     }
 }
 
 impl<S: RemoteStore> RemoteTier<S> {
-    /// The tier over `store`.
-    pub(crate) fn with_store(store: S) -> RemoteTier<S> {
+    /// The tier `name` over `store`; `shown_url` is the store's URL with secrets redacted
+    /// (for `Debug`).
+    pub(crate) fn with_store(name: String, shown_url: String, store: S) -> RemoteTier<S> {
         RemoteTier {
+            name,
+            shown_url,
             store,
             counters: RemoteCounters::default(),
         }
@@ -180,7 +180,7 @@ impl<S: RemoteStore> RemoteTier<S> {
 
 impl<S: RemoteStore> Tier for RemoteTier<S> {
     fn name(&self) -> &str {
-        self.store.name()
+        &self.name
     }
 
     fn verifies_reads(&self) -> bool {
@@ -188,6 +188,9 @@ impl<S: RemoteStore> Tier for RemoteTier<S> {
     }
 
     fn contains_prefix<'a>(&'a self, keys: &'a [ChunkKey]) -> TierFuture<'a, usize> {
+        if keys.is_empty() {
+            return Box::pin(std::future::ready(Ok(0)));
+        }
         Box::pin(self.store.prefix_len(keys))
     }
 
