@@ -8,7 +8,7 @@
 //! * `get` receives the whole record (header + payload): the header is checked against the
 //!   key, the payload is read straight into an L1 pool buffer from [`BufferSource`], then its
 //!   checksum is verified here. A mismatch is a miss counted in
-//!   [`PeerTierStats::checksum_failures`]; no bytes that fail verification are returned.
+//!   [`RemoteStats::checksum_failures`]; no bytes that fail verification are returned.
 //! * `put` writes the frame head, the record header, then the payload straight from the
 //!   chunk's buffer (vectored write); the server verifies it and stores it through its normal
 //!   store path (its L1, then its own lower tiers).

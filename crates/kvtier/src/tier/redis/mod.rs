@@ -9,7 +9,7 @@
 //!   miss: the key is deleted and counted in [`RemoteStats::checksum_failures`]).
 //! * `contains_prefix` is one pipelined batch of `EXISTS` per node (one round trip; in a
 //!   cluster, one per involved node, in parallel).
-//! * Cluster mode ([`cluster`]) discovers slots with `CLUSTER SLOTS`, routes by CRC16 key
+//! * Cluster mode (`cluster.rs`) discovers slots with `CLUSTER SLOTS`, routes by CRC16 key
 //!   slot, follows `MOVED` (and refreshes the map) and `ASK` (with `ASKING`), and reloads the
 //!   slot map in the background.
 //! * TLS (`rediss://`): rustls, configured by the `remote_tls_*` keys ([`tls`]).
