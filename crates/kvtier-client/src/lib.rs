@@ -11,7 +11,7 @@
 //!
 //! ```no_run
 //! use kvtier::KvCache;
-//! use kvtier::chunk::{Dtype, KvLayout};
+//! use kvtier::layout::{Dtype, KvLayout};
 //! use kvtier::keys::ModelIdentity;
 //! let id = ModelIdentity::new("tiny", KvLayout::simple(2, 2, 8, Dtype::F16));
 //! let client = kvtier_client::KvClient::connect("unix:/tmp/kvtier.sock", id).unwrap();
@@ -32,9 +32,8 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvtier::api::{KvCache, PendingLoad, StoreSummary};
+use kvtier::api::{KvCache, PendingLoad, PinToken, StoreSummary};
 use kvtier::keys::{ChunkKey, KeySpace, ModelIdentity};
-use kvtier::tier::PinToken;
 use kvtier::{Error, LookupResult, Result, RetrieveReport};
 use parking_lot::Mutex;
 

@@ -11,8 +11,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kvtier::chunk::{Dtype, KvLayout, LayerGroup};
 use kvtier::keys::{KeySpace, ModelIdentity};
+use kvtier::layout::{Dtype, KvLayout, LayerGroup};
 use kvtier::{Engine, EngineConfig, KvCache, PendingLoad};
 use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -416,7 +416,7 @@ impl PyEngine {
                         dtype: dtype_of(dtype)?,
                         planes,
                     }],
-                    tag: kvtier::chunk::LAYER_MAJOR.to_string(),
+                    tag: kvtier::layout::LAYER_MAJOR.to_string(),
                 };
                 if let Some(t) = layout_tag {
                     layout.tag = t;

@@ -166,7 +166,7 @@ fn hello_ok(state: &ServerState, g: &Greeting) -> Response {
         chunk_size: cfg.chunk_size as u32,
         save_unfull_chunk: cfg.save_unfull_chunk,
         bytes_per_token,
-        shm_pool_bytes: shm.then(|| core.manager().l1().pool().capacity()),
+        shm_pool_bytes: shm.then(|| core.manager().pool().capacity()),
         max_frame: state.max_frame as u64,
     }
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use kvtier::keys::ChunkKey;
 use kvtier::manager::PrefetchHandle;
-use kvtier::tier::PinToken;
 use kvtier::transport::wire::{ErrorCode, Response};
+use kvtier::PinToken;
 use kvtier::{Acquired, Engine, StoreSession};
 
 use crate::io::err;

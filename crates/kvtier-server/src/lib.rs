@@ -169,7 +169,7 @@ pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) ->
         models: models.clone(),
         name: cfg.name.clone(),
         auth_token: cfg.auth_token.clone().filter(|t| !t.is_empty()),
-        pool_fd: core.manager().l1().pool().raw_fd(),
+        pool_fd: core.manager().pool().raw_fd(),
         max_frame: cfg.max_frame,
         lease_timeout: cfg.lease_timeout,
         shutdown: shutdown_rx.clone(),
@@ -210,7 +210,7 @@ pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) ->
         socket = ?bound.socket,
         tcp = ?bound.tcp,
         admin = ?bound.admin,
-        pool_bytes = core.manager().l1().pool().capacity(),
+        pool_bytes = core.manager().pool().capacity(),
         tiers = ?core.manager().tier_names(),
         auth = state.auth_token.is_some(),
         "kvtier server listening"

@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use kvtier::chunk::{Dtype, KvLayout};
 use kvtier::keys::ModelIdentity;
+use kvtier::layout::{Dtype, KvLayout};
 use kvtier::{Engine, EngineCore, Result};
 use parking_lot::Mutex;
 

@@ -5,9 +5,37 @@
 use std::time::Duration;
 
 use crate::error::Result;
-use crate::tier::PinToken;
-use crate::transport::wire::StoreCounts;
-use crate::{LookupResult, RetrieveReport};
+use crate::keys::ChunkKey;
+
+/// Answer to a prefix lookup, in tokens.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LookupResult {
+    /// Leading tokens retrievable.
+    pub hit_tokens: usize,
+    /// Chunks in that prefix.
+    pub hit_chunks: usize,
+    /// Tier index of each hit chunk (0 = L1).
+    pub tiers: Vec<usize>,
+}
+
+/// What a retrieve loaded.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RetrieveReport {
+    /// Leading tokens copied into the output.
+    pub hit_tokens: usize,
+    /// Tier index each chunk came from.
+    pub tiers: Vec<usize>,
+}
+
+/// A pin on one L1 chunk (see [`KvCache::pin`]); give it back with [`KvCache::unpin`]. Pins
+/// also expire on their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct PinToken {
+    /// Pinned key.
+    pub key: ChunkKey,
+    /// Pin id (unique within the L1 tier).
+    pub id: u64,
+}
 
 /// What a store did, in a form that crosses process boundaries.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -24,33 +52,6 @@ pub struct StoreSummary {
     pub dropped_chunks: usize,
     /// Payload bytes copied in.
     pub new_bytes: u64,
-}
-
-impl From<&StoreSummary> for StoreCounts {
-    fn from(s: &StoreSummary) -> StoreCounts {
-        StoreCounts {
-            stored_tokens: s.stored_tokens as u64,
-            new_chunks: s.new_chunks as u64,
-            present_chunks: s.present_chunks as u64,
-            inflight_chunks: s.inflight_chunks as u64,
-            dropped_chunks: s.dropped_chunks as u64,
-            new_bytes: s.new_bytes,
-        }
-    }
-}
-
-impl From<StoreCounts> for StoreSummary {
-    fn from(c: StoreCounts) -> StoreSummary {
-        let n = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
-        StoreSummary {
-            stored_tokens: n(c.stored_tokens),
-            new_chunks: n(c.new_chunks),
-            present_chunks: n(c.present_chunks),
-            inflight_chunks: n(c.inflight_chunks),
-            dropped_chunks: n(c.dropped_chunks),
-            new_bytes: c.new_bytes,
-        }
-    }
 }
 
 /// A load started by [`KvCache::prefetch`].
@@ -103,28 +104,4 @@ pub trait KvCache: Send + Sync {
     fn flush(&self, timeout: Duration) -> Result<bool>;
     /// Engine and tier numbers as JSON.
     fn stats_json(&self) -> Result<serde_json::Value>;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn store_summary_crosses_the_wire_unchanged() {
-        let s = StoreSummary {
-            stored_tokens: 4096,
-            new_chunks: 16,
-            present_chunks: 1,
-            inflight_chunks: 2,
-            dropped_chunks: 3,
-            new_bytes: 1 << 33,
-        };
-        let c = StoreCounts::from(&s);
-        // Same bytes as the summary itself had on the wire before it got a wire form.
-        assert_eq!(
-            postcard::to_stdvec(&c).unwrap(),
-            postcard::to_stdvec(&s).unwrap()
-        );
-        assert_eq!(StoreSummary::from(c), s);
-    }
 }

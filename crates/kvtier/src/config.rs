@@ -19,6 +19,8 @@ use yaml_rust2::{Yaml, YamlLoader};
 
 use crate::error::{Error, Result};
 use crate::policy::PolicyKind;
+use crate::tier::remote::url::redact;
+use crate::tier::DiskDurability;
 
 /// Environment variable naming the config file.
 pub const CONFIG_FILE_ENV: &str = "KVTIER_CONFIG_FILE";
@@ -46,22 +48,6 @@ pub enum PathSharding {
     ByRank,
     /// Chunks spread over all paths by key hash.
     Striped,
-}
-
-/// What an acknowledged disk store survives.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DiskDurability {
-    /// Acknowledged after fdatasync of the file and fsync of its directory: survives power
-    /// loss and kernel crashes, at the device's flush rate.
-    PowerLoss,
-    /// The default (contract C5): acknowledged once written (`O_DIRECT`, so the data has
-    /// left the page cache) and renamed into place, without a device flush: survives a crash
-    /// of the process (kill -9), not a power cut. A cache loses nothing it cannot recompute
-    /// by that, and a record lost or torn by a power cut is never served (checksums): it is
-    /// a miss.
-    #[default]
-    ProcessCrash,
 }
 
 /// Every engine setting, with defaults. `Debug` and `Serialize` redact credentials in
@@ -121,7 +107,7 @@ fn serialize_redacted_urls<S: serde::Serializer>(
     urls: &[String],
     s: S,
 ) -> std::result::Result<S::Ok, S::Error> {
-    s.collect_seq(urls.iter().map(|u| crate::tier::redis::url::redact(u)))
+    s.collect_seq(urls.iter().map(|u| redact(u)))
 }
 
 impl std::fmt::Debug for EngineConfig {
@@ -694,16 +680,6 @@ impl EngineConfig {
         Ok(())
     }
 
-    /// The TLS settings of `rediss://` remote tiers.
-    pub fn remote_tls(&self) -> crate::tier::redis::tls::TlsSettings {
-        crate::tier::redis::tls::TlsSettings {
-            ca_file: self.remote_tls_ca_file.clone(),
-            cert_file: self.remote_tls_cert_file.clone(),
-            key_file: self.remote_tls_key_file.clone(),
-            insecure_skip_verify: self.remote_tls_insecure_skip_verify,
-        }
-    }
-
     /// Every accepted key name (aliases included).
     pub fn known_keys() -> Vec<&'static str> {
         KEYS.iter()
@@ -772,7 +748,7 @@ mod tests {
             "remote_url: rediss://h:6380\nremote_tls_ca_file: /etc/ca.pem\n",
         )
         .unwrap();
-        assert_eq!(c.remote_tls().ca_file, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(c.remote_tls_ca_file, Some(PathBuf::from("/etc/ca.pem")));
         c.apply_env([
             (
                 "KVTIER_REMOTE_TLS_CERT_FILE".to_string(),
@@ -788,10 +764,9 @@ mod tests {
             ),
         ])
         .unwrap();
-        let t = c.remote_tls();
-        assert_eq!(t.cert_file, Some(PathBuf::from("/c.pem")));
-        assert_eq!(t.key_file, Some(PathBuf::from("/k.pem")));
-        assert!(t.insecure_skip_verify);
+        assert_eq!(c.remote_tls_cert_file, Some(PathBuf::from("/c.pem")));
+        assert_eq!(c.remote_tls_key_file, Some(PathBuf::from("/k.pem")));
+        assert!(c.remote_tls_insecure_skip_verify);
         // Paths may show in dumps; they are not secrets.
         assert!(format!("{c:?}").contains("/k.pem"));
         let e = EngineConfig::from_yaml_str("remote_tls_cert_file: /c.pem")

@@ -53,6 +53,9 @@ pub enum Error {
         tier: String,
         /// What happened.
         message: String,
+        /// The error behind it, when there is one (its text is already part of `message`).
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 
     /// The engine or a tier is shut down.
@@ -87,6 +90,20 @@ impl Error {
         Error::Tier {
             tier: tier.into(),
             message: message.into(),
+            source: None,
+        }
+    }
+
+    /// [`Error::Tier`] caused by `source`, whose text `message` already includes.
+    pub fn tier_caused(
+        tier: impl Into<String>,
+        message: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Error {
+        Error::Tier {
+            tier: tier.into(),
+            message: message.into(),
+            source: Some(source.into()),
         }
     }
 }

@@ -93,7 +93,14 @@ pub struct Metrics {
     pub store_gbps: Histogram,
     /// Retrieve throughput per call, GB/s.
     pub retrieve_gbps: Histogram,
-    tier_seen: Mutex<std::collections::HashMap<String, crate::tier::TierCounters>>,
+    tier_seen: Mutex<std::collections::HashMap<String, SeenTotals>>,
+}
+
+/// The totals of a tier's own counters already brought into the exported ones.
+#[derive(Debug, Default)]
+struct SeenTotals {
+    evictions: u64,
+    checksum_failures: u64,
 }
 
 impl Default for Metrics {
@@ -246,24 +253,24 @@ impl Metrics {
         }
     }
 
-    /// Brings monotonic totals a tier keeps itself (evictions, checksum failures it caught)
-    /// into the exported counters.
-    pub fn observe_tier_counters(&self, tier: &str, c: crate::tier::TierCounters) {
+    /// Brings monotonic totals a tier keeps itself (`evictions`, `checksum_failures` it
+    /// caught) into the exported counters.
+    pub fn observe_tier_counters(&self, tier: &str, evictions: u64, checksum_failures: u64) {
         let mut seen = self.tier_seen.lock();
         let last = seen.entry(tier.to_string()).or_default();
         let l = Metrics::tier(tier);
-        if c.evictions > last.evictions {
+        if evictions > last.evictions {
             self.evictions
                 .get_or_create(&l)
-                .inc_by(c.evictions - last.evictions);
+                .inc_by(evictions - last.evictions);
         }
-        if c.checksum_failures > last.checksum_failures {
+        if checksum_failures > last.checksum_failures {
             self.checksum_failures
                 .get_or_create(&l)
-                .inc_by(c.checksum_failures - last.checksum_failures);
+                .inc_by(checksum_failures - last.checksum_failures);
         }
-        last.evictions = last.evictions.max(c.evictions);
-        last.checksum_failures = last.checksum_failures.max(c.checksum_failures);
+        last.evictions = last.evictions.max(evictions);
+        last.checksum_failures = last.checksum_failures.max(checksum_failures);
     }
 
     /// Renders everything in Prometheus text format.

@@ -18,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kvtier::config::DiskDurability;
+use kvtier::tier::DiskDurability;
 use kvtier::tier::{DiskTier, DiskTierOptions, PutOutcome};
 use rand::Rng;
 use util::*;

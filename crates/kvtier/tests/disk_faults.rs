@@ -161,7 +161,7 @@ fn retrieve_checks_disk_payloads_in_its_copy_and_cuts_the_prefix_at_a_corrupt_on
         .map(|s| s.key)
         .collect();
     flip(&file_of(&root, &keys[3]).unwrap(), 777);
-    engine.manager().l1().clear_all();
+    engine.manager().clear_l1();
     let chunk_bytes = payload.len() / 6;
     let mut out = vec![0u8; payload.len()];
     let rr = engine.retrieve(&tokens, None, &mut out).unwrap();
@@ -172,13 +172,13 @@ fn retrieve_checks_disk_payloads_in_its_copy_and_cuts_the_prefix_at_a_corrupt_on
         out[3 * chunk_bytes..].iter().all(|&b| b == 0),
         "bytes of the corrupt chunk (or beyond) left in the output"
     );
-    let l1 = engine.manager().l1();
+    let m = engine.manager();
     assert!(
-        keys[..3].iter().all(|k| l1.contains(k)),
+        keys[..3].iter().all(|k| m.l1_holds(k)),
         "good prefix cached"
     );
     assert!(
-        keys[3..].iter().all(|k| !l1.contains(k)),
+        keys[3..].iter().all(|k| !m.l1_holds(k)),
         "cached past the corrupt chunk"
     );
     // The deletion runs in the background.

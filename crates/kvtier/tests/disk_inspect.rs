@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use kvtier::chunk::{Dtype, KvLayout};
 use kvtier::keys::ModelIdentity;
+use kvtier::layout::{Dtype, KvLayout};
 use kvtier::tier::inspect_disk;
 use kvtier::{Engine, EngineConfig};
 

@@ -236,7 +236,7 @@ fn engine_round_trip_from_disk_with_write_back() {
         "{outs:?}"
     );
     // Empty L1: everything must come from disk.
-    engine.manager().l1().clear_all();
+    engine.manager().clear_l1();
     let l = engine.lookup(&tokens, None).unwrap();
     assert_eq!(l.hit_tokens, tokens.len());
     assert_eq!(l.tiers, vec![1; 8]);

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvtier::chunk::{Dtype, KvLayout};
 use kvtier::keys::{ChunkKey, ModelIdentity};
+use kvtier::layout::{Dtype, KvLayout};
 use kvtier::{Engine, EngineConfig};
 
 const CHUNK: usize = 16;

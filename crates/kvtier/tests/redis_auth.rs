@@ -6,8 +6,8 @@
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
-use kvtier::chunk::{Dtype, KvLayout};
 use kvtier::keys::{ChunkKey, ModelIdentity};
+use kvtier::layout::{Dtype, KvLayout};
 use kvtier::tier::{PutOutcome, RedisTier, Tier};
 use kvtier::{Engine, EngineConfig};
 use redis_server::RedisServer;

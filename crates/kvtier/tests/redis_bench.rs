@@ -12,8 +12,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
-use kvtier::chunk::{checksum, now_ms, Chunk, ChunkInfo, Dtype, KvLayout};
+use kvtier::chunk::{checksum, now_ms, Chunk, ChunkInfo};
 use kvtier::keys::{ChunkKey, ModelIdentity, Origin};
+use kvtier::layout::{Dtype, KvLayout};
 use kvtier::tier::{CpuTier, CpuTierOptions, RedisTier, Tier};
 use redis_server::{find_bin, RedisServer};
 

@@ -7,8 +7,8 @@ mod redis_server;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvtier::chunk::{Dtype, KvLayout};
 use kvtier::keys::ModelIdentity;
+use kvtier::layout::{Dtype, KvLayout};
 use kvtier::manager::TierSpec;
 use kvtier::tier::{PutOutcome, RedisTier};
 use kvtier::{Engine, EngineConfig};

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvtier::chunk::{Dtype, KvLayout};
 use kvtier::keys::{ChunkKey, ModelIdentity};
+use kvtier::layout::{Dtype, KvLayout};
 use kvtier::manager::TierSpec;
 use kvtier::tier::redis::tls::TlsSettings;
 use kvtier::tier::{PutOutcome, RedisTier, Tier};

@@ -64,7 +64,7 @@ struct DiskConfig {
     window_chunks: usize,
     reps: usize,
     /// What an acknowledged store survives (`local_disk_durability`).
-    durability: kvtier::config::DiskDurability,
+    durability: kvtier::tier::DiskDurability,
 }
 
 #[derive(Clone, Debug, Serialize)]

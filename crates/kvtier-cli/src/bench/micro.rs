@@ -3,8 +3,8 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use kvtier::chunk::{Dtype, KvLayout};
 use kvtier::keys::{ChunkKey, ModelIdentity};
+use kvtier::layout::{Dtype, KvLayout};
 use kvtier::policy::PolicyKind;
 use kvtier::{Engine, EngineConfig};
 use rand::{rngs::StdRng, Rng, SeedableRng};

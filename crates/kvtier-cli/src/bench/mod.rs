@@ -22,8 +22,8 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::{Args, ValueEnum};
-use kvtier::chunk::{Dtype, KvLayout};
 use kvtier::keys::ModelIdentity;
+use kvtier::layout::{Dtype, KvLayout};
 use kvtier::{Engine, EngineConfig};
 use tracing::{info, warn};
 

@@ -246,7 +246,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         config: serde_json::json!({
             "model": shape.name, "layout": layout.describe(), "tp": shape.tp, "chunk_bytes": chunk_bytes,
             "chunks": chunks, "docs": docs, "doc_tokens": args.doc_tokens,
-            "remote": kvtier::tier::redis::url::redact(&url), "window_chunks": WINDOW,
+            "remote": kvtier::tier::remote::url::redact(&url), "window_chunks": WINDOW,
         }),
         baseline: RemoteBaseline {
             redis_set_gbps: set_gbps,

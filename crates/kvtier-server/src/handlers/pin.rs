@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use kvtier::keys::ChunkKey;
-use kvtier::tier::PinToken;
 use kvtier::transport::wire::Response;
+use kvtier::PinToken;
 
 use super::{engine_err, tokens, Handled, Session};
 

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use kvtier::chunk::{Dtype, KvLayout};
 use kvtier::keys::ModelIdentity;
+use kvtier::layout::{Dtype, KvLayout};
 use serde_json::Value;
 
 /// Tiny model: 128 bytes per token; with chunk_size 16, 2 KiB chunks.

@@ -1,12 +1,9 @@
 //! Chunks: metadata, checksums (C7) and the record encoding shared by disk and network tiers.
 
-mod layout;
 pub mod record;
 mod stream_copy;
 
 use std::sync::Arc;
-
-pub use layout::{Dtype, KvLayout, LayerGroup, LAYER_MAJOR};
 
 use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, Origin};

@@ -22,9 +22,10 @@
 
 use std::sync::Arc;
 
-use super::{ChunkInfo, Dtype, KvLayout, LayerGroup};
+use super::ChunkInfo;
 use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, ModelIdentity, Origin};
+use crate::layout::{Dtype, KvLayout, LayerGroup};
 
 /// Magic bytes at the start of every record.
 pub const MAGIC: &[u8; 4] = b"KVTR";

@@ -2,12 +2,12 @@
 //!
 //! A prompt's KV payload is passed as the concatenation of its chunk payloads: chunk `i`
 //! (tokens `start..end`) occupies bytes `start * B .. end * B`, where `B` is
-//! [`KvLayout::bytes_per_token`](crate::chunk::KvLayout::bytes_per_token); inside a chunk the
+//! [`KvLayout::bytes_per_token`](crate::layout::KvLayout::bytes_per_token); inside a chunk the
 //! payload is layer-major.
 //!
 //! ```
 //! use kvtier::{Engine, EngineConfig};
-//! use kvtier::chunk::{Dtype, KvLayout};
+//! use kvtier::layout::{Dtype, KvLayout};
 //! use kvtier::keys::ModelIdentity;
 //!
 //! let mut cfg = EngineConfig::default();
@@ -24,7 +24,7 @@
 //! assert_eq!(&out[..32 * engine.bytes_per_token()], &kv[..32 * engine.bytes_per_token()]);
 //! ```
 
-mod tiers;
+mod assembly;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,27 +32,17 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::api::{LookupResult, PinToken, RetrieveReport};
 use crate::chunk::{copy_with_checksum, now_ms, Chunk, ChunkInfo};
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, ChunkSpan, KeySpace, ModelIdentity, Origin};
 use crate::manager::{
-    ClaimGuard, ManagerOptions, PrefetchHandle, StorageManager, StoreClaim, StoreTicket, TierSpec,
+    ClaimGuard, PrefetchHandle, StorageManager, StoreClaim, StoreTicket, TierSpec,
 };
-use crate::memory::{PoolBacking, PoolOptions, WritableBuf};
+use crate::memory::{PoolBacking, WritableBuf};
 use crate::metrics::Metrics;
-use crate::tier::{CpuTier, CpuTierOptions, CpuTierStats, PinToken, TierUsage};
-
-/// Answer to a prefix lookup, in tokens.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct LookupResult {
-    /// Leading tokens retrievable.
-    pub hit_tokens: usize,
-    /// Chunks in that prefix.
-    pub hit_chunks: usize,
-    /// Tier index of each hit chunk (0 = L1).
-    pub tiers: Vec<usize>,
-}
+use crate::tier::{CpuTier, CpuTierStats, TierUsage};
 
 /// What a store did: the counts (a [`StoreSummary`](crate::api::StoreSummary), readable
 /// directly through `Deref`, e.g. `report.stored_tokens`) plus the ticket of the lower-tier
@@ -85,15 +75,6 @@ impl std::fmt::Debug for StoreReport {
             .field("queued_writes", &self.ticket.len())
             .finish()
     }
-}
-
-/// What a retrieve loaded.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct RetrieveReport {
-    /// Leading tokens copied into the output.
-    pub hit_tokens: usize,
-    /// Tier index each chunk came from.
-    pub tiers: Vec<usize>,
 }
 
 impl StoreReport {
@@ -210,7 +191,7 @@ impl EngineCore {
     /// `rank` picks the disk path under `by_rank` sharding.
     pub fn open(config: EngineConfig, rank: u32, backing: PoolBacking) -> Result<Arc<EngineCore>> {
         config.validate()?;
-        let lower = tiers::lower_tiers_from_config(&config, rank)?;
+        let lower = assembly::lower_tiers(&config, rank)?;
         EngineCore::with_lower_tiers(config, backing, lower)
     }
 
@@ -221,27 +202,9 @@ impl EngineCore {
         lower: Vec<TierSpec>,
     ) -> Result<Arc<EngineCore>> {
         config.validate()?;
-        let l1 = Arc::new(CpuTier::new(CpuTierOptions {
-            name: "cpu".into(),
-            pool: PoolOptions {
-                bytes: config.max_local_cpu_size,
-                backing,
-                huge_pages: config.local_cpu_huge_pages,
-                prefault: config.local_cpu_prefault,
-            },
-            policy: config.cache_policy,
-            pin_timeout: Duration::from_secs_f64(config.pin_timeout_sec),
-        })?);
+        let l1 = Arc::new(CpuTier::new(assembly::l1_options(&config, backing))?);
         let metrics = Arc::new(Metrics::new());
-        let opts = ManagerOptions {
-            read_deadline: Duration::from_millis(config.read_deadline_ms),
-            store_deadline: Duration::from_millis(config.store_deadline_ms),
-            write_queue_chunks: config.write_queue_chunks,
-            // Queued writes hold pool memory; never let them take more than half of it.
-            write_queue_bytes: config.max_local_cpu_size / 2,
-            prefetch_concurrency: config.prefetch_concurrency,
-            ..ManagerOptions::default()
-        };
+        let opts = assembly::manager_options(&config);
         let manager = StorageManager::new(l1, config.local_cpu, lower, opts, metrics.clone())?;
         Ok(Arc::new(EngineCore {
             config,
@@ -305,7 +268,7 @@ impl Engine {
         let config = &core.config;
         let keys = KeySpace::new(identity, config.chunk_size, config.save_unfull_chunk)?;
         let full_chunk = keys.identity().layout.chunk_bytes(config.chunk_size) as u64;
-        if full_chunk > core.manager.l1().pool().capacity() {
+        if full_chunk > core.manager.pool().capacity() {
             return Err(Error::config(
                 "max_local_cpu_size",
                 format!(
@@ -432,13 +395,12 @@ impl Engine {
             .iter()
             .map(|s| s.key)
             .collect();
-        let n = self.core.manager.l1().prefix_len(&keys);
-        Ok(self.core.manager.l1().pin(&keys[..n], ttl))
+        Ok(self.core.manager.pin_prefix(&keys, ttl))
     }
 
     /// Releases pins from [`Engine::pin`].
     pub fn unpin(&self, pins: &[PinToken]) {
-        self.core.manager.l1().unpin(pins);
+        self.core.manager.unpin(pins);
     }
 
     /// Stores a prompt's KV: every full chunk (and the tail with `save_unfull_chunk`).
@@ -498,13 +460,8 @@ impl Engine {
                     let Some(buf) = self.core.manager.allocate(span.len() * bpt) else {
                         session.dropped_chunks = spans.len() - i;
                         self.core
-                            .metrics
-                            .store_skipped
-                            .get_or_create(&Metrics::tier_reason(
-                                self.core.manager.l1().name(),
-                                "no_memory",
-                            ))
-                            .inc_by(session.dropped_chunks as u64);
+                            .manager
+                            .count_no_memory(session.dropped_chunks as u64);
                         break;
                     };
                     session.slots.push(StoreSlot {
@@ -718,7 +675,7 @@ impl Engine {
             lookups: m.lookups.get(),
             requested_tokens: m.requested_tokens.get(),
             hit_tokens: m.hit_tokens.get(),
-            l1: self.core.manager.l1().stats(),
+            l1: self.core.manager.l1_stats(),
             tiers,
         }
     }

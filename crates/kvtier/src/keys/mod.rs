@@ -5,7 +5,7 @@
 //!
 //! ```
 //! use kvtier::keys::{KeySpace, ModelIdentity};
-//! use kvtier::chunk::{Dtype, KvLayout};
+//! use kvtier::layout::{Dtype, KvLayout};
 //!
 //! let id = ModelIdentity::new("meta-llama/Llama-3.1-8B", KvLayout::simple(32, 8, 128, Dtype::Bf16));
 //! let ks = KeySpace::new(id, 256, false).unwrap();
@@ -21,8 +21,8 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::chunk::KvLayout;
 use crate::error::{Error, Result};
+use crate::layout::KvLayout;
 
 /// Version of the key encoding; bumped whenever the bytes hashed change.
 pub const KEY_SPEC_VERSION: u32 = 1;

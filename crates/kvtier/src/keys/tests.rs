@@ -1,5 +1,5 @@
 use super::*;
-use crate::chunk::{Dtype, KvLayout};
+use crate::layout::{Dtype, KvLayout};
 use proptest::prelude::*;
 
 const VECTORS: &str = include_str!("../../../../docs/key-vectors.json");

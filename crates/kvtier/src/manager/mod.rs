@@ -29,11 +29,13 @@ pub use handles::{
 };
 pub use health::{Health, HealthPolicy};
 
+use crate::api::PinToken;
 use crate::chunk::Chunk;
 use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, KeyMap};
+use crate::memory::{Pool, WritableBuf};
 use crate::metrics::Metrics;
-use crate::tier::{CpuTier, PutOutcome, Tier, TierUsage};
+use crate::tier::{CpuTier, CpuTierStats, PutOutcome, Tier, TierUsage};
 
 /// Manager settings.
 #[derive(Clone, Debug)]
@@ -241,9 +243,47 @@ impl StorageManager {
         })
     }
 
-    /// The L1 tier (also the allocator of every read buffer).
-    pub fn l1(&self) -> &Arc<CpuTier> {
-        &self.inner.l1
+    /// The memory pool every chunk lives in (L1's): its size, and its file descriptor for
+    /// processes that map it.
+    pub fn pool(&self) -> &Pool {
+        self.inner.l1.pool()
+    }
+
+    /// L1's own numbers (pool, pins, evictions).
+    pub fn l1_stats(&self) -> CpuTierStats {
+        self.inner.l1.stats()
+    }
+
+    /// Whether L1 holds `key`.
+    pub fn l1_holds(&self, key: &ChunkKey) -> bool {
+        self.inner.l1.contains(key)
+    }
+
+    /// Drops every chunk L1 holds (lower tiers keep theirs); returns how many.
+    pub fn clear_l1(&self) -> u64 {
+        self.inner.l1.clear_all()
+    }
+
+    /// Pins the leading chunks of `keys` that L1 holds, up to the first it lacks, for `ttl`
+    /// (default: the pin timeout), so they stay until [`StorageManager::unpin`] or expiry.
+    pub fn pin_prefix(&self, keys: &[ChunkKey], ttl: Option<Duration>) -> Vec<PinToken> {
+        let n = self.inner.l1.prefix_len(keys);
+        self.inner.l1.pin(&keys[..n], ttl)
+    }
+
+    /// Releases pins from [`StorageManager::pin_prefix`].
+    pub fn unpin(&self, pins: &[PinToken]) {
+        self.inner.l1.unpin(pins);
+    }
+
+    /// Counts `chunks` a store dropped because L1 could not make room for them
+    /// (`kvtier_store_skipped_total`, reason `no_memory`).
+    pub fn count_no_memory(&self, chunks: u64) {
+        self.inner
+            .metrics
+            .store_skipped
+            .get_or_create(&Metrics::tier_reason(self.inner.l1.name(), "no_memory"))
+            .inc_by(chunks);
     }
 
     /// Whether L1 caches chunks (false: it is only a staging pool).
@@ -367,7 +407,7 @@ impl StorageManager {
 
     /// Allocates a pool buffer for a new chunk (evicting as needed); `None` when L1 cannot
     /// make room, in which case a store stops there (it never waits for memory).
-    pub fn allocate(&self, len: usize) -> Option<crate::memory::WritableBuf> {
+    pub fn allocate(&self, len: usize) -> Option<WritableBuf> {
         self.inner.l1.allocate(len)
     }
 
@@ -492,9 +532,11 @@ impl StorageManager {
             m.capacity_bytes.get_or_create(&l).set(u.capacity_bytes);
             m.resident_chunks.get_or_create(&l).set(u.chunks);
         }
-        m.observe_tier_counters(self.inner.l1.name(), Tier::counters(&*self.inner.l1));
+        let l1 = Tier::counters(&*self.inner.l1);
+        m.observe_tier_counters(self.inner.l1.name(), l1.evictions, l1.checksum_failures);
         for s in &self.inner.lower {
-            m.observe_tier_counters(&s.name, s.tier.counters());
+            let c = s.tier.counters();
+            m.observe_tier_counters(&s.name, c.evictions, c.checksum_failures);
         }
     }
 }

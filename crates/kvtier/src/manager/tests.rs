@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use super::*;
-use crate::chunk::{checksum, ChunkInfo, Dtype, KvLayout};
+use crate::chunk::{checksum, ChunkInfo};
 use crate::keys::{ModelIdentity, Origin};
+use crate::layout::{Dtype, KvLayout};
 use crate::memory::PAGE;
 use crate::tier::{CpuTierOptions, Fault, FaultOp, FaultRule, FaultTier};
 
@@ -456,6 +457,32 @@ fn commit_writes_through_and_dedupes_in_flight_keys() {
     let outcomes = r.m.commit(claim, chunk_in(&r.l1, 2)).wait();
     assert!(outcomes.iter().any(|o| o.tier == 2 && o.result.is_err()));
     assert!(r.m.flush(Duration::from_secs(2)));
+}
+
+#[test]
+fn a_lower_tier_never_gets_two_puts_of_one_key_at_once() {
+    // Why remote tiers keep no in-flight map of their own: while a put of a key to a tier is
+    // queued or running, the manager sends that tier no other put of the key.
+    let r = rig(1);
+    r.lower[0].1.add_rule(FaultRule::always(
+        FaultOp::Put,
+        Fault::Stall(Duration::from_millis(300)),
+    ));
+    let c = chunk_in(&r.l1, 1);
+    let (mut first, mut again) = (StoreTicket::default(), StoreTicket::default());
+    r.m.write_through(&c, &mut first);
+    r.m.write_through(&c, &mut again);
+    assert_eq!((first.len(), again.len()), (1, 0));
+    assert!(r.m.flush(Duration::from_secs(5)));
+    assert_eq!(
+        r.lower[0].1.fired(),
+        1,
+        "the tier got a second put of the key"
+    );
+    // Once the first put has returned, the key may be written again.
+    r.m.write_through(&c, &mut again);
+    assert_eq!(again.len(), 1);
+    assert!(r.m.flush(Duration::from_secs(5)));
 }
 
 #[test]

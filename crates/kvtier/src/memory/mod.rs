@@ -24,3 +24,10 @@ mod pool;
 
 pub use extent::{round_up, ExtentAllocator, PAGE};
 pub use pool::{ChunkBuf, Pool, PoolBacking, PoolOptions, PoolStats, WritableBuf};
+
+/// Where a reader gets buffers to read into (the L1 pool, with eviction), so a lower-tier read
+/// lands directly in memory that can be written back without another copy.
+pub trait BufferSource: Send + Sync {
+    /// A buffer of `len` bytes, or `None` when the pool cannot make room.
+    fn allocate(&self, len: usize) -> Option<WritableBuf>;
+}

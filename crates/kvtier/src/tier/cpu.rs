@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use futures::future::ready;
 use parking_lot::Mutex;
 
-use super::{BufferSource, PutOutcome, Tier, TierCounters, TierFuture, TierUsage};
+use super::{PutOutcome, Tier, TierCounters, TierFuture, TierUsage};
+use crate::api::PinToken;
 use crate::chunk::Chunk;
 use crate::error::Result;
 use crate::keys::{ChunkKey, KeyMap};
-use crate::memory::{round_up, ChunkBuf, Pool, PoolOptions, PoolStats, WritableBuf};
+use crate::memory::{round_up, BufferSource, ChunkBuf, Pool, PoolOptions, PoolStats, WritableBuf};
 use crate::policy::{EvictionPolicy, PolicyKind};
 
 /// How to build a CPU tier.
@@ -39,15 +40,6 @@ impl CpuTierOptions {
             pin_timeout: Duration::from_secs(300),
         }
     }
-}
-
-/// A pin on one chunk; give it back with [`CpuTier::unpin`]. Pins also expire on their own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub struct PinToken {
-    /// Pinned key.
-    pub key: ChunkKey,
-    /// Pin id (unique within the tier).
-    pub id: u64,
 }
 
 struct Entry {

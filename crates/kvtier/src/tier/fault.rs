@@ -11,10 +11,11 @@ use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::{BufferSource, PutOutcome, Tier, TierCounters, TierFuture, TierUsage};
+use super::{PutOutcome, Tier, TierCounters, TierFuture, TierUsage};
 use crate::chunk::Chunk;
 use crate::error::Error;
 use crate::keys::ChunkKey;
+use crate::memory::BufferSource;
 
 /// Which operation a rule applies to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -9,16 +9,15 @@ mod disk;
 mod fault;
 pub mod peer;
 pub mod redis;
-mod remote_url;
+pub mod remote;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 
-pub use cpu::{CpuTier, CpuTierOptions, CpuTierStats, PinToken};
+pub use cpu::{CpuTier, CpuTierOptions, CpuTierStats};
 pub use disk::{
-    inspect as inspect_disk, BadRecord, DiskTier, DiskTierOptions, DiskTierStats, GroupCount,
-    InspectReport,
+    inspect as inspect_disk, BadRecord, DiskDurability, DiskTier, DiskTierOptions, DiskTierStats,
+    GroupCount, InspectReport,
 };
 pub use fault::{Fault, FaultOp, FaultRule, FaultTier};
 pub use peer::url::PeerUrl;
@@ -29,33 +28,10 @@ pub use redis::{RedisTier, RedisTierStats};
 use crate::chunk::Chunk;
 use crate::error::Result;
 use crate::keys::ChunkKey;
-use crate::memory::WritableBuf;
-
-/// Builds the remote tier a `remote_url` entry names, by scheme: `kvtier://` is another
-/// node's `kvtier serve` ([`PeerTier`]), anything else goes to the Redis parser (which
-/// accepts `redis://`, `valkey://`, `redis+cluster://` and explains the rest).
-/// `index` is the entry's position, for default tier names; `tls` applies to `rediss://`.
-pub fn remote_tier_from_url(
-    url: &str,
-    index: usize,
-    tls: &redis::tls::TlsSettings,
-) -> Result<Arc<dyn Tier>> {
-    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
-    if scheme.as_deref() == Some("kvtier") {
-        return Ok(PeerTier::from_url(url, index)?);
-    }
-    Ok(Arc::new(RedisTier::from_url_with_tls(url, index, tls)?))
-}
+use crate::memory::BufferSource;
 
 /// Boxed future returned by tier methods.
 pub type TierFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
-
-/// Where a tier gets buffers to read into (the L1 pool, with eviction), so a lower-tier read
-/// lands directly in memory that can be written back without another copy.
-pub trait BufferSource: Send + Sync {
-    /// A buffer of `len` bytes, or `None` when the pool cannot make room.
-    fn allocate(&self, len: usize) -> Option<WritableBuf>;
-}
 
 /// Result of a put.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

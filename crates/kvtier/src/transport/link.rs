@@ -29,7 +29,7 @@ const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 
 /// Counters of a tier's links (shared by its pools).
 #[derive(Debug, Default)]
-pub(crate) struct LinkCounters {
+pub struct LinkCounters {
     /// Connections opened.
     pub connects: AtomicU64,
     /// Failed connects (refused, timed out, handshake refused).
@@ -57,12 +57,60 @@ pub(crate) struct LinkSettings {
     pub counters: LinkCounters,
 }
 
+impl LinkSettings {
+    /// Settings for the pools of tier `tier` to endpoints of `kind`, counters at zero.
+    pub fn new(
+        kind: &'static str,
+        tier: &str,
+        pool: usize,
+        connect_timeout: Duration,
+        retry_max: Duration,
+    ) -> LinkSettings {
+        LinkSettings {
+            kind,
+            tier: tier.to_string(),
+            pool,
+            connect_timeout,
+            retry_max,
+            counters: LinkCounters::default(),
+        }
+    }
+}
+
 /// Why a connect failed (the message is final: it reaches logs and errors as is).
 pub(crate) enum ConnectError {
     /// The endpoint refused the credentials: retrying will not help until the config changes.
     Auth(String),
     /// Anything else.
     Other(String),
+    /// Anything else, caused by `source` (whose text `message` already includes).
+    Caused {
+        /// What failed, with the cause's text.
+        message: String,
+        /// The cause.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl ConnectError {
+    /// `what: {source}`, keeping `source` as the cause.
+    pub fn caused(
+        what: &str,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> ConnectError {
+        ConnectError::described(format!("{what}: {source}"), source)
+    }
+
+    /// `message` (which already describes `source`), keeping `source` as the cause.
+    pub fn described(
+        message: String,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> ConnectError {
+        ConnectError::Caused {
+            message,
+            source: Box::new(source),
+        }
+    }
 }
 
 /// Opens connections for a tier's pools.
@@ -83,6 +131,20 @@ pub(crate) trait Connector: Send + Sync + 'static {
     fn timed_out(&self, timeout: Duration) -> String {
         format!("connect timed out after {} ms", timeout.as_millis())
     }
+}
+
+/// One request on a leased connection, for [`Pool::exec`]. It must be idempotent: when a
+/// pooled connection turns out stale, the request runs again on a fresh one.
+pub(crate) trait Exchange<C>: Sync {
+    /// What the request produces.
+    type Out: Send;
+
+    /// Runs the request on `conn`. An I/O error leaves the connection unusable; any `Ok`
+    /// leaves it at a reply boundary.
+    fn run<'a>(
+        &'a self,
+        conn: &'a mut C,
+    ) -> impl Future<Output = io::Result<Self::Out>> + Send + 'a;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -193,6 +255,21 @@ impl<K: Connector> Pool<K> {
         Error::tier(&s.tier, format!("{} {}: {msg}", s.kind, self.addr))
     }
 
+    /// A tier error about this endpoint caused by `source` (described in the message too).
+    pub fn error_caused(
+        &self,
+        msg: impl std::fmt::Display,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Error {
+        let s = self.settings();
+        Error::tier_caused(&s.tier, format!("{} {}: {msg}", s.kind, self.addr), source)
+    }
+
+    /// A tier error for an I/O error on a connection to this endpoint.
+    pub fn io_error(&self, e: io::Error) -> Error {
+        self.error_caused(e.to_string(), e)
+    }
+
     /// Leases a connection: an idle one, else a new one (unless in reconnect backoff).
     pub async fn acquire(&self) -> Result<Lease<'_, K>> {
         let permit = self.permits.acquire().await.map_err(|_| Error::Closed)?;
@@ -240,7 +317,7 @@ impl<K: Connector> Pool<K> {
         });
         let r = match task.await {
             Ok(r) => r,
-            Err(e) => Err(ConnectError::Other(format!("connect task failed: {e}"))),
+            Err(e) => Err(ConnectError::caused("connect task failed", e)),
         };
         let counters = &self.settings().counters;
         match r {
@@ -251,15 +328,19 @@ impl<K: Connector> Pool<K> {
             }
             Err(e) => {
                 bump(&counters.connect_failures);
-                let msg = match e {
+                let (msg, source) = match e {
                     ConnectError::Auth(m) => {
                         bump(&counters.auth_failures);
-                        m
+                        (m, None)
                     }
-                    ConnectError::Other(m) => m,
+                    ConnectError::Other(m) => (m, None),
+                    ConnectError::Caused { message, source } => (message, Some(source)),
                 };
                 self.mark_connect_failed(&msg);
-                Err(self.error(msg))
+                Err(match source {
+                    Some(source) => self.error_caused(msg, source),
+                    None => self.error(msg),
+                })
             }
         }
     }
@@ -301,6 +382,31 @@ impl<K: Connector> Pool<K> {
         h.link = Link::Down;
         h.next_attempt = Some(Instant::now() + h.backoff);
         h.backoff = (h.backoff * 2).min(s.retry_max);
+    }
+
+    /// Runs `req` on a pooled connection. A pooled connection that fails with an I/O error
+    /// (stale after a server restart) is replaced by a fresh one, once; a protocol error
+    /// (`InvalidData`) or a failure on a fresh connection is returned as a tier error.
+    pub async fn exec<E: Exchange<K::Conn>>(&self, req: &E) -> Result<E::Out> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut lease = self.acquire().await?;
+            let reused = lease.reused;
+            match req.run(lease.conn()).await {
+                Ok(out) => {
+                    lease.done();
+                    return Ok(out);
+                }
+                Err(e) => {
+                    drop(lease);
+                    self.io_failed(&e);
+                    if !(reused && attempt == 1 && e.kind() != io::ErrorKind::InvalidData) {
+                        return Err(self.io_error(e));
+                    }
+                }
+            }
+        }
     }
 
     /// An established connection failed: drop the idle ones too (they likely share its

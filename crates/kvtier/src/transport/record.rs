@@ -7,11 +7,11 @@ use super::resp::Conn;
 use crate::chunk::record::{decode_header, peek_header_len, MAX_HEADER_LEN};
 use crate::chunk::Chunk;
 use crate::keys::ChunkKey;
-use crate::tier::BufferSource;
+use crate::memory::BufferSource;
 
 /// What reading one record produced; in every case the record was consumed, so the
 /// connection is usable for the next request.
-pub(crate) enum RecordRead {
+pub enum RecordRead {
     /// A record for the key whose payload passed verification.
     Chunk(Chunk),
     /// The record is not valid for the key (reason).

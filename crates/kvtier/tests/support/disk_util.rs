@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use kvtier::chunk::{checksum, Chunk, ChunkInfo, Dtype, KvLayout};
+use kvtier::chunk::{checksum, Chunk, ChunkInfo};
 use kvtier::keys::{ChunkKey, ModelIdentity, Origin};
+use kvtier::layout::{Dtype, KvLayout};
 use kvtier::tier::{CpuTier, CpuTierOptions};
 
 /// A model whose tokens are 4 KiB of KV (4 layers x K/V x 4 heads x 64 dims x f16).

@@ -4,8 +4,9 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
-use crate::chunk::{checksum, ChunkInfo, Dtype, KvLayout};
+use crate::chunk::{checksum, ChunkInfo};
 use crate::keys::{ModelIdentity, Origin};
+use crate::layout::{Dtype, KvLayout};
 use crate::memory::PAGE;
 
 fn origin() -> Arc<Origin> {

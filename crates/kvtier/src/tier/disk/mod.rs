@@ -53,12 +53,28 @@ use std::sync::Arc;
 use dir::{DirOptions, DiskDir, ReadError};
 pub use inspect::{inspect, BadRecord, GroupCount, InspectReport};
 
-use super::{BufferSource, PutOutcome, Tier, TierFuture, TierUsage};
+use super::{PutOutcome, Tier, TierFuture, TierUsage};
 use crate::chunk::Chunk;
-use crate::config::{DiskDurability, EngineConfig, PathSharding};
 use crate::error::{Error, Result};
 use crate::keys::ChunkKey;
+use crate::memory::BufferSource;
 use crate::policy::PolicyKind;
+
+/// What an acknowledged disk store survives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskDurability {
+    /// Acknowledged after fdatasync of the file and fsync of its directory: survives power
+    /// loss and kernel crashes, at the device's flush rate.
+    PowerLoss,
+    /// The default (contract C5): acknowledged once written (`O_DIRECT`, so the data has
+    /// left the page cache) and renamed into place, without a device flush: survives a crash
+    /// of the process (kill -9), not a power cut. A cache loses nothing it cannot recompute
+    /// by that, and a record lost or torn by a power cut is never served (checksums): it is
+    /// a miss.
+    #[default]
+    ProcessCrash,
+}
 
 /// How to build a disk tier.
 #[derive(Clone, Debug)]
@@ -95,27 +111,6 @@ impl DiskTierOptions {
             direct_io: true,
             durability: DiskDurability::default(),
         }
-    }
-
-    /// The disk tier an engine config asks for (`None` without `local_disk`). `by_rank`
-    /// picks path `rank % paths`; `striped` spreads chunks over every path.
-    pub fn from_config(config: &EngineConfig, rank: u32) -> Option<DiskTierOptions> {
-        if config.local_disk.is_empty() {
-            return None;
-        }
-        let paths = match config.local_disk_path_sharding {
-            PathSharding::ByRank => {
-                vec![config.local_disk[rank as usize % config.local_disk.len()].clone()]
-            }
-            PathSharding::Striped => config.local_disk.clone(),
-        };
-        Some(DiskTierOptions {
-            paths,
-            policy: config.cache_policy,
-            admit_after: config.disk_admit_after.max(1),
-            durability: config.local_disk_durability,
-            ..DiskTierOptions::new(PathBuf::new(), config.max_local_disk_size)
-        })
     }
 }
 
@@ -186,7 +181,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         Ok(h) => h
             .spawn_blocking(f)
             .await
-            .map_err(|e| Error::tier("disk", format!("I/O task failed: {e}"))),
+            .map_err(|e| Error::tier_caused("disk", format!("I/O task failed: {e}"), e)),
         Err(_) => Ok(f()),
     }
 }
@@ -237,12 +232,6 @@ impl DiskTier {
     }
 
     /// Opens the disk tier an engine config asks for, if any.
-    pub fn from_config(config: &EngineConfig, rank: u32) -> Result<Option<DiskTier>> {
-        DiskTierOptions::from_config(config, rank)
-            .map(DiskTier::open)
-            .transpose()
-    }
-
     /// The directory holding `key`.
     fn dir(&self, key: &ChunkKey) -> &Arc<DiskDir> {
         // Bytes 8..16: independent of the shard-directory byte and of `prefix_u64`.

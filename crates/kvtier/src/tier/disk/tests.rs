@@ -1,8 +1,9 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::chunk::{checksum, ChunkInfo, Dtype, KvLayout};
+use crate::chunk::{checksum, ChunkInfo};
 use crate::keys::{ModelIdentity, Origin};
+use crate::layout::{Dtype, KvLayout};
 use crate::tier::{CpuTier, CpuTierOptions};
 
 fn origin(salt: Option<&str>) -> Arc<Origin> {

@@ -8,10 +8,10 @@
 //! * `get` receives the whole record (header + payload): the header is checked against the
 //!   key, the payload is read straight into an L1 pool buffer from [`BufferSource`], then its
 //!   checksum is verified here. A mismatch is a miss counted in
-//!   [`PeerTierStats::checksum_failures`]; no bytes that fail verification are returned.
+//!   [`RemoteStats::checksum_failures`]; no bytes that fail verification are returned.
 //! * `put` writes the frame head, the record header, then the payload straight from the
 //!   chunk's buffer (vectored write); the server verifies it and stores it through its normal
-//!   store path (its L1, then its own lower tiers). Concurrent puts of a key are deduplicated.
+//!   store path (its L1, then its own lower tiers).
 //! * Faults: connects (TCP + handshake) are bounded by `connect_timeout_ms`; after a failed
 //!   connect the server is not retried before a backoff (100 ms doubling to `retry_max_ms`)
 //!   and requests in that window fail at once, so the manager marks the tier down (C8). Every
@@ -19,7 +19,9 @@
 //!   its connection. A pooled connection that turns out dead (server restarted) is replaced
 //!   once, transparently. Link state changes are logged once each.
 //!
-//! URL syntax and options: [`url`].
+//! The tier is a [`RemoteTier`] over a [`PeerStore`]: counters, stats and the get/put
+//! bookkeeping are the remote-tier scaffold's ([`crate::tier::remote`]). URL syntax and
+//! options: [`url`].
 
 pub mod url;
 
@@ -27,15 +29,15 @@ use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-
 use self::url::PeerUrl;
-use super::{BufferSource, PutOutcome, Tier, TierCounters, TierFuture, TierUsage};
+use super::remote::{default_name, RemoteStats, RemoteStore, RemoteTier};
+use super::PutOutcome;
 use crate::chunk::record::encode_header;
 use crate::chunk::Chunk;
 use crate::error::{Error, Result};
-use crate::keys::{ChunkKey, KeyMap};
-use crate::transport::link::{ConnectError, Connector, LinkCounters, LinkSettings, Pool};
+use crate::keys::ChunkKey;
+use crate::memory::BufferSource;
+use crate::transport::link::{ConnectError, Connector, Exchange, LinkCounters, LinkSettings, Pool};
 use crate::transport::record::{read_record, RecordRead, Terminator};
 use crate::transport::resp::Conn;
 use crate::transport::stream::Stream;
@@ -44,71 +46,28 @@ use crate::transport::wire::{self, ErrorCode, PutResult, Request, Response};
 /// Room for the frame header and meta of a put next to its record.
 const FRAME_OVERHEAD: usize = 1024;
 
-/// Snapshot of a kvtier server tier's counters.
+/// A tier backed by another node's `kvtier serve` (`kvtier://host:port`).
+pub type PeerTier = RemoteTier<PeerStore>;
+
+/// Snapshot of a kvtier server tier's counters: the remote-tier ones, then the probes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct PeerTierStats {
+    /// The counters every remote tier keeps (`stats.hits` reads through to them).
+    #[serde(flatten)]
+    pub remote: RemoteStats,
     /// `ContainsChunks` round trips: one per prefix probe, whatever its length.
     pub probes: u64,
-    /// `get` calls that reached the server.
-    pub gets: u64,
-    /// Gets that returned a verified chunk.
-    pub hits: u64,
-    /// Gets of keys the server does not hold.
-    pub misses: u64,
-    /// Chunks the server stored.
-    pub puts: u64,
-    /// Puts skipped because the same key was being written, or the server had it.
-    pub puts_deduped: u64,
-    /// Puts the server declined (no memory) or that exceed its frame limit.
-    pub puts_skipped: u64,
-    /// Payload bytes written.
-    pub put_bytes: u64,
-    /// Payload bytes read.
-    pub get_bytes: u64,
-    /// Records that failed validation (bad header, wrong key, checksum): treated as misses.
-    pub checksum_failures: u64,
-    /// Gets dropped because the L1 pool had no room for the payload.
-    pub alloc_failures: u64,
-    /// Connections opened.
-    pub connects: u64,
-    /// Failed connects (refused, timed out, handshake refused).
-    pub connect_failures: u64,
-    /// Handshakes refused for a missing or wrong token.
-    pub auth_failures: u64,
-    /// I/O errors on established connections.
-    pub io_errors: u64,
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    probes: AtomicU64,
-    gets: AtomicU64,
-    hits: AtomicU64,
-    misses: AtomicU64,
-    puts: AtomicU64,
-    puts_deduped: AtomicU64,
-    puts_skipped: AtomicU64,
-    put_bytes: AtomicU64,
-    get_bytes: AtomicU64,
-    checksum_failures: AtomicU64,
-    alloc_failures: AtomicU64,
-}
-
-fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
+impl std::ops::Deref for PeerTierStats {
+    type Target = RemoteStats;
+    fn deref(&self) -> &RemoteStats {
+        &self.remote
+    }
 }
 
 fn protocol(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
-}
-
-/// Removes a key from the in-flight set when dropped (also when the put is cancelled).
-struct Inflight<'a>(&'a Mutex<KeyMap<()>>, ChunkKey);
-
-impl Drop for Inflight<'_> {
-    fn drop(&mut self) {
-        self.0.lock().remove(&self.1);
-    }
 }
 
 /// Opens connections to the server (TCP, then `HelloPeer`).
@@ -134,23 +93,12 @@ impl Connector for PeerConnector {
     }
 }
 
-/// A tier backed by another node's `kvtier serve` (`kvtier://host:port`).
-pub struct PeerTier {
-    name: String,
+/// The kvtier-server side of a [`PeerTier`]: its connection pool and frames.
+pub struct PeerStore {
     url: PeerUrl,
     connector: Arc<PeerConnector>,
     pool: Arc<Pool<PeerConnector>>,
-    inflight: Mutex<KeyMap<()>>,
-    counters: Counters,
-}
-
-impl std::fmt::Debug for PeerTier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerTier")
-            .field("name", &self.name)
-            .field("url", &self.url)
-            .finish()
-    }
+    probes: AtomicU64,
 }
 
 impl PeerTier {
@@ -164,141 +112,69 @@ impl PeerTier {
     /// Builds the tier from a parsed URL and opens one connection in the background (which
     /// logs whether the server is reachable).
     pub fn new(url: PeerUrl, index: usize) -> Result<Arc<PeerTier>> {
-        let name = url.name.clone().unwrap_or_else(|| match index {
-            0 => "peer".to_string(),
-            i => format!("peer{}", i + 1),
-        });
+        let name = url
+            .name
+            .clone()
+            .unwrap_or_else(|| default_name("peer", index));
         tracing::info!(tier = %name, url = %url, "kvtier server tier configured");
         let connector = Arc::new(PeerConnector {
-            link: LinkSettings {
-                kind: "kvtier server",
-                tier: name.clone(),
-                pool: url.pool,
-                connect_timeout: url.connect_timeout,
-                retry_max: url.retry_max,
-                counters: LinkCounters::default(),
-            },
+            link: LinkSettings::new(
+                "kvtier server",
+                &name,
+                url.pool,
+                url.connect_timeout,
+                url.retry_max,
+            ),
             token: url.token.clone(),
             max_frame: AtomicUsize::new(0),
         });
         let pool = Arc::new(Pool::new(url.addr.clone(), connector.clone()));
         pool.warm_up();
-        Ok(Arc::new(PeerTier {
+        Ok(Arc::new(RemoteTier::with_store(
             name,
-            url,
-            connector,
-            pool,
-            inflight: Mutex::default(),
-            counters: Counters::default(),
-        }))
+            url.to_string(),
+            PeerStore {
+                url,
+                connector,
+                pool,
+                probes: AtomicU64::new(0),
+            },
+        )))
     }
 
     /// The URL, token redacted.
     pub fn url(&self) -> &PeerUrl {
-        &self.url
+        &self.store().url
     }
+}
 
-    /// Counter snapshot.
-    pub fn stats(&self) -> PeerTierStats {
-        let c = &self.counters;
-        let l = &self.connector.link.counters;
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        PeerTierStats {
-            probes: g(&c.probes),
-            gets: g(&c.gets),
-            hits: g(&c.hits),
-            misses: g(&c.misses),
-            puts: g(&c.puts),
-            puts_deduped: g(&c.puts_deduped),
-            puts_skipped: g(&c.puts_skipped),
-            put_bytes: g(&c.put_bytes),
-            get_bytes: g(&c.get_bytes),
-            checksum_failures: g(&c.checksum_failures),
-            alloc_failures: g(&c.alloc_failures),
-            connects: g(&l.connects),
-            connect_failures: g(&l.connect_failures),
-            auth_failures: g(&l.auth_failures),
-            io_errors: g(&l.io_errors),
-        }
+impl Exchange<Conn> for Op<'_> {
+    type Out = Reply<Out>;
+
+    fn run<'a>(
+        &'a self,
+        conn: &'a mut Conn,
+    ) -> impl std::future::Future<Output = io::Result<Reply<Out>>> + Send + 'a {
+        exec_conn(conn, self)
+    }
+}
+
+impl PeerStore {
+    /// The tier's name.
+    fn name(&self) -> &str {
+        &self.connector.link.tier
     }
 
     fn err(&self, msg: impl std::fmt::Display) -> Error {
         self.pool.error(msg)
     }
 
-    /// Runs one request on a pooled connection. A pooled connection that fails with an I/O
-    /// error (stale after a server restart) is retried once on a fresh connection; every
-    /// request here is idempotent.
+    /// Runs one request on a pooled connection (every request here is idempotent); an
+    /// error the server sent is a tier error.
     async fn exec(&self, op: &Op<'_>) -> Result<Out> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut lease = self.pool.acquire().await?;
-            let reused = lease.reused;
-            match exec_conn(lease.conn(), op).await {
-                Ok(Reply::Done(v)) => {
-                    lease.done();
-                    return Ok(v);
-                }
-                Ok(Reply::Refused(code, message)) => {
-                    lease.done();
-                    return Err(self.err(format_args!("{code:?}: {message}")));
-                }
-                Err(e) => {
-                    drop(lease);
-                    self.pool.io_failed(&e);
-                    if !(reused && attempt == 1 && e.kind() != io::ErrorKind::InvalidData) {
-                        return Err(self.err(e));
-                    }
-                }
-            }
-        }
-    }
-
-    // ----- operations -----
-
-    async fn prefix_len(&self, keys: &[ChunkKey]) -> Result<usize> {
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        // A prefix longer than one frame holds is asked in part: the answer is then at most
-        // that part, which is still a correct (shorter) prefix.
-        let max = self.frame_limit().saturating_sub(FRAME_OVERHEAD) / 32;
-        let keys = &keys[..keys.len().min(max.max(1))];
-        let blob = wire::keys_to_bytes(keys);
-        bump(&self.counters.probes, 1);
-        match self.exec(&Op::Contains(&blob)).await? {
-            Out::Count(n) => Ok((n as usize).min(keys.len())),
-            _ => Err(self.err("mismatched reply")),
-        }
-    }
-
-    async fn get_chunk(&self, key: ChunkKey, bufs: &dyn BufferSource) -> Result<Option<Chunk>> {
-        bump(&self.counters.gets, 1);
-        let Out::Get(out) = self.exec(&Op::Get { key, bufs }).await? else {
-            return Err(self.err("mismatched reply"));
-        };
-        match out {
-            Some(RecordRead::Chunk(c)) => {
-                bump(&self.counters.hits, 1);
-                bump(&self.counters.get_bytes, c.buf.len() as u64);
-                Ok(Some(c))
-            }
-            Some(RecordRead::Corrupt(why)) => {
-                // Not removed from the server: the server verifies what its own tiers hold,
-                // so the likeliest cause is the transfer, and its copy may well be good.
-                bump(&self.counters.checksum_failures, 1);
-                tracing::warn!(tier = %self.name, key = %key, reason = %why, "invalid chunk from the kvtier server: treated as a miss");
-                Ok(None)
-            }
-            Some(RecordRead::NoBuffer) => {
-                bump(&self.counters.alloc_failures, 1);
-                Ok(None)
-            }
-            None => {
-                bump(&self.counters.misses, 1);
-                Ok(None)
-            }
+        match self.pool.exec(op).await? {
+            Reply::Done(v) => Ok(v),
+            Reply::Refused(code, message) => Err(self.err(format_args!("{code:?}: {message}"))),
         }
     }
 
@@ -310,19 +186,49 @@ impl PeerTier {
         }
     }
 
-    async fn put_chunk(&self, chunk: Chunk) -> Result<PutOutcome> {
-        let key = chunk.info.key;
+    async fn count_request(&self, req: Request) -> Result<u64> {
+        match self.exec(&Op::Count(&req)).await? {
+            Out::Count(n) => Ok(n),
+            _ => Err(self.err("mismatched reply")),
+        }
+    }
+}
+
+impl RemoteStore for PeerStore {
+    type Stats = PeerTierStats;
+
+    async fn prefix_len(&self, keys: &[ChunkKey]) -> Result<usize> {
+        // A prefix longer than one frame holds is asked in part: the answer is then at most
+        // that part, which is still a correct (shorter) prefix.
+        let max = self.frame_limit().saturating_sub(FRAME_OVERHEAD) / 32;
+        let keys = &keys[..keys.len().min(max.max(1))];
+        let blob = wire::keys_to_bytes(keys);
+        self.probes.fetch_add(1, Ordering::Relaxed);
+        match self.exec(&Op::Contains(&blob)).await? {
+            Out::Count(n) => Ok((n as usize).min(keys.len())),
+            _ => Err(self.err("mismatched reply")),
+        }
+    }
+
+    async fn fetch(&self, key: ChunkKey, bufs: &dyn BufferSource) -> Result<Option<RecordRead>> {
+        match self.exec(&Op::Get { key, bufs }).await? {
+            Out::Get(out) => Ok(out),
+            _ => Err(self.err("mismatched reply")),
+        }
+    }
+
+    async fn discard(&self, key: ChunkKey, why: &str) {
+        // Not removed from the server: the server verifies what its own tiers hold, so the
+        // likeliest cause is the transfer, and its copy may well be good.
+        tracing::warn!(tier = %self.name(), key = %key, reason = %why, "invalid chunk from the kvtier server: treated as a miss");
+    }
+
+    async fn store(&self, chunk: &Chunk) -> Result<PutOutcome> {
         let header = encode_header(&chunk.info)?;
         let payload = chunk.payload();
         if header.len() + payload.len() + FRAME_OVERHEAD > self.frame_limit() {
-            bump(&self.counters.puts_skipped, 1);
             return Ok(PutOutcome::Skipped("too_large"));
         }
-        if self.inflight.lock().insert(key, ()).is_some() {
-            bump(&self.counters.puts_deduped, 1);
-            return Ok(PutOutcome::AlreadyPresent);
-        }
-        let _inflight = Inflight(&self.inflight, key);
         let Out::Put(r) = self
             .exec(&Op::Put {
                 header: &header,
@@ -333,18 +239,10 @@ impl PeerTier {
             return Err(self.err("mismatched reply"));
         };
         Ok(match r {
-            PutResult::Stored => {
-                bump(&self.counters.puts, 1);
-                bump(&self.counters.put_bytes, payload.len() as u64);
-                PutOutcome::Stored
-            }
-            PutResult::AlreadyPresent => {
-                bump(&self.counters.puts_deduped, 1);
-                PutOutcome::AlreadyPresent
-            }
+            PutResult::Stored => PutOutcome::Stored,
+            PutResult::AlreadyPresent => PutOutcome::AlreadyPresent,
             PutResult::Skipped(why) => {
-                bump(&self.counters.puts_skipped, 1);
-                tracing::debug!(tier = %self.name, key = %key, reason = %why, "kvtier server skipped a chunk");
+                tracing::debug!(tier = %self.name(), key = %chunk.info.key, reason = %why, "kvtier server skipped a chunk");
                 PutOutcome::Skipped(if why == "no_memory" {
                     "peer_no_memory"
                 } else {
@@ -354,11 +252,40 @@ impl PeerTier {
         })
     }
 
-    async fn count_request(&self, req: Request) -> Result<u64> {
-        match self.exec(&Op::Count(&req)).await? {
-            Out::Count(n) => Ok(n),
-            _ => Err(self.err("mismatched reply")),
+    async fn remove(&self, key: ChunkKey) -> Result<bool> {
+        Ok(self
+            .count_request(Request::RemoveChunk { key: key.0 })
+            .await?
+            > 0)
+    }
+
+    async fn sweep(&self, salt: Option<&str>) -> Result<u64> {
+        self.count_request(match salt {
+            None => Request::Clear,
+            Some(salt) => Request::RemoveSalt {
+                salt: salt.to_string(),
+            },
+        })
+        .await
+    }
+
+    fn links(&self) -> Option<&LinkCounters> {
+        Some(&self.connector.link.counters)
+    }
+
+    fn stats(&self, remote: RemoteStats) -> PeerTierStats {
+        PeerTierStats {
+            remote,
+            probes: self.probes.load(Ordering::Relaxed),
         }
+    }
+
+    fn details(&self, stats: &PeerTierStats) -> serde_json::Value {
+        let mut v = serde_json::to_value(stats).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("url".into(), self.url.redacted().into());
+        }
+        v
     }
 }
 
@@ -509,79 +436,10 @@ async fn get_on(
     Ok(Reply::Done(Some(rec)))
 }
 
-impl Tier for PeerTier {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn counters(&self) -> TierCounters {
-        TierCounters {
-            evictions: 0,
-            checksum_failures: self.stats().checksum_failures,
-        }
-    }
-
-    fn details(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(self.stats()).unwrap_or_default();
-        if let Some(o) = v.as_object_mut() {
-            o.insert("url".into(), self.url.redacted().into());
-        }
-        v
-    }
-
-    fn verifies_reads(&self) -> bool {
-        true
-    }
-
-    fn contains_prefix<'a>(&'a self, keys: &'a [ChunkKey]) -> TierFuture<'a, usize> {
-        Box::pin(self.prefix_len(keys))
-    }
-
-    fn get<'a>(
-        &'a self,
-        key: ChunkKey,
-        bufs: &'a dyn BufferSource,
-    ) -> TierFuture<'a, Option<Chunk>> {
-        Box::pin(self.get_chunk(key, bufs))
-    }
-
-    fn put(&self, chunk: Chunk) -> TierFuture<'_, PutOutcome> {
-        Box::pin(self.put_chunk(chunk))
-    }
-
-    fn remove(&self, key: ChunkKey) -> TierFuture<'_, bool> {
-        Box::pin(async move {
-            Ok(self
-                .count_request(Request::RemoveChunk { key: key.0 })
-                .await?
-                > 0)
-        })
-    }
-
-    fn clear(&self) -> TierFuture<'_, u64> {
-        Box::pin(self.count_request(Request::Clear))
-    }
-
-    fn remove_salt<'a>(&'a self, salt: &'a str) -> TierFuture<'a, u64> {
-        Box::pin(self.count_request(Request::RemoveSalt {
-            salt: salt.to_string(),
-        }))
-    }
-
-    fn usage(&self) -> TierUsage {
-        // A shared store: what other nodes wrote (and the server evicted) is unknown here.
-        // Report what this process wrote; capacity is the server's business.
-        TierUsage {
-            used_bytes: self.counters.put_bytes.load(Ordering::Relaxed),
-            capacity_bytes: 0,
-            chunks: self.counters.puts.load(Ordering::Relaxed),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tier::Tier;
 
     #[test]
     fn names_and_redaction() {

@@ -22,7 +22,7 @@
 use std::time::Duration;
 
 use crate::error::Result;
-use crate::tier::remote_url::{
+use crate::tier::remote::url::{
     err, parse_host_port, parse_options, percent_decode, redact, split_authority, split_query,
 };
 

@@ -1,193 +1,344 @@
-//! Redis Cluster helpers: key slots (CRC16/XMODEM, hash tags) and `CLUSTER SLOTS` parsing.
+//! Where a Redis tier's requests go: one server, or a cluster's nodes with their slot map.
+//!
+//! A cluster discovers slots with `CLUSTER SLOTS` and routes each key by its CRC16 slot. A
+//! background task reloads the slot map periodically (`slot_refresh_sec`) and soon after a
+//! node fails, so slot migrations and failovers are followed before requests run into them;
+//! it asks every known node in turn (seeds first) and keeps the old map when none answers.
+//! Requests mark the map stale on `MOVED` and cluster errors, and reload it before routing.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
+
+use super::pool::{self, Node, Shared};
+use super::slots::{host_of, key_slot, parse_slots, SlotRange, SLOTS};
+use crate::error::{Error, Result};
 use crate::transport::resp::Reply;
 
-/// Number of hash slots in a Redis Cluster.
-pub const SLOTS: usize = 16384;
+/// Least time between two background slot-map refreshes: node failures wake the refresher,
+/// and a burst of failing requests must not turn into a burst of `CLUSTER SLOTS`.
+const MIN_REFRESH_GAP: Duration = Duration::from_millis(200);
 
-/// CRC16-CCITT (XMODEM), the checksum Redis Cluster uses for key slots.
-pub fn crc16(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &b in data {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
+/// Where requests go.
+pub(super) enum Topology {
+    /// One server (or a proxy in front of several).
+    Single(Arc<Node>),
+    /// A Redis Cluster.
+    Cluster(Cluster),
+}
+
+/// A cluster's state and its background refresher, stopped when dropped.
+pub(super) struct Cluster {
+    pub(super) state: Arc<ClusterState>,
+    pub(super) refresher: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(t) = self.refresher.take() {
+            t.abort();
         }
     }
-    crc
 }
 
-/// The slot of `key`, honouring `{hash tags}`.
-pub fn key_slot(key: &[u8]) -> u16 {
-    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
-        let rest = &key[open + 1..];
-        rest.iter()
-            .position(|&b| b == b'}')
-            .filter(|&close| close > 0)
-            .map(|close| &rest[..close])
-    });
-    crc16(tagged.unwrap_or(key)) % SLOTS as u16
-}
-
-/// A redirect in a cluster error reply.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Redirect {
-    /// `MOVED slot host:port`: the slot lives there now.
-    Moved(u16, String),
-    /// `ASK slot host:port`: ask there once (with `ASKING`), slot migrating.
-    Ask(u16, String),
-}
-
-/// Parses `MOVED`/`ASK` error text. `seed_host` fills in an empty host (`:port`).
-pub fn parse_redirect(err: &str, seed_host: &str) -> Option<Redirect> {
-    let mut it = err.split_ascii_whitespace();
-    let kind = it.next()?;
-    let slot = it
-        .next()?
-        .parse::<u16>()
-        .ok()
-        .filter(|&s| (s as usize) < SLOTS)?;
-    let addr = it.next()?;
-    let addr = if addr.starts_with(':') {
-        format!("{seed_host}{addr}")
-    } else {
-        addr.to_string()
-    };
-    match kind {
-        "MOVED" => Some(Redirect::Moved(slot, addr)),
-        "ASK" => Some(Redirect::Ask(slot, addr)),
-        _ => None,
+impl Topology {
+    /// One server at `addr`; opens one connection in the background.
+    pub(super) fn single(addr: String, shared: Arc<Shared>) -> Topology {
+        let node = Arc::new(Node::new(addr, shared));
+        node.warm_up();
+        Topology::Single(node)
     }
-}
 
-/// One range of `CLUSTER SLOTS`: slots `start..=end` served by master `addr`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SlotRange {
-    /// First slot.
-    pub start: u16,
-    /// Last slot (inclusive).
-    pub end: u16,
-    /// Master `host:port`.
-    pub addr: String,
-}
-
-fn format_addr(host: &str, port: i64) -> String {
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
-/// Parses a `CLUSTER SLOTS` reply. An empty or `?` host means "the node you asked"
-/// (`asked_host`). Returns `None` on a malformed reply.
-pub fn parse_slots(reply: &Reply, asked_host: &str) -> Option<Vec<SlotRange>> {
-    let Reply::Array(ranges) = reply else {
-        return None;
-    };
-    let mut out = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        let Reply::Array(items) = r else { return None };
-        let (Some(Reply::Int(start)), Some(Reply::Int(end)), Some(Reply::Array(master))) =
-            (items.first(), items.get(1), items.get(2))
-        else {
-            return None;
-        };
-        let host = match master.first()? {
-            Reply::Bulk(b) => String::from_utf8_lossy(b).into_owned(),
-            Reply::Status(s) => s.clone(),
-            _ => return None,
-        };
-        let Reply::Int(port) = master.get(1)? else {
-            return None;
-        };
-        let host = if host.is_empty() || host == "?" {
-            asked_host.to_string()
-        } else {
-            host
-        };
-        let (start, end) = (u16::try_from(*start).ok()?, u16::try_from(*end).ok()?);
-        if start > end || end as usize >= SLOTS || !(1..=65535).contains(port) {
-            return None;
-        }
-        out.push(SlotRange {
-            start,
-            end,
-            addr: format_addr(&host, *port),
+    /// A cluster known by its `seeds`; starts the refresher (every `every`, if given, and
+    /// when woken), which loads the slot map at once.
+    pub(super) fn cluster(
+        tier: &str,
+        shared: Arc<Shared>,
+        seeds: Vec<String>,
+        every: Option<Duration>,
+    ) -> Topology {
+        let state = Arc::new(ClusterState {
+            tier: tier.to_string(),
+            shared,
+            seeds,
+            nodes: Mutex::default(),
+            map: RwLock::new(None),
+            stale: AtomicBool::new(true),
+            generation: AtomicU64::new(0),
+            refresh_lock: tokio::sync::Mutex::new(()),
+            refreshes: AtomicU64::new(0),
+            refresh_failures: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+            wake: Arc::new(Notify::new()),
         });
+        let refresher = spawn_refresher(&state, every);
+        Topology::Cluster(Cluster { state, refresher })
     }
-    Some(out)
+
+    /// Slot-map reloads, and those where no node answered.
+    pub(super) fn refresh_counts(&self) -> (u64, u64) {
+        match self {
+            Topology::Cluster(c) => (
+                c.state.refreshes.load(Ordering::Relaxed),
+                c.state.refresh_failures.load(Ordering::Relaxed),
+            ),
+            Topology::Single(_) => (0, 0),
+        }
+    }
+
+    /// A node failed (connect or I/O error): in a cluster, wake the refresher, since a failed
+    /// node is often a failover or a topology change in progress.
+    pub(super) fn node_failed(&self) {
+        if let Topology::Cluster(c) = self {
+            c.state.wake.notify_one();
+        }
+    }
+
+    /// The slot map needs reloading before the next request.
+    pub(super) fn mark_stale(&self) {
+        if let Topology::Cluster(c) = self {
+            c.state.stale.store(true, Ordering::Release);
+        }
+    }
+
+    /// The node owning `rkey`.
+    pub(super) async fn route(&self, rkey: &[u8]) -> Result<Arc<Node>> {
+        match self {
+            Topology::Single(n) => Ok(n.clone()),
+            Topology::Cluster(c) => {
+                let map = c.state.slot_map().await?;
+                let slot = key_slot(rkey) as usize;
+                match map.owner.get(slot).cloned().flatten() {
+                    Some(n) => Ok(n),
+                    None => {
+                        c.state.stale.store(true, Ordering::Release);
+                        Err(c.state.err(format!("cluster slot {slot} has no master")))
+                    }
+                }
+            }
+        }
+    }
+
+    /// The node a redirect names (`tier` for the error when the server is no cluster node).
+    pub(super) fn redirect_node(&self, tier: &str, addr: &str) -> Result<Arc<Node>> {
+        match self {
+            Topology::Cluster(c) => Ok(c.state.node(addr)),
+            Topology::Single(_) => Err(Error::tier(
+                tier,
+                format!("server redirected to {addr}: it is a cluster node; use redis+cluster://"),
+            )),
+        }
+    }
+
+    /// Every master: the standalone node, or the cluster's slot owners (map reloaded first).
+    pub(super) async fn masters(&self) -> Result<Vec<Arc<Node>>> {
+        match self {
+            Topology::Single(n) => Ok(vec![n.clone()]),
+            Topology::Cluster(c) => {
+                c.state.stale.store(true, Ordering::Release);
+                let map = c.state.slot_map().await?;
+                let mut out: Vec<Arc<Node>> = Vec::new();
+                for n in map.owner.iter().flatten() {
+                    if !out.iter().any(|o| Arc::ptr_eq(o, n)) {
+                        out.push(n.clone());
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
 }
 
-/// The host part of `host:port`.
-pub fn host_of(addr: &str) -> &str {
-    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
+/// Slot owners of a cluster.
+struct SlotMap {
+    owner: Vec<Option<Arc<Node>>>,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// A cluster's nodes and slot map; shared (weakly) with the background refresher.
+pub(super) struct ClusterState {
+    tier: String,
+    shared: Arc<Shared>,
+    seeds: Vec<String>,
+    nodes: Mutex<HashMap<String, Arc<Node>>>,
+    map: RwLock<Option<Arc<SlotMap>>>,
+    stale: AtomicBool,
+    generation: AtomicU64,
+    refresh_lock: tokio::sync::Mutex<()>,
+    refreshes: AtomicU64,
+    refresh_failures: AtomicU64,
+    /// Whether the last refresh failed (log the first failure and the recovery only).
+    failing: AtomicBool,
+    /// Wakes the background refresher ahead of its period.
+    wake: Arc<Notify>,
+}
 
-    #[test]
-    fn slots_match_redis() {
-        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
-        assert_eq!(crc16(b"123456789"), 0x31C3);
-        assert_eq!(key_slot(b"foo"), 12182);
-        assert_eq!(key_slot(b"bar"), 5061);
-        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
-        assert_eq!(key_slot(b"foo{}{bar}"), key_slot(b"foo{}{bar}"));
-        assert_eq!(key_slot(b"{}x"), crc16(b"{}x") % 16384);
+impl ClusterState {
+    fn err(&self, msg: impl Into<String>) -> Error {
+        Error::tier(&self.tier, msg)
     }
 
-    #[test]
-    fn parses_redirects() {
-        assert_eq!(
-            parse_redirect("MOVED 3999 127.0.0.1:6381", "h"),
-            Some(Redirect::Moved(3999, "127.0.0.1:6381".into()))
-        );
-        assert_eq!(
-            parse_redirect("ASK 1 :7000", "10.0.0.1"),
-            Some(Redirect::Ask(1, "10.0.0.1:7000".into()))
-        );
-        assert_eq!(parse_redirect("ERR nope", "h"), None);
-        assert_eq!(parse_redirect("MOVED 99999 h:1", "h"), None);
-        assert_eq!(parse_redirect("MOVED", "h"), None);
+    fn node(&self, addr: &str) -> Arc<Node> {
+        self.nodes
+            .lock()
+            .entry(addr.to_string())
+            .or_insert_with(|| Arc::new(Node::new(addr.to_string(), self.shared.clone())))
+            .clone()
     }
 
-    #[test]
-    fn parses_cluster_slots() {
-        let node = |h: &str, p: i64| {
-            Reply::Array(vec![
-                Reply::Bulk(h.as_bytes().to_vec()),
-                Reply::Int(p),
-                Reply::Bulk(b"id".to_vec()),
-            ])
+    /// Asks one node for the slot ranges.
+    async fn ask_slots(&self, node: &Node, addr: &str) -> Result<Vec<SlotRange>> {
+        let mut lease = node.acquire().await?;
+        let reply = match lease.conn().command(&[b"CLUSTER", b"SLOTS"]).await {
+            Ok(r) => r,
+            Err(e) => {
+                drop(lease);
+                node.io_failed(&e);
+                return Err(node.io_error(e));
+            }
         };
-        let r = Reply::Array(vec![
-            Reply::Array(vec![
-                Reply::Int(0),
-                Reply::Int(5460),
-                node("127.0.0.1", 7000),
-            ]),
-            Reply::Array(vec![Reply::Int(5461), Reply::Int(16383), node("", 7001)]),
-        ]);
-        let s = parse_slots(&r, "seed").unwrap();
-        assert_eq!(s[0].addr, "127.0.0.1:7000");
-        assert_eq!(s[1].addr, "seed:7001");
-        assert_eq!(s[1].end, 16383);
-        assert!(parse_slots(&Reply::Int(1), "h").is_none());
-        assert!(parse_slots(
-            &Reply::Array(vec![Reply::Array(vec![
-                Reply::Int(5),
-                Reply::Int(1),
-                node("h", 1)
-            ])]),
-            "h"
-        )
-        .is_none());
+        lease.done();
+        match parse_slots(&reply, host_of(addr)) {
+            Some(r) if !r.is_empty() => Ok(r),
+            _ => Err(node.error(format_args!(
+                "CLUSTER SLOTS gave no usable slot map ({})",
+                match &reply {
+                    Reply::Error(e) => e.as_str(),
+                    _ => "malformed or empty reply",
+                }
+            ))),
+        }
     }
+
+    /// Reloads the slot map from the first node that answers `CLUSTER SLOTS`: the seeds,
+    /// then every node discovered so far. When none answers, the old map stays.
+    /// `per_node` bounds each node's turn (the background task; requests have deadlines).
+    async fn refresh(&self, per_node: Option<Duration>) -> Result<()> {
+        let seen = self.generation.load(Ordering::Acquire);
+        let _g = self.refresh_lock.lock().await;
+        if self.generation.load(Ordering::Acquire) != seen {
+            return Ok(()); // refreshed while we waited
+        }
+        let mut candidates = self.seeds.clone();
+        let mut known: Vec<String> = self.nodes.lock().keys().cloned().collect();
+        known.sort();
+        for k in known {
+            if !candidates.contains(&k) {
+                candidates.push(k);
+            }
+        }
+        let mut last = self.err("no cluster node to ask for slots");
+        for addr in candidates {
+            let node = self.node(&addr);
+            let asked = match per_node {
+                Some(t) => tokio::time::timeout(t, self.ask_slots(&node, &addr))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(node.error(format_args!(
+                            "CLUSTER SLOTS took longer than {} ms",
+                            t.as_millis()
+                        )))
+                    }),
+                None => self.ask_slots(&node, &addr).await,
+            };
+            let ranges = match asked {
+                Ok(r) => r,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let mut owner: Vec<Option<Arc<Node>>> = vec![None; SLOTS];
+            for r in &ranges {
+                let n = self.node(&r.addr);
+                for slot in owner[r.start as usize..=r.end as usize].iter_mut() {
+                    *slot = Some(n.clone());
+                }
+            }
+            let served = owner.iter().filter(|o| o.is_some()).count();
+            let old = self.map.read().clone();
+            let moved = old.as_ref().map_or(0, |m| {
+                m.owner
+                    .iter()
+                    .zip(&owner)
+                    .filter(|(a, b)| match (a, b) {
+                        (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+                        (None, None) => false,
+                        _ => true,
+                    })
+                    .count()
+            });
+            if moved > 0 {
+                tracing::info!(tier = %self.tier, moved, served, "cluster slot map changed");
+            } else {
+                tracing::debug!(tier = %self.tier, ranges = ranges.len(), served, "cluster slot map loaded");
+            }
+            if self.failing.swap(false, Ordering::AcqRel) {
+                tracing::info!(tier = %self.tier, from = %addr, "cluster slot map reloaded again");
+            }
+            *self.map.write() = Some(Arc::new(SlotMap { owner }));
+            self.stale.store(false, Ordering::Release);
+            self.refreshes.fetch_add(1, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            return Ok(());
+        }
+        self.refresh_failures.fetch_add(1, Ordering::Relaxed);
+        if !self.failing.swap(true, Ordering::AcqRel) {
+            tracing::warn!(tier = %self.tier, error = %last, "no cluster node answered CLUSTER SLOTS; keeping the previous slot map");
+        }
+        Err(last)
+    }
+
+    async fn slot_map(&self) -> Result<Arc<SlotMap>> {
+        if self.stale.load(Ordering::Acquire) {
+            let r = self.refresh(None).await;
+            let have = self.map.read().clone();
+            match (r, have) {
+                (_, Some(m)) => return Ok(m), // a failed refresh keeps the old map
+                (Err(e), None) => return Err(e),
+                (Ok(()), None) => {}
+            }
+        }
+        self.map
+            .read()
+            .clone()
+            .ok_or_else(|| self.err("cluster slot map unavailable"))
+    }
+}
+
+/// Starts the background slot-map refresher of a cluster: every `every` (if any), and when
+/// woken (startup, node failures). It holds the state weakly and is aborted when the tier is
+/// dropped, so no task outlives the tier.
+fn spawn_refresher(
+    cs: &Arc<ClusterState>,
+    every: Option<Duration>,
+) -> Option<tokio::task::AbortHandle> {
+    let weak: Weak<ClusterState> = Arc::downgrade(cs);
+    let wake = cs.wake.clone();
+    let per_node = (cs.shared.link.connect_timeout * 2).max(Duration::from_secs(1));
+    let rt = pool::runtime().ok()?;
+    // Load the map at startup instead of on the first request.
+    wake.notify_one();
+    let task = rt.spawn(async move {
+        loop {
+            match every {
+                Some(period) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(period) => {}
+                        _ = wake.notified() => {}
+                    }
+                }
+                None => wake.notified().await,
+            }
+            let Some(cs) = weak.upgrade() else { return };
+            // Failures are logged (once) and counted inside.
+            let _ = cs.refresh(Some(per_node)).await;
+            drop(cs);
+            tokio::time::sleep(MIN_REFRESH_GAP).await;
+        }
+    });
+    Some(task.abort_handle())
 }

@@ -3,50 +3,49 @@
 //! * Values are exactly the record encoding ([`crate::chunk::record`]): header then payload,
 //!   under the key `<prefix><64 hex chars of the chunk key>`, optionally with a TTL.
 //! * `put` writes the RESP prefix and record header, then the payload straight from the
-//!   chunk's buffer (vectored write), one value per round trip; concurrent puts of one key
-//!   are deduplicated.
+//!   chunk's buffer (vectored write), one value per round trip.
 //! * `get` reads the bulk reply's record header, allocates the payload buffer from the L1
 //!   pool and reads the payload straight into it, then verifies the checksum (a mismatch is a
-//!   miss: the key is deleted and counted in [`RedisTierStats::checksum_failures`]).
+//!   miss: the key is deleted and counted in [`RemoteStats::checksum_failures`]).
 //! * `contains_prefix` is one pipelined batch of `EXISTS` per node (one round trip; in a
 //!   cluster, one per involved node, in parallel).
-//! * Cluster mode discovers slots with `CLUSTER SLOTS`, routes by CRC16 key slot, follows
-//!   `MOVED` (and refreshes the map) and `ASK` (with `ASKING`). A background task reloads the
-//!   slot map periodically (`slot_refresh_sec`) and soon after a node fails, so slot
-//!   migrations and failovers are followed before requests run into them; it asks every
-//!   known node in turn (seeds first) and keeps the old map when none answers.
+//! * Cluster mode (`cluster.rs`) discovers slots with `CLUSTER SLOTS`, routes by CRC16 key
+//!   slot, follows `MOVED` (and refreshes the map) and `ASK` (with `ASKING`), and reloads the
+//!   slot map in the background.
 //! * TLS (`rediss://`): rustls, configured by the `remote_tls_*` keys ([`tls`]).
 //! * Faults: connects are bounded by a timeout and retried with backoff; every other wait is
 //!   bounded by the manager's deadlines; cancelled requests discard their connection. The
 //!   per-node pool and its link handling are shared with the kvtier server tier
 //!   (`transport::link`); opening a Redis connection is in `pool`.
 //!
-//! URL syntax and options: [`url`].
+//! The tier is a [`RemoteTier`] over a [`RedisStore`]: counters, stats and the get/put
+//! bookkeeping are the remote-tier scaffold's ([`crate::tier::remote`]). URL syntax and
+//! options: [`url`].
 
 pub(crate) mod cluster;
 pub(crate) mod pool;
+pub(crate) mod slots;
 pub mod tls;
 pub mod url;
 
-use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
-use parking_lot::{Mutex, RwLock};
-use tokio::sync::Notify;
-
-use self::cluster::{host_of, key_slot, parse_redirect, parse_slots, Redirect, SlotRange, SLOTS};
+use self::cluster::Topology;
 use self::pool::{Node, Shared};
+use self::slots::{parse_redirect, Redirect};
 use self::tls::TlsSettings;
 use self::url::{Mode, RedisUrl};
-use super::{BufferSource, PutOutcome, Tier, TierFuture, TierUsage};
+use super::remote::{default_name, RemoteStats, RemoteStore, RemoteTier};
+use super::PutOutcome;
 use crate::chunk::record::{decode_header, encode_header, MAX_HEADER_LEN};
 use crate::chunk::Chunk;
 use crate::error::{Error, Result};
-use crate::keys::{ChunkKey, KeyMap};
-use crate::transport::link::{LinkCounters, LinkSettings};
+use crate::keys::ChunkKey;
+use crate::memory::BufferSource;
+use crate::transport::link::{Exchange, LinkCounters, LinkSettings};
 use crate::transport::record::{read_record, RecordRead, Terminator};
 use crate::transport::resp::{encode_bulk_header, encode_command, Conn, Reply};
 
@@ -54,37 +53,16 @@ use crate::transport::resp::{encode_bulk_header, encode_command, Conn, Reply};
 const MAX_REDIRECTS: usize = 5;
 /// Keys per `SCAN` page and per delete batch.
 const SCAN_COUNT: &[u8] = b"1000";
-/// Least time between two background slot-map refreshes: node failures wake the refresher,
-/// and a burst of failing requests must not turn into a burst of `CLUSTER SLOTS`.
-const MIN_REFRESH_GAP: Duration = Duration::from_millis(200);
 
-/// Snapshot of a Redis tier's counters.
+/// A Redis/Valkey tier (standalone or cluster).
+pub type RedisTier = RemoteTier<RedisStore>;
+
+/// Snapshot of a Redis tier's counters: the remote-tier ones, then Redis Cluster's.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RedisTierStats {
-    /// `get` calls that reached a server.
-    pub gets: u64,
-    /// Gets that returned a verified chunk.
-    pub hits: u64,
-    /// Gets of absent keys.
-    pub misses: u64,
-    /// Chunks written.
-    pub puts: u64,
-    /// Puts skipped because the same key was being written.
-    pub puts_deduped: u64,
-    /// Payload bytes written.
-    pub put_bytes: u64,
-    /// Payload bytes read.
-    pub get_bytes: u64,
-    /// Values that failed validation (bad record or checksum): treated as misses and deleted.
-    pub checksum_failures: u64,
-    /// Gets dropped because the L1 pool had no room for the payload.
-    pub alloc_failures: u64,
-    /// Connections opened.
-    pub connects: u64,
-    /// Failed connects (refused, timed out, authentication failed).
-    pub connect_failures: u64,
-    /// I/O errors on established connections.
-    pub io_errors: u64,
+    /// The counters every remote tier keeps (`stats.hits` reads through to them).
+    #[serde(flatten)]
+    pub remote: RemoteStats,
     /// `MOVED`/`ASK` redirects followed.
     pub redirects: u64,
     /// Cluster slot maps loaded (at start, periodically, after redirects and node failures).
@@ -93,22 +71,11 @@ pub struct RedisTierStats {
     pub slot_map_refresh_failures: u64,
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    gets: AtomicU64,
-    hits: AtomicU64,
-    misses: AtomicU64,
-    puts: AtomicU64,
-    puts_deduped: AtomicU64,
-    put_bytes: AtomicU64,
-    get_bytes: AtomicU64,
-    checksum_failures: AtomicU64,
-    alloc_failures: AtomicU64,
-    redirects: AtomicU64,
-}
-
-fn bump(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
+impl std::ops::Deref for RedisTierStats {
+    type Target = RemoteStats;
+    fn deref(&self) -> &RemoteStats {
+        &self.remote
+    }
 }
 
 /// A request sent to the node owning one key.
@@ -151,236 +118,12 @@ fn error_step<T>(e: String) -> Step<T> {
     }
 }
 
-/// Slot owners of a cluster.
-struct SlotMap {
-    owner: Vec<Option<Arc<Node>>>,
-}
-
-/// A cluster's nodes and slot map; shared (weakly) with the background refresher.
-struct ClusterState {
-    tier: String,
-    shared: Arc<Shared>,
-    seeds: Vec<String>,
-    nodes: Mutex<HashMap<String, Arc<Node>>>,
-    map: RwLock<Option<Arc<SlotMap>>>,
-    stale: AtomicBool,
-    generation: AtomicU64,
-    refresh_lock: tokio::sync::Mutex<()>,
-    refreshes: AtomicU64,
-    refresh_failures: AtomicU64,
-    /// Whether the last refresh failed (log the first failure and the recovery only).
-    failing: AtomicBool,
-    /// Wakes the background refresher ahead of its period.
-    wake: Arc<Notify>,
-}
-
-impl ClusterState {
-    fn err(&self, msg: impl Into<String>) -> Error {
-        Error::tier(&self.tier, msg)
-    }
-
-    fn node(&self, addr: &str) -> Arc<Node> {
-        self.nodes
-            .lock()
-            .entry(addr.to_string())
-            .or_insert_with(|| Arc::new(Node::new(addr.to_string(), self.shared.clone())))
-            .clone()
-    }
-
-    /// Asks one node for the slot ranges.
-    async fn ask_slots(&self, node: &Node, addr: &str) -> Result<Vec<SlotRange>> {
-        let mut lease = node.acquire().await?;
-        let reply = match lease.conn().command(&[b"CLUSTER", b"SLOTS"]).await {
-            Ok(r) => r,
-            Err(e) => {
-                drop(lease);
-                node.io_failed(&e);
-                return Err(node.error(e));
-            }
-        };
-        lease.done();
-        match parse_slots(&reply, host_of(addr)) {
-            Some(r) if !r.is_empty() => Ok(r),
-            _ => Err(node.error(format_args!(
-                "CLUSTER SLOTS gave no usable slot map ({})",
-                match &reply {
-                    Reply::Error(e) => e.as_str(),
-                    _ => "malformed or empty reply",
-                }
-            ))),
-        }
-    }
-
-    /// Reloads the slot map from the first node that answers `CLUSTER SLOTS`: the seeds,
-    /// then every node discovered so far. When none answers, the old map stays.
-    /// `per_node` bounds each node's turn (the background task; requests have deadlines).
-    async fn refresh(&self, per_node: Option<Duration>) -> Result<()> {
-        let seen = self.generation.load(Ordering::Acquire);
-        let _g = self.refresh_lock.lock().await;
-        if self.generation.load(Ordering::Acquire) != seen {
-            return Ok(()); // refreshed while we waited
-        }
-        let mut candidates = self.seeds.clone();
-        let mut known: Vec<String> = self.nodes.lock().keys().cloned().collect();
-        known.sort();
-        for k in known {
-            if !candidates.contains(&k) {
-                candidates.push(k);
-            }
-        }
-        let mut last = self.err("no cluster node to ask for slots");
-        for addr in candidates {
-            let node = self.node(&addr);
-            let asked = match per_node {
-                Some(t) => tokio::time::timeout(t, self.ask_slots(&node, &addr))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(node.error(format_args!(
-                            "CLUSTER SLOTS took longer than {} ms",
-                            t.as_millis()
-                        )))
-                    }),
-                None => self.ask_slots(&node, &addr).await,
-            };
-            let ranges = match asked {
-                Ok(r) => r,
-                Err(e) => {
-                    last = e;
-                    continue;
-                }
-            };
-            let mut owner: Vec<Option<Arc<Node>>> = vec![None; SLOTS];
-            for r in &ranges {
-                let n = self.node(&r.addr);
-                for slot in owner[r.start as usize..=r.end as usize].iter_mut() {
-                    *slot = Some(n.clone());
-                }
-            }
-            let served = owner.iter().filter(|o| o.is_some()).count();
-            let old = self.map.read().clone();
-            let moved = old.as_ref().map_or(0, |m| {
-                m.owner
-                    .iter()
-                    .zip(&owner)
-                    .filter(|(a, b)| match (a, b) {
-                        (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
-                        (None, None) => false,
-                        _ => true,
-                    })
-                    .count()
-            });
-            if moved > 0 {
-                tracing::info!(tier = %self.tier, moved, served, "cluster slot map changed");
-            } else {
-                tracing::debug!(tier = %self.tier, ranges = ranges.len(), served, "cluster slot map loaded");
-            }
-            if self.failing.swap(false, Ordering::AcqRel) {
-                tracing::info!(tier = %self.tier, from = %addr, "cluster slot map reloaded again");
-            }
-            *self.map.write() = Some(Arc::new(SlotMap { owner }));
-            self.stale.store(false, Ordering::Release);
-            self.refreshes.fetch_add(1, Ordering::Relaxed);
-            self.generation.fetch_add(1, Ordering::AcqRel);
-            return Ok(());
-        }
-        self.refresh_failures.fetch_add(1, Ordering::Relaxed);
-        if !self.failing.swap(true, Ordering::AcqRel) {
-            tracing::warn!(tier = %self.tier, error = %last, "no cluster node answered CLUSTER SLOTS; keeping the previous slot map");
-        }
-        Err(last)
-    }
-
-    async fn slot_map(&self) -> Result<Arc<SlotMap>> {
-        if self.stale.load(Ordering::Acquire) {
-            let r = self.refresh(None).await;
-            let have = self.map.read().clone();
-            match (r, have) {
-                (_, Some(m)) => return Ok(m), // a failed refresh keeps the old map
-                (Err(e), None) => return Err(e),
-                (Ok(()), None) => {}
-            }
-        }
-        self.map
-            .read()
-            .clone()
-            .ok_or_else(|| self.err("cluster slot map unavailable"))
-    }
-}
-
-/// Starts the background slot-map refresher of a cluster: every `every` (if any), and when
-/// woken (startup, node failures). It holds the state weakly and is aborted when the tier is
-/// dropped, so no task outlives the tier.
-fn spawn_refresher(
-    cs: &Arc<ClusterState>,
-    every: Option<Duration>,
-) -> Option<tokio::task::AbortHandle> {
-    let weak: Weak<ClusterState> = Arc::downgrade(cs);
-    let wake = cs.wake.clone();
-    let per_node = (cs.shared.link.connect_timeout * 2).max(Duration::from_secs(1));
-    let rt = pool::runtime().ok()?;
-    // Load the map at startup instead of on the first request.
-    wake.notify_one();
-    let task = rt.spawn(async move {
-        loop {
-            match every {
-                Some(period) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep(period) => {}
-                        _ = wake.notified() => {}
-                    }
-                }
-                None => wake.notified().await,
-            }
-            let Some(cs) = weak.upgrade() else { return };
-            // Failures are logged (once) and counted inside.
-            let _ = cs.refresh(Some(per_node)).await;
-            drop(cs);
-            tokio::time::sleep(MIN_REFRESH_GAP).await;
-        }
-    });
-    Some(task.abort_handle())
-}
-
-enum Topology {
-    Single(Arc<Node>),
-    Cluster(Arc<ClusterState>),
-}
-
-/// Removes a key from the in-flight set when dropped (also when the put is cancelled).
-struct Inflight<'a>(&'a Mutex<KeyMap<()>>, ChunkKey);
-
-impl Drop for Inflight<'_> {
-    fn drop(&mut self) {
-        self.0.lock().remove(&self.1);
-    }
-}
-
-/// A Redis/Valkey tier (standalone or cluster).
-pub struct RedisTier {
-    name: String,
+/// The Redis side of a [`RedisTier`]: routing, commands and the cluster's topology.
+pub struct RedisStore {
     url: RedisUrl,
     shared: Arc<Shared>,
     topo: Topology,
-    inflight: Mutex<KeyMap<()>>,
-    counters: Counters,
-    refresher: Option<tokio::task::AbortHandle>,
-}
-
-impl Drop for RedisTier {
-    fn drop(&mut self) {
-        if let Some(t) = self.refresher.take() {
-            t.abort();
-        }
-    }
-}
-
-impl std::fmt::Debug for RedisTier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisTier")
-            .field("name", &self.name)
-            .field("url", &self.url)
-            .finish()
-    }
+    redirects: AtomicU64,
 }
 
 impl RedisTier {
@@ -401,19 +144,12 @@ impl RedisTier {
 
     /// Builds the tier from a parsed URL; reads the TLS files now when the URL is TLS.
     pub fn new(url: RedisUrl, index: usize, tls: &TlsSettings) -> Result<RedisTier> {
-        let name = url.name.clone().unwrap_or_else(|| match index {
-            0 => "redis".to_string(),
-            i => format!("redis{}", i + 1),
-        });
+        let name = url
+            .name
+            .clone()
+            .unwrap_or_else(|| default_name("redis", index));
         let shared = Arc::new(Shared {
-            link: LinkSettings {
-                kind: "redis",
-                tier: name.clone(),
-                pool: url.pool,
-                connect_timeout: url.connect_timeout,
-                retry_max: url.retry_max,
-                counters: LinkCounters::default(),
-            },
+            link: LinkSettings::new("redis", &name, url.pool, url.connect_timeout, url.retry_max),
             credentials: url.credentials.clone(),
             db: url.db,
             tls: if url.tls {
@@ -422,134 +158,91 @@ impl RedisTier {
                 None
             },
         });
-        let mut refresher = None;
         let topo = match url.mode {
             Mode::Standalone => {
                 let addr =
                     url.hosts.first().cloned().ok_or_else(|| {
                         Error::config("remote_url", format!("`{url}` names no host"))
                     })?;
-                let node = Arc::new(Node::new(addr, shared.clone()));
-                node.warm_up();
-                Topology::Single(node)
+                Topology::single(addr, shared.clone())
             }
             Mode::Cluster => {
-                let cs = Arc::new(ClusterState {
-                    tier: name.clone(),
-                    shared: shared.clone(),
-                    seeds: url.hosts.clone(),
-                    nodes: Mutex::default(),
-                    map: RwLock::new(None),
-                    stale: AtomicBool::new(true),
-                    generation: AtomicU64::new(0),
-                    refresh_lock: tokio::sync::Mutex::new(()),
-                    refreshes: AtomicU64::new(0),
-                    refresh_failures: AtomicU64::new(0),
-                    failing: AtomicBool::new(false),
-                    wake: Arc::new(Notify::new()),
-                });
-                refresher = spawn_refresher(&cs, url.slot_refresh);
-                Topology::Cluster(cs)
+                Topology::cluster(&name, shared.clone(), url.hosts.clone(), url.slot_refresh)
             }
         };
         tracing::info!(tier = %name, url = %url, tls = url.tls, "redis tier configured");
-        Ok(RedisTier {
+        Ok(RemoteTier::with_store(
             name,
-            url,
-            shared,
-            topo,
-            inflight: Mutex::default(),
-            counters: Counters::default(),
-            refresher,
-        })
+            url.to_string(),
+            RedisStore {
+                url,
+                shared,
+                topo,
+                redirects: AtomicU64::new(0),
+            },
+        ))
     }
 
     /// The URL, credentials redacted.
     pub fn url(&self) -> &RedisUrl {
-        &self.url
-    }
-
-    /// Counter snapshot.
-    pub fn stats(&self) -> RedisTierStats {
-        let c = &self.counters;
-        let l = &self.shared.link.counters;
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let (refreshes, refresh_failures) = match &self.topo {
-            Topology::Cluster(cs) => (g(&cs.refreshes), g(&cs.refresh_failures)),
-            Topology::Single(_) => (0, 0),
-        };
-        RedisTierStats {
-            gets: g(&c.gets),
-            hits: g(&c.hits),
-            misses: g(&c.misses),
-            puts: g(&c.puts),
-            puts_deduped: g(&c.puts_deduped),
-            put_bytes: g(&c.put_bytes),
-            get_bytes: g(&c.get_bytes),
-            checksum_failures: g(&c.checksum_failures),
-            alloc_failures: g(&c.alloc_failures),
-            connects: g(&l.connects),
-            connect_failures: g(&l.connect_failures),
-            io_errors: g(&l.io_errors),
-            redirects: g(&c.redirects),
-            slot_map_refreshes: refreshes,
-            slot_map_refresh_failures: refresh_failures,
-        }
+        &self.store().url
     }
 
     /// The Redis key of a chunk.
     pub fn redis_key(&self, key: &ChunkKey) -> Vec<u8> {
+        self.store().redis_key(key)
+    }
+}
+
+/// `op` for `rkey` on one connection of a node (after `ASKING` when `asking`).
+struct OnNode<'a> {
+    store: &'a RedisStore,
+    asking: bool,
+    rkey: &'a [u8],
+    op: &'a Op<'a>,
+}
+
+impl Exchange<Conn> for OnNode<'_> {
+    type Out = Step<Out>;
+
+    fn run<'a>(
+        &'a self,
+        conn: &'a mut Conn,
+    ) -> impl std::future::Future<Output = io::Result<Step<Out>>> + Send + 'a {
+        self.store.exec_conn(conn, self.asking, self.rkey, self.op)
+    }
+}
+
+/// Pipelined commands on one connection.
+struct Pipeline<'a>(&'a [Vec<&'a [u8]>]);
+
+impl Exchange<Conn> for Pipeline<'_> {
+    type Out = Vec<Reply>;
+
+    fn run<'a>(
+        &'a self,
+        conn: &'a mut Conn,
+    ) -> impl std::future::Future<Output = io::Result<Vec<Reply>>> + Send + 'a {
+        conn.pipeline(self.0)
+    }
+}
+
+impl RedisStore {
+    /// The Redis key of a chunk.
+    fn redis_key(&self, key: &ChunkKey) -> Vec<u8> {
         let mut k = Vec::with_capacity(self.url.prefix.len() + 64);
         k.extend_from_slice(self.url.prefix.as_bytes());
         k.extend_from_slice(key.to_hex().as_bytes());
         k
     }
 
+    /// The tier's name.
+    fn name(&self) -> &str {
+        &self.shared.link.tier
+    }
+
     fn err(&self, msg: impl Into<String>) -> Error {
-        Error::tier(&self.name, msg)
-    }
-
-    // ----- routing -----
-
-    /// A node failed (connect or I/O error): in a cluster, wake the refresher, since a failed
-    /// node is often a failover or a topology change in progress.
-    fn node_failed(&self) {
-        if let Topology::Cluster(cs) = &self.topo {
-            cs.wake.notify_one();
-        }
-    }
-
-    /// The node owning `rkey`.
-    async fn route(&self, rkey: &[u8]) -> Result<Arc<Node>> {
-        match &self.topo {
-            Topology::Single(n) => Ok(n.clone()),
-            Topology::Cluster(cs) => {
-                let map = cs.slot_map().await?;
-                let slot = key_slot(rkey) as usize;
-                match map.owner.get(slot).cloned().flatten() {
-                    Some(n) => Ok(n),
-                    None => {
-                        cs.stale.store(true, Ordering::Release);
-                        Err(self.err(format!("cluster slot {slot} has no master")))
-                    }
-                }
-            }
-        }
-    }
-
-    fn redirect_node(&self, addr: &str) -> Result<Arc<Node>> {
-        match &self.topo {
-            Topology::Cluster(cs) => Ok(cs.node(addr)),
-            Topology::Single(_) => Err(self.err(format!(
-                "server redirected to {addr}: it is a cluster node; use redis+cluster://"
-            ))),
-        }
-    }
-
-    fn mark_stale(&self) {
-        if let Topology::Cluster(cs) = &self.topo {
-            cs.stale.store(true, Ordering::Release);
-        }
+        Error::tier(self.name(), msg)
     }
 
     // ----- request execution -----
@@ -560,60 +253,41 @@ impl RedisTier {
         for _ in 0..=MAX_REDIRECTS {
             let (node, asking) = match target.take() {
                 Some(t) => t,
-                None => (self.route(rkey).await?, false),
+                None => (self.topo.route(rkey).await?, false),
             };
-            match self.exec_node(&node, asking, rkey, op).await? {
+            let req = OnNode {
+                store: self,
+                asking,
+                rkey,
+                op,
+            };
+            let step = node
+                .exec(&req)
+                .await
+                .inspect_err(|_| self.topo.node_failed())?;
+            match step {
                 Step::Done(out) => return Ok(out),
                 Step::ServerError(e) => {
                     if e.starts_with("CLUSTERDOWN") || e.starts_with("TRYAGAIN") {
-                        self.mark_stale();
+                        self.topo.mark_stale();
                     }
                     return Err(node.error(e));
                 }
                 Step::Redirect(r) => {
-                    bump(&self.counters.redirects, 1);
+                    self.redirects.fetch_add(1, Ordering::Relaxed);
                     target = Some(match r {
                         Redirect::Moved(_, addr) => {
-                            self.mark_stale();
-                            (self.redirect_node(&addr)?, false)
+                            self.topo.mark_stale();
+                            (self.topo.redirect_node(self.name(), &addr)?, false)
                         }
-                        Redirect::Ask(_, addr) => (self.redirect_node(&addr)?, true),
+                        Redirect::Ask(_, addr) => {
+                            (self.topo.redirect_node(self.name(), &addr)?, true)
+                        }
                     });
                 }
             }
         }
         Err(self.err(format!("more than {MAX_REDIRECTS} cluster redirects")))
-    }
-
-    /// Runs `op` on a connection of `node`. A pooled connection that fails with an I/O error
-    /// (stale after a server restart) is retried once on a fresh connection.
-    async fn exec_node(
-        &self,
-        node: &Node,
-        asking: bool,
-        rkey: &[u8],
-        op: &Op<'_>,
-    ) -> Result<Step<Out>> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut lease = node.acquire().await.inspect_err(|_| self.node_failed())?;
-            let reused = lease.reused;
-            match self.exec_conn(lease.conn(), asking, rkey, op).await {
-                Ok(step) => {
-                    lease.done();
-                    return Ok(step);
-                }
-                Err(e) => {
-                    drop(lease);
-                    node.io_failed(&e);
-                    if !(reused && attempt == 1 && e.kind() != io::ErrorKind::InvalidData) {
-                        self.node_failed();
-                        return Err(node.error(e));
-                    }
-                }
-            }
-        }
     }
 
     async fn exec_conn(
@@ -707,26 +381,10 @@ impl RedisTier {
     /// need a redirect.
     async fn exists_on(&self, node: &Node, rkeys: &[&[u8]]) -> Result<Vec<Option<bool>>> {
         let cmds: Vec<Vec<&[u8]>> = rkeys.iter().map(|k| vec![&b"EXISTS"[..], k]).collect();
-        let mut attempt = 0;
-        let replies = loop {
-            attempt += 1;
-            let mut lease = node.acquire().await.inspect_err(|_| self.node_failed())?;
-            let reused = lease.reused;
-            match lease.conn().pipeline(&cmds).await {
-                Ok(r) => {
-                    lease.done();
-                    break r;
-                }
-                Err(e) => {
-                    drop(lease);
-                    node.io_failed(&e);
-                    if !(reused && attempt == 1 && e.kind() != io::ErrorKind::InvalidData) {
-                        self.node_failed();
-                        return Err(node.error(e));
-                    }
-                }
-            }
-        };
+        let replies = node
+            .exec(&Pipeline(&cmds))
+            .await
+            .inspect_err(|_| self.topo.node_failed())?;
         replies
             .into_iter()
             .map(|r| match r {
@@ -738,15 +396,106 @@ impl RedisTier {
             .collect()
     }
 
-    async fn prefix_len(&self, keys: &[ChunkKey]) -> Result<usize> {
-        if keys.is_empty() {
-            return Ok(0);
+    /// Deletes this tier's keys (those under its prefix) on every master; with `salt`, only
+    /// those whose record header names that tenant salt. Returns how many.
+    async fn sweep_keys(&self, salt: Option<&str>) -> Result<u64> {
+        let mut pattern = Vec::with_capacity(self.url.prefix.len() + 1);
+        for b in self.url.prefix.bytes() {
+            if matches!(b, b'*' | b'?' | b'[' | b']' | b'\\') {
+                pattern.push(b'\\');
+            }
+            pattern.push(b);
         }
+        pattern.push(b'*');
+        let started = Instant::now();
+        let mut removed = 0u64;
+        for node in self.topo.masters().await? {
+            let mut lease = node.acquire().await?;
+            let mut cursor = b"0".to_vec();
+            loop {
+                let r = lease
+                    .conn()
+                    .command(&[b"SCAN", &cursor, b"MATCH", &pattern, b"COUNT", SCAN_COUNT])
+                    .await;
+                let reply = match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        node.io_failed(&e);
+                        return Err(node.io_error(e));
+                    }
+                };
+                let (next, keys) = match reply {
+                    Reply::Array(mut v) if v.len() == 2 => match (v.pop(), v.pop()) {
+                        (Some(Reply::Array(keys)), Some(Reply::Bulk(c))) => (c, keys),
+                        _ => return Err(node.error("malformed SCAN reply")),
+                    },
+                    Reply::Error(e) => return Err(node.error(e)),
+                    _ => return Err(node.error("malformed SCAN reply")),
+                };
+                let keys: Vec<Vec<u8>> = keys
+                    .into_iter()
+                    .filter_map(|k| match k {
+                        Reply::Bulk(b) => Some(b),
+                        _ => None,
+                    })
+                    .collect();
+                let doomed: Vec<&[u8]> = match salt {
+                    None => keys.iter().map(Vec::as_slice).collect(),
+                    Some(salt) => {
+                        let end = (MAX_HEADER_LEN - 1).to_string();
+                        let cmds: Vec<Vec<&[u8]>> = keys
+                            .iter()
+                            .map(|k| vec![&b"GETRANGE"[..], k, b"0", end.as_bytes()])
+                            .collect();
+                        let heads = lease.conn().pipeline(&cmds).await.map_err(|e| {
+                            node.io_failed(&e);
+                            node.io_error(e)
+                        })?;
+                        keys.iter()
+                            .zip(heads)
+                            .filter(|(_, h)| match h {
+                                Reply::Bulk(b) => decode_header(b).is_ok_and(|(info, _)| {
+                                    info.origin.cache_salt.as_deref() == Some(salt)
+                                }),
+                                _ => false,
+                            })
+                            .map(|(k, _)| k.as_slice())
+                            .collect()
+                    }
+                };
+                if !doomed.is_empty() {
+                    let cmds: Vec<Vec<&[u8]>> =
+                        doomed.iter().map(|k| vec![&b"UNLINK"[..], k]).collect();
+                    let replies = lease.conn().pipeline(&cmds).await.map_err(|e| {
+                        node.io_failed(&e);
+                        node.io_error(e)
+                    })?;
+                    removed += replies
+                        .iter()
+                        .filter(|r| matches!(r, Reply::Int(1..)))
+                        .count() as u64;
+                }
+                if next == b"0" {
+                    break;
+                }
+                cursor = next;
+            }
+            lease.done();
+        }
+        tracing::info!(tier = %self.name(), removed, salt = salt.is_some(), elapsed_ms = started.elapsed().as_millis() as u64, "redis keys removed");
+        Ok(removed)
+    }
+}
+
+impl RemoteStore for RedisStore {
+    type Stats = RedisTierStats;
+
+    async fn prefix_len(&self, keys: &[ChunkKey]) -> Result<usize> {
         let rkeys: Vec<Vec<u8>> = keys.iter().map(|k| self.redis_key(k)).collect();
         // Group by node (one group when standalone), keeping each key's index.
         let mut groups: Vec<(Arc<Node>, Vec<usize>)> = Vec::new();
         for (i, rk) in rkeys.iter().enumerate() {
-            let node = self.route(rk).await?;
+            let node = self.topo.route(rk).await?;
             match groups.iter_mut().find(|(n, _)| Arc::ptr_eq(n, &node)) {
                 Some((_, idx)) => idx.push(i),
                 None => groups.push((node, vec![i])),
@@ -778,232 +527,65 @@ impl RedisTier {
         Ok(n)
     }
 
-    async fn get_chunk(&self, key: ChunkKey, bufs: &dyn BufferSource) -> Result<Option<Chunk>> {
+    async fn fetch(&self, key: ChunkKey, bufs: &dyn BufferSource) -> Result<Option<RecordRead>> {
         let rkey = self.redis_key(&key);
-        bump(&self.counters.gets, 1);
-        match self.exec(&rkey, &Op::Get { key, bufs }).await? {
-            Out::Record(RecordRead::Chunk(c)) => {
-                bump(&self.counters.hits, 1);
-                bump(&self.counters.get_bytes, c.buf.len() as u64);
-                Ok(Some(c))
-            }
-            Out::Record(RecordRead::Corrupt(why)) => {
-                bump(&self.counters.checksum_failures, 1);
-                tracing::warn!(tier = %self.name, key = %key, reason = %why, "invalid value in redis: treated as a miss and deleted");
-                if let Err(e) = self.exec(&rkey, &Op::Del).await {
-                    tracing::debug!(tier = %self.name, key = %key, error = %e, "could not delete the invalid value");
-                }
-                Ok(None)
-            }
-            Out::Record(RecordRead::NoBuffer) => {
-                bump(&self.counters.alloc_failures, 1);
-                Ok(None)
-            }
-            _ => {
-                bump(&self.counters.misses, 1);
-                Ok(None)
-            }
+        Ok(match self.exec(&rkey, &Op::Get { key, bufs }).await? {
+            Out::Record(r) => Some(r),
+            _ => None,
+        })
+    }
+
+    async fn discard(&self, key: ChunkKey, why: &str) {
+        tracing::warn!(tier = %self.name(), key = %key, reason = %why, "invalid value in redis: treated as a miss and deleted");
+        if let Err(e) = self.exec(&self.redis_key(&key), &Op::Del).await {
+            tracing::debug!(tier = %self.name(), key = %key, error = %e, "could not delete the invalid value");
         }
     }
 
-    async fn put_chunk(&self, chunk: Chunk) -> Result<PutOutcome> {
-        let key = chunk.info.key;
-        if self.inflight.lock().insert(key, ()).is_some() {
-            bump(&self.counters.puts_deduped, 1);
-            return Ok(PutOutcome::AlreadyPresent);
-        }
-        let _inflight = Inflight(&self.inflight, key);
+    async fn store(&self, chunk: &Chunk) -> Result<PutOutcome> {
         let header = encode_header(&chunk.info)?;
-        let rkey = self.redis_key(&key);
+        let rkey = self.redis_key(&chunk.info.key);
         self.exec(
             &rkey,
             &Op::Put {
-                chunk: &chunk,
+                chunk,
                 header: &header,
             },
         )
         .await?;
-        bump(&self.counters.puts, 1);
-        bump(&self.counters.put_bytes, chunk.buf.len() as u64);
         Ok(PutOutcome::Stored)
     }
 
-    async fn remove_key(&self, key: ChunkKey) -> Result<bool> {
+    async fn remove(&self, key: ChunkKey) -> Result<bool> {
         let rkey = self.redis_key(&key);
         Ok(matches!(self.exec(&rkey, &Op::Del).await?, Out::Int(1..)))
     }
 
-    /// Every master: the standalone node, or the cluster's slot owners.
-    async fn masters(&self) -> Result<Vec<Arc<Node>>> {
-        match &self.topo {
-            Topology::Single(n) => Ok(vec![n.clone()]),
-            Topology::Cluster(cs) => {
-                cs.stale.store(true, Ordering::Release);
-                let map = cs.slot_map().await?;
-                let mut out: Vec<Arc<Node>> = Vec::new();
-                for n in map.owner.iter().flatten() {
-                    if !out.iter().any(|o| Arc::ptr_eq(o, n)) {
-                        out.push(n.clone());
-                    }
-                }
-                Ok(out)
-            }
-        }
-    }
-
-    /// Deletes this tier's keys (those under its prefix) on every master; with `salt`, only
-    /// those whose record header names that tenant salt. Returns how many.
     async fn sweep(&self, salt: Option<&str>) -> Result<u64> {
-        let mut pattern = Vec::with_capacity(self.url.prefix.len() + 1);
-        for b in self.url.prefix.bytes() {
-            if matches!(b, b'*' | b'?' | b'[' | b']' | b'\\') {
-                pattern.push(b'\\');
-            }
-            pattern.push(b);
-        }
-        pattern.push(b'*');
-        let started = Instant::now();
-        let mut removed = 0u64;
-        for node in self.masters().await? {
-            let mut lease = node.acquire().await?;
-            let mut cursor = b"0".to_vec();
-            loop {
-                let r = lease
-                    .conn()
-                    .command(&[b"SCAN", &cursor, b"MATCH", &pattern, b"COUNT", SCAN_COUNT])
-                    .await;
-                let reply = match r {
-                    Ok(r) => r,
-                    Err(e) => {
-                        node.io_failed(&e);
-                        return Err(node.error(e));
-                    }
-                };
-                let (next, keys) = match reply {
-                    Reply::Array(mut v) if v.len() == 2 => match (v.pop(), v.pop()) {
-                        (Some(Reply::Array(keys)), Some(Reply::Bulk(c))) => (c, keys),
-                        _ => return Err(node.error("malformed SCAN reply")),
-                    },
-                    Reply::Error(e) => return Err(node.error(e)),
-                    _ => return Err(node.error("malformed SCAN reply")),
-                };
-                let keys: Vec<Vec<u8>> = keys
-                    .into_iter()
-                    .filter_map(|k| match k {
-                        Reply::Bulk(b) => Some(b),
-                        _ => None,
-                    })
-                    .collect();
-                let doomed: Vec<&[u8]> = match salt {
-                    None => keys.iter().map(Vec::as_slice).collect(),
-                    Some(salt) => {
-                        let end = (MAX_HEADER_LEN - 1).to_string();
-                        let cmds: Vec<Vec<&[u8]>> = keys
-                            .iter()
-                            .map(|k| vec![&b"GETRANGE"[..], k, b"0", end.as_bytes()])
-                            .collect();
-                        let heads = lease.conn().pipeline(&cmds).await.map_err(|e| {
-                            node.io_failed(&e);
-                            node.error(e)
-                        })?;
-                        keys.iter()
-                            .zip(heads)
-                            .filter(|(_, h)| match h {
-                                Reply::Bulk(b) => decode_header(b).is_ok_and(|(info, _)| {
-                                    info.origin.cache_salt.as_deref() == Some(salt)
-                                }),
-                                _ => false,
-                            })
-                            .map(|(k, _)| k.as_slice())
-                            .collect()
-                    }
-                };
-                if !doomed.is_empty() {
-                    let cmds: Vec<Vec<&[u8]>> =
-                        doomed.iter().map(|k| vec![&b"UNLINK"[..], k]).collect();
-                    let replies = lease.conn().pipeline(&cmds).await.map_err(|e| {
-                        node.io_failed(&e);
-                        node.error(e)
-                    })?;
-                    removed += replies
-                        .iter()
-                        .filter(|r| matches!(r, Reply::Int(1..)))
-                        .count() as u64;
-                }
-                if next == b"0" {
-                    break;
-                }
-                cursor = next;
-            }
-            lease.done();
-        }
-        tracing::info!(tier = %self.name, removed, salt = salt.is_some(), elapsed_ms = started.elapsed().as_millis() as u64, "redis keys removed");
-        Ok(removed)
-    }
-}
-
-impl Tier for RedisTier {
-    fn name(&self) -> &str {
-        &self.name
+        self.sweep_keys(salt).await
     }
 
-    fn counters(&self) -> super::TierCounters {
-        super::TierCounters {
-            evictions: 0,
-            checksum_failures: self.stats().checksum_failures,
-        }
+    fn links(&self) -> Option<&LinkCounters> {
+        Some(&self.shared.link.counters)
     }
 
-    fn details(&self) -> serde_json::Value {
-        serde_json::to_value(self.stats()).unwrap_or_default()
-    }
-
-    fn verifies_reads(&self) -> bool {
-        true
-    }
-
-    fn contains_prefix<'a>(&'a self, keys: &'a [ChunkKey]) -> TierFuture<'a, usize> {
-        Box::pin(self.prefix_len(keys))
-    }
-
-    fn get<'a>(
-        &'a self,
-        key: ChunkKey,
-        bufs: &'a dyn BufferSource,
-    ) -> TierFuture<'a, Option<Chunk>> {
-        Box::pin(self.get_chunk(key, bufs))
-    }
-
-    fn put(&self, chunk: Chunk) -> TierFuture<'_, PutOutcome> {
-        Box::pin(self.put_chunk(chunk))
-    }
-
-    fn remove(&self, key: ChunkKey) -> TierFuture<'_, bool> {
-        Box::pin(self.remove_key(key))
-    }
-
-    fn clear(&self) -> TierFuture<'_, u64> {
-        Box::pin(self.sweep(None))
-    }
-
-    fn remove_salt<'a>(&'a self, salt: &'a str) -> TierFuture<'a, u64> {
-        Box::pin(self.sweep(Some(salt)))
-    }
-
-    fn usage(&self) -> TierUsage {
-        // A shared store: what other nodes wrote (and evicted) is unknown here. Report what
-        // this process wrote; capacity is the server's business (maxmemory).
-        TierUsage {
-            used_bytes: self.counters.put_bytes.load(Ordering::Relaxed),
-            capacity_bytes: 0,
-            chunks: self.counters.puts.load(Ordering::Relaxed),
+    fn stats(&self, remote: RemoteStats) -> RedisTierStats {
+        let (slot_map_refreshes, slot_map_refresh_failures) = self.topo.refresh_counts();
+        RedisTierStats {
+            remote,
+            redirects: self.redirects.load(Ordering::Relaxed),
+            slot_map_refreshes,
+            slot_map_refresh_failures,
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::tier::Tier;
 
     #[test]
     fn names_and_keys() {
@@ -1027,17 +609,47 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_connect_keeps_its_cause() {
+        // A port nothing listens on.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        let t = RedisTier::from_url(&format!("redis://127.0.0.1:{port}"), 0).unwrap();
+        // Calls in a reconnect backoff (after the background warm-up failed) fail without
+        // trying; wait for one that tries.
+        let t0 = Instant::now();
+        let (e, msg) = loop {
+            let e =
+                futures::executor::block_on(t.contains_prefix(&[ChunkKey([1; 32])])).unwrap_err();
+            let msg = e.to_string();
+            if !msg.contains("unreachable;") {
+                break (e, msg);
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "{msg}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            msg.starts_with(&format!("tier `redis`: redis 127.0.0.1:{port}: connect: ")),
+            "{msg}"
+        );
+        let cause = std::error::Error::source(&e).expect("the I/O error is kept as the source");
+        let io = cause.downcast_ref::<io::Error>().expect("an io::Error");
+        assert_eq!(io.kind(), io::ErrorKind::ConnectionRefused);
+        assert!(msg.ends_with(&io.to_string()), "{msg}");
+    }
+
+    #[test]
     fn dropping_a_cluster_tier_stops_its_refresher() {
         let t = RedisTier::from_url(
             "redis+cluster://127.0.0.1:1?slot_refresh_sec=1&connect_timeout_ms=10",
             0,
         )
         .unwrap();
-        let Topology::Cluster(cs) = &t.topo else {
+        let Topology::Cluster(c) = &t.store().topo else {
             panic!("cluster expected")
         };
-        let weak = Arc::downgrade(cs);
-        let handle = t.refresher.clone().expect("refresher started");
+        let weak = Arc::downgrade(&c.state);
+        let handle = c.refresher.clone().expect("refresher started");
         // The startup refresh runs (and fails: nothing listens on port 1).
         let t0 = Instant::now();
         while t.stats().slot_map_refresh_failures == 0 {

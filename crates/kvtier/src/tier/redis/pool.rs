@@ -59,10 +59,10 @@ async fn open(addr: &str, shared: &Shared) -> std::result::Result<Conn, ConnectE
     let other = ConnectError::Other;
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
-        .map_err(|e| other(format!("connect: {e}")))?;
+        .map_err(|e| ConnectError::caused("connect", e))?;
     // Requests are small writes followed by a wait for the reply: Nagle would add a delay.
     tcp.set_nodelay(true)
-        .map_err(|e| other(format!("socket setup: {e}")))?;
+        .map_err(|e| ConnectError::caused("socket setup", e))?;
     let stream = match &shared.tls {
         None => Stream::Tcp(tcp),
         Some(cfg) => {
@@ -70,7 +70,7 @@ async fn open(addr: &str, shared: &Shared) -> std::result::Result<Conn, ConnectE
             let s = tokio_rustls::TlsConnector::from(cfg.clone())
                 .connect(name, tcp)
                 .await
-                .map_err(|e| other(tls::describe(&e)))?;
+                .map_err(|e| ConnectError::described(tls::describe(&e), e))?;
             Stream::Tls(Box::new(s))
         }
     };
@@ -79,9 +79,9 @@ async fn open(addr: &str, shared: &Shared) -> std::result::Result<Conn, ConnectE
     // a missing client certificate only after the client's side of the handshake is done).
     let io_err = |what: &str, e: io::Error| {
         if is_tls {
-            tls::describe(&e)
+            ConnectError::described(tls::describe(&e), e)
         } else {
-            format!("{what}: {e}")
+            ConnectError::caused(what, e)
         }
     };
     let mut conn = Conn::new(stream);
@@ -99,7 +99,7 @@ async fn open(addr: &str, shared: &Shared) -> std::result::Result<Conn, ConnectE
                 return Err(ConnectError::Auth(format!("authentication failed: {e}")))
             }
             Ok(reply) => return Err(other(format!("unexpected AUTH reply {reply:?}"))),
-            Err(e) => return Err(other(io_err("AUTH", e))),
+            Err(e) => return Err(io_err("AUTH", e)),
         }
     } else if is_tls {
         // One round trip so a server that refuses this client fails the connect, with a
@@ -107,7 +107,7 @@ async fn open(addr: &str, shared: &Shared) -> std::result::Result<Conn, ConnectE
         match conn.command(&[b"PING"]).await {
             Ok(Reply::Status(_)) | Ok(Reply::Error(_)) => {}
             Ok(reply) => return Err(other(format!("unexpected PING reply {reply:?}"))),
-            Err(e) => return Err(other(io_err("PING", e))),
+            Err(e) => return Err(io_err("PING", e)),
         }
     }
     if shared.db != 0 {
@@ -116,7 +116,7 @@ async fn open(addr: &str, shared: &Shared) -> std::result::Result<Conn, ConnectE
             Ok(Reply::Status(_)) => {}
             Ok(Reply::Error(e)) => return Err(other(format!("SELECT {db} failed: {e}"))),
             Ok(reply) => return Err(other(format!("unexpected SELECT reply {reply:?}"))),
-            Err(e) => return Err(other(io_err("SELECT", e))),
+            Err(e) => return Err(io_err("SELECT", e)),
         }
     }
     Ok(conn)

@@ -31,9 +31,9 @@
 use std::time::Duration;
 
 use crate::error::Result;
-pub use crate::tier::remote_url::redact;
-use crate::tier::remote_url::{
-    err, parse_host_port, parse_options, percent_decode, redact_query, split_authority, split_query,
+use crate::tier::remote::url::{
+    err, parse_host_port, parse_options, percent_decode, redact, redact_query, split_authority,
+    split_query,
 };
 
 /// Environment variable for the username when the URL has none.

@@ -1,6 +1,6 @@
-//! URL parsing shared by the remote tiers' `remote_url` parsers ([`super::redis::url`],
-//! [`super::peer::url`]): splitting, percent-decoding, `host:port`, the connection options
-//! every remote tier takes, and redaction of secrets.
+//! URL parsing shared by the remote tiers' `remote_url` parsers
+//! ([`crate::tier::redis::url`], [`crate::tier::peer::url`]): splitting, percent-decoding,
+//! `host:port`, the connection options every remote tier takes, and redaction of secrets.
 
 use std::time::Duration;
 
