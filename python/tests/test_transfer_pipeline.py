@@ -276,3 +276,77 @@ def test_a_failing_background_copy_is_raised_where_the_host_waits():
     with pytest.raises(TransferError, match="background KV copy failed"):
         save.finish()
     x.close()
+
+
+# -- the L1 pool registered with CUDA -------------------------------------------------------
+
+
+class FakeCudart:
+    def __init__(self, rc=0):
+        self.rc, self.calls = rc, []
+
+    def cudaHostRegister(self, ptr, size, flags):
+        self.calls.append(("register", ptr, size, flags))
+        return self.rc
+
+    def cudaHostUnregister(self, ptr):
+        self.calls.append(("unregister", ptr))
+        return 0
+
+
+def test_the_pool_is_registered_once_and_unregistered_on_close(monkeypatch):
+    kvtier = pytest.importorskip("kvtier")
+    from kvtier.transfer import PoolMemory
+
+    eng = kvtier.Engine({"chunk_size": BPC * BS, "max_local_cpu_size": 0.01, "local_cpu_huge_pages": False},
+                        layers=L, kv_heads=H, head_dim=D, dtype="f32")
+    rt = FakeCudart()
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: rt)
+    paged = paged_of(caches(0))
+    pool = PoolMemory(eng, paged, BPC * BS, cuda_register=True)
+    addr, size = eng.pool_region()
+    assert rt.calls == [("register", addr, size, 0)] and pool.registered
+    pool.close()
+    pool.close()
+    assert rt.calls[1:] == [("unregister", addr)] and not pool.registered
+    rt2 = FakeCudart(rc=2)  # cudaErrorMemoryAllocation
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: rt2)
+    with pytest.raises(RuntimeError, match="cudaHostRegister of kvtier's .* pool failed"):
+        PoolMemory(eng, paged, BPC * BS, cuda_register=True)
+
+
+def test_pool_chunks_move_through_the_pipeline_without_a_staging_copy():
+    """Saves fill claimed L1 buffers in place and loads read held L1 chunks in place: the
+    bytes the engine returns are the gathered blocks, and they load back."""
+    kvtier = pytest.importorskip("kvtier")
+    from kvtier.transfer import PoolMemory
+
+    eng = kvtier.Engine({"chunk_size": BPC * BS, "max_local_cpu_size": 0.01, "local_cpu_huge_pages": False},
+                        layers=L, kv_heads=H, head_dim=D, dtype="f32")
+    src, dst = caches(1), caches(2)
+    sp, dp = paged_of(src), paged_of(dst)
+    pool = PoolMemory(eng, sp, BPC * BS, cuda_register=False)
+    tokens = list(range(40, 40 + 3 * BPC * BS))
+    ids = [5, 9, 2, 17, 11, 4]
+    for policy in ("side_first", "compute_first"):
+        eng.clear()
+        sim = SimStreams(policy)
+        claim = pool.begin_store(tokens, None)
+        assert [c.index for c in claim.chunks] == [0, 1, 2]
+        Transfer(sp, sim).begin_save([SavePlan(claim.chunks, ids)]).finish()
+        assert claim.commit()["new_chunks"] == 3
+        out = torch.empty(sp.payload_numel(len(ids)))
+        assert eng.retrieve(tokens, out) == len(tokens)
+        want = torch.empty_like(out)
+        sp.gather(ids, want)
+        assert torch.equal(out, want)
+        held = pool.acquire(tokens, None)
+        x = Transfer(dp, sim)
+        load = x.begin_load()
+        load.issue([LoadPlan(held.chunks, 1, [20, 21, 22, 23, 0])])  # blocks 1.. of the prompt
+        load.wait_all()
+        load.finish()
+        held.release()
+        sim.drain()
+        for li in range(L):
+            assert torch.equal(dst[li][:, [20, 21, 22, 23, 0]], src[li][:, ids[1:]])

@@ -25,14 +25,17 @@ NB = 64  # blocks per layer cache
 NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(L)]
 
 
-def make_config(extra, engine_id, tp=1):
+def make_config(extra, engine_id, tp=1, mla_latent=None):
+    """A fake VllmConfig; ``mla_latent``: an MLA model (vLLM reports 1 KV head and the
+    latent width as the head size)."""
     mc = NS(
         model="test/tiny",
         revision=None,
         dtype=torch.float32,
+        use_mla=mla_latent is not None,
         get_num_layers=lambda pc: L,
-        get_num_kv_heads=lambda pc: H,
-        get_head_size=lambda: D,
+        get_num_kv_heads=lambda pc: 1 if mla_latent else H,
+        get_head_size=lambda: mla_latent or D,
     )
     return NS(
         kv_transfer_config=NS(kv_connector_extra_config=extra, engine_id=engine_id),
@@ -390,3 +393,29 @@ def test_short_layerwise_load_reports_the_missing_blocks(worker):
         assert torch.equal(caches[name][50], caches[name][3]) and torch.equal(caches[name][51], caches[name][5])
         assert torch.equal(caches[name][[52, 53]], before[name])  # untouched, to be recomputed
     assert conn.stats["load_failures"] == 1 and conn.stats["loaded_tokens"] == 2 * BS
+
+
+def test_mla_latent_caches_save_and_load(tmp_path):
+    """MLA: one latent tensor per layer (num_blocks, block_size, latent); the identity has
+    one plane, so a block's bytes match the engine's and the chunks round trip."""
+    lat = 24
+    cfg = dict(max_local_cpu_size=0.01, local_cpu_huge_pages=False, lookup_socket_dir=str(tmp_path))
+    conn = KvTierConnector(make_config(cfg, "mla", mla_latent=lat), KVConnectorRole.WORKER, NS(num_blocks=NB))
+    try:
+        caches = {n: torch.randn(NB, BS, lat) for n in NAMES}
+        conn.register_kv_caches(caches)
+        ws = conn.worker_side
+        assert ws.engine.identity()["layout"]["groups"][0]["planes"] == 1
+        assert ws.engine.bytes_per_token == L * lat * 4
+        run_step(conn, caches, KvTierConnectorMetadata())
+        run_step(conn, caches, KvTierConnectorMetadata(saves=[SaveSpec("s", TOKENS, None, [3, 5, 7, 9])]))
+        out = torch.zeros(4, L, BS, lat)  # chunks, layers, tokens, latent
+        assert ws.engine.retrieve(TOKENS, out) == len(TOKENS)
+        for li, name in enumerate(NAMES):
+            assert torch.equal(out[1, li], caches[name][5])
+        meta = KvTierConnectorMetadata(loads=[LoadSpec("l", TOKENS[: 3 * BS], None, [40, 41, 42], 0)])
+        assert run_step(conn, caches, meta) == set()
+        for name in NAMES:
+            assert torch.equal(caches[name][[40, 41, 42]], caches[name][[3, 5, 7]])
+    finally:
+        conn.shutdown()

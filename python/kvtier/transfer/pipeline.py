@@ -347,8 +347,19 @@ class SaveStep:
         x, s, paged = self._x, self._x.streams, self._x.paged
         late = [li for li in range(paged.num_layers) if li not in self.staged]
         if self._early:
-            for li in late:
-                self.stage_layer(li)
+            if late:  # one wait and one launch for all of them (the forward pass is over)
+                ev = s.event()
+                s.record(ev, s.compute())
+                s.wait(self._stream, ev)
+                self._launch_index()
+                dst, ids = self._dev if self._dev is not None else self._host, self._dev_ids
+
+                def gather_late():
+                    for li in late:
+                        paged.gather_layer_into(li, dst, ids["ids"])
+
+                s.launch(self._stream, "gather late", gather_late)
+                self.staged.update(late)
             if self._dev is not None:
                 dev, host = self._dev, self._host
                 s.launch(self._stream, "d2h", lambda: _copy_runs([h.buf for h in host], [d.buf for d in dev]))
