@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="bandwidth rounds per size and mode")
     p.add_argument("--budget-s", type=float, default=270.0, help="stop optional work past this")
     p.add_argument("--modes", default="pinned,pool", help="host staging modes to check")
+    p.add_argument("--cpu-device-staging", action="store_true",
+                   help="with --device cpu: copy through 'device' buffers as on CUDA (tests the GPU code path)")
     return p.parse_args(argv)
 
 
@@ -110,6 +112,15 @@ class Check:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def streams(self):
+        """The transfer streams for the caches' device (see --cpu-device-staging)."""
+        from kvtier.transfer import streams_for
+
+        s = streams_for(self.device())
+        if self.args.cpu_device_staging and not self.cuda:
+            s.device_staging = True
+        return s
+
     def device(self):
         import torch
 
@@ -146,7 +157,7 @@ class Check:
 
     def round_trips(self) -> bool:
         import torch
-        from kvtier.transfer import HostStaging, LoadPlan, PagedLayers, PoolMemory, SavePlan, Transfer, streams_for
+        from kvtier.transfer import HostStaging, LoadPlan, PagedLayers, PoolMemory, SavePlan, Transfer
 
         geo = {"L": 4, "H": 4, "D": 64, "BS": 16}
         bpc, nb = 8, 64  # 128-token chunks
@@ -157,7 +168,7 @@ class Check:
             src = self.flash_caches(geo, nb, 1)
             dst = [torch.zeros_like(t) for t in src]
             sp, dp = self.paged(src, geo, bpc), self.paged(dst, geo, bpc)
-            xs, xd = Transfer(sp, streams_for(self.device())), Transfer(dp, streams_for(self.device()))
+            xs, xd = Transfer(sp, self.streams()), Transfer(dp, self.streams())
             pool = PoolMemory(eng, sp, bpc * geo["BS"], cuda_register=self.cuda) if mode == "pool" else None
             src_ids = list(range(3, 3 + 24))[::-1]  # 24 blocks = 3 chunks, descending
             dst_ids = list(range(30, 54))
@@ -186,7 +197,7 @@ class Check:
         gpu_dst = [torch.zeros(2, 64, 16, geo["H"], geo["D"], dtype=torch.float16, device=self.device())
                    for _ in range(geo["L"])]
         gp = self.paged(gpu_dst, geo, 8)
-        xg = Transfer(gp, streams_for(self.device()))
+        xg = Transfer(gp, self.streams())
         gids = list(range(40, 64))
         self._load(eng, xg, None, tokens, gids, gp)
         cross = all(
@@ -260,7 +271,7 @@ class Check:
         import random
 
         import torch
-        from kvtier.transfer import PoolMemory, Transfer, streams_for
+        from kvtier.transfer import PoolMemory, Transfer
 
         if self.cuda:
             geo, nb = {"L": 8, "H": 8, "D": 128, "BS": 16}, 512
@@ -273,16 +284,18 @@ class Check:
         src = self.flash_caches(geo, nb, 11)
         dst = self.flash_caches(geo, nb, 12)
         sp, dp = self.paged(src, geo, bpc), self.paged(dst, geo, bpc)
-        streams = streams_for(dev)
+        streams = self.streams()
         if broken:  # the canary: copies no longer wait for the compute stream, nor it for them
             streams.wait = lambda stream, event: None
-        xs = Transfer(sp, streams, device_staging_bytes=1 << 20)  # small: some steps go in groups
-        xd = Transfer(dp, streams, device_staging_bytes=1 << 20)
+        # Alternate steps through device buffers that hold the whole step (saves staged layer
+        # by layer in the forward pass) and ones smaller than a chunk (copied chunk by chunk).
+        pairs = [(Transfer(sp, streams, device_staging_bytes=cap), Transfer(dp, streams, device_staging_bytes=cap))
+                 for cap in (64 << 20, sp.block_nbytes * bpc)]
         pool = PoolMemory(eng, sp, chunk_tokens, cuda_register=self.cuda) if mode == "pool" else None
         rng = random.Random(7)
         sleep = getattr(torch.cuda, "_sleep", None) if self.cuda else None
         mismatches, done, t0 = 0, 0, time.monotonic()
-        first_bad = None
+        first_bad, staged_early = None, 0
         for it in range(iters):
             if time.monotonic() - t0 > budget_s:
                 break
@@ -294,6 +307,7 @@ class Check:
             fresh = [torch.randn(2, n_req, geo["BS"], geo["H"], geo["D"], device=dev, dtype=torch.float16)
                      for _ in range(geo["L"])]
             want = [f.clone() for f in fresh]
+            xs, xd = pairs[it % 2]
             plans = self._save_plans(eng, xs, pool, tokens, blocks[:n_req], sp)
             step = xs.begin_save(plans[0])
             # The step computes the request's KV late (behind a sleep kernel) while writing
@@ -303,7 +317,7 @@ class Check:
                     sleep(50000)  # ~25 us: an unordered copy would overtake the write
                 src[li].index_copy_(1, r_src, fresh[li])
                 src[li].index_fill_(1, other, -3.0)
-                step.stage_layer(li)
+                staged_early += step.stage_layer(li)
             step.finish()
             for li in range(geo["L"]):  # the next step reuses the blocks
                 src[li].index_fill_(1, r_src, 0.0)
@@ -332,11 +346,13 @@ class Check:
             done += 1
             if it % 50 == 49:
                 eng.clear()
-        xs.close(), xd.close()
+        for xs, xd in pairs:
+            xs.close(), xd.close()
         if pool is not None:
             pool.close()
         return {"iterations": done, "mismatches": mismatches, "first_mismatch": first_bad,
-                "seconds": round(time.monotonic() - t0, 2), "broken_ordering": broken}
+                "seconds": round(time.monotonic() - t0, 2), "broken_ordering": broken,
+                "layers_staged_in_the_forward_pass": staged_early}
 
     def _save_plans(self, eng, xs, pool, tokens, ids, paged):
         from kvtier.transfer import HostStaging, SavePlan
@@ -403,7 +419,7 @@ class Check:
         import random
 
         import torch
-        from kvtier.transfer import HostStaging, LoadPlan, PoolMemory, SavePlan, Transfer, streams_for
+        from kvtier.transfer import HostStaging, LoadPlan, PoolMemory, SavePlan, Transfer
 
         dev = self.device()
         chunk_tokens = bpc * geo["BS"]
@@ -413,8 +429,8 @@ class Check:
         src = self.flash_caches(geo, nb, 21)
         dst = [torch.empty_like(t) for t in src]
         sp, dp = self.paged(src, geo, bpc), self.paged(dst, geo, bpc)
-        xs = Transfer(sp, streams_for(dev), device_staging_bytes=nbytes)
-        xd = Transfer(dp, streams_for(dev), device_staging_bytes=nbytes)
+        xs = Transfer(sp, self.streams(), device_staging_bytes=nbytes)
+        xd = Transfer(dp, self.streams(), device_staging_bytes=nbytes)
         pool = PoolMemory(eng, sp, chunk_tokens, cuda_register=self.cuda) if mode == "pool" else None
         staging = HostStaging(torch.float16, pin=self.cuda)
         ids = list(range(nb))

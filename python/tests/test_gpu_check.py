@@ -21,16 +21,23 @@ def run_check(repo_root, tmp_path, *args):
     return proc, report
 
 
-def test_cpu_smoke_run_passes_and_reports_every_part(repo_root, tmp_path):
+@pytest.mark.parametrize("gpu_path", [False, True], ids=["cpu-path", "device-staging-path"])
+def test_cpu_smoke_run_passes_and_reports_every_part(repo_root, tmp_path, gpu_path):
+    """Both code paths of the pipeline: CPU caches copied directly, and (as on CUDA) through
+    'device' buffers with one copy per run of host chunks, in groups when they do not fit."""
+    extra = ["--cpu-device-staging"] if gpu_path else []
     proc, rep = run_check(repo_root, tmp_path, "--device", "cpu", "--iterations", "10", "--sizes", "0.25",
-                          "--rounds", "1")
+                          "--rounds", "1", *extra)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert rep["ok"] and rep["exit_code"] == 0
     assert rep["env"]["kvtier_native"].endswith(".abi3.so")
     assert all(v["bytes_equal"] and v["other_blocks_untouched"] for k, v in rep["round_trip"].items() if k != "cpu_layout_to_device_and_back")
     assert rep["round_trip"]["cpu_layout_to_device_and_back"] == {"to_device": True, "back": True}
     for mode in ("pinned", "pool"):
-        assert rep["concurrency"][mode]["iterations"] == 10 and rep["concurrency"][mode]["mismatches"] == 0
+        c = rep["concurrency"][mode]
+        assert c["iterations"] == 10 and c["mismatches"] == 0
+        # Through device buffers, every other step's saves do not fit: staged after the pass.
+        assert c["layers_staged_in_the_forward_pass"] == (5 if gpu_path else 10) * 4
     rows = {r["mode"]: r for r in rep["bandwidth"]}
     assert set(rows) == {"pinned", "pool"}
     for r in rows.values():
