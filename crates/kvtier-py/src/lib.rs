@@ -934,6 +934,19 @@ fn store_report<'py>(py: Python<'py>, s: &kvtier::StoreSummary) -> PyResult<Boun
 
 type Region = (usize, usize, usize, usize);
 
+fn lock<T>(m: &Mutex<T>) -> PyResult<std::sync::MutexGuard<'_, T>> {
+    m.lock().map_err(|_| KvTierError::new_err("poisoned"))
+}
+
+/// `regions` while the handle in `slot` is live, else none (its memory may be reused).
+fn live_regions<T>(slot: &Mutex<Option<T>>, regions: &[Region]) -> PyResult<Vec<Region>> {
+    Ok(if lock(slot)?.is_some() {
+        regions.to_vec()
+    } else {
+        Vec::new()
+    })
+}
+
 /// A stored prefix held in L1 by `Engine.acquire` (unevictable until released).
 #[pyclass(module = "kvtier._native", frozen)]
 struct HeldChunks {
@@ -954,24 +967,12 @@ impl HeldChunks {
     /// once released (the memory may then be reused).
     #[getter]
     fn chunks(&self) -> PyResult<Vec<Region>> {
-        let held = self
-            .held
-            .lock()
-            .map_err(|_| KvTierError::new_err("poisoned"))?;
-        Ok(if held.is_some() {
-            self.chunks.clone()
-        } else {
-            Vec::new()
-        })
+        live_regions(&self.held, &self.chunks)
     }
 
     /// Lets the engine evict the chunks again. Idempotent.
     fn release(&self) -> PyResult<()> {
-        let mut held = self
-            .held
-            .lock()
-            .map_err(|_| KvTierError::new_err("poisoned"))?;
-        held.take();
+        lock(&self.held)?.take();
         Ok(())
     }
 
@@ -994,13 +995,9 @@ struct StoreSession {
 
 impl StoreSession {
     fn take(&self) -> PyResult<kvtier::StoreSession> {
-        self.session
-            .lock()
-            .map_err(|_| KvTierError::new_err("poisoned"))?
-            .take()
-            .ok_or_else(|| {
-                KvTierError::new_err("this store session was already committed or aborted")
-            })
+        lock(&self.session)?.take().ok_or_else(|| {
+            KvTierError::new_err("this store session was already committed or aborted")
+        })
     }
 }
 
@@ -1010,15 +1007,7 @@ impl StoreSession {
     /// chunks not stored yet); empty once committed or aborted.
     #[getter]
     fn slots(&self) -> PyResult<Vec<Region>> {
-        let s = self
-            .session
-            .lock()
-            .map_err(|_| KvTierError::new_err("poisoned"))?;
-        Ok(if s.is_some() {
-            self.slots.clone()
-        } else {
-            Vec::new()
-        })
+        live_regions(&self.session, &self.slots)
     }
 
     /// Checksums the filled buffers and stores them; the report `store` returns.
@@ -1031,11 +1020,7 @@ impl StoreSession {
 
     /// Gives the claims and buffers back; nothing is stored. Idempotent.
     fn abort(&self) -> PyResult<()> {
-        let mut s = self
-            .session
-            .lock()
-            .map_err(|_| KvTierError::new_err("poisoned"))?;
-        s.take();
+        lock(&self.session)?.take();
         Ok(())
     }
 }
