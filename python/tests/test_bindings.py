@@ -422,6 +422,9 @@ def test_server_mode_shares_one_cache(tmp_path):
         assert isinstance(b2.stats(), dict)
         with pytest.raises(kvtier.KvTierError):
             b2.metrics_text()
+        for call in (b2.pool_region, lambda: b2.acquire(toks), lambda: b2.begin_store(toks)):
+            with pytest.raises(kvtier.KvTierError, match="embedded engines"):
+                call()
     finally:
         proc.terminate()
         try:
@@ -458,3 +461,121 @@ def test_remove_forgets_a_prompt_in_every_tier(small_cfg):
     assert eng.remove(toks[:32]) == 2  # the first two chunks
     assert eng.lookup(toks) == 0
     assert eng.remove(toks[:32]) == 0
+
+
+# -- stable ABI ---------------------------------------------------------------------------
+
+
+def test_the_native_module_is_built_for_the_stable_abi():
+    """One wheel (cp310-abi3) for every CPython >= 3.10: the GPU machines' 3.12 loads the
+    wheel CI builds on 3.11."""
+    import kvtier._native as native
+
+    assert native.__file__.endswith(".abi3.so"), native.__file__
+
+
+def test_tokens_of_every_list_shape_agree(small_cfg):
+    """Exact lists are read through their item array; list subclasses, bools, int
+    subclasses and numpy scalars inside a list take the generic path: all must agree."""
+    eng = make(small_cfg)
+    toks = list(range(3, 3 + 64))
+    want = eng.chunk_keys(toks)
+
+    class Toks(list):
+        pass
+
+    class Tok(int):
+        pass
+
+    assert eng.chunk_keys(Toks(toks)) == want
+    assert eng.chunk_keys([Tok(t) for t in toks]) == want
+    assert eng.chunk_keys([np.int64(t) for t in toks]) == want
+    assert eng.chunk_keys([True] + toks[1:]) == eng.chunk_keys([1] + toks[1:])
+    assert eng.chunk_keys([]) == []
+    with pytest.raises(TypeError):
+        eng.lookup(toks[:10] + [1.5])
+
+
+def test_any_buffer_object_is_a_payload(small_cfg):
+    eng = make(small_cfg)
+    toks = list(range(32))
+    raw = np.random.default_rng(4).bytes(32 * eng.bytes_per_token)
+    eng.store(toks, array.array("B", raw))
+    out = memoryview(bytearray(len(raw)))
+    assert eng.retrieve(toks, out) == 32 and out.tobytes() == raw
+    with pytest.raises(BufferError, match="writable"):
+        eng.retrieve(toks, raw)  # bytes are read-only
+
+
+# -- pool memory in place: acquire / begin_store (zero-copy GPU transfers) ------------------
+
+
+def _write(addr, data):
+    import ctypes
+
+    ctypes.memmove(addr, data, len(data))
+
+
+def _read(addr, n):
+    import ctypes
+
+    return ctypes.string_at(addr, n)
+
+
+def test_begin_store_fills_pool_buffers_in_place(small_cfg):
+    eng = make(small_cfg)
+    base, size = eng.pool_region()
+    assert size == int(small_cfg["max_local_cpu_size"] * 2**30) // 4096 * 4096
+    toks = list(range(500, 500 + 48))  # 3 chunks
+    raw = np.random.default_rng(5).bytes(48 * eng.bytes_per_token)
+    cb = 16 * eng.bytes_per_token
+    eng.store(toks[:16], raw[:cb])  # chunk 0 already stored
+    s = eng.begin_store(toks)
+    assert [(a, b) for a, b, _, _ in s.slots] == [(16, 32), (32, 48)]  # only the new chunks
+    for start, end, addr, n in s.slots:
+        assert n == cb and base <= addr and addr + n <= base + size
+        _write(addr, raw[start * eng.bytes_per_token : end * eng.bytes_per_token])
+    assert eng.lookup(toks) == 16  # nothing new is visible before the commit
+    rep = s.commit()
+    assert rep["new_chunks"] == 2 and rep["present_chunks"] == 1 and rep["stored_tokens"] == 48
+    assert s.slots == []
+    out = bytearray(len(raw))
+    assert eng.retrieve(toks, out) == 48 and bytes(out) == raw
+    with pytest.raises(kvtier.KvTierError, match="already committed"):
+        s.commit()
+
+
+def test_an_aborted_store_stores_nothing_and_frees_its_claims(small_cfg):
+    eng = make(small_cfg)
+    toks = list(range(64))
+    s = eng.begin_store(toks)
+    assert len(s.slots) == 4
+    s.abort()
+    s.abort()  # idempotent
+    assert eng.lookup(toks) == 0
+    s2 = eng.begin_store(toks)  # the claims are free again
+    assert len(s2.slots) == 4
+    del s2  # dropped unfinished: aborted
+    assert eng.lookup(toks) == 0 and len(eng.begin_store(toks).slots) == 4
+
+
+def test_acquire_holds_the_stored_prefix_in_place(small_cfg):
+    eng = make(small_cfg)
+    base, size = eng.pool_region()
+    toks = list(range(900, 900 + 40))  # 2 full chunks + a tail
+    raw = np.random.default_rng(6).bytes(40 * eng.bytes_per_token)
+    eng.store(toks, raw)
+    with eng.acquire(toks) as held:
+        assert held.hit_tokens == 32
+        got = held.chunks
+        assert [(a, b) for a, b, _, _ in got] == [(0, 16), (16, 32)]
+        for start, end, addr, n in got:
+            assert base <= addr and addr + n <= base + size
+            assert _read(addr, n) == raw[start * eng.bytes_per_token : end * eng.bytes_per_token]
+        # Held chunks are not evicted by a clear: readers keep their bytes.
+        eng.clear()
+        assert _read(got[0][2], 8) == raw[:8]
+    assert held.chunks == []
+    miss = eng.acquire([1, 2, 3] * 20)
+    assert miss.hit_tokens == 0 and miss.chunks == []
+

@@ -1,9 +1,9 @@
-"""Tests of kvtier.transfer (paged caches <-> chunk payloads) on CPU with vLLM-shaped caches.
+"""Tests of kvtier.transfer's layouts and copies (paged caches <-> chunk payloads) on CPU.
 
 Every cache element is distinct (an arange), so a block copied from the wrong place, a
-layer in the wrong slot or a chunk cut at the wrong block changes the compared bytes. The
-expected payloads are built by a plain loop over the documented layout, not with the
-module's own views. Skipped where torch is not installed; the e2e venv has it."""
+layer or plane in the wrong slot, or a chunk cut at the wrong block changes the compared
+bytes. The expected payloads are built from each layout's *definition* (which element is K
+of token t, head h, in block b) with plain indexing, not with the module's views."""
 
 import sys
 
@@ -11,148 +11,289 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvtier.transfer import HostStaging, PagedLayers, dtype_code  # noqa: E402
+from kvtier.transfer import (  # noqa: E402
+    HostStaging,
+    PagedLayers,
+    detect_vllm_layout,
+    dtype_code,
+)
 
 L, NB, BS, H, D = 3, 16, 4, 2, 8  # layers, blocks per layer, block size, kv heads, head dim
+LAT = 12  # MLA latent width
 
 
-def vllm_caches(base=0.0):
-    """Per layer, vLLM's flash-attention layout [2, num_blocks, block_size, heads, head_dim]."""
-    n = 2 * NB * BS * H * D
-    return [torch.arange(n, dtype=torch.float32).add_(base + li * n).view(2, NB, BS, H, D) for li in range(L)]
+def distinct(shape, layer, dtype=torch.float32):
+    n = 1
+    for s in shape:
+        n *= s
+    return torch.arange(1, n + 1, dtype=torch.float64).add_(layer * n).to(dtype).view(*shape)
 
 
-def cpu_caches():
-    """Per layer, vLLM's CPU layout [num_blocks, heads, block_size, 2 * head_dim]."""
-    n = NB * H * BS * 2 * D
-    return [torch.arange(n, dtype=torch.float32).add_(li * n).view(NB, H, BS, 2 * D) for li in range(L)]
+# -- each layout, and the token data it defines -------------------------------------------
+# kv(layer_tensor, plane, block, token, head) -> the D (or LAT) values of that token and head.
 
 
-def block_of(cache, block, block_dim):
-    return cache.select(block_dim, block)
+def flash_caches():
+    return [distinct((2, NB, BS, H, D), li) for li in range(L)]
 
 
-def expected_payload(caches, block_ids, bpc, block_dim):
-    """The documented layout, spelled out: chunks of bpc blocks (the last may be shorter);
-    within a chunk, for each layer, that layer's blocks in order, each block whole."""
-    parts = []
+def flash_kv(t, p, b, tok, h):
+    return t[p, b, tok, h]
+
+
+def flashinfer_caches():
+    return [distinct((NB, 2, BS, H, D), li) for li in range(L)]
+
+
+def flashinfer_kv(t, p, b, tok, h):
+    return t[b, p, tok, h]
+
+
+def cpu_caches(bs=BS):
+    return [distinct((NB, H, bs, 2 * D), li) for li in range(L)]
+
+
+def cpu_kv(t, p, b, tok, h):
+    # Per (block, head): block_size rows of K, then block_size rows of V, each D wide.
+    rows = t[b, h].reshape(-1).view(2, t.shape[2], D)
+    return rows[p, tok]
+
+
+def mla_caches():
+    return [distinct((NB, BS, LAT), li) for li in range(L)]
+
+
+def mla_kv(t, p, b, tok, h):
+    assert p == 0 and h == 0
+    return t[b, tok]
+
+
+VLLM = {
+    "flash": (flash_caches, flash_kv, 2, H, D),
+    "flashinfer": (flashinfer_caches, flashinfer_kv, 2, H, D),
+    "cpu": (cpu_caches, cpu_kv, 2, H, D),
+    "mla": (mla_caches, mla_kv, 1, 1, LAT),
+}
+
+
+def vllm_paged(name, caches, bpc):
+    _, _, _, h, d = VLLM[name]
+    return PagedLayers.vllm(
+        caches, block_size=BS, num_kv_heads=h, head_size=d, num_blocks=NB, mla=name == "mla", blocks_per_chunk=bpc
+    )
+
+
+def expected_payload(caches, kv, planes, heads, block_ids, bpc, bs=BS):
+    """The documented layer-major layout, spelled out: chunks of bpc blocks (the last may be
+    shorter); within a chunk [layer][plane][token][head][dim]."""
+    out = []
     for c0 in range(0, len(block_ids), bpc):
         chunk = block_ids[c0 : c0 + bpc]
-        for cache in caches:
-            for b in chunk:
-                parts.append(block_of(cache, b, block_dim).reshape(-1))
-    return torch.cat(parts)
+        for t in caches:
+            for p in range(planes):
+                for b in chunk:
+                    for tok in range(bs):
+                        for h in range(heads):
+                            out.append(kv(t, p, b, tok, h).reshape(-1))
+    return torch.cat(out)
 
 
 IDS = [9, 2, 14, 5, 0, 11, 7]  # 7 blocks, out of order: with 3 per chunk, a partial last chunk
 
 
-def gathered(bpc, ids=IDS):
-    """vLLM-layout caches, their PagedLayers, and the payload of blocks ``ids``."""
-    src = vllm_caches()
-    paged = PagedLayers(src, block_dim=1, blocks_per_chunk=bpc)
-    payload = torch.empty(paged.payload_numel(len(ids)))
-    paged.gather(ids, payload)
-    return src, paged, payload
-
-
-def zero_caches():
-    return [torch.zeros(2, NB, BS, H, D) for _ in range(L)]
-
-
+@pytest.mark.parametrize("name", list(VLLM))
 @pytest.mark.parametrize("bpc", [1, 3, 4, 7, 8])
-def test_gather_writes_the_documented_payload_layout(bpc):
-    caches = vllm_caches()
-    paged = PagedLayers(caches, block_dim=1, blocks_per_chunk=bpc)
-    assert paged.block_shape == (2, BS, H, D)
+def test_gather_writes_the_layer_major_payload_for_every_vllm_layout(name, bpc):
+    make, kv, planes, heads, _ = VLLM[name]
+    caches = make()
+    paged = vllm_paged(name, caches, bpc)
+    assert paged.layout == f"vllm-{name}"
     payload = torch.full((paged.payload_numel(len(IDS)),), -1.0)
-    assert paged.gather(IDS, payload) == []  # nothing to keep alive on CPU
-    want = expected_payload(caches, IDS, bpc, block_dim=1)
+    paged.gather(IDS, payload)
+    want = expected_payload(caches, kv, planes, heads, IDS, bpc)
     assert torch.equal(payload, want)
     # The comparison sees a misplaced block (every element is distinct).
-    swapped = expected_payload(caches, [IDS[1], IDS[0]] + IDS[2:], bpc, block_dim=1)
+    swapped = expected_payload(caches, kv, planes, heads, [IDS[1], IDS[0]] + IDS[2:], bpc)
     assert not torch.equal(payload, swapped)
 
 
-def test_partial_last_chunk_is_layer_major_on_its_own():
-    caches, paged, payload = gathered(3)
-    per_block = 2 * BS * H * D
-    full = 2 * L * 3 * per_block  # two full chunks
-    tail = payload[full:].view(L, 1, 2, BS, H, D)  # one block left: (layers, 1, *block)
-    for li in range(L):
-        assert torch.equal(tail[li, 0], caches[li][:, IDS[6]])
-    # The last full chunk ends with the last layer's last block of that chunk.
-    assert torch.equal(payload[full - per_block : full].view(2, BS, H, D), caches[L - 1][:, IDS[5]])
-
-
+@pytest.mark.parametrize("name", list(VLLM))
 @pytest.mark.parametrize("bpc", [1, 3, 8])
-def test_scatter_puts_every_block_back_and_touches_nothing_else(bpc):
-    src, paged, payload = gathered(bpc)
-    dst = zero_caches()
+def test_scatter_puts_every_block_back_and_touches_nothing_else(name, bpc):
+    make, kv, planes, heads, _ = VLLM[name]
+    src = make()
+    paged = vllm_paged(name, src, bpc)
+    payload = torch.empty(paged.payload_numel(len(IDS)))
+    paged.gather(IDS, payload)
+    dst = [torch.zeros_like(t) for t in src]
     dst_ids = [1, 3, 4, 6, 8, 10, 15]
-    PagedLayers(dst, block_dim=1, blocks_per_chunk=bpc).scatter(payload, dst_ids)
+    vllm_paged(name, dst, bpc).scatter(payload, dst_ids)
     for li in range(L):
         for s, d in zip(IDS, dst_ids):
-            assert torch.equal(dst[li][:, d], src[li][:, s]), (li, s, d)
+            for p in range(planes):
+                for tok in range(BS):
+                    for h in range(heads):
+                        assert torch.equal(kv(dst[li], p, d, tok, h), kv(src[li], p, s, tok, h)), (li, s, d)
         others = [b for b in range(NB) if b not in dst_ids]
-        assert not dst[li][:, others].any()
+        for b in others:
+            for p in range(planes):
+                assert not kv(dst[li], p, b, 0, 0).any() and not kv(dst[li], p, b, BS - 1, heads - 1).any()
+    # Nothing else in the tensors changed: the non-zeros are exactly the scattered blocks.
+    for t in dst:
+        assert int((t != 0).sum()) == len(dst_ids) * paged.block_numel
 
 
 @pytest.mark.parametrize("bpc", [1, 3, 4])
 def test_scatter_from_an_offset_fills_only_the_asked_blocks(bpc):
-    """A payload holding a whole prefix fills only the blocks after those computed locally."""
-    src, paged, payload = gathered(bpc)
-    dst = zero_caches()
-    into = PagedLayers(dst, block_dim=1, blocks_per_chunk=bpc)
+    """A payload holding a whole prefix fills only the blocks after those computed locally
+    (the first one possibly in the middle of a chunk)."""
+    src = flash_caches()
+    paged = vllm_paged("flash", src, bpc)
+    payload = torch.empty(paged.payload_numel(len(IDS)))
+    paged.gather(IDS, payload)
+    dst = [torch.zeros_like(t) for t in src]
+    into = vllm_paged("flash", dst, bpc)
     into.scatter(payload, [12, 13, 14], first=2)  # payload blocks 2, 3, 4
     for li in range(L):
         for s, d in zip(IDS[2:5], [12, 13, 14]):
             assert torch.equal(dst[li][:, d], src[li][:, s])
         assert not dst[li][:, :12].any() and not dst[li][:, 15].any()
-    with pytest.raises(ValueError, match="outside a payload"):
+    with pytest.raises(ValueError, match="outside the payload"):
         into.scatter(payload, [0, 1], first=6)
 
 
 def test_layer_by_layer_moves_only_that_layer():
-    src = vllm_caches()
-    paged = PagedLayers(src, block_dim=1, blocks_per_chunk=3)
+    src = flash_caches()
+    paged = vllm_paged("flash", src, 3)
     payload = torch.full((paged.payload_numel(len(IDS)),), -1.0)
-    want = expected_payload(src, IDS, 3, block_dim=1)
-    ids = paged.block_index(IDS)
-    paged.gather_layer(1, ids, payload)
-    layer1 = torch.zeros_like(payload, dtype=torch.bool)
-    layer1[want >= src[1].numel()] = True
-    layer1[want >= 2 * src[1].numel()] = False  # values of layer 1 lie in [n, 2n)
+    want = expected_payload(src, flash_kv, 2, H, IDS, 3)
+    paged.gather_layer(1, IDS, payload)
+    n = src[1].numel()
+    layer1 = (want > n) & (want <= 2 * n)  # values of layer 1 lie in (n, 2n]
     assert torch.equal(payload[layer1], want[layer1])
     assert (payload[~layer1] == -1).all()
-    dst = zero_caches()
-    PagedLayers(dst, block_dim=1, blocks_per_chunk=3).scatter_layer(1, want, IDS)
+    dst = [torch.zeros_like(t) for t in src]
+    vllm_paged("flash", dst, 3).scatter_layer(1, want, IDS)
     assert torch.equal(dst[1][:, IDS], src[1][:, IDS])
     assert not dst[0].any() and not dst[2].any()
 
 
-def test_payload_blocks_across_chunks_and_into_the_partial_one():
-    src, paged, payload = gathered(3)
-    for start, stop in [(0, 7), (1, 2), (2, 5), (4, 7), (6, 7), (3, 3)]:
-        got = paged.payload_blocks(payload, 2, start, stop)
-        assert got.shape == (stop - start, 2, BS, H, D)
-        for i, b in enumerate(IDS[start:stop]):
-            assert torch.equal(got[i], src[2][:, b])
-    one_chunk = paged.payload_blocks(payload, 0, 3, 5)
-    assert one_chunk.untyped_storage().data_ptr() == payload.untyped_storage().data_ptr()
-
-
-def test_cpu_backend_layout_round_trips():
-    src = cpu_caches()
-    paged = PagedLayers(src, blocks_per_chunk=2)
-    assert paged.block_shape == (H, BS, 2 * D) and paged.num_blocks == NB
-    payload = torch.empty(paged.payload_numel(5))
-    paged.gather([4, 1, 0, 12, 7], payload)
-    assert torch.equal(payload, expected_payload(src, [4, 1, 0, 12, 7], 2, block_dim=0))
-    dst = [torch.zeros_like(t) for t in src]
-    PagedLayers(dst, blocks_per_chunk=2).scatter(payload, [2, 3, 5, 6, 8])
+def test_partial_last_chunk_is_layer_major_on_its_own():
+    caches = flash_caches()
+    paged = vllm_paged("flash", caches, 3)
+    payload = torch.empty(paged.payload_numel(len(IDS)))
+    paged.gather(IDS, payload)
+    chunks = paged.split(payload)
+    assert [(c.index, c.blocks) for c in chunks] == [(0, 3), (1, 3), (2, 1)]
+    tail = chunks[2].buf.view(L, 2, BS, H, D)  # one block: (layers, planes, tokens, H, D)
     for li in range(L):
-        assert torch.equal(dst[li][[2, 3, 5, 6, 8]], src[li][[4, 1, 0, 12, 7]])
+        assert torch.equal(tail[li], caches[li][:, IDS[6]])
+    full = chunks[1].buf.view(L, 2, 3 * BS, H, D)  # tokens of the chunk's 3 blocks in a row
+    assert torch.equal(full[2, 1, BS : 2 * BS], caches[2][1, IDS[4]])
+
+
+# -- SGLang host pools --------------------------------------------------------------------
+
+PS, PAGES = 4, 16  # page size, pages
+
+
+def sglang_buffer(layout, mla):
+    size = PS * PAGES
+    e = LAT if mla else D
+    shapes = {
+        (False, "layer_first"): (2, L, size, H, D),
+        (False, "page_first"): (2, size, L, H, D),
+        (False, "page_first_direct"): (2, PAGES, L, PS, H, D),
+        (True, "layer_first"): (L, size, 1, e),
+        (True, "page_first"): (size, L, 1, e),
+        (True, "page_first_direct"): (PAGES, L, PS, 1, e),
+    }
+    return distinct(shapes[(mla, layout)], 0)
+
+
+def sglang_kv(buf, layout, mla, li, p, page, tok, h):
+    """SGLang's definitions: token slot s = page * PS + tok."""
+    s = page * PS + tok
+    if not mla:
+        return {
+            "layer_first": lambda: buf[p, li, s, h],
+            "page_first": lambda: buf[p, s, li, h],
+            "page_first_direct": lambda: buf[p, page, li, tok, h],
+        }[layout]()
+    return {
+        "layer_first": lambda: buf[li, s, 0],
+        "page_first": lambda: buf[s, li, 0],
+        "page_first_direct": lambda: buf[page, li, tok, 0],
+    }[layout]()
+
+
+@pytest.mark.parametrize("mla", [False, True])
+@pytest.mark.parametrize("layout", ["layer_first", "page_first", "page_first_direct"])
+def test_sglang_host_layouts_gather_and_scatter(layout, mla):
+    buf = sglang_buffer(layout, mla)
+    paged = PagedLayers.sglang_host(buf, layout=layout, page_size=PS, num_layers=L, mla=mla, blocks_per_chunk=2)
+    assert paged.block_shape == ((1, PS, 1, LAT) if mla else (2, PS, H, D))
+    pages = [5, 0, 9, 3, 12]
+    payload = torch.empty(paged.payload_numel(len(pages)))
+    paged.gather(pages, payload)
+    planes, heads = (1, 1) if mla else (2, H)
+    want = []
+    for c0 in range(0, len(pages), 2):
+        for li in range(L):
+            for p in range(planes):
+                for pg in pages[c0 : c0 + 2]:
+                    for tok in range(PS):
+                        for h in range(heads):
+                            want.append(sglang_kv(buf, layout, mla, li, p, pg, tok, h).reshape(-1))
+    assert torch.equal(payload, torch.cat(want))
+    dst = torch.zeros_like(buf)
+    PagedLayers.sglang_host(dst, layout=layout, page_size=PS, num_layers=L, mla=mla, blocks_per_chunk=2).scatter(
+        payload, [1, 2, 4, 6, 8]
+    )
+    for s, d in zip(pages, [1, 2, 4, 6, 8]):
+        for li in range(L):
+            for p in range(planes):
+                for tok in range(PS):
+                    assert torch.equal(sglang_kv(dst, layout, mla, li, p, d, tok, 0), sglang_kv(buf, layout, mla, li, p, s, tok, 0))
+    assert int((dst != 0).sum()) == 5 * L * paged.block_numel  # nothing but the 5 pages
+
+
+# -- the same payload across layouts, block sizes and engines -----------------------------
+
+
+def tokens_of(paged, ids):
+    """Canonical (L, P, tokens, H, D) of the blocks ``ids`` through the module's views (used
+    only to compare two layouts after a round trip; the layouts are checked above)."""
+    return torch.stack([v[:, ids].flatten(1, 2) for v in paged.views])
+
+
+def test_a_chunk_round_trips_across_layouts_and_block_sizes():
+    """vLLM CPU cache (8-token blocks) -> vLLM GPU flash cache (4-token blocks) -> SGLang
+    page-first host pool (16-token pages) -> vLLM CPU again: one payload for all, chunks of
+    16 tokens."""
+    cpu_src = [distinct((NB, H, 8, 2 * D), li) for li in range(L)]
+    cpu = PagedLayers.vllm(cpu_src, block_size=8, num_kv_heads=H, head_size=D, blocks_per_chunk=2)
+    payload = torch.empty(cpu.payload_numel(4))  # 4 blocks of 8 = 2 chunks of 16 tokens
+    cpu.gather([3, 9, 1, 6], payload)
+
+    gpu_dst = [torch.zeros(2, NB, 4, H, D) for _ in range(L)]
+    gpu = PagedLayers.vllm(gpu_dst, block_size=4, num_kv_heads=H, head_size=D, blocks_per_chunk=4)
+    gpu.scatter(payload, [8, 0, 15, 2, 11, 12, 13, 14])  # 8 blocks of 4 tokens
+    assert torch.equal(tokens_of(gpu, [8, 0, 15, 2, 11, 12, 13, 14]), tokens_of(cpu, [3, 9, 1, 6]))
+
+    sg = torch.zeros(2, 16 * 4, L, H, D)
+    pages = PagedLayers.sglang_host(sg, layout="page_first", page_size=16, num_layers=L)
+    back = torch.empty_like(payload)
+    gpu.gather([8, 0, 15, 2, 11, 12, 13, 14], back)
+    assert torch.equal(back, payload)
+    pages.scatter(back, [2, 0])
+    again = torch.empty_like(payload)
+    pages.gather([2, 0], again)
+    assert torch.equal(again, payload)
+    cpu_dst = [torch.zeros_like(t) for t in cpu_src]
+    PagedLayers.vllm(cpu_dst, block_size=8, num_kv_heads=H, head_size=D, blocks_per_chunk=2).scatter(again, [0, 1, 2, 3])
+    for li in range(L):
+        assert torch.equal(cpu_dst[li][[0, 1, 2, 3]], cpu_src[li][[3, 9, 1, 6]])
 
 
 def test_payload_chunks_are_the_engines_chunks():
@@ -164,8 +305,8 @@ def test_payload_chunks_are_the_engines_chunks():
         {"chunk_size": bpc * BS, "max_local_cpu_size": 0.01, "local_cpu_huge_pages": False},
         layers=L, kv_heads=H, head_dim=D, dtype="f32",
     )
-    src = vllm_caches()
-    paged = PagedLayers(src, block_dim=1, blocks_per_chunk=bpc)
+    src = flash_caches()
+    paged = vllm_paged("flash", src, bpc)
     assert paged.block_nbytes == BS * eng.bytes_per_token
     ids = [3, 8, 1, 12]
     payload = torch.empty(paged.payload_numel(4))
@@ -174,39 +315,64 @@ def test_payload_chunks_are_the_engines_chunks():
     assert eng.store(tokens, payload)["new_chunks"] == 2
     out = torch.empty(paged.payload_numel(2))
     assert eng.retrieve(tokens[: 2 * BS], out) == 2 * BS
-    dst = zero_caches()
-    PagedLayers(dst, block_dim=1, blocks_per_chunk=bpc).scatter(out, [5, 6])
+    dst = [torch.zeros_like(t) for t in src]
+    vllm_paged("flash", dst, bpc).scatter(out, [5, 6])
     for li in range(L):
         assert torch.equal(dst[li][:, 5], src[li][:, 3]) and torch.equal(dst[li][:, 6], src[li][:, 8])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.uint8] + ([torch.float8_e4m3fn] if hasattr(torch, "float8_e4m3fn") else []))
+def test_copies_are_bytewise_for_every_dtype(dtype):
+    src = [torch.randint(0, 255, (2, NB, BS, H, D), dtype=torch.uint8).view(dtype) if dtype.itemsize == 1
+           else torch.randn(2, NB, BS, H, D).to(dtype) for _ in range(L)]
+    paged = PagedLayers.vllm(src, block_size=BS, num_kv_heads=H, head_size=D, blocks_per_chunk=2)
+    payload = torch.empty(paged.payload_numel(3), dtype=dtype)
+    paged.gather([4, 7, 1], payload)
+    dst = [torch.zeros_like(t) for t in src]
+    PagedLayers.vllm(dst, block_size=BS, num_kv_heads=H, head_size=D, blocks_per_chunk=2).scatter(payload, [0, 1, 2])
+    for li in range(L):
+        assert torch.equal(dst[li][:, [0, 1, 2]].view(torch.uint8), src[li][:, [4, 7, 1]].view(torch.uint8))
+
+
 def test_host_staging_hands_out_back_to_back_payloads():
-    paged = PagedLayers(vllm_caches(), block_dim=1, blocks_per_chunk=3)
-    staging = HostStaging(paged)
-    a, b = staging.payloads([4, 2])
-    assert a.numel() == paged.payload_numel(4) and b.numel() == paged.payload_numel(2)
-    assert b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()
-    (c,) = staging.payloads([1])
+    staging = HostStaging(torch.float32, pin=False)
+    a, b = staging.payloads([40, 20])
+    assert a.numel() == 40 and b.numel() == 20
+    assert b.data_ptr() == a.data_ptr() + 40 * 4
+    (c,) = staging.payloads([10])
     assert c.data_ptr() == a.data_ptr()  # reused, not reallocated
-    (d,) = staging.payloads([20])  # grows; the earlier views stay valid
-    assert d.numel() == paged.payload_numel(20) and a.numel() == paged.payload_numel(4)
+    (d,) = staging.payloads([200])  # grows; the earlier views stay valid
+    assert d.numel() == 200 and a.numel() == 40
 
 
-def test_bad_input_is_a_clear_error():
-    caches = vllm_caches()
-    paged = PagedLayers(caches, block_dim=1, blocks_per_chunk=3)
+def test_layout_detection_and_bad_input_are_clear_errors():
+    g = dict(block_size=BS, num_kv_heads=H, head_size=D)
+    assert detect_vllm_layout((2, NB, BS, H, D), num_blocks=NB, **g) == "flash"
+    assert detect_vllm_layout((NB, 2, BS, H, D), num_blocks=NB, **g) == "flashinfer"
+    assert detect_vllm_layout((NB, H, BS, 2 * D), num_blocks=NB, **g) == "cpu"
+    assert detect_vllm_layout((NB, BS, LAT), num_blocks=NB, block_size=BS, num_kv_heads=1, head_size=LAT, mla=True) == "mla"
+    with pytest.raises(ValueError, match="unsupported vLLM KV cache layout"):
+        detect_vllm_layout((NB, BS, H * D), num_blocks=NB, **g)
+    with pytest.raises(ValueError, match="unsupported vLLM KV cache layout"):
+        detect_vllm_layout((2, NB, BS, H, D), num_blocks=NB + 1, **g)
+    caches = flash_caches()
+    paged = vllm_paged("flash", caches, 3)
     with pytest.raises(ValueError, match="payload of 2 blocks for 3 block ids"):
         paged.gather([1, 2, 3], torch.empty(paged.payload_numel(2)))
     with pytest.raises(ValueError, match="dtype"):
         paged.gather([1], torch.empty(paged.payload_numel(1), dtype=torch.float16))
     with pytest.raises(ValueError, match="whole number of blocks"):
         paged.scatter(torch.empty(paged.payload_numel(1) + 1), [1])
+    with pytest.raises(ValueError, match="block ids must be in"):
+        paged.scatter(torch.empty(paged.payload_numel(1)), [NB])
     with pytest.raises(ValueError, match="all layers must match"):
-        PagedLayers([caches[0], caches[1][:, :8]], block_dim=1)
-    with pytest.raises(ValueError, match="block_dim"):
-        PagedLayers(caches, block_dim=5)
+        PagedLayers([c for c in caches[:1]] + [caches[1][:, :8]])
     with pytest.raises(ValueError, match="unsupported KV cache dtype"):
         dtype_code(torch.int64)
+    with pytest.raises(ValueError, match="not a whole number of 3-token pages"):
+        PagedLayers.sglang_host(torch.zeros(2, L, 16, H, D), layout="layer_first", page_size=3, num_layers=L)
+    with pytest.raises(ValueError, match="holds 3 layers, expected 4"):
+        PagedLayers.sglang_host(torch.zeros(2, L, 16, H, D), layout="layer_first", page_size=4, num_layers=4)
     assert dtype_code(torch.bfloat16) == "bf16"
 
 

@@ -25,14 +25,17 @@ NB = 64  # blocks per layer cache
 NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(L)]
 
 
-def make_config(extra, engine_id, tp=1):
+def make_config(extra, engine_id, tp=1, mla_latent=None):
+    """A fake VllmConfig; ``mla_latent``: an MLA model (vLLM reports 1 KV head and the
+    latent width as the head size)."""
     mc = NS(
         model="test/tiny",
         revision=None,
         dtype=torch.float32,
+        use_mla=mla_latent is not None,
         get_num_layers=lambda pc: L,
-        get_num_kv_heads=lambda pc: H,
-        get_head_size=lambda: D,
+        get_num_kv_heads=lambda pc: 1 if mla_latent else H,
+        get_head_size=lambda: mla_latent or D,
     )
     return NS(
         kv_transfer_config=NS(kv_connector_extra_config=extra, engine_id=engine_id),
@@ -187,7 +190,7 @@ def test_bad_lookup_settings_are_rejected():
 
 
 class SlowRetrieve:
-    """Wraps an engine so retrieve takes at least `delay` seconds."""
+    """Wraps an engine so loads (retrieve, acquire) take at least `delay` seconds."""
 
     def __init__(self, eng, delay):
         self._eng, self._delay = eng, delay
@@ -196,16 +199,30 @@ class SlowRetrieve:
         time.sleep(self._delay)
         return self._eng.retrieve(*a, **kw)
 
+    def acquire(self, *a, **kw):
+        time.sleep(self._delay)
+        return self._eng.acquire(*a, **kw)
+
     def __getattr__(self, name):
         return getattr(self._eng, name)
 
 
-@pytest.fixture
-def worker(tmp_path):
+def slow_loads(conn, delay):
+    ws = conn.worker_side
+    ws.engine = SlowRetrieve(ws.engine, delay)
+    if ws._pool is not None:  # staging "pool" loads through the pool's engine handle
+        ws._pool._engine = ws.engine
+
+
+@pytest.fixture(params=["pinned", "pool"])
+def worker(tmp_path, request):
+    """Worker-side connectors on CPU caches, with either host staging mode: a staging
+    buffer (pinned on GPUs) or the engine's L1 pool in place."""
     made = []
 
     def make(**extra):
-        cfg = dict(max_local_cpu_size=0.01, local_cpu_huge_pages=False, lookup_socket_dir=str(tmp_path))
+        cfg = dict(max_local_cpu_size=0.01, local_cpu_huge_pages=False, lookup_socket_dir=str(tmp_path),
+                   staging=request.param)
         cfg.update(extra)
         conn = KvTierConnector(make_config(cfg, f"w{len(made)}"), KVConnectorRole.WORKER, NS(num_blocks=NB))
         gen = torch.Generator().manual_seed(len(made))
@@ -244,10 +261,17 @@ def _run_step(conn, caches, meta, hooks, attention):
 
 
 def stored_blocks(conn, tokens):
-    """What the engine holds for `tokens`: (chunks, layers, 1, *block) (one block per chunk)."""
-    out = torch.zeros(len(tokens) // BS, L, 1, H, BS, 2 * D)
+    """What the engine holds for `tokens`, one block per chunk in kvtier's layer-major
+    layout: (chunks, layers, K/V, tokens, heads, dim)."""
+    out = torch.zeros(len(tokens) // BS, L, 2, BS, H, D)
     got = conn.worker_side.engine.retrieve(tokens, out)
     return got, out
+
+
+def kv_of(block):
+    """A CPU-cache block (H, BS, 2*D) as (K/V, tokens, heads, dim): per head, BS rows of K
+    then BS rows of V (vLLM's CPU layout)."""
+    return block.reshape(H, 2, BS, D).permute(1, 2, 0, 3)
 
 
 TOKENS = list(range(10, 10 + 4 * BS))  # 4 chunks of one block
@@ -263,11 +287,11 @@ def test_per_layer_save_and_load_roundtrip(worker):
     assert got == len(TOKENS)
     for li, name in enumerate(NAMES):
         for c, b in enumerate(src):
-            assert torch.equal(out[c, li, 0], caches[name][b])
+            assert torch.equal(out[c, li], kv_of(caches[name][b]))
 
     # Load the first 3 chunks into other blocks; each layer must be in place when its
     # wait_for_layer_load returns, and the retrieval must not block start_load_kv.
-    conn.worker_side.engine = SlowRetrieve(conn.worker_side.engine, 0.3)
+    slow_loads(conn, 0.3)
     dst = [20, 21, 22]
     seen = []
 
@@ -316,8 +340,8 @@ def test_load_and_save_in_one_step(worker):
     got, out = stored_blocks(conn, new)
     assert got == len(new)
     for li, name in enumerate(NAMES):
-        assert torch.equal(out[0, li, 0], caches[name][1]) and torch.equal(out[1, li, 0], caches[name][2])
-        assert torch.equal(out[2, li, 0], fresh[name][0]) and torch.equal(out[3, li, 0], fresh[name][1])
+        assert torch.equal(out[0, li], kv_of(caches[name][1])) and torch.equal(out[1, li], kv_of(caches[name][2]))
+        assert torch.equal(out[2, li], kv_of(fresh[name][0])) and torch.equal(out[3, li], kv_of(fresh[name][1]))
 
 
 def test_without_hooks_loads_and_saves_fall_back_to_whole_step_copies(worker):
@@ -369,3 +393,29 @@ def test_short_layerwise_load_reports_the_missing_blocks(worker):
         assert torch.equal(caches[name][50], caches[name][3]) and torch.equal(caches[name][51], caches[name][5])
         assert torch.equal(caches[name][[52, 53]], before[name])  # untouched, to be recomputed
     assert conn.stats["load_failures"] == 1 and conn.stats["loaded_tokens"] == 2 * BS
+
+
+def test_mla_latent_caches_save_and_load(tmp_path):
+    """MLA: one latent tensor per layer (num_blocks, block_size, latent); the identity has
+    one plane, so a block's bytes match the engine's and the chunks round trip."""
+    lat = 24
+    cfg = dict(max_local_cpu_size=0.01, local_cpu_huge_pages=False, lookup_socket_dir=str(tmp_path))
+    conn = KvTierConnector(make_config(cfg, "mla", mla_latent=lat), KVConnectorRole.WORKER, NS(num_blocks=NB))
+    try:
+        caches = {n: torch.randn(NB, BS, lat) for n in NAMES}
+        conn.register_kv_caches(caches)
+        ws = conn.worker_side
+        assert ws.engine.identity()["layout"]["groups"][0]["planes"] == 1
+        assert ws.engine.bytes_per_token == L * lat * 4
+        run_step(conn, caches, KvTierConnectorMetadata())
+        run_step(conn, caches, KvTierConnectorMetadata(saves=[SaveSpec("s", TOKENS, None, [3, 5, 7, 9])]))
+        out = torch.zeros(4, L, BS, lat)  # chunks, layers, tokens, latent
+        assert ws.engine.retrieve(TOKENS, out) == len(TOKENS)
+        for li, name in enumerate(NAMES):
+            assert torch.equal(out[1, li], caches[name][5])
+        meta = KvTierConnectorMetadata(loads=[LoadSpec("l", TOKENS[: 3 * BS], None, [40, 41, 42], 0)])
+        assert run_step(conn, caches, meta) == set()
+        for name in NAMES:
+            assert torch.equal(caches[name][[40, 41, 42]], caches[name][[3, 5, 7]])
+    finally:
+        conn.shutdown()

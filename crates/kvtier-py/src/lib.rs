@@ -7,6 +7,10 @@
 //!
 //! Every operation goes through the [`kvtier::KvCache`] trait, so the embedded engine and a
 //! client of a `kvtier serve` server are interchangeable behind one Python class.
+//!
+//! Built against the stable ABI (`abi3-py310`): one wheel loads on every CPython >= 3.10.
+//! Embedded engines also lend their L1 pool memory to zero-copy GPU transfers
+//! (`pool_region`, `acquire`, `begin_store`; see `kvtier.transfer.PoolMemory`).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,6 +34,70 @@ fn engine_err(e: kvtier::Error) -> PyErr {
 }
 
 // ---------------------------------------------------------------------------------------
+// The buffer protocol under the stable ABI.
+
+/// `PyObject_GetBuffer`, `PyBuffer_Release` and `Py_buffer`, declared here because pyo3 only
+/// offers them under the stable ABI from Python 3.11 (when they joined it). Every CPython 3.x
+/// exports both functions and has this struct layout (unchanged since 3.3), so the abi3
+/// wheel uses them on 3.10 as well; the symbols resolve when the interpreter loads the module.
+mod buffer_ffi {
+    use pyo3::ffi::{PyObject, Py_ssize_t};
+    use std::os::raw::{c_char, c_int, c_void};
+
+    /// `Py_buffer`.
+    #[repr(C)]
+    pub struct PyBuffer {
+        pub buf: *mut c_void,
+        pub obj: *mut PyObject,
+        pub len: Py_ssize_t,
+        pub itemsize: Py_ssize_t,
+        pub readonly: c_int,
+        pub ndim: c_int,
+        pub format: *mut c_char,
+        pub shape: *mut Py_ssize_t,
+        pub strides: *mut Py_ssize_t,
+        pub suboffsets: *mut Py_ssize_t,
+        pub internal: *mut c_void,
+    }
+
+    pub const PYBUF_WRITABLE: c_int = 0x0001;
+    pub const PYBUF_FORMAT: c_int = 0x0004;
+    /// `PyBUF_C_CONTIGUOUS` (implies shape and strides).
+    pub const PYBUF_C_CONTIGUOUS: c_int = 0x0038;
+
+    extern "C" {
+        pub fn PyObject_GetBuffer(obj: *mut PyObject, view: *mut PyBuffer, flags: c_int) -> c_int;
+        pub fn PyBuffer_Release(view: *mut PyBuffer);
+    }
+}
+
+/// A buffer-protocol view of an object, released on drop (the GIL must be held then: these
+/// are dropped on the calling Python thread).
+struct BufferView(Box<buffer_ffi::PyBuffer>);
+
+impl BufferView {
+    /// `PyObject_GetBuffer(obj, flags)`; the Python error when the object refuses.
+    fn get(obj: &Bound<'_, PyAny>, flags: std::os::raw::c_int) -> Result<BufferView, PyErr> {
+        // SAFETY: an all-zero Py_buffer is a valid "empty" view for GetBuffer to fill.
+        let mut view: Box<buffer_ffi::PyBuffer> = Box::new(unsafe { std::mem::zeroed() });
+        // SAFETY: obj is a live object (we hold a reference and the GIL).
+        let rc = unsafe { buffer_ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, flags) };
+        if rc != 0 {
+            return Err(PyErr::take(obj.py())
+                .unwrap_or_else(|| PyBufferError::new_err("the object refused a buffer view")));
+        }
+        Ok(BufferView(view))
+    }
+}
+
+impl Drop for BufferView {
+    fn drop(&mut self) {
+        // SAFETY: a view GetBuffer filled, released once, with the GIL held.
+        unsafe { buffer_ffi::PyBuffer_Release(&mut *self.0) };
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Zero-copy byte views of numpy arrays / torch tensors.
 
 /// A contiguous byte region borrowed from a Python object, kept valid while this lives.
@@ -38,16 +106,7 @@ struct ByteView {
     len: usize,
     /// The buffer-protocol view to release on drop (None for torch tensors, which stay
     /// alive through the Python reference the caller holds).
-    view: Option<Box<pyo3::ffi::Py_buffer>>,
-}
-
-impl Drop for ByteView {
-    fn drop(&mut self) {
-        if let Some(v) = self.view.as_mut() {
-            // The GIL is held here: ByteViews are dropped on the calling Python thread.
-            unsafe { pyo3::ffi::PyBuffer_Release(&mut **v) };
-        }
-    }
+    _view: Option<BufferView>,
 }
 
 impl ByteView {
@@ -57,16 +116,13 @@ impl ByteView {
         if obj.hasattr("data_ptr")? && obj.hasattr("is_contiguous")? {
             return Self::from_tensor(obj, what);
         }
-        let mut view: Box<pyo3::ffi::Py_buffer> = Box::new(unsafe { std::mem::zeroed() });
-        let mut flags = pyo3::ffi::PyBUF_C_CONTIGUOUS;
+        let mut flags = buffer_ffi::PYBUF_C_CONTIGUOUS;
         if writable {
-            flags |= pyo3::ffi::PyBUF_WRITABLE;
+            flags |= buffer_ffi::PYBUF_WRITABLE;
         }
-        let rc = unsafe { pyo3::ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, flags) };
-        if rc != 0 {
-            let cause = PyErr::take(obj.py())
-                .map(|e| e.to_string())
-                .unwrap_or_default();
+        let view = BufferView::get(obj, flags);
+        if let Err(e) = view {
+            let cause = e.to_string();
             let tname = obj
                 .get_type()
                 .name()
@@ -82,12 +138,13 @@ impl ByteView {
                 }
             )));
         }
-        let len = view.len.max(0) as usize;
-        let ptr = view.buf as *mut u8;
+        let view = view?;
+        let len = view.0.len.max(0) as usize;
+        let ptr = view.0.buf as *mut u8;
         Ok(ByteView {
             ptr,
             len,
-            view: Some(view),
+            _view: Some(view),
         })
     }
 
@@ -109,7 +166,7 @@ impl ByteView {
         Ok(ByteView {
             ptr: ptr as *mut u8,
             len: numel * esize,
-            view: None,
+            _view: None,
         })
     }
 
@@ -147,6 +204,59 @@ fn tokens_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
     ))
 }
 
+/// The head of CPython's `PyListObject` (every GIL build of 3.x: the object header, the
+/// size, then the item array). The stable ABI only offers `PyList_GetItem`, a function call
+/// per token; reading the array directly keeps list conversion as fast as the non-abi3
+/// build. [`list_layout_ok`] checks the layout against the running interpreter once.
+#[repr(C)]
+struct ListHead {
+    ob_refcnt: isize,
+    ob_type: *mut std::os::raw::c_void,
+    ob_size: isize,
+    ob_item: *mut *mut pyo3::ffi::PyObject,
+}
+
+static LIST_LAYOUT_OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Whether [`ListHead`] matches this interpreter's lists (checked on a 3-item list).
+fn list_layout_ok(py: Python<'_>) -> bool {
+    *LIST_LAYOUT_OK.get_or_init(|| {
+        let Ok(probe) = PyList::new(py, [11u32, 22, 33]) else {
+            return false;
+        };
+        // SAFETY: a live list; we only read its header and compare pointers.
+        unsafe {
+            let head = &*(probe.as_ptr() as *const ListHead);
+            head.ob_size == 3
+                && !head.ob_item.is_null()
+                && (0..3).all(|i| {
+                    *head.ob_item.add(i) == pyo3::ffi::PyList_GetItem(probe.as_ptr(), i as isize)
+                })
+        }
+    })
+}
+
+/// The item array of an exact list when the layout check passed.
+fn list_items(list: &Bound<'_, PyList>) -> Option<*mut *mut pyo3::ffi::PyObject> {
+    if !list_layout_ok(list.py()) {
+        return None;
+    }
+    // SAFETY: layout verified above; the list is alive (we hold a reference).
+    let head = unsafe { &*(list.as_ptr() as *const ListHead) };
+    Some(head.ob_item)
+}
+
+fn out_of_range() -> PyErr {
+    PyValueError::new_err("tokens must be integers in 0..2**32")
+}
+
+/// Token ids of another integer type, each checked to fit in u32.
+fn narrow<T: Copy + TryInto<u32>>(xs: &[T]) -> PyResult<Vec<u32>> {
+    xs.iter()
+        .map(|&x| x.try_into().map_err(|_| out_of_range()))
+        .collect()
+}
+
 /// Fast paths of [`tokens_of`] for the shapes prompts usually come in. A 128K-token prompt
 /// is 131,072 Python objects: the generic `extract::<Vec<u32>>` goes through the iterator
 /// protocol per item (and, for numpy arrays and torch tensors, creates a scalar object per
@@ -155,17 +265,26 @@ fn tokens_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
 /// or CPU torch int32/int64 tensor is read from its memory. `None`: not one of these shapes
 /// (the caller falls back to the generic path, which also produces the error messages).
 fn tokens_fast(obj: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u32>>> {
-    fn out_of_range() -> PyErr {
-        PyValueError::new_err("tokens must be integers in 0..2**32")
-    }
     if let Ok(list) = obj.downcast_exact::<PyList>() {
         let n = list.len();
         let mut v = Vec::with_capacity(n);
+        let int_type = std::ptr::addr_of_mut!(pyo3::ffi::PyLong_Type);
+        let direct = list_items(list);
         for i in 0..n {
-            // SAFETY: i < len of a list we hold a reference to (and the GIL): a borrowed
-            // item pointer, valid while the list is not mutated (no Python code runs here).
-            let item = unsafe { pyo3::ffi::PyList_GET_ITEM(list.as_ptr(), i as isize) };
-            if unsafe { pyo3::ffi::PyLong_Check(item) } == 0 {
+            let item = match direct {
+                // SAFETY: i < len; the list is not mutated while we read (no Python code runs).
+                Some(items) => unsafe { *items.add(i) },
+                // SAFETY: as above; PyList_GetItem returns a borrowed reference and checks i.
+                None => unsafe { pyo3::ffi::PyList_GetItem(list.as_ptr(), i as isize) },
+            };
+            if item.is_null() {
+                return Err(PyErr::fetch(obj.py()));
+            }
+            // Exact ints (nearly every token) are told by their type pointer; the flags
+            // lookup of PyLong_Check is a function call under the stable ABI.
+            if unsafe { pyo3::ffi::Py_TYPE(item) } != int_type
+                && unsafe { pyo3::ffi::PyLong_Check(item) } == 0
+            {
                 return Ok(None);
             }
             let x = unsafe { pyo3::ffi::PyLong_AsUnsignedLongLong(item) };
@@ -175,11 +294,6 @@ fn tokens_fast(obj: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u32>>> {
             v.push(x as u32);
         }
         return Ok(Some(v));
-    }
-    fn narrow<T: Copy + TryInto<u32>>(xs: &[T]) -> PyResult<Vec<u32>> {
-        xs.iter()
-            .map(|&x| x.try_into().map_err(|_| out_of_range()))
-            .collect()
     }
     if obj.hasattr("data_ptr")? && obj.hasattr("is_contiguous")? {
         // A torch tensor: only CPU, 1-D, contiguous int32/int64 are read in place.
@@ -207,32 +321,48 @@ fn tokens_fast(obj: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u32>>> {
             _ => Ok(None),
         };
     }
-    fn from_buffer<T: pyo3::buffer::Element + Copy + TryInto<u32>>(
-        obj: &Bound<'_, PyAny>,
-    ) -> PyResult<Option<Vec<u32>>> {
-        let Ok(buf) = pyo3::buffer::PyBuffer::<T>::get(obj) else {
-            return Ok(None);
-        };
-        if buf.dimensions() != 1 || !buf.is_c_contiguous() {
-            return Ok(None);
-        }
-        let xs = buf.to_vec(obj.py())?;
-        narrow(&xs).map(Some)
-    }
     if obj.hasattr("__array_interface__")? {
-        // At most one element type matches the buffer's format.
-        if let Some(v) = from_buffer::<i64>(obj)? {
-            return Ok(Some(v));
-        }
-        if let Some(v) = from_buffer::<i32>(obj)? {
-            return Ok(Some(v));
-        }
-        if let Some(v) = from_buffer::<u32>(obj)? {
-            return Ok(Some(v));
-        }
-        return from_buffer::<u64>(obj);
+        return int_buffer(obj);
     }
     Ok(None)
+}
+
+/// The integers of a 1-D C-contiguous buffer of int32/int64/uint32/uint64 in native byte
+/// order (a numpy array), narrowed to u32; `None` for any other buffer.
+fn int_buffer(obj: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u32>>> {
+    let flags = buffer_ffi::PYBUF_FORMAT | buffer_ffi::PYBUF_C_CONTIGUOUS;
+    let Ok(view) = BufferView::get(obj, flags) else {
+        return Ok(None);
+    };
+    let b = &*view.0;
+    if b.ndim != 1 || b.format.is_null() || b.itemsize <= 0 {
+        return Ok(None);
+    }
+    // SAFETY: a NUL-terminated struct-module format string owned by the view.
+    let fmt = unsafe { std::ffi::CStr::from_ptr(b.format) }.to_bytes();
+    let code = match fmt {
+        [c] => *c,
+        [b'@' | b'=', c] => *c,
+        [b'<', c] if cfg!(target_endian = "little") => *c,
+        [b'>' | b'!', c] if cfg!(target_endian = "big") => *c,
+        _ => return Ok(None),
+    };
+    let n = (b.len / b.itemsize) as usize;
+    if n == 0 {
+        return Ok(Some(Vec::new()));
+    }
+    let signed = b"bhilqn".contains(&code);
+    let unsigned = b"BHILQN".contains(&code);
+    // SAFETY: a C-contiguous buffer of n items of itemsize bytes, alive while `view` is.
+    unsafe {
+        match (signed, unsigned, b.itemsize) {
+            (true, _, 8) => narrow(std::slice::from_raw_parts(b.buf as *const i64, n)).map(Some),
+            (true, _, 4) => narrow(std::slice::from_raw_parts(b.buf as *const i32, n)).map(Some),
+            (_, true, 8) => narrow(std::slice::from_raw_parts(b.buf as *const u64, n)).map(Some),
+            (_, true, 4) => narrow(std::slice::from_raw_parts(b.buf as *const u32, n)).map(Some),
+            _ => Ok(None),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -370,6 +500,17 @@ struct PyEngine {
     /// The admin HTTP endpoint of an embedded engine with `admin_port` configured; it stops
     /// when the engine is dropped.
     _admin: Option<kvtier_server::admin::AdminHandle>,
+    /// (address, bytes) of an embedded engine's L1 pool mapping.
+    pool: Option<(usize, usize)>,
+}
+
+/// Where an engine's L1 pool is mapped: the address of a probe buffer less its offset in
+/// the pool (the pool is empty when this runs, right after the engine is opened).
+fn pool_region_of(engine: &Engine) -> Option<(usize, usize)> {
+    let pool = engine.manager().l1().pool();
+    let mut probe = pool.try_alloc(1)?;
+    let base = probe.as_mut_capacity().as_mut_ptr() as usize - probe.offset() as usize;
+    Some((base, pool.capacity() as usize))
 }
 
 #[pymethods]
@@ -457,6 +598,7 @@ impl PyEngine {
                 };
                 Ok(PyEngine {
                     cache: engine.clone(),
+                    pool: pool_region_of(&engine),
                     embedded: Some(engine),
                     identity,
                     server: None,
@@ -471,6 +613,7 @@ impl PyEngine {
                     identity,
                     server: Some(addr),
                     _admin: None,
+                    pool: None,
                 })
             }
         }
@@ -580,14 +723,7 @@ impl PyEngine {
             .allow_threads(|| cache.store(&toks, salt.as_deref(), payload))
             .map_err(engine_err)?;
         drop(view);
-        let d = PyDict::new(py);
-        d.set_item("stored_tokens", s.stored_tokens)?;
-        d.set_item("new_chunks", s.new_chunks)?;
-        d.set_item("present_chunks", s.present_chunks)?;
-        d.set_item("inflight_chunks", s.inflight_chunks)?;
-        d.set_item("dropped_chunks", s.dropped_chunks)?;
-        d.set_item("new_bytes", s.new_bytes)?;
-        Ok(d)
+        store_report(py, &s)
     }
 
     /// Loads the stored prefix into `out` (writable, C-contiguous, laid out like `store`'s
@@ -674,6 +810,84 @@ impl PyEngine {
         Ok(py.import("json")?.call_method1("loads", (s,))?.unbind())
     }
 
+    /// (address, bytes) of the embedded engine's L1 memory pool: chunks held by `acquire`
+    /// and buffers claimed by `begin_store` lie in it, so registering it once with a device
+    /// runtime (`cudaHostRegister`) lets DMA engines read and write them directly.
+    fn pool_region(&self) -> PyResult<(usize, usize)> {
+        self.pool.ok_or_else(|| {
+            KvTierError::new_err(
+                "pool_region() is for embedded engines (a server's pool belongs to the server)",
+            )
+        })
+    }
+
+    /// Holds the stored prefix of `tokens` in L1 (loading lower-tier chunks into it) until
+    /// `release()`: a `HeldChunks` whose `chunks` are (token_start, token_end, address,
+    /// nbytes) of pool memory to read in place (embedded mode). Checksums were verified when
+    /// the chunks entered L1.
+    #[pyo3(signature = (tokens, salt=None))]
+    fn acquire(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        salt: Option<String>,
+    ) -> PyResult<HeldChunks> {
+        let eng = self.embedded_engine("acquire")?;
+        let toks = tokens_of(tokens)?;
+        let held = py
+            .allow_threads(|| eng.acquire(&toks, salt.as_deref()))
+            .map_err(engine_err)?;
+        let chunks = held
+            .spans
+            .iter()
+            .zip(&held.chunks)
+            .map(|(sp, c)| {
+                let p = c.payload();
+                (sp.start, sp.end, p.as_ptr() as usize, p.len())
+            })
+            .collect();
+        Ok(HeldChunks {
+            hit_tokens: held.hit_tokens,
+            chunks,
+            held: Mutex::new(Some(held)),
+        })
+    }
+
+    /// Claims pool buffers for the chunks of `tokens` that are not stored yet (embedded
+    /// mode): a `StoreSession` whose `slots` are (token_start, token_end, address, nbytes)
+    /// to fill in place, then `commit()` (checksums and stores them) or `abort()`.
+    #[pyo3(signature = (tokens, salt=None))]
+    fn begin_store(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        salt: Option<String>,
+    ) -> PyResult<StoreSession> {
+        let eng = self.embedded_engine("begin_store")?.clone();
+        let toks = tokens_of(tokens)?;
+        let mut session = py
+            .allow_threads(|| eng.begin_store(&toks, salt.as_deref()))
+            .map_err(engine_err)?;
+        let slots = session
+            .slots
+            .iter_mut()
+            .map(|s| {
+                let len = s.buf.len();
+                (
+                    s.span.start,
+                    s.span.end,
+                    s.buf.as_mut_slice().as_mut_ptr() as usize,
+                    len,
+                )
+            })
+            .collect();
+        Ok(StoreSession {
+            engine: eng,
+            slots,
+            session: Mutex::new(Some(session)),
+        })
+    }
+
     /// Prometheus text exposition of the engine's metrics (embedded mode).
     fn metrics_text(&self, py: Python<'_>) -> PyResult<String> {
         match &self.embedded {
@@ -694,6 +908,120 @@ impl PyEngine {
                 .as_ref()
                 .map_or("embedded".to_string(), |a| format!("server {a}"))
         )
+    }
+}
+
+impl PyEngine {
+    fn embedded_engine(&self, what: &str) -> PyResult<&Arc<Engine>> {
+        self.embedded.as_ref().ok_or_else(|| {
+            KvTierError::new_err(format!(
+                "{what}() reads and writes the pool in place and is for embedded engines; a server client uses store/retrieve"
+            ))
+        })
+    }
+}
+
+fn store_report<'py>(py: Python<'py>, s: &kvtier::StoreSummary) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("stored_tokens", s.stored_tokens)?;
+    d.set_item("new_chunks", s.new_chunks)?;
+    d.set_item("present_chunks", s.present_chunks)?;
+    d.set_item("inflight_chunks", s.inflight_chunks)?;
+    d.set_item("dropped_chunks", s.dropped_chunks)?;
+    d.set_item("new_bytes", s.new_bytes)?;
+    Ok(d)
+}
+
+type Region = (usize, usize, usize, usize);
+
+fn lock<T>(m: &Mutex<T>) -> PyResult<std::sync::MutexGuard<'_, T>> {
+    m.lock().map_err(|_| KvTierError::new_err("poisoned"))
+}
+
+/// `regions` while the handle in `slot` is live, else none (its memory may be reused).
+fn live_regions<T>(slot: &Mutex<Option<T>>, regions: &[Region]) -> PyResult<Vec<Region>> {
+    Ok(if lock(slot)?.is_some() {
+        regions.to_vec()
+    } else {
+        Vec::new()
+    })
+}
+
+/// A stored prefix held in L1 by `Engine.acquire` (unevictable until released).
+#[pyclass(module = "kvtier._native", frozen)]
+struct HeldChunks {
+    hit_tokens: usize,
+    chunks: Vec<Region>,
+    held: Mutex<Option<kvtier::Acquired>>,
+}
+
+#[pymethods]
+impl HeldChunks {
+    /// Tokens of the held prefix.
+    #[getter]
+    fn hit_tokens(&self) -> usize {
+        self.hit_tokens
+    }
+
+    /// (token_start, token_end, address, nbytes) of each held chunk in prompt order; empty
+    /// once released (the memory may then be reused).
+    #[getter]
+    fn chunks(&self) -> PyResult<Vec<Region>> {
+        live_regions(&self.held, &self.chunks)
+    }
+
+    /// Lets the engine evict the chunks again. Idempotent.
+    fn release(&self) -> PyResult<()> {
+        lock(&self.held)?.take();
+        Ok(())
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __exit__(&self, _t: PyObject, _v: PyObject, _tb: PyObject) -> PyResult<()> {
+        self.release()
+    }
+}
+
+/// A store filling pool buffers in place, from `Engine.begin_store`.
+#[pyclass(module = "kvtier._native", frozen)]
+struct StoreSession {
+    engine: Arc<Engine>,
+    slots: Vec<Region>,
+    session: Mutex<Option<kvtier::StoreSession>>,
+}
+
+impl StoreSession {
+    fn take(&self) -> PyResult<kvtier::StoreSession> {
+        lock(&self.session)?.take().ok_or_else(|| {
+            KvTierError::new_err("this store session was already committed or aborted")
+        })
+    }
+}
+
+#[pymethods]
+impl StoreSession {
+    /// (token_start, token_end, address, nbytes) of each claimed chunk to fill (only the
+    /// chunks not stored yet); empty once committed or aborted.
+    #[getter]
+    fn slots(&self) -> PyResult<Vec<Region>> {
+        live_regions(&self.session, &self.slots)
+    }
+
+    /// Checksums the filled buffers and stores them; the report `store` returns.
+    fn commit<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let session = self.take()?;
+        let engine = &self.engine;
+        let report = py.allow_threads(|| engine.commit_store(session));
+        store_report(py, &report.summary)
+    }
+
+    /// Gives the claims and buffers back; nothing is stored. Idempotent.
+    fn abort(&self) -> PyResult<()> {
+        lock(&self.session)?.take();
+        Ok(())
     }
 }
 
@@ -745,6 +1073,8 @@ fn connect_server(
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyEngine>()?;
     m.add_class::<PrefetchHandle>()?;
+    m.add_class::<HeldChunks>()?;
+    m.add_class::<StoreSession>()?;
     m.add_function(wrap_pyfunction!(chunk_keys, m)?)?;
     m.add("KvTierError", m.py().get_type::<KvTierError>())?;
     m.add("KEY_SPEC_VERSION", kvtier::keys::KEY_SPEC_VERSION)?;

@@ -13,11 +13,10 @@ Design
 ------
 *Blocks and chunks.* vLLM holds KV in blocks of ``block_size`` tokens (128 on CPU). A kvtier
 chunk is ``blocks_per_chunk`` whole blocks (``chunk_size`` must be a multiple of the block
-size; default: one block per chunk). A chunk's payload is, for each attention layer in model
-order, the chunk's blocks copied whole from that layer's cache tensor (:mod:`kvtier.transfer`
-states the layout). Whole-block copies do not depend on the attention backend's layout inside
-a block; the layout tag in the key (``vllm-<device>-blocks-v1``) keeps these payloads apart
-from kvtier's layer-major ones.
+size; default: one block per chunk). A chunk's payload is kvtier's layer-major layout
+(:mod:`kvtier.transfer` states it), the same for every attention backend layout, block size
+and device, under the default layout tag ``layer-major``: a chunk stored by a CPU instance
+loads into a GPU one. MLA caches (one latent plane) are stored with one plane per layer.
 Only full chunks of the prompt are stored; loads are always whole chunks, and at least one
 prompt token is always left to compute.
 
@@ -39,14 +38,16 @@ this step and asks again in the next one. A lookup still unanswered ``lookup_dea
 after it was issued counts as a miss (the prompt is recomputed; warned once).
 
 *Per-layer pipelining.* vLLM calls ``wait_for_layer_load`` before and ``save_kv_layer``
-after each attention layer. ``start_load_kv`` retrieves the stored chunks in a background
-thread and then copies them into the paged cache layer by layer; ``wait_for_layer_load``
-waits only for its own layer, so the copies of later layers overlap the compute of earlier
-ones. ``save_kv_layer`` stages the layer's blocks to save into a host buffer as soon as the
-layer is computed (a background copy on CPU, a side stream into pinned memory on CUDA) and
-``wait_for_save`` commits the stores. Until the hooks have been seen once (and for any layer
-whose hook did not run) loads and saves fall back to the synchronous path in
-``start_load_kv`` / ``wait_for_save``.
+after each attention layer. ``start_load_kv`` gets the stored chunks into host memory in a
+background thread and then issues their copies into the paged cache layer by layer;
+``wait_for_layer_load`` waits only for its own layer, so the copies of later layers overlap
+the compute of earlier ones. ``save_kv_layer`` queues the layer's gather as soon as the layer
+is computed (on a worker thread on CPU, on a side stream after a compute-stream event on
+CUDA) and ``wait_for_save`` finishes the copies and commits the stores. The copies and their
+ordering are :class:`kvtier.transfer.Transfer`'s. Until the hooks have been seen once (and
+for any layer whose hook did not run) loads and saves fall back to the synchronous path in
+``start_load_kv`` / ``wait_for_save``. Host memory is a staging buffer (``staging: pinned``)
+or, embedded, kvtier's L1 pool in place (``staging: pool``).
 
 The package, by role: :mod:`.connector` (the class vLLM loads, one instance per role),
 :mod:`.scheduler` (lookups per request, the step's loads and saves), :mod:`.worker` (the

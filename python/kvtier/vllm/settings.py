@@ -28,7 +28,11 @@ CONNECTOR_KEYS = {
     "lookup_threads",
     "layerwise",
     "server",
+    "staging",
+    "device_staging_mb",
 }
+
+STAGING_MODES = ("pinned", "pool")
 
 
 def flag(v: Any) -> bool:
@@ -64,6 +68,8 @@ class ConnectorSettings:
     lookup_deadline_s: float  # a lookup unanswered this long after it was issued is a miss
     lookup_threads: int
     layerwise: bool  # per-layer pipelining of loads and saves
+    staging: str  # host memory of the copies: "pinned" (a staging buffer) or "pool" (kvtier's L1)
+    device_staging_bytes: int  # CUDA: device buffer per direction (bigger steps go in groups)
 
     @property
     def chunk_tokens(self) -> int:
@@ -107,7 +113,18 @@ class ConnectorSettings:
             lookup_deadline_s=float(conn.get("lookup_deadline_s", 2.0)),
             lookup_threads=max(1, int(conn.get("lookup_threads", 4))),
             layerwise=flag(conn.get("layerwise", True)),
+            staging=str(conn.get("staging", "pinned")).strip().lower(),
+            device_staging_bytes=int(float(conn.get("device_staging_mb", 256)) * (1 << 20)),
         )
+        if s.staging not in STAGING_MODES:
+            raise ValueError(f"kvtier connector: staging must be one of {STAGING_MODES}, got {s.staging!r}")
+        if s.staging == "pool" and s.server_mode:
+            raise ValueError(
+                "kvtier connector: staging 'pool' copies into an embedded engine's L1 pool; a server "
+                "client stages through pinned memory (staging: pinned)"
+            )
+        if s.device_staging_bytes <= 0:
+            raise ValueError(f"kvtier connector: device_staging_mb must be > 0, got {conn.get('device_staging_mb')}")
         if s.lookup_budget_s < 0 or s.lookup_deadline_s <= 0:
             raise ValueError(
                 "kvtier connector: lookup_budget_ms must be >= 0 and lookup_deadline_s > 0 "
@@ -146,11 +163,6 @@ class ConnectorSettings:
         return eng
 
 
-def device_type(vllm_config: "VllmConfig") -> str:
-    """vLLM's device type ("cpu", "cuda", ...)."""
-    return str(getattr(vllm_config.device_config, "device_type", None) or "cpu")
-
-
 def cache_dtype(vllm_config: "VllmConfig") -> torch.dtype:
     """The KV cache dtype vLLM allocates."""
     cd = vllm_config.cache_config.cache_dtype
@@ -161,8 +173,17 @@ def cache_dtype(vllm_config: "VllmConfig") -> torch.dtype:
     return STR_DTYPE_TO_TORCH_DTYPE[cd]
 
 
-def model_identity(vllm_config: "VllmConfig", dtype_code: str, device: str, rank: int) -> dict:
-    """The engine identity of this model and rank, with the whole-block layout tag."""
+def use_mla(vllm_config: "VllmConfig") -> bool:
+    """Whether the model's KV cache is MLA's single latent plane."""
+    return bool(getattr(vllm_config.model_config, "use_mla", False))
+
+
+def model_identity(vllm_config: "VllmConfig", dtype_code: str, rank: int) -> dict:
+    """The engine identity of this model and rank. The payload is kvtier's layer-major layout
+    (kvtier.transfer), the same for every device, attention backend and block size, so the
+    tag is the default ``layer-major`` and a chunk stored by a CPU instance loads on a GPU
+    one. MLA: one plane of ``kv_lora_rank + rope`` values per token (vLLM reports 1 KV head
+    and that width as the head size)."""
     mc = vllm_config.model_config
     pc = vllm_config.parallel_config
     return {
@@ -173,14 +194,14 @@ def model_identity(vllm_config: "VllmConfig", dtype_code: str, device: str, rank
         "pp_size": int(pc.pipeline_parallel_size),
         "pp_rank": rank // int(pc.tensor_parallel_size),
         "layout": {
-            "tag": f"vllm-{device}-blocks-v1",
+            "tag": "layer-major",
             "groups": [
                 {
                     "num_layers": int(mc.get_num_layers(pc)),
                     "num_kv_heads": int(mc.get_num_kv_heads(pc)),
                     "head_dim": int(mc.get_head_size()),
                     "dtype": dtype_code,
-                    "planes": 2,
+                    "planes": 1 if use_mla(vllm_config) else 2,
                 }
             ],
         },
