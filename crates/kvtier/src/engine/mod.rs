@@ -474,6 +474,8 @@ impl Engine {
             inflight_chunks: 0,
             dropped_chunks: 0,
         };
+        let keys: Vec<ChunkKey> = spans.iter().map(|s| s.key).collect();
+        self.core.manager.observe_prompt(&keys);
         for (i, span) in spans.iter().enumerate() {
             match self.core.manager.claim(span.key) {
                 // Present in L1: skipped (C5). Its lower-tier writes were queued when it was

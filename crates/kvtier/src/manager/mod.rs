@@ -343,6 +343,17 @@ impl StorageManager {
             .map_err(|_| Error::Closed)
     }
 
+    /// Tells every tier's eviction policy that a request referenced this prompt's chunk keys,
+    /// in order (the engine calls it once per store, before the new chunks go in).
+    pub fn observe_prompt(&self, keys: &[ChunkKey]) {
+        if self.inner.l1_enabled {
+            self.inner.l1.observe_prompt(keys);
+        }
+        for s in &self.inner.lower {
+            s.tier.observe_prompt(keys);
+        }
+    }
+
     /// Decides whether a key needs storing, claiming it when it does (dedupe, C5).
     pub fn claim(&self, key: ChunkKey) -> StoreClaim {
         if self.inner.l1_enabled {

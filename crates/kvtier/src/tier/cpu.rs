@@ -304,6 +304,11 @@ impl CpuTier {
         }
     }
 
+    /// Tells the eviction policy a request referenced this prompt's keys, in order.
+    pub fn observe_prompt(&self, keys: &[ChunkKey]) {
+        self.state.lock().policy.observe_prompt(keys);
+    }
+
     /// Pins the resident keys among `keys` for `ttl` (default: the tier's pin timeout).
     pub fn pin(&self, keys: &[ChunkKey], ttl: Option<Duration>) -> Vec<PinToken> {
         let expiry = Instant::now() + ttl.unwrap_or(self.pin_timeout);

@@ -343,6 +343,11 @@ impl DiskDir {
         self.state.lock().index.contains_key(key)
     }
 
+    /// Tells the eviction policy a request referenced this prompt's keys, in order.
+    pub(crate) fn observe_prompt(&self, keys: &[ChunkKey]) {
+        self.state.lock().policy.observe_prompt(keys);
+    }
+
     /// Whether `key` is indexed or being written.
     pub(crate) fn holds(&self, key: &ChunkKey) -> bool {
         let st = self.state.lock();

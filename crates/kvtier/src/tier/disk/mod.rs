@@ -406,6 +406,19 @@ impl Tier for DiskTier {
         Some(self.dir(key).holds(key))
     }
 
+    fn observe_prompt(&self, keys: &[ChunkKey]) {
+        match self.dirs.as_slice() {
+            [d] => d.observe_prompt(keys),
+            // Striped: a prompt's chunks are spread over the paths, so a path sees its own
+            // keys as one-key prompts (references counted, no prefix links across paths).
+            _ => {
+                for k in keys {
+                    self.dir(k).observe_prompt(std::slice::from_ref(k));
+                }
+            }
+        }
+    }
+
     fn contains_prefix<'a>(&'a self, keys: &'a [ChunkKey]) -> TierFuture<'a, usize> {
         let n = keys.iter().take_while(|k| self.contains(k)).count();
         Box::pin(futures::future::ready(Ok(n)))

@@ -1,0 +1,379 @@
+use std::collections::{HashMap, HashSet};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::policy::{Lru, PolicyKind};
+
+fn k(i: u32) -> ChunkKey {
+    let mut b = [0u8; 32];
+    b[..4].copy_from_slice(&i.to_le_bytes());
+    b[31] = 0x5A;
+    ChunkKey(b)
+}
+
+/// A prompt: keys `base..base + n`, each extending the previous one's prefix.
+fn chain(base: u32, n: u32) -> Vec<ChunkKey> {
+    (base..base + n).map(k).collect()
+}
+
+/// What the engine does per request: report the prompt, then insert its missing keys in
+/// order, evicting to stay within `cap` keys. Returns the keys evicted.
+fn store(
+    p: &mut dyn EvictionPolicy,
+    resident: &mut HashSet<ChunkKey>,
+    cap: usize,
+    keys: &[ChunkKey],
+) -> Vec<ChunkKey> {
+    p.observe_prompt(keys);
+    let mut out = Vec::new();
+    for (j, key) in keys.iter().enumerate() {
+        if resident.contains(key) {
+            continue;
+        }
+        while resident.len() >= cap {
+            let v = p.evict(&mut |_| true).expect("something is evictable");
+            assert!(resident.remove(&v), "evicted a key that was not resident");
+            out.push(v);
+        }
+        if j > 0 && !resident.contains(&keys[j - 1]) {
+            break; // its predecessor just went: the rest would be worthless
+        }
+        p.insert(*key, 4096);
+        resident.insert(*key);
+    }
+    out
+}
+
+/// Leading keys of `keys` resident.
+fn hits(resident: &HashSet<ChunkKey>, keys: &[ChunkKey]) -> usize {
+    keys.iter().take_while(|x| resident.contains(x)).count()
+}
+
+#[test]
+fn eviction_takes_prompt_tails_first() {
+    let mut p = PrefixLrfu::new();
+    let mut res = HashSet::new();
+    // Two prompts sharing key 0, then an older one-time prompt is pushed out tail first.
+    let a: Vec<ChunkKey> = [0, 1, 2, 3].map(k).to_vec();
+    let b: Vec<ChunkKey> = [0, 11, 12, 13].map(k).to_vec();
+    store(&mut p, &mut res, 7, &a);
+    store(&mut p, &mut res, 7, &b);
+    let victims = store(&mut p, &mut res, 7, &chain(100, 3));
+    assert_eq!(victims, vec![k(3), k(2), k(1)], "a's tail, from its end");
+    // The shared key 0 outlives both of its branches (and the newer one-time prompt).
+    let victims = store(&mut p, &mut res, 7, &chain(200, 4));
+    assert_eq!(victims, vec![k(13), k(12), k(11), k(102)]);
+    assert!(res.contains(&k(0)));
+}
+
+#[test]
+fn a_reused_prompt_outlives_newer_one_time_prompts_where_lru_does_not() {
+    // A conversation comes back every 30 requests; the cache holds ~12 prompts. LRU keeps
+    // only the newest prompts and misses every turn; the policy sees the conversations
+    // are reused and keeps them.
+    let run = |p: &mut dyn EvictionPolicy| {
+        let mut res = HashSet::new();
+        let (mut hit, mut total) = (0, 0);
+        let mut fresh = 1000;
+        for r in 0..600u32 {
+            let keys = if r % 3 == 0 {
+                // Ten conversations of 8 chunks after a shared root 0, in turn.
+                let c = (r / 3) % 10;
+                std::iter::once(k(0))
+                    .chain(chain(10 + c * 8, 8))
+                    .collect::<Vec<_>>()
+            } else {
+                fresh += 8;
+                std::iter::once(k(0)).chain(chain(fresh, 8)).collect()
+            };
+            if r >= 300 {
+                hit += hits(&res, &keys);
+                total += keys.len();
+            }
+            store(p, &mut res, 100, &keys);
+        }
+        hit as f64 / total as f64
+    };
+    let lrfu = run(&mut PrefixLrfu::new());
+    let lru = run(&mut Lru::default());
+    assert!(lru < 0.15, "LRU only keeps the shared root: {lru}");
+    assert!(
+        lrfu > 0.35,
+        "the reused conversations stay resident: {lrfu} (LRU {lru})"
+    );
+}
+
+#[test]
+fn orphans_go_first_and_are_relinked_when_their_parent_returns() {
+    let mut p = PrefixLrfu::new();
+    let keys = chain(0, 4);
+    p.observe_prompt(&keys);
+    p.observe_prompt(&keys);
+    // Out of order (as concurrent disk writes finish): 2 and 3 before 0 and 1.
+    p.insert(k(2), 1);
+    p.insert(k(3), 1);
+    p.insert(k(9), 1); // unrelated, fresh, unknown parent
+                       // 2 is an orphan (1 is known and absent): it goes before the fresh key 9.
+    assert_eq!(p.evict(&mut |x| *x != k(3)), Some(k(2)));
+    p.insert(k(2), 1);
+    p.insert(k(0), 1);
+    p.insert(k(1), 1); // adopts 2, which holds 3: the chain is whole again
+                       // Now 9 (one reference, newest) goes first, then the chain from its tail.
+    let order: Vec<ChunkKey> = std::iter::from_fn(|| p.evict(&mut |_| true)).collect();
+    assert_eq!(order, vec![k(9), k(3), k(2), k(1), k(0)]);
+    assert!(p.is_empty());
+}
+
+#[test]
+fn a_removed_parent_leaves_orphans_that_are_evicted_first() {
+    let mut p = PrefixLrfu::new();
+    let mut res = HashSet::new();
+    let hot = chain(0, 3);
+    for _ in 0..5 {
+        store(&mut p, &mut res, 16, &hot);
+    }
+    store(&mut p, &mut res, 16, &chain(50, 2));
+    p.remove(&k(1));
+    assert_eq!(p.len(), 4);
+    // 2 is hot but its predecessor is gone: worthless, so it goes before the fresh prompt.
+    assert_eq!(p.evict(&mut |_| true), Some(k(2)));
+    assert_eq!(p.evict(&mut |_| true), Some(k(51)));
+}
+
+#[test]
+fn held_leaves_make_it_fall_back_to_their_prefix() {
+    let mut p = PrefixLrfu::new();
+    let mut res = HashSet::new();
+    store(&mut p, &mut res, 16, &chain(0, 3));
+    // The only leaf (2) is pinned: the deepest other key goes, leaving only 2 an orphan.
+    assert_eq!(p.evict(&mut |x| *x != k(2)), Some(k(1)));
+    assert_eq!(p.evict(&mut |_| true), Some(k(2)), "the orphan goes next");
+    assert_eq!(p.evict(&mut |_| false), None);
+    assert_eq!(p.len(), 1);
+}
+
+#[test]
+fn history_of_ghosts_is_bounded() {
+    let mut p = PrefixLrfu::new();
+    let mut res = HashSet::new();
+    for r in 0..40_000u32 {
+        store(&mut p, &mut res, 64, &chain(r * 4, 4));
+    }
+    // 160k one-time keys went through a 64-key tier: only ~3 half-lives are remembered.
+    let bound = (GHOST_HALF_LIVES * MIN_HALF_LIFE) as usize + 64 + 16;
+    assert!(
+        p.entries.len() <= bound,
+        "{} entries remembered (bound {bound})",
+        p.entries.len()
+    );
+    assert!(p.history.len() <= 2 * bound);
+}
+
+#[test]
+fn without_prompt_reports_touches_count_as_references() {
+    let mut p = PrefixLrfu::new();
+    for i in 0..4 {
+        p.insert(k(i), 1);
+    }
+    for _ in 0..3 {
+        p.touch(&k(0));
+    }
+    p.touch(&k(2));
+    assert_eq!(p.evict(&mut |_| true), Some(k(1)));
+    assert_eq!(p.evict(&mut |_| true), Some(k(3)));
+    assert_eq!(p.evict(&mut |_| true), Some(k(2)));
+    assert_eq!(p.evict(&mut |_| true), Some(k(0)));
+}
+
+#[test]
+fn kind_parses_and_prints() {
+    for s in ["prefix-lrfu", "PREFIX_LRFU", "prefixlrfu"] {
+        assert_eq!(s.parse::<PolicyKind>().unwrap(), PolicyKind::PrefixLrfu);
+    }
+    assert_eq!(PolicyKind::PrefixLrfu.to_string(), "prefix-lrfu");
+    assert_eq!(PolicyKind::PrefixLrfu.build(1 << 20).name(), "prefix-lrfu");
+}
+
+// ---- model-based property test --------------------------------------------------------
+
+/// Keys 0..16 form a binary tree: the parent of `i > 0` is `(i - 1) / 2`.
+fn tree_parent(i: u32) -> Option<u32> {
+    (i > 0).then(|| (i - 1) / 2)
+}
+
+fn tree_prompt(i: u32) -> Vec<ChunkKey> {
+    let mut path = vec![i];
+    while let Some(p) = tree_parent(*path.last().unwrap()) {
+        path.push(p);
+    }
+    path.iter().rev().map(|&x| k(x)).collect()
+}
+
+/// The policy's rules written the slow, obvious way: O(n) scans, no indexes.
+#[derive(Default)]
+struct Model {
+    score: HashMap<ChunkKey, f64>,
+    last: HashMap<ChunkKey, f64>,
+    parent: HashMap<ChunkKey, ChunkKey>,
+    seq: HashMap<ChunkKey, u64>,
+    now: f64,
+    observed: bool,
+    next_seq: u64,
+}
+
+impl Model {
+    fn h(&self) -> f64 {
+        (self.seq.len() as f64 * 1.5).max(MIN_HALF_LIFE)
+    }
+    fn reference(&mut self, key: ChunkKey) {
+        let (t, h) = (self.now, self.h());
+        if self.last.get(&key).is_some_and(|&l| l >= t) {
+            return;
+        }
+        let s = match self.score.get(&key) {
+            None => t,
+            Some(&s) => add_reference(s, t, h),
+        };
+        self.score.insert(key, s);
+        self.last.insert(key, t);
+    }
+    fn observe(&mut self, keys: &[ChunkKey]) {
+        self.observed = true;
+        self.now += keys.len() as f64;
+        let mut parent = None;
+        for &key in keys {
+            self.reference(key);
+            if let Some(p) = parent {
+                self.parent.entry(key).or_insert(p);
+            }
+            parent = Some(key);
+        }
+    }
+    fn insert(&mut self, key: ChunkKey) {
+        if self.seq.contains_key(&key) {
+            return;
+        }
+        if !self.observed || !self.score.contains_key(&key) {
+            self.now += 1.0;
+            self.reference(key);
+        }
+        self.next_seq += 1;
+        self.seq.insert(key, self.next_seq);
+    }
+    fn touch(&mut self, key: ChunkKey) {
+        if !self.observed && self.seq.contains_key(&key) {
+            self.now += 1.0;
+            self.reference(key);
+        }
+    }
+    fn remove(&mut self, key: ChunkKey) {
+        self.seq.remove(&key);
+    }
+    fn evict(&mut self, evictable: impl Fn(&ChunkKey) -> bool) -> Option<ChunkKey> {
+        let resident = |x: &ChunkKey| self.seq.contains_key(x);
+        let orphan = |x: &ChunkKey| self.parent.get(x).is_some_and(|p| !resident(p));
+        let leaf = |x: &ChunkKey| {
+            !self
+                .seq
+                .keys()
+                .any(|c| self.parent.get(c) == Some(x) && resident(c))
+        };
+        let score = |x: &ChunkKey| Score(self.score[x]);
+        let candidates = self
+            .seq
+            .keys()
+            .filter(|x| evictable(x))
+            .filter(|x| orphan(x) || leaf(x))
+            .map(|x| (u8::from(!orphan(x)), score(x), self.seq[x], *x))
+            .min()
+            .map(|r| r.3);
+        let v = candidates.or_else(|| {
+            self.seq
+                .keys()
+                .filter(|x| evictable(x))
+                .map(|x| (score(x), std::cmp::Reverse(self.seq[x]), *x))
+                .min()
+                .map(|r| r.2)
+        })?;
+        self.seq.remove(&v);
+        Some(v)
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Observe(u32),
+    Insert(u32),
+    Touch(u32),
+    Remove(u32),
+    Evict(u16),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0u32..16).prop_map(Op::Observe),
+        4 => (0u32..16).prop_map(Op::Insert),
+        1 => (0u32..16).prop_map(Op::Touch),
+        1 => (0u32..16).prop_map(Op::Remove),
+        3 => any::<u16>().prop_map(Op::Evict),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn matches_the_model(ops in proptest::collection::vec(op(), 1..250)) {
+        let mut p = PrefixLrfu::new();
+        let mut m = Model::default();
+        for op in ops {
+            match op {
+                Op::Observe(i) => {
+                    let keys = tree_prompt(i);
+                    p.observe_prompt(&keys);
+                    m.observe(&keys);
+                }
+                Op::Insert(i) => { p.insert(k(i), 1); m.insert(k(i)); }
+                Op::Touch(i) => { p.touch(&k(i)); m.touch(k(i)); }
+                Op::Remove(i) => { p.remove(&k(i)); m.remove(k(i)); }
+                Op::Evict(pinned) => {
+                    // Keys whose bit is set in `pinned` are held.
+                    let free = |x: &ChunkKey| pinned & (1 << (x.0[0] % 16)) == 0;
+                    let got = p.evict(&mut |x| free(x));
+                    let want = m.evict(free);
+                    prop_assert_eq!(got, want);
+                }
+            }
+            prop_assert_eq!(p.len(), m.seq.len());
+        }
+    }
+
+    #[test]
+    fn without_holds_the_resident_set_stays_prefix_closed(
+        prompts in proptest::collection::vec(0u32..64, 1..200),
+        cap in 4usize..24,
+    ) {
+        // Prompts are paths in a tree of 64 keys; the engine stores each (report, then
+        // insert the missing keys in order). Nothing is held, so no key ever loses its
+        // predecessor: every resident key's parent is resident.
+        let parent = |i: u32| (i > 0).then(|| (i - 1) / 3);
+        let prompt = |i: u32| {
+            let mut path = vec![i];
+            while let Some(p) = parent(*path.last().unwrap()) { path.push(p); }
+            path.iter().rev().map(|&x| k(x)).collect::<Vec<_>>()
+        };
+        let mut p = PrefixLrfu::new();
+        let mut res = HashSet::new();
+        for i in prompts {
+            let keys = prompt(i);
+            let keys = &keys[..keys.len().min(cap)];
+            store(&mut p, &mut res, cap, keys);
+            prop_assert!(res.len() <= cap);
+            for x in &res {
+                let i = u32::from_le_bytes(x.0[..4].try_into().unwrap());
+                if let Some(pp) = parent(i) {
+                    prop_assert!(res.contains(&k(pp)), "{i} is resident without {pp}");
+                }
+            }
+        }
+    }
+}
