@@ -42,6 +42,7 @@ use crate::manager::{
 };
 use crate::memory::{PoolBacking, PoolOptions, WritableBuf};
 use crate::metrics::Metrics;
+use crate::policy::PromptReport;
 use crate::tier::{CpuTier, CpuTierOptions, CpuTierStats, PinToken, TierUsage};
 
 /// Answer to a prefix lookup, in tokens.
@@ -378,6 +379,9 @@ impl Engine {
         let t0 = Instant::now();
         let spans = self.keys.chunk_spans(tokens, cache_salt)?;
         let keys: Vec<ChunkKey> = spans.iter().map(|s| s.key).collect();
+        self.core
+            .manager
+            .observe_prompt(&keys, PromptReport::Lookup);
         let r = self.core.manager.lookup(&keys)?;
         let res = self.lookup_result(&spans, r);
         self.core.metrics.lookups.inc();
@@ -475,7 +479,7 @@ impl Engine {
             dropped_chunks: 0,
         };
         let keys: Vec<ChunkKey> = spans.iter().map(|s| s.key).collect();
-        self.core.manager.observe_prompt(&keys);
+        self.core.manager.observe_prompt(&keys, PromptReport::Store);
         for (i, span) in spans.iter().enumerate() {
             match self.core.manager.claim(span.key) {
                 // Present in L1: skipped (C5). Its lower-tier writes were queued when it was

@@ -344,13 +344,13 @@ impl StorageManager {
     }
 
     /// Tells every tier's eviction policy that a request referenced this prompt's chunk keys,
-    /// in order (the engine calls it once per store, before the new chunks go in).
-    pub fn observe_prompt(&self, keys: &[ChunkKey]) {
+    /// in order (the engine reports each lookup and each store, before new chunks go in).
+    pub fn observe_prompt(&self, keys: &[ChunkKey], report: crate::policy::PromptReport) {
         if self.inner.l1_enabled {
-            self.inner.l1.observe_prompt(keys);
+            self.inner.l1.observe_prompt(keys, report);
         }
         for s in &self.inner.lower {
-            s.tier.observe_prompt(keys);
+            s.tier.observe_prompt(keys, report);
         }
     }
 

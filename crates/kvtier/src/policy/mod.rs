@@ -11,7 +11,7 @@ use std::fmt;
 use std::str::FromStr;
 
 pub use lru::Lru;
-pub use prefix_lrfu::{PrefixLrfu, MIN_HALF_LIFE};
+pub use prefix_lrfu::{PrefixLrfu, MIN_HALF_LIFE, STORE_AFTER_LOOKUP};
 pub use s3fifo::S3Fifo;
 
 use crate::error::Error;
@@ -22,10 +22,10 @@ pub trait EvictionPolicy: Send {
     /// Policy name for stats and logs.
     fn name(&self) -> &'static str;
     /// A request referenced these chunk keys of one prompt, in order (key `i` extends the
-    /// prefix of key `i - 1`), whether resident or not; called before the prompt's new
-    /// chunks are inserted. Policies that learn from the request stream (frequency, prefix
-    /// links) use it; by default it is ignored.
-    fn observe_prompt(&mut self, _keys: &[ChunkKey]) {}
+    /// prefix of key `i - 1`), whether resident or not; reported on lookup and again on
+    /// store (before the prompt's new chunks are inserted). Policies that learn from the
+    /// request stream (frequency, prefix links) use it; by default it is ignored.
+    fn observe_prompt(&mut self, _keys: &[ChunkKey], _report: PromptReport) {}
     /// A key became resident with `size` bytes.
     fn insert(&mut self, key: ChunkKey, size: u64);
     /// A resident key was used.
@@ -41,6 +41,15 @@ pub trait EvictionPolicy: Send {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Which engine call reports a prompt to [`EvictionPolicy::observe_prompt`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromptReport {
+    /// A lookup: a request arrived (a serving engine looks each request up once).
+    Lookup,
+    /// A store: the request that looked the prompt up, or one that never did.
+    Store,
 }
 
 /// Which policy to build.

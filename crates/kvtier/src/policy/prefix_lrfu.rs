@@ -18,14 +18,19 @@
 //!   whose predecessor is known and gone) go before anything else.
 //!
 //! Time is counted in chunk references. The policy learns references and prefix links from
-//! [`EvictionPolicy::observe_prompt`] (each stored prompt's keys, in order); until it has
-//! seen one, every insert and touch is a reference instead, so it still works (as a plain
-//! LRFU) for callers that use keys only.
+//! [`EvictionPolicy::observe_prompt`]; until it has seen a report, every insert and touch
+//! is a reference instead, so it still works (as a plain LRFU) for callers that use keys
+//! only. A serving engine looks each request up once, then stores it unless everything
+//! hit: a lookup counts, and a store counts unless it is a prefix of a prompt looked up
+//! in the last [`STORE_AFTER_LOOKUP`] reports (the same request). Chained keys make that
+//! check one map lookup: a prompt is a prefix of another exactly when its last key is one
+//! of the other's keys. Reads are not references once reports come: a request's hits are
+//! in its lookup.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeSet, VecDeque};
 
-use super::EvictionPolicy;
+use super::{EvictionPolicy, PromptReport};
 use crate::keys::{ChunkKey, KeyMap};
 
 /// Smallest half-life, in chunk references. Measured on both Mooncake traces: 20k (about
@@ -41,6 +46,9 @@ const HALF_LIFE_PER_CHUNK: f64 = 1.5;
 const GHOST_HALF_LIVES: f64 = 3.0;
 /// Hard bound on remembered references, whatever the half-life.
 const MAX_HISTORY: usize = 1 << 20;
+/// A store that is a prefix of a prompt looked up within this many reports is the store of
+/// that request (lookups from other requests may come in between while it computes).
+pub const STORE_AFTER_LOOKUP: u64 = 1024;
 
 /// A score: equivalent reference time (higher = more valuable).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -96,6 +104,8 @@ struct Entry {
     last_ref: f64,
     /// The key whose prefix this key extends (from `observe_prompt`), if known.
     parent: Option<ChunkKey>,
+    /// Number of the last lookup report that held this key (0: none).
+    last_lookup: u64,
     res: Option<Resident>,
 }
 
@@ -113,6 +123,8 @@ pub struct PrefixLrfu {
     now: f64,
     /// Whether `observe_prompt` has been called (then it alone counts references).
     observed: bool,
+    /// Prompt reports so far.
+    reports: u64,
     resident: usize,
     seq: u64,
 }
@@ -134,6 +146,7 @@ impl PrefixLrfu {
             score: f64::NEG_INFINITY,
             last_ref: f64::NEG_INFINITY,
             parent: None,
+            last_lookup: 0,
             res: None,
         });
         if e.last_ref >= t {
@@ -282,14 +295,25 @@ impl EvictionPolicy for PrefixLrfu {
         "prefix-lrfu"
     }
 
-    fn observe_prompt(&mut self, keys: &[ChunkKey]) {
+    fn observe_prompt(&mut self, keys: &[ChunkKey], report: PromptReport) {
+        let Some(last) = keys.last() else { return };
         self.observed = true;
+        self.reports += 1;
+        let n = self.reports;
+        let looked_up = |e: &Entry| e.last_lookup > 0 && n - e.last_lookup <= STORE_AFTER_LOOKUP;
+        if report == PromptReport::Store && self.entries.get(last).is_some_and(looked_up) {
+            return; // the store of a request its lookup counted
+        }
+        let lookup = report == PromptReport::Lookup;
         // A prompt is one request: all its keys are referenced at the same time.
         self.now += keys.len() as f64;
         let mut parent = None;
         for &k in keys {
             self.reference(k);
             if let Some(e) = self.entries.get_mut(&k) {
+                if lookup {
+                    e.last_lookup = n;
+                }
                 // A chained key has one parent; the first one learned stays.
                 if e.parent.is_none() && parent.is_some() {
                     e.parent = parent;

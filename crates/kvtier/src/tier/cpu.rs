@@ -14,7 +14,7 @@ use crate::chunk::Chunk;
 use crate::error::Result;
 use crate::keys::{ChunkKey, KeyMap};
 use crate::memory::{round_up, ChunkBuf, Pool, PoolOptions, PoolStats, WritableBuf};
-use crate::policy::{EvictionPolicy, PolicyKind};
+use crate::policy::{EvictionPolicy, PolicyKind, PromptReport};
 
 /// How to build a CPU tier.
 #[derive(Clone, Debug)]
@@ -305,8 +305,8 @@ impl CpuTier {
     }
 
     /// Tells the eviction policy a request referenced this prompt's keys, in order.
-    pub fn observe_prompt(&self, keys: &[ChunkKey]) {
-        self.state.lock().policy.observe_prompt(keys);
+    pub fn observe_prompt(&self, keys: &[ChunkKey], report: PromptReport) {
+        self.state.lock().policy.observe_prompt(keys, report);
     }
 
     /// Pins the resident keys among `keys` for `ttl` (default: the tier's pin timeout).

@@ -171,8 +171,8 @@ impl Tier for FaultTier {
         &self.name
     }
 
-    fn observe_prompt(&self, keys: &[ChunkKey]) {
-        self.inner.observe_prompt(keys);
+    fn observe_prompt(&self, keys: &[ChunkKey], report: crate::policy::PromptReport) {
+        self.inner.observe_prompt(keys, report);
     }
 
     fn contains_prefix<'a>(&'a self, keys: &'a [ChunkKey]) -> TierFuture<'a, usize> {

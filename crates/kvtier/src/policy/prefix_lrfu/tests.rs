@@ -3,7 +3,7 @@ use std::collections::{HashMap, HashSet};
 use proptest::prelude::*;
 
 use super::*;
-use crate::policy::{Lru, PolicyKind};
+use crate::policy::{Lru, PolicyKind, PromptReport};
 
 fn k(i: u32) -> ChunkKey {
     let mut b = [0u8; 32];
@@ -25,7 +25,7 @@ fn store(
     cap: usize,
     keys: &[ChunkKey],
 ) -> Vec<ChunkKey> {
-    p.observe_prompt(keys);
+    p.observe_prompt(keys, PromptReport::Store);
     let mut out = Vec::new();
     for (j, key) in keys.iter().enumerate() {
         if resident.contains(key) {
@@ -108,8 +108,8 @@ fn a_reused_prompt_outlives_newer_one_time_prompts_where_lru_does_not() {
 fn orphans_go_first_and_are_relinked_when_their_parent_returns() {
     let mut p = PrefixLrfu::new();
     let keys = chain(0, 4);
-    p.observe_prompt(&keys);
-    p.observe_prompt(&keys);
+    p.observe_prompt(&keys, PromptReport::Lookup);
+    p.observe_prompt(&keys, PromptReport::Lookup);
     // Out of order (as concurrent disk writes finish): 2 and 3 before 0 and 1.
     p.insert(k(2), 1);
     p.insert(k(3), 1);
@@ -187,6 +187,36 @@ fn without_prompt_reports_touches_count_as_references() {
 }
 
 #[test]
+fn a_request_looked_up_then_stored_counts_once() {
+    let state = |reports: &[(usize, PromptReport)]| {
+        let mut p = PrefixLrfu::new();
+        let keys = chain(0, 4);
+        for &(n, r) in reports {
+            p.observe_prompt(&keys[..n], r);
+        }
+        p.insert(k(0), 1);
+        (p.entries[&k(0)].score, p.now)
+    };
+    use PromptReport::{Lookup, Store};
+    // Lookup, then the store of its full chunks (a prefix), in pieces: one reference.
+    assert_eq!(
+        state(&[(4, Lookup), (2, Store), (4, Store)]),
+        state(&[(4, Lookup)])
+    );
+    // Two lookups are two requests; so are two stores without a lookup.
+    assert_eq!(state(&[(4, Lookup), (4, Lookup)]).1, 8.0);
+    assert_eq!(state(&[(4, Store), (4, Store)]).1, 8.0);
+    // A store long after the lookup is another request.
+    let mut p = PrefixLrfu::new();
+    p.observe_prompt(&chain(0, 4), Lookup);
+    for i in 0..STORE_AFTER_LOOKUP as u32 {
+        p.observe_prompt(&chain(100 + 10 * i, 1), Lookup);
+    }
+    p.observe_prompt(&chain(0, 4), Store);
+    assert_eq!(p.now, 8.0 + STORE_AFTER_LOOKUP as f64);
+}
+
+#[test]
 fn kind_parses_and_prints() {
     for s in ["prefix-lrfu", "PREFIX_LRFU", "prefixlrfu"] {
         assert_eq!(s.parse::<PolicyKind>().unwrap(), PolicyKind::PrefixLrfu);
@@ -220,6 +250,8 @@ struct Model {
     now: f64,
     observed: bool,
     next_seq: u64,
+    reports: u64,
+    last_lookup: HashMap<ChunkKey, u64>,
 }
 
 impl Model {
@@ -238,8 +270,24 @@ impl Model {
         self.score.insert(key, s);
         self.last.insert(key, t);
     }
-    fn observe(&mut self, keys: &[ChunkKey]) {
+    fn observe(&mut self, keys: &[ChunkKey], lookup: bool) {
         self.observed = true;
+        self.reports += 1;
+        let n = self.reports;
+        let last = keys.last().unwrap();
+        if !lookup
+            && self
+                .last_lookup
+                .get(last)
+                .is_some_and(|&r| n - r <= STORE_AFTER_LOOKUP)
+        {
+            return;
+        }
+        if lookup {
+            for k in keys {
+                self.last_lookup.insert(*k, n);
+            }
+        }
         self.now += keys.len() as f64;
         let mut parent = None;
         for &key in keys {
@@ -303,7 +351,7 @@ impl Model {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Observe(u32),
+    Observe(u32, bool),
     Insert(u32),
     Touch(u32),
     Remove(u32),
@@ -312,7 +360,7 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (0u32..16).prop_map(Op::Observe),
+        3 => (0u32..16, any::<bool>()).prop_map(|(i, l)| Op::Observe(i, l)),
         4 => (0u32..16).prop_map(Op::Insert),
         1 => (0u32..16).prop_map(Op::Touch),
         1 => (0u32..16).prop_map(Op::Remove),
@@ -327,10 +375,11 @@ proptest! {
         let mut m = Model::default();
         for op in ops {
             match op {
-                Op::Observe(i) => {
+                Op::Observe(i, lookup) => {
                     let keys = tree_prompt(i);
-                    p.observe_prompt(&keys);
-                    m.observe(&keys);
+                    let r = if lookup { PromptReport::Lookup } else { PromptReport::Store };
+                    p.observe_prompt(&keys, r);
+                    m.observe(&keys, lookup);
                 }
                 Op::Insert(i) => { p.insert(k(i), 1); m.insert(k(i)); }
                 Op::Touch(i) => { p.touch(&k(i)); m.touch(k(i)); }

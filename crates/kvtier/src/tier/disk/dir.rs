@@ -23,7 +23,7 @@ use crate::chunk::{record, Chunk, ChunkInfo};
 use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, KeyMap};
 use crate::memory::WritableBuf;
-use crate::policy::{EvictionPolicy, PolicyKind};
+use crate::policy::{EvictionPolicy, PolicyKind, PromptReport};
 use crate::tier::PutOutcome;
 
 /// Extension of committed record files.
@@ -344,8 +344,8 @@ impl DiskDir {
     }
 
     /// Tells the eviction policy a request referenced this prompt's keys, in order.
-    pub(crate) fn observe_prompt(&self, keys: &[ChunkKey]) {
-        self.state.lock().policy.observe_prompt(keys);
+    pub(crate) fn observe_prompt(&self, keys: &[ChunkKey], report: PromptReport) {
+        self.state.lock().policy.observe_prompt(keys, report);
     }
 
     /// Whether `key` is indexed or being written.

@@ -58,7 +58,7 @@ use crate::chunk::Chunk;
 use crate::config::{DiskDurability, EngineConfig, PathSharding};
 use crate::error::{Error, Result};
 use crate::keys::ChunkKey;
-use crate::policy::PolicyKind;
+use crate::policy::{PolicyKind, PromptReport};
 
 /// How to build a disk tier.
 #[derive(Clone, Debug)]
@@ -406,14 +406,14 @@ impl Tier for DiskTier {
         Some(self.dir(key).holds(key))
     }
 
-    fn observe_prompt(&self, keys: &[ChunkKey]) {
+    fn observe_prompt(&self, keys: &[ChunkKey], report: PromptReport) {
         match self.dirs.as_slice() {
-            [d] => d.observe_prompt(keys),
+            [d] => d.observe_prompt(keys, report),
             // Striped: a prompt's chunks are spread over the paths, so a path sees its own
             // keys as one-key prompts (references counted, no prefix links across paths).
             _ => {
                 for k in keys {
-                    self.dir(k).observe_prompt(std::slice::from_ref(k));
+                    self.dir(k).observe_prompt(std::slice::from_ref(k), report);
                 }
             }
         }
