@@ -488,7 +488,11 @@ impl Engine {
                 StoreClaim::Present(_) | StoreClaim::Stored => session.present_chunks += 1,
                 StoreClaim::InFlight => session.inflight_chunks += 1,
                 StoreClaim::New(claim) => {
-                    let Some(buf) = self.core.manager.allocate(span.len() * bpt) else {
+                    let Some(buf) = self
+                        .core
+                        .manager
+                        .allocate_for_store(&span.key, span.len() * bpt)
+                    else {
                         session.dropped_chunks = spans.len() - i;
                         self.core
                             .metrics

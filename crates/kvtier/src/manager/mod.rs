@@ -376,6 +376,22 @@ impl StorageManager {
         })
     }
 
+    /// Allocates the pool buffer of the new chunk `key` of a store, like
+    /// [`allocate`](Self::allocate); when L1 is the only tier, its policy may also decline a
+    /// chunk worth less than everything it would evict (the store stops there). With tiers
+    /// below, L1 stages their writes too, so it takes every chunk.
+    pub fn allocate_for_store(
+        &self,
+        key: &ChunkKey,
+        len: usize,
+    ) -> Option<crate::memory::WritableBuf> {
+        if self.inner.l1_enabled && self.inner.lower.is_empty() {
+            self.inner.l1.allocate_for(key, len)
+        } else {
+            self.inner.l1.allocate(len)
+        }
+    }
+
     /// Allocates a pool buffer for a new chunk (evicting as needed); `None` when L1 cannot
     /// make room, in which case a store stops there (it never waits for memory).
     pub fn allocate(&self, len: usize) -> Option<crate::memory::WritableBuf> {

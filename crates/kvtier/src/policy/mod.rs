@@ -35,12 +35,36 @@ pub trait EvictionPolicy: Send {
     /// Picks the next victim among keys for which `evictable` is true, forgets it and
     /// returns it; the tier must then drop it. `None` when nothing is evictable.
     fn evict(&mut self, evictable: &mut dyn FnMut(&ChunkKey) -> bool) -> Option<ChunkKey>;
+    /// Like [`evict`](Self::evict), to make room for `incoming`, a key about to be stored:
+    /// a policy may decline when every candidate is worth more than `incoming` (which is
+    /// then not cached). By default it never declines.
+    fn evict_for(
+        &mut self,
+        _incoming: &ChunkKey,
+        evictable: &mut dyn FnMut(&ChunkKey) -> bool,
+    ) -> Eviction {
+        match self.evict(evictable) {
+            Some(k) => Eviction::Victim(k),
+            None => Eviction::Nothing,
+        }
+    }
     /// Resident keys tracked.
     fn len(&self) -> usize;
     /// Whether no key is tracked.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// What [`EvictionPolicy::evict_for`] decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Eviction {
+    /// Evict this key (the policy has forgotten it).
+    Victim(ChunkKey),
+    /// Every candidate is worth more than the incoming key: keep them, do not cache it.
+    Declined,
+    /// Nothing is evictable.
+    Nothing,
 }
 
 /// Which engine call reports a prompt to [`EvictionPolicy::observe_prompt`].

@@ -315,11 +315,8 @@ fn print_table(r: &TraceReport) {
     for run in &r.runs {
         let e = &run.engine;
         let mut notes = vec![format!("{:.1} s", e.secs)];
-        if e.store_skipped > 0 {
-            notes.push(format!(
-                "{} chunk stores skipped by a tier",
-                e.store_skipped
-            ));
+        for (why, n) in &e.store_skipped {
+            notes.push(format!("{n} chunk stores skipped ({why})"));
         }
         if let Some((p50, p99)) = e.late_ms {
             notes.push(format!(

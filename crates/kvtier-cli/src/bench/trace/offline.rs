@@ -1,9 +1,10 @@
 //! Offline cache simulations of a trace, counting prefix hits only (a block hits when it
 //! and every block before it in the prompt are cached):
 //!
-//! - any kvtier policy, through the same [`EvictionPolicy`] calls the engine's L1 makes
-//!   (hits touched last-to-first, the prompt reported, missing blocks allocated in order
-//!   and then inserted; a store stops where nothing is evictable);
+//! - any kvtier policy, through the same `EvictionPolicy` calls the engine's L1 makes when
+//!   it is the only tier (hits touched last-to-first, the prompt reported, missing blocks
+//!   allocated in order and then inserted; a store stops where nothing is evictable or the
+//!   policy declines);
 //! - prefix-aware Belady-OPT: on a miss, evict the cached block whose next use is farthest
 //!   away (the deeper one on a tie, so a prompt's tail goes before its head), or skip
 //!   the incoming block when it is the farthest itself.
@@ -11,7 +12,7 @@
 use std::collections::BTreeSet;
 
 use kvtier::keys::ChunkKey;
-use kvtier::policy::{PolicyKind, PromptReport};
+use kvtier::policy::{Eviction, PolicyKind, PromptReport};
 
 use super::format::Trace;
 
@@ -87,13 +88,14 @@ pub fn simulate(trace: &Trace, capacity: usize, kind: PolicyKind, unfull: bool) 
                 continue;
             }
             while count + new.len() >= capacity {
-                match policy.evict(&mut |_| true) {
-                    Some(v) => {
+                // As the engine's L1 when it is the only tier: the policy may decline.
+                match policy.evict_for(&block_key(b), &mut |_| true) {
+                    Eviction::Victim(v) => {
                         let v = u32::from_le_bytes(v.0[8..12].try_into().unwrap_or_default());
                         resident[v as usize] = false;
                         count -= 1;
                     }
-                    None => break 'alloc,
+                    Eviction::Declined | Eviction::Nothing => break 'alloc,
                 }
             }
             new.push(b);

@@ -16,6 +16,7 @@
 //! their timestamp divided by the speed (or as soon as the previous one is done, when
 //! behind) and writes queue as in a live server.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -61,8 +62,9 @@ pub struct Replay {
     pub written_bytes: Vec<u64>,
     /// Chunks promoted from each tier into L1.
     pub write_backs: Vec<u64>,
-    /// Stores a tier skipped (queue full, disk full, not admitted, no memory).
-    pub store_skipped: u64,
+    /// Chunk stores a tier skipped, by `tier/reason` (e.g. `disk/not admitted`: its policy
+    /// kept what it held; `cpu/no_memory`: L1 declined or could not make room).
+    pub store_skipped: BTreeMap<String, u64>,
     /// With `--speed`: how late requests started, milliseconds (p50, p99).
     pub late_ms: Option<(f64, f64)>,
     /// Wall time of the replay.
@@ -213,11 +215,22 @@ pub fn replay(trace: &Trace, setup: &Setup) -> Result<Replay> {
     Ok(r)
 }
 
-/// Sum of `kvtier_store_skipped_total` over its labels, from the metrics text.
-fn skipped(metrics: &str) -> u64 {
-    metrics
+/// `kvtier_store_skipped_total` by `tier/reason`, from the metrics text.
+fn skipped(metrics: &str) -> BTreeMap<String, u64> {
+    let label = |l: &str, name: &str| -> Option<String> {
+        let v = l.split(&format!("{name}=\"")).nth(1)?;
+        Some(v.split('"').next()?.to_string())
+    };
+    let mut out = BTreeMap::new();
+    for l in metrics
         .lines()
-        .filter(|l| l.starts_with("kvtier_store_skipped_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+        .filter(|l| l.starts_with("kvtier_store_skipped_total{"))
+    {
+        let (Some(tier), Some(reason)) = (label(l, "tier"), label(l, "reason")) else {
+            continue;
+        };
+        let n = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        *out.entry(format!("{tier}/{reason}")).or_insert(0) += n.unwrap_or(0.0) as u64;
+    }
+    out
 }

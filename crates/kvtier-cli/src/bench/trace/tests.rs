@@ -89,9 +89,14 @@ fn a_disk_tier_serves_hits_and_counts_its_writes() {
     assert!(r.write_backs[1] > 0, "disk hits are promoted into L1");
     let opt = offline::belady(&t, 80, false);
     assert!(r.hits_per_tier.iter().sum::<u64>() <= opt.hits);
-    // Writes are sliced to the queue's limit and drained: none is dropped for a full queue
-    // (a few may meet their own eviction in flight).
-    assert!(r.store_skipped * 20 < r.written_chunks[1], "{r:?}");
+    // Writes are sliced to the queue's limit and drained: none is dropped for a full queue.
+    assert!(!r.store_skipped.contains_key("disk/queue_full"), "{r:?}");
+    assert!(
+        r.store_skipped
+            .get("disk/not admitted")
+            .is_some_and(|&n| n > 0),
+        "{r:?}"
+    );
 }
 
 #[test]

@@ -3,7 +3,7 @@ use std::collections::{HashMap, HashSet};
 use proptest::prelude::*;
 
 use super::*;
-use crate::policy::{Lru, PolicyKind, PromptReport};
+use crate::policy::{Eviction, Lru, PolicyKind, PromptReport};
 
 fn k(i: u32) -> ChunkKey {
     let mut b = [0u8; 32];
@@ -217,6 +217,32 @@ fn a_request_looked_up_then_stored_counts_once() {
 }
 
 #[test]
+fn a_store_is_declined_rather_than_push_out_more_valuable_chunks() {
+    let mut p = PrefixLrfu::new();
+    let mut res = HashSet::new();
+    let hot = chain(0, 3);
+    for _ in 0..3 {
+        store(&mut p, &mut res, 3, &hot);
+    }
+    // A one-time prompt is worth less than the reused one: it is not cached.
+    p.observe_prompt(&chain(10, 2), PromptReport::Store);
+    assert_eq!(p.evict_for(&k(10), &mut |_| true), Eviction::Declined);
+    assert_eq!(p.len(), 3, "nothing was evicted");
+    // A key the policy never heard of is admitted (no grounds to refuse it).
+    assert_eq!(p.evict_for(&k(99), &mut |_| true), Eviction::Victim(k(2)));
+    // A prompt reused as often, more recently, is worth more: it gets in (1, the hot
+    // prompt's tail now, goes).
+    for _ in 0..3 {
+        p.observe_prompt(&chain(20, 2), PromptReport::Store);
+    }
+    assert_eq!(p.evict_for(&k(20), &mut |_| true), Eviction::Victim(k(1)));
+    // An orphan is worth nothing: it goes even for a one-time chunk.
+    p.insert(k(2), 1); // its predecessor 1 is gone
+    assert_eq!(p.evict_for(&k(10), &mut |_| true), Eviction::Victim(k(2)));
+    assert_eq!(p.evict_for(&k(10), &mut |_| false), Eviction::Nothing);
+}
+
+#[test]
 fn kind_parses_and_prints() {
     for s in ["prefix-lrfu", "PREFIX_LRFU", "prefixlrfu"] {
         assert_eq!(s.parse::<PolicyKind>().unwrap(), PolicyKind::PrefixLrfu);
@@ -318,7 +344,28 @@ impl Model {
     fn remove(&mut self, key: ChunkKey) {
         self.seq.remove(&key);
     }
+    fn evict_for(&mut self, incoming: ChunkKey, evictable: impl Fn(&ChunkKey) -> bool) -> Eviction {
+        let Some(v) = self.pick(&evictable) else {
+            return Eviction::Nothing;
+        };
+        let orphan = self
+            .parent
+            .get(&v)
+            .is_some_and(|p| !self.seq.contains_key(p));
+        if let (false, Some(a), Some(b)) = (orphan, self.score.get(&v), self.score.get(&incoming)) {
+            if a > b {
+                return Eviction::Declined;
+            }
+        }
+        self.seq.remove(&v);
+        Eviction::Victim(v)
+    }
     fn evict(&mut self, evictable: impl Fn(&ChunkKey) -> bool) -> Option<ChunkKey> {
+        let v = self.pick(&evictable)?;
+        self.seq.remove(&v);
+        Some(v)
+    }
+    fn pick(&self, evictable: &impl Fn(&ChunkKey) -> bool) -> Option<ChunkKey> {
         let resident = |x: &ChunkKey| self.seq.contains_key(x);
         let orphan = |x: &ChunkKey| self.parent.get(x).is_some_and(|p| !resident(p));
         let leaf = |x: &ChunkKey| {
@@ -344,7 +391,6 @@ impl Model {
                 .min()
                 .map(|r| r.2)
         })?;
-        self.seq.remove(&v);
         Some(v)
     }
 }
@@ -356,6 +402,7 @@ enum Op {
     Touch(u32),
     Remove(u32),
     Evict(u16),
+    EvictFor(u32, u16),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -364,7 +411,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (0u32..16).prop_map(Op::Insert),
         1 => (0u32..16).prop_map(Op::Touch),
         1 => (0u32..16).prop_map(Op::Remove),
-        3 => any::<u16>().prop_map(Op::Evict),
+        2 => any::<u16>().prop_map(Op::Evict),
+        2 => (0u32..16, any::<u16>()).prop_map(|(i, m)| Op::EvictFor(i, m)),
     ]
 }
 
@@ -389,6 +437,12 @@ proptest! {
                     let free = |x: &ChunkKey| pinned & (1 << (x.0[0] % 16)) == 0;
                     let got = p.evict(&mut |x| free(x));
                     let want = m.evict(free);
+                    prop_assert_eq!(got, want);
+                }
+                Op::EvictFor(i, pinned) => {
+                    let free = |x: &ChunkKey| pinned & (1 << (x.0[0] % 16)) == 0;
+                    let got = p.evict_for(&k(i), &mut |x| free(x));
+                    let want = m.evict_for(k(i), free);
                     prop_assert_eq!(got, want);
                 }
             }
