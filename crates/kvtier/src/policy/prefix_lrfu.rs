@@ -14,8 +14,11 @@
 //! - **History**: references are counted for keys that are not resident too (ghosts, kept
 //!   for `3·H`), so a prompt that comes back after being evicted is recognised as reused.
 //! - **Prefix closure**: a chunk is worthless without its predecessors, so only *leaves*
-//!   (resident keys with no resident successor) are candidates, and *orphans* (resident keys
-//!   whose predecessor is known and gone) go before anything else.
+//!   (resident keys with no resident successor) are candidates: a prompt's tail always goes
+//!   before its head. A key whose predecessor is not in this tier is not taken for
+//!   worthless, though: the disk tier often holds the tail of a prefix whose head is in L1
+//!   (hits are not written down again), and lookups join the tiers. Giving such keys no
+//!   value cost 4 points at 16k blocks with a disk tier.
 //!
 //! Time is counted in chunk references. The policy learns references and prefix links from
 //! [`EvictionPolicy::observe_prompt`]; until it has seen a report, every insert and touch
@@ -74,13 +77,12 @@ fn add_reference(score: f64, t: f64, h: f64) -> f64 {
     hi + h * (1.0 + ((lo - hi) / h).exp2()).log2()
 }
 
-/// Position in the eviction order: orphans first, then leaves by score, older insert first.
+/// Position of a leaf in the eviction order: by score, the latest inserted first among
+/// equals (the deepest, when a prompt's chain was cut).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Rank {
-    /// 0: orphan, 1: leaf.
-    class: u8,
     score: Score,
-    seq: u64,
+    seq: std::cmp::Reverse<u64>,
     key: ChunkKey,
 }
 
@@ -90,7 +92,7 @@ struct Resident {
     children: Vec<ChunkKey>,
     /// Index of this key in its parent's `children`.
     slot: usize,
-    /// The predecessor is known and not resident.
+    /// The predecessor is known and not resident (an orphan, linked when it comes).
     orphan: bool,
     /// Insert sequence number.
     seq: u64,
@@ -113,7 +115,7 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct PrefixLrfu {
     entries: KeyMap<Entry>,
-    /// Eviction candidates: orphans, then leaves.
+    /// Eviction candidates: the leaves.
     order: BTreeSet<Rank>,
     /// References in time order, to forget ghosts.
     history: VecDeque<(f64, ChunkKey)>,
@@ -169,23 +171,11 @@ impl PrefixLrfu {
         };
         let score = Score(e.score);
         let Some(r) = e.res.as_mut() else { return };
-        let new = if r.orphan {
-            Some(Rank {
-                class: 0,
-                score,
-                seq: r.seq,
-                key: *key,
-            })
-        } else if r.children.is_empty() {
-            Some(Rank {
-                class: 1,
-                score,
-                seq: r.seq,
-                key: *key,
-            })
-        } else {
-            None
-        };
+        let new = r.children.is_empty().then_some(Rank {
+            score,
+            seq: std::cmp::Reverse(r.seq),
+            key: *key,
+        });
         if r.rank == new {
             return;
         }
@@ -291,9 +281,9 @@ impl PrefixLrfu {
 }
 
 impl PrefixLrfu {
-    /// The next victim among evictable keys: orphans, then leaves by score; when every
-    /// candidate is held, any resident key, lowest score first and, among equals, the
-    /// latest inserted (the deepest of a prompt, which orphans the fewest successors).
+    /// The next victim among evictable keys: leaves by score; when every leaf is held, any
+    /// resident key, lowest score first and, among equals, the latest inserted (the deepest
+    /// of a prompt, which cuts the fewest successors off).
     fn pick(&self, evictable: &mut dyn FnMut(&ChunkKey) -> bool) -> Option<ChunkKey> {
         self.order
             .iter()
@@ -422,16 +412,11 @@ impl EvictionPolicy for PrefixLrfu {
         let Some(v) = self.pick(evictable) else {
             return Eviction::Nothing;
         };
-        // Admission: a chunk worth less than the cheapest resident one is not cached (an
-        // orphan is worth nothing). On the conversation trace at 1k chunks this is 0.4
-        // points: without it a one-time prompt pushes out reused ones.
+        // Admission: a chunk worth less than the cheapest resident one is not cached. On
+        // the conversation trace at 1k chunks this is 0.4 points: without it a one-time
+        // prompt pushes out reused ones.
         let worth = |k: &ChunkKey| self.entries.get(k).map(|e| e.score);
-        let orphan = self
-            .entries
-            .get(&v)
-            .and_then(|e| e.res.as_ref())
-            .is_some_and(|r| r.orphan);
-        if let (false, Some(victim), Some(new)) = (orphan, worth(&v), worth(incoming)) {
+        if let (Some(victim), Some(new)) = (worth(&v), worth(incoming)) {
             if victim > new {
                 return Eviction::Declined;
             }

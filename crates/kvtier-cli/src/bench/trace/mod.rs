@@ -151,6 +151,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             Some((d, true))
         }
     };
+    if let Some((d, _)) = &disk_root {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
     let mut runs = Vec::new();
     for &blocks in &t.blocks {
         runs.push(run_one(

@@ -105,28 +105,25 @@ fn a_reused_prompt_outlives_newer_one_time_prompts_where_lru_does_not() {
 }
 
 #[test]
-fn orphans_go_first_and_are_relinked_when_their_parent_returns() {
+fn out_of_order_inserts_are_linked_when_their_parent_comes() {
     let mut p = PrefixLrfu::new();
     let keys = chain(0, 4);
     p.observe_prompt(&keys, PromptReport::Lookup);
-    p.observe_prompt(&keys, PromptReport::Lookup);
-    // Out of order (as concurrent disk writes finish): 2 and 3 before 0 and 1.
+    // Out of order (as concurrent disk writes finish): 2 and 3 before 0 and 1. 2 has no
+    // resident predecessor yet; it still ranks by its score (its head may be in L1).
     p.insert(k(2), 1);
     p.insert(k(3), 1);
-    p.insert(k(9), 1); // unrelated, fresh, unknown parent
-                       // 2 is an orphan (1 is known and absent): it goes before the fresh key 9.
-    assert_eq!(p.evict(&mut |x| *x != k(3)), Some(k(2)));
-    p.insert(k(2), 1);
     p.insert(k(0), 1);
-    p.insert(k(1), 1); // adopts 2, which holds 3: the chain is whole again
-                       // Now 9 (one reference, newest) goes first, then the chain from its tail.
+    p.insert(k(1), 1); // takes 2 as its successor: the chain is whole
+    p.observe_prompt(&chain(50, 1), PromptReport::Lookup);
+    p.insert(k(50), 1); // newer: worth more than the chain
     let order: Vec<ChunkKey> = std::iter::from_fn(|| p.evict(&mut |_| true)).collect();
-    assert_eq!(order, vec![k(9), k(3), k(2), k(1), k(0)]);
+    assert_eq!(order, vec![k(3), k(2), k(1), k(0), k(50)], "tail first");
     assert!(p.is_empty());
 }
 
 #[test]
-fn a_removed_parent_leaves_orphans_that_are_evicted_first() {
+fn a_removed_head_leaves_its_tail_to_go_by_score() {
     let mut p = PrefixLrfu::new();
     let mut res = HashSet::new();
     let hot = chain(0, 3);
@@ -134,11 +131,13 @@ fn a_removed_parent_leaves_orphans_that_are_evicted_first() {
         store(&mut p, &mut res, 16, &hot);
     }
     store(&mut p, &mut res, 16, &chain(50, 2));
-    p.remove(&k(1));
+    p.remove(&k(0));
     assert_eq!(p.len(), 4);
-    // 2 is hot but its predecessor is gone: worthless, so it goes before the fresh prompt.
-    assert_eq!(p.evict(&mut |_| true), Some(k(2)));
+    // 1 and 2 are still linked: 2 (hot) stays ahead of the fresh prompt's keys.
     assert_eq!(p.evict(&mut |_| true), Some(k(51)));
+    assert_eq!(p.evict(&mut |_| true), Some(k(50)));
+    assert_eq!(p.evict(&mut |_| true), Some(k(2)));
+    assert_eq!(p.evict(&mut |_| true), Some(k(1)));
 }
 
 #[test]
@@ -146,9 +145,10 @@ fn held_leaves_make_it_fall_back_to_their_prefix() {
     let mut p = PrefixLrfu::new();
     let mut res = HashSet::new();
     store(&mut p, &mut res, 16, &chain(0, 3));
-    // The only leaf (2) is pinned: the deepest other key goes, leaving only 2 an orphan.
+    // The only leaf (2) is pinned: the deepest other key goes, cutting off only 2.
     assert_eq!(p.evict(&mut |x| *x != k(2)), Some(k(1)));
-    assert_eq!(p.evict(&mut |_| true), Some(k(2)), "the orphan goes next");
+    // Then 2 and 0 are leaves of equal score: the later inserted (2) goes first.
+    assert_eq!(p.evict(&mut |_| true), Some(k(2)));
     assert_eq!(p.evict(&mut |_| false), None);
     assert_eq!(p.len(), 1);
 }
@@ -236,9 +236,6 @@ fn a_store_is_declined_rather_than_push_out_more_valuable_chunks() {
         p.observe_prompt(&chain(20, 2), PromptReport::Store);
     }
     assert_eq!(p.evict_for(&k(20), &mut |_| true), Eviction::Victim(k(1)));
-    // An orphan is worth nothing: it goes even for a one-time chunk.
-    p.insert(k(2), 1); // its predecessor 1 is gone
-    assert_eq!(p.evict_for(&k(10), &mut |_| true), Eviction::Victim(k(2)));
     assert_eq!(p.evict_for(&k(10), &mut |_| false), Eviction::Nothing);
 }
 
@@ -348,11 +345,7 @@ impl Model {
         let Some(v) = self.pick(&evictable) else {
             return Eviction::Nothing;
         };
-        let orphan = self
-            .parent
-            .get(&v)
-            .is_some_and(|p| !self.seq.contains_key(p));
-        if let (false, Some(a), Some(b)) = (orphan, self.score.get(&v), self.score.get(&incoming)) {
+        if let (Some(a), Some(b)) = (self.score.get(&v), self.score.get(&incoming)) {
             if a > b {
                 return Eviction::Declined;
             }
@@ -367,7 +360,6 @@ impl Model {
     }
     fn pick(&self, evictable: &impl Fn(&ChunkKey) -> bool) -> Option<ChunkKey> {
         let resident = |x: &ChunkKey| self.seq.contains_key(x);
-        let orphan = |x: &ChunkKey| self.parent.get(x).is_some_and(|p| !resident(p));
         let leaf = |x: &ChunkKey| {
             !self
                 .seq
@@ -379,10 +371,10 @@ impl Model {
             .seq
             .keys()
             .filter(|x| evictable(x))
-            .filter(|x| orphan(x) || leaf(x))
-            .map(|x| (u8::from(!orphan(x)), score(x), self.seq[x], *x))
+            .filter(|x| leaf(x))
+            .map(|x| (score(x), std::cmp::Reverse(self.seq[x]), *x))
             .min()
-            .map(|r| r.3);
+            .map(|r| r.2);
         let v = candidates.or_else(|| {
             self.seq
                 .keys()
