@@ -33,10 +33,11 @@ fn trace(requests: u32) -> Trace {
 }
 
 fn l1_only(policy: PolicyKind, blocks: u64) -> Setup {
-    let mut base = EngineConfig::default();
-    base.cache_policy = policy;
     Setup {
-        base,
+        base: EngineConfig {
+            cache_policy: policy,
+            ..EngineConfig::default()
+        },
         l1_blocks: blocks,
         disk: None,
         speed: None,
