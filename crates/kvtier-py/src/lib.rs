@@ -507,7 +507,7 @@ struct PyEngine {
 /// Where an engine's L1 pool is mapped: the address of a probe buffer less its offset in
 /// the pool (the pool is empty when this runs, right after the engine is opened).
 fn pool_region_of(engine: &Engine) -> Option<(usize, usize)> {
-    let pool = engine.manager().l1().pool();
+    let pool = engine.manager().pool();
     let mut probe = pool.try_alloc(1)?;
     let base = probe.as_mut_capacity().as_mut_ptr() as usize - probe.offset() as usize;
     Some((base, pool.capacity() as usize))

@@ -15,6 +15,7 @@ mod report;
 mod server;
 mod stream;
 mod sweep;
+mod trace;
 mod workload;
 
 use std::path::PathBuf;
@@ -46,6 +47,9 @@ pub enum WorkloadKind {
     /// The Redis/Valkey tier (local tiers off) against redis-benchmark on the same server
     /// (see `--remote-url`; default: a redis-server started for the run).
     Remote,
+    /// Replays a request trace (`--file`, Mooncake JSONL or the simple format) with budgets
+    /// in blocks: prefix hit rate per tier against offline LRU and Belady-OPT.
+    Trace,
 }
 
 impl WorkloadKind {
@@ -56,6 +60,7 @@ impl WorkloadKind {
             WorkloadKind::Disk => "disk",
             WorkloadKind::Sweep => "sweep",
             WorkloadKind::Remote => "remote",
+            WorkloadKind::Trace => "trace",
         }
     }
 }
@@ -172,6 +177,9 @@ pub struct BenchArgs {
     /// Like `--server`, with a server this bench starts (`kvtier serve`) and stops.
     #[arg(long)]
     pub spawn_server: bool,
+    /// Options of the trace workload.
+    #[command(flatten)]
+    pub trace: trace::TraceArgs,
 }
 
 /// The resolved per-rank model shape.
@@ -343,6 +351,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         WorkloadKind::Disk => return disk::run(args),
         WorkloadKind::Sweep => return sweep::run(args),
         WorkloadKind::Remote => return remote::run(args),
+        WorkloadKind::Trace => return trace::run(args),
         _ => {}
     }
     let t0 = Instant::now();
@@ -394,7 +403,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut results = match plan.workload {
         WorkloadKind::LongDocQa => workload::long_doc_qa(&engine, &plan, &ring)?,
         WorkloadKind::Random => workload::random(&engine, &plan, &ring)?,
-        WorkloadKind::Disk | WorkloadKind::Sweep | WorkloadKind::Remote => {
+        WorkloadKind::Disk | WorkloadKind::Sweep | WorkloadKind::Remote | WorkloadKind::Trace => {
             unreachable!("these workloads return early")
         }
     };

@@ -42,6 +42,7 @@ use crate::manager::{
 };
 use crate::memory::{PoolBacking, WritableBuf};
 use crate::metrics::Metrics;
+use crate::policy::PromptReport;
 use crate::tier::{CpuTier, CpuTierStats, TierUsage};
 
 /// What a store did: the counts (a [`StoreSummary`](crate::api::StoreSummary), readable
@@ -366,6 +367,9 @@ impl Engine {
         keys: &[ChunkKey],
         n_tokens: usize,
     ) -> Result<LookupResult> {
+        self.core
+            .manager
+            .observe_prompt(keys, PromptReport::Lookup);
         let r = self.core.manager.lookup(keys)?;
         // Chunk i holds tokens i*cs .. min((i+1)*cs, n): a prefix of h chunks ends there.
         let hit_tokens = (r.hit_chunks * self.keys.chunk_size()).min(n_tokens);
@@ -449,6 +453,8 @@ impl Engine {
             inflight_chunks: 0,
             dropped_chunks: 0,
         };
+        let keys: Vec<ChunkKey> = spans.iter().map(|s| s.key).collect();
+        self.core.manager.observe_prompt(&keys, PromptReport::Store);
         for (i, span) in spans.iter().enumerate() {
             match self.core.manager.claim(span.key) {
                 // Present in L1: skipped (C5). Its lower-tier writes were queued when it was
@@ -457,7 +463,11 @@ impl Engine {
                 StoreClaim::Present(_) | StoreClaim::Stored => session.present_chunks += 1,
                 StoreClaim::InFlight => session.inflight_chunks += 1,
                 StoreClaim::New(claim) => {
-                    let Some(buf) = self.core.manager.allocate(span.len() * bpt) else {
+                    let Some(buf) = self
+                        .core
+                        .manager
+                        .allocate_for_store(&span.key, span.len() * bpt)
+                    else {
                         session.dropped_chunks = spans.len() - i;
                         self.core
                             .manager

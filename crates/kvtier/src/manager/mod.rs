@@ -383,6 +383,17 @@ impl StorageManager {
             .map_err(|_| Error::Closed)
     }
 
+    /// Tells every tier's eviction policy that a request referenced this prompt's chunk keys,
+    /// in order (the engine reports each lookup and each store, before new chunks go in).
+    pub fn observe_prompt(&self, keys: &[ChunkKey], report: crate::policy::PromptReport) {
+        if self.inner.l1_enabled {
+            self.inner.l1.observe_prompt(keys, report);
+        }
+        for s in &self.inner.lower {
+            s.tier.observe_prompt(keys, report);
+        }
+    }
+
     /// Decides whether a key needs storing, claiming it when it does (dedupe, C5).
     pub fn claim(&self, key: ChunkKey) -> StoreClaim {
         if self.inner.l1_enabled {
@@ -403,6 +414,22 @@ impl StorageManager {
             inner: self.inner.clone(),
             key,
         })
+    }
+
+    /// Allocates the pool buffer of the new chunk `key` of a store, like
+    /// [`allocate`](Self::allocate); when L1 is the only tier, its policy may also decline a
+    /// chunk worth less than everything it would evict (the store stops there). With tiers
+    /// below, L1 stages their writes too, so it takes every chunk.
+    pub fn allocate_for_store(
+        &self,
+        key: &ChunkKey,
+        len: usize,
+    ) -> Option<crate::memory::WritableBuf> {
+        if self.inner.l1_enabled && self.inner.lower.is_empty() {
+            self.inner.l1.allocate_for(key, len)
+        } else {
+            self.inner.l1.allocate(len)
+        }
     }
 
     /// Allocates a pool buffer for a new chunk (evicting as needed); `None` when L1 cannot

@@ -1,15 +1,17 @@
-//! Eviction policies shared by every tier that evicts (CPU now, disk later).
+//! Eviction policies shared by every tier that evicts (the CPU tier and the disk tier).
 //!
 //! A policy only orders keys; the tier decides what is evictable (not pinned, not in use)
 //! and passes that predicate in, so a policy can never pick a chunk somebody holds.
 
 mod lru;
+mod prefix_lrfu;
 mod s3fifo;
 
 use std::fmt;
 use std::str::FromStr;
 
 pub use lru::Lru;
+pub use prefix_lrfu::{PrefixLrfu, MIN_HALF_LIFE, STORE_AFTER_LOOKUP};
 pub use s3fifo::S3Fifo;
 
 use crate::error::Error;
@@ -19,6 +21,11 @@ use crate::keys::ChunkKey;
 pub trait EvictionPolicy: Send {
     /// Policy name for stats and logs.
     fn name(&self) -> &'static str;
+    /// A request referenced these chunk keys of one prompt, in order (key `i` extends the
+    /// prefix of key `i - 1`), whether resident or not; reported on lookup and again on
+    /// store (before the prompt's new chunks are inserted). Policies that learn from the
+    /// request stream (frequency, prefix links) use it; by default it is ignored.
+    fn observe_prompt(&mut self, _keys: &[ChunkKey], _report: PromptReport) {}
     /// A key became resident with `size` bytes.
     fn insert(&mut self, key: ChunkKey, size: u64);
     /// A resident key was used.
@@ -28,12 +35,45 @@ pub trait EvictionPolicy: Send {
     /// Picks the next victim among keys for which `evictable` is true, forgets it and
     /// returns it; the tier must then drop it. `None` when nothing is evictable.
     fn evict(&mut self, evictable: &mut dyn FnMut(&ChunkKey) -> bool) -> Option<ChunkKey>;
+    /// Like [`evict`](Self::evict), to make room for `incoming`, a key about to be stored:
+    /// a policy may decline when every candidate is worth more than `incoming` (which is
+    /// then not cached). By default it never declines.
+    fn evict_for(
+        &mut self,
+        _incoming: &ChunkKey,
+        evictable: &mut dyn FnMut(&ChunkKey) -> bool,
+    ) -> Eviction {
+        match self.evict(evictable) {
+            Some(k) => Eviction::Victim(k),
+            None => Eviction::Nothing,
+        }
+    }
     /// Resident keys tracked.
     fn len(&self) -> usize;
     /// Whether no key is tracked.
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// What [`EvictionPolicy::evict_for`] decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Eviction {
+    /// Evict this key (the policy has forgotten it).
+    Victim(ChunkKey),
+    /// Every candidate is worth more than the incoming key: keep them, do not cache it.
+    Declined,
+    /// Nothing is evictable.
+    Nothing,
+}
+
+/// Which engine call reports a prompt to [`EvictionPolicy::observe_prompt`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PromptReport {
+    /// A lookup: a request arrived (a serving engine looks each request up once).
+    Lookup,
+    /// A store: the request that looked the prompt up, or one that never did.
+    Store,
 }
 
 /// Which policy to build.
@@ -45,14 +85,21 @@ pub enum PolicyKind {
     Lru,
     /// S3-FIFO: scan-resistant (one-hit wonders leave through a small probationary queue).
     S3Fifo,
+    /// Prefix-aware LRFU: frequency with exponential aging, prompt tails evicted first.
+    #[serde(rename = "prefix-lrfu")]
+    PrefixLrfu,
 }
 
 impl PolicyKind {
+    /// Every kind, for listings and tests.
+    pub const ALL: [PolicyKind; 3] = [PolicyKind::Lru, PolicyKind::S3Fifo, PolicyKind::PrefixLrfu];
+
     /// Builds the policy for a tier of `capacity` bytes.
     pub fn build(self, capacity: u64) -> Box<dyn EvictionPolicy> {
         match self {
             PolicyKind::Lru => Box::new(Lru::default()),
             PolicyKind::S3Fifo => Box::new(S3Fifo::new(capacity)),
+            PolicyKind::PrefixLrfu => Box::new(PrefixLrfu::new()),
         }
     }
 }
@@ -62,6 +109,7 @@ impl fmt::Display for PolicyKind {
         f.write_str(match self {
             PolicyKind::Lru => "lru",
             PolicyKind::S3Fifo => "s3fifo",
+            PolicyKind::PrefixLrfu => "prefix-lrfu",
         })
     }
 }
@@ -77,8 +125,9 @@ impl FromStr for PolicyKind {
         {
             "lru" => Ok(PolicyKind::Lru),
             "s3fifo" => Ok(PolicyKind::S3Fifo),
+            "prefixlrfu" => Ok(PolicyKind::PrefixLrfu),
             _ => Err(Error::invalid(format!(
-                "unknown cache policy `{s}`; allowed: lru, s3fifo"
+                "unknown cache policy `{s}`; allowed: lru, s3fifo, prefix-lrfu"
             ))),
         }
     }
@@ -148,7 +197,7 @@ mod tests {
     proptest! {
         #[test]
         fn policies_never_return_non_evictable_or_unknown_keys(
-            kind in prop_oneof![Just(PolicyKind::Lru), Just(PolicyKind::S3Fifo)],
+            kind in proptest::sample::select(PolicyKind::ALL.to_vec()),
             ops in proptest::collection::vec((0u8..4, 0u8..16), 1..300),
         ) {
             let mut p = kind.build(16 * 8);

@@ -15,7 +15,7 @@ use crate::chunk::Chunk;
 use crate::error::Result;
 use crate::keys::{ChunkKey, KeyMap};
 use crate::memory::{round_up, BufferSource, ChunkBuf, Pool, PoolOptions, PoolStats, WritableBuf};
-use crate::policy::{EvictionPolicy, PolicyKind};
+use crate::policy::{Eviction, EvictionPolicy, PolicyKind, PromptReport};
 
 /// How to build a CPU tier.
 #[derive(Clone, Debug)]
@@ -151,7 +151,8 @@ impl CpuTier {
         self.pool.stats()
     }
 
-    fn evict_one(&self, st: &mut State) -> Option<u64> {
+    /// Evicts the policy's next victim; for `incoming` (a store), the policy may decline.
+    fn evict_one(&self, st: &mut State, incoming: Option<&ChunkKey>) -> Option<u64> {
         let now = Instant::now();
         let State {
             index,
@@ -159,7 +160,14 @@ impl CpuTier {
             bytes,
             ..
         } = st;
-        let victim = policy.evict(&mut |k| index.get(k).is_none_or(|e| e.evictable(now)))?;
+        let mut evictable = |k: &ChunkKey| index.get(k).is_none_or(|e| e.evictable(now));
+        let victim = match incoming {
+            None => policy.evict(&mut evictable)?,
+            Some(key) => match policy.evict_for(key, &mut evictable) {
+                Eviction::Victim(v) => v,
+                Eviction::Declined | Eviction::Nothing => return None,
+            },
+        };
         let freed = index.remove(&victim).map_or(0, |e| e.chunk.buf.capacity());
         *bytes -= freed;
         self.counters.evictions.fetch_add(1, Ordering::Relaxed);
@@ -184,6 +192,17 @@ impl CpuTier {
     /// Allocates a pool buffer of `len` bytes, evicting (and compacting, when free space is
     /// fragmented) as needed. Never waits: `None` when the bytes are held by readers or pins.
     pub fn allocate(&self, len: usize) -> Option<WritableBuf> {
+        self.allocate_inner(len, None)
+    }
+
+    /// Like [`CpuTier::allocate`], for the new chunk `key` of a store: also `None` when the
+    /// policy declines to evict anything worth more than `key` (counted in
+    /// `alloc_failures`).
+    pub fn allocate_for(&self, key: &ChunkKey, len: usize) -> Option<WritableBuf> {
+        self.allocate_inner(len, Some(key))
+    }
+
+    fn allocate_inner(&self, len: usize, incoming: Option<&ChunkKey>) -> Option<WritableBuf> {
         if let Some(b) = self.pool.try_alloc(len) {
             return Some(b);
         }
@@ -209,7 +228,7 @@ impl CpuTier {
                     return Some(b);
                 }
             }
-            match self.evict_one(&mut st) {
+            match self.evict_one(&mut st, incoming) {
                 Some(freed) => freed_since_compaction += freed.max(1),
                 None => {
                     if free >= cap {
@@ -294,6 +313,11 @@ impl CpuTier {
         for k in keys.iter().rev() {
             st.policy.touch(k);
         }
+    }
+
+    /// Tells the eviction policy a request referenced this prompt's keys, in order.
+    pub fn observe_prompt(&self, keys: &[ChunkKey], report: PromptReport) {
+        self.state.lock().policy.observe_prompt(keys, report);
     }
 
     /// Pins the resident keys among `keys` for `ttl` (default: the tier's pin timeout).

@@ -172,6 +172,10 @@ impl Tier for FaultTier {
         &self.name
     }
 
+    fn observe_prompt(&self, keys: &[ChunkKey], report: crate::policy::PromptReport) {
+        self.inner.observe_prompt(keys, report);
+    }
+
     fn contains_prefix<'a>(&'a self, keys: &'a [ChunkKey]) -> TierFuture<'a, usize> {
         let fault = self.pick(FaultOp::Contains, keys.first());
         Box::pin(async move {

@@ -81,6 +81,10 @@ pub trait Tier: Send + Sync {
         None
     }
 
+    /// A request referenced this prompt's chunk keys, in order (reported on lookup and on
+    /// store); tiers whose eviction policy learns from requests pass it on. Default: ignored.
+    fn observe_prompt(&self, _keys: &[ChunkKey], _report: crate::policy::PromptReport) {}
+
     /// How many leading keys of `keys` this tier holds.
     fn contains_prefix<'a>(&'a self, keys: &'a [ChunkKey]) -> TierFuture<'a, usize>;
 

@@ -33,7 +33,18 @@ fn tier(bytes: u64) -> CpuTier {
 }
 
 fn put(t: &CpuTier, i: u32, len: usize) -> PutOutcome {
-    let Some(mut b) = t.allocate(len) else {
+    put_with(t, i, len, false)
+}
+
+/// `put`, through the store path (`allocate_for`) when `store` is set: the policy may
+/// decline to make room.
+fn put_with(t: &CpuTier, i: u32, len: usize, store: bool) -> PutOutcome {
+    let b = if store {
+        t.allocate_for(&key(i), len)
+    } else {
+        t.allocate(len)
+    };
+    let Some(mut b) = b else {
         return PutOutcome::Skipped("full");
     };
     b.as_mut_slice().fill(i as u8);
@@ -177,11 +188,14 @@ enum Op {
     Pin(u8),
     Unpin(u8),
     Remove(u8),
+    /// A prompt of keys `0..n` is reported (prefix-lrfu learns references and links).
+    Observe(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0u8..24, 1u16..20_000).prop_map(|(k, l)| Op::Put(k, l)),
+        1 => (1u8..24).prop_map(Op::Observe),
         2 => (0u8..24).prop_map(Op::Read),
         2 => any::<u8>().prop_map(Op::Release),
         1 => (0u8..24).prop_map(Op::Pin),
@@ -194,17 +208,22 @@ proptest! {
     #[test]
     fn budget_refs_and_pins_return_to_baseline(
         ops in proptest::collection::vec(op(), 1..120),
-        s3 in any::<bool>(),
+        kind in proptest::sample::select(crate::policy::PolicyKind::ALL.to_vec()),
+        store in any::<bool>(),
     ) {
         let mut o = CpuTierOptions::with_bytes(24 * PAGE);
         o.pool.huge_pages = false;
-        if s3 { o.policy = crate::policy::PolicyKind::S3Fifo; }
+        o.policy = kind;
         let t = CpuTier::new(o).unwrap();
         let mut readers: Vec<Chunk> = Vec::new();
         let mut pins: Vec<PinToken> = Vec::new();
         for op in ops {
             match op {
-                Op::Put(k, l) => { put(&t, u32::from(k), usize::from(l)); }
+                Op::Put(k, l) => { put_with(&t, u32::from(k), usize::from(l), store); }
+                Op::Observe(n) => {
+                    let keys: Vec<ChunkKey> = (0..u32::from(n)).map(key).collect();
+                    t.observe_prompt(&keys, crate::policy::PromptReport::Lookup);
+                }
                 Op::Read(k) => if let Some(c) = t.lookup(&key(u32::from(k))) { readers.push(c) },
                 Op::Release(i) => if !readers.is_empty() { let n = readers.len(); readers.swap_remove(i as usize % n); },
                 Op::Pin(k) => pins.extend(t.pin(&[key(u32::from(k))], None)),

@@ -23,7 +23,7 @@ use crate::chunk::{record, Chunk, ChunkInfo};
 use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, KeyMap};
 use crate::memory::WritableBuf;
-use crate::policy::{EvictionPolicy, PolicyKind};
+use crate::policy::{Eviction, EvictionPolicy, PolicyKind, PromptReport};
 use crate::tier::PutOutcome;
 
 /// Extension of committed record files.
@@ -297,7 +297,7 @@ impl DiskDir {
         {
             let mut st = dir.state.lock();
             while st.bytes > dir.capacity {
-                match dir.evict_one(&mut st) {
+                match dir.evict_one(&mut st, None).ok().flatten() {
                     Some(v) => victims.push(v),
                     None => break,
                 }
@@ -343,6 +343,11 @@ impl DiskDir {
         self.state.lock().index.contains_key(key)
     }
 
+    /// Tells the eviction policy a request referenced this prompt's keys, in order.
+    pub(crate) fn observe_prompt(&self, keys: &[ChunkKey], report: PromptReport) {
+        self.state.lock().policy.observe_prompt(keys, report);
+    }
+
     /// Whether `key` is indexed or being written.
     pub(crate) fn holds(&self, key: &ChunkKey) -> bool {
         let st = self.state.lock();
@@ -351,9 +356,30 @@ impl DiskDir {
 
     /// Evicts the policy's next victim that nobody reads. Its bytes move from `bytes` to
     /// `reserved` until the file is unlinked (see [`DiskDir::unlink_reserved`]).
-    fn evict_one(&self, st: &mut State) -> Option<(ChunkKey, Option<u64>, u64)> {
+    /// For `incoming` (a put), the policy may decline (`Err(())`: keep everything).
+    fn evict_one(
+        &self,
+        st: &mut State,
+        incoming: Option<&ChunkKey>,
+    ) -> Result<Option<(ChunkKey, Option<u64>, u64)>, ()> {
         let State { index, policy, .. } = st;
-        let victim = policy.evict(&mut |k| index.get(k).is_none_or(|e| e.readers == 0))?;
+        let mut evictable = |k: &ChunkKey| index.get(k).is_none_or(|e| e.readers == 0);
+        let victim = match incoming {
+            None => policy.evict(&mut evictable),
+            Some(key) => match policy.evict_for(key, &mut evictable) {
+                Eviction::Victim(v) => Some(v),
+                Eviction::Declined => return Err(()),
+                Eviction::Nothing => None,
+            },
+        };
+        Ok(victim.and_then(|v| self.take_victim(st, v)))
+    }
+
+    fn take_victim(
+        &self,
+        st: &mut State,
+        victim: ChunkKey,
+    ) -> Option<(ChunkKey, Option<u64>, u64)> {
         let e = st.index.remove(&victim)?;
         st.bytes -= e.size;
         st.reserved += e.size;
@@ -421,6 +447,7 @@ impl DiskDir {
         let mut victims = Vec::new();
         let mut got = 0u64;
         let fits;
+        let mut declined = false;
         {
             let mut st = self.state.lock();
             if st.index.contains_key(&key) || st.inflight.contains_key(&key) {
@@ -453,13 +480,18 @@ impl DiskDir {
                     fits = true;
                     break;
                 }
-                match self.evict_one(&mut st) {
-                    Some(v) => {
+                match self.evict_one(&mut st, Some(&key)) {
+                    Ok(Some(v)) => {
                         got += v.2;
                         victims.push(v);
                     }
-                    None => {
+                    Ok(None) => {
                         fits = false;
+                        break;
+                    }
+                    Err(()) => {
+                        fits = false;
+                        declined = true;
                         break;
                     }
                 }
@@ -489,6 +521,13 @@ impl DiskDir {
             }
             let keep = if fits { need } else { 0 };
             st.reserved -= got - keep;
+        }
+        if declined {
+            // The policy keeps what it holds: everything is worth more than this chunk.
+            self.counters
+                .skipped_not_admitted
+                .fetch_add(1, Ordering::Relaxed);
+            return PutOutcome::Skipped("not admitted");
         }
         if !fits {
             self.counters.skipped_full.fetch_add(1, Ordering::Relaxed);

@@ -58,7 +58,7 @@ use crate::chunk::Chunk;
 use crate::error::{Error, Result};
 use crate::keys::ChunkKey;
 use crate::memory::BufferSource;
-use crate::policy::PolicyKind;
+use crate::policy::{PolicyKind, PromptReport};
 
 /// What an acknowledged disk store survives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -393,6 +393,19 @@ impl Tier for DiskTier {
 
     fn holds(&self, key: &ChunkKey) -> Option<bool> {
         Some(self.dir(key).holds(key))
+    }
+
+    fn observe_prompt(&self, keys: &[ChunkKey], report: PromptReport) {
+        match self.dirs.as_slice() {
+            [d] => d.observe_prompt(keys, report),
+            // Striped: a prompt's chunks are spread over the paths, so a path sees its own
+            // keys as one-key prompts (references counted, no prefix links across paths).
+            _ => {
+                for k in keys {
+                    self.dir(k).observe_prompt(std::slice::from_ref(k), report);
+                }
+            }
+        }
     }
 
     fn contains_prefix<'a>(&'a self, keys: &'a [ChunkKey]) -> TierFuture<'a, usize> {
