@@ -35,6 +35,7 @@ use std::time::Duration;
 
 use kvtier::api::{KvCache, PendingLoad, PinToken, StoreSummary};
 use kvtier::keys::{ChunkKey, KeySpace, ModelIdentity};
+use kvtier::transport::wire::socket_path;
 use kvtier::{Error, LookupResult, Result, RetrieveReport};
 use parking_lot::Mutex;
 
@@ -390,10 +391,10 @@ fn open_conn(
     Ok((conn, reply))
 }
 
-/// The server's default socket was `/tmp/kvtier.sock` before it moved to a runtime
-/// directory: a client still pointed there is told where to look.
+/// The server's default socket was `/tmp/kvtier.sock` before it moved to a private
+/// directory ([`socket_path`]): a client still pointed there is told where to look.
 fn old_default_hint(path: &std::path::Path, e: io::Error) -> io::Error {
-    if path != std::path::Path::new("/tmp/kvtier.sock")
+    if path != std::path::Path::new(socket_path::OLD_DEFAULT_SOCKET)
         || !matches!(
             e.kind(),
             io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
@@ -404,9 +405,13 @@ fn old_default_hint(path: &std::path::Path, e: io::Error) -> io::Error {
     io::Error::new(
         e.kind(),
         format!(
-            "{e} (`kvtier serve` no longer listens on /tmp/kvtier.sock by default: its socket is \
-             /run/kvtier/kvtier.sock when run as root, $XDG_RUNTIME_DIR/kvtier.sock otherwise; \
-             point the client there, or start the server with --socket /tmp/kvtier.sock)"
+            "{e} (`kvtier serve` no longer listens on {old} by default: its socket is {root}/{name} \
+             when run as root, $XDG_RUNTIME_DIR/kvtier/{name} otherwise (for this user: {mine}); \
+             point the client there, or start the server with --socket {old})",
+            old = socket_path::OLD_DEFAULT_SOCKET,
+            root = socket_path::ROOT_SOCKET_DIR,
+            name = socket_path::SOCKET_NAME,
+            mine = socket_path::default_socket_path().display(),
         ),
     )
 }

@@ -19,7 +19,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Unix socket path for local clients [default: /run/kvtier/kvtier.sock as root, else
-    /// $XDG_RUNTIME_DIR/kvtier.sock].
+    /// $XDG_RUNTIME_DIR/kvtier/kvtier.sock].
     #[arg(long)]
     pub socket: Option<PathBuf>,
     /// Do not listen on a Unix socket.

@@ -1,29 +1,27 @@
-//! The Unix socket local clients connect to: where it goes by default, the checks on its
-//! directory, and binding it with its final mode from the first moment.
+//! The Unix socket local clients connect to: the checks on its directory, and binding it
+//! with its final mode from the first moment.
 //!
-//! Default: `/run/kvtier/kvtier.sock` for root, `$XDG_RUNTIME_DIR/kvtier.sock` for other
-//! users. The runtime directory is created when missing (0755 for root, so other users can
-//! reach a socket root opens to them; 0700 otherwise) and refused when another user owns it
-//! or it is writable by group or others. A socket given with `--socket` elsewhere is the
-//! user's choice: its directory only gets a warning when others could replace the socket.
+//! Default: [`default_path`], `/run/kvtier/kvtier.sock` for root,
+//! `$XDG_RUNTIME_DIR/kvtier/kvtier.sock` for other users (clients compute the same path,
+//! [`kvtier::transport::wire::socket_path`]). That directory is created when missing (0755
+//! for root, so other users can reach a socket root opens to them; 0700 otherwise) and
+//! refused when another user owns it or it is writable by group or others. A socket given
+//! with `--socket` elsewhere is the user's choice: its directory only gets a warning when
+//! others could replace the socket.
 //!
 //! The socket is bound inside a fresh private (0700) directory next to its final place,
 //! given mode 0600 there, then hard-linked to its final name (which fails rather than
 //! replaces when the name exists) and the private directory removed: nobody can ever
 //! connect to it with looser permissions, and no umask change races other threads.
 
-use std::ffi::OsString;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use kvtier::transport::wire::socket_path;
 use tracing::{info, warn};
 
-/// The socket's file name in the runtime directory.
-pub const SOCKET_NAME: &str = "kvtier.sock";
-/// The runtime directory of a server run by root.
-pub const ROOT_RUNTIME_DIR: &str = "/run/kvtier";
 /// Mode of the socket file: only its owner connects.
 const SOCKET_MODE: u32 = 0o600;
 
@@ -32,25 +30,9 @@ fn euid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// The runtime directory of this user: `/run/kvtier` for root; `$XDG_RUNTIME_DIR` (when set
-/// to an absolute path) for others, else `/run/user/<uid>`, where a login session puts it.
-pub fn runtime_dir() -> PathBuf {
-    runtime_dir_for(euid(), std::env::var_os("XDG_RUNTIME_DIR"))
-}
-
-fn runtime_dir_for(euid: u32, xdg: Option<OsString>) -> PathBuf {
-    if euid == 0 {
-        return PathBuf::from(ROOT_RUNTIME_DIR);
-    }
-    match xdg.map(PathBuf::from) {
-        Some(p) if p.is_absolute() => p,
-        _ => PathBuf::from(format!("/run/user/{euid}")),
-    }
-}
-
-/// The default socket path of this user ([`runtime_dir`]/`kvtier.sock`).
+/// The default socket path of this user ([`socket_path::default_socket_path`]).
 pub fn default_path() -> PathBuf {
-    runtime_dir().join(SOCKET_NAME)
+    socket_path::default_socket_path()
 }
 
 /// The socket file a server created; removed when dropped, unless something else has
@@ -78,8 +60,8 @@ pub(crate) fn bind(path: &Path) -> Result<(tokio::net::UnixListener, SocketFile)
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    if parent == runtime_dir() {
-        prepare_runtime_dir(&parent, if euid() == 0 { 0o755 } else { 0o700 })?;
+    if parent == socket_path::socket_dir() {
+        prepare_socket_dir(&parent, if euid() == 0 { 0o755 } else { 0o700 })?;
     } else {
         warn_if_others_can_replace(&parent, path)?;
     }
@@ -114,9 +96,9 @@ pub(crate) fn bind(path: &Path) -> Result<(tokio::net::UnixListener, SocketFile)
     Ok((listener, file))
 }
 
-/// Creates the runtime directory when missing, then refuses it unless it is a directory
-/// of ours that neither group nor others can write.
-fn prepare_runtime_dir(dir: &Path, mode: u32) -> Result<()> {
+/// Creates the default socket directory when missing, then refuses it unless it is a
+/// directory (not a symlink) of ours that neither group nor others can write.
+fn prepare_socket_dir(dir: &Path, mode: u32) -> Result<()> {
     match std::fs::DirBuilder::new().mode(mode).create(dir) {
         Ok(()) => {
             // The umask may have taken bits off: make it exactly `mode`.
@@ -135,7 +117,8 @@ fn prepare_runtime_dir(dir: &Path, mode: u32) -> Result<()> {
             })
         }
     }
-    let md = std::fs::metadata(dir).with_context(|| format!("stat of {}", dir.display()))?;
+    let md =
+        std::fs::symlink_metadata(dir).with_context(|| format!("stat of {}", dir.display()))?;
     let me = euid();
     let problem = if !md.is_dir() {
         Some("is not a directory".to_string())
@@ -270,40 +253,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn default_places() {
-        assert_eq!(
-            runtime_dir_for(0, Some("/run/user/0".into())),
-            PathBuf::from("/run/kvtier")
-        );
-        assert_eq!(
-            runtime_dir_for(1000, Some("/run/user/1000".into())),
-            PathBuf::from("/run/user/1000")
-        );
-        assert_eq!(
-            runtime_dir_for(1000, Some("relative".into())),
-            PathBuf::from("/run/user/1000")
-        );
-        assert_eq!(runtime_dir_for(1000, None), PathBuf::from("/run/user/1000"));
-        assert_ne!(default_path(), PathBuf::from("/tmp/kvtier.sock"));
-    }
-
-    #[test]
-    fn runtime_dir_is_created_private_and_unsafe_ones_refused() {
+    fn socket_dir_is_created_private_and_unsafe_ones_refused() {
         let t = tempfile::tempdir().unwrap();
         let d = t.path().join("rt");
-        prepare_runtime_dir(&d, 0o755).unwrap();
+        prepare_socket_dir(&d, 0o755).unwrap();
         let md = std::fs::metadata(&d).unwrap();
         assert_eq!(md.mode() & 0o7777, 0o755);
-        prepare_runtime_dir(&d, 0o755).unwrap(); // an existing safe one is fine
+        prepare_socket_dir(&d, 0o755).unwrap(); // an existing safe one is fine
         for bad in [0o777, 0o1777, 0o775] {
             std::fs::set_permissions(&d, std::fs::Permissions::from_mode(bad)).unwrap();
-            let e = format!("{:#}", prepare_runtime_dir(&d, 0o755).unwrap_err());
+            let e = format!("{:#}", prepare_socket_dir(&d, 0o755).unwrap_err());
             assert!(e.contains("unsafe socket directory"), "{e}");
             assert!(e.contains(&format!("{bad:04o}")), "{e}");
         }
         std::fs::remove_dir(&d).unwrap();
         std::fs::write(&d, b"").unwrap();
-        let e = format!("{:#}", prepare_runtime_dir(&d, 0o755).unwrap_err());
+        let e = format!("{:#}", prepare_socket_dir(&d, 0o755).unwrap_err());
         assert!(e.contains("not a directory"), "{e}");
     }
 

@@ -420,8 +420,9 @@ fn client_refuses_a_server_run_by_another_user() {
     impostor.term();
 }
 
-/// Row 6: without `--socket` the socket goes to the user's runtime directory, mode 0600 from
-/// the start whatever the umask; an unsafe runtime directory is refused.
+/// Row 6: without `--socket` the socket goes to `$XDG_RUNTIME_DIR/kvtier/` (created 0700),
+/// mode 0600 from the start whatever the umask; a socket directory others can write, or one
+/// of another user, is refused.
 #[test]
 fn default_socket_lives_in_a_private_runtime_dir() {
     if !root_or_skip() {
@@ -444,31 +445,41 @@ fn default_socket_lives_in_a_private_runtime_dir() {
     let mut s = launch()
         .start()
         .unwrap_or_else(|log| panic!("server refused to start: {log}"));
-    let sock = rt.join("kvtier.sock");
+    let dir = rt.join("kvtier");
+    let sock = dir.join("kvtier.sock");
     assert_eq!(s.bound["socket"].as_str(), sock.to_str());
+    let md = std::fs::symlink_metadata(&dir).unwrap();
+    assert!(md.is_dir());
+    assert_eq!((md.uid(), md.mode() & 0o7777), (NOBODY, 0o700));
     let md = std::fs::symlink_metadata(&sock).unwrap();
     assert!(md.file_type().is_socket());
     assert_eq!((md.uid(), md.mode() & 0o777), (NOBODY, 0o600));
     assert_eq!(
-        entries(&rt),
+        entries(&dir),
         vec!["kvtier.sock".to_string()],
         "nothing else left"
     );
     s.term();
     assert!(!sock.exists(), "removed at shutdown");
 
-    set_mode(&rt, 0o777);
-    let log = match launch().start() {
-        Ok(mut s) => {
-            s.term();
-            panic!("a world-writable runtime directory was accepted")
-        }
-        Err(log) => log,
+    let refused = |want: &str| {
+        let log = match launch().start() {
+            Ok(mut s) => {
+                s.term();
+                panic!("an unsafe socket directory was accepted")
+            }
+            Err(log) => log,
+        };
+        assert!(
+            log.contains("unsafe socket directory") && log.contains(want),
+            "{log}"
+        );
     };
-    assert!(
-        log.contains("unsafe socket directory") && log.contains("0777"),
-        "{log}"
-    );
+    set_mode(&dir, 0o777);
+    refused("0777");
+    set_mode(&dir, 0o700);
+    std::os::unix::fs::chown(&dir, Some(0), Some(0)).unwrap();
+    refused("owned by uid 0");
 }
 
 /// Row 6: another user's file where the socket goes is refused and left alone (versions

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::error::{Error, Result};
+
 /// The memory figures a pool is compared with; `None` where the machine does not say.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostMemory {
@@ -48,17 +50,35 @@ impl HostMemory {
     }
 }
 
-/// Logs a warning when a pool of `bytes` is larger than the machine's memory or the cgroup
-/// limit.
-pub(crate) fn warn_if_oversized(bytes: u64) {
+/// Checks a pool of `bytes` against this machine: larger than its memory or the cgroup
+/// limit, it starts with a warning (memory is committed as the pool fills, so one that never
+/// fills can run), unless `prefault` would touch all of it at start: that is refused, since
+/// the process would be OOM-killed before serving anything.
+pub(crate) fn check_pool_size(bytes: u64, prefault: bool) -> Result<()> {
     let host = HostMemory::read();
-    if let Some(why) = host.too_small_for(bytes) {
+    if let Some(why) = host.verdict(bytes, prefault)? {
         tracing::warn!(
             pool_bytes = bytes,
             mem_total = host.mem_total,
             cgroup_limit = host.cgroup_limit,
             "{why}"
         );
+    }
+    Ok(())
+}
+
+impl HostMemory {
+    /// `Ok(None)`: the pool fits; `Ok(Some(warning))`: it does not but may start; `Err`: it
+    /// cannot start (prefaulted).
+    fn verdict(&self, bytes: u64, prefault: bool) -> Result<Option<String>> {
+        match self.too_small_for(bytes) {
+            Some(why) if prefault => Err(Error::invalid(format!(
+                "{why}; with local_cpu_prefault on, every page is touched at start and the \
+                 process would be killed before serving: lower max_local_cpu_size or turn \
+                 local_cpu_prefault off"
+            ))),
+            other => Ok(other),
+        }
     }
 }
 
@@ -181,5 +201,17 @@ mod tests {
         let w = h.too_small_for(9 << 30).unwrap();
         assert!(w.contains("MemTotal 8.0 GiB") && w.contains("cgroup"), "{w}");
         assert_eq!(HostMemory::default().too_small_for(u64::MAX), None);
+    }
+
+    #[test]
+    fn an_oversized_pool_warns_and_a_prefaulted_one_is_refused() {
+        let h = HostMemory {
+            mem_total: Some(8 << 30),
+            cgroup_limit: None,
+        };
+        assert_eq!(h.verdict(4 << 30, true).unwrap(), None);
+        assert!(h.verdict(9 << 30, false).unwrap().is_some());
+        let e = h.verdict(9 << 30, true).unwrap_err().to_string();
+        assert!(e.contains("MemTotal 8.0 GiB") && e.contains("local_cpu_prefault"), "{e}");
     }
 }

@@ -94,7 +94,8 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     /// Maps a pool. Fails with a clear error when the memory cannot be had; warns when the
-    /// pool is larger than the machine's memory or the cgroup limit.
+    /// pool is larger than the machine's memory or the cgroup limit (refuses it when
+    /// `prefault` would touch all of it at start).
     pub fn new(opts: &PoolOptions) -> Result<Pool> {
         let capacity = opts.bytes / PAGE * PAGE;
         if capacity == 0 {
@@ -105,7 +106,7 @@ impl Pool {
         }
         let len = usize::try_from(capacity)
             .map_err(|_| Error::invalid("pool size exceeds the address space"))?;
-        super::host::warn_if_oversized(capacity);
+        super::host::check_pool_size(capacity, opts.prefault)?;
         let (map, fd) = match &opts.backing {
             PoolBacking::Anonymous => {
                 let mut o = MmapOptions::new();
