@@ -143,31 +143,41 @@ fn prepare_socket_dir(dir: &Path, mode: u32) -> Result<()> {
     Ok(())
 }
 
-/// A socket outside the runtime directory: warns when users other than root and us could
-/// delete or replace it. Fails only when the directory is not there.
+/// A socket outside the default directory: warns when users other than root and us could
+/// delete or replace it, or take its name first (a shared directory such as `/tmp`, where
+/// the old default `/tmp/kvtier.sock` lives). Fails only when the directory is not there.
 fn warn_if_others_can_replace(dir: &Path, socket: &Path) -> Result<()> {
     let md = std::fs::metadata(dir)
         .with_context(|| format!("the directory of the socket {}", socket.display()))?;
     let mode = md.mode();
-    let why = if mode & 0o022 != 0 && mode & libc::S_ISVTX == 0 {
-        Some(format!(
-            "is writable by other users and lacks the sticky bit (mode {:04o})",
-            mode & 0o7777
-        ))
+    let (why, risk) = if mode & 0o022 != 0 && mode & libc::S_ISVTX == 0 {
+        (
+            format!(
+                "is writable by other users and lacks the sticky bit (mode {:04o})",
+                mode & 0o7777
+            ),
+            "delete or replace the socket",
+        )
     } else if md.uid() != 0 && md.uid() != euid() {
-        Some(format!("belongs to uid {}", md.uid()))
+        (
+            format!("belongs to uid {}", md.uid()),
+            "delete or replace the socket",
+        )
+    } else if mode & 0o022 != 0 {
+        (
+            format!("is shared with other users (mode {:04o})", mode & 0o7777),
+            "take the socket's name while no server listens (this server then refuses to start)",
+        )
     } else {
-        None
+        return Ok(());
     };
-    if let Some(why) = why {
-        warn!(
-            socket = %socket.display(),
-            "the socket's directory {} {why}: other users can delete or replace the socket \
-             (clients still refuse a server of another uid); prefer the default {}",
-            dir.display(),
-            default_path().display()
-        );
-    }
+    warn!(
+        socket = %socket.display(),
+        "the socket's directory {} {why}: other users can {risk}; clients still refuse a \
+         server of another uid; prefer the default {}",
+        dir.display(),
+        default_path().display()
+    );
     Ok(())
 }
 

@@ -198,7 +198,10 @@ fn client(addr: &str, opts: ClientOptions) -> kvtier::Result<KvClient> {
 /// Stores a document over shared memory and reads it back.
 fn roundtrip_shm(addr: &str) {
     let c = client(addr, ClientOptions::default()).unwrap();
-    assert!(c.server_info().shared_memory, "the pool descriptor was passed");
+    assert!(
+        c.server_info().shared_memory,
+        "the pool descriptor was passed"
+    );
     let (t, p) = (tokens(7, 64), payload(7, 64));
     assert_eq!(c.store(&t, None, &p).unwrap().stored_tokens, 64);
     let mut out = vec![0u8; p.len()];
@@ -258,8 +261,15 @@ fn planted_pool_files_and_symlinks_are_never_opened() {
     roundtrip_shm(&s.unix());
     let planted = shm.path().join(format!("kvtier-pool-{}", s.child.id()));
     let md = std::fs::metadata(&planted).unwrap();
-    assert_eq!((md.uid(), md.len()), (NOBODY, 0), "the planted file is untouched");
-    assert_eq!(as_nobody(&format!("wc -c < {}", planted.display())).trim(), "0");
+    assert_eq!(
+        (md.uid(), md.len()),
+        (NOBODY, 0),
+        "the planted file is untouched"
+    );
+    assert_eq!(
+        as_nobody(&format!("wc -c < {}", planted.display())).trim(),
+        "0"
+    );
     s.term();
 }
 
@@ -506,8 +516,8 @@ fn another_users_file_at_the_socket_path_is_left_alone() {
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "mine\n");
 }
 
-/// Row 6: an explicit socket in a directory anyone can write (no sticky bit) still works,
-/// with a warning; TCP without a token warns even on loopback.
+/// Row 6: an explicit socket in a directory anyone can write (with or without the sticky
+/// bit) still works, with a warning; TCP without a token warns even on loopback.
 #[test]
 fn unsafe_socket_dir_and_tokenless_loopback_tcp_warn() {
     let work = tempfile::tempdir().unwrap();
@@ -526,5 +536,18 @@ fn unsafe_socket_dir_and_tokenless_loopback_tcp_warn() {
         log.contains("TCP listener without KVTIER_AUTH_TOKEN: every local user"),
         "{log}"
     );
+    s.term();
+
+    // A shared sticky directory like /tmp (the old default /tmp/kvtier.sock): still works,
+    // with a warning that others can take the name first.
+    set_mode(&open, 0o1777);
+    let mut l = Launch::new(work.path());
+    l.socket = Some(open.join("kv.sock"));
+    let mut s = l
+        .start()
+        .unwrap_or_else(|log| panic!("server refused to start: {log}"));
+    roundtrip_shm(&s.unix());
+    let log = s.log_text();
+    assert!(log.contains("take the socket's name"), "{log}");
     s.term();
 }

@@ -196,10 +196,16 @@ mod tests {
         };
         assert_eq!(h.too_small_for(4 << 30), None);
         let w = h.too_small_for(6 << 30).unwrap();
-        assert!(w.contains("6.0 GiB") && w.contains("cgroup") && w.contains("4.0 GiB"), "{w}");
+        assert!(
+            w.contains("6.0 GiB") && w.contains("cgroup") && w.contains("4.0 GiB"),
+            "{w}"
+        );
         assert!(!w.contains("MemTotal"), "{w}");
         let w = h.too_small_for(9 << 30).unwrap();
-        assert!(w.contains("MemTotal 8.0 GiB") && w.contains("cgroup"), "{w}");
+        assert!(
+            w.contains("MemTotal 8.0 GiB") && w.contains("cgroup"),
+            "{w}"
+        );
         assert_eq!(HostMemory::default().too_small_for(u64::MAX), None);
     }
 
@@ -212,6 +218,9 @@ mod tests {
         assert_eq!(h.verdict(4 << 30, true).unwrap(), None);
         assert!(h.verdict(9 << 30, false).unwrap().is_some());
         let e = h.verdict(9 << 30, true).unwrap_err().to_string();
-        assert!(e.contains("MemTotal 8.0 GiB") && e.contains("local_cpu_prefault"), "{e}");
+        assert!(
+            e.contains("MemTotal 8.0 GiB") && e.contains("local_cpu_prefault"),
+            "{e}"
+        );
     }
 }

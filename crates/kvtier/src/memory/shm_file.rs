@@ -74,7 +74,10 @@ pub(crate) fn create_unlinked(dir: &Path, bytes: u64) -> Result<File> {
         // stale; the descriptor is all the pool needs.
         if let Err(e) = unlinkat(dfd, &c_name) {
             if e.kind() != io::ErrorKind::NotFound {
-                return Err(Error::io(format!("unlinking the pool file {shown}/{name}"), e));
+                return Err(Error::io(
+                    format!("unlinking the pool file {shown}/{name}"),
+                    e,
+                ));
             }
         }
         checked?;

@@ -18,7 +18,10 @@ pub const OLD_DEFAULT_SOCKET: &str = "/tmp/kvtier.sock";
 /// `$XDG_RUNTIME_DIR/kvtier` otherwise).
 pub fn socket_dir() -> PathBuf {
     // SAFETY: geteuid never fails.
-    socket_dir_for(unsafe { libc::geteuid() }, std::env::var_os("XDG_RUNTIME_DIR"))
+    socket_dir_for(
+        unsafe { libc::geteuid() },
+        std::env::var_os("XDG_RUNTIME_DIR"),
+    )
 }
 
 /// [`socket_dir`] of user `euid` with `XDG_RUNTIME_DIR` set to `xdg`.
@@ -56,7 +59,10 @@ mod tests {
             socket_dir_for(1000, Some("relative".into())),
             PathBuf::from("/run/user/1000/kvtier")
         );
-        assert_eq!(socket_dir_for(1000, None), PathBuf::from("/run/user/1000/kvtier"));
+        assert_eq!(
+            socket_dir_for(1000, None),
+            PathBuf::from("/run/user/1000/kvtier")
+        );
         assert_ne!(default_socket_path(), PathBuf::from(OLD_DEFAULT_SOCKET));
     }
 }
