@@ -14,7 +14,7 @@
 //! use kvtier::layout::{Dtype, KvLayout};
 //! use kvtier::keys::ModelIdentity;
 //! let id = ModelIdentity::new("tiny", KvLayout::simple(2, 2, 8, Dtype::F16));
-//! let client = kvtier_client::KvClient::connect("unix:/tmp/kvtier.sock", id).unwrap();
+//! let client = kvtier_client::KvClient::connect("unix:/run/kvtier/kvtier.sock", id).unwrap();
 //! let tokens: Vec<u32> = (0..512).collect();
 //! println!("{} tokens cached", client.lookup(&tokens, None).unwrap().hit_tokens);
 //! ```
@@ -24,6 +24,7 @@
 /// speaks it too); re-exported here so `kvtier_client::proto` keeps working.
 pub use kvtier::transport::wire as proto;
 pub mod shm;
+pub mod trust;
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -34,6 +35,7 @@ use std::time::Duration;
 
 use kvtier::api::{KvCache, PendingLoad, PinToken, StoreSummary};
 use kvtier::keys::{ChunkKey, KeySpace, ModelIdentity};
+use kvtier::transport::wire::socket_path;
 use kvtier::{Error, LookupResult, Result, RetrieveReport};
 use parking_lot::Mutex;
 
@@ -98,6 +100,9 @@ pub struct ClientOptions {
     pub max_piece: usize,
     /// `store` waits until the lower tiers (disk, remote) hold the new chunks.
     pub durable: bool,
+    /// Uids a server on a Unix socket may run as besides root and this user's own;
+    /// `KVTIER_SERVER_UID` (comma-separated) adds to them. Any other is refused.
+    pub trusted_server_uids: Vec<u32>,
 }
 
 impl std::fmt::Debug for ClientOptions {
@@ -113,6 +118,7 @@ impl std::fmt::Debug for ClientOptions {
             .field("chunk_size", &self.chunk_size)
             .field("max_piece", &self.max_piece)
             .field("durable", &self.durable)
+            .field("trusted_server_uids", &self.trusted_server_uids)
             .finish()
     }
 }
@@ -129,6 +135,7 @@ impl Default for ClientOptions {
             chunk_size: None,
             max_piece: 16 << 20,
             durable: false,
+            trusted_server_uids: Vec::new(),
         }
     }
 }
@@ -324,7 +331,13 @@ fn open_conn(
     identity_json: &str,
 ) -> std::result::Result<(Conn, Response), CallError> {
     let stream = match addr {
-        Addr::Unix(p) => Stream::Unix(UnixStream::connect(p)?),
+        Addr::Unix(p) => {
+            let s = UnixStream::connect(p).map_err(|e| old_default_hint(p, e))?;
+            // Before a single byte goes out: is this our server?
+            trust::check_server(&s, &addr.to_string(), &opts.trusted_server_uids)
+                .map_err(CallError::Reply)?;
+            Stream::Unix(s)
+        }
         Addr::Tcp(t) => {
             use std::net::ToSocketAddrs;
             let mut last = io::Error::new(io::ErrorKind::NotFound, "address resolved to nothing");
@@ -378,6 +391,31 @@ fn open_conn(
     Ok((conn, reply))
 }
 
+/// The server's default socket was `/tmp/kvtier.sock` before it moved to a private
+/// directory ([`socket_path`]): a client still pointed there is told where to look.
+fn old_default_hint(path: &std::path::Path, e: io::Error) -> io::Error {
+    if path != std::path::Path::new(socket_path::OLD_DEFAULT_SOCKET)
+        || !matches!(
+            e.kind(),
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+        )
+    {
+        return e;
+    }
+    io::Error::new(
+        e.kind(),
+        format!(
+            "{e} (`kvtier serve` no longer listens on {old} by default: its socket is {root}/{name} \
+             when run as root, $XDG_RUNTIME_DIR/kvtier/{name} otherwise (for this user: {mine}); \
+             point the client there, or start the server with --socket {old})",
+            old = socket_path::OLD_DEFAULT_SOCKET,
+            root = socket_path::ROOT_SOCKET_DIR,
+            name = socket_path::SOCKET_NAME,
+            mine = socket_path::default_socket_path().display(),
+        ),
+    )
+}
+
 impl KvClient {
     /// Connects with default options (`KVTIER_AUTH_TOKEN` as the token, shared memory on
     /// Unix sockets, 30 s call timeout).
@@ -389,9 +427,10 @@ impl KvClient {
     pub fn connect_with(
         addr: &str,
         identity: ModelIdentity,
-        opts: ClientOptions,
+        mut opts: ClientOptions,
     ) -> Result<KvClient> {
         let addr = Addr::parse(addr)?;
+        opts.trusted_server_uids = trust::trusted_uids(&opts.trusted_server_uids)?;
         identity.validate()?;
         let identity_json = serde_json::to_string(&identity)
             .map_err(|e| Error::invalid(format!("model identity is not JSON: {e}")))?;
@@ -994,6 +1033,16 @@ mod tests {
             len: 1,
         };
         assert!(slot_bounds(100, &huge, 2).is_err());
+    }
+
+    #[test]
+    fn the_old_default_socket_points_to_the_new_one() {
+        let gone = || io::Error::from(io::ErrorKind::NotFound);
+        let e = old_default_hint(std::path::Path::new("/tmp/kvtier.sock"), gone());
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert!(e.to_string().contains("/run/kvtier/kvtier.sock"), "{e}");
+        let e = old_default_hint(std::path::Path::new("/tmp/other.sock"), gone());
+        assert!(!e.to_string().contains("/run/kvtier"), "{e}");
     }
 
     #[test]

@@ -18,9 +18,10 @@ pub struct ServeArgs {
     /// Engine config file (YAML); `KVTIER_<KEY>` environment overrides apply too.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Unix socket path for local clients.
-    #[arg(long, default_value = "/tmp/kvtier.sock")]
-    pub socket: PathBuf,
+    /// Unix socket path for local clients [default: /run/kvtier/kvtier.sock as root, else
+    /// $XDG_RUNTIME_DIR/kvtier/kvtier.sock].
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
     /// Do not listen on a Unix socket.
     #[arg(long)]
     pub no_socket: bool,
@@ -33,8 +34,9 @@ pub struct ServeArgs {
     /// Admin HTTP bind address.
     #[arg(long, default_value = "127.0.0.1")]
     pub admin_host: std::net::IpAddr,
-    /// Keep the L1 pool in a 0600 file under this directory (e.g. /dev/shm) instead of a
-    /// memfd; clients get its descriptor either way.
+    /// Keep the L1 pool in a private file created in this directory (e.g. /dev/shm or a
+    /// hugetlbfs mount) and unlinked at once, instead of a memfd; clients get its descriptor
+    /// either way.
     #[arg(long)]
     pub shm_dir: Option<PathBuf>,
     /// Seconds a store/retrieve lease lives without activity before it is released.
@@ -76,7 +78,11 @@ impl ServeArgs {
             "--max-frame-mib must be at least 1"
         );
         let mut cfg = ServeConfig::new(engine);
-        cfg.socket = (!self.no_socket).then(|| self.socket.clone());
+        cfg.socket = (!self.no_socket).then(|| {
+            self.socket
+                .clone()
+                .unwrap_or_else(crate::socket::default_path)
+        });
         ensure!(
             cfg.socket.is_some() || self.tcp.is_some(),
             "--no-socket needs --tcp: the server must listen somewhere"

@@ -18,15 +18,16 @@ mod io;
 mod lease;
 pub mod models;
 mod peer;
+pub mod socket;
 mod state;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use kvtier::memory::PoolBacking;
 use kvtier::{EngineConfig, EngineCore};
 use tokio::sync::{watch, Notify};
@@ -42,13 +43,14 @@ pub use models::Models;
 pub struct ServeConfig {
     /// Engine configuration (tiers, sizes, policy).
     pub engine: EngineConfig,
-    /// Unix socket path (None: no Unix listener).
+    /// Unix socket path (None: no Unix listener); [`socket::default_path`] by default.
     pub socket: Option<PathBuf>,
     /// TCP listen address.
     pub tcp: Option<SocketAddr>,
     /// Admin HTTP listen address.
     pub admin: Option<SocketAddr>,
-    /// Put the pool in a file under this directory (mode 0600) instead of a memfd.
+    /// Put the pool in a private, unlinked file created in this directory instead of a
+    /// memfd ([`kvtier::memory::shm_file`]).
     pub shm_dir: Option<PathBuf>,
     /// How long a store or retrieve lease lives without activity.
     pub lease_timeout: Duration,
@@ -86,11 +88,12 @@ impl std::fmt::Debug for ServeConfig {
 }
 
 impl ServeConfig {
-    /// Defaults around an engine config: socket `/tmp/kvtier.sock`, memfd pool, 30 s leases.
+    /// Defaults around an engine config: socket [`socket::default_path`]
+    /// (`/run/kvtier/kvtier.sock` for root), memfd pool, 30 s leases.
     pub fn new(engine: EngineConfig) -> ServeConfig {
         ServeConfig {
             engine,
-            socket: Some(PathBuf::from("/tmp/kvtier.sock")),
+            socket: Some(socket::default_path()),
             tcp: None,
             admin: None,
             shm_dir: None,
@@ -119,46 +122,13 @@ pub struct Bound {
     pub pid: u32,
 }
 
-fn pool_backing(cfg: &ServeConfig) -> Result<(PoolBacking, Option<PathBuf>)> {
-    let Some(dir) = &cfg.shm_dir else {
-        return Ok((PoolBacking::Memfd, None));
-    };
-    let path = dir.join(format!("kvtier-pool-{}", std::process::id()));
-    // Create it 0600 first: the pool opens it without changing its mode.
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("creating the pool file {}", path.display()))?;
-    Ok((PoolBacking::SharedFile(path.clone()), Some(path)))
-}
-
-fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!(
-                "another server is listening on {}; stop it or pick another --socket",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing the stale socket {}", path.display()))?;
-    }
-    let l = tokio::net::UnixListener::bind(path)
-        .with_context(|| format!("binding the Unix socket {}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("setting the mode of {}", path.display()))?;
-    Ok(l)
-}
-
 /// Runs a server until SIGTERM/SIGINT (or `stop` turning true): stops accepting, lets
 /// in-flight requests finish, flushes durable writes, removes the socket.
 pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) -> Result<()> {
-    let (backing, pool_file) = pool_backing(&cfg)?;
+    let backing = cfg
+        .shm_dir
+        .clone()
+        .map_or(PoolBacking::Memfd, PoolBacking::ShmDir);
     let core = tokio::task::block_in_place(|| {
         EngineCore::open(cfg.engine.clone(), cfg.rank, backing.clone())
     })
@@ -178,9 +148,13 @@ pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) ->
         expired_leases: AtomicU64::new(0),
     });
 
-    let unix = match &cfg.socket {
-        Some(p) => Some(bind_unix(p)?),
-        None => None,
+    // The socket file is removed when `serve` returns (if it is still ours).
+    let (unix, _socket_file) = match &cfg.socket {
+        Some(p) => {
+            let (l, f) = socket::bind(p)?;
+            (Some(l), Some(f))
+        }
+        None => (None, None),
     };
     let tcp = match cfg.tcp {
         Some(a) => Some(
@@ -192,8 +166,13 @@ pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) ->
     };
     let tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
     if let Some(a) = tcp_addr {
-        if state.auth_token.is_none() && !a.ip().is_loopback() {
-            warn!(%a, "TCP listener on a non-loopback address without KVTIER_AUTH_TOKEN");
+        if state.auth_token.is_none() {
+            let who = if a.ip().is_loopback() {
+                "every local user"
+            } else {
+                "anyone who can reach it"
+            };
+            warn!(%a, "TCP listener without KVTIER_AUTH_TOKEN: {who} can read and wipe the cache; set KVTIER_AUTH_TOKEN");
         }
     }
     let admin = match cfg.admin {
@@ -249,12 +228,6 @@ pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) ->
     flush_before_exit(&models, cfg.flush_timeout).await?;
     if let Some(a) = admin {
         a.shutdown();
-    }
-    if let Some(p) = &cfg.socket {
-        let _ = std::fs::remove_file(p);
-    }
-    if let Some(p) = pool_file {
-        let _ = std::fs::remove_file(p);
     }
     info!("kvtier server stopped");
     Ok(())

@@ -2,8 +2,10 @@
 //!
 //! # Design
 //! The CPU tier owns a single region of exactly the configured budget, mapped once
-//! (anonymous memory, a memfd, or a file under `/dev/shm` so other processes can map it;
-//! transparent huge pages requested where the kernel allows). Buffers are extents of that
+//! (anonymous memory, or a memfd or a private unlinked file under `/dev/shm` whose
+//! descriptor other processes can map; transparent huge pages requested where the kernel
+//! allows). A pool larger than the machine's memory or the cgroup limit is reported at
+//! start ([`host`]). Buffers are extents of that
 //! region addressed by **offset**, so a handle means the same bytes in every process that
 //! maps the pool.
 //!
@@ -20,9 +22,12 @@
 //! to the pool when the last handle drops.
 
 mod extent;
+pub mod host;
 mod pool;
+pub mod shm_file;
 
 pub use extent::{round_up, ExtentAllocator, PAGE};
+pub use host::HostMemory;
 pub use pool::{ChunkBuf, Pool, PoolBacking, PoolOptions, PoolStats, WritableBuf};
 
 /// Where a reader gets buffers to read into (the L1 pool, with eviction), so a lower-tier read

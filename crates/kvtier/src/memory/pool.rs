@@ -20,8 +20,10 @@ pub enum PoolBacking {
     Anonymous,
     /// An anonymous memfd, shareable by passing its descriptor to another process.
     Memfd,
-    /// A file (normally under `/dev/shm`) other processes can map by path.
-    SharedFile(PathBuf),
+    /// A file created privately in this directory (normally `/dev/shm`, or a hugetlbfs
+    /// mount) and unlinked at once ([`super::shm_file`]): shareable by passing its
+    /// descriptor, like a memfd, and never reachable by name.
+    ShmDir(PathBuf),
 }
 
 /// How to build a pool.
@@ -76,14 +78,6 @@ pub(crate) struct PoolInner {
 unsafe impl Send for PoolInner {}
 unsafe impl Sync for PoolInner {}
 
-impl Drop for PoolInner {
-    fn drop(&mut self) {
-        if let PoolBacking::SharedFile(p) = &self.backing {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
 /// A fixed-size memory pool; cheap to clone (shared).
 #[derive(Clone)]
 pub struct Pool {
@@ -99,7 +93,9 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// Maps a pool. Fails with a clear error when the memory cannot be had.
+    /// Maps a pool. Fails with a clear error when the memory cannot be had; warns when the
+    /// pool is larger than the machine's memory or the cgroup limit (refuses it when
+    /// `prefault` would touch all of it at start).
     pub fn new(opts: &PoolOptions) -> Result<Pool> {
         let capacity = opts.bytes / PAGE * PAGE;
         if capacity == 0 {
@@ -110,6 +106,7 @@ impl Pool {
         }
         let len = usize::try_from(capacity)
             .map_err(|_| Error::invalid("pool size exceeds the address space"))?;
+        super::host::check_pool_size(capacity, opts.prefault)?;
         let (map, fd) = match &opts.backing {
             PoolBacking::Anonymous => {
                 let mut o = MmapOptions::new();
@@ -143,20 +140,17 @@ impl Pool {
                     .map_err(|e| Error::io("mapping the memfd pool", e))?;
                 (map, Some(file))
             }
-            PoolBacking::SharedFile(path) => {
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(path)
-                    .map_err(|e| Error::io(format!("creating pool file {}", path.display()), e))?;
-                file.set_len(capacity)
-                    .map_err(|e| Error::io(format!("sizing pool file {}", path.display()), e))?;
-                // SAFETY: we created and truncated the file; clients map it read/write by
-                // agreement and only touch extents the server hands them.
-                let map = unsafe { MmapOptions::new().len(len).map_mut(&file) }
-                    .map_err(|e| Error::io(format!("mapping pool file {}", path.display()), e))?;
+            PoolBacking::ShmDir(dir) => {
+                let file = super::shm_file::create_unlinked(dir, capacity)?;
+                file.set_len(capacity).map_err(|e| {
+                    Error::io(format!("sizing the pool file in {}", dir.display()), e)
+                })?;
+                // SAFETY: the file is ours alone (created exclusively, already unlinked);
+                // clients it is passed to map it read/write by agreement and only touch
+                // extents the server hands them.
+                let map = unsafe { MmapOptions::new().len(len).map_mut(&file) }.map_err(|e| {
+                    Error::io(format!("mapping the pool file in {}", dir.display()), e)
+                })?;
                 (map, Some(file))
             }
         };
@@ -446,10 +440,9 @@ mod tests {
     }
 
     #[test]
-    fn shared_file_and_memfd_backings_map() {
+    fn shm_dir_and_memfd_backings_map() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("pool");
-        for backing in [PoolBacking::Memfd, PoolBacking::SharedFile(path.clone())] {
+        for backing in [PoolBacking::Memfd, PoolBacking::ShmDir(dir.path().into())] {
             let pool = Pool::new(&PoolOptions {
                 bytes: 1 << 20,
                 backing,
@@ -460,8 +453,12 @@ mod tests {
             assert!(pool.raw_fd().is_some());
             let mut b = pool.try_alloc(100).unwrap();
             b.as_mut_slice()[99] = 9;
+            assert_eq!(
+                std::fs::read_dir(dir.path()).unwrap().count(),
+                0,
+                "the pool file has no name while the pool lives"
+            );
         }
-        assert!(!path.exists(), "shared pool file is removed with the pool");
     }
 
     #[test]

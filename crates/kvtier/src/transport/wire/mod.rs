@@ -23,12 +23,13 @@
 //!
 //! Files: [`frame`] (framing, the one frame-head parser and readers), [`message`] (the
 //! message enums and error replies), [`rpc`] (model connections), [`chunk`] (chunk-level
-//! connections).
+//! connections), [`socket_path`] (where the server listens by default).
 
 pub mod chunk;
 pub mod frame;
 pub mod message;
 pub mod rpc;
+pub mod socket_path;
 
 pub use chunk::{keys_from_bytes, keys_to_bytes, PutResult};
 pub use frame::{
