@@ -34,8 +34,8 @@ pub(crate) async fn read_body<R: AsyncRead + Unpin>(
     timeout: Duration,
 ) -> Result<Vec<u8>, ReadError> {
     let mut body = Vec::with_capacity(len);
-    let read = (&mut *rd).take(len as u64).read_to_end(&mut body);
-    match tokio::time::timeout(timeout, read).await {
+    let mut limited = (&mut *rd).take(len as u64);
+    match tokio::time::timeout(timeout, limited.read_to_end(&mut body)).await {
         Ok(Ok(n)) if n == len => Ok(body),
         Ok(Ok(_)) => Err(ReadError::Truncated(io::ErrorKind::UnexpectedEof.into())),
         Ok(Err(e)) => Err(ReadError::Truncated(e)),
