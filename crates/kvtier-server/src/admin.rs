@@ -90,7 +90,9 @@ pub const ADMIN_TOKEN_ENV: &str = "KVTIER_ADMIN_TOKEN";
 
 /// The admin token from [`ADMIN_TOKEN_ENV`] (unset or empty: none).
 pub fn token_from_env() -> Option<String> {
-    std::env::var(ADMIN_TOKEN_ENV).ok().filter(|t| !t.is_empty())
+    std::env::var(ADMIN_TOKEN_ENV)
+        .ok()
+        .filter(|t| !t.is_empty())
 }
 
 /// Serves the admin endpoints for `models` on `addr` from a dedicated thread; `token`

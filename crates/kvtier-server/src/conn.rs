@@ -88,8 +88,7 @@ fn spawn_reader<R: AsyncRead + Unpin + Send + 'static>(
             let begun = || {
                 started.fetch_add(1, Ordering::AcqRel);
             };
-            let next = match read_frame(&mut rd, &state.gates, &share, state.max_frame, begun)
-                .await
+            let next = match read_frame(&mut rd, &state.gates, &share, state.max_frame, begun).await
             {
                 Ok(Some((b, hold))) => Incoming::Frame(b, hold),
                 Ok(None) => break,

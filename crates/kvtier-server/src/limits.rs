@@ -109,7 +109,10 @@ impl Gates {
     /// Gates for `limits`, with frames up to `max_frame` bytes (the budget is raised to one
     /// frame if it is smaller, so every admissible frame can be read).
     pub(crate) fn new(limits: Limits, max_frame: usize) -> Gates {
-        let budget = limits.max_inflight.max(max_frame).min(Semaphore::MAX_PERMITS);
+        let budget = limits
+            .max_inflight
+            .max(max_frame)
+            .min(Semaphore::MAX_PERMITS);
         Gates {
             connections: Arc::new(Semaphore::new(limits.max_connections)),
             budget: Arc::new(Semaphore::new(budget)),
@@ -127,7 +130,11 @@ impl Gates {
 
     /// A slot for a new connection, or `None` when [`Limits::max_connections`] are open.
     pub(crate) fn admit(&self) -> Option<Admitted> {
-        self.connections.clone().try_acquire_owned().ok().map(Admitted)
+        self.connections
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .map(Admitted)
     }
 
     /// Registers a connection waiting for its Hello, making the longest-waiting one give up

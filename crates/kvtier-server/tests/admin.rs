@@ -168,7 +168,11 @@ fn admin_pins_cannot_outlive_pin_timeout_sec() {
     assert!(text.contains("pin_timeout_sec"), "{text}");
     assert_eq!(srv.stats()["l1"]["pins"], 0);
     let (code, text) = pin(json!(30));
-    assert_eq!((code, text.contains(r#""pinned_chunks":4"#)), (200, true), "{text}");
+    assert_eq!(
+        (code, text.contains(r#""pinned_chunks":4"#)),
+        (200, true),
+        "{text}"
+    );
     let (code, text) = pin(Value::Null);
     assert_eq!(code, 200, "{text}");
 }
@@ -176,7 +180,12 @@ fn admin_pins_cannot_outlive_pin_timeout_sec() {
 #[test]
 fn model_identities_from_admin_calls_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = Server::start(dir.path(), &base_yaml(), &[], &[("KVTIER_ADMIN_TOKEN", TOKEN)]);
+    let srv = Server::start(
+        dir.path(),
+        &base_yaml(),
+        &[],
+        &[("KVTIER_ADMIN_TOKEN", TOKEN)],
+    );
     let c = connect(&srv);
     c.store(&tokens(2, 64), None, &payload(2, 64)).unwrap();
     let probe = |i: usize| {
@@ -213,7 +222,8 @@ fn half_open(addr: &str, head: &[u8]) -> TcpStream {
 
 /// Whether the server closed `s` (EOF or reset) within `limit`, whatever it answered first.
 fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
-    s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
     let t0 = Instant::now();
     let mut buf = [0u8; 4096];
     while t0.elapsed() < limit {
@@ -231,7 +241,12 @@ fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
 #[test]
 fn half_open_admin_requests_are_capped_and_time_out() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = Server::start(dir.path(), &base_yaml(), &[], &[("KVTIER_ADMIN_TOKEN", TOKEN)]);
+    let srv = Server::start(
+        dir.path(),
+        &base_yaml(),
+        &[],
+        &[("KVTIER_ADMIN_TOKEN", TOKEN)],
+    );
     let addr = srv.admin();
     let base_fds = fd_count(srv.pid());
     // Requests whose head never ends, and one whose body never comes.
@@ -250,7 +265,10 @@ fn half_open_admin_requests_are_capped_and_time_out() {
     // The admin port holds a bounded number of connections: descriptors stay for the
     // cache clients.
     let fds = fd_count(srv.pid());
-    assert!(fds <= base_fds + 64 + 8, "{fds} descriptors (from {base_fds})");
+    assert!(
+        fds <= base_fds + 64 + 8,
+        "{fds} descriptors (from {base_fds})"
+    );
     let c = connect(&srv);
     c.store(&tokens(3, 64), None, &payload(3, 64)).unwrap();
     assert_eq!(c.lookup(&tokens(3, 64), None).unwrap().hit_tokens, 64);

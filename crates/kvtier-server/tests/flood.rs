@@ -18,7 +18,7 @@ use common::*;
 use kvtier::keys::ModelIdentity;
 use kvtier::layout::{Dtype, KvLayout};
 use kvtier::KvCache;
-use kvtier_client::proto::{self, Request, Response};
+use kvtier_client::proto::{self, Request};
 use kvtier_client::{ClientOptions, KvClient};
 use serde_json::json;
 
@@ -287,7 +287,10 @@ fn clients_keep_their_deadline_while_both_ports_are_flooded() {
         rss >> 20,
         POOL_MIB + INFLIGHT_MIB + OVERHEAD_MIB
     );
-    assert!(errors.is_empty(), "client errors under the flood: {errors:?}");
+    assert!(
+        errors.is_empty(),
+        "client errors under the flood: {errors:?}"
+    );
     assert!(lat.len() >= 100, "only {} client calls", lat.len());
     assert!(p(0.99) < DEADLINE, "p99 {:?} past the deadline", p(0.99));
     assert!(

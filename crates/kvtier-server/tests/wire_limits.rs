@@ -137,11 +137,7 @@ fn partial_frames_cannot_grow_memory_past_the_budget() {
     std::thread::sleep(Duration::from_millis(300));
     let grown = rss_bytes(srv.pid()).saturating_sub(base);
     // The default in-flight budget is 256 MiB; frames beyond it wait unread.
-    assert!(
-        grown < (256 + 32) << 20,
-        "RSS grew {} MiB",
-        grown >> 20
-    );
+    assert!(grown < (256 + 32) << 20, "RSS grew {} MiB", grown >> 20);
     // The cache keeps serving its (small-frame) clients meanwhile.
     roundtrip(&c, 2);
     roundtrip(&connect(&srv), 3);
@@ -214,7 +210,10 @@ fn stalled_frames_and_idle_connections_are_closed() {
     assert!(closed_within(&mut s, Duration::from_secs(5)));
     // A greeted connection that says nothing is closed after the idle timeout.
     let mut s = greeted(&srv);
-    assert!(closed_within(&mut s, Duration::from_secs(6)), "idle kept open");
+    assert!(
+        closed_within(&mut s, Duration::from_secs(6)),
+        "idle kept open"
+    );
     // The pooled client's idle connection was closed too: it notices and reconnects.
     roundtrip(&c, 7);
     // A connection holding a pin is not idle.
@@ -257,14 +256,20 @@ fn connections_are_capped_before_and_after_the_hello() {
         .map(|s| closed_within(s, Duration::from_millis(300)))
         .filter(|closed| *closed)
         .count();
-    assert!(evicted >= 12, "only {evicted} of 20 waiting handshakes closed");
+    assert!(
+        evicted >= 12,
+        "only {evicted} of 20 waiting handshakes closed"
+    );
     drop(silent);
     std::thread::sleep(Duration::from_millis(300));
     // Greeted connections up to the total cap; one more is refused with a reason.
     let held: Vec<UnixStream> = (0..39).map(|_| greeted(&srv)).collect();
     let mut s = UnixStream::connect(srv.bound["socket"].as_str().unwrap()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let _ = s.write_all(&hello("one-too-many", serde_json::to_string(&identity()).unwrap()));
+    let _ = s.write_all(&hello(
+        "one-too-many",
+        serde_json::to_string(&identity()).unwrap(),
+    ));
     match recv(&mut s) {
         Ok(Response::Error { message, .. }) => {
             assert!(message.contains("--max-connections"), "{message}")

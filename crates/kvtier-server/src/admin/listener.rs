@@ -125,7 +125,11 @@ fn busy_response() -> Vec<u8> {
 
 /// Serves `app` on `listener` until `stop` fires, then lets requests in progress finish
 /// (at most [`SHUTDOWN_GRACE`]).
-pub(super) async fn serve(listener: tokio::net::TcpListener, app: Router, stop: oneshot::Receiver<()>) {
+pub(super) async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    stop: oneshot::Receiver<()>,
+) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
@@ -211,7 +215,8 @@ pub(super) async fn bounded_body(req: Request, next: Next) -> Response {
             .into_response()
         }
     };
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 fn too_large() -> Response {

@@ -252,7 +252,9 @@ pub fn rss_bytes(pid: u32) -> u64 {
 
 /// Open file descriptors of process `pid`.
 pub fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 /// Runs `kvtier-server` with `args` until it exits (at most `limit`): its status and
