@@ -165,6 +165,27 @@ enum Stream {
 }
 
 impl Stream {
+    /// Whether the server has not closed this idle connection (it sends nothing unasked,
+    /// so anything readable means it is gone).
+    fn is_open(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => s.as_raw_fd(),
+        };
+        let mut byte = 0u8;
+        // SAFETY: a one-byte peek into a local buffer on a descriptor this stream owns.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+    }
+
     fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Unix(s) => {
@@ -485,8 +506,14 @@ impl KvClient {
     }
 
     fn take_conn(&self) -> Result<Conn> {
-        if let Some(c) = self.shared.idle.lock().pop() {
-            return Ok(c);
+        loop {
+            let Some(c) = self.shared.idle.lock().pop() else {
+                break;
+            };
+            // The server closes connections idle past its --idle-timeout-sec: skip those.
+            if c.stream.is_open() {
+                return Ok(c);
+            }
         }
         let s = &self.shared;
         match open_conn(&s.addr, &s.opts, &s.identity_json) {

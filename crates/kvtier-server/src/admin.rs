@@ -1,27 +1,36 @@
 //! Admin HTTP endpoints, for the server and for embedded engines.
 //!
-//! | method and path | body | answer |
-//! | --- | --- | --- |
-//! | `GET /health` | | `{"status":"ok"}` |
-//! | `GET /metrics` | | Prometheus (OpenMetrics) text of the core's metrics |
-//! | `GET /stats` | | engine and tier numbers (JSON) plus the registered models |
-//! | `POST /lookup` | `{"model", "tokens", "cache_salt"}` | hit tokens, chunks per tier |
-//! | `POST /clear` | | chunks dropped per tier |
-//! | `POST /pin` | `{"model", "tokens", "cache_salt", "ttl_sec"}` | pinned chunk count |
-//! | `DELETE /salt/{cache_salt}` | | chunks dropped per tier (disk included) |
+//! | method and path | body | answer | token |
+//! | --- | --- | --- | --- |
+//! | `GET /health` | | `{"status":"ok"}` | no |
+//! | `GET /metrics` | | Prometheus (OpenMetrics) text of the core's metrics | no |
+//! | `GET /stats` | | engine and tier numbers (JSON) plus the registered models | no |
+//! | `POST /lookup` | `{"model", "tokens", "cache_salt"}` | hit tokens, chunks per tier | yes |
+//! | `POST /clear` | | chunks dropped per tier | yes |
+//! | `POST /pin` | `{"model", "tokens", "cache_salt", "ttl_sec"}` | pinned chunk count | yes |
+//! | `DELETE /salt/{cache_salt}` | | chunks dropped per tier (disk included) | yes |
 //!
 //! `model` is a model identity (kvtier's JSON form) or the name of a model a client has
 //! registered.
 //!
+//! Endpoints that change the cache or tell whether a prompt is cached need the admin token
+//! (`KVTIER_ADMIN_TOKEN`) as `Authorization: Bearer <token>`, compared in constant time and
+//! never logged; without a configured token they are refused (`403`), so any local user can
+//! read health and metrics but none can wipe or probe another tenant's data. The listener
+//! bounds what a flood of the port can hold ([`listener`]).
+//!
 //! The listener runs on its own thread and runtime, so an embedded engine (no tokio of its
 //! own) can expose it too: see [`spawn_embedded_admin`].
+
+pub mod listener;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -31,6 +40,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
+use crate::handshake::tokens_eq_ct;
 use crate::models::Models;
 
 /// A running admin listener; dropping it stops the listener.
@@ -75,8 +85,23 @@ impl Drop for AdminHandle {
     }
 }
 
-/// Serves the admin endpoints for `models` on `addr` from a dedicated thread.
-pub fn spawn_admin(models: Arc<Models>, addr: SocketAddr) -> Result<AdminHandle> {
+/// The environment variable holding the admin token.
+pub const ADMIN_TOKEN_ENV: &str = "KVTIER_ADMIN_TOKEN";
+
+/// The admin token from [`ADMIN_TOKEN_ENV`] (unset or empty: none).
+pub fn token_from_env() -> Option<String> {
+    std::env::var(ADMIN_TOKEN_ENV)
+        .ok()
+        .filter(|t| !t.is_empty())
+}
+
+/// Serves the admin endpoints for `models` on `addr` from a dedicated thread; `token`
+/// guards the endpoints that probe or change the cache (none: they are refused).
+pub fn spawn_admin(
+    models: Arc<Models>,
+    addr: SocketAddr,
+    token: Option<String>,
+) -> Result<AdminHandle> {
     let std_listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("binding the admin HTTP listener on {addr}"))?;
     std_listener.set_nonblocking(true)?;
@@ -86,30 +111,20 @@ pub fn spawn_admin(models: Arc<Models>, addr: SocketAddr) -> Result<AdminHandle>
         .enable_all()
         .build()
         .context("starting the admin runtime")?;
-    let app = router(models);
+    let guarded = token.is_some();
+    let app = router(models, token);
     let thread = std::thread::Builder::new()
         .name("kvtier-admin".into())
         .spawn(move || {
             rt.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(std_listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::error!(error = %e, "admin listener unusable");
-                        return;
-                    }
-                };
-                let r = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = rx.await;
-                    })
-                    .await;
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "admin HTTP server failed");
+                match tokio::net::TcpListener::from_std(std_listener) {
+                    Ok(l) => listener::serve(l, app, rx).await,
+                    Err(e) => tracing::error!(error = %e, "admin listener unusable"),
                 }
             });
         })
         .context("spawning the admin thread")?;
-    tracing::info!(addr = %local, "admin HTTP listening");
+    tracing::info!(addr = %local, token = guarded, "admin HTTP listening");
     Ok(AdminHandle {
         addr: local,
         stop: Some(tx),
@@ -118,8 +133,9 @@ pub fn spawn_admin(models: Arc<Models>, addr: SocketAddr) -> Result<AdminHandle>
 }
 
 /// For an embedded engine: serves the admin endpoints over `core` on
-/// `127.0.0.1:port` (the config's `admin_port`). Register the process's engines on the
-/// returned registry so `/lookup` and `/pin` can name them.
+/// `127.0.0.1:port` (the config's `admin_port`), guarded by `KVTIER_ADMIN_TOKEN` when set.
+/// Register the process's engines on the returned registry so `/lookup` and `/pin` can
+/// name them.
 pub fn spawn_embedded_admin(
     core: Arc<EngineCore>,
     engines: &[Arc<Engine>],
@@ -129,21 +145,70 @@ pub fn spawn_embedded_admin(
     for e in engines {
         models.register(e.clone());
     }
-    let h = spawn_admin(models.clone(), SocketAddr::from(([127, 0, 0, 1], port)))?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let h = spawn_admin(models.clone(), addr, token_from_env())?;
     Ok((h, models))
 }
 
-/// The admin router (exposed for embedding in another axum app).
-pub fn router(models: Arc<Models>) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/metrics", get(metrics))
-        .route("/stats", get(stats))
+/// The admin router (exposed for embedding in another axum app); `token` guards the
+/// endpoints that probe or change the cache.
+pub fn router(models: Arc<Models>, token: Option<String>) -> Router {
+    let token = Arc::new(token.filter(|t| !t.is_empty()));
+    let guarded = Router::new()
         .route("/lookup", post(lookup))
         .route("/clear", post(clear))
         .route("/pin", post(pin))
         .route("/salt/{cache_salt}", delete(remove_salt))
+        // Layers run outside in: the token first, then the bounded body read.
+        .route_layer(middleware::from_fn(listener::bounded_body))
+        .route_layer(middleware::from_fn_with_state(token, require_token));
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/stats", get(stats))
+        .merge(guarded)
         .with_state(models)
+}
+
+/// Lets a request through when it carries the admin token.
+async fn require_token(
+    State(token): State<Arc<Option<String>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match check_token(token.as_deref(), req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Whether `headers` carry `Authorization: Bearer <want>`; the refusal says what to do.
+fn check_token(want: Option<&str>, headers: &HeaderMap) -> std::result::Result<(), ApiError> {
+    let Some(want) = want else {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this endpoint is disabled: no admin token is set; start the server with \
+                 {ADMIN_TOKEN_ENV} (or --admin-token-file FILE) and send the token as \
+                 `Authorization: Bearer <token>`"
+            ),
+        ));
+    };
+    let sent = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    if sent.is_some_and(|t| tokens_eq_ct(t, want)) {
+        return Ok(());
+    }
+    Err(ApiError(
+        StatusCode::UNAUTHORIZED,
+        format!(
+            "missing or wrong admin token: send the server's {ADMIN_TOKEN_ENV} as \
+             `Authorization: Bearer <token>`"
+        ),
+    ))
 }
 
 struct ApiError(StatusCode, String);
@@ -210,6 +275,7 @@ async fn stats(State(m): State<Arc<Models>>) -> ApiResult<Json<Value>> {
             .filter_map(|i| serde_json::to_value(i).ok())
             .collect();
         v["models"] = Value::Array(names);
+        v["admin_models"] = json!(m.probed_len());
         Ok(v)
     })
     .await?;
@@ -244,7 +310,7 @@ fn resolve(m: &Models, model: &Value) -> kvtier::Result<Arc<Engine>> {
         v => {
             let id: ModelIdentity = serde_json::from_value(v.clone())
                 .map_err(|e| kvtier::Error::invalid(format!("bad model identity: {e}")))?;
-            m.get_or_attach(id)
+            m.get_or_probe(id)
         }
     }
 }
@@ -287,9 +353,19 @@ async fn clear(State(m): State<Arc<Models>>) -> ApiResult<Json<Value>> {
 }
 
 async fn pin(State(m): State<Arc<Models>>, Json(b): Json<PinBody>) -> ApiResult<Json<Value>> {
+    let max = m.core().config().pin_timeout_sec;
     let ttl = match b.ttl_sec {
-        Some(t) if t.is_finite() && t > 0.0 && t < 1e9 => {
+        Some(t) if t.is_finite() && t > 0.0 && t <= max => {
             Some(std::time::Duration::from_secs_f64(t))
+        }
+        Some(t) if t.is_finite() && t > max => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "ttl_sec {t} is longer than this server's pin_timeout_sec ({max} s); \
+                     ask for at most that, or raise pin_timeout_sec in its config"
+                ),
+            ))
         }
         Some(_) => {
             return Err(ApiError(

@@ -9,7 +9,7 @@ use anyhow::{ensure, Context, Result};
 use clap::Args;
 use kvtier::EngineConfig;
 
-use crate::ServeConfig;
+use crate::{Limits, ServeConfig};
 
 /// Options of `kvtier serve`. The shared token comes from `KVTIER_AUTH_TOKEN` only (never
 /// a flag: flags show in `ps`).
@@ -42,7 +42,7 @@ pub struct ServeArgs {
     /// Seconds a store/retrieve lease lives without activity before it is released.
     #[arg(long, default_value_t = 30.0)]
     pub lease_timeout_sec: f64,
-    /// Largest frame body accepted, in MiB.
+    /// Largest frame body accepted, in MiB (1 to 4095: frame lengths are 32-bit).
     #[arg(long, default_value_t = 65)]
     pub max_frame_mib: usize,
     /// Seconds shutdown waits for connections to finish their request.
@@ -57,6 +57,28 @@ pub struct ServeArgs {
     /// Write the bound addresses (JSON) to this file once listening.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+    /// Read the admin token from this file instead of `KVTIER_ADMIN_TOKEN` (first line).
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+    /// Allow a non-loopback --admin-host without an admin token (then only /health,
+    /// /metrics and /stats answer).
+    #[arg(long)]
+    pub admin_insecure: bool,
+    /// Most client connections open at once (Unix socket and TCP together).
+    #[arg(long, default_value_t = Limits::default().max_connections)]
+    pub max_connections: usize,
+    /// Most connections still waiting for their Hello (the longest waiting is dropped).
+    #[arg(long, default_value_t = Limits::default().max_handshakes)]
+    pub max_handshakes: usize,
+    /// MiB of large frame bodies all connections may hold at once (at least one frame).
+    #[arg(long, default_value_t = Limits::default().max_inflight >> 20)]
+    pub max_inflight_mib: usize,
+    /// Seconds a connection may stay silent, holding nothing, before it is closed.
+    #[arg(long, default_value_t = Limits::default().idle_timeout.as_secs_f64())]
+    pub idle_timeout_sec: f64,
+    /// Seconds a frame body may take to arrive once it started.
+    #[arg(long, default_value_t = Limits::default().frame_timeout.as_secs_f64())]
+    pub frame_timeout_sec: f64,
 }
 
 fn secs(v: f64, flag: &str) -> Result<Duration> {
@@ -73,9 +95,11 @@ impl ServeArgs {
         let engine =
             EngineConfig::load(self.config.as_deref()).context("loading the engine config")?;
         let admin_port = self.admin_port.or(engine.admin_port);
+        // Frame lengths are 32-bit on the wire (and a larger value would wrap when shifted).
         ensure!(
-            self.max_frame_mib >= 1,
-            "--max-frame-mib must be at least 1"
+            (1..=4095).contains(&self.max_frame_mib),
+            "--max-frame-mib must be between 1 and 4095 (got {})",
+            self.max_frame_mib
         );
         let mut cfg = ServeConfig::new(engine);
         cfg.socket = (!self.no_socket).then(|| {
@@ -99,7 +123,44 @@ impl ServeArgs {
             .filter(|t| !t.is_empty());
         cfg.rank = self.rank;
         cfg.ready_file = self.ready_file.clone();
+        cfg.admin_token = self.admin_token()?;
+        cfg.admin_insecure = self.admin_insecure;
+        cfg.limits = self.limits()?;
         Ok(cfg)
+    }
+
+    /// The admin token: from --admin-token-file, else `KVTIER_ADMIN_TOKEN`.
+    fn admin_token(&self) -> Result<Option<String>> {
+        let Some(f) = &self.admin_token_file else {
+            return Ok(crate::admin::token_from_env());
+        };
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading --admin-token-file {}", f.display()))?;
+        let token = text.lines().next().unwrap_or("").trim().to_string();
+        ensure!(
+            !token.is_empty(),
+            "--admin-token-file {} is empty: write the token on its first line",
+            f.display()
+        );
+        Ok(Some(token))
+    }
+
+    fn limits(&self) -> Result<Limits> {
+        ensure!(
+            self.max_connections >= 1 && self.max_handshakes >= 1,
+            "--max-connections and --max-handshakes must be at least 1"
+        );
+        ensure!(
+            (1..=1 << 20).contains(&self.max_inflight_mib),
+            "--max-inflight-mib must be between 1 and 1048576"
+        );
+        Ok(Limits {
+            max_connections: self.max_connections,
+            max_handshakes: self.max_handshakes,
+            max_inflight: self.max_inflight_mib << 20,
+            idle_timeout: secs(self.idle_timeout_sec, "--idle-timeout-sec")?,
+            frame_timeout: secs(self.frame_timeout_sec, "--frame-timeout-sec")?,
+        })
     }
 }
 

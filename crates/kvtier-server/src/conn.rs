@@ -1,15 +1,16 @@
 //! Serving one client connection: the handshake, then either a model connection's request
 //! loop (here) or a chunk-level connection ([`crate::peer`]).
 //!
-//! A model connection reads frames on its own task, so lease expiry and shutdown are seen
-//! while the client is silent. Each request is handled by [`crate::handlers`]; the leases it
-//! takes belong to the connection ([`crate::lease`]) and are released when it closes.
+//! A model connection reads frames on its own task, so lease expiry, the idle timeout and
+//! shutdown are seen while the client is silent. Frames are read under the server's limits
+//! ([`crate::limits`]). Each request is handled by [`crate::handlers`]; the leases it takes
+//! belong to the connection ([`crate::lease`]) and are released when it closes.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvtier::transport::wire::frame::{self, ReadError};
+use kvtier::transport::wire::frame::ReadError;
 use kvtier::transport::wire::{ErrorCode, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -17,12 +18,17 @@ use tracing::{debug, info, warn};
 
 use crate::handlers::{dispatch, Reply, Session};
 use crate::handshake::{handshake, Greeting, Hello, Transport};
-use crate::io::{decode_request, err, write_msg};
+use crate::io::{decode_request, err, read_frame, write_msg};
 use crate::lease::Leases;
+use crate::limits::{Admitted, FrameHold};
 use crate::state::ServerState;
 
-/// Serves one Unix-socket connection.
-pub async fn serve_unix(mut stream: tokio::net::UnixStream, state: Arc<ServerState>) {
+/// Serves one Unix-socket connection (holding `_slot` under the connection cap).
+pub(crate) async fn serve_unix(
+    mut stream: tokio::net::UnixStream,
+    state: Arc<ServerState>,
+    _slot: Admitted,
+) {
     let _guard = state.track();
     let h = match handshake(&mut stream, &state, Transport::Unix).await {
         Some(Greeting::Model(h)) => h,
@@ -42,8 +48,12 @@ pub async fn serve_unix(mut stream: tokio::net::UnixStream, state: Arc<ServerSta
     run(stream, state.clone(), h, Transport::Unix).await;
 }
 
-/// Serves one TCP connection.
-pub async fn serve_tcp(mut stream: tokio::net::TcpStream, state: Arc<ServerState>) {
+/// Serves one TCP connection (holding `_slot` under the connection cap).
+pub(crate) async fn serve_tcp(
+    mut stream: tokio::net::TcpStream,
+    state: Arc<ServerState>,
+    _slot: Admitted,
+) {
     let _guard = state.track();
     let _ = stream.set_nodelay(true);
     match handshake(&mut stream, &state, Transport::Tcp).await {
@@ -57,21 +67,30 @@ pub async fn serve_tcp(mut stream: tokio::net::TcpStream, state: Arc<ServerState
 
 /// What the reader task passes on.
 enum Incoming {
-    Frame(Vec<u8>),
-    /// A frame that cannot be read past (oversized, truncated header): reply and close.
+    /// A frame body and its reservation (returned once the request is handled).
+    Frame(Vec<u8>, FrameHold),
+    /// A frame that cannot be read past (oversized, truncated, too slow): reply and close.
     Fatal(ReadError),
 }
 
-/// Reads frames off `rd` until the stream ends, fails, or the receiver is gone.
+/// Reads frames off `rd` until the stream ends, fails, or the receiver is gone; `started`
+/// counts the frames whose length arrived (the request loop compares it with the frames it
+/// received to tell an idle connection from one in the middle of a frame).
 fn spawn_reader<R: AsyncRead + Unpin + Send + 'static>(
     mut rd: R,
-    max: usize,
+    state: Arc<ServerState>,
+    started: Arc<AtomicU64>,
 ) -> (tokio::task::JoinHandle<()>, mpsc::Receiver<Incoming>) {
     let (tx, rx) = mpsc::channel::<Incoming>(2);
     let reader = tokio::spawn(async move {
+        let share = state.gates.conn_share();
         loop {
-            let next = match frame::read_body(&mut rd, max).await {
-                Ok(Some(b)) => Incoming::Frame(b),
+            let begun = || {
+                started.fetch_add(1, Ordering::AcqRel);
+            };
+            let next = match read_frame(&mut rd, &state.gates, &share, state.max_frame, begun).await
+            {
+                Ok(Some((b, hold))) => Incoming::Frame(b, hold),
                 Ok(None) => break,
                 Err(e) => Incoming::Fatal(e),
             };
@@ -94,21 +113,30 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let client = hello.client;
     debug!(%client, ?transport, shm = hello.shm, "client connected");
     let (rd, mut wr) = tokio::io::split(stream);
-    let (reader, mut rx) = spawn_reader(rd, state.max_frame);
+    let started = Arc::new(AtomicU64::new(0));
+    let mut received = 0u64;
+    let (reader, mut rx) = spawn_reader(rd, state.clone(), started.clone());
+    let idle_timeout = state.gates.limits().idle_timeout;
+    let mut last_seen = Instant::now();
     let mut session = Session {
         state: state.clone(),
         leases: Leases::new(hello.engine.clone(), state.lease_timeout),
         engine: hello.engine,
         shm: hello.shm,
     };
-    let tick = (state.lease_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let tick = (state.lease_timeout.min(idle_timeout) / 4)
+        .clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut ticker = tokio::time::interval(tick);
     let mut shutdown = state.shutdown.clone();
     loop {
         tokio::select! {
             m = rx.recv() => match m {
-                Some(Incoming::Frame(body)) => {
-                    if let Err(e) = handle(&mut session, &body, &mut wr).await {
+                Some(Incoming::Frame(body, hold)) => {
+                    received += 1;
+                    let r = handle(&mut session, &body, &mut wr).await;
+                    drop((body, hold));
+                    last_seen = Instant::now();
+                    if let Err(e) = r {
                         debug!(%client, error = %e, "connection write failed");
                         break;
                     }
@@ -120,7 +148,15 @@ async fn run<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 }
                 None => break,
             },
-            _ = ticker.tick() => expire(&mut session),
+            _ = ticker.tick() => {
+                expire(&mut session);
+                let idle = started.load(Ordering::Acquire) == received
+                    && session.leases.holds_nothing();
+                if idle && last_seen.elapsed() >= idle_timeout {
+                    debug!(%client, ?idle_timeout, "closing an idle connection");
+                    break;
+                }
+            }
             _ = shutdown.changed() => break,
         }
     }

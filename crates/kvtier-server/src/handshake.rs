@@ -5,12 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvtier::keys::ModelIdentity;
-use kvtier::transport::wire::{self as proto, frame, ErrorCode, Request, Response};
+use kvtier::transport::wire::{self as proto, ErrorCode, Request, Response};
 use kvtier::Engine;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::warn;
 
-use crate::io::{err, write_msg};
+use crate::io::{err, read_body, read_len, write_msg};
+use crate::limits::SMALL_FRAME;
 use crate::state::ServerState;
 
 /// Which listener a connection came from.
@@ -24,8 +25,9 @@ pub enum Transport {
 
 /// Time a new connection has to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest Hello frame accepted.
-const MAX_HELLO: usize = 1 << 20;
+/// Largest Hello frame accepted (a model identity is well under 1 KiB): what a connection
+/// that has not authenticated can make the server hold.
+const MAX_HELLO: usize = SMALL_FRAME;
 /// Characters of a client name kept for logs.
 const MAX_CLIENT_NAME: usize = 128;
 
@@ -51,13 +53,21 @@ pub(crate) enum Greeting {
     },
 }
 
-/// Reads and checks the Hello (or HelloPeer); replies HelloOk or an error.
+/// Reads and checks the Hello (or HelloPeer); replies HelloOk or an error. While it waits,
+/// the connection holds one of the [`crate::limits::Limits::max_handshakes`] places and
+/// gives up when a newer connection takes it.
 pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     state: &ServerState,
     transport: Transport,
 ) -> Option<Greeting> {
-    let body = read_hello(stream).await?;
+    let body = {
+        let slot = state.gates.handshake();
+        tokio::select! {
+            b = read_hello(stream) => b?,
+            _ = slot.evicted() => return None,
+        }
+    };
     match greet(state, transport, &body) {
         Ok(g) => {
             write_msg(stream, &hello_ok(state, &g), &[]).await.ok()?;
@@ -65,7 +75,8 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Err(reply) => {
             if let Response::Error { message, .. } = &reply {
-                warn!(?transport, %message, "handshake refused");
+                // Debug-formatted: the message may quote client input (no forged lines).
+                warn!(?transport, ?message, "handshake refused");
             }
             let _ = write_msg(stream, &reply, &[]).await;
             None
@@ -75,7 +86,13 @@ pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// The first frame's body, within [`HELLO_TIMEOUT`]; a failure is answered and gives `None`.
 async fn read_hello<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> Option<Vec<u8>> {
-    let why = match tokio::time::timeout(HELLO_TIMEOUT, frame::read_body(stream, MAX_HELLO)).await {
+    let read = async {
+        match read_len(stream, MAX_HELLO).await? {
+            Some(len) => read_body(stream, len, HELLO_TIMEOUT).await.map(Some),
+            None => Ok(None),
+        }
+    };
+    let why = match tokio::time::timeout(HELLO_TIMEOUT, read).await {
         Ok(Ok(body)) => return body,
         Ok(Err(e)) => e.to_string(),
         Err(_) => "no Hello in time".to_string(),
@@ -99,7 +116,7 @@ fn greet(state: &ServerState, transport: Transport, body: &[u8]) -> Result<Greet
             check_version(version, proto::PEER_PROTOCOL_VERSION)?;
             check_token(state, transport, auth_token.as_deref())?;
             Ok(Greeting::Peer {
-                client: client_name.chars().take(MAX_CLIENT_NAME).collect(),
+                client: log_name(&client_name),
             })
         }
         Request::Hello {
@@ -118,11 +135,25 @@ fn greet(state: &ServerState, transport: Transport, body: &[u8]) -> Result<Greet
             Ok(Greeting::Model(Hello {
                 engine,
                 shm: want_shm && transport == Transport::Unix && state.pool_fd.is_some(),
-                client: client_name.chars().take(MAX_CLIENT_NAME).collect(),
+                client: log_name(&client_name),
             }))
         }
         _ => Err(err(ErrorCode::Protocol, "the first frame must be Hello")),
     }
+}
+
+/// A client's name as logs show it: at most [`MAX_CLIENT_NAME`] characters, control
+/// characters escaped (a line break in a name cannot forge a log line).
+fn log_name(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.chars().take(MAX_CLIENT_NAME) {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The engine of the model a Hello names, once its chunk size matches the server's.
@@ -210,7 +241,20 @@ fn check_token(
     Ok(())
 }
 
-fn tokens_eq_ct(a: &str, b: &str) -> bool {
-    // Compare digests: constant time whatever the lengths (blake3::Hash's == is).
+/// Whether two tokens are equal, in constant time whatever their lengths.
+pub(crate) fn tokens_eq_ct(a: &str, b: &str) -> bool {
+    // Compare digests: blake3::Hash's == is constant time.
     blake3::hash(a.as_bytes()) == blake3::hash(b.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_names_in_logs_have_no_control_characters() {
+        assert_eq!(log_name("a\nb\r\u{1b}[31m"), "a\\nb\\r\\u{1b}[31m");
+        assert_eq!(log_name("gpu-0 é"), "gpu-0 é");
+        assert_eq!(log_name(&"x".repeat(500)).len(), MAX_CLIENT_NAME);
+    }
 }

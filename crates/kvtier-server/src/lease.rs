@@ -109,6 +109,11 @@ impl Leases {
         self.leases.len()
     }
 
+    /// Whether the connection holds no lease, prefetch or pin (it may be closed when idle).
+    pub(crate) fn holds_nothing(&self) -> bool {
+        self.leases.is_empty() && self.prefetches.is_empty() && self.pins.is_empty()
+    }
+
     fn next_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;

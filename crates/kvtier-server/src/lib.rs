@@ -5,9 +5,11 @@
 //! [`kvtier::transport::wire`] protocol on a Unix socket (mapping the pool for zero-copy
 //! transfers) or on TCP (payload in frames, shared token when `KVTIER_AUTH_TOKEN` is set).
 //! An admin HTTP listener ([`admin`]) serves health, Prometheus metrics, stats and cache
-//! operations.
+//! operations (those behind `KVTIER_ADMIN_TOKEN`). What clients can make the server hold
+//! (connections, frame bytes, time) is bounded by [`Limits`].
 #![warn(missing_docs)]
 
+mod accept;
 pub mod admin;
 pub mod cli;
 mod conn;
@@ -16,6 +18,7 @@ mod handlers;
 mod handshake;
 mod io;
 mod lease;
+pub mod limits;
 pub mod models;
 mod peer;
 pub mod socket;
@@ -36,6 +39,7 @@ use tracing::{info, warn};
 use state::ServerState;
 
 pub use handshake::Transport;
+pub use limits::Limits;
 pub use models::Models;
 
 /// Server settings (the engine's own come from [`EngineConfig`]).
@@ -58,6 +62,13 @@ pub struct ServeConfig {
     pub max_frame: usize,
     /// Shared token required on TCP.
     pub auth_token: Option<String>,
+    /// Token guarding the admin endpoints that probe or change the cache.
+    pub admin_token: Option<String>,
+    /// Allow a non-loopback admin bind without an admin token (only the read-only
+    /// endpoints are then usable).
+    pub admin_insecure: bool,
+    /// What clients can make the server hold.
+    pub limits: Limits,
     /// How long shutdown waits for connections to finish their current request.
     pub shutdown_grace: Duration,
     /// How long shutdown waits for queued durable writes.
@@ -83,6 +94,11 @@ impl std::fmt::Debug for ServeConfig {
                 "auth_token",
                 &self.auth_token.as_ref().map(|_| "<redacted>"),
             )
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
@@ -100,6 +116,9 @@ impl ServeConfig {
             lease_timeout: Duration::from_secs(30),
             max_frame: kvtier::transport::wire::DEFAULT_MAX_FRAME,
             auth_token: None,
+            admin_token: None,
+            admin_insecure: false,
+            limits: Limits::default(),
             shutdown_grace: Duration::from_secs(10),
             flush_timeout: Duration::from_secs(60),
             rank: 0,
@@ -146,6 +165,7 @@ pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) ->
         active: AtomicUsize::new(0),
         idle: Notify::new(),
         expired_leases: AtomicU64::new(0),
+        gates: limits::Gates::new(cfg.limits.clone(), cfg.max_frame),
     });
 
     // The socket file is removed when `serve` returns (if it is still ours).
@@ -175,8 +195,12 @@ pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) ->
             warn!(%a, "TCP listener without KVTIER_AUTH_TOKEN: {who} can read and wipe the cache; set KVTIER_AUTH_TOKEN");
         }
     }
+    let admin_token = cfg.admin_token.clone().filter(|t| !t.is_empty());
     let admin = match cfg.admin {
-        Some(a) => Some(admin::spawn_admin(models.clone(), a)?),
+        Some(a) => {
+            check_admin_bind(a, admin_token.is_some(), cfg.admin_insecure)?;
+            Some(admin::spawn_admin(models.clone(), a, admin_token)?)
+        }
         None => None,
     };
     let bound = Bound {
@@ -202,7 +226,7 @@ pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) ->
 
     let mut accepts = Vec::new();
     if let Some(l) = unix {
-        accepts.push(spawn_accept_loop(
+        accepts.push(accept::spawn_accept_loop(
             l,
             state.clone(),
             shutdown_rx.clone(),
@@ -210,7 +234,7 @@ pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) ->
         ));
     }
     if let Some(l) = tcp {
-        accepts.push(spawn_accept_loop(
+        accepts.push(accept::spawn_accept_loop(
             l,
             state.clone(),
             shutdown_rx.clone(),
@@ -231,6 +255,25 @@ pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) ->
     }
     info!("kvtier server stopped");
     Ok(())
+}
+
+/// Refuses an admin bind other users of other machines could reach without a token:
+/// anyone there could otherwise wipe or probe the cache.
+fn check_admin_bind(addr: SocketAddr, has_token: bool, insecure: bool) -> Result<()> {
+    if addr.ip().is_loopback() || has_token {
+        return Ok(());
+    }
+    if insecure {
+        warn!(%addr, "admin HTTP on a non-loopback address without an admin token (--admin-insecure): \
+               only /health, /metrics and /stats answer");
+        return Ok(());
+    }
+    bail!(
+        "the admin port would listen on {addr} without an admin token; set {} \
+         (or --admin-token-file FILE), bind it to loopback (--admin-host 127.0.0.1), \
+         or pass --admin-insecure to expose only /health, /metrics and /stats",
+        admin::ADMIN_TOKEN_ENV
+    )
 }
 
 /// Waits, at most `grace`, for the open connections to finish their current request.
@@ -256,54 +299,6 @@ async fn flush_before_exit(models: &Models, timeout: Duration) -> Result<()> {
         warn!(?timeout, "queued writes did not all finish in time");
     }
     Ok(())
-}
-
-/// A listener the accept loop drives: Unix socket or TCP.
-trait Listener: Send + 'static {
-    /// The connection type it yields.
-    type Stream: Send + 'static;
-    /// Waits for the next connection.
-    fn next(&self) -> impl std::future::Future<Output = std::io::Result<Self::Stream>> + Send + '_;
-}
-
-impl Listener for tokio::net::UnixListener {
-    type Stream = tokio::net::UnixStream;
-    async fn next(&self) -> std::io::Result<Self::Stream> {
-        self.accept().await.map(|(s, _)| s)
-    }
-}
-
-impl Listener for tokio::net::TcpListener {
-    type Stream = tokio::net::TcpStream;
-    async fn next(&self) -> std::io::Result<Self::Stream> {
-        self.accept().await.map(|(s, _)| s)
-    }
-}
-
-/// Accepts connections until shutdown, each served on its own task. A failed accept (e.g.
-/// out of file descriptors) is logged and retried after a pause instead of spinning.
-fn spawn_accept_loop<L, F, Fut>(
-    listener: L,
-    state: Arc<ServerState>,
-    mut shutdown: watch::Receiver<bool>,
-    serve: F,
-) -> tokio::task::JoinHandle<()>
-where
-    L: Listener,
-    F: Fn(L::Stream, Arc<ServerState>) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                r = listener.next() => match r {
-                    Ok(s) => { tokio::spawn(serve(s, state.clone())); }
-                    Err(e) => { warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; }
-                },
-                _ = shutdown.changed() => break,
-            }
-        }
-    })
 }
 
 async fn wait_for_signal(stop: Option<&mut watch::Receiver<bool>>) -> Result<()> {

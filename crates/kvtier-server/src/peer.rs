@@ -14,13 +14,13 @@ use kvtier::chunk::record::{decode_header, encode_header};
 use kvtier::chunk::{copy_with_checksum, Chunk};
 use kvtier::keys::ChunkKey;
 use kvtier::manager::StoreClaim;
-use kvtier::transport::wire::{self as proto, frame, ErrorCode, PutResult, Request, Response};
+use kvtier::transport::wire::{self as proto, ErrorCode, PutResult, Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, warn};
 
 use crate::handlers::block;
 use crate::handshake::Transport;
-use crate::io::{decode_request, err, write_msg};
+use crate::io::{decode_request, err, read_frame, write_msg};
 use crate::state::ServerState;
 
 /// Serves one chunk-level connection until the peer closes it or the server shuts down.
@@ -32,12 +32,22 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     debug!(%client, ?transport, "peer tier connected");
     let mut shutdown = state.shutdown.clone();
+    let share = state.gates.conn_share();
+    let idle = state.gates.limits().idle_timeout;
     loop {
+        // A peer holds nothing between requests: silent for the idle timeout, it is closed.
+        let read = read_frame(&mut stream, &state.gates, &share, state.max_frame, || {});
         let frame = tokio::select! {
-            r = frame::read_body(&mut stream, state.max_frame) => r,
+            r = tokio::time::timeout(idle, read) => match r {
+                Ok(r) => r,
+                Err(_) => {
+                    debug!(%client, ?idle, "closing an idle peer connection");
+                    break;
+                }
+            },
             _ = shutdown.changed() => break,
         };
-        let body = match frame {
+        let (body, _hold) = match frame {
             Ok(Some(b)) => b,
             Ok(None) => break,
             Err(e) => {

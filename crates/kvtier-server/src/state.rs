@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 
+use crate::limits::Gates;
 use crate::models::Models;
 
 /// State shared by every connection.
@@ -21,6 +22,8 @@ pub(crate) struct ServerState {
     pub(crate) active: AtomicUsize,
     pub(crate) idle: Notify,
     pub(crate) expired_leases: AtomicU64,
+    /// Connection caps, the frame budget and the timeouts ([`crate::limits`]).
+    pub(crate) gates: Gates,
 }
 
 /// Counts a connection as active while it lives (shutdown waits for none to be left).

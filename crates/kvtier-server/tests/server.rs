@@ -413,7 +413,8 @@ mod frames {
 #[test]
 fn metrics_match_operations_and_admin_endpoints_work() {
     let dir = tempfile::tempdir().unwrap();
-    let srv = Server::start(dir.path(), &base_yaml(), &[], &[]);
+    let token = [("KVTIER_ADMIN_TOKEN", "admin-token-for-the-test")];
+    let srv = Server::start(dir.path(), &base_yaml(), &[], &token);
     let (code, body) = srv.http("GET", "/health", None);
     assert_eq!((code, body.contains("ok")), (200, true), "{body}");
     let c = connect(&srv.unix());

@@ -30,6 +30,7 @@ pub const ENV_PREFIX: &str = "KVTIER_";
 const ENV_NOT_KEYS: &[&str] = &[
     "CONFIG_FILE",
     "AUTH_TOKEN",
+    "ADMIN_TOKEN",
     "REDIS_USERNAME",
     "REDIS_PASSWORD",
     "LOG",
@@ -831,6 +832,7 @@ mod tests {
             ("KVTIER_CHUNK_SIZE".to_string(), "32".to_string()),
             ("KVTIER_LOCAL_CPU".to_string(), "false".to_string()),
             ("KVTIER_AUTH_TOKEN".to_string(), "secret".to_string()),
+            ("KVTIER_ADMIN_TOKEN".to_string(), "secret".to_string()),
             // Set by .ci/run for the whole test run: never a config key.
             ("KVTIER_REQUIRE_TEST_SERVERS".to_string(), "1".to_string()),
             ("OTHER".to_string(), "x".to_string()),

@@ -43,11 +43,24 @@ pub struct Server {
     pub dir: PathBuf,
     pub bound: Value,
     pub log: PathBuf,
+    /// The admin token it was started with (`KVTIER_ADMIN_TOKEN`); [`Server::http`] sends it.
+    pub admin_token: Option<String>,
 }
 
 impl Server {
     /// Starts `kvtier-server` with `yaml` as its config, in `dir`.
     pub fn start(dir: &Path, yaml: &str, extra: &[&str], envs: &[(&str, &str)]) -> Server {
+        Server::start_with(dir, yaml, extra, envs, |_| {})
+    }
+
+    /// [`Server::start`] with a last say on the command (e.g. resource limits).
+    pub fn start_with(
+        dir: &Path,
+        yaml: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+        customize: impl FnOnce(&mut Command),
+    ) -> Server {
         let cfg = dir.join("kvtier.yaml");
         std::fs::write(&cfg, yaml).unwrap();
         let ready = dir.join("ready.json");
@@ -68,11 +81,17 @@ impl Server {
             .arg("0")
             .args(extra)
             .env_remove("KVTIER_AUTH_TOKEN")
+            .env_remove("KVTIER_ADMIN_TOKEN")
             .stdout(Stdio::null())
             .stderr(logf);
         for (k, v) in envs {
             cmd.env(k, v);
         }
+        let admin_token = envs
+            .iter()
+            .find(|(k, _)| *k == "KVTIER_ADMIN_TOKEN")
+            .map(|(_, v)| v.to_string());
+        customize(&mut cmd);
         let mut child = process::die_with_parent(&mut cmd)
             .spawn()
             .expect("spawning kvtier-server");
@@ -85,6 +104,7 @@ impl Server {
                         dir: dir.to_path_buf(),
                         bound,
                         log,
+                        admin_token,
                     };
                 }
             }
@@ -111,8 +131,19 @@ impl Server {
         self.bound["admin"].as_str().unwrap().to_string()
     }
 
+    /// An admin request, with the server's admin token when it has one.
     pub fn http(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
-        http(&self.admin(), method, path, body)
+        http_with(
+            &self.admin(),
+            method,
+            path,
+            body,
+            self.admin_token.as_deref(),
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn stats(&self) -> Value {
@@ -156,13 +187,27 @@ impl Drop for Server {
     }
 }
 
-/// Minimal HTTP/1.1 client (Connection: close).
+/// Minimal HTTP/1.1 client (Connection: close), without credentials.
 pub fn http(addr: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+    http_with(addr, method, path, body, None)
+}
+
+/// [`http`] with `Authorization: Bearer <token>` when a token is given.
+pub fn http_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    token: Option<&str>,
+) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let b = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
         b.len()
     );
     s.write_all(req.as_bytes()).unwrap();
@@ -190,4 +235,68 @@ pub fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
 
 pub fn base_yaml() -> String {
     format!("chunk_size: {CHUNK}\nmax_local_cpu_size: 32MiB\nlocal_cpu_huge_pages: false\n")
+}
+
+/// Resident memory of process `pid`, in bytes (`VmRSS`: anonymous, file and shared pages,
+/// the L1 pool included once touched).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+/// Open file descriptors of process `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Runs `kvtier-server` with `args` until it exits (at most `limit`): its status and
+/// stderr, or `None` (and it is killed) when it was still running.
+pub fn run_server_to_exit(
+    args: &[&str],
+    envs: &[(&str, &str)],
+    limit: Duration,
+) -> Option<(ExitStatus, String)> {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvtier-server"));
+    cmd.args(args)
+        .env_remove("KVTIER_AUTH_TOKEN")
+        .env_remove("KVTIER_ADMIN_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = process::ChildGuard::spawn(&mut cmd).unwrap();
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some((st, std::fs::read_to_string(&log).unwrap_or_default()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Raises this test process's descriptor limit to its hard limit (floods open many sockets).
+pub fn raise_fd_limit() -> u64 {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+        l.rlim_cur = l.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+    }
+    l.rlim_cur
 }
