@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use kvtier::memory::PoolBacking;
 use kvtier::{EngineConfig, EngineCore};
 use tokio::sync::{watch, Notify};

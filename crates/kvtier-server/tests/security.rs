@@ -175,6 +175,7 @@ impl<'a> Launch<'a> {
                         dir: self.dir.to_path_buf(),
                         bound,
                         log,
+                        admin_token: None,
                     });
                 }
             }
