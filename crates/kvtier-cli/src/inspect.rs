@@ -4,9 +4,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use kvtier::tier::InspectReport;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use kvtier::tier::InspectReport;
 
 /// Options of `kvtier inspect`.
 #[derive(Clone, Debug, Args)]

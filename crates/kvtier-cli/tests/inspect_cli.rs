@@ -56,7 +56,10 @@ fn inspect_does_not_hang_on_a_fifo_named_like_a_record() {
     assert!(out.status.success(), "{stderr}");
     let rep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rep["chunks"], 0);
-    assert_eq!(rep["other_files"], 1, "the FIFO is counted, not read: {rep}");
+    assert_eq!(
+        rep["other_files"], 1,
+        "the FIFO is counted, not read: {rep}"
+    );
 }
 
 #[test]
@@ -75,7 +78,11 @@ fn inspect_into_a_closed_pipe_ends_quietly() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let out = wait_or_kill(child, Duration::from_secs(30), "kvtier inspect into a closed pipe");
+    let out = wait_or_kill(
+        child,
+        Duration::from_secs(30),
+        "kvtier inspect into a closed pipe",
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(out.status.success(), "{:?}: {stderr}", out.status);

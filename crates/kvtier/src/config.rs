@@ -844,7 +844,9 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(
-                e.contains("local_disk") && e.contains("no disk path") && e.contains("/var/cache/kvtier"),
+                e.contains("local_disk")
+                    && e.contains("no disk path")
+                    && e.contains("/var/cache/kvtier"),
                 "{yaml}: {e}"
             );
         }
@@ -852,13 +854,19 @@ mod tests {
             .apply_env([("KVTIER_LOCAL_DISK".to_string(), ",".to_string())])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("KVTIER_LOCAL_DISK") && e.contains("no disk path"), "{e}");
+        assert!(
+            e.contains("KVTIER_LOCAL_DISK") && e.contains("no disk path"),
+            "{e}"
+        );
         // Null (or leaving the key out) is the way to run without a disk tier.
         for yaml in ["local_disk: null", "local_disk:", "local_disk: ~"] {
-            assert!(EngineConfig::from_yaml_str(yaml).unwrap().local_disk.is_empty());
+            assert!(EngineConfig::from_yaml_str(yaml)
+                .unwrap()
+                .local_disk
+                .is_empty());
         }
-        let c = EngineConfig::from_yaml_str("local_disk: \"/a,,/b\"\nmax_local_disk_size: 1")
-            .unwrap();
+        let c =
+            EngineConfig::from_yaml_str("local_disk: \"/a,,/b\"\nmax_local_disk_size: 1").unwrap();
         assert_eq!(c.local_disk.len(), 2);
     }
 

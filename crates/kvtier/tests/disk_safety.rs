@@ -188,7 +188,11 @@ fn a_directory_of_an_older_kvtier_is_adopted_but_not_one_with_foreign_files() {
     );
     // What an older build leaves: no marker, a tmp leftover, a record of the older layout.
     let _ = std::fs::remove_file(root.join(MARKER));
-    plant(&root, &format!("tmp/{}.00000000000000ff", key(5).to_hex()), "x");
+    plant(
+        &root,
+        &format!("tmp/{}.00000000000000ff", key(5).to_hex()),
+        "x",
+    );
     let old = format!("{}.none.kvc", key(6).to_hex());
     plant(&root, &format!("{}/{old}", &old[..2]), "x");
     let legacy = listing(&root);
@@ -212,7 +216,10 @@ fn a_directory_of_an_older_kvtier_is_adopted_but_not_one_with_foreign_files() {
         "{e}"
     );
     assert!(photo.exists());
-    assert_eq!(listing(&with_foreign), legacy_plus(&legacy, "tmp/photo.jpg"));
+    assert_eq!(
+        listing(&with_foreign),
+        legacy_plus(&legacy, "tmp/photo.jpg")
+    );
 
     // An older kvtier's directory still reads as kvtier's (no marker yet).
     let rep = inspect_disk(&root, false, |_, _| {}).unwrap();
@@ -274,7 +281,10 @@ fn a_directory_owned_or_writable_by_another_user_is_refused() {
     let e = DiskTier::open(DiskTierOptions::new(&shared, 64 << 20))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("writable by every user") && e.contains("chmod o-w"), "{e}");
+    assert!(
+        e.contains("writable by every user") && e.contains("chmod o-w"),
+        "{e}"
+    );
     as_nobody(
         &shared,
         "printf '{\"kvtier_disk_layout\": 1}' > kvtier-disk.json",
@@ -301,16 +311,24 @@ fn a_directory_owned_or_writable_by_another_user_is_refused() {
 }
 
 /// One junk file named like a chunk, larger than any record could be, made startup evict
-/// every valid chunk "down to budget". Now it is rejected at the scan, never counted.
+/// every valid chunk "down to budget". Now it is rejected at the scan and never counted; it
+/// is deleted only when its header proves kvtier wrote it (a record staged through a larger
+/// L1 pool than today's), and a stranger's file with a record's name is left where it is.
 #[test]
 fn a_file_larger_than_any_record_is_rejected_at_scan_not_counted() {
     let d = tempdir();
     let root = d.path().join("c");
     let budget = 8u64 << 20;
-    store(
-        &DiskTier::open(DiskTierOptions::new(&root, budget)).unwrap(),
-        0..5,
+    let tier = DiskTier::open(DiskTierOptions::new(&root, budget)).unwrap();
+    store(&tier, 0..5);
+    // A whole 1 MiB record of kvtier's, written while the L1 pool allowed it.
+    let l1 = l1(16 << 20);
+    assert_eq!(
+        tier.put_blocking(&chunk(&l1, 5, 1 << 20, None)),
+        PutOutcome::Stored
     );
+    drop(tier);
+    let big = file_of(&root, &key(5)).unwrap();
     // Sparse: costs no space, but its size is twice the budget.
     let junk = root
         .join(&key(99).to_hex()[..2])
@@ -319,21 +337,33 @@ fn a_file_larger_than_any_record_is_rejected_at_scan_not_counted() {
         .unwrap()
         .set_len(2 * budget)
         .unwrap();
-    let (tier, log) =
-        logs::capture(|| DiskTier::open(DiskTierOptions::new(&root, budget)).unwrap());
+    // Reopened with a pool that holds at most 256 KiB per chunk.
+    let opts = DiskTierOptions {
+        max_payload: 256 << 10,
+        ..DiskTierOptions::new(&root, budget)
+    };
+    let (tier, log) = logs::capture(|| DiskTier::open(opts).unwrap());
     let s = tier.stats();
     assert_eq!(s.chunks, 5, "valid chunks kept: {s:?}\n{log}");
     assert_eq!(s.evictions, 0, "{s:?}");
-    assert!(!tier.contains(&key(99)));
-    assert_eq!(s.bytes, disk_bytes(&root) - marker_bytes(&root), "{s:?}");
+    assert_eq!(s.recovery_removed, 1, "{s:?}");
+    assert!(!tier.contains(&key(99)) && !tier.contains(&key(5)));
     assert!(
-        log.contains("larger than any record") && log.contains(&key(99).to_hex()),
+        junk.exists(),
+        "a file kvtier cannot prove it wrote is left in place"
+    );
+    assert!(
+        !big.exists(),
+        "kvtier's own record that no longer fits is deleted"
+    );
+    let junk_len = std::fs::metadata(&junk).unwrap().len();
+    assert_eq!(s.bytes, disk_bytes(&root) - junk_len, "{s:?}");
+    assert!(
+        log.contains("larger than any record")
+            && log.contains(&key(99).to_hex())
+            && log.contains("left in place"),
         "{log}"
     );
-}
-
-fn marker_bytes(root: &Path) -> u64 {
-    std::fs::metadata(root.join(MARKER)).map_or(0, |m| m.len())
 }
 
 /// A lowered budget evicts down to it at startup: the log says how many, how many bytes, and

@@ -16,8 +16,8 @@ use parking_lot::Mutex;
 use super::commit::GroupCommit;
 use super::io::{
     create_new, free_bytes, is_aligned, is_direct_unsupported, is_no_space, open_read,
-    probe_direct, read_exact_vectored_at, round_block, sync_dir, write_all_vectored_at,
-    AlignedBuf, BLOCK,
+    probe_direct, read_exact_vectored_at, round_block, sync_dir, write_all_vectored_at, AlignedBuf,
+    BLOCK,
 };
 use super::layout;
 use crate::chunk::{record, Chunk, ChunkInfo};
@@ -150,7 +150,11 @@ fn path_err(what: &str, path: &Path, e: io::Error) -> Error {
 fn check_root(root: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let meta = fs::metadata(root).map_err(|e| path_err("cannot stat", root, e))?;
-    layout::check_owner(root, std::os::unix::fs::MetadataExt::uid(&meta), "disk directory")?;
+    layout::check_owner(
+        root,
+        std::os::unix::fs::MetadataExt::uid(&meta),
+        "disk directory",
+    )?;
     let mode = meta.permissions().mode();
     if mode & 0o002 != 0 {
         return Err(Error::config(
@@ -247,18 +251,27 @@ impl DiskDir {
         let mut found = Vec::with_capacity(survey.records.len());
         for f in survey.records {
             let (key, salt, size, _) = f;
-            let why = if size < 2 * BLOCK as u64 || size % BLOCK as u64 != 0 {
-                "not a whole number of 4 KiB blocks (a torn write)".to_string()
+            let p = layout::record_path(&root, &key, salt);
+            if size < 2 * BLOCK as u64 || size % BLOCK as u64 != 0 {
+                // A kvtier-named record in kvtier's own directory, damaged (truncated).
+                tracing::warn!(path = %p.display(), size, "disk tier: deleting a torn record (not a whole number of 4 KiB blocks); not counted");
+                if fs::remove_file(&p).is_ok() {
+                    removed += 1;
+                }
             } else if size > largest {
-                format!("larger than any record this tier holds ({largest} bytes)")
+                // kvtier never writes such a file: deleted only when its trailing header
+                // proves it is a whole kvtier record (staged through a larger L1 pool than
+                // today's); a stranger's file that merely has a record's name stays.
+                if is_whole_record(&p, &key, size) {
+                    tracing::warn!(path = %p.display(), size, largest, "disk tier: deleting a record larger than any record this tier holds now (a smaller L1 pool?); not counted");
+                    if fs::remove_file(&p).is_ok() {
+                        removed += 1;
+                    }
+                } else {
+                    tracing::warn!(path = %p.display(), size, largest, "disk tier: a file named like a record is larger than any record and has no valid record header: not kvtier's, not counted, left in place; remove it");
+                }
             } else {
                 found.push(f);
-                continue;
-            };
-            let p = layout::record_path(&root, &key, salt);
-            tracing::warn!(path = %p.display(), size, reason = %why, "disk tier: deleting a file that is not a valid record; not counted");
-            if fs::remove_file(&p).is_ok() {
-                removed += 1;
             }
         }
         found.sort_by_key(|f| f.3);
@@ -945,4 +958,24 @@ fn read_record(
             .map_err(|e| ReadError::Corrupt(e.to_string()))?;
     }
     Ok(info)
+}
+
+/// Whether `path` (of `size` bytes) ends with a valid kvtier record header for `key` whose
+/// payload length accounts for the whole file: proof that kvtier wrote it, so the tier may
+/// delete it. Never follows a symlink or waits on a FIFO.
+fn is_whole_record(path: &Path, key: &ChunkKey, size: u64) -> bool {
+    let Ok(f) = layout::open_nofollow(path) else {
+        return false;
+    };
+    if !f.metadata().is_ok_and(|m| m.is_file() && m.len() == size) {
+        return false;
+    }
+    let mut head = vec![0u8; BLOCK];
+    if f.read_exact_at(&mut head, size - BLOCK as u64).is_err() {
+        return false;
+    }
+    record::decode_header(&head).is_ok_and(|(info, _)| {
+        let whole = info.len.checked_next_multiple_of(BLOCK as u64);
+        info.key == *key && whole.and_then(|w| w.checked_add(BLOCK as u64)) == Some(size)
+    })
 }

@@ -89,7 +89,11 @@ pub(crate) fn open_read(path: &Path, direct: bool) -> io::Result<File> {
     let mut o = OpenOptions::new();
     o.read(true);
     let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK;
-    o.custom_flags(if direct { flags | libc::O_DIRECT } else { flags });
+    o.custom_flags(if direct {
+        flags | libc::O_DIRECT
+    } else {
+        flags
+    });
     o.open(path)
 }
 

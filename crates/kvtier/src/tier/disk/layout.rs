@@ -478,7 +478,11 @@ mod tests {
     fn tmp_names_are_kvtiers_only() {
         let k = ChunkKey([0x0c; 32]);
         assert!(is_tmp_name(&tmp_name(&k)));
-        for ok in [".probe", ".probe.0123456789abcdef", ".marker.0123456789abcdef"] {
+        for ok in [
+            ".probe",
+            ".probe.0123456789abcdef",
+            ".marker.0123456789abcdef",
+        ] {
             assert!(is_tmp_name(ok), "{ok}");
         }
         for foreign in [
@@ -503,7 +507,10 @@ mod tests {
         fs::create_dir(d.path().join(TMP_DIR)).unwrap();
         assert!(matches!(read_marker(d.path()).unwrap(), Marker::Absent));
         write_marker(d.path()).unwrap();
-        assert!(matches!(read_marker(d.path()).unwrap(), Marker::Present { .. }));
+        assert!(matches!(
+            read_marker(d.path()).unwrap(),
+            Marker::Present { .. }
+        ));
         assert_eq!(fs::read_dir(d.path().join(TMP_DIR)).unwrap().count(), 0);
         fs::write(d.path().join(MARKER), "{\"kvtier_disk_layout\": 99}").unwrap();
         let e = read_marker(d.path()).unwrap_err().to_string();

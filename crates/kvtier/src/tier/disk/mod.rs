@@ -49,9 +49,10 @@
 //! # Recovery
 //! Startup lists the 256 shard directories in parallel (readdir + fstatat, no payload or
 //! header reads) and rebuilds the index from file names and sizes, oldest first in the
-//! eviction order. kvtier-named files with an invalid size (torn, or larger than any
-//! record: above one chunk of the L1 pool, or the budget) are deleted and never counted;
-//! evictions down to a lowered budget are logged with their count and bytes.
+//! eviction order. Torn records (not whole blocks) are deleted. A file larger than any
+//! record (above one chunk of the L1 pool, or the budget) is never counted: deleted when
+//! its trailing header proves it a whole kvtier record, else left in place and logged.
+//! Evictions down to a lowered budget are logged with their count and bytes.
 //!
 //! # A full device
 //! A write that fails with ENOSPC before the budget is reached evicts at least its own
