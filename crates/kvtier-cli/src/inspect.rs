@@ -1,10 +1,12 @@
 //! `kvtier inspect PATH [--verify]`: what a disk tier directory holds, read-only.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use kvtier::tier::InspectReport;
 
 /// Options of `kvtier inspect`.
 #[derive(Clone, Debug, Args)]
@@ -36,48 +38,78 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     })
     .with_context(|| format!("inspecting {}", args.path.display()))?;
     bar.finish_and_clear();
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rep)?);
-    } else {
-        println!(
-            "{}: {} chunks, {} payload bytes ({} on disk)",
-            rep.root.display(),
-            rep.chunks,
-            rep.payload_bytes,
-            rep.file_bytes
-        );
-        println!("models:");
-        for (m, g) in &rep.models {
-            println!(
-                "  {m}: {} chunks, {} tokens, {} bytes",
-                g.chunks, g.tokens, g.payload_bytes
-            );
-        }
-        println!("tenants (cache_salt):");
-        for (s, g) in &rep.salts {
-            println!("  {s}: {} chunks, {} tokens", g.chunks, g.tokens);
-        }
-        if rep.tmp_files > 0 {
-            println!(
-                "{} temporary files of interrupted writes (removed at the next start)",
-                rep.tmp_files
-            );
-        }
-        println!(
-            "{}: {} bad records",
-            if rep.verified {
-                "checksums verified"
-            } else {
-                "headers checked (add --verify for payloads)"
-            },
-            rep.bad.len()
-        );
-        for b in &rep.bad {
-            println!("  {}: {}", b.path.display(), b.problem);
-        }
+    // A reader that goes away (`kvtier inspect DIR | head -1`) ends the output quietly;
+    // the exit status still reports bad records.
+    match print_report(&rep, args.json, &mut std::io::stdout().lock()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        r => r.context("writing the report to stdout")?,
     }
     if !rep.bad.is_empty() {
         anyhow::bail!("{} bad records in {}", rep.bad.len(), rep.root.display());
     }
     Ok(())
+}
+
+/// Writes the report: one JSON object, or the table.
+fn print_report(rep: &InspectReport, json: bool, out: &mut impl Write) -> std::io::Result<()> {
+    if json {
+        serde_json::to_writer_pretty(&mut *out, rep)?;
+        writeln!(out)?;
+        return out.flush();
+    }
+    writeln!(
+        out,
+        "{}: {} chunks, {} payload bytes ({} on disk)",
+        rep.root.display(),
+        rep.chunks,
+        rep.payload_bytes,
+        rep.file_bytes
+    )?;
+    writeln!(out, "models:")?;
+    for (m, g) in &rep.models {
+        writeln!(
+            out,
+            "  {m}: {} chunks, {} tokens, {} bytes",
+            g.chunks, g.tokens, g.payload_bytes
+        )?;
+    }
+    writeln!(out, "tenants (cache_salt):")?;
+    for (s, g) in &rep.salts {
+        writeln!(out, "  {s}: {} chunks, {} tokens", g.chunks, g.tokens)?;
+    }
+    if !rep.marker {
+        writeln!(
+            out,
+            "no marker file `{}` (a directory of an older kvtier; the next start adds it)",
+            kvtier::tier::DISK_MARKER
+        )?;
+    }
+    if rep.tmp_files > 0 {
+        writeln!(
+            out,
+            "{} temporary files of interrupted writes (removed at the next start)",
+            rep.tmp_files
+        )?;
+    }
+    if rep.other_files > 0 {
+        writeln!(
+            out,
+            "{} entries that are not chunk records (kvtier removes only its own)",
+            rep.other_files
+        )?;
+    }
+    writeln!(
+        out,
+        "{}: {} bad records",
+        if rep.verified {
+            "checksums verified"
+        } else {
+            "headers checked (add --verify for payloads)"
+        },
+        rep.bad.len()
+    )?;
+    for b in &rep.bad {
+        writeln!(out, "  {}: {}", b.path.display(), b.problem)?;
+    }
+    out.flush()
 }

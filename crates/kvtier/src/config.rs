@@ -294,7 +294,15 @@ struct KeyDef {
 }
 
 fn disk_paths(raw: &Raw<'_>) -> std::result::Result<Vec<PathBuf>, String> {
-    raw.list()?
+    let items = raw.list()?;
+    // `local_disk: ","` (or "", or []) used to turn the disk tier off without a word.
+    if items.is_empty() && !matches!(raw, Raw::Yaml(Yaml::Null)) {
+        return Err(format!(
+            "no disk path in {}: write a directory (e.g. local_disk: /var/cache/kvtier; several as a comma list or a YAML list), or leave local_disk out (null in YAML, unset in the environment) to run without a disk tier",
+            raw.show()
+        ));
+    }
+    items
         .into_iter()
         .map(|s| {
             let p = s.strip_prefix("file://").unwrap_or(&s).to_string();
@@ -823,6 +831,44 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("YAML"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_disk_path_list_is_an_error_not_a_silently_disabled_tier() {
+        for yaml in [
+            "local_disk: \",\"",
+            "local_disk: \" , \"",
+            "local_disk: \"\"",
+            "local_disk: []",
+        ] {
+            let e = EngineConfig::from_yaml_str(&format!("{yaml}\nmax_local_disk_size: 1"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("local_disk")
+                    && e.contains("no disk path")
+                    && e.contains("/var/cache/kvtier"),
+                "{yaml}: {e}"
+            );
+        }
+        let e = EngineConfig::default()
+            .apply_env([("KVTIER_LOCAL_DISK".to_string(), ",".to_string())])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("KVTIER_LOCAL_DISK") && e.contains("no disk path"),
+            "{e}"
+        );
+        // Null (or leaving the key out) is the way to run without a disk tier.
+        for yaml in ["local_disk: null", "local_disk:", "local_disk: ~"] {
+            assert!(EngineConfig::from_yaml_str(yaml)
+                .unwrap()
+                .local_disk
+                .is_empty());
+        }
+        let c =
+            EngineConfig::from_yaml_str("local_disk: \"/a,,/b\"\nmax_local_disk_size: 1").unwrap();
+        assert_eq!(c.local_disk.len(), 2);
     }
 
     #[test]

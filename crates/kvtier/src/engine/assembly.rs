@@ -58,6 +58,8 @@ pub(crate) fn disk_options(config: &EngineConfig, rank: u32) -> Option<DiskTierO
         policy: config.cache_policy,
         admit_after: config.disk_admit_after.max(1),
         durability: config.local_disk_durability,
+        // A chunk is staged in the L1 pool: no record holds more than the pool.
+        max_payload: config.max_local_cpu_size,
         ..DiskTierOptions::new(PathBuf::new(), config.max_local_disk_size)
     })
 }
@@ -166,6 +168,7 @@ mod tests {
         assert_eq!(o.paths, [PathBuf::from("/b")]);
         assert_eq!(o.admit_after, 1);
         assert_eq!(o.capacity_per_path, c.max_local_disk_size);
+        assert_eq!(o.max_payload, c.max_local_cpu_size);
         c.local_disk_path_sharding = PathSharding::Striped;
         assert_eq!(disk_options(&c, 3).unwrap().paths.len(), 2);
     }

@@ -278,6 +278,16 @@ impl Engine {
                 ),
             ));
         }
+        let on_disk = crate::tier::DiskTier::file_bytes(full_chunk);
+        if !config.local_disk.is_empty() && on_disk > config.max_local_disk_size {
+            return Err(Error::config(
+                "max_local_disk_size",
+                format!(
+                    "{} bytes per disk path cannot hold one chunk of {} tokens ({on_disk} bytes on disk for this model): no chunk would ever be stored on disk; raise it",
+                    config.max_local_disk_size, config.chunk_size
+                ),
+            ));
+        }
         Ok(Engine {
             core,
             keys,

@@ -17,7 +17,7 @@ use std::pin::Pin;
 pub use cpu::{CpuTier, CpuTierOptions, CpuTierStats};
 pub use disk::{
     inspect as inspect_disk, BadRecord, DiskDurability, DiskTier, DiskTierOptions, DiskTierStats,
-    GroupCount, InspectReport,
+    GroupCount, InspectReport, MARKER as DISK_MARKER,
 };
 pub use fault::{Fault, FaultOp, FaultRule, FaultTier};
 pub use peer::url::PeerUrl;

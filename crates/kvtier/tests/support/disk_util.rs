@@ -103,7 +103,7 @@ pub fn file_of(root: &Path, key: &ChunkKey) -> Option<PathBuf> {
         })
 }
 
-/// Sum of the sizes of all files under `root` (recursively).
+/// Sum of the sizes of all files under `root` (recursively), but the marker file.
 pub fn disk_bytes(root: &Path) -> u64 {
     let mut total = 0;
     let mut stack = vec![root.to_path_buf()];
@@ -115,7 +115,8 @@ pub fn disk_bytes(root: &Path) -> u64 {
             let Ok(m) = e.metadata() else { continue };
             if m.is_dir() {
                 stack.push(e.path());
-            } else {
+            } else if e.file_name() != "kvtier-disk.json" {
+                // Records and tmp files; not the marker, which the budget does not count.
                 total += m.len();
             }
         }

@@ -8,71 +8,24 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use hashlink::LruCache;
 use parking_lot::Mutex;
-use rayon::prelude::*;
 
 use super::commit::GroupCommit;
 use super::io::{
-    create_new, is_aligned, is_direct_unsupported, is_no_space, open_read, probe_direct,
-    read_exact_vectored_at, round_block, sync_dir, write_all_vectored_at, AlignedBuf, BLOCK,
+    create_new, free_bytes, is_aligned, is_direct_unsupported, is_no_space, open_read,
+    probe_direct, read_exact_vectored_at, round_block, sync_dir, write_all_vectored_at, AlignedBuf,
+    BLOCK,
 };
+use super::layout;
 use crate::chunk::{record, Chunk, ChunkInfo};
 use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, KeyMap};
 use crate::memory::WritableBuf;
 use crate::policy::{Eviction, EvictionPolicy, PolicyKind, PromptReport};
 use crate::tier::PutOutcome;
-
-/// Extension of committed record files.
-pub(crate) const EXT: &str = "kvr";
-/// Extension of the header-first layout of earlier builds: deleted at startup.
-const OLD_EXT: &str = ".kvc";
-/// Name of the scratch directory for files being written.
-const TMP_DIR: &str = "tmp";
-/// Salt tag of chunks stored without a tenant salt.
-const NO_SALT: &str = "none";
-
-/// Short, stable tag of a tenant salt used in file names (so `remove_salt` and recovery
-/// need no header reads).
-pub(crate) fn salt_tag(salt: Option<&str>) -> Option<u64> {
-    salt.map(|s| xxhash_rust::xxh3::xxh3_64(s.as_bytes()))
-}
-
-/// File name of a committed record: `<64 hex key>.<16 hex salt tag | none>.kvr`.
-fn file_name(key: &ChunkKey, salt: Option<u64>) -> String {
-    match salt {
-        Some(t) => format!("{}.{t:016x}.{EXT}", key.to_hex()),
-        None => format!("{}.{NO_SALT}.{EXT}", key.to_hex()),
-    }
-}
-
-/// Parses a committed file name; `None` for anything else.
-fn parse_name(name: &str) -> Option<(ChunkKey, Option<u64>)> {
-    let mut parts = name.split('.');
-    let (k, s, e) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some()
-        || e != EXT
-        || k.len() != 64
-        || k.bytes().any(|b| b.is_ascii_uppercase())
-    {
-        return None;
-    }
-    let key = ChunkKey::from_hex(k).ok()?;
-    let salt = if s == NO_SALT {
-        None
-    } else if s.len() == 16 && !s.bytes().any(|b| b.is_ascii_uppercase()) {
-        Some(u64::from_str_radix(s, 16).ok()?)
-    } else {
-        return None;
-    };
-    Some((key, salt))
-}
-
-/// A record file found at startup: key, salt tag, size, mtime.
-type Found = (ChunkKey, Option<u64>, u64, SystemTime);
 
 /// Options of one directory.
 #[derive(Clone, Debug)]
@@ -83,6 +36,9 @@ pub(crate) struct DirOptions {
     pub admit_after: u32,
     pub admit_tracking: usize,
     pub allow_direct_io: bool,
+    /// Largest chunk payload the tier can be given (files above one such record are not
+    /// records).
+    pub max_payload: u64,
     /// Flush data and directory entries before acknowledging (survive power loss).
     pub flush: bool,
 }
@@ -125,6 +81,7 @@ pub(crate) struct Counters {
     pub recovery_micros: AtomicU64,
     pub commit_groups: AtomicU64,
     pub committed: AtomicU64,
+    pub no_space_evictions: AtomicU64,
 }
 
 /// How a read failed.
@@ -145,6 +102,10 @@ pub(crate) struct DiskDir {
     admit_after: u32,
     direct: AtomicBool,
     full: AtomicBool,
+    /// A chunk larger than the whole budget was logged.
+    warned_oversize: AtomicBool,
+    /// The device filled before the budget was logged.
+    warned_device: AtomicBool,
     state: Mutex<State>,
     /// Batches the durability step of concurrent puts.
     commit: GroupCommit<Pending>,
@@ -184,8 +145,33 @@ fn path_err(what: &str, path: &Path, e: io::Error) -> Error {
     Error::io(format!("disk tier: {what} `{}`", path.display()), e)
 }
 
+/// Refuses a root another user owns or every user may write: they could read every
+/// tenant's cached KV, or plant and swap the files kvtier trusts.
+fn check_root(root: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::metadata(root).map_err(|e| path_err("cannot stat", root, e))?;
+    layout::check_owner(
+        root,
+        std::os::unix::fs::MetadataExt::uid(&meta),
+        "disk directory",
+    )?;
+    let mode = meta.permissions().mode();
+    if mode & 0o002 != 0 {
+        return Err(Error::config(
+            "local_disk",
+            format!(
+                "`{}` is writable by every user (mode {:o}): another user could plant or swap files kvtier trusts; run `chmod o-w` on it or point local_disk at a new directory (kvtier creates it with mode 700)",
+                root.display(),
+                mode & 0o7777
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl DiskDir {
-    /// Opens (creating if needed) the directory, deletes leftovers and rebuilds the index.
+    /// Opens (creating if needed) the directory, deletes kvtier's own leftovers and rebuilds
+    /// the index. Refuses a directory kvtier cannot tell is its own (see [`super::layout`]).
     pub(crate) fn open(opts: &DirOptions) -> Result<DiskDir> {
         if opts.capacity < 2 * BLOCK as u64 {
             return Err(Error::config(
@@ -198,28 +184,48 @@ impl DiskDir {
             ));
         }
         let root = opts.root.clone();
-        match fs::create_dir(&root) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && root.is_dir() => {}
-            Err(e) => return Err(path_err("cannot create directory", &root, e)),
+        layout::create_dir(&root, true)?;
+        check_root(&root)?;
+        let t0 = Instant::now();
+        // Nothing is deleted or created until the whole directory is known to be kvtier's.
+        let survey = layout::survey(&root)?;
+        if let Some(uid) = survey.marker_owner {
+            layout::check_owner(&root.join(layout::MARKER), uid, "marker file")?;
         }
-        let tmp = root.join(TMP_DIR);
-        let mkdir = |p: &Path| match fs::create_dir(p) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && p.is_dir() => Ok(()),
-            Err(e) => Err(path_err("cannot create directory", p, e)),
-        };
-        mkdir(&tmp)?;
+        let marked = survey.marker_owner.is_some();
+        if !marked && survey.foreign.count > 0 {
+            return Err(Error::config(
+                "local_disk",
+                format!(
+                    "`{}` is not a kvtier directory: it has no marker file `{}` and holds {} entries kvtier did not create ({}). kvtier refuses it so that it never deletes them: point local_disk at a new or empty directory (kvtier creates it), e.g. /var/cache/kvtier",
+                    root.display(),
+                    layout::MARKER,
+                    survey.foreign.count,
+                    survey.foreign.describe()
+                ),
+            ));
+        }
+        if survey.foreign.count > 0 {
+            tracing::warn!(path = %root.display(), count = survey.foreign.count, examples = %survey.foreign.describe(), "disk tier: entries that kvtier did not create are in its directory; left in place (kvtier only deletes files it names)");
+        }
+        let tmp = root.join(layout::TMP_DIR);
+        layout::create_dir(&tmp, false)?;
         for b in 0..=255u8 {
-            mkdir(&root.join(format!("{b:02x}")))?;
+            layout::create_dir(&root.join(layout::shard_name(b)), false)?;
+        }
+        if !marked {
+            if survey.has_layout {
+                tracing::info!(path = %root.display(), "disk tier: adopting a directory of kvtier's layout made before the marker file existed");
+            }
+            layout::write_marker(&root)?;
         }
         sync_dir(&root).map_err(|e| path_err("cannot sync directory", &root, e))?;
-        let t0 = Instant::now();
+        // kvtier's own leftovers: tmp files of writes the process died in (never
+        // acknowledged), records of the older layout, records in the wrong shard.
         let mut removed = 0u64;
-        // Files being written when the process died: never acknowledged, drop them.
-        let entries = fs::read_dir(&tmp).map_err(|e| path_err("cannot list directory", &tmp, e))?;
-        for e in entries.flatten() {
-            if fs::remove_file(e.path()).is_ok() {
+        for p in &survey.leftovers {
+            tracing::debug!(path = %p.display(), "disk tier: deleting a leftover file");
+            if fs::remove_file(p).is_ok() {
                 removed += 1;
             }
         }
@@ -236,15 +242,37 @@ impl DiskDir {
         if opts.allow_direct_io && !direct {
             tracing::warn!(path = %root.display(), "file system rejects O_DIRECT; the disk tier uses buffered I/O + fdatasync");
         }
-        // Scan the 256 shard directories in parallel: readdir + fstatat, no payload reads.
-        let scanned: Vec<(Vec<Found>, u64)> = (0..=255u8)
-            .into_par_iter()
-            .map(|b| scan_shard(&root.join(format!("{b:02x}")), b))
-            .collect();
-        let mut found = Vec::new();
-        for (v, r) in scanned {
-            removed += r;
-            found.extend(v);
+        // A record file is at most one chunk (no larger than the L1 pool it is staged in)
+        // and never larger than the budget: anything bigger is not a record this tier
+        // wrote, and counting it would evict every valid chunk "down to budget".
+        let largest = opts
+            .capacity
+            .min((BLOCK as u64).saturating_add(round_block(opts.max_payload.min(u64::MAX / 2))));
+        let mut found = Vec::with_capacity(survey.records.len());
+        for f in survey.records {
+            let (key, salt, size, _) = f;
+            let p = layout::record_path(&root, &key, salt);
+            if size < 2 * BLOCK as u64 || size % BLOCK as u64 != 0 {
+                // A kvtier-named record in kvtier's own directory, damaged (truncated).
+                tracing::warn!(path = %p.display(), size, "disk tier: deleting a torn record (not a whole number of 4 KiB blocks); not counted");
+                if fs::remove_file(&p).is_ok() {
+                    removed += 1;
+                }
+            } else if size > largest {
+                // kvtier never writes such a file: deleted only when its trailing header
+                // proves it is a whole kvtier record (staged through a larger L1 pool than
+                // today's); a stranger's file that merely has a record's name stays.
+                if is_whole_record(&p, &key, size) {
+                    tracing::warn!(path = %p.display(), size, largest, "disk tier: deleting a record larger than any record this tier holds now (a smaller L1 pool?); not counted");
+                    if fs::remove_file(&p).is_ok() {
+                        removed += 1;
+                    }
+                } else {
+                    tracing::warn!(path = %p.display(), size, largest, "disk tier: a file named like a record is larger than any record and has no valid record header: not kvtier's, not counted, left in place; remove it");
+                }
+            } else {
+                found.push(f);
+            }
         }
         found.sort_by_key(|f| f.3);
         let mut st = State {
@@ -259,10 +287,7 @@ impl DiskDir {
         };
         for (key, salt, size, _) in found {
             if st.index.contains_key(&key) {
-                let _ = fs::remove_file(
-                    root.join(format!("{:02x}", key.0[0]))
-                        .join(file_name(&key, salt)),
-                );
+                let _ = fs::remove_file(layout::record_path(&root, &key, salt));
                 removed += 1;
                 continue;
             }
@@ -288,11 +313,14 @@ impl DiskDir {
             admit_after: opts.admit_after.max(1),
             direct: AtomicBool::new(direct),
             full: AtomicBool::new(false),
+            warned_oversize: AtomicBool::new(false),
+            warned_device: AtomicBool::new(false),
             state: Mutex::new(st),
             counters: Counters::default(),
             root,
         };
-        // A smaller budget than last time: evict down to it.
+        // A smaller budget than last time: evict down to it, and say so.
+        let found_bytes = dir.state.lock().bytes;
         let mut victims = Vec::new();
         {
             let mut st = dir.state.lock();
@@ -303,8 +331,16 @@ impl DiskDir {
                 }
             }
         }
+        if !victims.is_empty() {
+            let bytes: u64 = victims.iter().map(|v| v.2).sum();
+            tracing::warn!(path = %dir.root.display(), evicted = victims.len(), evicted_bytes = bytes, found_bytes, budget = dir.capacity, "disk tier: the records found exceed the budget (max_local_disk_size was lowered?); evicted the oldest down to it");
+        }
         dir.unlink_reserved(&victims);
-        let n = dir.state.lock().index.len() as u64;
+        let (n, held) = {
+            let st = dir.state.lock();
+            (st.index.len() as u64, st.bytes)
+        };
+        dir.check_device_room(held);
         let dt = t0.elapsed();
         dir.counters.recovered_chunks.store(n, Ordering::Relaxed);
         dir.counters
@@ -313,14 +349,27 @@ impl DiskDir {
         dir.counters
             .recovery_micros
             .store(dt.as_micros() as u64, Ordering::Relaxed);
-        tracing::info!(path = %dir.root.display(), chunks = n, removed, direct_io = direct, ms = dt.as_millis() as u64, "disk tier recovered");
+        tracing::info!(path = %dir.root.display(), chunks = n, removed, evicted = victims.len(), direct_io = direct, ms = dt.as_millis() as u64, "disk tier recovered");
         Ok(dir)
     }
 
+    /// Warns when the file system has less room than the budget still allows the tier to
+    /// take (`held`: bytes the tier holds already): writes will then fill the device before
+    /// the budget, and each full-device write evicts (see [`DiskDir::put`]).
+    fn check_device_room(&self, held: u64) {
+        match free_bytes(&self.root) {
+            Ok(free) if self.capacity > held.saturating_add(free) => {
+                tracing::warn!(path = %self.root.display(), budget = self.capacity, held, free, "disk tier: the budget (max_local_disk_size) is larger than the room on this file system: the device will fill first, and then the tier evicts to make room; lower max_local_disk_size to at most held + free");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(path = %self.root.display(), error = %e, "disk tier: cannot read the file system's free space (statvfs); the budget is not checked against it");
+            }
+        }
+    }
+
     fn final_path(&self, key: &ChunkKey, salt: Option<u64>) -> PathBuf {
-        self.root
-            .join(format!("{:02x}", key.0[0]))
-            .join(file_name(key, salt))
+        layout::record_path(&self.root, key, salt)
     }
 
     /// Root directory.
@@ -442,7 +491,7 @@ impl DiskDir {
                 return PutOutcome::Skipped("invalid chunk");
             }
         };
-        let salt = salt_tag(chunk.info.origin.cache_salt.as_deref());
+        let salt = layout::salt_tag(chunk.info.origin.cache_salt.as_deref());
         let need = BLOCK as u64 + round_block(len);
         let mut victims = Vec::new();
         let mut got = 0u64;
@@ -469,6 +518,9 @@ impl DiskDir {
             }
             if need > self.capacity {
                 self.counters.skipped_full.fetch_add(1, Ordering::Relaxed);
+                if !self.warned_oversize.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(path = %self.root.display(), chunk_bytes = len, file_bytes = need, budget = self.capacity, "disk tier: a chunk needs more room than the whole budget of this path; chunks this large are never stored on disk: raise max_local_disk_size");
+                }
                 return PutOutcome::Skipped("disk full");
             }
             loop {
@@ -533,7 +585,11 @@ impl DiskDir {
             self.counters.skipped_full.fetch_add(1, Ordering::Relaxed);
             return PutOutcome::Skipped("disk full");
         }
-        let r = self.write_file(&key, salt, &header, chunk);
+        let mut r = self.write_file(&key, salt, &header, chunk);
+        if r.as_ref().is_err_and(is_no_space) && self.make_room(need) {
+            // The device filled before the budget: evicted as much as the write needs.
+            r = self.write_file(&key, salt, &header, chunk);
+        }
         let mut st = self.state.lock();
         st.inflight.remove(&key);
         st.reserved -= need;
@@ -574,6 +630,43 @@ impl DiskDir {
         }
     }
 
+    /// The device is full before the budget (other files on it, or a budget larger than
+    /// the device): evicts at least `need` bytes of records nobody reads, so the tier keeps
+    /// storing (newest kept) instead of refusing every write from now on. Whether anything
+    /// was evicted.
+    fn make_room(&self, need: u64) -> bool {
+        let victims = {
+            let mut st = self.state.lock();
+            let mut got = 0u64;
+            let mut v = Vec::new();
+            while got < need {
+                match self.evict_one(&mut st) {
+                    Some(x) => {
+                        got += x.2;
+                        v.push(x);
+                    }
+                    None => break,
+                }
+            }
+            v
+        };
+        if victims.is_empty() {
+            return false;
+        }
+        let bytes: u64 = victims.iter().map(|v| v.2).sum();
+        self.counters
+            .no_space_evictions
+            .fetch_add(victims.len() as u64, Ordering::Relaxed);
+        let held = self.state.lock().bytes;
+        if !self.warned_device.swap(true, Ordering::Relaxed) {
+            tracing::warn!(path = %self.root.display(), evicted = victims.len(), evicted_bytes = bytes, held, budget = self.capacity, "disk tier: the device is full before the budget; evicting to make room (from now on whenever it is full; counted in no_space_evictions): lower max_local_disk_size to what the device holds");
+        } else {
+            tracing::debug!(path = %self.root.display(), evicted = victims.len(), evicted_bytes = bytes, "disk tier: device full; evicted to make room");
+        }
+        self.unlink_reserved(&victims);
+        true
+    }
+
     fn disable_direct(&self, e: &io::Error) {
         if self.direct.swap(false, Ordering::Relaxed) {
             tracing::warn!(path = %self.root.display(), error = %e, "file system rejects O_DIRECT; the disk tier falls back to buffered I/O + fdatasync");
@@ -588,9 +681,7 @@ impl DiskDir {
         header: &[u8],
         chunk: &Chunk,
     ) -> io::Result<()> {
-        let tmp = self
-            .tmp
-            .join(format!("{}.{:016x}", key.to_hex(), rand::random::<u64>()));
+        let tmp = self.tmp.join(layout::tmp_name(key));
         let direct = self.direct.load(Ordering::Relaxed);
         let file = match write_tmp(&tmp, header, chunk, direct) {
             Err(e) if direct && is_direct_unsupported(&e) => {
@@ -908,69 +999,22 @@ fn read_record(
     Ok(info)
 }
 
-/// Lists one shard directory: valid record files (key, salt tag, size, mtime) and the
-/// number of invalid files deleted.
-fn scan_shard(dir: &Path, byte: u8) -> (Vec<Found>, u64) {
-    let mut out = Vec::new();
-    let mut removed = 0;
-    let Ok(rd) = fs::read_dir(dir) else {
-        return (out, 0);
+/// Whether `path` (of `size` bytes) ends with a valid kvtier record header for `key` whose
+/// payload length accounts for the whole file: proof that kvtier wrote it, so the tier may
+/// delete it. Never follows a symlink or waits on a FIFO.
+fn is_whole_record(path: &Path, key: &ChunkKey, size: u64) -> bool {
+    let Ok(f) = layout::open_nofollow(path) else {
+        return false;
     };
-    for e in rd.flatten() {
-        let name = e.file_name();
-        let parsed = name
-            .to_str()
-            .and_then(parse_name)
-            .filter(|(k, _)| k.0[0] == byte);
-        let Ok(meta) = e.metadata() else { continue };
-        if !meta.is_file() {
-            continue;
-        }
-        let size = meta.len();
-        match parsed {
-            Some((key, salt)) if size >= 2 * BLOCK as u64 && size % BLOCK as u64 == 0 => {
-                out.push((
-                    key,
-                    salt,
-                    size,
-                    meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                ));
-            }
-            _ => {
-                if name.to_str().is_some_and(|n| n.ends_with(OLD_EXT)) {
-                    tracing::debug!(path = %e.path().display(), "disk tier: deleting a record of the older header-first layout");
-                } else {
-                    tracing::warn!(path = %e.path().display(), "disk tier: deleting a file that is not a valid record");
-                }
-                if fs::remove_file(e.path()).is_ok() {
-                    removed += 1;
-                }
-            }
-        }
+    if !f.metadata().is_ok_and(|m| m.is_file() && m.len() == size) {
+        return false;
     }
-    (out, removed)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_round_trip_and_reject_garbage() {
-        let k = ChunkKey([0xab; 32]);
-        for salt in [None, Some(0x0123_4567_89ab_cdef)] {
-            assert_eq!(parse_name(&file_name(&k, salt)), Some((k, salt)));
-        }
-        for bad in [
-            "x.kvr",
-            "ab.none.kvr",
-            &format!("{}.none.kvc", k.to_hex()),
-            &format!("{}.none.tmp", k.to_hex()),
-            &format!("{}.zz.kvr", k.to_hex()),
-            &format!("{}.none.kvr.1", k.to_hex()),
-            &format!("{}.none.kvr", k.to_hex().to_uppercase()),
-        ] {
-            assert_eq!(parse_name(bad), None, "{bad}");
-        }
+    let mut head = vec![0u8; BLOCK];
+    if f.read_exact_at(&mut head, size - BLOCK as u64).is_err() {
+        return false;
     }
+    record::decode_header(&head).is_ok_and(|(info, _)| {
+        let whole = info.len.checked_next_multiple_of(BLOCK as u64);
+        info.key == *key && whole.and_then(|w| w.checked_add(BLOCK as u64)) == Some(size)
+    })
 }

@@ -1,11 +1,14 @@
 //! Read-only inspection of a disk tier directory (`kvtier inspect`): what it holds, per
-//! model and tenant, and optionally whether every record verifies. Never modifies anything.
+//! model and tenant, and optionally whether every record verifies. Never modifies anything,
+//! never opens anything but regular files named like records (a FIFO there is not waited
+//! on), and says "not a kvtier directory" for a directory kvtier would refuse to use.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::io::BLOCK;
+use super::layout::{self, open_nofollow};
 use crate::chunk::record::{decode_header, MAX_HEADER_LEN};
 use crate::error::{Error, Result};
 
@@ -48,29 +51,14 @@ pub struct InspectReport {
     pub verified: bool,
     /// Records that failed to decode or verify.
     pub bad: Vec<BadRecord>,
+    /// Whether the directory carries kvtier's marker file (an older kvtier's directory
+    /// has none; the next start adds it).
+    pub marker: bool,
     /// Leftover temporary files of interrupted writes (removed by the next start).
     pub tmp_files: u64,
-    /// Files that are not chunk records (ignored).
+    /// Entries that are not chunk records: kvtier's own leftovers (older layout, removed by
+    /// the next start) and anything kvtier did not create (never touched).
     pub other_files: u64,
-}
-
-fn chunk_files(root: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let rd =
-        std::fs::read_dir(root).map_err(|e| Error::io(format!("reading {}", root.display()), e))?;
-    for shard in rd.flatten() {
-        let p = shard.path();
-        let name = shard.file_name();
-        let name = name.to_string_lossy();
-        if !p.is_dir() || name.len() != 2 || !name.chars().all(|c| c.is_ascii_hexdigit()) {
-            continue;
-        }
-        let files =
-            std::fs::read_dir(&p).map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
-        out.extend(files.flatten().map(|f| f.path()));
-    }
-    out.sort();
-    Ok(out)
 }
 
 fn describe_model(info: &crate::chunk::ChunkInfo) -> String {
@@ -102,35 +90,65 @@ pub fn inspect(
             root.display()
         )));
     }
+    let survey = layout::survey(root)?;
+    let marker = survey.marker_owner.is_some();
+    if !marker && survey.foreign.count > 0 {
+        return Err(Error::invalid(format!(
+            "{} is not a kvtier directory: it has no marker file `{}` and holds entries kvtier did not create ({})",
+            root.display(),
+            layout::MARKER,
+            survey.foreign.describe()
+        )));
+    }
+    if !marker && !survey.has_layout {
+        return Err(Error::invalid(format!(
+            "{} is not a kvtier directory: it has no marker file `{}` and nothing of kvtier's layout",
+            root.display(),
+            layout::MARKER
+        )));
+    }
     let mut rep = InspectReport {
         root: root.to_path_buf(),
         verified: verify,
+        marker,
+        tmp_files: survey.tmp_leftovers,
+        other_files: survey.foreign.count + survey.leftovers.len() as u64 - survey.tmp_leftovers,
         ..InspectReport::default()
     };
-    if let Ok(rd) = std::fs::read_dir(root.join("tmp")) {
-        rep.tmp_files = rd.flatten().count() as u64;
-    }
-    let files = chunk_files(root)?;
+    let mut files: Vec<PathBuf> = survey
+        .records
+        .iter()
+        .map(|(key, salt, _, _)| layout::record_path(root, key, *salt))
+        .collect();
+    files.sort();
     let total = files.len();
     let mut header = vec![0u8; MAX_HEADER_LEN];
     for (i, path) in files.iter().enumerate() {
         progress(i + 1, total);
-        if path.extension().and_then(|e| e.to_str()) != Some(super::dir::EXT) {
-            rep.other_files += 1;
-            continue;
-        }
         let bad = |problem: String| BadRecord {
             path: path.clone(),
             problem,
         };
-        let f = match std::fs::File::open(path) {
+        // Swapped for a FIFO or a symlink since the listing: neither waited on nor followed.
+        let f = match open_nofollow(path) {
             Ok(f) => f,
             Err(e) => {
                 rep.bad.push(bad(format!("cannot open: {e}")));
                 continue;
             }
         };
-        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let meta = match f.metadata() {
+            Ok(m) if m.is_file() => m,
+            Ok(_) => {
+                rep.bad.push(bad("not a regular file".into()));
+                continue;
+            }
+            Err(e) => {
+                rep.bad.push(bad(format!("cannot stat: {e}")));
+                continue;
+            }
+        };
+        let size = meta.len();
         if size < BLOCK as u64 || size % BLOCK as u64 != 0 {
             rep.bad.push(bad(format!(
                 "file is {size} bytes, not whole {BLOCK}-byte blocks (torn write?)"

@@ -72,24 +72,43 @@ pub(crate) fn is_no_space(e: &io::Error) -> bool {
         || e.kind() == io::ErrorKind::StorageFull
 }
 
-/// Creates a new file for writing (`O_EXCL`), with `O_DIRECT` when `direct`.
+/// Creates a new file for writing (`O_EXCL`, owner-only: cached KV is every tenant's
+/// prompts), with `O_DIRECT` when `direct`.
 pub(crate) fn create_new(path: &Path, direct: bool) -> io::Result<File> {
     let mut o = OpenOptions::new();
-    o.write(true).create_new(true).mode(0o644);
+    o.write(true).create_new(true).mode(0o600);
     if direct {
         o.custom_flags(libc::O_DIRECT);
     }
     o.open(path)
 }
 
-/// Opens a file for reading, with `O_DIRECT` when `direct`.
+/// Opens a record for reading, with `O_DIRECT` when `direct`. A record is never a
+/// symlink or a FIFO: neither is followed nor waited on (`O_NOFOLLOW | O_NONBLOCK`).
 pub(crate) fn open_read(path: &Path, direct: bool) -> io::Result<File> {
     let mut o = OpenOptions::new();
     o.read(true);
-    if direct {
-        o.custom_flags(libc::O_DIRECT);
-    }
+    let flags = libc::O_NOFOLLOW | libc::O_NONBLOCK;
+    o.custom_flags(if direct {
+        flags | libc::O_DIRECT
+    } else {
+        flags
+    });
     o.open(path)
+}
+
+/// Bytes an unprivileged writer can still use on the file system holding `dir` (`statvfs`).
+pub(crate) fn free_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 /// Opens a directory (to fsync it).

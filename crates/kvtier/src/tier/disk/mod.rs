@@ -37,21 +37,40 @@
 //! visible in [`DiskTierStats::direct_io`]. Reads verify the header, the key and the payload
 //! checksum (C7); a bad file is a miss, is deleted and counted.
 //!
+//! # Whose files
+//! The tier deletes only files it names itself, in a directory it knows is its own: one
+//! holding the marker `kvtier-disk.json` (written on first use), or one made by an earlier
+//! build whose every entry matches kvtier's layout (adopted: the marker is added). A
+//! non-empty directory without the marker that holds anything else is refused, naming the
+//! path and what it found; other files that turn up in a marked directory are left in
+//! place. The root must belong to this user (or root) and not be writable by everyone.
+//! Names and the survey that sorts a directory: `layout.rs`.
+//!
 //! # Recovery
 //! Startup lists the 256 shard directories in parallel (readdir + fstatat, no payload or
 //! header reads) and rebuilds the index from file names and sizes, oldest first in the
-//! eviction order. Invalid names and sizes are deleted.
+//! eviction order. Torn records (not whole blocks) are deleted. A file larger than any
+//! record (above one chunk of the L1 pool, or the budget) is never counted: deleted when
+//! its trailing header proves it a whole kvtier record, else left in place and logged.
+//! Evictions down to a lowered budget are logged with their count and bytes.
+//!
+//! # A full device
+//! A write that fails with ENOSPC before the budget is reached evicts at least its own
+//! size (records nobody reads, in eviction order) and is retried once; startup warns when
+//! the budget exceeds what the file system has room for (`statvfs`).
 
 mod commit;
 mod dir;
 mod inspect;
 mod io;
+mod layout;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use dir::{DirOptions, DiskDir, ReadError};
 pub use inspect::{inspect, BadRecord, GroupCount, InspectReport};
+pub use layout::MARKER;
 
 use super::{PutOutcome, Tier, TierFuture, TierUsage};
 use crate::chunk::Chunk;
@@ -95,6 +114,10 @@ pub struct DiskTierOptions {
     pub direct_io: bool,
     /// What an acknowledged put survives.
     pub durability: DiskDurability,
+    /// Largest chunk payload the tier can be given (a chunk is staged in the L1 pool, so
+    /// the pool size bounds it): a file larger than such a record is not one and is
+    /// rejected at startup. Record files are always bounded by the budget too.
+    pub max_payload: u64,
 }
 
 impl DiskTierOptions {
@@ -110,6 +133,7 @@ impl DiskTierOptions {
             admit_tracking: 1 << 18,
             direct_io: true,
             durability: DiskDurability::default(),
+            max_payload: u64::MAX,
         }
     }
 }
@@ -151,6 +175,8 @@ pub struct DiskTierStats {
     pub commit_groups: u64,
     /// Files that went through a commit round; `/ commit_groups` is the mean group size.
     pub committed_files: u64,
+    /// Chunks evicted because the device was full before the budget (ENOSPC).
+    pub no_space_evictions: u64,
 }
 
 /// The local-disk tier.
@@ -222,6 +248,7 @@ impl DiskTier {
                 admit_after: opts.admit_after,
                 admit_tracking: opts.admit_tracking,
                 allow_direct_io: opts.direct_io,
+                max_payload: opts.max_payload,
                 flush: opts.durability == DiskDurability::PowerLoss,
             })?));
         }
@@ -231,7 +258,12 @@ impl DiskTier {
         })
     }
 
-    /// Opens the disk tier an engine config asks for, if any.
+    /// Bytes on disk of a record of `payload` bytes (what the budget counts): the payload
+    /// rounded up to whole 4 KiB blocks plus the header block.
+    pub fn file_bytes(payload: u64) -> u64 {
+        io::BLOCK as u64 + io::round_block(payload)
+    }
+
     /// The directory holding `key`.
     fn dir(&self, key: &ChunkKey) -> &Arc<DiskDir> {
         // Bytes 8..16: independent of the shard-directory byte and of `prefix_u64`.
@@ -277,6 +309,7 @@ impl DiskTier {
             s.recovery_micros = s.recovery_micros.max(ld(&c.recovery_micros));
             s.commit_groups += ld(&c.commit_groups);
             s.committed_files += ld(&c.committed);
+            s.no_space_evictions += ld(&c.no_space_evictions);
         }
         s
     }
@@ -456,7 +489,7 @@ impl Tier for DiskTier {
 
     fn remove_salt<'a>(&'a self, salt: &'a str) -> TierFuture<'a, u64> {
         let dirs = self.dirs.clone();
-        let tag = dir::salt_tag(Some(salt));
+        let tag = layout::salt_tag(Some(salt));
         Box::pin(blocking(move || {
             dirs.iter().map(|d| d.remove_where(|s| s == tag)).sum()
         }))
