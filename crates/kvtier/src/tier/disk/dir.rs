@@ -640,7 +640,7 @@ impl DiskDir {
             let mut got = 0u64;
             let mut v = Vec::new();
             while got < need {
-                match self.evict_one(&mut st) {
+                match self.evict_one(&mut st, None).ok().flatten() {
                     Some(x) => {
                         got += x.2;
                         v.push(x);
