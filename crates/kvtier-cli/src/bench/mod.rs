@@ -12,6 +12,7 @@ mod micro;
 mod plot;
 mod remote;
 mod report;
+mod scratch;
 mod server;
 mod stream;
 mod sweep;
@@ -147,8 +148,9 @@ pub struct BenchArgs {
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Disk workload: directory on the device to measure [default: ./kvtier-bench-disk,
-    /// removed afterwards].
+    /// Disk workload: directory on the device to measure; the bench writes only in a new
+    /// subdirectory of it, removed afterwards [default: ./kvtier-bench-disk, removed
+    /// afterwards].
     #[arg(long)]
     pub disk_dir: Option<PathBuf>,
     /// Disk workload: no CPU cache at all (L1 only stages I/O).
