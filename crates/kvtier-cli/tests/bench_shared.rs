@@ -32,6 +32,11 @@ fn prompt(seed: u32, n: usize) -> Vec<u32> {
 }
 
 fn bench(args: &[&str]) -> Value {
+    bench_env(args, &[])
+}
+
+/// `kvtier bench args... --json` with `env` set (and no other kvtier config).
+fn bench_env(args: &[&str], env: &[(&str, &str)]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_kvtier"))
         .arg("bench")
         .args(args)
@@ -39,6 +44,7 @@ fn bench(args: &[&str]) -> Value {
         .env_remove("KVTIER_CONFIG_FILE")
         .env_remove("KVTIER_REMOTE_URL")
         .env_remove("KVTIER_LOCAL_DISK")
+        .envs(env.iter().copied())
         .output()
         .expect("running kvtier bench");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -103,7 +109,11 @@ fn bench_against_a_live_server_removes_only_its_own_chunks() {
     assert_eq!(user.lookup(&t, None).unwrap().hit_tokens, 1024);
     assert_eq!(user.lookup(&t, Some("tenant-a")).unwrap().hit_tokens, 1024);
     let stats = user.stats_json().unwrap();
-    assert_eq!(stats["l1"]["chunks"].as_u64(), Some(chunks_before), "{stats}");
+    assert_eq!(
+        stats["l1"]["chunks"].as_u64(),
+        Some(chunks_before),
+        "{stats}"
+    );
 }
 
 /// Every key of the database (a few hundred at most here).
@@ -118,7 +128,8 @@ fn all_keys(srv: &RedisServer) -> BTreeSet<String> {
 #[test]
 fn bench_remote_against_a_users_redis_removes_only_its_own_keys() {
     if redis_server::find_bin("redis-benchmark").is_none() {
-        if std::env::var_os("KVTIER_REQUIRE_TEST_SERVERS").is_some_and(|v| !v.is_empty() && v != "0")
+        if std::env::var_os("KVTIER_REQUIRE_TEST_SERVERS")
+            .is_some_and(|v| !v.is_empty() && v != "0")
         {
             panic!("redis-benchmark not found: install redis-tools");
         }
@@ -202,4 +213,36 @@ fn disk_bench_in_a_directory_with_files_leaves_them() {
         std::fs::read_to_string(dir.path().join("round-0/keep.txt")).unwrap(),
         "mine"
     );
+}
+
+#[test]
+fn workload_bench_with_a_shared_redis_in_its_config_leaves_nothing_there() {
+    let Some(srv) = RedisServer::start(&[]) else {
+        return;
+    };
+    srv.cli(&["set", "app:config", "keep"]);
+    let url = srv.url("/0?prefix=shared:");
+    let json = bench_env(
+        &[
+            "long-doc-qa",
+            "--model",
+            "tiny",
+            "--l1-gb",
+            "0.05",
+            "--docs",
+            "2",
+            "--doc-tokens",
+            "1024",
+        ],
+        &[("KVTIER_REMOTE_URL", &url)],
+    );
+    // The bench wrote through the shared tier...
+    let tiers = json["engine"]["tiers"].as_array().expect("engine tiers");
+    let redis = tiers
+        .iter()
+        .find(|t| t["name"] == "redis")
+        .unwrap_or_else(|| panic!("no redis tier: {json}"));
+    assert!(redis["stored_chunks"].as_u64().unwrap_or(0) > 0, "{redis}");
+    // ...and removed what it wrote, nothing else.
+    assert_eq!(all_keys(&srv), BTreeSet::from(["app:config".to_string()]));
 }

@@ -750,15 +750,18 @@ mod tests {
     fn a_cluster_seed_list_in_a_string_stays_one_url() {
         let urls = |yaml: &str| EngineConfig::from_yaml_str(yaml).unwrap().remote_url;
         assert_eq!(
-            urls("remote_url: redis+cluster://h1:7000,h2:7001/?prefix=p:"),
-            ["redis+cluster://h1:7000,h2:7001/?prefix=p:"]
+            urls("remote_url: redis+cluster://h1:7000,h2:7001/?prefix=kv-"),
+            ["redis+cluster://h1:7000,h2:7001/?prefix=kv-"]
         );
         // Several URLs in one string still split, spaces and empty entries allowed.
         assert_eq!(
             urls("remote_url: \"redis+cluster://a:1, b:2,,kvtier://n:7070 , rediss://c:3\""),
             ["redis+cluster://a:1,b:2", "kvtier://n:7070", "rediss://c:3"]
         );
-        assert_eq!(urls("remote_url: redis://a:1,redis://b:2"), ["redis://a:1", "redis://b:2"]);
+        assert_eq!(
+            urls("remote_url: redis://a:1,redis://b:2"),
+            ["redis://a:1", "redis://b:2"]
+        );
         // A comma inside a password does not cut the URL.
         assert_eq!(urls("remote_url: redis://u:p,w@h:1"), ["redis://u:p,w@h:1"]);
         // A list keeps each item whole; the environment splits like a string.

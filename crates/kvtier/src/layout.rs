@@ -232,9 +232,9 @@ impl KvLayout {
 
     /// [`KvLayout::bytes_per_token`], `None` on overflow.
     pub fn checked_bytes_per_token(&self) -> Option<usize> {
-        self.groups
-            .iter()
-            .try_fold(0usize, |sum, g| sum.checked_add(g.checked_bytes_per_token()?))
+        self.groups.iter().try_fold(0usize, |sum, g| {
+            sum.checked_add(g.checked_bytes_per_token()?)
+        })
     }
 
     /// Payload bytes of a chunk holding `tokens` tokens (saturating, like
@@ -350,11 +350,19 @@ mod tests {
             tag: LAYER_MAJOR.into(),
         };
         assert!(two.groups[0].checked_bytes_per_token().is_some());
-        assert!(two.validate().unwrap_err().to_string().contains("too large"));
+        assert!(two
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("too large"));
         // Bytes per token fit, a chunk of the largest chunk size does not.
         let big = KvLayout::simple(1 << 20, 1 << 12, 1 << 12, Dtype::F32);
         assert!(big.checked_bytes_per_token().is_some());
-        assert!(big.validate().unwrap_err().to_string().contains("size of a chunk"));
+        assert!(big
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("size of a chunk"));
         KvLayout::simple(80, 8, 128, Dtype::F32).validate().unwrap();
     }
 

@@ -30,7 +30,11 @@ struct Inner {
 impl Inner {
     /// Runs the cleanup unless it already ran.
     fn run(&self) -> Option<Result<u64>> {
-        let f = self.cleanup.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        let f = self
+            .cleanup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
         let r = f();
         match &r {
             Ok(n) => info!(what = %self.what, removed = n, "bench data removed"),
@@ -150,7 +154,9 @@ mod tests {
     #[test]
     fn cleanup_runs_once_at_finish_or_drop() {
         static RUNS: AtomicUsize = AtomicUsize::new(0);
-        let s = Scratch::new("test".into(), || Ok(RUNS.fetch_add(1, Ordering::SeqCst) as u64 + 7));
+        let s = Scratch::new("test".into(), || {
+            Ok(RUNS.fetch_add(1, Ordering::SeqCst) as u64 + 7)
+        });
         assert_eq!(s.finish().unwrap(), 7);
         assert_eq!(RUNS.load(Ordering::SeqCst), 1);
         {

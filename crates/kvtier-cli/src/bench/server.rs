@@ -280,6 +280,12 @@ pub fn maybe_run(
     let (ss, sr) = store_retrieve(&client, &salt, &toks, &payloads, &mut out, reps)?;
     let (_, er2) = store_retrieve(&embedded, &salt, &toks, &payloads, &mut out, reps)?;
     let (_, sr2) = store_retrieve(&client, &salt, &toks, &payloads, &mut out, reps)?;
+    // The embedded side shares the configured lower tiers (maybe a shared Redis or disk):
+    // let its queued writes land, then remove them.
+    embedded.flush(Duration::from_secs(120));
+    embedded
+        .remove_salt(&salt)
+        .context("removing the embedded side's bench data")?;
     drop(embedded);
 
     // Lookup of a 128K-token prompt whose first document's chunks hit.

@@ -450,7 +450,14 @@ impl RedisStore {
         let mut removed = 0u64;
         let mut cursor = b"0".to_vec();
         loop {
-            let scan = [&b"SCAN"[..], &cursor, b"MATCH", pattern, b"COUNT", SCAN_COUNT];
+            let scan = [
+                &b"SCAN"[..],
+                &cursor,
+                b"MATCH",
+                pattern,
+                b"COUNT",
+                SCAN_COUNT,
+            ];
             let (next, keys) = match conn.command(&scan).await? {
                 Reply::Array(mut v) if v.len() == 2 => match (v.pop(), v.pop()) {
                     (Some(Reply::Array(keys)), Some(Reply::Bulk(c))) => (c, keys),

@@ -376,8 +376,14 @@ mod tests {
             ("u:topsecret@h", "not a URL"),
             ("redis://u:top%zzsecret@h", "percent-escape"),
             ("redis://u:top/secret@h:1/x", "not a number"),
-            ("redis://u:topsecret@h:1?prefix=", "`prefix` must not be empty"),
-            ("redis+cluster://u:topsecret@h:1?pool=2&prefix=", "default `kvtier:`"),
+            (
+                "redis://u:topsecret@h:1?prefix=",
+                "`prefix` must not be empty",
+            ),
+            (
+                "redis+cluster://u:topsecret@h:1?pool=2&prefix=",
+                "default `kvtier:`",
+            ),
         ];
         for (url, want) in cases {
             let e = RedisUrl::parse_with_env(url, no_env)
