@@ -2,6 +2,9 @@
 //! applications use, a directory that holds files) leaves what it did not write untouched
 //! and removes what it wrote. Real servers: `kvtier serve` (this binary) and `redis-server`.
 
+// `redis_server.rs` includes `process.rs` too, privately: this test needs its own handle.
+#![allow(clippy::duplicate_mod)]
+
 #[path = "../../kvtier/tests/support/process.rs"]
 mod process;
 #[path = "../../kvtier/tests/support/redis_server.rs"]

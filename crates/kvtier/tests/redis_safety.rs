@@ -83,16 +83,16 @@ fn an_empty_prefix_is_refused_with_a_clear_error() {
     };
     srv.cli(&["set", "app:config", "keep"]);
     for url in [srv.url("?prefix="), srv.url("/0?pool=2&prefix=")] {
-        let e = RedisTier::from_url(&url, 0)
-            .err()
-            .expect("empty prefix refused");
+        let Err(e) = RedisTier::from_url(&url, 0) else {
+            panic!("empty prefix accepted: {url}");
+        };
         let msg = e.to_string();
         assert!(msg.contains("`prefix` must not be empty"), "{msg}");
         assert!(msg.contains("kvtier:"), "says what to use instead: {msg}");
-        let e = Engine::new(config(vec![url]), identity())
-            .err()
-            .expect("the engine refuses it too")
-            .to_string();
+        let Err(e) = Engine::new(config(vec![url]), identity()) else {
+            panic!("the engine accepted an empty prefix");
+        };
+        let e = e.to_string();
         assert!(e.contains("`prefix` must not be empty"), "{e}");
     }
     assert_eq!(srv.cli(&["get", "app:config"]).trim(), "keep");
