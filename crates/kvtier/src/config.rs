@@ -314,6 +314,46 @@ fn disk_paths(raw: &Raw<'_>) -> std::result::Result<Vec<PathBuf>, String> {
         .collect()
 }
 
+/// `remote_url`: a list of URLs, or one string of them separated by commas. In a string a
+/// comma starts a new URL only where a `scheme://` follows it, so the seed list of a
+/// cluster URL (`redis+cluster://h1:p1,h2:p2`) and a comma in a password stay inside
+/// their URL, while `redis://a:1,kvtier://b:2` still names two tiers.
+fn url_list(raw: &Raw<'_>) -> std::result::Result<Vec<String>, String> {
+    match raw {
+        Raw::Yaml(Yaml::Array(_)) | Raw::Yaml(Yaml::Null) => raw.list(),
+        _ => {
+            let t = raw
+                .text()
+                .ok_or_else(|| format!("expected a string or list, got {}", raw.show()))?;
+            Ok(split_url_list(&t))
+        }
+    }
+}
+
+/// Splits `text` at the commas followed by `scheme://` (see [`url_list`]); empty pieces
+/// are dropped.
+fn split_url_list(text: &str) -> Vec<String> {
+    fn starts_url(s: &str) -> bool {
+        let Some((scheme, _)) = s.split_once("://") else {
+            return false;
+        };
+        let mut chars = scheme.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+            && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    }
+    let mut urls: Vec<String> = Vec::new();
+    for piece in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match urls.last_mut() {
+            Some(url) if !starts_url(piece) => {
+                url.push(',');
+                url.push_str(piece);
+            }
+            _ => urls.push(piece.to_string()),
+        }
+    }
+    urls
+}
+
 /// A TLS file path; empty (or null) means unset.
 fn tls_path(raw: &Raw<'_>) -> std::result::Result<Option<PathBuf>, String> {
     match raw {
@@ -503,7 +543,7 @@ const KEYS: &[KeyDef] = &[
         name: "remote_url",
         aliases: &[],
         apply: |c, v| {
-            c.remote_url = v.list()?;
+            c.remote_url = url_list(v)?;
             Ok(())
         },
     },
@@ -713,6 +753,38 @@ mod tests {
         assert!(c.save_unfull_chunk && !c.local_cpu_huge_pages);
         assert_eq!(c.cache_policy, PolicyKind::S3Fifo);
         assert_eq!(c.remote_url, vec!["redis://h:6379".to_string()]);
+    }
+
+    #[test]
+    fn a_cluster_seed_list_in_a_string_stays_one_url() {
+        let urls = |yaml: &str| EngineConfig::from_yaml_str(yaml).unwrap().remote_url;
+        assert_eq!(
+            urls("remote_url: redis+cluster://h1:7000,h2:7001/?prefix=kv-"),
+            ["redis+cluster://h1:7000,h2:7001/?prefix=kv-"]
+        );
+        // Several URLs in one string still split, spaces and empty entries allowed.
+        assert_eq!(
+            urls("remote_url: \"redis+cluster://a:1, b:2,,kvtier://n:7070 , rediss://c:3\""),
+            ["redis+cluster://a:1,b:2", "kvtier://n:7070", "rediss://c:3"]
+        );
+        assert_eq!(
+            urls("remote_url: redis://a:1,redis://b:2"),
+            ["redis://a:1", "redis://b:2"]
+        );
+        // A comma inside a password does not cut the URL.
+        assert_eq!(urls("remote_url: redis://u:p,w@h:1"), ["redis://u:p,w@h:1"]);
+        // A list keeps each item whole; the environment splits like a string.
+        assert_eq!(
+            urls("remote_url: [\"redis+cluster://a:1,b:2\", \"redis://c:3\"]"),
+            ["redis+cluster://a:1,b:2", "redis://c:3"]
+        );
+        let mut c = EngineConfig::default();
+        c.apply_env([(
+            "KVTIER_REMOTE_URL".to_string(),
+            "redis+cluster://a:1,b:2,redis://c:3".to_string(),
+        )])
+        .unwrap();
+        assert_eq!(c.remote_url, ["redis+cluster://a:1,b:2", "redis://c:3"]);
     }
 
     #[test]

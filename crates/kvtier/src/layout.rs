@@ -122,17 +122,29 @@ pub struct LayerGroup {
 }
 
 impl LayerGroup {
-    /// Bytes one token occupies in one layer of this group.
+    /// Bytes one token occupies in one layer of this group (saturating: a layout that
+    /// overflows fails [`KvLayout::validate`]).
     pub fn layer_bytes_per_token(&self) -> usize {
-        self.planes as usize
-            * self.num_kv_heads as usize
-            * self.head_dim as usize
-            * self.dtype.size()
+        self.checked_layer_bytes_per_token().unwrap_or(usize::MAX)
     }
 
-    /// Bytes one token occupies across all layers of this group.
+    /// Bytes one token occupies across all layers of this group (saturating).
     pub fn bytes_per_token(&self) -> usize {
-        self.layer_bytes_per_token() * self.num_layers as usize
+        self.checked_bytes_per_token().unwrap_or(usize::MAX)
+    }
+
+    /// [`LayerGroup::layer_bytes_per_token`], `None` on overflow.
+    fn checked_layer_bytes_per_token(&self) -> Option<usize> {
+        (self.planes as usize)
+            .checked_mul(self.num_kv_heads as usize)?
+            .checked_mul(self.head_dim as usize)?
+            .checked_mul(self.dtype.size())
+    }
+
+    /// [`LayerGroup::bytes_per_token`], `None` on overflow.
+    fn checked_bytes_per_token(&self) -> Option<usize> {
+        self.checked_layer_bytes_per_token()?
+            .checked_mul(self.num_layers as usize)
     }
 }
 
@@ -149,6 +161,9 @@ pub struct KvLayout {
 
 /// Default layout tag.
 pub const LAYER_MAJOR: &str = "layer-major";
+
+/// Most tokens a chunk can hold (the largest `chunk_size`).
+pub const MAX_CHUNK_TOKENS: usize = 1 << 20;
 
 impl KvLayout {
     /// A single-group layout with K and V planes.
@@ -190,17 +205,42 @@ impl KvLayout {
         if self.tag.is_empty() || self.tag.len() > 64 {
             return Err(Error::invalid("KV layout tag must be 1..=64 bytes"));
         }
+        let Some(bpt) = self.checked_bytes_per_token() else {
+            return Err(Error::invalid(format!(
+                "KV layout `{}` is too large: its bytes per token overflow a {}-bit size; \
+                 check the layer count, kv heads and head dim",
+                self.describe(),
+                usize::BITS
+            )));
+        };
+        // A chunk has at most `MAX_CHUNK_TOKENS` tokens: its size must fit too.
+        if bpt.checked_mul(MAX_CHUNK_TOKENS).is_none() {
+            return Err(Error::invalid(format!(
+                "KV layout `{}` is too large: {bpt} bytes per token overflow the size of a \
+                 chunk; check the layer count, kv heads and head dim",
+                self.describe()
+            )));
+        }
         Ok(())
     }
 
-    /// Bytes one token of KV occupies (all groups, all layers).
+    /// Bytes one token of KV occupies (all groups, all layers); saturating, so a layout
+    /// too large for `usize` (which [`KvLayout::validate`] rejects) is never 0 bytes.
     pub fn bytes_per_token(&self) -> usize {
-        self.groups.iter().map(LayerGroup::bytes_per_token).sum()
+        self.checked_bytes_per_token().unwrap_or(usize::MAX)
     }
 
-    /// Payload bytes of a chunk holding `tokens` tokens.
+    /// [`KvLayout::bytes_per_token`], `None` on overflow.
+    pub fn checked_bytes_per_token(&self) -> Option<usize> {
+        self.groups.iter().try_fold(0usize, |sum, g| {
+            sum.checked_add(g.checked_bytes_per_token()?)
+        })
+    }
+
+    /// Payload bytes of a chunk holding `tokens` tokens (saturating, like
+    /// [`KvLayout::bytes_per_token`]).
     pub fn chunk_bytes(&self, tokens: usize) -> usize {
-        self.bytes_per_token() * tokens
+        self.bytes_per_token().saturating_mul(tokens)
     }
 
     /// Total number of layers over all groups.
@@ -286,6 +326,44 @@ mod tests {
             end = r.end;
         }
         assert_eq!(end, l.chunk_bytes(tokens));
+    }
+
+    #[test]
+    fn a_layout_whose_size_overflows_is_an_error_never_zero_bytes() {
+        // 2 x 2^31 x 2^31 x 4 x 2^31 = 2^96: wraps to 0 in 64 bits.
+        let huge = KvLayout::simple(1 << 31, 1 << 31, 1 << 31, Dtype::F32);
+        let e = huge.validate().unwrap_err().to_string();
+        assert!(e.contains("too large") && e.contains("overflow"), "{e}");
+        assert_eq!(huge.checked_bytes_per_token(), None);
+        assert_eq!(huge.bytes_per_token(), usize::MAX, "saturates, never 0");
+        assert_eq!(huge.chunk_bytes(256), usize::MAX);
+        // Each group fits, their sum does not.
+        let g = LayerGroup {
+            num_layers: 1 << 31,
+            num_kv_heads: 1 << 31,
+            head_dim: 1,
+            dtype: Dtype::U8,
+            planes: 2,
+        };
+        let two = KvLayout {
+            groups: vec![g, g],
+            tag: LAYER_MAJOR.into(),
+        };
+        assert!(two.groups[0].checked_bytes_per_token().is_some());
+        assert!(two
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("too large"));
+        // Bytes per token fit, a chunk of the largest chunk size does not.
+        let big = KvLayout::simple(1 << 20, 1 << 12, 1 << 12, Dtype::F32);
+        assert!(big.checked_bytes_per_token().is_some());
+        assert!(big
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("size of a chunk"));
+        KvLayout::simple(80, 8, 128, Dtype::F32).validate().unwrap();
     }
 
     #[test]

@@ -306,3 +306,22 @@ fn remove_forgets_a_prompts_chunks() {
     );
     assert_eq!(e.stats().l1.chunks, 0);
 }
+
+#[test]
+fn a_layout_whose_size_overflows_is_refused_not_zero_bytes_per_token() {
+    // 2 planes x 2^31 heads x 2^31 dims x 4 bytes x 2^31 layers = 2^96 bytes per token:
+    // unchecked, that wraps to 0 in 64 bits and every store would carry no bytes.
+    let cfg = EngineConfig {
+        chunk_size: CHUNK,
+        max_local_cpu_size: 1 << 20,
+        local_cpu_huge_pages: false,
+        ..EngineConfig::default()
+    };
+    let huge = KvLayout::simple(1 << 31, 1 << 31, 1 << 31, Dtype::F32);
+    let e = Engine::new(cfg, ModelIdentity::new("test/huge", huge.clone()))
+        .map(|e| e.bytes_per_token())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("too large") && e.contains("overflow"), "{e}");
+    assert!(ModelIdentity::new("test/huge", huge).validate().is_err());
+}

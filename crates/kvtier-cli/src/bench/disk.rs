@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 use super::buffers::{AlignedBuf, SourceRing, GIB};
 use super::report::{gbps, human_bytes, median, Spread};
-use super::{stream, BenchArgs, ModelShape};
+use super::{scratch, stream, BenchArgs, ModelShape};
 
 /// Chunks a store may have in flight to disk before the bench waits for acknowledgements.
 const WINDOW: usize = 8;
@@ -239,6 +239,7 @@ impl Workload<'_> {
             let streamed = stream::store_documents(
                 &engine,
                 &self.ring,
+                None,
                 self.docs,
                 doc_len,
                 |d| doc_tokens(d, doc_len),
@@ -327,8 +328,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let docs = args.docs.unwrap_or_else(|| (64 / chunks_per_doc).max(1));
     let chunks = docs * chunks_per_doc;
     let data_bytes = (chunks * chunk_bytes) as u64;
+    // Everything the bench writes is in `dir` and removed with it: under `--disk-dir`, a
+    // directory of its own (the given one may hold anything, `round-0/` included).
     let dir = match &args.disk_dir {
-        Some(d) => d.clone(),
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            let own = d.join(scratch::run_id());
+            std::fs::create_dir(&own).with_context(|| format!("creating {}", own.display()))?;
+            own
+        }
         None => std::env::current_dir()?.join("kvtier-bench-disk"),
     };
     if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() && args.disk_dir.is_none() {
@@ -398,9 +406,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         last = Some(pass);
         clean_round(&round_dir);
     }
-    if args.disk_dir.is_none() {
-        std::fs::remove_dir_all(&dir).ok();
-    }
+    std::fs::remove_dir_all(&dir).ok();
     let Some(last) = last else {
         bail!("no round ran");
     };

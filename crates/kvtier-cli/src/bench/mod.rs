@@ -12,6 +12,7 @@ mod micro;
 mod plot;
 mod remote;
 mod report;
+mod scratch;
 mod server;
 mod stream;
 mod sweep;
@@ -30,6 +31,7 @@ use tracing::{info, warn};
 
 use buffers::{SourceRing, GIB};
 use report::{ConfigSection, Report, ResultsSection};
+use scratch::Scratch;
 
 /// Which synthetic workload to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -152,8 +154,9 @@ pub struct BenchArgs {
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
-    /// Disk workload: directory on the device to measure [default: ./kvtier-bench-disk,
-    /// removed afterwards].
+    /// Disk workload: directory on the device to measure; the bench writes only in a new
+    /// subdirectory of it, removed afterwards [default: ./kvtier-bench-disk, removed
+    /// afterwards].
     #[arg(long)]
     pub disk_dir: Option<PathBuf>,
     /// Disk workload: no CPU cache at all (L1 only stages I/O).
@@ -289,6 +292,8 @@ pub struct Plan {
     pub seed: u64,
     /// Wait for lower-tier writes after each store.
     pub sync_stores: bool,
+    /// Cache salt of every request (the run's private namespace in shared tiers).
+    pub salt: Option<String>,
 }
 
 impl Plan {
@@ -321,6 +326,7 @@ impl Plan {
             l1_bytes: cfg.max_local_cpu_size,
             seed: args.seed,
             sync_stores: false,
+            salt: None,
         })
     }
 
@@ -357,7 +363,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let t0 = Instant::now();
     let shape = ModelShape::resolve(args)?;
     let cfg = engine_config(args)?;
-    let plan = Plan::new(args, &shape.layout(), &cfg)?;
+    let mut plan = Plan::new(args, &shape.layout(), &cfg)?;
+    // Lower tiers from the config may be shared (a Redis, a disk directory): the bench's
+    // data goes under a salt of its own there, removed at the end.
+    let shared_tiers = !cfg.remote_url.is_empty() || !cfg.local_disk.is_empty();
+    if shared_tiers {
+        plan.salt = Some(scratch::run_id());
+    }
     log_plan(&shape, &plan);
 
     let t_ring = Instant::now();
@@ -387,6 +399,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         secs = format!("{:.2}", t_engine.elapsed().as_secs_f64()),
         "engine ready (L1 prefaulted)"
     );
+    let scratch = plan.salt.clone().map(|salt| {
+        let engine = engine.clone();
+        Scratch::new(
+            format!("cache salt `{salt}` in the configured lower tiers"),
+            move || {
+                // Writes still queued for the lower tiers would land after the removal.
+                engine.flush(std::time::Duration::from_secs(120));
+                Ok(engine.remove_salt(&salt)?.iter().map(|(_, n)| n).sum())
+            },
+        )
+    });
     // `admin_port` in the config: the embedded engine serves the admin endpoints while the
     // workload runs (watch /metrics during a long bench).
     let _admin = match cfg.admin_port {
@@ -422,6 +445,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     };
     if let Some(dir) = &args.plot {
         write_plots(dir, &report)?;
+    }
+    if let Some(s) = scratch {
+        s.finish()?;
     }
     drop(engine);
     let server = server::maybe_run(args, &shape, &cfg, &plan, &ring)?;

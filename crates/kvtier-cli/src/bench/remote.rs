@@ -6,19 +6,35 @@
 //! own `redis-server` on a free loopback port and stops it afterwards. With a
 //! `--remote-url kvtier://host:port` (another node's `kvtier serve --tcp`) it measures that
 //! tier instead; `redis-benchmark` speaks only RESP, so there is no baseline (0) then.
+//!
+//! The server may be someone's live Redis or kvtier node: everything the bench writes is in
+//! a namespace private to the run, and only that is removed at the end (and on an error or
+//! Ctrl-C). On Redis that is a key prefix nested in the URL's own (`<prefix>bench-<run>:`,
+//! with a one-day TTL unless the URL sets one, so even a killed bench leaves nothing for
+//! long), for the tier's chunks and redis-benchmark's keys alike (redis-benchmark's
+//! built-in `SET`/`GET` tests would overwrite any `key:<n>` of the database); on a kvtier
+//! node it is a cache salt.
 
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use kvtier::tier::{PeerTier, RedisTier, RedisUrl, Tier};
 use kvtier::{Engine, EngineConfig};
 use serde::Serialize;
 use tracing::info;
 
 use super::buffers::{AlignedBuf, SourceRing, MIB};
 use super::report::gbps;
+use super::scratch::{self, Scratch};
 use super::{stream, BenchArgs, ModelShape};
+
+/// Keys redis-benchmark writes (`<prefix>redis-benchmark:<12 digits>`, 0 to this - 1).
+const BASELINE_KEYS: usize = 16;
+/// Expiry of the bench's Redis keys when the URL sets none: a safety net for a killed run.
+const SCRATCH_TTL_SEC: u64 = 86_400;
 
 /// Stores in flight before the bench waits for acknowledgements.
 const WINDOW: usize = 8;
@@ -103,46 +119,128 @@ fn spawn_redis() -> Result<Server> {
     bail!("redis-server did not start listening on port {port}")
 }
 
-fn redis_benchmark(host: &str, port: u16, value: usize, keys: usize) -> Result<(f64, f64)> {
-    let n = (keys * 4).max(48);
-    let out = Command::new("redis-benchmark")
-        .args([
-            "-h",
-            host,
-            "-p",
-            &port.to_string(),
-            "-t",
-            "set,get",
-            "-d",
-            &value.to_string(),
-        ])
-        .args([
-            "-n",
-            &n.to_string(),
-            "-c",
-            "1",
-            "-P",
-            "1",
-            "-r",
-            &keys.to_string(),
-            "-q",
-        ])
-        .output()
-        .context("running redis-benchmark (install redis-tools)")?;
-    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
-    let rps = |op: &str| -> Result<f64> {
-        let tag = format!("{op}: ");
+/// Where redis-benchmark runs: the server, its database, and the key pattern it may write
+/// (`__rand_int__` is replaced by 12 digits, 0 to [`BASELINE_KEYS`] - 1).
+struct BaselineTarget {
+    host: String,
+    port: u16,
+    db: u32,
+    /// The run's private key prefix.
+    prefix: String,
+    key_pattern: String,
+}
+
+impl BaselineTarget {
+    /// The keys redis-benchmark may have written.
+    fn keys(&self) -> Vec<Vec<u8>> {
+        (0..BASELINE_KEYS)
+            .map(|i| {
+                self.key_pattern
+                    .replace("__rand_int__", &format!("{i:012}"))
+                    .into_bytes()
+            })
+            .collect()
+    }
+}
+
+/// redis-benchmark `SET` then `GET` of `value`-byte values, one client, no pipelining, on
+/// the target's keys only (custom commands: the built-in tests write `key:<n>` keys, which
+/// may be another application's); returns (SET, GET) GB/s.
+fn redis_benchmark(t: &BaselineTarget, value: usize) -> Result<(f64, f64)> {
+    let n = (BASELINE_KEYS * 4).max(48);
+    let run = |cmd: &str, stdin: Option<&[u8]>| -> Result<f64> {
+        let mut child = Command::new("redis-benchmark")
+            .args(["-h", &t.host, "-p", &t.port.to_string()])
+            .args(["--dbnum", &t.db.to_string()])
+            .args(["-n", &n.to_string(), "-c", "1", "-P", "1"])
+            .args(["-r", &BASELINE_KEYS.to_string(), "-q"])
+            .args(stdin.map(|_| "-x"))
+            .args([cmd, &t.key_pattern])
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("running redis-benchmark (install redis-tools)")?;
+        if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(bytes)
+                .context("writing the value to redis-benchmark")?;
+        }
+        let out = child.wait_with_output()?;
+        let text = String::from_utf8_lossy(&out.stdout).replace('\r', "\n");
+        let tag = format!("{cmd} ");
         text.lines()
             .map(str::trim_start)
             .rfind(|l| l.starts_with(&tag) && l.contains("requests per second"))
-            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|l| l.rsplit_once(": ").map(|x| x.1))
+            .and_then(|l| l.split_whitespace().next())
             .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no {op} figure in redis-benchmark output: {text}"))
+            .with_context(|| format!("no {cmd} figure in redis-benchmark output: {text}"))
     };
-    Ok((
-        rps("SET")? * value as f64 / 1e9,
-        rps("GET")? * value as f64 / 1e9,
-    ))
+    // `-x` reads the last argument from stdin up to the first NUL: no NUL bytes then.
+    let set = run("SET", Some(&vec![b'x'; value]))?;
+    let get = run("GET", None)?;
+    Ok((set * value as f64 / 1e9, get * value as f64 / 1e9))
+}
+
+/// Deletes `keys` (plain TCP, like redis-benchmark); returns how many existed.
+fn delete_keys(host: &str, port: u16, db: u32, keys: &[Vec<u8>]) -> Result<u64> {
+    let mut s = TcpStream::connect((host, port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = Vec::new();
+    let db = db.to_string();
+    kvtier::transport::resp::encode_command(&mut req, &[b"SELECT", db.as_bytes()]);
+    let mut del: Vec<&[u8]> = vec![b"DEL"];
+    del.extend(keys.iter().map(Vec::as_slice));
+    kvtier::transport::resp::encode_command(&mut req, &del);
+    s.write_all(&req)?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    for _ in 0..2 {
+        line.clear();
+        r.read_line(&mut line)?;
+    }
+    line.trim_end()
+        .strip_prefix(':')
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("unexpected DEL reply `{}`", line.trim_end()))
+}
+
+/// `url` (a Redis URL) with the key prefix `<its prefix>bench-<run>:` and, unless it sets
+/// one, a TTL of [`SCRATCH_TTL_SEC`].
+fn private_redis_url(url: &str, run: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut prefix = "kvtier:".to_string();
+    let mut ttl = false;
+    let mut opts: Vec<String> = Vec::new();
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        match kv.split_once('=') {
+            // Still percent-encoded: appending plain characters keeps it valid.
+            Some(("prefix", p)) if !p.is_empty() => prefix = p.to_string(),
+            Some(("prefix", _)) => {}
+            Some(("ttl_sec", _)) => {
+                ttl = true;
+                opts.push(kv.to_string());
+            }
+            _ => opts.push(kv.to_string()),
+        }
+    }
+    opts.push(format!("prefix={prefix}bench-{run}:"));
+    if !ttl {
+        opts.push(format!("ttl_sec={SCRATCH_TTL_SEC}"));
+    }
+    format!("{base}?{}", opts.join("&"))
+}
+
+/// Runs `f` (a tier call) to completion.
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> Result<T> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f))
 }
 
 fn host_port(url: &str) -> Result<(String, u16)> {
@@ -176,17 +274,57 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         Some(_) => None,
         None => Some(spawn_redis()?),
     };
-    let url = match (&args.remote_url, &server) {
+    let given = match (&args.remote_url, &server) {
         (Some(u), _) => u.clone(),
-        (None, Some(s)) => format!("redis://127.0.0.1:{}/0?prefix=kvtier-bench:", s.port),
+        (None, Some(s)) => format!("redis://127.0.0.1:{}/0", s.port),
         (None, None) => unreachable!("a server was spawned"),
     };
-    let (host, port) = host_port(&url)?;
-    let peer = url.to_ascii_lowercase().starts_with("kvtier://");
-    let (set_gbps, get_gbps) = if peer {
-        (0.0, 0.0)
+    let (host, port) = host_port(&given)?;
+    let peer = given.to_ascii_lowercase().starts_with("kvtier://");
+    // The run's private namespace: a cache salt everywhere, and on Redis a key prefix too.
+    let run = scratch::run_id();
+    let salt = run.clone();
+    let url = if peer {
+        given.clone()
     } else {
-        redis_benchmark(&host, port, chunk_bytes, 16)?
+        private_redis_url(&given, &run)
+    };
+    let baseline = if peer {
+        None
+    } else {
+        let u = RedisUrl::parse(&url).context("the remote URL")?;
+        Some(BaselineTarget {
+            host: host.clone(),
+            port,
+            db: u.db,
+            key_pattern: format!("{}redis-benchmark:__rand_int__", u.prefix),
+            prefix: u.prefix,
+        })
+    };
+    let shown = kvtier::tier::remote::url::redact(&url);
+    let scratch = {
+        let (url, salt) = (url.clone(), salt.clone());
+        let keys = baseline
+            .as_ref()
+            .map(|b| (b.host.clone(), b.port, b.db, b.keys()));
+        let what = match &baseline {
+            Some(b) => format!("keys `{}*` on {shown}", b.prefix),
+            None => format!("cache salt `{salt}` on {shown}"),
+        };
+        Scratch::new(what, move || {
+            Ok(match keys {
+                // Only keys under the private prefix: the tier's chunks, then the baseline's.
+                Some((host, port, db, keys)) => {
+                    block_on(RedisTier::from_url(&url, 0)?.clear())??
+                        + delete_keys(&host, port, db, &keys)?
+                }
+                None => block_on(PeerTier::from_url(&url, 0)?.remove_salt(&salt))??,
+            })
+        })
+    };
+    let (set_gbps, get_gbps) = match &baseline {
+        None => (0.0, 0.0),
+        Some(b) => redis_benchmark(b, chunk_bytes)?,
     };
     if !peer {
         info!(
@@ -216,7 +354,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let (acked, store_secs, stats_w) = {
         let engine =
             Engine::new(cfg.clone(), shape.identity()).context("building the writer engine")?;
-        let s = stream::store_documents(&engine, &ring, docs, args.doc_tokens, doc_tokens, WINDOW)?;
+        let s = stream::store_documents(
+            &engine,
+            &ring,
+            Some(&salt),
+            docs,
+            args.doc_tokens,
+            doc_tokens,
+            WINDOW,
+        )?;
         (s.acked, s.secs, engine.stats())
     };
     let engine = Engine::new(cfg, shape.identity()).context("building the reader engine")?;
@@ -224,7 +370,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let (mut hits, mut verified, mut secs) = (0usize, 0usize, 0f64);
     for d in 0..docs {
         let t0 = Instant::now();
-        let got = engine.retrieve(&doc_tokens(d), None, &mut out)?;
+        let got = engine.retrieve(&doc_tokens(d), Some(&salt), &mut out)?;
         secs += t0.elapsed().as_secs_f64();
         let n = got.hit_tokens / chunk_size;
         hits += n;
@@ -237,6 +383,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let stats_r = engine.stats();
     drop(engine);
+    scratch.finish()?;
     drop(server);
     let store_gbps = gbps((acked * chunk_bytes) as u64, store_secs);
     let retrieve_gbps = gbps((hits * chunk_bytes) as u64, secs);
@@ -246,7 +393,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         config: serde_json::json!({
             "model": shape.name, "layout": layout.describe(), "tp": shape.tp, "chunk_bytes": chunk_bytes,
             "chunks": chunks, "docs": docs, "doc_tokens": args.doc_tokens,
-            "remote": kvtier::tier::remote::url::redact(&url), "window_chunks": WINDOW,
+            "remote": shown, "window_chunks": WINDOW,
         }),
         baseline: RemoteBaseline {
             redis_set_gbps: set_gbps,

@@ -1,6 +1,9 @@
 //! `kvtier bench --server ADDR | --spawn-server`: the same store/retrieve/lookup operations
 //! through the server client (via the `KvCache` trait) and through an embedded engine in
 //! the same run, reported as ratios.
+//!
+//! The server may be a live one: the bench stores under a cache salt unique to the run and
+//! removes exactly that salt at the end (and on an error or Ctrl-C), never `Clear`.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -15,6 +18,7 @@ use tracing::info;
 
 use super::buffers::{AlignedBuf, SourceRing};
 use super::report::{percentile, Report};
+use super::scratch::{self, Scratch};
 use super::{BenchArgs, ModelShape, Plan};
 
 /// Server-path numbers next to the embedded path, measured in the same run.
@@ -171,9 +175,11 @@ fn tokens(rng: &mut StdRng, n: usize) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(0..128_256)).collect()
 }
 
-/// Store and retrieve every document through `cache`; returns (store, retrieve) GB/s.
+/// Store and retrieve every document through `cache` under `salt`; returns (store,
+/// retrieve) GB/s.
 fn store_retrieve(
     cache: &dyn KvCache,
+    salt: &str,
     docs: &[Vec<u32>],
     payloads: &[AlignedBuf],
     out: &mut AlignedBuf,
@@ -182,7 +188,7 @@ fn store_retrieve(
     let (mut sb, mut st) = (0u64, 0f64);
     for (t, p) in docs.iter().zip(payloads) {
         let t0 = Instant::now();
-        let s = cache.store(t, None, p)?;
+        let s = cache.store(t, Some(salt), p)?;
         st += t0.elapsed().as_secs_f64();
         sb += s.new_bytes;
     }
@@ -190,7 +196,7 @@ fn store_retrieve(
     for _ in 0..reps {
         for (t, p) in docs.iter().zip(payloads) {
             let t0 = Instant::now();
-            let r = cache.retrieve(t, None, out)?;
+            let r = cache.retrieve(t, Some(salt), out)?;
             rt += t0.elapsed().as_secs_f64();
             let n = r.hit_tokens * cache.bytes_per_token();
             ensure!(r.hit_tokens > 0, "retrieve missed a stored document");
@@ -247,7 +253,14 @@ pub fn maybe_run(
     };
     let client = KvClient::connect_with(&addr, shape.identity(), opts)
         .with_context(|| format!("connecting to the kvtier server at {addr}"))?;
-    client.clear()?;
+    // Everything this phase stores on the server is under this salt, and only it is removed.
+    let salt = scratch::run_id();
+    let scratch = {
+        let (client, salt) = (client.clone(), salt.clone());
+        Scratch::new(format!("cache salt `{salt}` on {addr}"), move || {
+            Ok(client.remove_salt(&salt)?)
+        })
+    };
     let embedded = Engine::new(cfg.clone(), shape.identity()).context("embedded engine")?;
     info!(%addr, docs, doc_tokens, shm = client.server_info().shared_memory, "server phase");
 
@@ -263,10 +276,16 @@ pub fn maybe_run(
     let mut out = AlignedBuf::new(doc_bytes);
     let reps = 3;
     // Alternate so neither side gets the warm caches.
-    let (es, er) = store_retrieve(&embedded, &toks, &payloads, &mut out, reps)?;
-    let (ss, sr) = store_retrieve(&client, &toks, &payloads, &mut out, reps)?;
-    let (_, er2) = store_retrieve(&embedded, &toks, &payloads, &mut out, reps)?;
-    let (_, sr2) = store_retrieve(&client, &toks, &payloads, &mut out, reps)?;
+    let (es, er) = store_retrieve(&embedded, &salt, &toks, &payloads, &mut out, reps)?;
+    let (ss, sr) = store_retrieve(&client, &salt, &toks, &payloads, &mut out, reps)?;
+    let (_, er2) = store_retrieve(&embedded, &salt, &toks, &payloads, &mut out, reps)?;
+    let (_, sr2) = store_retrieve(&client, &salt, &toks, &payloads, &mut out, reps)?;
+    // The embedded side shares the configured lower tiers (maybe a shared Redis or disk):
+    // let its queued writes land, then remove them.
+    embedded.flush(Duration::from_secs(120));
+    embedded
+        .remove_salt(&salt)
+        .context("removing the embedded side's bench data")?;
     drop(embedded);
 
     // Lookup of a 128K-token prompt whose first document's chunks hit.
@@ -275,7 +294,7 @@ pub fn maybe_run(
     long.truncate(131_072);
     let keys: Vec<_> = client
         .key_space()
-        .chunk_spans(&long, None)?
+        .chunk_spans(&long, Some(&salt))?
         .iter()
         .map(|s| s.key)
         .collect();
@@ -296,10 +315,10 @@ pub fn maybe_run(
         client.lookup_keys(&keys, long.len())?;
         let a = t0.elapsed().as_secs_f64() * 1e6;
         let t0 = Instant::now();
-        client.lookup(&long, None)?;
+        client.lookup(&long, Some(&salt))?;
         let b = t0.elapsed().as_secs_f64() * 1e6;
         let t0 = Instant::now();
-        side.lookup(&long, None)?;
+        side.lookup(&long, Some(&salt))?;
         let c = t0.elapsed().as_secs_f64() * 1e6;
         if i >= 20 {
             rtt.push(a);
@@ -307,7 +326,7 @@ pub fn maybe_run(
             emb.push(c);
         }
     }
-    client.clear()?;
+    scratch.finish()?;
     let s = ServerSection {
         addr,
         spawned: spawned.is_some(),

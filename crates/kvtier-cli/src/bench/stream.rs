@@ -42,11 +42,12 @@ fn drain(window: &mut VecDeque<StoreTicket>, keep: usize, s: &mut Streamed) {
     }
 }
 
-/// Stores `docs` documents (tokens from `tokens_of`, payload from the ring) as described
-/// above.
+/// Stores `docs` documents (tokens from `tokens_of`, payload from the ring, under `salt`)
+/// as described above.
 pub fn store_documents(
     engine: &Engine,
     ring: &SourceRing,
+    salt: Option<&str>,
     docs: usize,
     doc_tokens: usize,
     tokens_of: impl Fn(usize) -> Vec<u32>,
@@ -66,7 +67,7 @@ pub fn store_documents(
             let n = c * chunk;
             pending.push_back(
                 engine
-                    .store(&tokens[..n], None, &payload[..n * bpt])?
+                    .store(&tokens[..n], salt, &payload[..n * bpt])?
                     .ticket,
             );
             drain(&mut pending, window, &mut s);

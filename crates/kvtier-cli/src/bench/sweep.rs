@@ -180,6 +180,7 @@ fn write_plots(dir: &std::path::Path, r: &SweepReport) -> Result<()> {
 /// A fresh directory for the disk tiers of the sweep, on the working directory's device.
 fn tempfile_dir() -> Result<std::path::PathBuf> {
     let d = std::env::current_dir()?.join(format!("kvtier-sweep-{}", std::process::id()));
-    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    // Exclusive: the directory is removed at the end, so it must be this run's.
+    std::fs::create_dir(&d).with_context(|| format!("creating {}", d.display()))?;
     Ok(d)
 }

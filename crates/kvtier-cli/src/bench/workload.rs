@@ -110,7 +110,9 @@ impl<'a> Ctx<'a> {
         self.ring.compose(doc, &mut self.payload);
         let before = self.l1_stored_bytes();
         let t0 = Instant::now();
-        let rep = self.engine.store(tokens, None, &self.payload)?;
+        let rep = self
+            .engine
+            .store(tokens, self.plan.salt.as_deref(), &self.payload)?;
         let dt = t0.elapsed();
         if self.plan.sync_stores {
             // Let lower-tier writes land before the next request (sweeps with a disk tier).
@@ -132,7 +134,10 @@ impl<'a> Ctx<'a> {
     /// Times one lookup; returns the hit tokens.
     fn timed_lookup(&mut self, tokens: &[u32]) -> Result<usize> {
         let t0 = Instant::now();
-        let hit = self.engine.lookup(tokens, None)?.hit_tokens;
+        let hit = self
+            .engine
+            .lookup(tokens, self.plan.salt.as_deref())?
+            .hit_tokens;
         self.tally.lookup_us.push(t0.elapsed().as_secs_f64() * 1e6);
         self.tally.requested_tokens += tokens.len() as u64;
         self.tally.hit_tokens += hit as u64;
@@ -147,7 +152,9 @@ impl<'a> Ctx<'a> {
         let hit = self.timed_lookup(tokens)?;
         if hit > 0 {
             let t0 = Instant::now();
-            let got = self.engine.retrieve(tokens, None, &mut self.out)?;
+            let got = self
+                .engine
+                .retrieve(tokens, self.plan.salt.as_deref(), &mut self.out)?;
             let dt = t0.elapsed();
             self.tally
                 .retrieve
@@ -224,7 +231,7 @@ pub fn long_doc_qa(engine: &Engine, plan: &Plan, ring: &SourceRing) -> Result<Re
     let docs: Vec<Vec<u32>> = (0..plan.docs).map(|_| ctx.random_tokens()).collect();
     let chunked_tokens = engine
         .key_space()
-        .chunk_spans(&docs[0], None)?
+        .chunk_spans(&docs[0], plan.salt.as_deref())?
         .last()
         .map_or(0, |s| s.end);
     let pb = progress(plan.docs + plan.total_queries(), "long-doc-qa");

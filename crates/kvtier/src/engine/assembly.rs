@@ -141,6 +141,19 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_url_given_as_one_string_is_one_cluster_tier() {
+        // Split on every comma, the seeds used to become a cluster URL plus `127.0.0.1:2`,
+        // which failed as "not a URL".
+        let c = EngineConfig::from_yaml_str(
+            "remote_url: redis+cluster://127.0.0.1:1,127.0.0.1:2?connect_timeout_ms=10",
+        )
+        .unwrap();
+        let tiers = lower_tiers(&c, 0).unwrap();
+        assert_eq!(tiers.len(), 1);
+        assert_eq!(tiers[0].tier.name(), "redis");
+    }
+
+    #[test]
     fn tls_keys_become_tls_settings() {
         let mut c = EngineConfig::from_yaml_str(
             "remote_url: rediss://h:6380\nremote_tls_ca_file: /etc/ca.pem\n",

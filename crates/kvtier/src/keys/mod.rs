@@ -236,9 +236,10 @@ impl KeySpace {
         save_unfull_chunk: bool,
     ) -> Result<KeySpace> {
         identity.validate()?;
-        if chunk_size == 0 || chunk_size > 1 << 20 {
+        if chunk_size == 0 || chunk_size > crate::layout::MAX_CHUNK_TOKENS {
             return Err(Error::invalid(format!(
-                "chunk_size must be in 1..=1048576 tokens, got {chunk_size}"
+                "chunk_size must be in 1..={} tokens, got {chunk_size}",
+                crate::layout::MAX_CHUNK_TOKENS
             )));
         }
         Ok(KeySpace {

@@ -272,8 +272,13 @@ impl<K: Connector> Pool<K> {
 
     /// Leases a connection: an idle one, else a new one (unless in reconnect backoff).
     pub async fn acquire(&self) -> Result<Lease<'_, K>> {
+        self.lease(true).await
+    }
+
+    /// Leases a connection: an idle one if `reuse`, else (or if none) a new one.
+    async fn lease(&self, reuse: bool) -> Result<Lease<'_, K>> {
         let permit = self.permits.acquire().await.map_err(|_| Error::Closed)?;
-        let idle = self.idle.lock().pop();
+        let idle = if reuse { self.idle.lock().pop() } else { None };
         let reused = idle.is_some();
         let conn = match idle {
             Some(c) => c,
@@ -387,26 +392,53 @@ impl<K: Connector> Pool<K> {
     /// Runs `req` on a pooled connection. A pooled connection that fails with an I/O error
     /// (stale after a server restart) is replaced by a fresh one, once; a protocol error
     /// (`InvalidData`) or a failure on a fresh connection is returned as a tier error.
+    ///
+    /// A stale connection says nothing about the server now, so the retry is not held back
+    /// by the link's down state: marking the link down first would make concurrent
+    /// requests that found stale connections too fail their retry ("reconnect in
+    /// progress") while the first one reconnects. The link is marked down only when the
+    /// fresh connection fails as well.
     pub async fn exec<E: Exchange<K::Conn>>(&self, req: &E) -> Result<E::Out> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut lease = self.acquire().await?;
-            let reused = lease.reused;
-            match req.run(lease.conn()).await {
-                Ok(out) => {
-                    lease.done();
-                    return Ok(out);
-                }
-                Err(e) => {
-                    drop(lease);
+        let mut lease = self.acquire().await?;
+        let retry = match req.run(lease.conn()).await {
+            Ok(out) => {
+                lease.done();
+                return Ok(out);
+            }
+            Err(e) => {
+                let stale = lease.reused && e.kind() != io::ErrorKind::InvalidData;
+                drop(lease);
+                if !stale {
                     self.io_failed(&e);
-                    if !(reused && attempt == 1 && e.kind() != io::ErrorKind::InvalidData) {
-                        return Err(self.io_error(e));
-                    }
+                    return Err(self.io_error(e));
                 }
+                self.dropped_stale(&e);
+                // A fresh connection, never an idle one: an idle one may be as stale.
+                self.lease(false).await
+            }
+        };
+        let mut lease = retry?;
+        match req.run(lease.conn()).await {
+            Ok(out) => {
+                lease.done();
+                Ok(out)
+            }
+            Err(e) => {
+                drop(lease);
+                self.io_failed(&e);
+                Err(self.io_error(e))
             }
         }
+    }
+
+    /// A pooled connection failed (`e`) where a fresh one will be tried: drop the idle
+    /// connections (they likely share its fate: the server restarted or closed idle
+    /// connections), without marking the link down.
+    fn dropped_stale(&self, e: &io::Error) {
+        let s = self.settings();
+        bump(&s.counters.io_errors);
+        self.idle.lock().clear();
+        tracing::debug!(tier = %s.tier, addr = %self.addr, error = %e, "pooled connection was stale; retrying on a fresh one");
     }
 
     /// An established connection failed: drop the idle ones too (they likely share its

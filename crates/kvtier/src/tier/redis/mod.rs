@@ -213,6 +213,25 @@ impl Exchange<Conn> for OnNode<'_> {
     }
 }
 
+/// Deleting a tier's chunks on one node ([`RedisStore::sweep_keys`]); idempotent, so a
+/// stale pooled connection can be replaced and the sweep run again.
+struct Sweep<'a> {
+    store: &'a RedisStore,
+    pattern: &'a [u8],
+    salt: Option<&'a str>,
+}
+
+impl Exchange<Conn> for Sweep<'_> {
+    type Out = std::result::Result<u64, String>;
+
+    fn run<'a>(
+        &'a self,
+        conn: &'a mut Conn,
+    ) -> impl std::future::Future<Output = io::Result<Self::Out>> + Send + 'a {
+        self.store.sweep_on(conn, self.pattern, self.salt)
+    }
+}
+
 /// Pipelined commands on one connection.
 struct Pipeline<'a>(&'a [Vec<&'a [u8]>]);
 
@@ -396,95 +415,123 @@ impl RedisStore {
             .collect()
     }
 
-    /// Deletes this tier's keys (those under its prefix) on every master; with `salt`, only
-    /// those whose record header names that tenant salt. Returns how many.
+    /// Deletes this tier's chunks on every master; with `salt`, only that tenant's.
+    /// Returns how many.
+    ///
+    /// Only kvtier's own keys are ever touched, even in a database other applications use:
+    /// the `SCAN` pattern is the prefix (glob characters escaped) followed by exactly 64
+    /// lower-case hex digits, and a key is deleted only if its value starts with a valid
+    /// record header naming that same chunk key (and, with `salt`, that tenant).
     async fn sweep_keys(&self, salt: Option<&str>) -> Result<u64> {
-        let mut pattern = Vec::with_capacity(self.url.prefix.len() + 1);
-        for b in self.url.prefix.bytes() {
-            if matches!(b, b'*' | b'?' | b'[' | b']' | b'\\') {
-                pattern.push(b'\\');
-            }
-            pattern.push(b);
-        }
-        pattern.push(b'*');
+        let pattern = chunk_key_pattern(&self.url.prefix);
         let started = Instant::now();
         let mut removed = 0u64;
         for node in self.topo.masters().await? {
-            let mut lease = node.acquire().await?;
-            let mut cursor = b"0".to_vec();
-            loop {
-                let r = lease
-                    .conn()
-                    .command(&[b"SCAN", &cursor, b"MATCH", &pattern, b"COUNT", SCAN_COUNT])
-                    .await;
-                let reply = match r {
-                    Ok(r) => r,
-                    Err(e) => {
-                        node.io_failed(&e);
-                        return Err(node.io_error(e));
-                    }
-                };
-                let (next, keys) = match reply {
-                    Reply::Array(mut v) if v.len() == 2 => match (v.pop(), v.pop()) {
-                        (Some(Reply::Array(keys)), Some(Reply::Bulk(c))) => (c, keys),
-                        _ => return Err(node.error("malformed SCAN reply")),
-                    },
-                    Reply::Error(e) => return Err(node.error(e)),
-                    _ => return Err(node.error("malformed SCAN reply")),
-                };
-                let keys: Vec<Vec<u8>> = keys
-                    .into_iter()
-                    .filter_map(|k| match k {
-                        Reply::Bulk(b) => Some(b),
-                        _ => None,
-                    })
+            let req = Sweep {
+                store: self,
+                pattern: &pattern,
+                salt,
+            };
+            removed += node.exec(&req).await?.map_err(|e| node.error(e))?;
+        }
+        tracing::info!(tier = %self.name(), removed, salt = salt.is_some(), elapsed_ms = started.elapsed().as_millis() as u64, "redis keys removed");
+        Ok(removed)
+    }
+
+    /// [`RedisStore::sweep_keys`] on one node: how many keys it deleted, or the server's
+    /// error.
+    async fn sweep_on(
+        &self,
+        conn: &mut Conn,
+        pattern: &[u8],
+        salt: Option<&str>,
+    ) -> io::Result<std::result::Result<u64, String>> {
+        let end = (MAX_HEADER_LEN - 1).to_string();
+        let mut removed = 0u64;
+        let mut cursor = b"0".to_vec();
+        loop {
+            let scan = [
+                &b"SCAN"[..],
+                &cursor,
+                b"MATCH",
+                pattern,
+                b"COUNT",
+                SCAN_COUNT,
+            ];
+            let (next, keys) = match conn.command(&scan).await? {
+                Reply::Array(mut v) if v.len() == 2 => match (v.pop(), v.pop()) {
+                    (Some(Reply::Array(keys)), Some(Reply::Bulk(c))) => (c, keys),
+                    _ => return Err(protocol("malformed SCAN reply")),
+                },
+                Reply::Error(e) => return Ok(Err(e)),
+                _ => return Err(protocol("malformed SCAN reply")),
+            };
+            let keys: Vec<Vec<u8>> = keys
+                .into_iter()
+                .filter_map(|k| match k {
+                    Reply::Bulk(b) => Some(b),
+                    _ => None,
+                })
+                .collect();
+            if !keys.is_empty() {
+                let cmds: Vec<Vec<&[u8]>> = keys
+                    .iter()
+                    .map(|k| vec![&b"GETRANGE"[..], k, b"0", end.as_bytes()])
                     .collect();
-                let doomed: Vec<&[u8]> = match salt {
-                    None => keys.iter().map(Vec::as_slice).collect(),
-                    Some(salt) => {
-                        let end = (MAX_HEADER_LEN - 1).to_string();
-                        let cmds: Vec<Vec<&[u8]>> = keys
-                            .iter()
-                            .map(|k| vec![&b"GETRANGE"[..], k, b"0", end.as_bytes()])
-                            .collect();
-                        let heads = lease.conn().pipeline(&cmds).await.map_err(|e| {
-                            node.io_failed(&e);
-                            node.io_error(e)
-                        })?;
-                        keys.iter()
-                            .zip(heads)
-                            .filter(|(_, h)| match h {
-                                Reply::Bulk(b) => decode_header(b).is_ok_and(|(info, _)| {
-                                    info.origin.cache_salt.as_deref() == Some(salt)
-                                }),
-                                _ => false,
-                            })
-                            .map(|(k, _)| k.as_slice())
-                            .collect()
-                    }
-                };
+                let heads = conn.pipeline(&cmds).await?;
+                let doomed: Vec<Vec<&[u8]>> = keys
+                    .iter()
+                    .zip(heads)
+                    .filter(|(k, h)| match h {
+                        Reply::Bulk(b) => self.is_own_record(k, b, salt),
+                        _ => false,
+                    })
+                    .map(|(k, _)| vec![&b"UNLINK"[..], k.as_slice()])
+                    .collect();
                 if !doomed.is_empty() {
-                    let cmds: Vec<Vec<&[u8]>> =
-                        doomed.iter().map(|k| vec![&b"UNLINK"[..], k]).collect();
-                    let replies = lease.conn().pipeline(&cmds).await.map_err(|e| {
-                        node.io_failed(&e);
-                        node.io_error(e)
-                    })?;
+                    let replies = conn.pipeline(&doomed).await?;
                     removed += replies
                         .iter()
                         .filter(|r| matches!(r, Reply::Int(1..)))
                         .count() as u64;
                 }
-                if next == b"0" {
-                    break;
-                }
-                cursor = next;
             }
-            lease.done();
+            if next == b"0" {
+                return Ok(Ok(removed));
+            }
+            cursor = next;
         }
-        tracing::info!(tier = %self.name(), removed, salt = salt.is_some(), elapsed_ms = started.elapsed().as_millis() as u64, "redis keys removed");
-        Ok(removed)
     }
+
+    /// Whether `rkey`, whose value starts with `head`, is a chunk this tier wrote (its name
+    /// is the prefix and the hex of the chunk key its record header names) and, with `salt`,
+    /// belongs to that tenant.
+    fn is_own_record(&self, rkey: &[u8], head: &[u8], salt: Option<&str>) -> bool {
+        let Some(hex) = rkey.strip_prefix(self.url.prefix.as_bytes()) else {
+            return false;
+        };
+        decode_header(head).is_ok_and(|(info, _)| {
+            info.key.to_hex().as_bytes() == hex
+                && salt.is_none_or(|s| info.origin.cache_salt.as_deref() == Some(s))
+        })
+    }
+}
+
+/// The `SCAN MATCH` pattern of the chunk keys under `prefix`: the prefix with Redis glob
+/// characters escaped, then 64 lower-case hex digits (so another application's key that
+/// merely starts with the prefix never matches).
+fn chunk_key_pattern(prefix: &str) -> Vec<u8> {
+    let mut pattern = Vec::with_capacity(prefix.len() * 2 + 64 * 5);
+    for b in prefix.bytes() {
+        if matches!(b, b'*' | b'?' | b'[' | b']' | b'\\') {
+            pattern.push(b'\\');
+        }
+        pattern.push(b);
+    }
+    for _ in 0..64 {
+        pattern.extend_from_slice(b"[0-9a-f]");
+    }
+    pattern
 }
 
 impl RemoteStore for RedisStore {

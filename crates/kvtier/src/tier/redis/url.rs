@@ -17,7 +17,7 @@
 //!
 //! | option | default | meaning |
 //! |---|---|---|
-//! | `prefix` | `kvtier:` | key namespace: every key is `<prefix><64 hex chars>` |
+//! | `prefix` | `kvtier:` | key namespace (not empty): every key is `<prefix><64 hex chars>`; `clear` and salt removal touch only such keys holding a kvtier record |
 //! | `ttl_sec` | 0 (none) | expire stored chunks after this many seconds (`SET ... EX`) |
 //! | `pool` | 4 | connections per Redis node (concurrent requests per node) |
 //! | `connect_timeout_ms` | 1000 | bound on one connect + handshake |
@@ -211,6 +211,17 @@ impl RedisUrl {
                 Ok(true)
             },
         )?;
+        if prefix.is_empty() {
+            // Every key would then look like a chunk key of this tier: a database shared
+            // with other applications is no place for an unnamespaced cache.
+            return Err(err(format!(
+                "`{shown}`: `prefix` must not be empty (kvtier's keys need a namespace of \
+                 their own in a database other applications may use); drop `prefix=` for \
+                 the default `kvtier:`, or set a non-empty one such as `prefix=myapp-kv:` \
+                 (chunks stored earlier without a prefix are not found again: they are keys \
+                 of 64 hex digits)"
+            )));
+        }
         let mut out = RedisUrl {
             mode,
             tls,
@@ -365,6 +376,14 @@ mod tests {
             ("u:topsecret@h", "not a URL"),
             ("redis://u:top%zzsecret@h", "percent-escape"),
             ("redis://u:top/secret@h:1/x", "not a number"),
+            (
+                "redis://u:topsecret@h:1?prefix=",
+                "`prefix` must not be empty",
+            ),
+            (
+                "redis+cluster://u:topsecret@h:1?pool=2&prefix=",
+                "default `kvtier:`",
+            ),
         ];
         for (url, want) in cases {
             let e = RedisUrl::parse_with_env(url, no_env)
