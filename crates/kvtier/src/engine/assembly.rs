@@ -145,7 +145,10 @@ mod tests {
         .unwrap();
         assert_eq!(n, ["s3", "gs2", "az3", "cold"]);
         let e = names(&["s3://b?bogus=1"]).unwrap_err().to_string();
-        assert!(e.contains("remote_url") && e.contains("unknown option"), "{e}");
+        assert!(
+            e.contains("remote_url") && e.contains("unknown option"),
+            "{e}"
+        );
         let e = names(&["kvtier://h"]).unwrap_err().to_string();
         assert!(
             e.contains("remote_url") && e.contains("missing port"),

