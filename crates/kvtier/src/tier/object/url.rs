@@ -233,9 +233,10 @@ impl ObjectUrl {
             match o.key {
                 "endpoint" => {
                     let e = o.value.trim_end_matches('/');
-                    let ok = ["http://", "https://"]
-                        .iter()
-                        .any(|s| e.len() > s.len() && e[..s.len()].eq_ignore_ascii_case(s));
+                    let ok = ["http://", "https://"].iter().any(|s| {
+                        e.len() > s.len()
+                            && e.get(..s.len()).is_some_and(|p| p.eq_ignore_ascii_case(s))
+                    });
                     if !ok {
                         return Err(err(format!(
                             "`{shown}`: endpoint `{}` must be an http:// or https:// URL",
