@@ -40,7 +40,7 @@ use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload
 use tokio::sync::{Semaphore, SemaphorePermit};
 
 use self::body::Body;
-use self::health::Health;
+use self::health::{Attempt, Health};
 use self::url::ObjectUrl;
 use super::remote::{default_name, RemoteStats, RemoteStore, RemoteTier};
 use super::PutOutcome;
@@ -237,16 +237,19 @@ impl BucketStore {
                 attempt.answered();
                 Ok(None)
             }
-            Err(e) => {
-                bump(&self.links.io_errors, 1);
-                if answered(&e) {
-                    attempt.answered();
-                } else {
-                    attempt.failed(&e);
-                }
-                Err(self.err_caused(what, e))
-            }
+            Err(e) => Err(self.failed(attempt, what, e)),
         }
+    }
+
+    /// A request that failed: counted, judged (an answer or a link failure), returned.
+    fn failed(&self, attempt: Attempt<'_>, what: &str, e: object_store::Error) -> Error {
+        bump(&self.links.io_errors, 1);
+        if answered(&e) {
+            attempt.answered();
+        } else {
+            attempt.failed(&e);
+        }
+        self.err_caused(what, e)
     }
 
     /// Whether the store holds `key`'s object (one HEAD).
@@ -277,15 +280,7 @@ impl BucketStore {
                 attempt.answered();
                 return Ok(None);
             }
-            Err(e) => {
-                bump(&self.links.io_errors, 1);
-                if answered(&e) {
-                    attempt.answered();
-                } else {
-                    attempt.failed(&e);
-                }
-                return Err(self.err_caused("GET", e));
-            }
+            Err(e) => return Err(self.failed(attempt, "GET", e)),
         };
         attempt.answered();
         let total = res.meta.size;
