@@ -44,33 +44,26 @@ impl Body {
 }
 
 impl RecordInput for Body {
-    fn read_exact_into<'a>(
-        &'a mut self,
-        dst: &'a mut [u8],
-    ) -> impl Future<Output = io::Result<()>> + Send + 'a {
-        async move {
-            let mut off = 0;
-            while off < dst.len() {
-                self.fill().await?;
-                let n = self.current.len().min(dst.len() - off);
-                dst[off..off + n].copy_from_slice(&self.current[..n]);
-                self.current.advance(n);
-                off += n;
-            }
-            Ok(())
+    async fn read_exact_into(&mut self, dst: &mut [u8]) -> io::Result<()> {
+        let mut off = 0;
+        while off < dst.len() {
+            self.fill().await?;
+            let n = self.current.len().min(dst.len() - off);
+            dst[off..off + n].copy_from_slice(&self.current[..n]);
+            self.current.advance(n);
+            off += n;
         }
+        Ok(())
     }
 
-    fn skip(&mut self, mut n: usize) -> impl Future<Output = io::Result<()>> + Send + '_ {
-        async move {
-            while n > 0 {
-                self.fill().await?;
-                let k = self.current.len().min(n);
-                self.current.advance(k);
-                n -= k;
-            }
-            Ok(())
+    async fn skip(&mut self, mut n: usize) -> io::Result<()> {
+        while n > 0 {
+            self.fill().await?;
+            let k = self.current.len().min(n);
+            self.current.advance(k);
+            n -= k;
         }
+        Ok(())
     }
 
     fn read_crlf(&mut self) -> impl Future<Output = io::Result<()>> + Send + '_ {

@@ -267,7 +267,7 @@ impl BucketStore {
         let path = self.path(&key);
         let part = self.url.part_size;
         let opts = GetOptions {
-            range: (part > 0).then(|| GetRange::Bounded(0..part as u64)),
+            range: (part > 0).then_some(GetRange::Bounded(0..part as u64)),
             ..GetOptions::default()
         };
         // The request (and its permit) lasts until the body is read: bodies stream.
