@@ -1,5 +1,8 @@
 //! `kvtier bench remote`: the Redis/Valkey tier against `redis-benchmark` on the same server
-//! with the same value size, in the same run.
+//! with the same value size, in the same run; or, for an `s3://`, `gs://` or `az://` URL, the
+//! object-store tier against a raw PUT/GET loop of the same object size and concurrency with
+//! the same client (`object_store`, built with the tier's settings) against the same store,
+//! in alternating rounds (`--reps`).
 //!
 //! Local tiers are off (`local_cpu: false`: L1 only stages I/O), so every store goes to the
 //! remote tier and every retrieve comes from it. Without `--remote-url` the bench starts its
@@ -253,6 +256,11 @@ fn host_port(url: &str) -> Result<(String, u16)> {
 
 /// Runs the remote scenario.
 pub fn run(args: &BenchArgs) -> Result<()> {
+    if let Some(url) = &args.remote_url {
+        if kvtier::tier::ObjectUrl::is_object_url(url) {
+            return object::run(args, url);
+        }
+    }
     let t_all = Instant::now();
     let mut args = args.clone();
     // The acceptance figure is for 4 MiB values: Llama-3-8B's chunk per rank at TP 8.
@@ -449,6 +457,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     Ok(())
 }
+
+/// The object-store scenario.
+mod object;
 
 #[cfg(test)]
 mod tests {

@@ -11,7 +11,9 @@ use crate::error::Result;
 use crate::manager::{ManagerOptions, TierSpec};
 use crate::memory::{PoolBacking, PoolOptions};
 use crate::tier::redis::tls::TlsSettings;
-use crate::tier::{CpuTierOptions, DiskTier, DiskTierOptions, PeerTier, RedisTier, Tier};
+use crate::tier::{
+    CpuTierOptions, DiskTier, DiskTierOptions, ObjectTier, ObjectUrl, PeerTier, RedisTier, Tier,
+};
 
 /// The L1 tier (and its pool, backed by `backing`).
 pub(crate) fn l1_options(config: &EngineConfig, backing: PoolBacking) -> CpuTierOptions {
@@ -75,9 +77,10 @@ pub(crate) fn remote_tls(config: &EngineConfig) -> TlsSettings {
 }
 
 /// Builds the remote tier a `remote_url` entry names, by scheme: `kvtier://` is another
-/// node's `kvtier serve` ([`PeerTier`]), anything else goes to the Redis parser (which
-/// accepts `redis://`, `valkey://`, `redis+cluster://` and explains the rest).
-/// `index` is the entry's position, for default tier names; `tls` applies to `rediss://`.
+/// node's `kvtier serve` ([`PeerTier`]), `s3://`, `gs://` and `az://` an object store
+/// ([`ObjectTier`]), anything else goes to the Redis parser (which accepts `redis://`,
+/// `valkey://`, `redis+cluster://` and explains the rest). `index` is the entry's position,
+/// for default tier names; `tls` applies to `rediss://` and `https` object-store endpoints.
 pub(crate) fn remote_tier_from_url(
     url: &str,
     index: usize,
@@ -86,6 +89,9 @@ pub(crate) fn remote_tier_from_url(
     let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
     if scheme.as_deref() == Some("kvtier") {
         return Ok(PeerTier::from_url(url, index)?);
+    }
+    if ObjectUrl::is_object_url(url) {
+        return Ok(Arc::new(ObjectTier::from_url(url, index, tls)?));
     }
     Ok(Arc::new(RedisTier::from_url_with_tls(url, index, tls)?))
 }
@@ -131,13 +137,27 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(n, ["redis", "peer2", "rack2"]);
+        // Object stores: built without contacting them either.
+        let n = names(&[
+            "s3://b/p?endpoint=http://127.0.0.1:1",
+            "gs://b?endpoint=http://127.0.0.1:1&anonymous=true",
+            "az://c?endpoint=http://127.0.0.1:1/acct&account=acct&anonymous=true",
+            "s3://b2?endpoint=http://127.0.0.1:1&name=cold",
+        ])
+        .unwrap();
+        assert_eq!(n, ["s3", "gs2", "az3", "cold"]);
+        let e = names(&["s3://b?bogus=1"]).unwrap_err().to_string();
+        assert!(
+            e.contains("remote_url") && e.contains("unknown option"),
+            "{e}"
+        );
         let e = names(&["kvtier://h"]).unwrap_err().to_string();
         assert!(
             e.contains("remote_url") && e.contains("missing port"),
             "{e}"
         );
         let e = names(&["ftp://h:1"]).unwrap_err().to_string();
-        assert!(e.contains("kvtier://"), "{e}");
+        assert!(e.contains("kvtier://") && e.contains("s3://"), "{e}");
     }
 
     #[test]

@@ -377,9 +377,7 @@ impl Engine {
         keys: &[ChunkKey],
         n_tokens: usize,
     ) -> Result<LookupResult> {
-        self.core
-            .manager
-            .observe_prompt(keys, PromptReport::Lookup);
+        self.core.manager.observe_prompt(keys, PromptReport::Lookup);
         let r = self.core.manager.lookup(keys)?;
         // Chunk i holds tokens i*cs .. min((i+1)*cs, n): a prefix of h chunks ends there.
         let hit_tokens = (r.hit_chunks * self.keys.chunk_size()).min(n_tokens);

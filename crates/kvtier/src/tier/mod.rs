@@ -7,6 +7,7 @@
 mod cpu;
 mod disk;
 mod fault;
+pub mod object;
 pub mod peer;
 pub mod redis;
 pub mod remote;
@@ -20,6 +21,8 @@ pub use disk::{
     GroupCount, InspectReport, MARKER as DISK_MARKER,
 };
 pub use fault::{Fault, FaultOp, FaultRule, FaultTier};
+pub use object::url::ObjectUrl;
+pub use object::{ObjectTier, ObjectTierStats};
 pub use peer::url::PeerUrl;
 pub use peer::{PeerTier, PeerTierStats};
 pub use redis::url::RedisUrl;

@@ -1,6 +1,8 @@
-//! Reading a chunk record (header + payload) off a connection: shared by the Redis tier (a
-//! `GET` reply's bulk string) and the kvtier server tier (a `Record` frame's blob).
+//! Reading a chunk record (header + payload) off a byte input: shared by the Redis tier (a
+//! `GET` reply's bulk string), the kvtier server tier (a `Record` frame's blob) and the
+//! object-store tier (an object's body).
 
+use std::future::Future;
 use std::io;
 
 use super::resp::Conn;
@@ -9,8 +11,41 @@ use crate::chunk::Chunk;
 use crate::keys::ChunkKey;
 use crate::memory::BufferSource;
 
+/// Where a record's bytes come from: a connection ([`Conn`]) or a stream of byte blocks (an
+/// object's body).
+pub(crate) trait RecordInput: Send {
+    /// Fills `dst`; an error when the input ends first.
+    fn read_exact_into<'a>(
+        &'a mut self,
+        dst: &'a mut [u8],
+    ) -> impl Future<Output = io::Result<()>> + Send + 'a;
+
+    /// Consumes the next `n` bytes.
+    fn skip(&mut self, n: usize) -> impl Future<Output = io::Result<()>> + Send + '_;
+
+    /// Reads the `\r\n` of [`Terminator::Crlf`] (only RESP inputs have one).
+    fn read_crlf(&mut self) -> impl Future<Output = io::Result<()>> + Send + '_;
+}
+
+impl RecordInput for Conn {
+    fn read_exact_into<'a>(
+        &'a mut self,
+        dst: &'a mut [u8],
+    ) -> impl Future<Output = io::Result<()>> + Send + 'a {
+        Conn::read_exact_into(self, dst)
+    }
+
+    fn skip(&mut self, n: usize) -> impl Future<Output = io::Result<()>> + Send + '_ {
+        Conn::skip(self, n)
+    }
+
+    fn read_crlf(&mut self) -> impl Future<Output = io::Result<()>> + Send + '_ {
+        Conn::read_crlf(self)
+    }
+}
+
 /// What reading one record produced; in every case the record was consumed, so the
-/// connection is usable for the next request.
+/// input is usable for the next request.
 pub enum RecordRead {
     /// A record for the key whose payload passed verification.
     Chunk(Chunk),
@@ -20,7 +55,7 @@ pub enum RecordRead {
     NoBuffer,
 }
 
-/// How a record ends on the connection.
+/// How a record ends on the input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Terminator {
     /// Nothing follows the record (a framed blob).
@@ -31,9 +66,9 @@ pub(crate) enum Terminator {
 
 /// Reads a record of `len` bytes that should hold `key`: the header is checked against the
 /// key and length, the payload is read straight into a buffer from `bufs`, then verified.
-/// I/O errors are returned as such (the connection is then unusable).
+/// I/O errors are returned as such (the input is then unusable).
 pub(crate) async fn read_record(
-    conn: &mut Conn,
+    conn: &mut impl RecordInput,
     len: usize,
     key: ChunkKey,
     bufs: &dyn BufferSource,
@@ -77,9 +112,9 @@ pub(crate) async fn read_record(
     }))
 }
 
-/// Consumes the rest of an invalid record so the connection stays usable, then reports `why`.
+/// Consumes the rest of an invalid record so the input stays usable, then reports `why`.
 async fn skip_rest(
-    conn: &mut Conn,
+    conn: &mut impl RecordInput,
     left: usize,
     end: Terminator,
     why: String,
@@ -89,12 +124,12 @@ async fn skip_rest(
 }
 
 /// Skips `n` bytes and the terminator.
-async fn skip(conn: &mut Conn, n: usize, end: Terminator) -> io::Result<()> {
+async fn skip(conn: &mut impl RecordInput, n: usize, end: Terminator) -> io::Result<()> {
     conn.skip(n).await?;
     read_end(conn, end).await
 }
 
-async fn read_end(conn: &mut Conn, end: Terminator) -> io::Result<()> {
+async fn read_end(conn: &mut impl RecordInput, end: Terminator) -> io::Result<()> {
     match end {
         Terminator::None => Ok(()),
         Terminator::Crlf => conn.read_crlf().await,

@@ -141,7 +141,7 @@ impl RedisUrl {
             }
             other => {
                 return Err(err(format!(
-                    "`{shown}`: unsupported scheme `{other}`; supported: redis://, valkey://, redis+cluster://, their TLS forms rediss:// etc., and kvtier://"
+                    "`{shown}`: unsupported scheme `{other}`; supported: redis://, valkey://, redis+cluster://, their TLS forms rediss:// etc., kvtier://, and the object stores s3://, gs://, az://"
                 )))
             }
         };
