@@ -9,10 +9,12 @@ cargo build --release -q
 bin=target/release/kvtier
 export KVTIER_LOG=${KVTIER_LOG:-warn}
 
-run() { # name, args...
+run() { # name, args... (the disk and remote workloads draw no plots)
   local name=$1; shift
+  local plot=(--plot "$out/$name")
+  [[ $name == disk || $name == remote ]] && plot=()
   echo "== kvtier bench $*" >&2
-  "$bin" bench "$@" --json --plot "$out/$name" > "$out/$name.json"
+  "$bin" bench "$@" --json "${plot[@]}" > "$out/$name.json"
 }
 run long-doc-qa long-doc-qa
 run random random

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for the kvtier vs LMCache comparison (issue #7):
 #   bench/compare/run.sh [--quick] [--out DIR] [--disk-dir DIR] [--only l1,lookup,...]
-# 1. makes (or reuses) a cached venv with lmcache==0.5.6, matplotlib, maturin
+# 1. makes (or reuses) a cached venv with lmcache==0.5.6, matplotlib, maturin from PyPI
 #    (~/.cache/kvtier-compare/venv-<hash of requirements.txt>; first time ~4-6 min, ~6 GB),
 # 2. builds kvtier's Python module from this checkout into it (maturin develop --release)
 #    and the native `kvtier` CLI (cargo build --release),
@@ -26,11 +26,7 @@ if [[ ! -f "$marker" ]]; then
   mkdir -p "$(dirname "$venv")"
   "$py" -m venv "$venv"
   "$venv/bin/pip" install -q --upgrade pip
-  # A CPU-only torch avoids ~3 GB of CUDA wheels; lmcache does not pin torch, so whatever
-  # is installed first is kept. The PyTorch index is not reachable everywhere: fall back.
-  if ! timeout 120 "$venv/bin/pip" install -q --index-url https://download.pytorch.org/whl/cpu torch; then
-    echo "   (CPU-only torch index unreachable: using PyPI's default torch build)" >&2
-  fi
+  # PyPI only (the standard registry, pip's default index): no other index, no fallback.
   "$venv/bin/pip" install -q -r "$here/requirements.txt"
   touch "$marker"
 fi

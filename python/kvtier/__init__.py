@@ -16,6 +16,6 @@ KV buffers are numpy arrays or CPU torch tensors of any dtype, C-contiguous, rea
 in place. Engine errors raise :class:`KvTierError` with the engine's message.
 """
 
-from ._native import KEY_SPEC_VERSION, Engine, KvTierError, PrefetchHandle, chunk_keys
+from ._native import KEY_SPEC_VERSION, Engine, KvTierError, PrefetchHandle, __version__, chunk_keys
 
-__all__ = ["Engine", "KvTierError", "PrefetchHandle", "chunk_keys", "KEY_SPEC_VERSION"]
+__all__ = ["Engine", "KvTierError", "PrefetchHandle", "chunk_keys", "KEY_SPEC_VERSION", "__version__"]

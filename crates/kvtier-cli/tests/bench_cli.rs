@@ -138,3 +138,148 @@ fn assert_every_chunk_stored_and_hit(json: &Value) {
         assert_eq!(res["verified_chunks"].as_u64(), Some(8), "{r}");
     }
 }
+
+#[path = "../../kvtier/tests/support/prereq.rs"]
+mod prereq;
+
+/// Runs `kvtier` with `args` and a clean engine environment; returns (success, stdout, stderr).
+fn kvtier(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvtier"));
+    cmd.args(args)
+        .env_remove("KVTIER_CONFIG_FILE")
+        .env_remove("KVTIER_MAX_LOCAL_CPU_SIZE")
+        .env_remove("KVTIER_LOG")
+        .env_remove("NO_COLOR");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("running kvtier");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `--model tiny` with no size flags is a quick run on a 64 MiB L1; its table ends with the
+/// legend; logs going to a pipe carry no ANSI colour codes; stray `KVTIER_*` variables (the
+/// comparison's venv, a typo) only warn.
+#[test]
+fn tiny_default_run_is_small_explained_plain_and_survives_stray_variables() {
+    let (ok, stdout, stderr) = kvtier(
+        &["bench", "long-doc-qa", "--model", "tiny"],
+        &[
+            ("KVTIER_COMPARE_VENV", "/nonexistent/venv"),
+            ("KVTIER_CHUNK_SIZ", "64"),
+        ],
+    );
+    assert!(ok, "kvtier failed: {stderr}");
+    let l1 = stdout
+        .lines()
+        .find(|l| l.starts_with("L1 "))
+        .unwrap_or_else(|| panic!("no L1 row: {stdout}"));
+    assert!(l1.contains("64.00 MiB"), "{l1}");
+    assert!(stdout.contains("What the figures mean"), "{stdout}");
+    for figure in ["memcpy baseline", "hit rate", "restores", "write-backs"] {
+        let explained = stdout
+            .split("What the figures mean")
+            .nth(1)
+            .is_some_and(|legend| legend.contains(figure));
+        assert!(explained, "the legend does not explain {figure}: {stdout}");
+    }
+    assert!(
+        !stderr.contains('\x1b'),
+        "ANSI codes in piped logs: {stderr:?}"
+    );
+    assert!(
+        stderr.contains("KVTIER_CHUNK_SIZ") && stderr.contains("did you mean KVTIER_CHUNK_SIZE?"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("KVTIER_COMPARE_VENV"), "{stderr}");
+    assert!(
+        stdout.contains("256 tokens"),
+        "the typo must not set chunk_size: {stdout}"
+    );
+}
+
+#[test]
+fn plot_is_refused_by_workloads_that_do_not_draw() {
+    let dir = std::env::temp_dir().join(format!("kvtier-plot-refused-{}", std::process::id()));
+    let disk_dir = dir.join("disk");
+    let plot_dir = dir.join("plots");
+    for workload in ["disk", "remote"] {
+        let (ok, _, stderr) = kvtier(
+            &[
+                "bench",
+                workload,
+                "--model",
+                "tiny",
+                "--disk-dir",
+                disk_dir.to_str().unwrap(),
+                "--plot",
+                plot_dir.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert!(!ok, "{workload} accepted --plot");
+        assert!(
+            stderr.contains(&format!(
+                "--plot is not supported by the {workload} workload"
+            )),
+            "{stderr}"
+        );
+        assert!(!dir.exists(), "{workload} started before refusing --plot");
+    }
+}
+
+/// An explicit `--tp 1` is honoured by the remote workload (it used to become 8, which
+/// does not divide tiny's 2 KV heads).
+#[test]
+fn remote_honours_an_explicit_tp() {
+    for bin in ["redis-server", "redis-benchmark"] {
+        if prereq::find_bin(bin).is_none() {
+            prereq::missing(bin, "install redis-server and redis-tools (apt-get)");
+            return;
+        }
+    }
+    let (ok, stdout, stderr) = kvtier(
+        &[
+            "bench",
+            "remote",
+            "--model",
+            "tiny",
+            "--tp",
+            "1",
+            "--docs",
+            "2",
+            "--doc-tokens",
+            "512",
+            "--json",
+        ],
+        &[],
+    );
+    assert!(ok, "kvtier failed: {stderr}");
+    let json: Value = serde_json::from_str(&stdout).expect("one JSON object");
+    assert_eq!(json["config"]["tp"], 1, "{json}");
+    assert_eq!(json["results"]["hit_chunks"], 4, "{json}");
+}
+
+#[test]
+fn help_lists_the_environment_variables() {
+    let cases: [&[&str]; 3] = [&["--help"], &["bench", "--help"], &["serve", "--help"]];
+    for args in cases {
+        let (ok, stdout, stderr) = kvtier(args, &[]);
+        assert!(ok, "{args:?}: {stderr}");
+        for var in [
+            "KVTIER_LOG",
+            "KVTIER_AUTH_TOKEN",
+            "KVTIER_CONFIG_FILE",
+            "KVTIER_<KEY>",
+        ] {
+            assert!(
+                stdout.contains(var),
+                "{args:?} --help lacks {var}: {stdout}"
+            );
+        }
+    }
+}

@@ -1078,5 +1078,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(chunk_keys, m)?)?;
     m.add("KvTierError", m.py().get_type::<KvTierError>())?;
     m.add("KEY_SPEC_VERSION", kvtier::keys::KEY_SPEC_VERSION)?;
+    // The package version is the crates' (one number, set in the workspace manifest).
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

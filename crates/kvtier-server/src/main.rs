@@ -12,9 +12,12 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_env("KVTIER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: never ANSI codes in log files.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .with_target(false)
         .init();
     kvtier_server::cli::run(&Cli::parse().serve)

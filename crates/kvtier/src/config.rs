@@ -26,17 +26,120 @@ use crate::tier::DiskDurability;
 pub const CONFIG_FILE_ENV: &str = "KVTIER_CONFIG_FILE";
 /// Prefix of environment overrides.
 pub const ENV_PREFIX: &str = "KVTIER_";
-/// `KVTIER_*` variables that are not config keys.
-const ENV_NOT_KEYS: &[&str] = &[
-    "CONFIG_FILE",
-    "AUTH_TOKEN",
-    "ADMIN_TOKEN",
-    "REDIS_USERNAME",
-    "REDIS_PASSWORD",
-    "LOG",
-    // Test harness switch: a missing test server fails the test instead of skipping it.
-    "REQUIRE_TEST_SERVERS",
+
+/// A `KVTIER_*` environment variable that is not a config key, and what it is for.
+#[derive(Clone, Copy, Debug)]
+pub struct EnvVar {
+    /// Full variable name.
+    pub name: &'static str,
+    /// One line on what it does.
+    pub about: &'static str,
+}
+
+/// `KVTIER_*` variables users set that are not config keys (shown in `kvtier --help`).
+pub const ENV_VARS: &[EnvVar] = &[
+    EnvVar {
+        name: CONFIG_FILE_ENV,
+        about: "engine config file (YAML) to load when --config is not given",
+    },
+    EnvVar {
+        name: "KVTIER_LOG",
+        about: "log filter: a level (error, warn, info, debug, trace) or directives such as kvtier=debug",
+    },
+    EnvVar {
+        name: "KVTIER_AUTH_TOKEN",
+        about: "shared token: `kvtier serve --tcp` requires it, kvtier:// tiers send it",
+    },
+    EnvVar {
+        name: "KVTIER_ADMIN_TOKEN",
+        about: "bearer token of the admin HTTP endpoint",
+    },
+    EnvVar {
+        name: "KVTIER_REDIS_USERNAME",
+        about: "Redis/Valkey user when the remote_url has none",
+    },
+    EnvVar {
+        name: "KVTIER_REDIS_PASSWORD",
+        about: "Redis/Valkey password when the remote_url has none",
+    },
+    EnvVar {
+        name: "KVTIER_SERVER_UID",
+        about: "clients: further uids (comma-separated) trusted to run the kvtier server",
+    },
 ];
+
+/// `KVTIER_*` variables of the project's scripts and test harnesses: never config keys,
+/// never warned about.
+pub const ENV_TOOL_VARS: &[&str] = &[
+    // bench/compare/run.sh: venv of the comparison.
+    "KVTIER_COMPARE_VENV",
+    // CI: a missing test server fails the test instead of skipping it.
+    "KVTIER_REQUIRE_TEST_SERVERS",
+    // Test binaries re-executed as child processes, and their knobs.
+    "KVTIER_TEST_CHILD",
+    "KVTIER_TEST_ADDR",
+    "KVTIER_TEST_IDX",
+    "KVTIER_PEER_CHILD",
+    "KVTIER_PEER_URL",
+    "KVTIER_PEER_DISK",
+    "KVTIER_CRASH_CHILD_DIR",
+    "KVTIER_CRASH_CHILD_BASE",
+    "KVTIER_CRASH_CHILD_NO_FLUSH",
+    "KVTIER_CRASH_DEBUG",
+    "KVTIER_SOAK",
+    "KVTIER_SOAK_ITERS",
+    "KVTIER_RECOVERY_N",
+];
+
+/// What a `KVTIER_*` environment variable is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EnvKind {
+    /// `KVTIER_<KEY>`: overrides config key `key` (lower case).
+    Key(String),
+    /// On [`ENV_VARS`] or [`ENV_TOOL_VARS`]: read by whoever needs it, not by the config.
+    NotKey,
+    /// Neither: ignored with a warning (typically a typo).
+    Unknown {
+        /// The warning, naming the closest known variable.
+        warning: String,
+    },
+    /// Not a `KVTIER_*` variable.
+    Other,
+}
+
+/// Classifies an environment variable name.
+pub fn classify_env(name: &str) -> EnvKind {
+    let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+        return EnvKind::Other;
+    };
+    if ENV_VARS.iter().any(|v| v.name == name) || ENV_TOOL_VARS.contains(&name) {
+        return EnvKind::NotKey;
+    }
+    let key = rest.to_ascii_lowercase();
+    if find_key(&key).is_some() {
+        return EnvKind::Key(key);
+    }
+    let keys = KEYS
+        .iter()
+        .flat_map(|k| std::iter::once(k.name).chain(k.aliases.iter().copied()))
+        .map(|k| format!("{ENV_PREFIX}{}", k.to_ascii_uppercase()));
+    let others = ENV_VARS.iter().map(|v| v.name.to_string());
+    let closest = keys
+        .chain(others)
+        .map(|n| (edit_distance(name, &n), n))
+        .min();
+    let hint = match closest {
+        Some((d, n)) if d <= 3 => format!("did you mean {n}?"),
+        Some((_, n)) => format!("the closest kvtier variable is {n}"),
+        None => String::new(),
+    };
+    EnvKind::Unknown {
+        warning: format!(
+            "ignoring environment variable {name}: it is neither a config key nor a kvtier \
+             variable ({hint}; `kvtier --help` lists them)"
+        ),
+    }
+}
 
 const GIB: f64 = (1u64 << 30) as f64;
 
@@ -603,6 +706,12 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
+/// The definition of a (lower-case) key or alias.
+fn find_key(norm: &str) -> Option<&'static KeyDef> {
+    KEYS.iter()
+        .find(|k| k.name == norm || k.aliases.contains(&norm))
+}
+
 fn unknown_key(key: &str, source: &str) -> Error {
     let all = KEYS
         .iter()
@@ -625,10 +734,7 @@ fn unknown_key(key: &str, source: &str) -> Error {
 impl EngineConfig {
     fn set(&mut self, key: &str, raw: &Raw<'_>, source: &str) -> Result<()> {
         let norm = key.trim().to_ascii_lowercase();
-        let def = KEYS
-            .iter()
-            .find(|k| k.name == norm || k.aliases.contains(&norm.as_str()))
-            .ok_or_else(|| unknown_key(key, source))?;
+        let def = find_key(&norm).ok_or_else(|| unknown_key(key, source))?;
         (def.apply)(self, raw).map_err(|m| Error::config(key, format!("{m}{source}")))
     }
 
@@ -680,18 +786,26 @@ impl EngineConfig {
     }
 
     /// Applies `KVTIER_<KEY>` variables from `vars` (normally `std::env::vars()`).
-    pub fn apply_env(&mut self, vars: impl IntoIterator<Item = (String, String)>) -> Result<()> {
+    /// Variables that are neither config keys nor on [`ENV_VARS`]/[`ENV_TOOL_VARS`] are
+    /// skipped and returned as warnings: a stray variable never stops the engine. A bad
+    /// value of a real key is an error.
+    pub fn apply_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Vec<String>> {
+        let mut warnings = Vec::new();
         for (name, value) in vars {
-            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
-                continue;
-            };
-            if ENV_NOT_KEYS.contains(&rest) {
-                continue;
+            match classify_env(&name) {
+                EnvKind::Key(key) => {
+                    let source = format!(" (from environment variable {name})");
+                    self.set(&key, &Raw::Env(&value), &source)?;
+                }
+                EnvKind::Unknown { warning } => warnings.push(warning),
+                EnvKind::NotKey | EnvKind::Other => {}
             }
-            let source = format!(" (from environment variable {name})");
-            self.set(&rest.to_ascii_lowercase(), &Raw::Env(&value), &source)?;
         }
-        self.validate()
+        self.validate()?;
+        Ok(warnings)
     }
 
     /// Loads the file given (or named by `KVTIER_CONFIG_FILE`), then environment overrides.
@@ -703,7 +817,9 @@ impl EngineConfig {
                 .map_err(|e| Error::io(format!("reading config file {}", p.display()), e))?;
             cfg.apply_yaml(&text, &format!(" (in {})", p.display()))?;
         }
-        cfg.apply_env(std::env::vars())?;
+        for warning in cfg.apply_env(std::env::vars())? {
+            tracing::warn!("{warning}");
+        }
         Ok(cfg)
     }
 
@@ -944,27 +1060,78 @@ mod tests {
     }
 
     #[test]
-    fn env_overrides_file_and_typos_in_env_are_caught() {
+    fn env_overrides_file_and_stray_variables_only_warn() {
         let mut c = EngineConfig::from_yaml_str("chunk_size: 64").unwrap();
-        c.apply_env([
-            ("KVTIER_CHUNK_SIZE".to_string(), "32".to_string()),
-            ("KVTIER_LOCAL_CPU".to_string(), "false".to_string()),
-            ("KVTIER_AUTH_TOKEN".to_string(), "secret".to_string()),
-            ("KVTIER_ADMIN_TOKEN".to_string(), "secret".to_string()),
-            // Set by .ci/run for the whole test run: never a config key.
-            ("KVTIER_REQUIRE_TEST_SERVERS".to_string(), "1".to_string()),
-            ("OTHER".to_string(), "x".to_string()),
-        ])
-        .unwrap();
+        let warnings = c
+            .apply_env([
+                ("KVTIER_CHUNK_SIZE".to_string(), "32".to_string()),
+                ("KVTIER_LOCAL_CPU".to_string(), "false".to_string()),
+                (
+                    "KVTIER_LOCAL_CPU_USE_HUGEPAGES".to_string(),
+                    "0".to_string(),
+                ),
+                ("KVTIER_AUTH_TOKEN".to_string(), "secret".to_string()),
+                ("KVTIER_LOG".to_string(), "debug".to_string()),
+                // Set by .ci/run for the whole test run, and by bench/compare users.
+                ("KVTIER_REQUIRE_TEST_SERVERS".to_string(), "1".to_string()),
+                ("KVTIER_COMPARE_VENV".to_string(), "/tmp/v".to_string()),
+                ("OTHER".to_string(), "x".to_string()),
+            ])
+            .unwrap();
+        assert_eq!(warnings, Vec::<String>::new());
         assert_eq!(c.chunk_size, 32);
-        assert!(!c.local_cpu);
+        assert!(!c.local_cpu && !c.local_cpu_huge_pages);
+        // A typo warns, naming the closest key, and changes nothing.
+        let before = c.clone();
+        let warnings = c
+            .apply_env([
+                ("KVTIER_MAX_LOCAL_CPU_SIZ".to_string(), "1".to_string()),
+                ("KVTIER_AUTH_TOKN".to_string(), "x".to_string()),
+                (
+                    "KVTIER_SOMETHING_ELSE_ENTIRELY".to_string(),
+                    "x".to_string(),
+                ),
+            ])
+            .unwrap();
+        assert_eq!(c, before);
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        assert!(
+            warnings[0].contains("KVTIER_MAX_LOCAL_CPU_SIZ")
+                && warnings[0].contains("did you mean KVTIER_MAX_LOCAL_CPU_SIZE?"),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings[1].contains("did you mean KVTIER_AUTH_TOKEN?"),
+            "{warnings:?}"
+        );
+        assert!(
+            warnings[2].contains("KVTIER_SOMETHING_ELSE_ENTIRELY")
+                && warnings[2].contains("closest kvtier variable is KVTIER_"),
+            "{warnings:?}"
+        );
+        // A bad value of a real key is still an error naming the variable.
         let e = c
-            .apply_env([("KVTIER_MAX_LOCAL_CPU_SIZ".to_string(), "1".to_string())])
+            .apply_env([("KVTIER_CHUNK_SIZE".to_string(), "lots".to_string())])
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("KVTIER_MAX_LOCAL_CPU_SIZ") && e.contains("max_local_cpu_size"),
-            "{e}"
-        );
+        assert!(e.contains("KVTIER_CHUNK_SIZE"), "{e}");
+    }
+
+    #[test]
+    fn env_lists_do_not_shadow_config_keys() {
+        for name in ENV_VARS
+            .iter()
+            .map(|v| v.name)
+            .chain(ENV_TOOL_VARS.iter().copied())
+        {
+            let key = name.strip_prefix(ENV_PREFIX).unwrap().to_ascii_lowercase();
+            assert!(find_key(&key).is_none(), "{name} is also a config key");
+            assert_eq!(classify_env(name), EnvKind::NotKey);
+        }
+        for key in EngineConfig::known_keys() {
+            let name = format!("KVTIER_{}", key.to_ascii_uppercase());
+            assert_eq!(classify_env(&name), EnvKind::Key(key.to_string()));
+        }
+        assert_eq!(classify_env("PATH"), EnvKind::Other);
     }
 }

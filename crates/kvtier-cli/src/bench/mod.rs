@@ -127,13 +127,15 @@ pub struct BenchArgs {
     /// Override the dtype (default bf16).
     #[arg(long)]
     pub dtype: Option<String>,
-    /// Tensor-parallel degree: each rank holds kv_heads / tp heads (this bench is rank 0).
-    #[arg(long, default_value_t = 1)]
-    pub tp: u32,
+    /// Tensor-parallel degree: each rank holds kv_heads / tp heads (this bench is rank 0)
+    /// [default: 1; remote: 8 for the 8-KV-head presets, i.e. 4 MiB chunks].
+    #[arg(long)]
+    pub tp: Option<u32>,
     /// Engine config file (YAML); `KVTIER_<KEY>` environment overrides apply too.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// L1 (CPU tier) budget in GiB [default: 4, or the config file's max_local_cpu_size].
+    /// L1 (CPU tier) budget in GiB, prefaulted before the run [default: 4 (--model tiny:
+    /// 1/16), or the config file's max_local_cpu_size].
     #[arg(long)]
     pub l1_gb: Option<f64>,
     /// Tokens per chunk [default: 256, or the config file's chunk_size].
@@ -166,7 +168,8 @@ pub struct BenchArgs {
     /// report gives min/median/max.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
-    /// Write SVG plots (throughput against baselines, lookup latency, hit rate) here.
+    /// Write SVG plots (throughput against baselines, lookup latency, hit rate) here
+    /// (long-doc-qa, random and sweep; refused by disk and remote).
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// Remote workload: the Redis/Valkey or kvtier:// URL to measure [default: start a
@@ -207,11 +210,11 @@ impl ModelShape {
     pub fn resolve(args: &BenchArgs) -> Result<ModelShape> {
         let (layers, heads, dim) = args.model.dims();
         let kv_heads = args.kv_heads.unwrap_or(heads);
-        ensure!(args.tp >= 1, "--tp must be at least 1");
+        let tp = args.tp.unwrap_or(1);
+        ensure!(tp >= 1, "--tp must be at least 1");
         ensure!(
-            kv_heads % args.tp == 0,
-            "--tp {} does not divide the {kv_heads} KV heads; pick a TP degree that does",
-            args.tp
+            kv_heads % tp == 0,
+            "--tp {tp} does not divide the {kv_heads} KV heads; pick a TP degree that does"
         );
         let dtype = match &args.dtype {
             Some(d) => Dtype::parse(d)?,
@@ -220,10 +223,10 @@ impl ModelShape {
         Ok(ModelShape {
             name: args.model.name().to_string(),
             layers: args.layers.unwrap_or(layers),
-            kv_heads: kv_heads / args.tp,
+            kv_heads: kv_heads / tp,
             head_dim: args.head_dim.unwrap_or(dim),
             dtype,
-            tp: args.tp,
+            tp,
         })
     }
 
@@ -255,9 +258,9 @@ fn engine_config(args: &BenchArgs) -> Result<EngineConfig> {
             pairs.push(("max_local_cpu_size", gb.to_string()));
         }
         // The engine's own default (5 GiB) is not the bench's; only a value the user set
-        // in the file or environment wins over the bench default of 4 GiB.
+        // in the file or environment wins over the bench default.
         None if cfg.max_local_cpu_size == EngineConfig::default().max_local_cpu_size => {
-            pairs.push(("max_local_cpu_size", "4".into()));
+            pairs.push(("max_local_cpu_size", default_l1_gb(args.model).to_string()));
         }
         None => {}
     }
@@ -265,6 +268,15 @@ fn engine_config(args: &BenchArgs) -> Result<EngineConfig> {
     pairs.push(("local_cpu_prefault", "true".into()));
     cfg.apply_pairs(pairs.iter().map(|(k, v)| (*k, v.as_str())))?;
     Ok(cfg)
+}
+
+/// The bench's L1 budget in GiB when neither `--l1-gb` nor the config sets one: 4 GiB for
+/// the real model shapes, 64 MiB for `tiny` (a quick run: the pool is prefaulted).
+fn default_l1_gb(model: ModelPreset) -> f64 {
+    match model {
+        ModelPreset::Tiny => 1.0 / 16.0,
+        _ => 4.0,
+    }
 }
 
 /// Sizes of the run derived from arguments, shape and config.
@@ -353,6 +365,13 @@ fn default_docs(l1_bytes: u64, doc_bytes: usize) -> usize {
 
 /// Runs `kvtier bench`.
 pub fn run(args: &BenchArgs) -> Result<()> {
+    if let (Some(_), WorkloadKind::Disk | WorkloadKind::Remote) = (&args.plot, args.workload) {
+        bail!(
+            "--plot is not supported by the {} workload: only long-doc-qa, random and sweep \
+             write plots; drop --plot (--json gives every figure of this workload)",
+            args.workload.name()
+        );
+    }
     match args.workload {
         WorkloadKind::Disk => return disk::run(args),
         WorkloadKind::Sweep => return sweep::run(args),
@@ -523,6 +542,10 @@ fn log_plan(shape: &ModelShape, plan: &Plan) {
         "bench plan"
     );
     let peak = plan.peak_bytes();
+    info!(
+        peak = %report::human_bytes(peak),
+        "memory the run holds (L1 pool, payload buffers, source ring)"
+    );
     if peak > 12 * GIB as u64 {
         warn!(
             peak = %report::human_bytes(peak),
@@ -594,6 +617,7 @@ mod tests {
         assert_eq!(chunk_mib(&["--model", "llama3-70b"]), 80.0);
         assert_eq!(chunk_mib(&["--model", "tiny"]), 0.5);
         assert_eq!(chunk_mib(&["--tp", "2"]), 16.0);
+        assert_eq!(chunk_mib(&["--tp", "1"]), 32.0);
         assert_eq!(chunk_mib(&["--layers", "16", "--dtype", "fp8"]), 8.0);
     }
 
@@ -605,6 +629,26 @@ mod tests {
         assert!(e.contains("does not divide"), "{e}");
         let shape = ModelShape::resolve(&args(&["--tp", "4"])).unwrap();
         assert_eq!((shape.kv_heads, shape.identity().world_size), (2, 4));
+    }
+
+    #[test]
+    fn tiny_runs_on_a_small_l1_by_default() {
+        assert_eq!(
+            (default_l1_gb(ModelPreset::Tiny) * GIB as f64) as u64,
+            64 << 20
+        );
+        assert_eq!(default_l1_gb(ModelPreset::Llama3_8b), 4.0);
+    }
+
+    #[test]
+    fn remote_defaults_to_tp_8_only_when_tp_is_not_given() {
+        let tp = |extra: &[&str]| remote::default_tp(&args(extra));
+        assert_eq!(tp(&[]), Some(8));
+        assert_eq!(tp(&["--tp", "1"]), Some(1));
+        assert_eq!(tp(&["--tp", "2"]), Some(2));
+        // tiny has 2 KV heads: TP 8 would not divide them.
+        assert_eq!(tp(&["--model", "tiny"]), None);
+        assert_eq!(tp(&["--kv-heads", "4"]), None);
     }
 
     #[test]

@@ -254,6 +254,18 @@ fn host_port(url: &str) -> Result<(String, u16)> {
     Ok((h.to_string(), p.parse().context("remote URL port")?))
 }
 
+/// The TP degree of the remote run: the one given, else 8 for the real presets with their
+/// own shape (the acceptance figure is for 4 MiB values: Llama-3-8B's chunk per rank at
+/// TP 8), else none (1).
+pub(super) fn default_tp(args: &BenchArgs) -> Option<u32> {
+    let own_shape = args.kv_heads.is_none() && args.layers.is_none();
+    match args.tp {
+        Some(tp) => Some(tp),
+        None if own_shape && args.model != super::ModelPreset::Tiny => Some(8),
+        None => None,
+    }
+}
+
 /// Runs the remote scenario.
 pub fn run(args: &BenchArgs) -> Result<()> {
     if let Some(url) = &args.remote_url {
@@ -263,10 +275,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     let t_all = Instant::now();
     let mut args = args.clone();
-    // The acceptance figure is for 4 MiB values: Llama-3-8B's chunk per rank at TP 8.
-    if args.tp == 1 && args.kv_heads.is_none() && args.layers.is_none() {
-        args.tp = 8;
-    }
+    args.tp = default_tp(&args);
     let shape = ModelShape::resolve(&args)?;
     let layout = shape.layout();
     let chunk_size = args.chunk_size.unwrap_or(256);

@@ -250,11 +250,13 @@ impl Report {
         Ok(())
     }
 
-    /// Prints the human-readable summary table.
+    /// Prints the human-readable summary table, then the legend of its figures.
     pub fn print_table(&self) {
         for (k, v) in self.rows() {
             println!("{k:<30} {v}");
         }
+        println!();
+        print!("{LEGEND}");
     }
 
     fn rows(&self) -> Vec<(String, String)> {
@@ -337,6 +339,35 @@ impl Report {
         rows
     }
 }
+
+/// What each figure of the long-doc-qa / random table means and what to expect; printed
+/// under it (`--json` carries the same figures, documented field by field).
+pub const LEGEND: &str = "\
+What the figures mean (GB/s are decimal, 1e9 bytes per second):
+  memcpy baseline   one thread copying one chunk at a time through cold memory, measured in
+                    this run: the reference for every ratio (absolute numbers vary by machine)
+  store             bytes newly written into L1 / time spent in store calls (copy, checksum,
+                    index). random: the extra ms per GB over a memcpy of the same bytes is
+                    the store overhead
+  retrieve          bytes copied out / time in retrieve calls (copy, checksum check). Chunks
+                    of 4 MiB or more are copied by several threads with streaming stores, so
+                    store and retrieve can beat the one-thread baseline (ratios above 1x)
+  lookup p50 / p99  lookup of one workload prompt, hashing its tokens included
+  hit rate          hit tokens / requested tokens over the workload's lookups. long-doc-qa
+                    stores 1.5x the L1 budget by default and queries each document twice in
+                    random order, so about 0.5 is expected (1.0 when --docs fits in L1);
+                    random never repeats a prompt: 0
+  tier hits         chunks served by each tier (cpu = L1)
+  evictions         chunks L1 dropped to make room; write-backs: chunks copied up into L1
+                    from a lower tier (0 without a disk or remote tier)
+  restores          queries that hit only part of a document, which was then stored again
+                    (as a serving engine stores KV it had to recompute)
+  dropped chunks    chunks a store found no room for (should be 0)
+  verified chunks   retrieved chunks compared byte for byte with what was stored (any
+                    mismatch fails the run)
+  lookup 128K tok   side engine: lookup of one 131,072-token prompt (512 chunks), hashing
+                    included; probe 512 keys: the index probe alone for the same keys
+";
 
 /// `1.50 GiB`-style sizes for the table.
 pub fn human_bytes(b: u64) -> String {

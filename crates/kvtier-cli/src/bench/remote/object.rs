@@ -225,9 +225,7 @@ pub fn run(args: &BenchArgs, url: &str) -> Result<()> {
     let t_all = Instant::now();
     let mut args = args.clone();
     // 4 MiB chunks by default (Llama-3-8B's chunk per rank at TP 8); `--tp 1`: 32 MiB.
-    if args.tp == 1 && args.kv_heads.is_none() && args.layers.is_none() {
-        args.tp = 8;
-    }
+    args.tp = super::default_tp(&args);
     ensure!(args.reps >= 1, "--reps must be at least 1");
     let shape = ModelShape::resolve(&args)?;
     let layout = shape.layout();
