@@ -319,9 +319,13 @@ fn accept_failures_are_logged_once_per_episode() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let log = srv.log_text();
+    // One line per episode: the two seconds of exhaustion are one episode, and the backlog
+    // of closed connections drained afterwards may start a short second one. Logging per
+    // failure (what this guards against) wrote about 20 lines a second, 40 here.
     let failed = log.matches("accept failed").count();
-    assert_eq!(failed, 1, "{log}");
-    assert!(log.contains("accepting again"), "{log}");
+    let recovered = log.matches("accepting again").count();
+    assert!((1..=3).contains(&failed), "{failed} episodes: {log}");
+    assert!(recovered >= failed, "{log}");
 }
 
 #[test]
