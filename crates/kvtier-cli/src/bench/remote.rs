@@ -29,7 +29,7 @@ use kvtier::{Engine, EngineConfig};
 use serde::Serialize;
 use tracing::info;
 
-use super::buffers::{AlignedBuf, SourceRing, MIB};
+use super::buffers::{SourceRing, MIB};
 use super::report::gbps;
 use super::scratch::{self, Scratch};
 use super::{stream, BenchArgs, ModelShape};
@@ -362,7 +362,6 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     ];
     cfg.apply_pairs(pairs.iter().map(|(k, v)| (*k, v.as_str())))?;
     let ring = SourceRing::new(chunk_bytes, args.seed);
-    let bpt = layout.bytes_per_token();
     let doc_tokens = |d: usize| -> Vec<u32> {
         (0..args.doc_tokens as u32)
             .map(|i| (d as u32).wrapping_mul(2_654_435_761) ^ i)
@@ -383,21 +382,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         (s.acked, s.secs, engine.stats())
     };
     let engine = Engine::new(cfg, shape.identity()).context("building the reader engine")?;
-    let mut out = AlignedBuf::new(args.doc_tokens * bpt);
-    let (mut hits, mut verified, mut secs) = (0usize, 0usize, 0f64);
-    for d in 0..docs {
-        let t0 = Instant::now();
-        let got = engine.retrieve(&doc_tokens(d), Some(&salt), &mut out)?;
-        secs += t0.elapsed().as_secs_f64();
-        let n = got.hit_tokens / chunk_size;
-        hits += n;
-        for i in 0..n {
-            if !ring.chunk_matches(d as u64, i, &out[i * chunk_bytes..(i + 1) * chunk_bytes]) {
-                bail!("chunk {i} of document {d} read back from the remote tier differs");
-            }
-            verified += 1;
-        }
-    }
+    let stream::Retrieved {
+        hits,
+        verified,
+        secs,
+    } = stream::retrieve_documents(
+        &engine,
+        &ring,
+        Some(&salt),
+        docs,
+        args.doc_tokens,
+        doc_tokens,
+        "the remote tier",
+    )?;
     let stats_r = engine.stats();
     drop(engine);
     scratch.finish()?;

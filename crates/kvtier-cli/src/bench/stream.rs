@@ -78,3 +78,45 @@ pub fn store_documents(
     s.secs = secs;
     Ok(s)
 }
+
+/// What [`retrieve_documents`] read back.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Retrieved {
+    /// Chunks of the documents' hit prefixes.
+    pub hits: usize,
+    /// Of those, chunks whose bytes matched what the ring wrote.
+    pub verified: usize,
+    /// Time spent in `Engine::retrieve`, summed (verification excluded).
+    pub secs: f64,
+}
+
+/// Retrieves `docs` documents (tokens from `tokens_of`, under `salt`) and checks every hit
+/// chunk against the ring: a chunk that differs is an error naming `source`.
+pub fn retrieve_documents(
+    engine: &Engine,
+    ring: &SourceRing,
+    salt: Option<&str>,
+    docs: usize,
+    doc_tokens: usize,
+    tokens_of: impl Fn(usize) -> Vec<u32>,
+    source: &str,
+) -> Result<Retrieved> {
+    let chunk = engine.key_space().chunk_size();
+    let chunk_bytes = chunk * engine.bytes_per_token();
+    let mut out = AlignedBuf::new(doc_tokens * engine.bytes_per_token());
+    let mut r = Retrieved::default();
+    for d in 0..docs {
+        let t0 = Instant::now();
+        let got = engine.retrieve(&tokens_of(d), salt, &mut out)?;
+        r.secs += t0.elapsed().as_secs_f64();
+        let n = got.hit_tokens / chunk;
+        r.hits += n;
+        for i in 0..n {
+            if !ring.chunk_matches(d as u64, i, &out[i * chunk_bytes..(i + 1) * chunk_bytes]) {
+                anyhow::bail!("chunk {i} of document {d} read back from {source} differs");
+            }
+            r.verified += 1;
+        }
+    }
+    Ok(r)
+}

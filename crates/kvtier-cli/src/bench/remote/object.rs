@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use futures::{StreamExt, TryStreamExt};
 use kvtier::tier::redis::tls::TlsSettings;
 use kvtier::tier::{ObjectTier, ObjectUrl};
@@ -14,7 +14,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::Serialize;
 use tracing::info;
 
-use super::super::buffers::{AlignedBuf, SourceRing, MIB};
+use super::super::buffers::{SourceRing, MIB};
 use super::super::report::{gbps, median, Spread};
 use super::super::{stream, BenchArgs, ModelShape};
 use super::WINDOW;
@@ -184,21 +184,19 @@ fn engine_round(
         lookups.push(t0.elapsed().as_secs_f64() * 1e3);
         ensure!(l.hit_tokens <= args.doc_tokens, "lookup over the document");
     }
-    let mut out = AlignedBuf::new(args.doc_tokens * shape.layout().bytes_per_token());
-    let (mut hits, mut verified, mut secs) = (0usize, 0usize, 0f64);
-    for d in 0..docs {
-        let t0 = Instant::now();
-        let got = engine.retrieve(&doc_tokens(d), salt, &mut out)?;
-        secs += t0.elapsed().as_secs_f64();
-        let n = got.hit_tokens / chunk_size;
-        hits += n;
-        for i in 0..n {
-            if !ring.chunk_matches(d as u64, i, &out[i * chunk_bytes..(i + 1) * chunk_bytes]) {
-                bail!("chunk {i} of document {d} read back from the object store differs");
-            }
-            verified += 1;
-        }
-    }
+    let stream::Retrieved {
+        hits,
+        verified,
+        secs,
+    } = stream::retrieve_documents(
+        &engine,
+        ring,
+        salt,
+        docs,
+        args.doc_tokens,
+        doc_tokens,
+        "the object store",
+    )?;
     let stats_r = engine.stats();
     if let Some(salt) = salt {
         engine
@@ -279,23 +277,8 @@ pub fn run(args: &BenchArgs, url: &str) -> Result<()> {
             ))
         };
         // Alternate which runs first, so neither always meets the warmer store.
-        let (baseline, (results, w, rd)) = if r % 2 == 0 {
-            let b = raw()?;
-            (
-                b,
-                engine_round(
-                    &cfg,
-                    &shape,
-                    &args,
-                    &ring,
-                    docs,
-                    r * docs,
-                    chunk_size,
-                    chunk_bytes,
-                )?,
-            )
-        } else {
-            let e = engine_round(
+        let engine = || {
+            engine_round(
                 &cfg,
                 &shape,
                 &args,
@@ -304,7 +287,13 @@ pub fn run(args: &BenchArgs, url: &str) -> Result<()> {
                 r * docs,
                 chunk_size,
                 chunk_bytes,
-            )?;
+            )
+        };
+        let (baseline, (results, w, rd)) = if r % 2 == 0 {
+            let b = raw()?;
+            (b, engine()?)
+        } else {
+            let e = engine()?;
             (raw()?, e)
         };
         let rel = |x: f64, b: f64| if b > 0.0 { x / b } else { 0.0 };
