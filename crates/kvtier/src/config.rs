@@ -180,6 +180,9 @@ pub struct EngineConfig {
     pub store_deadline_ms: u64,
     /// Chunks queued per lower tier before stores to it are skipped.
     pub write_queue_chunks: usize,
+    /// Per remote tier: chunk keys remembered as written there, so they are not written
+    /// again (0: off, every store of a growing prompt re-sends its earlier chunks).
+    pub write_dedupe_chunks: usize,
     /// Chunk loads a prefetch runs at once.
     pub prefetch_concurrency: usize,
     /// Disk tier directories.
@@ -205,6 +208,10 @@ pub struct EngineConfig {
     pub remote_tls_insecure_skip_verify: bool,
     /// Port of the admin HTTP endpoint (none by default).
     pub admin_port: Option<u16>,
+    /// Per-tier bandwidth limits, MB/s (decimal), by tier name (none by default).
+    pub tier_max_mbps: Vec<(String, f64)>,
+    /// Per-tier operation limits, operations per second, by tier name (none by default).
+    pub tier_max_iops: Vec<(String, f64)>,
 }
 
 fn serialize_redacted_urls<S: serde::Serializer>(
@@ -238,6 +245,7 @@ impl Default for EngineConfig {
             read_deadline_ms: 2000,
             store_deadline_ms: 30_000,
             write_queue_chunks: 64,
+            write_dedupe_chunks: 1 << 18,
             prefetch_concurrency: 8,
             local_disk: Vec::new(),
             max_local_disk_size: 0,
@@ -250,6 +258,8 @@ impl Default for EngineConfig {
             remote_tls_key_file: None,
             remote_tls_insecure_skip_verify: false,
             admin_port: None,
+            tier_max_mbps: Vec::new(),
+            tier_max_iops: Vec::new(),
         }
     }
 }
@@ -362,6 +372,44 @@ impl Raw<'_> {
             ));
         }
         Ok((v * mult) as u64)
+    }
+
+    /// Per-tier numbers: `name=value` comma list (or a YAML mapping / list of them).
+    fn per_tier(&self, max: f64) -> std::result::Result<Vec<(String, f64)>, String> {
+        let items: Vec<String> = match self {
+            Raw::Yaml(Yaml::Hash(h)) => h
+                .iter()
+                .map(|(k, v)| {
+                    let k = Raw::Yaml(k).text().unwrap_or_default();
+                    let v = Raw::Yaml(v).text().unwrap_or_default();
+                    format!("{k}={v}")
+                })
+                .collect(),
+            _ => self.list()?,
+        };
+        items
+            .iter()
+            .map(|item| {
+                let (name, v) = item.split_once('=').ok_or_else(|| {
+                    format!(
+                        "expected tier=number entries (e.g. \"disk=200,redis=50\"), got \"{item}\""
+                    )
+                })?;
+                let name = name.trim();
+                if name.is_empty() {
+                    return Err(format!("missing tier name in \"{item}\""));
+                }
+                let v: f64 = v.trim().parse().map_err(|_| {
+                    format!("expected a number for tier `{name}`, got \"{}\"", v.trim())
+                })?;
+                if !(v > 0.0 && v <= max) {
+                    return Err(format!(
+                        "the limit of tier `{name}` must be above 0 and at most {max}, got {v}"
+                    ));
+                }
+                Ok((name.to_string(), v))
+            })
+            .collect()
     }
 
     fn list(&self) -> std::result::Result<Vec<String>, String> {
@@ -571,6 +619,30 @@ const KEYS: &[KeyDef] = &[
         aliases: &[],
         apply: |c, v| {
             c.write_queue_chunks = v.u64_in(1, 1 << 20)? as usize;
+            Ok(())
+        },
+    },
+    KeyDef {
+        name: "write_dedupe_chunks",
+        aliases: &[],
+        apply: |c, v| {
+            c.write_dedupe_chunks = v.u64_in(0, 1 << 26)? as usize;
+            Ok(())
+        },
+    },
+    KeyDef {
+        name: "tier_max_mbps",
+        aliases: &[],
+        apply: |c, v| {
+            c.tier_max_mbps = v.per_tier(1e7)?;
+            Ok(())
+        },
+    },
+    KeyDef {
+        name: "tier_max_iops",
+        aliases: &[],
+        apply: |c, v| {
+            c.tier_max_iops = v.per_tier(1e9)?;
             Ok(())
         },
     },

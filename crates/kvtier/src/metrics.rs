@@ -65,6 +65,10 @@ pub struct Metrics {
     pub loaded_bytes: Family<TierLabel, Counter>,
     /// Chunks stored per tier.
     pub stored_chunks: Family<TierLabel, Counter>,
+    /// Chunk writes issued per lower tier (payloads handed to its put).
+    pub tier_writes: Family<TierLabel, Counter>,
+    /// Chunk writes not issued because the tier was known to hold the chunk already.
+    pub writes_deduped: Family<TierLabel, Counter>,
     /// Bytes used per tier.
     pub used_bytes: Family<TierLabel, GaugeU64>,
     /// Byte budget per tier.
@@ -121,6 +125,8 @@ impl Metrics {
             stored_bytes: Family::default(),
             loaded_bytes: Family::default(),
             stored_chunks: Family::default(),
+            tier_writes: Family::default(),
+            writes_deduped: Family::default(),
             used_bytes: Family::default(),
             capacity_bytes: Family::default(),
             resident_chunks: Family::default(),
@@ -164,6 +170,16 @@ impl Metrics {
             "stored_chunks",
             "Chunks written per tier",
             m.stored_chunks.clone(),
+        );
+        r.register(
+            "tier_writes",
+            "Chunk writes issued per lower tier",
+            m.tier_writes.clone(),
+        );
+        r.register(
+            "writes_deduped",
+            "Chunk writes not issued: the tier was known to hold the chunk",
+            m.writes_deduped.clone(),
         );
         r.register("used_bytes", "Bytes used per tier", m.used_bytes.clone());
         r.register(

@@ -25,7 +25,7 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::buffers::{AlignedBuf, SourceRing, GIB};
-use super::report::{gbps, human_bytes, median, Spread};
+use super::report::{gbps, human_bytes, median, Spread, WriteAmplification};
 use super::{scratch, stream, BenchArgs, ModelShape};
 
 /// Chunks a store may have in flight to disk before the bench waits for acknowledgements.
@@ -93,6 +93,8 @@ struct DiskResults {
     restart_open_ms: f64,
     tier_hits: std::collections::BTreeMap<String, u64>,
     verified_chunks: usize,
+    /// The writer's lower-tier writes per distinct chunk stored.
+    writes_per_unique_chunk: WriteAmplification,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -293,6 +295,7 @@ impl Workload<'_> {
                 .map(|t| (t.name.clone(), t.hits))
                 .collect(),
             verified_chunks: verified,
+            writes_per_unique_chunk: WriteAmplification::of(&stats_w, streamed.unique_chunks),
         };
         Ok(EnginePass {
             results,

@@ -30,7 +30,7 @@ use serde::Serialize;
 use tracing::info;
 
 use super::buffers::{SourceRing, MIB};
-use super::report::gbps;
+use super::report::{gbps, WriteAmplification};
 use super::scratch::{self, Scratch};
 use super::{stream, BenchArgs, ModelShape};
 
@@ -70,9 +70,14 @@ struct RemoteResults {
     /// Chunks retrieved by a second engine (empty L1) / retrieve time, GB/s.
     remote_retrieve_gbps: f64,
     chunks: usize,
+    /// Chunk writes that stored the chunk (the bytes counted as stored).
     chunks_acknowledged: usize,
+    /// Chunk writes the server answered "already there" (nothing stored, not counted).
+    chunks_already_present: usize,
     hit_chunks: usize,
     verified_chunks: usize,
+    /// The writer's remote writes per distinct chunk stored.
+    writes_per_unique_chunk: WriteAmplification,
 }
 
 #[derive(Debug, Serialize)]
@@ -367,7 +372,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .map(|i| (d as u32).wrapping_mul(2_654_435_761) ^ i)
             .collect()
     };
-    let (acked, store_secs, stats_w) = {
+    let (s, stats_w) = {
         let engine =
             Engine::new(cfg.clone(), shape.identity()).context("building the writer engine")?;
         let s = stream::store_documents(
@@ -379,8 +384,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             doc_tokens,
             WINDOW,
         )?;
-        (s.acked, s.secs, engine.stats())
+        (s, engine.stats())
     };
+    let (acked, store_secs) = (s.acked, s.secs);
     let engine = Engine::new(cfg, shape.identity()).context("building the reader engine")?;
     let stream::Retrieved {
         hits,
@@ -419,8 +425,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             remote_retrieve_gbps: retrieve_gbps,
             chunks,
             chunks_acknowledged: acked,
+            chunks_already_present: s.already,
             hit_chunks: hits,
             verified_chunks: verified,
+            writes_per_unique_chunk: WriteAmplification::of(&stats_w, s.unique_chunks),
         },
         ratios: RemoteRatios {
             remote_store: rel(store_gbps, set_gbps),
@@ -459,6 +467,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!(
             "{:<34} {}/{} chunks ({} verified)",
             "hits from the remote tier", hits, chunks, verified
+        );
+        println!(
+            "{:<34} {:.3} ({} unique chunks)",
+            "remote writes per unique chunk",
+            r.results.writes_per_unique_chunk.remote.unwrap_or(0.0),
+            s.unique_chunks
         );
     }
     Ok(())

@@ -83,6 +83,86 @@ impl std::fmt::Display for Spread {
     }
 }
 
+/// The distinct chunk keys a workload stored (its denominator of write amplification).
+#[derive(Clone, Debug, Default)]
+pub struct UniqueChunks(std::collections::HashSet<kvtier::keys::ChunkKey>);
+
+impl UniqueChunks {
+    /// Notes the chunks a store of `tokens` under `salt` covers.
+    pub fn note(
+        &mut self,
+        engine: &kvtier::Engine,
+        tokens: &[u32],
+        salt: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let spans = engine.key_space().chunk_spans(tokens, salt)?;
+        self.0.extend(spans.iter().map(|s| s.key));
+        Ok(())
+    }
+
+    /// How many distinct chunks.
+    pub fn count(&self) -> u64 {
+        self.0.len() as u64
+    }
+}
+
+/// Chunk writes a lower tier was sent, against the chunks the workload stored.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TierWrites {
+    /// Writes issued to the tier (`kvtier_tier_writes_total`).
+    pub writes: u64,
+    /// Writes not issued: the tier was known to hold the chunk (`kvtier_writes_deduped_total`).
+    pub deduped: u64,
+    /// writes / unique chunks.
+    pub writes_per_unique_chunk: f64,
+}
+
+/// Write amplification of the lower tiers: writes per distinct chunk stored (1.0: each
+/// chunk written once; a growing prompt that re-sent its earlier chunks showed 2.5).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct WriteAmplification {
+    /// Distinct chunk keys the workload stored.
+    pub unique_chunks: u64,
+    /// The disk tier's writes / unique chunks (null without a disk tier).
+    pub disk: Option<f64>,
+    /// The remote tiers' writes / unique chunks, the highest of them (null without one).
+    pub remote: Option<f64>,
+    /// Every lower tier by name.
+    pub tiers: BTreeMap<String, TierWrites>,
+}
+
+impl WriteAmplification {
+    /// From an engine's counters (tiers after L1) and the workload's unique chunks.
+    pub fn of(stats: &kvtier::EngineStats, unique_chunks: u64) -> WriteAmplification {
+        let per = |w: u64| {
+            if unique_chunks == 0 {
+                0.0
+            } else {
+                w as f64 / unique_chunks as f64
+            }
+        };
+        let mut out = WriteAmplification {
+            unique_chunks,
+            ..WriteAmplification::default()
+        };
+        for t in stats.tiers.iter().skip(1) {
+            let w = TierWrites {
+                writes: t.writes,
+                deduped: t.writes_deduped,
+                writes_per_unique_chunk: per(t.writes),
+            };
+            let slot = if t.name == "disk" {
+                &mut out.disk
+            } else {
+                &mut out.remote
+            };
+            *slot = Some(slot.unwrap_or(0.0).max(w.writes_per_unique_chunk));
+            out.tiers.insert(t.name.clone(), w);
+        }
+        out
+    }
+}
+
 /// The run's parameters.
 #[derive(Clone, Debug, Serialize)]
 pub struct ConfigSection {
@@ -176,6 +256,10 @@ pub struct ResultsSection {
     pub dropped_chunks: u64,
     /// Documents stored again after a partial hit.
     pub restores: u64,
+    /// Distinct chunks the workload stored.
+    pub unique_chunks: u64,
+    /// Lower-tier writes per distinct chunk stored (disk, remote).
+    pub writes_per_unique_chunk: WriteAmplification,
     /// Retrieved chunks whose bytes were checked against what was stored.
     pub verified_chunks: u64,
     /// Lookup of a 128K-token prompt (512 chunks, hashing included), p50 µs.

@@ -18,14 +18,20 @@ use kvtier::tier::PutOutcome;
 use kvtier::Engine;
 
 use super::buffers::{AlignedBuf, SourceRing};
+use super::report::UniqueChunks;
 
 /// Lower-tier write outcomes of a streaming store.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Streamed {
-    /// Chunk writes acknowledged (stored, or already there).
+    /// Chunk writes that stored the chunk (bytes moved).
     pub acked: usize,
+    /// Chunk writes the tier answered with "already there": nothing stored, no bytes
+    /// counted as stored.
+    pub already: usize,
     /// Chunk writes skipped or failed.
     pub skipped: usize,
+    /// Distinct chunks stored (every document's full chunk list).
+    pub unique_chunks: u64,
     /// Time from each document's first store to its last acknowledgement, summed.
     pub secs: f64,
 }
@@ -35,7 +41,8 @@ fn drain(window: &mut VecDeque<StoreTicket>, keep: usize, s: &mut Streamed) {
         let Some(t) = window.pop_front() else { break };
         for o in t.wait() {
             match o.result {
-                Ok(PutOutcome::Stored) | Ok(PutOutcome::AlreadyPresent) => s.acked += 1,
+                Ok(PutOutcome::Stored) => s.acked += 1,
+                Ok(PutOutcome::AlreadyPresent) => s.already += 1,
                 _ => s.skipped += 1,
             }
         }
@@ -58,6 +65,7 @@ pub fn store_documents(
     let mut payload = AlignedBuf::new(doc_tokens * bpt);
     let mut pending = VecDeque::new();
     let mut s = Streamed::default();
+    let mut unique = UniqueChunks::default();
     let mut secs = 0.0;
     for d in 0..docs {
         ring.compose(d as u64, &mut payload);
@@ -74,8 +82,10 @@ pub fn store_documents(
         }
         drain(&mut pending, 0, &mut s);
         secs += t0.elapsed().as_secs_f64();
+        unique.note(engine, &tokens[..doc_tokens / chunk * chunk], salt)?;
     }
     s.secs = secs;
+    s.unique_chunks = unique.count();
     Ok(s)
 }
 

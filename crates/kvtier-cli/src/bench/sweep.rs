@@ -24,6 +24,7 @@ struct Point {
     store_gbps: f64,
     retrieve_gbps: Option<f64>,
     tier_hits: std::collections::BTreeMap<String, u64>,
+    writes_per_unique_chunk: super::report::WriteAmplification,
     secs: f64,
 }
 
@@ -89,6 +90,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 store_gbps: r.store_gbps,
                 retrieve_gbps: r.retrieve_gbps,
                 tier_hits: r.tier_hits,
+                writes_per_unique_chunk: r.writes_per_unique_chunk,
                 secs: tp.elapsed().as_secs_f64(),
             };
             info!(

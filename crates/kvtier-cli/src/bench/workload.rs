@@ -10,7 +10,9 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use tracing::warn;
 
 use super::buffers::{AlignedBuf, SourceRing};
-use super::report::{gbps, percentile, ResultsSection, Throughput};
+use super::report::{
+    gbps, percentile, ResultsSection, Throughput, UniqueChunks, WriteAmplification,
+};
 use super::Plan;
 
 /// Vocabulary the synthetic token ids are drawn from (Llama 3's size).
@@ -32,6 +34,7 @@ struct Tally {
     dropped_chunks: u64,
     restores: u64,
     verified_chunks: u64,
+    unique: UniqueChunks,
 }
 
 impl Tally {
@@ -56,6 +59,7 @@ impl Tally {
             hit_tokens: self.hit_tokens,
             dropped_chunks: self.dropped_chunks,
             restores: self.restores,
+            unique_chunks: self.unique.count(),
             verified_chunks: self.verified_chunks,
             lookup_us_samples: self.lookup_us,
             hit_rate_series: self.hit_rate_series,
@@ -114,6 +118,9 @@ impl<'a> Ctx<'a> {
             .engine
             .store(tokens, self.plan.salt.as_deref(), &self.payload)?;
         let dt = t0.elapsed();
+        self.tally
+            .unique
+            .note(self.engine, tokens, self.plan.salt.as_deref())?;
         if self.plan.sync_stores {
             // Let lower-tier writes land before the next request (sweeps with a disk tier).
             self.engine.flush(std::time::Duration::from_secs(120));
@@ -287,4 +294,5 @@ pub fn fill_engine_counters(r: &mut ResultsSection, stats: &EngineStats) {
         .collect();
     r.write_backs = stats.tiers.iter().map(|t| t.write_backs).sum();
     r.evictions = stats.l1.evictions;
+    r.writes_per_unique_chunk = WriteAmplification::of(stats, r.unique_chunks);
 }

@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{EngineConfig, PathSharding};
+use crate::error::Error;
 use crate::error::Result;
 use crate::manager::{ManagerOptions, TierSpec};
 use crate::memory::{PoolBacking, PoolOptions};
 use crate::tier::redis::tls::TlsSettings;
 use crate::tier::{
-    CpuTierOptions, DiskTier, DiskTierOptions, ObjectTier, ObjectUrl, PeerTier, RedisTier, Tier,
+    CpuTierOptions, DiskTier, DiskTierOptions, ObjectTier, ObjectUrl, PeerTier, RedisTier,
+    ThrottleLimits, ThrottledTier, Tier,
 };
 
 /// The L1 tier (and its pool, backed by `backing`).
@@ -39,6 +41,7 @@ pub(crate) fn manager_options(config: &EngineConfig) -> ManagerOptions {
         // Queued writes hold pool memory; never let them take more than half of it.
         write_queue_bytes: config.max_local_cpu_size / 2,
         prefetch_concurrency: config.prefetch_concurrency,
+        write_dedupe_chunks: config.write_dedupe_chunks,
         ..ManagerOptions::default()
     }
 }
@@ -108,6 +111,42 @@ pub(crate) fn lower_tiers(config: &EngineConfig, rank: u32) -> Result<Vec<TierSp
     let tls = remote_tls(config);
     for (i, url) in config.remote_url.iter().enumerate() {
         lower.push(TierSpec::new(remote_tier_from_url(url, i, &tls)?));
+    }
+    throttle(config, lower)
+}
+
+/// Wraps the tiers `tier_max_mbps` / `tier_max_iops` name in their limits; a name that is
+/// no lower tier is an error listing the tiers.
+fn throttle(config: &EngineConfig, mut lower: Vec<TierSpec>) -> Result<Vec<TierSpec>> {
+    let named = [
+        ("tier_max_mbps", &config.tier_max_mbps),
+        ("tier_max_iops", &config.tier_max_iops),
+    ];
+    for (key, limits) in named {
+        for (name, _) in limits.iter() {
+            if !lower.iter().any(|s| s.tier.name() == name) {
+                let names: Vec<&str> = lower.iter().map(|s| s.tier.name()).collect();
+                return Err(Error::config(
+                    key,
+                    format!(
+                        "no tier named `{name}` below L1 (the tiers are: {}); the CPU tier cannot be throttled",
+                        if names.is_empty() { "none".to_string() } else { names.join(", ") }
+                    ),
+                ));
+            }
+        }
+    }
+    let find = |v: &[(String, f64)], name: &str| v.iter().find(|(n, _)| n == name).map(|(_, x)| *x);
+    for spec in &mut lower {
+        let name = spec.tier.name();
+        let limits = ThrottleLimits {
+            bytes_per_sec: find(&config.tier_max_mbps, name).map(|m| m * 1e6),
+            ops_per_sec: find(&config.tier_max_iops, name),
+        };
+        if limits.is_set() {
+            tracing::info!(tier = %name, mb_per_sec = ?find(&config.tier_max_mbps, name), ops_per_sec = ?limits.ops_per_sec, "tier throttled");
+            spec.tier = Arc::new(ThrottledTier::new(spec.tier.clone(), limits));
+        }
     }
     Ok(lower)
 }

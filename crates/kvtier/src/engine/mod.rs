@@ -139,6 +139,10 @@ pub struct TierStats {
     pub stored_bytes: u64,
     /// Chunks written.
     pub stored_chunks: u64,
+    /// Chunk writes issued to this tier (lower tiers; a write may find the chunk there).
+    pub writes: u64,
+    /// Chunk writes not issued: the tier was known to hold the chunk already.
+    pub writes_deduped: u64,
     /// Chunks promoted from this tier into L1.
     pub write_backs: u64,
     /// Checksum mismatches caught.
@@ -677,6 +681,8 @@ impl Engine {
                     loaded_bytes: m.loaded_bytes.get_or_create(&l).get(),
                     stored_bytes: m.stored_bytes.get_or_create(&l).get(),
                     stored_chunks: m.stored_chunks.get_or_create(&l).get(),
+                    writes: m.tier_writes.get_or_create(&l).get(),
+                    writes_deduped: m.writes_deduped.get_or_create(&l).get(),
                     write_backs: m.write_backs.get_or_create(&l).get(),
                     checksum_failures: m.checksum_failures.get_or_create(&l).get(),
                     errors: sum_ops(&m.tier_errors, &name),

@@ -5,6 +5,8 @@
 //!   each tier continues from the first chunk the tiers before it lacked.
 //! - **store** (C5): write-through; L1 synchronously, lower tiers asynchronously through a
 //!   bounded queue per tier; present or in-flight keys are skipped; never waits for memory.
+//!   Each lower tier is written a chunk once: keys it is known to hold (its own index, or
+//!   what the manager learnt from it, [`presence`]) are not written again.
 //! - **reads** (C3): blocking get, batched get, non-blocking get and prefetch; hits from a
 //!   lower tier are written back into L1 unless that tier is marked `write_back: false`.
 //! - **prefetch** (C4): loads a prefix spread over tiers concurrently, then keeps only the
@@ -14,6 +16,7 @@
 
 mod handles;
 mod health;
+mod presence;
 mod read;
 
 use std::future::Future;
@@ -54,6 +57,9 @@ pub struct ManagerOptions {
     pub health: HealthPolicy,
     /// Worker threads of the manager's async runtime.
     pub runtime_threads: usize,
+    /// Per lower tier without its own index: chunk keys remembered as held there, so
+    /// stores do not write them again (0: none, every store re-sends).
+    pub write_dedupe_chunks: usize,
 }
 
 impl Default for ManagerOptions {
@@ -66,6 +72,7 @@ impl Default for ManagerOptions {
             prefetch_concurrency: 8,
             health: HealthPolicy::default(),
             runtime_threads: 2,
+            write_dedupe_chunks: 1 << 18,
         }
     }
 }
@@ -117,6 +124,25 @@ pub(crate) struct Slot {
     /// this tier rather than wait (C5), and the operator hears it once per episode.
     saturated: AtomicBool,
     inflight: Mutex<KeyMap<()>>,
+    /// Keys the tier is known to hold (for tiers without their own index).
+    pub(crate) presence: presence::Presence,
+}
+
+impl Slot {
+    /// Whether the tier is known, without I/O, to hold `key`: its own index when it has
+    /// one, else what the manager learnt from it.
+    fn knows(&self, key: &ChunkKey) -> bool {
+        match self.tier.holds(key) {
+            Some(held) => held,
+            None => self.presence.knows(key),
+        }
+    }
+
+    /// The tier said it holds these keys.
+    pub(crate) fn learn<'a>(&self, keys: impl IntoIterator<Item = &'a ChunkKey>) {
+        self.presence
+            .learn(keys.into_iter().filter(|k| self.tier.holds(k).is_none()));
+    }
 }
 
 #[derive(Default)]
@@ -167,8 +193,9 @@ impl std::fmt::Debug for StorageManager {
 pub enum StoreClaim {
     /// L1 already holds the key (its chunk is returned; nothing needs storing).
     Present(Chunk),
-    /// L1 is off and a lower tier that can tell at once (a disk tier's index) holds the key
-    /// or is writing it, and none says it lacks it: nothing needs storing.
+    /// L1 is off and every lower tier taking writes is known, without I/O, to hold the key
+    /// or be writing it (a disk tier's index, or what the manager learnt from a remote
+    /// tier): nothing needs storing.
     Stored,
     /// Another store of the key is under way.
     InFlight,
@@ -215,6 +242,7 @@ impl StorageManager {
                     )));
                 }
                 names.push(name.clone());
+                let retention = s.tier.retention();
                 Ok(Slot {
                     health: Health::new(&name, opts.health),
                     tier: s.tier,
@@ -224,6 +252,7 @@ impl StorageManager {
                     queued_bytes: AtomicU64::new(0),
                     saturated: AtomicBool::new(false),
                     inflight: Mutex::default(),
+                    presence: presence::Presence::new(opts.write_dedupe_chunks, retention),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -495,6 +524,7 @@ impl StorageManager {
             n += self.run_sync(async move {
                 let mut n = 0;
                 for s in &inner.lower {
+                    s.presence.forget(&key);
                     if let Ok(Ok(true)) =
                         tokio::time::timeout(inner.opts.store_deadline, s.tier.remove(key)).await
                     {
@@ -514,6 +544,7 @@ impl StorageManager {
         out.extend(self.run_sync(async move {
             let mut v = Vec::new();
             for s in &inner.lower {
+                s.presence.forget_all();
                 let n = match tokio::time::timeout(inner.opts.store_deadline, s.tier.clear()).await
                 {
                     Ok(Ok(n)) => n,
@@ -535,6 +566,7 @@ impl StorageManager {
             let n = Tier::remove_salt(&*inner.l1, &salt).await.unwrap_or(0);
             v.push((inner.l1.name().to_string(), n));
             for s in &inner.lower {
+                s.presence.forget_all();
                 let n = match tokio::time::timeout(
                     inner.opts.store_deadline,
                     s.tier.remove_salt(&salt),
@@ -618,9 +650,18 @@ impl Inner {
                         slot.tier.contains_prefix(&keys[n..]),
                     )
                     .await;
-                    self.settle(slot, "contains", r)
+                    let m = self
+                        .settle(slot, "contains", r)
                         .unwrap_or(0)
-                        .min(keys.len() - n)
+                        .min(keys.len() - n);
+                    // What the probe counted is there. Where it stopped is not, and what
+                    // follows is useless until it is back (a prefix ends at a gap): stores
+                    // write all of it again rather than trust older knowledge of it.
+                    slot.learn(&keys[n..n + m]);
+                    for absent in &keys[n + m..] {
+                        slot.presence.forget(absent);
+                    }
+                    m
                 };
                 tiers.extend(std::iter::repeat_n(t, m));
             }
@@ -663,6 +704,8 @@ impl Inner {
                 Ok(v)
             }
             Ok(Err(e)) => {
+                // A failing server may have restarted empty: nothing it held is known now.
+                slot.presence.forget_all();
                 tracing::debug!(tier = %slot.name, op, error = %e, "tier operation failed");
                 self.metrics
                     .tier_errors
@@ -673,6 +716,7 @@ impl Inner {
                 Err(why)
             }
             Err(_) => {
+                slot.presence.forget_all();
                 self.metrics
                     .tier_timeouts
                     .get_or_create(&Metrics::tier_op(&slot.name, op))
@@ -696,17 +740,15 @@ impl Inner {
         }
     }
 
-    /// Whether some lower tier is known, without I/O, to hold or be writing `key`, and none
-    /// is known to lack it.
+    /// Whether every lower tier that takes writes now is known, without I/O, to hold or be
+    /// writing `key` (and there is at least one): then a store has nothing to write.
     fn lower_holds(&self, key: &ChunkKey) -> bool {
         let mut held = false;
-        for slot in &self.lower {
-            let queued = slot.inflight.lock().contains_key(key);
-            match (queued, slot.tier.holds(key)) {
-                (true, _) | (false, Some(true)) => held = true,
-                (false, Some(false)) => return false,
-                (false, None) => {}
+        for slot in self.lower.iter().filter(|s| s.health.available()) {
+            if !(slot.inflight.lock().contains_key(key) || slot.knows(key)) {
+                return false;
             }
+            held = true;
         }
         held
     }
@@ -733,6 +775,14 @@ impl Inner {
         {
             let mut inflight = slot.inflight.lock();
             if inflight.contains_key(&key) {
+                return None;
+            }
+            if slot.knows(&key) {
+                // Written once already (C5): a growing prompt's earlier chunks stay put.
+                self.metrics
+                    .writes_deduped
+                    .get_or_create(&Metrics::tier(&slot.name))
+                    .inc();
                 return None;
             }
             let queued = slot.queued_chunks.load(Ordering::Relaxed);
@@ -762,8 +812,18 @@ impl Inner {
         let inner = self.clone();
         self.handle.spawn(async move {
             let slot = &inner.lower[i];
+            inner
+                .metrics
+                .tier_writes
+                .get_or_create(&Metrics::tier(&slot.name))
+                .inc();
             let r = tokio::time::timeout(inner.opts.store_deadline, slot.tier.put(chunk)).await;
-            let result = match inner.settle_why(slot, "put", r) {
+            let result = inner.settle_why(slot, "put", r);
+            if matches!(result, Ok(PutOutcome::Stored | PutOutcome::AlreadyPresent)) {
+                // Learnt before the key leaves `inflight`: a store never sees neither.
+                slot.learn([&key]);
+            }
+            let result = match result {
                 Ok(PutOutcome::Stored) => {
                     let l = Metrics::tier(&slot.name);
                     inner.metrics.stored_bytes.get_or_create(&l).inc_by(len);

@@ -58,7 +58,11 @@ impl Inner {
                 .await
                 .map(|r| r.map(|c| c.map(|c| (c, verified))))
         };
-        let (chunk, verified) = self.settle(slot, "get", r)??;
+        let Some((chunk, verified)) = self.settle(slot, "get", r)? else {
+            slot.presence.forget(&key);
+            return None;
+        };
+        slot.learn([&key]);
         let bad = chunk.info.key != key
             || (!verified && !defer && chunk.info.verify(chunk.payload()).is_err());
         if bad {
@@ -77,6 +81,7 @@ impl Inner {
     /// counts and logs it itself, in `discard_corrupt`.
     fn discard(self: &Arc<Self>, i: usize, key: ChunkKey, by_reader: bool) {
         let slot = &self.lower[i];
+        slot.presence.forget(&key);
         if !(by_reader && slot.tier.verifies_reads()) {
             tracing::warn!(tier = %slot.name, key = %key, "checksum mismatch on read: treated as a miss, copy removed");
             self.metrics

@@ -11,6 +11,7 @@ pub mod object;
 pub mod peer;
 pub mod redis;
 pub mod remote;
+mod throttle;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,6 +28,7 @@ pub use peer::url::PeerUrl;
 pub use peer::{PeerTier, PeerTierStats};
 pub use redis::url::RedisUrl;
 pub use redis::{RedisTier, RedisTierStats};
+pub use throttle::{ThrottleLimits, ThrottledTier};
 
 use crate::chunk::Chunk;
 use crate::error::Result;
@@ -81,6 +83,13 @@ pub trait Tier: Send + Sync {
     /// memory (a disk tier's index); `None` when it cannot without I/O (a remote store).
     /// With L1 off, a store skips a chunk that a tier answering yes already has.
     fn holds(&self, _key: &ChunkKey) -> Option<bool> {
+        None
+    }
+
+    /// How long the tier keeps a chunk after it was written, when it expires chunks by age
+    /// (a Redis `ttl_sec`); `None` when it keeps them until evicted or removed. The manager
+    /// writes a chunk again before that, rather than trust it is still there.
+    fn retention(&self) -> Option<std::time::Duration> {
         None
     }
 

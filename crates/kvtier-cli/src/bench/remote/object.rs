@@ -15,7 +15,7 @@ use serde::Serialize;
 use tracing::info;
 
 use super::super::buffers::{SourceRing, MIB};
-use super::super::report::{gbps, median, Spread};
+use super::super::report::{gbps, median, Spread, WriteAmplification};
 use super::super::{stream, BenchArgs, ModelShape};
 use super::WINDOW;
 
@@ -46,7 +46,7 @@ struct Baseline {
     object_head_ms: f64,
 }
 
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 struct Results {
     /// Chunks stored through the engine until all acknowledged: GB/s.
     remote_store_gbps: f64,
@@ -55,9 +55,14 @@ struct Results {
     /// A document's prefix lookup through the store (concurrent probes): ms.
     remote_lookup_ms: f64,
     chunks: usize,
+    /// Chunk writes that stored an object (the bytes counted as stored).
     chunks_acknowledged: usize,
+    /// Chunk writes that found the chunk there already: nothing stored, not counted.
+    chunks_already_present: usize,
     hit_chunks: usize,
     verified_chunks: usize,
+    /// The writer's object writes per distinct chunk stored.
+    writes_per_unique_chunk: WriteAmplification,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -66,7 +71,7 @@ struct Ratios {
     remote_retrieve: f64,
 }
 
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 struct Round {
     baseline: Baseline,
     results: Results,
@@ -161,7 +166,7 @@ fn engine_round(
     };
     let salt = crate::bench::scratch::run_id();
     let salt = Some(salt.as_str());
-    let (acked, store_secs, stats_w) = {
+    let (s, stats_w) = {
         let engine =
             Engine::new(cfg.clone(), shape.identity()).context("building the writer engine")?;
         let s = stream::store_documents(
@@ -173,8 +178,9 @@ fn engine_round(
             doc_tokens,
             WINDOW,
         )?;
-        (s.acked, s.secs, engine.stats())
+        (s, engine.stats())
     };
+    let (acked, store_secs) = (s.acked, s.secs);
     let engine =
         Engine::new(cfg.clone(), shape.identity()).context("building the reader engine")?;
     let mut lookups = Vec::with_capacity(docs);
@@ -210,8 +216,10 @@ fn engine_round(
             remote_lookup_ms: median(&lookups),
             chunks: docs * per_doc,
             chunks_acknowledged: acked,
+            chunks_already_present: s.already,
             hit_chunks: hits,
             verified_chunks: verified,
+            writes_per_unique_chunk: WriteAmplification::of(&stats_w, s.unique_chunks),
         },
         stats_w,
         stats_r,
@@ -297,20 +305,21 @@ pub fn run(args: &BenchArgs, url: &str) -> Result<()> {
             (raw()?, e)
         };
         let rel = |x: f64, b: f64| if b > 0.0 { x / b } else { 0.0 };
+        let ratios = Ratios {
+            remote_store: rel(results.remote_store_gbps, baseline.object_put_gbps),
+            remote_retrieve: rel(results.remote_retrieve_gbps, baseline.object_get_gbps),
+        };
         let round = Round {
             baseline,
             results,
-            ratios: Ratios {
-                remote_store: rel(results.remote_store_gbps, baseline.object_put_gbps),
-                remote_retrieve: rel(results.remote_retrieve_gbps, baseline.object_get_gbps),
-            },
+            ratios,
         };
         info!(
             round = r,
             put = baseline.object_put_gbps,
             get = baseline.object_get_gbps,
-            store = results.remote_store_gbps,
-            retrieve = results.remote_retrieve_gbps,
+            store = round.results.remote_store_gbps,
+            retrieve = round.results.remote_retrieve_gbps,
             "round"
         );
         rounds.push(round);
@@ -327,7 +336,7 @@ pub fn run(args: &BenchArgs, url: &str) -> Result<()> {
         ratio_remote_retrieve: Spread::of(&col(&|r| r.ratios.remote_retrieve)),
         remote_lookup_ms: Spread::of(&col(&|r| r.results.remote_lookup_ms)),
     };
-    let last_round = rounds[rounds.len() - 1].results;
+    let last_round = rounds[rounds.len() - 1].results.clone();
     let report = Report {
         workload: "remote",
         config: serde_json::json!({
@@ -346,7 +355,7 @@ pub fn run(args: &BenchArgs, url: &str) -> Result<()> {
             remote_store_gbps: spread.remote_store_gbps.median,
             remote_retrieve_gbps: spread.remote_retrieve_gbps.median,
             remote_lookup_ms: spread.remote_lookup_ms.median,
-            ..last_round
+            ..last_round.clone()
         },
         ratios: Ratios {
             remote_store: spread.ratio_remote_store.median,

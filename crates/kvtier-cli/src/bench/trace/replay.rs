@@ -62,6 +62,9 @@ pub struct Replay {
     pub written_bytes: Vec<u64>,
     /// Chunks promoted from each tier into L1.
     pub write_backs: Vec<u64>,
+    /// Lower-tier writes per distinct chunk stored (a chunk evicted from a tier and
+    /// stored again is written again: that is the tier's budget, not amplification).
+    pub writes_per_unique_chunk: crate::bench::report::WriteAmplification,
     /// Chunk stores a tier skipped, by `tier/reason` (e.g. `disk/not admitted`: its policy
     /// kept what it held; `cpu/no_memory`: L1 declined or could not make room).
     pub store_skipped: BTreeMap<String, u64>,
@@ -157,6 +160,7 @@ pub fn replay(trace: &Trace, setup: &Setup) -> Result<Replay> {
         ..Replay::default()
     };
     let mut late = Vec::new();
+    let mut unique = crate::bench::report::UniqueChunks::default();
     let mut toks = Vec::new();
     // Tokens per store call: everything, or half the L1 budget with a lower tier.
     let slice = match &setup.disk {
@@ -188,6 +192,7 @@ pub fn replay(trace: &Trace, setup: &Setup) -> Result<Replay> {
             }
         }
         r.references += req.blocks.len() as u64;
+        unique.note(engine, &toks, None)?;
         let mut end = 0;
         while end < toks.len() {
             end = (end + slice).min(toks.len());
@@ -206,6 +211,8 @@ pub fn replay(trace: &Trace, setup: &Setup) -> Result<Replay> {
         r.late_ms = Some((percentile(&late, 50.0), percentile(&late, 99.0)));
     }
     let stats = engine.stats();
+    r.writes_per_unique_chunk =
+        crate::bench::report::WriteAmplification::of(&stats, unique.count());
     for t in &stats.tiers {
         r.written_chunks.push(t.stored_chunks);
         r.written_bytes.push(t.stored_bytes);

@@ -612,6 +612,10 @@ impl RemoteStore for RedisStore {
         self.sweep_keys(salt).await
     }
 
+    fn retention(&self) -> Option<std::time::Duration> {
+        self.url.ttl
+    }
+
     fn links(&self) -> Option<&LinkCounters> {
         Some(&self.shared.link.counters)
     }

@@ -76,6 +76,11 @@ pub trait RemoteStore: Send + Sync + 'static {
     /// Deletes this tier's chunks, or with `salt` only that tenant's; returns how many.
     fn sweep<'a>(&'a self, salt: Option<&'a str>) -> impl Future<Output = Result<u64>> + Send + 'a;
 
+    /// How long the store keeps a written chunk, when it expires them ([`Tier::retention`]).
+    fn retention(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// The counters of the store's connection pools, if it has any.
     fn links(&self) -> Option<&LinkCounters> {
         None
@@ -185,6 +190,10 @@ impl<S: RemoteStore> Tier for RemoteTier<S> {
 
     fn verifies_reads(&self) -> bool {
         true
+    }
+
+    fn retention(&self) -> Option<std::time::Duration> {
+        self.store.retention()
     }
 
     fn contains_prefix<'a>(&'a self, keys: &'a [ChunkKey]) -> TierFuture<'a, usize> {
