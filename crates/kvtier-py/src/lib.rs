@@ -380,14 +380,15 @@ fn value_text(v: &Bound<'_, PyAny>) -> PyResult<String> {
 }
 
 enum Backend {
-    Embedded(EngineConfig),
+    // Boxed: the config is large, the server address small.
+    Embedded(Box<EngineConfig>),
     Server(String),
 }
 
 fn config_of(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyResult<Backend> {
     let Some(config) = config.filter(|c| !c.is_none()) else {
         return EngineConfig::load(None)
-            .map(Backend::Embedded)
+            .map(|c| Backend::Embedded(Box::new(c)))
             .map_err(engine_err);
     };
     if let Ok(d) = config.downcast::<PyDict>() {
@@ -416,7 +417,7 @@ fn config_of(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyResult<Back
         let mut cfg = EngineConfig::default();
         cfg.apply_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(engine_err)?;
-        return Ok(Backend::Embedded(cfg));
+        return Ok(Backend::Embedded(Box::new(cfg)));
     }
     let os = py.import("os")?;
     let path: String = os
@@ -424,7 +425,7 @@ fn config_of(py: Python<'_>, config: Option<&Bound<'_, PyAny>>) -> PyResult<Back
         .map_err(|_| PyTypeError::new_err("config must be a dict, a path to a YAML file, or None"))?
         .extract()?;
     EngineConfig::load(Some(std::path::Path::new(&path)))
-        .map(Backend::Embedded)
+        .map(|c| Backend::Embedded(Box::new(c)))
         .map_err(engine_err)
 }
 
@@ -577,7 +578,7 @@ impl PyEngine {
             Backend::Embedded(cfg) => {
                 let id = identity.clone();
                 let engine = py
-                    .allow_threads(move || Engine::new(cfg, id))
+                    .allow_threads(move || Engine::new(*cfg, id))
                     .map_err(engine_err)?;
                 let engine = Arc::new(engine);
                 let admin = match engine.config().admin_port {

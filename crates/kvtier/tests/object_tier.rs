@@ -477,3 +477,48 @@ fn credentials_never_reach_debug_or_stats() {
         assert!(!shown.contains(secret), "secret shown: {shown}");
     }
 }
+
+/// Write once (issue 21): a growing prompt stored one chunk longer each time, with L1 on and
+/// off, PUTs each chunk's object once; storing it again after L1 lost it PUTs nothing.
+#[test]
+fn a_growing_prompt_writes_each_object_once() {
+    let Some(srv) = ObjectServer::start(Kind::S3) else {
+        return;
+    };
+    let url = srv.url("once", "");
+    for local_cpu in [false, true] {
+        let mut cfg = EngineConfig {
+            chunk_size: CHUNK,
+            local_cpu,
+            max_local_cpu_size: 32 << 20,
+            local_cpu_huge_pages: false,
+            remote_url: vec![url.clone()],
+            ..EngineConfig::default()
+        };
+        cfg.write_queue_chunks = 256;
+        let e = Engine::new(cfg, identity()).unwrap();
+        let tokens = prompt(70 + u32::from(local_cpu), 8 * CHUNK);
+        let kv = kv_for(&e, &tokens);
+        let bpt = e.bytes_per_token();
+        let grow = || {
+            for c in 1..=8 {
+                let n = c * CHUNK;
+                e.store(&tokens[..n], None, &kv[..n * bpt])
+                    .unwrap()
+                    .ticket
+                    .wait();
+            }
+        };
+        grow();
+        e.manager().clear_l1();
+        grow();
+        let s = e.stats();
+        let t = s.tiers.iter().find(|t| t.name == "s3").unwrap();
+        assert_eq!(
+            t.writes, 8,
+            "local_cpu {local_cpu}: {} writes for 8 chunks",
+            t.writes
+        );
+        assert_eq!(t.details["put_requests"].as_u64(), Some(8));
+    }
+}

@@ -1,19 +1,16 @@
 //! Write once per tier: a growing prompt (every store repeats the chunks of the one before,
 //! as a serving engine stores a conversation turn by turn) writes each chunk to the disk
-//! and to every remote tier once, with L1 on or off, against real `redis-server` and
-//! SeaweedFS processes. What the manager remembers of a remote store stays correct when
+//! and to every remote tier once, with L1 on or off, against real `redis-server` processes
+//! (the object store's own test is `object_tier.rs::a_growing_prompt_writes_each_object_once`). What the manager remembers of a remote store stays correct when
 //! another writer removes chunks behind its back: the next lookup finds them absent and
 //! the next store writes them again.
 
-#[path = "support/object_server.rs"]
-mod object_server;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
 use kvtier::keys::ModelIdentity;
 use kvtier::layout::{Dtype, KvLayout};
 use kvtier::{Engine, EngineConfig, EngineStats};
-use object_server::{Kind, ObjectServer};
 use redis_server::RedisServer;
 
 const CHUNK: usize = 16;
@@ -109,17 +106,6 @@ fn redis_is_written_each_chunk_once() {
     };
     let url = srv.url("");
     growing_prompt_writes_once("redis", &|local_cpu| {
-        engine(local_cpu, |c| c.remote_url = vec![url.clone()])
-    });
-}
-
-#[test]
-fn object_store_is_written_each_chunk_once() {
-    let Some(srv) = ObjectServer::start(Kind::S3) else {
-        return;
-    };
-    let url = srv.url("once", "");
-    growing_prompt_writes_once("s3", &|local_cpu| {
         engine(local_cpu, |c| c.remote_url = vec![url.clone()])
     });
 }

@@ -192,7 +192,7 @@ pub fn replay(trace: &Trace, setup: &Setup) -> Result<Replay> {
             }
         }
         r.references += req.blocks.len() as u64;
-        unique.note(engine, &toks, None)?;
+        unique.note(&engine, &toks, None)?;
         let mut end = 0;
         while end < toks.len() {
             end = (end + slice).min(toks.len());
