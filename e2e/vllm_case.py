@@ -2,8 +2,10 @@
 
 Usage: vllm_case.py SPEC.json RESULT.json. SPEC: {"model", "connector": "none"|"kvtier"|
 "example", "extra": {...}, "engine_id", "prompts": {name: [token ids]}, "steps": [[label,
-prompt name, max_tokens], ...], "keys_of": prompt name or null}. RESULT: per step the token
-ids, num_cached_tokens and wall seconds, plus the kvtier worker's stats."""
+prompt name, max_tokens], ...], "keys_of": prompt name or null, "llm": {extra LLM(...)
+keyword arguments, e.g. disable_hybrid_kv_cache_manager: false}, "logprobs": top-k or 0,
+"warmup": false to skip the warm-up}. RESULT: per step the token ids, the sampled tokens'
+logprobs (when asked), num_cached_tokens and wall seconds, plus the kvtier worker's stats."""
 
 import json
 import os
@@ -26,6 +28,7 @@ def main(spec_path: str, out_path: str) -> None:
         disable_hybrid_kv_cache_manager=True,
         seed=0,
     )
+    kw.update(spec.get("llm") or {})
     conn = spec["connector"]
     if conn == "kvtier":
         kw["kv_transfer_config"] = KVTransferConfig(
@@ -43,7 +46,7 @@ def main(spec_path: str, out_path: str) -> None:
     llm = LLM(**kw)
     prompts = spec["prompts"]
     # Warm-up: a short prompt of other tokens (its first-request costs are not measured).
-    for _ in range(2):
+    for _ in range(2 if spec.get("warmup", True) else 0):
         llm.generate([{"prompt_token_ids": [5] * 300}], SamplingParams(max_tokens=2, temperature=0.0), use_tqdm=False)
     before = None
     embedded = conn == "kvtier" and "kvtier.server" not in spec["extra"]
@@ -54,7 +57,8 @@ def main(spec_path: str, out_path: str) -> None:
         before = worker_call(spec["engine_id"], "connector", lookup_socket_dir=sock_dir)
     steps = []
     for label, name, max_tokens in spec["steps"]:
-        sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                            logprobs=spec.get("logprobs") or None)
         t0 = time.perf_counter()
         out = llm.generate([{"prompt_token_ids": prompts[name]}], sp, use_tqdm=False)[0]
         dt = time.perf_counter() - t0
@@ -65,6 +69,11 @@ def main(spec_path: str, out_path: str) -> None:
                 "seconds": dt,
                 "tokens": list(out.outputs[0].token_ids),
                 "num_cached_tokens": out.num_cached_tokens,
+                # The sampled token's logprob at each position: tiny random models often
+                # repeat one token, so equal tokens alone prove little.
+                "logprobs": [lp[t].logprob for t, lp in zip(out.outputs[0].token_ids, out.outputs[0].logprobs)]
+                if out.outputs[0].logprobs
+                else None,
             }
         )
         print(f"[case] {label}: {dt:.3f}s cached={out.num_cached_tokens}", flush=True)

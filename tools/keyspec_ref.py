@@ -34,8 +34,10 @@ def namespace(ident, salt):
     h.update(b"kvtier-key-v1")
     h.update(string(ident["model_name"]))
     h.update(string(ident.get("model_revision") or ""))
-    for f in ("world_size", "rank", "pp_size", "pp_rank"):
-        h.update(u32(ident[f]))
+    # A layout replicated over the tensor-parallel ranks (MLA) hashes 0xFFFFFFFF as its rank.
+    rank = 0xFFFFFFFF if ident.get("replicated") else ident["rank"]
+    for v in (ident["world_size"], rank, ident["pp_size"], ident["pp_rank"]):
+        h.update(u32(v))
     layout = ident["layout"]
     h.update(string(layout["tag"]))
     h.update(u32(len(layout["groups"])))
@@ -71,7 +73,8 @@ def tokens_of(case):
     return t
 
 
-def ident(model, layout, world_size=1, rank=0, revision=None, pp=(1, 0)):
+def ident(model, layout, world_size=1, rank=0, revision=None, pp=(1, 0), replicated=False):
+    extra = {"replicated": True} if replicated else {}
     return {
         "model_name": model,
         "model_revision": revision,
@@ -80,6 +83,7 @@ def ident(model, layout, world_size=1, rank=0, revision=None, pp=(1, 0)):
         "pp_size": pp[0],
         "pp_rank": pp[1],
         "layout": layout,
+        **extra,
     }
 
 
@@ -94,6 +98,7 @@ def cases():
     hybrid = {"tag": "layer-major", "groups": [
         {"num_layers": 4, "num_kv_heads": 2, "head_dim": 64, "dtype": "bf16", "planes": 2},
         {"num_layers": 2, "num_kv_heads": 1, "head_dim": 576, "dtype": "f8e4m3", "planes": 1}]}
+    mla = simple_layout(4, 1, 576, "bf16", planes=1)
     ten = list(range(1, 11))
     return [
         dict(name="tiny, two full chunks, tail dropped", identity=ident("kvtier/golden", tiny),
@@ -118,6 +123,12 @@ def cases():
              chunk_size=256, save_unfull_chunk=False, cache_salt=None, tokens={"range": [0, 600]}),
         dict(name="hybrid layout with an MLA-style group, unicode salt", identity=ident("org/hybrid-model", hybrid),
              chunk_size=16, save_unfull_chunk=False, cache_salt="tenant-\u00e9", tokens={"range": [100, 148]}),
+        dict(name="MLA latent replicated over 2 ranks, rank 0", identity=ident("deepseek/mla", mla, world_size=2,
+             rank=0, replicated=True), chunk_size=16, save_unfull_chunk=False, cache_salt=None,
+             tokens={"range": [0, 40]}),
+        dict(name="MLA latent replicated over 2 ranks, rank 1 (same keys)", identity=ident("deepseek/mla", mla,
+             world_size=2, rank=1, replicated=True), chunk_size=16, save_unfull_chunk=False, cache_salt=None,
+             tokens={"range": [0, 40]}),
     ]
 
 

@@ -68,18 +68,29 @@ def mla_kv(t, p, b, tok, h):
     return t[b, tok]
 
 
+def mla4_caches():
+    # vLLM 0.32's CPU MLA backend: a heads dim of 1 before the block's tokens.
+    return [distinct((NB, 1, BS, LAT), li) for li in range(L)]
+
+
+def mla4_kv(t, p, b, tok, h):
+    assert p == 0 and h == 0
+    return t[b, 0, tok]
+
+
 VLLM = {
     "flash": (flash_caches, flash_kv, 2, H, D),
     "flashinfer": (flashinfer_caches, flashinfer_kv, 2, H, D),
     "cpu": (cpu_caches, cpu_kv, 2, H, D),
     "mla": (mla_caches, mla_kv, 1, 1, LAT),
+    "mla4": (mla4_caches, mla4_kv, 1, 1, LAT),
 }
 
 
 def vllm_paged(name, caches, bpc):
     _, _, _, h, d = VLLM[name]
     return PagedLayers.vllm(
-        caches, block_size=BS, num_kv_heads=h, head_size=d, num_blocks=NB, mla=name == "mla", blocks_per_chunk=bpc
+        caches, block_size=BS, num_kv_heads=h, head_size=d, num_blocks=NB, mla=name.startswith("mla"), blocks_per_chunk=bpc
     )
 
 
@@ -107,7 +118,7 @@ def test_gather_writes_the_layer_major_payload_for_every_vllm_layout(name, bpc):
     make, kv, planes, heads, _ = VLLM[name]
     caches = make()
     paged = vllm_paged(name, caches, bpc)
-    assert paged.layout == f"vllm-{name}"
+    assert paged.layout == f"vllm-{name.rstrip('4')}"  # mla4: the 4-D form of "mla"
     payload = torch.full((paged.payload_numel(len(IDS)),), -1.0)
     paged.gather(IDS, payload)
     want = expected_payload(caches, kv, planes, heads, IDS, bpc)
@@ -351,6 +362,9 @@ def test_layout_detection_and_bad_input_are_clear_errors():
     assert detect_vllm_layout((NB, 2, BS, H, D), num_blocks=NB, **g) == "flashinfer"
     assert detect_vllm_layout((NB, H, BS, 2 * D), num_blocks=NB, **g) == "cpu"
     assert detect_vllm_layout((NB, BS, LAT), num_blocks=NB, block_size=BS, num_kv_heads=1, head_size=LAT, mla=True) == "mla"
+    assert detect_vllm_layout((NB, 1, BS, LAT), num_blocks=NB, block_size=BS, num_kv_heads=1, head_size=LAT, mla=True) == "mla"
+    with pytest.raises(ValueError, match="unsupported vLLM KV cache layout"):
+        detect_vllm_layout((NB, 2, BS, LAT), num_blocks=NB, block_size=BS, num_kv_heads=1, head_size=LAT, mla=True)
     with pytest.raises(ValueError, match="unsupported vLLM KV cache layout"):
         detect_vllm_layout((NB, BS, H * D), num_blocks=NB, **g)
     with pytest.raises(ValueError, match="unsupported vLLM KV cache layout"):

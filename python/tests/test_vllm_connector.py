@@ -395,14 +395,18 @@ def test_short_layerwise_load_reports_the_missing_blocks(worker):
     assert conn.stats["load_failures"] == 1 and conn.stats["loaded_tokens"] == 2 * BS
 
 
-def test_mla_latent_caches_save_and_load(tmp_path):
-    """MLA: one latent tensor per layer (num_blocks, block_size, latent); the identity has
+@pytest.mark.parametrize("four_d", [False, True])
+def test_mla_latent_caches_save_and_load(tmp_path, four_d):
+    """MLA: one latent tensor per layer, (num_blocks, block_size, latent) or, as vLLM 0.32's
+    CPU MLA backend hands it over, (num_blocks, 1, block_size, latent); the identity has
     one plane, so a block's bytes match the engine's and the chunks round trip."""
     lat = 24
     cfg = dict(max_local_cpu_size=0.01, local_cpu_huge_pages=False, lookup_socket_dir=str(tmp_path))
     conn = KvTierConnector(make_config(cfg, "mla", mla_latent=lat), KVConnectorRole.WORKER, NS(num_blocks=NB))
     try:
         caches = {n: torch.randn(NB, BS, lat) for n in NAMES}
+        if four_d:
+            caches = {n: t.unsqueeze(1) for n, t in caches.items()}
         conn.register_kv_caches(caches)
         ws = conn.worker_side
         assert ws.engine.identity()["layout"]["groups"][0]["planes"] == 1
@@ -412,10 +416,55 @@ def test_mla_latent_caches_save_and_load(tmp_path):
         out = torch.zeros(4, L, BS, lat)  # chunks, layers, tokens, latent
         assert ws.engine.retrieve(TOKENS, out) == len(TOKENS)
         for li, name in enumerate(NAMES):
-            assert torch.equal(out[1, li], caches[name][5])
+            assert torch.equal(out[1, li], caches[name][5].reshape(BS, lat))
         meta = KvTierConnectorMetadata(loads=[LoadSpec("l", TOKENS[: 3 * BS], None, [40, 41, 42], 0)])
         assert run_step(conn, caches, meta) == set()
         for name in NAMES:
             assert torch.equal(caches[name][[40, 41, 42]], caches[name][[3, 5, 7]])
     finally:
         conn.shutdown()
+
+
+# -- identity: replicated MLA, fp8 variants ---------------------------------------------------
+
+
+def test_mla_identity_is_replicated_so_every_rank_has_the_same_keys():
+    import kvtier
+    from kvtier.vllm.settings import model_identity
+
+    toks = list(range(64))
+    mla = [model_identity(make_config({}, "x", tp=2, mla_latent=576), "bf16", r) for r in (0, 1)]
+    assert all(i["replicated"] and i["layout"]["groups"][0]["planes"] == 1 for i in mla)
+    assert [i["rank"] for i in mla] == [0, 1]
+    assert kvtier.chunk_keys(mla[0], 16, False, None, toks) == kvtier.chunk_keys(mla[1], 16, False, None, toks)
+    # Sharded (GQA) KV stays per rank.
+    gqa = [model_identity(make_config({}, "x", tp=2), "bf16", r) for r in (0, 1)]
+    assert not any(i["replicated"] for i in gqa)
+    assert kvtier.chunk_keys(gqa[0], 16, False, None, toks) != kvtier.chunk_keys(gqa[1], 16, False, None, toks)
+
+
+def test_only_rank_0_stores_replicated_kv_into_a_shared_server():
+    from kvtier.vllm.worker import saves_on_this_rank
+
+    rep = lambda r: {"replicated": True, "rank": r}  # noqa: E731
+    assert saves_on_this_rank(rep(0), server_mode=True)
+    assert not saves_on_this_rank(rep(1), server_mode=True)
+    # Embedded engines are private to their rank: each stores its own copy.
+    assert saves_on_this_rank(rep(1), server_mode=False)
+    assert saves_on_this_rank({"replicated": False, "rank": 1}, server_mode=True)
+
+
+def test_fp8_kv_cache_variants_are_told_apart_in_the_identity():
+    from kvtier.vllm.settings import kv_dtype_code
+
+    def code(cache_dtype, tensor_dtype=None):
+        cfg = make_config({}, "x")
+        cfg.cache_config.cache_dtype = cache_dtype
+        return kv_dtype_code(cfg, tensor_dtype)
+
+    # vLLM keeps every fp8 variant in uint8 tensors; the variant comes from kv_cache_dtype.
+    assert code("fp8", torch.uint8) == "f8e4m3"
+    assert code("fp8_e4m3", torch.uint8) == "f8e4m3"
+    assert code("fp8_e5m2", torch.uint8) == "f8e5m2"
+    assert code("auto") == "f32"
+    assert code("auto", torch.bfloat16) == "bf16"

@@ -456,7 +456,7 @@ fn identity_of(py: Python<'_>, d: &Bound<'_, PyAny>) -> PyResult<ModelIdentity> 
     }
     let id: ModelIdentity = serde_json::from_value(v).map_err(|e| {
         PyValueError::new_err(format!(
-            "identity: {e} (expected {{model_name, model_revision?, world_size?, rank?, pp_size?, pp_rank?, layout: {{tag?, groups: [{{num_layers, num_kv_heads, head_dim, dtype, planes?}}]}}}})"
+            "identity: {e} (expected {{model_name, model_revision?, world_size?, rank?, pp_size?, pp_rank?, replicated?, layout: {{tag?, groups: [{{num_layers, num_kv_heads, head_dim, dtype, planes?}}]}}}})"
         ))
     })?;
     id.validate().map_err(engine_err)?;

@@ -15,7 +15,8 @@ name               layer tensor                              note
 ``flashinfer``     ``(num_blocks, 2, block_size, H, D)``     FlashInfer, Triton (GPU); any strides
 ``cpu``            ``(num_blocks, H, block_size, 2 * D)``    the CPU backend: per (block, head),
                                                              ``block_size`` K rows then V rows
-``mla``            ``(num_blocks, block_size, latent)``      MLA: one latent plane
+``mla``            ``(num_blocks, block_size, latent)`` or   MLA: one latent plane (the
+                   ``(num_blocks, 1, block_size, latent)``   4-D form: vLLM 0.32's CPU MLA)
 =================  ========================================  =========================
 
 SGLang's host (CPU) KV pools, ``size`` token slots, page ``p`` = slots ``[p*ps, (p+1)*ps)``:
@@ -76,6 +77,8 @@ def detect_vllm_layout(
     if mla:
         if len(shape) == 3 and nb_ok(shape[0]) and shape[1:] == (bs, d):
             return "mla"
+        if len(shape) == 4 and nb_ok(shape[0]) and shape[1:] == (1, bs, d):
+            return "mla"
     elif len(shape) == 5:
         if shape[0] == 2 and nb_ok(shape[1]) and shape[2:] == (bs, h, d):
             return "flash"
@@ -85,7 +88,7 @@ def detect_vllm_layout(
         return "cpu"
     nb = num_blocks if num_blocks is not None else "num_blocks"
     known = (
-        f"(NB, block_size, latent) = ({nb}, {bs}, {d}) for MLA"
+        f"(NB, block_size, latent) = ({nb}, {bs}, {d}) or (NB, 1, block_size, latent) for MLA"
         if mla
         else f"(2, NB, block_size, H, D), (NB, 2, block_size, H, D) or (NB, H, block_size, 2*D) "
         f"with NB={nb}, block_size={bs}, H={h}, D={d}"
@@ -104,6 +107,8 @@ def vllm_view(t: torch.Tensor, layout: str) -> torch.Tensor:
         # Memory per (block, head) is block_size rows of K then block_size rows of V.
         return t.view(nb, h, 2, bs, d2 // 2).permute(2, 0, 3, 1, 4)
     if layout == "mla":
+        if t.dim() == 4:  # (blocks, 1 head, block_size, latent)
+            t = t.select(1, 0)
         return t.unsqueeze(0).unsqueeze(3)
     raise ValueError(f"unknown vLLM layout {layout!r}; known: {', '.join(VLLM_LAYOUTS)}")
 

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 
 from .lookup import AsyncLookups, PendingLookup, RankClients
 from .metadata import KvTierConnectorMetadata, LoadSpec, SaveSpec
-from .settings import ConnectorSettings, cache_dtype, model_identity
-from ..transfer import dtype_code
+from .settings import ConnectorSettings, kv_dtype_code, model_identity
 
 if TYPE_CHECKING:  # pragma: no cover
     from vllm.config import VllmConfig
@@ -46,7 +45,7 @@ class SchedulerSide:
         self._reqs: dict[str, _ReqState] = {}
         self._engine = None  # server mode: this side's client of the server
         if settings.server_mode:
-            ident = model_identity(vllm_config, dtype_code(cache_dtype(vllm_config)), 0)
+            ident = model_identity(vllm_config, kv_dtype_code(vllm_config), 0)
             self._engine = settings.open_engine(ident)
             lookup = self._server_lookup
         else:

@@ -173,6 +173,18 @@ def cache_dtype(vllm_config: "VllmConfig") -> torch.dtype:
     return STR_DTYPE_TO_TORCH_DTYPE[cd]
 
 
+def kv_dtype_code(vllm_config: "VllmConfig", tensor_dtype: torch.dtype | None = None) -> str:
+    """kvtier's name of the KV element type, for the identity. vLLM keeps fp8 caches in
+    ``uint8`` tensors whatever the fp8 variant, so the variant comes from ``kv_cache_dtype``
+    (``fp8`` is e4m3 in vLLM): e4m3 and e5m2 KV never share keys, nor with other bytes."""
+    from ..transfer import dtype_code
+
+    cd = str(vllm_config.cache_config.cache_dtype or "auto").lower()
+    if cd.startswith("fp8"):
+        return "f8e5m2" if "e5m2" in cd else "f8e4m3"
+    return dtype_code(tensor_dtype if tensor_dtype is not None else cache_dtype(vllm_config))
+
+
 def use_mla(vllm_config: "VllmConfig") -> bool:
     """Whether the model's KV cache is MLA's single latent plane."""
     return bool(getattr(vllm_config.model_config, "use_mla", False))
@@ -183,10 +195,13 @@ def model_identity(vllm_config: "VllmConfig", dtype_code: str, rank: int) -> dic
     (kvtier.transfer), the same for every device, attention backend and block size, so the
     tag is the default ``layer-major`` and a chunk stored by a CPU instance loads on a GPU
     one. MLA: one plane of ``kv_lora_rank + rope`` values per token (vLLM reports 1 KV head
-    and that width as the head size)."""
+    and that width as the head size), the same on every tensor-parallel rank: the identity
+    is ``replicated``, so the keys do not carry the rank and one rank's chunks serve all."""
     mc = vllm_config.model_config
     pc = vllm_config.parallel_config
+    mla = use_mla(vllm_config)
     return {
+        "replicated": mla,
         "model_name": str(mc.model),
         "model_revision": getattr(mc, "revision", None),
         "world_size": int(pc.tensor_parallel_size),
@@ -201,7 +216,7 @@ def model_identity(vllm_config: "VllmConfig", dtype_code: str, rank: int) -> dic
                     "num_kv_heads": int(mc.get_num_kv_heads(pc)),
                     "head_dim": int(mc.get_head_size()),
                     "dtype": dtype_code,
-                    "planes": 1 if use_mla(vllm_config) else 2,
+                    "planes": 1 if mla else 2,
                 }
             ],
         },

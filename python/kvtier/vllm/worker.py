@@ -17,7 +17,7 @@ import torch
 
 from .lookup import LookupServer, authkey, socket_path
 from .metadata import KvTierConnectorMetadata, LoadSpec
-from .settings import ConnectorSettings, model_identity, use_mla
+from .settings import ConnectorSettings, kv_dtype_code, model_identity, use_mla
 from ..transfer import (
     HostStaging,
     LoadPlan,
@@ -27,7 +27,6 @@ from ..transfer import (
     SavePlan,
     SaveStep,
     Transfer,
-    dtype_code,
     streams_for,
 )
 
@@ -63,6 +62,16 @@ class _SavePlan:
     step: SaveStep
 
 
+def saves_on_this_rank(identity: dict, server_mode: bool) -> bool:
+    """Whether this rank stores its KV. A replicated layout (MLA) is the same on every
+    tensor-parallel rank and keyed without the rank: where the ranks share one store (a
+    ``kvtier serve``), tensor rank 0 stores for all and the others only load. Embedded
+    engines are private to their rank, so there each rank stores its own copy."""
+    if not identity.get("replicated") or not server_mode:
+        return True
+    return int(identity.get("rank", 0)) == 0
+
+
 def _layer_order(name: str) -> tuple[int, str]:
     m = re.search(r"layers\.(\d+)\.", name)
     return (int(m.group(1)) if m else 0, name)
@@ -87,6 +96,7 @@ class WorkerSide:
         self._load_staging: HostStaging | None = None  # a step's loads run while its saves are staged
         self._save_staging: HostStaging | None = None
         self._hooks_seen = False  # vLLM called wait_for_layer_load / save_kv_layer at least once
+        self._saves_here = True  # False: another rank stores this replicated KV for all
         self._xfer_pool: concurrent.futures.ThreadPoolExecutor | None = None  # loads
         self._inflight_load: _InflightLoad | None = None
         self._save_plan: _SavePlan | None = None
@@ -107,13 +117,14 @@ class WorkerSide:
         """Opens the engine for these caches and (embedded mode) starts the lookup socket."""
         names = sorted(kv_caches, key=_layer_order)
         first = kv_caches[names[0]]
-        code = dtype_code(first.dtype)
+        code = kv_dtype_code(self._vllm_config, first.dtype)
         self._device = first.device
         rank = self._rank()
         ident = model_identity(self._vllm_config, code, rank)
         group = ident["layout"]["groups"][0]
         group["num_layers"] = len(names)
         self.engine = self._s.open_engine(ident)  # may adopt the server's chunk size
+        self._saves_here = saves_on_this_rank(ident, self._s.server_mode)
         paged = PagedLayers.vllm(
             [kv_caches[n] for n in names],
             block_size=self._s.block_size,
@@ -311,7 +322,7 @@ class WorkerSide:
         in the background while the next layers compute."""
         self._hooks_seen = True
         li = self._layer_index.get(layer_name)
-        if li is None or self.engine is None or not self._s.layerwise or meta is None:
+        if li is None or self.engine is None or not self._s.layerwise or meta is None or not self._saves_here:
             return
         if not isinstance(meta, KvTierConnectorMetadata) or not meta.saves:
             return
@@ -333,7 +344,7 @@ class WorkerSide:
         """Stages what the hooks did not, then stores the step's saves."""
         self._join_load()  # loads of this step are in the cache (and may be saved again)
         plan, self._save_plan = self._save_plan, None
-        if self.engine is None or meta is None:
+        if self.engine is None or meta is None or not self._saves_here:
             return
         if not isinstance(meta, KvTierConnectorMetadata) or not meta.saves:
             return

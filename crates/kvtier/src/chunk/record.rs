@@ -5,7 +5,7 @@
 //! offset size  field
 //!  0      4    magic "KVTR"
 //!  4      2    format version (1)
-//!  6      2    flags (0)
+//!  6      2    flags: bit 0 = replicated layout (the same KV on every tensor-parallel rank)
 //!  8      4    header_len: bytes of the header including its trailing checksum
 //! 12      4    num_tokens
 //! 16     32    chunk key
@@ -31,6 +31,8 @@ use crate::layout::{Dtype, KvLayout, LayerGroup};
 pub const MAGIC: &[u8; 4] = b"KVTR";
 /// Current record format version.
 pub const FORMAT_VERSION: u16 = 1;
+/// Header flag: the origin's layout is replicated over tensor-parallel ranks.
+const FLAG_REPLICATED: u16 = 1;
 /// Upper bound on an encoded header.
 pub const MAX_HEADER_LEN: usize = 4096;
 /// Bytes of the fixed part before the origin.
@@ -49,7 +51,12 @@ pub fn encode_header(info: &ChunkInfo) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
+    let flags = if info.origin.identity.replicated {
+        FLAG_REPLICATED
+    } else {
+        0
+    };
+    out.extend_from_slice(&flags.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes()); // header_len, patched below
     out.extend_from_slice(&info.num_tokens.to_le_bytes());
     out.extend_from_slice(&info.key.0);
@@ -166,7 +173,7 @@ pub fn decode_header(buf: &[u8]) -> Result<(ChunkInfo, usize)> {
             "record format version {version} is not supported (this build reads {FORMAT_VERSION})"
         )));
     }
-    let _flags = r.u16()?;
+    let flags = r.u16()?;
     let _len = r.u32()?;
     let num_tokens = r.u32()?;
     let key = ChunkKey(r.take(32)?.try_into().expect("32 bytes"));
@@ -213,6 +220,7 @@ pub fn decode_header(buf: &[u8]) -> Result<(ChunkInfo, usize)> {
         rank,
         pp_size,
         pp_rank,
+        replicated: flags & FLAG_REPLICATED != 0,
     };
     let info = ChunkInfo {
         key,
@@ -276,6 +284,32 @@ mod tests {
             assert_eq!(back, info);
             assert_eq!(p, &payload[..]);
         }
+    }
+
+    #[test]
+    fn a_replicated_origin_round_trips_through_the_header_flags() {
+        let (mut info, payload) = sample(None);
+        let mut id = (*info.origin.identity).clone();
+        id.layout = KvLayout {
+            groups: vec![LayerGroup {
+                num_layers: 2,
+                num_kv_heads: 1,
+                head_dim: 576,
+                dtype: Dtype::Bf16,
+                planes: 1,
+            }],
+            tag: "layer-major".into(),
+        };
+        (id.world_size, id.rank, id.replicated) = (2, 1, true);
+        info.origin = Arc::new(Origin {
+            identity: Arc::new(id),
+            cache_salt: None,
+        });
+        let rec = encode_record(&info, &payload).unwrap();
+        assert_eq!(u16::from_le_bytes([rec[6], rec[7]]), FLAG_REPLICATED);
+        let (back, _) = decode_record(&rec).unwrap();
+        assert!(back.origin.identity.replicated);
+        assert_eq!(back, info);
     }
 
     #[test]

@@ -28,6 +28,9 @@ use crate::layout::KvLayout;
 pub const KEY_SPEC_VERSION: u32 = 1;
 /// Domain tag hashed first into every namespace.
 pub const KEY_DOMAIN_TAG: &[u8] = b"kvtier-key-v1";
+/// The rank hashed for a replicated layout ([`ModelIdentity::replicated`]); never a real rank,
+/// which is always below the world size.
+pub const REPLICATED_RANK: u32 = u32::MAX;
 /// Longest accepted `cache_salt`, in bytes.
 pub const MAX_SALT_LEN: usize = 128;
 /// Chunk digests are computed on the rayon pool from this many chunks on.
@@ -117,6 +120,10 @@ pub struct ModelIdentity {
     pub pp_size: u32,
     /// Pipeline stage.
     pub pp_rank: u32,
+    /// Every tensor-parallel rank holds the same KV bytes (MLA's latent cache): keys carry
+    /// [`REPLICATED_RANK`] instead of the rank, so one rank's chunks serve every rank.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replicated: bool,
 }
 
 impl ModelIdentity {
@@ -130,6 +137,16 @@ impl ModelIdentity {
             rank: 0,
             pp_size: 1,
             pp_rank: 0,
+            replicated: false,
+        }
+    }
+
+    /// The rank written into keys: [`REPLICATED_RANK`] for a replicated layout, else the rank.
+    pub fn key_rank(&self) -> u32 {
+        if self.replicated {
+            REPLICATED_RANK
+        } else {
+            self.rank
         }
     }
 
@@ -272,7 +289,7 @@ impl KeySpace {
         h.update(KEY_DOMAIN_TAG);
         put_str(&mut h, &id.model_name);
         put_str(&mut h, id.model_revision.as_deref().unwrap_or(""));
-        for v in [id.world_size, id.rank, id.pp_size, id.pp_rank] {
+        for v in [id.world_size, id.key_rank(), id.pp_size, id.pp_rank] {
             h.update(&v.to_le_bytes());
         }
         put_str(&mut h, &id.layout.tag);

@@ -143,3 +143,47 @@ proptest! {
         }
     }
 }
+
+fn mla_space(world_size: u32, rank: u32, replicated: bool) -> KeySpace {
+    let layout = KvLayout {
+        groups: vec![crate::layout::LayerGroup {
+            num_layers: 4,
+            num_kv_heads: 1,
+            head_dim: 576,
+            dtype: Dtype::Bf16,
+            planes: 1,
+        }],
+        tag: crate::layout::LAYER_MAJOR.into(),
+    };
+    let mut id = ModelIdentity::new("deepseek/mla", layout);
+    (id.world_size, id.rank, id.replicated) = (world_size, rank, replicated);
+    KeySpace::new(id, 4, false).unwrap()
+}
+
+#[test]
+fn replicated_layouts_give_every_rank_the_same_keys() {
+    let tokens: Vec<u32> = (0..12).collect();
+    let keys = |ks: KeySpace| ks.chunk_spans(&tokens, None).unwrap();
+    // One rank's chunks serve all ranks of the same world size...
+    assert_eq!(keys(mla_space(2, 0, true)), keys(mla_space(2, 1, true)));
+    assert_eq!(keys(mla_space(4, 0, true)), keys(mla_space(4, 3, true)));
+    // ...never a per-rank (sharded) identity's, nor another world size's.
+    assert_ne!(keys(mla_space(2, 0, true)), keys(mla_space(2, 0, false)));
+    assert_ne!(keys(mla_space(2, 0, true)), keys(mla_space(1, 0, true)));
+    assert_ne!(keys(mla_space(2, 0, false)), keys(mla_space(2, 1, false)));
+    assert_eq!(mla_space(2, 1, true).identity().key_rank(), REPLICATED_RANK);
+}
+
+#[test]
+fn the_replicated_flag_is_omitted_from_json_when_false() {
+    // Identities sent to an older `kvtier serve` keep their exact JSON shape.
+    let id = ModelIdentity::new("m", KvLayout::simple(2, 2, 4, Dtype::F16));
+    let json = serde_json::to_string(&id).unwrap();
+    assert!(!json.contains("replicated"), "{json}");
+    let back: ModelIdentity = serde_json::from_str(&json).unwrap();
+    assert!(!back.replicated);
+    let mut rep = id.clone();
+    rep.replicated = true;
+    let json = serde_json::to_string(&rep).unwrap();
+    assert_eq!(serde_json::from_str::<ModelIdentity>(&json).unwrap(), rep);
+}

@@ -68,12 +68,15 @@ fn describe_model(info: &crate::chunk::ChunkInfo) -> String {
         .as_deref()
         .map(|r| format!(" @{r}"))
         .unwrap_or_default();
+    let placement = if id.replicated {
+        format!("replicated over {} ranks", id.world_size)
+    } else {
+        format!("rank {}/{}", id.rank, id.world_size)
+    };
     format!(
-        "{}{rev} [{}] rank {}/{}",
+        "{}{rev} [{}] {placement}",
         id.model_name,
-        id.layout.describe(),
-        id.rank,
-        id.world_size
+        id.layout.describe()
     )
 }
 
