@@ -17,7 +17,7 @@ use serde::Serialize;
 use tracing::info;
 
 use super::buffers::{AlignedBuf, SourceRing};
-use super::report::{median, percentile, Report, Spread};
+use super::report::{gbps, median, percentile, Report, Spread};
 use super::scratch::{self, Scratch};
 use super::{BenchArgs, ModelShape, Plan};
 
@@ -200,16 +200,6 @@ struct Side {
     retrieve_bytes: u64,
 }
 
-impl Side {
-    fn gbps(bytes: u64, secs: f64) -> f64 {
-        if secs > 0.0 {
-            bytes as f64 / secs / 1e9
-        } else {
-            0.0
-        }
-    }
-}
-
 /// One round: each document is stored through both sides back to back (then retrieved
 /// `reps` times the same way, then removed, untimed), so both sides of a pair see the same
 /// moment of a noisy machine; `first` picks which side of each pair goes first.
@@ -341,10 +331,10 @@ pub fn maybe_run(
             &mut out,
             reps,
         )?;
-        es.push(Side::gbps(e.store_bytes, e.store_secs));
-        er.push(Side::gbps(e.retrieve_bytes, e.retrieve_secs));
-        ss.push(Side::gbps(v.store_bytes, v.store_secs));
-        sr.push(Side::gbps(v.retrieve_bytes, v.retrieve_secs));
+        es.push(gbps(e.store_bytes, e.store_secs));
+        er.push(gbps(e.retrieve_bytes, e.retrieve_secs));
+        ss.push(gbps(v.store_bytes, v.store_secs));
+        sr.push(gbps(v.retrieve_bytes, v.retrieve_secs));
     }
     let per_round = |a: &[f64], b: &[f64]| -> Vec<f64> {
         a.iter().zip(b).map(|(x, y)| ratio(*x, *y)).collect()
