@@ -15,12 +15,19 @@ MIB = 1 << 20
 GIB = 1 << 30
 CHUNK_TOKENS = 256
 
-# The two chunk shapes of issue #7, bf16, 256 tokens per chunk:
-#   4 MiB  = [2, 8 layers, 256 tokens, 512]   (512 = 4 KV heads x head dim 128)
+# Chunk shapes, bf16, 256 tokens per chunk (the L1 row sweeps all of them so no size
+# regresses unseen; issue #21; the other rows use 4 and 32 MiB, those of issue #7):
+#   1 MiB  = [2, 2 layers, 256 tokens, 512]
+#   4 MiB  = [2, 8 layers, 256 tokens, 512]   (512 = 4 KV heads x head dim 128; 8B at TP 8)
+#   16 MiB = [2, 16 layers, 256 tokens, 1024]
 #   32 MiB = [2, 32 layers, 256 tokens, 1024] (Llama-3-8B: 8 KV heads x head dim 128)
+#   80 MiB = [2, 80 layers, 256 tokens, 1024] (Llama-3-70B)
 SHAPES = {
+    "1MiB": dict(layers=2, kv_heads=4, head_dim=128, bytes=1 * MIB),
     "4MiB": dict(layers=8, kv_heads=4, head_dim=128, bytes=4 * MIB),
+    "16MiB": dict(layers=16, kv_heads=8, head_dim=128, bytes=16 * MIB),
     "32MiB": dict(layers=32, kv_heads=8, head_dim=128, bytes=32 * MIB),
+    "80MiB": dict(layers=80, kv_heads=8, head_dim=128, bytes=80 * MIB),
 }
 for _s in SHAPES.values():
     assert 2 * _s["layers"] * CHUNK_TOKENS * _s["kv_heads"] * _s["head_dim"] * 2 == _s["bytes"]

@@ -27,7 +27,10 @@ def plan(quick):
     """Sizes per workload and shape. Full mode matches baselines.md 3c's set sizes."""
     q = quick
     p = {"reps": 3 if q else 5, "shapes": list(SHAPES)}
-    p["l1"] = {"4MiB": dict(chunks=32 if q else 128), "32MiB": dict(chunks=8 if q else 32)}
+    # L1: every shape, ~128 MiB (quick) / 0.5-1 GiB (full) per repetition.
+    p["l1"] = {"1MiB": dict(chunks=128 if q else 512), "4MiB": dict(chunks=32 if q else 128),
+               "16MiB": dict(chunks=8 if q else 48), "32MiB": dict(chunks=8 if q else 32),
+               "80MiB": dict(chunks=2 if q else 12)}
     for s, c in p["l1"].items():
         c["budget_gib"] = 1.0 if q else 2.0
     p["lookup"] = {"4MiB": dict(prompt_tokens=131072)}  # 512 chunks = 2 GiB; 32 MiB would need 16
@@ -158,17 +161,19 @@ def main():
     for shape in p["shapes"]:
         print(f"== shape {shape} ({SHAPES[shape]['bytes'] // MIB} MiB chunks)")
         if want("baseline"):
+            # Disk baselines only for the shapes the disk rows use.
+            disk_chunks = p["disk"][shape]["chunks"] if shape in p["disk"] else 0
             raw[f"baseline/{shape}"] = r.run(
                 f"baseline {shape}",
                 [sys.executable, "w_baseline.py", "--shape", shape, "--reps", str(max(3, reps // 2 + 1)),
-                 "--disk-dir", a.disk_dir, "--disk-chunks", str(p["disk"][shape]["chunks"])])
+                 "--disk-dir", a.disk_dir, "--disk-chunks", str(disk_chunks)])
         for w in ("l1", "lookup", "disk", "prefetch", "ldqa"):
             if not want(w) or shape not in p[w]:
                 continue
             wreps = reps if w in ("l1",) else (4 * reps if w == "lookup" else 3)
             for system in ("lmcache", "kvtier"):
                 raw[f"{w}/{system}/{shape}"] = r.worker(system, w, shape, reps=wreps, **p[w][shape])
-        if want("native") and a.kvtier_bin:
+        if want("native") and a.kvtier_bin and shape in p["disk"]:
             s = SHAPES[shape]
             common = [a.kvtier_bin, "bench", "--json", "--layers", str(s["layers"]), "--kv-heads",
                       str(s["kv_heads"]), "--head-dim", str(s["head_dim"]), "--dtype", "bf16"]
@@ -190,6 +195,12 @@ def main():
                     "long-doc-qa", "--l1-gb", str(lq["budget_gib"]), "--docs", str(docs),
                     "--doc-tokens", str(lq["doc_chunks"] * 256), "--queries", "2", "--seed", str(42 + i)]))
             raw[f"native_ldqa/{shape}"] = [x for x in nl if x]
+    if want("native") and a.kvtier_bin:
+        # The native L1 sweep: one chunk per call at every size, against same-run memcpy in
+        # alternating rounds (no Python in the path).
+        raw["native_l1"] = r.run("kvtier native bench l1 (all sizes)", [
+            a.kvtier_bin, "bench", "l1", "--json", "--reps", "3" if a.quick else "5",
+            "--chunk-mib", ",".join(str(SHAPES[s]["bytes"] // MIB) for s in p["shapes"])])
     res["meta"]["loadavg_end"] = load_avg()
     res["meta"]["wall_secs"] = time.time() - started
     res["meta"]["failures"] = r.failures

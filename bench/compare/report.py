@@ -135,6 +135,18 @@ def build_rows(raw):
             row(f"kvtier native bench long-doc-qa {shape}: store", "GB/s", "higher", None,
                 agg([x["results"]["store_gbps"] for x in nl]), "memcpy (same run)",
                 agg([x.get("baseline", {}).get("memcpy_gbps") for x in nl]))
+    for pt in (raw.get("native_l1") or {}).get("points", []):
+        n = len(pt["memcpy_gbps"])
+        sv = {"min": pt["store_vs_memcpy"]["min"], "median": pt["store_vs_memcpy"]["median"],
+              "max": pt["store_vs_memcpy"]["max"], "n": n}
+        rv = {"min": pt["retrieve_vs_memcpy"]["min"], "median": pt["retrieve_vs_memcpy"]["median"],
+              "max": pt["retrieve_vs_memcpy"]["max"], "n": n}
+        note = ("Rust `kvtier bench l1`, one chunk per call, per-round ratio to memcpy (1 thread, cold) "
+                "in alternating rounds")
+        row(f"kvtier native bench l1 {pt['chunk_mib']} MiB: store / memcpy", "ratio", "higher", None, sv,
+            note=note)
+        row(f"kvtier native bench l1 {pt['chunk_mib']} MiB: retrieve / memcpy", "ratio", "higher", None, rv,
+            note=note)
     return rows, acc
 
 

@@ -83,7 +83,9 @@ def main():
     a = ap.parse_args()
     chunk = SHAPES[a.shape]["bytes"]
     m = memcpy_bench(chunk, int(a.memcpy_pool_gib * GIB), max(3, a.reps))
-    d = disk_bench(a.disk_dir, chunk, a.disk_chunks, a.reps)
+    # --disk-chunks 0: no disk baselines (shapes only the L1 row uses).
+    d = (disk_bench(a.disk_dir, chunk, a.disk_chunks, a.reps) if a.disk_chunks
+         else {"write_fsync": [], "odirect_write": [], "odirect_read": []})
     emit({
         "shape": a.shape,
         "threads": 1,

@@ -203,11 +203,62 @@ fn tiny_default_run_is_small_explained_plain_and_survives_stray_variables() {
 }
 
 #[test]
+fn l1_sweep_reports_a_ratio_per_size_and_round_for_both_checksum_paths() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvtier"))
+        .args([
+            "bench",
+            "l1",
+            "--chunk-mib",
+            "1,2",
+            "--reps",
+            "2",
+            "--l1-gb",
+            "0.05",
+        ])
+        .arg("--json")
+        .env_remove("KVTIER_CONFIG_FILE")
+        .output()
+        .expect("running kvtier");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kvtier failed: {stderr}");
+    let json: Value =
+        serde_json::from_slice(&out.stdout).expect("stdout must be exactly one JSON object");
+    assert_eq!(json["workload"], "l1");
+    let points = json["points"].as_array().expect("points");
+    let sizes: Vec<u64> = points
+        .iter()
+        .map(|p| p["chunk_mib"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, [1, 2], "{json}");
+    for p in points {
+        for key in ["memcpy_gbps", "store_gbps", "retrieve_gbps"] {
+            let v = p[key].as_array().unwrap_or_else(|| panic!("{key}: {p}"));
+            assert_eq!(v.len(), 2, "one figure per round: {p}");
+            assert!(v.iter().all(|x| x.as_f64().unwrap() > 0.0), "{key}: {p}");
+        }
+        for key in [
+            "store_vs_memcpy",
+            "retrieve_vs_memcpy",
+            "portable_store_vs_memcpy",
+            "portable_retrieve_vs_memcpy",
+        ] {
+            let s = &p[key];
+            let (lo, mid, hi) = (
+                s["min"].as_f64().unwrap(),
+                s["median"].as_f64().unwrap(),
+                s["max"].as_f64().unwrap(),
+            );
+            assert!(0.0 < lo && lo <= mid && mid <= hi, "{key}: {p}");
+        }
+    }
+}
+
+#[test]
 fn plot_is_refused_by_workloads_that_do_not_draw() {
     let dir = std::env::temp_dir().join(format!("kvtier-plot-refused-{}", std::process::id()));
     let disk_dir = dir.join("disk");
     let plot_dir = dir.join("plots");
-    for workload in ["disk", "remote"] {
+    for workload in ["disk", "remote", "l1"] {
         let (ok, _, stderr) = kvtier(
             &[
                 "bench",

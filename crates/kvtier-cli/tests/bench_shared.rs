@@ -107,6 +107,20 @@ fn bench_against_a_live_server_removes_only_its_own_chunks() {
         &addr,
     ]);
     assert!(json["server"]["server_store_gbps"].as_f64().unwrap() > 0.0);
+    // Paired rounds: a ratio per round for store and retrieve, summarised as the median.
+    let s = &json["server"];
+    for key in ["store_ratio_rounds", "retrieve_ratio_rounds"] {
+        let rounds = s[key].as_array().unwrap_or_else(|| panic!("{key}: {s}"));
+        assert_eq!(rounds.len(), 5, "{key}: {s}");
+        assert!(
+            rounds.iter().all(|r| r.as_f64().unwrap() > 0.0),
+            "{key}: {s}"
+        );
+    }
+    assert_eq!(
+        json["ratios"]["server_store_vs_embedded"], s["store_ratio"]["median"],
+        "{json}"
+    );
 
     // The users' data is all there, and nothing of the bench's is left.
     assert_eq!(user.lookup(&t, None).unwrap().hit_tokens, 1024);

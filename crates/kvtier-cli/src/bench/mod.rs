@@ -8,6 +8,7 @@
 mod baseline;
 mod buffers;
 mod disk;
+mod l1;
 mod micro;
 mod plot;
 mod remote;
@@ -52,6 +53,9 @@ pub enum WorkloadKind {
     /// Replays a request trace (`--file`, Mooncake JSONL or the simple format) with budgets
     /// in blocks: prefix hit rate per tier against offline LRU and Belady-OPT.
     Trace,
+    /// L1 store and retrieve, one chunk per call, swept over chunk sizes (`--chunk-mib`)
+    /// against same-run single-thread memcpy in alternating rounds (`--reps`).
+    L1,
 }
 
 impl WorkloadKind {
@@ -63,6 +67,7 @@ impl WorkloadKind {
             WorkloadKind::Sweep => "sweep",
             WorkloadKind::Remote => "remote",
             WorkloadKind::Trace => "trace",
+            WorkloadKind::L1 => "l1",
         }
     }
 }
@@ -164,10 +169,14 @@ pub struct BenchArgs {
     /// Disk workload: no CPU cache at all (L1 only stages I/O).
     #[arg(long)]
     pub disk_only: bool,
-    /// Disk workload: rounds of (baseline, engine) measured in alternating order; the
-    /// report gives min/median/max.
+    /// Disk and l1 workloads: rounds of (baseline, engine) measured in alternating order;
+    /// the report gives min/median/max.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
+    /// l1 workload: chunk sizes to sweep, in MiB (256-token bf16 chunks of N layers × 8 KV
+    /// heads × 128) [default: 1,4,16,32,80].
+    #[arg(long, value_delimiter = ',')]
+    pub chunk_mib: Vec<usize>,
     /// Write SVG plots (throughput against baselines, lookup latency, hit rate) here
     /// (long-doc-qa, random and sweep; refused by disk and remote).
     #[arg(long)]
@@ -365,7 +374,9 @@ fn default_docs(l1_bytes: u64, doc_bytes: usize) -> usize {
 
 /// Runs `kvtier bench`.
 pub fn run(args: &BenchArgs) -> Result<()> {
-    if let (Some(_), WorkloadKind::Disk | WorkloadKind::Remote) = (&args.plot, args.workload) {
+    if let (Some(_), WorkloadKind::Disk | WorkloadKind::Remote | WorkloadKind::L1) =
+        (&args.plot, args.workload)
+    {
         bail!(
             "--plot is not supported by the {} workload: only long-doc-qa, random and sweep \
              write plots; drop --plot (--json gives every figure of this workload)",
@@ -377,6 +388,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         WorkloadKind::Sweep => return sweep::run(args),
         WorkloadKind::Remote => return remote::run(args),
         WorkloadKind::Trace => return trace::run(args),
+        WorkloadKind::L1 => return l1::run(args),
         _ => {}
     }
     let t0 = Instant::now();
@@ -445,7 +457,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut results = match plan.workload {
         WorkloadKind::LongDocQa => workload::long_doc_qa(&engine, &plan, &ring)?,
         WorkloadKind::Random => workload::random(&engine, &plan, &ring)?,
-        WorkloadKind::Disk | WorkloadKind::Sweep | WorkloadKind::Remote | WorkloadKind::Trace => {
+        WorkloadKind::Disk
+        | WorkloadKind::Sweep
+        | WorkloadKind::Remote
+        | WorkloadKind::Trace
+        | WorkloadKind::L1 => {
             unreachable!("these workloads return early")
         }
     };

@@ -17,7 +17,7 @@ use serde::Serialize;
 use tracing::info;
 
 use super::buffers::{AlignedBuf, SourceRing};
-use super::report::{percentile, Report};
+use super::report::{gbps, median, percentile, Report, Spread};
 use super::scratch::{self, Scratch};
 use super::{BenchArgs, ModelShape, Plan};
 
@@ -36,14 +36,24 @@ pub struct ServerSection {
     pub doc_tokens: usize,
     /// Bytes per chunk.
     pub chunk_bytes: usize,
-    /// Embedded store throughput (GB/s).
+    /// Alternating rounds (each: both sides store every document, retrieve it, remove it).
+    pub rounds: usize,
+    /// Embedded store throughput (GB/s), median of rounds.
     pub embedded_store_gbps: f64,
-    /// Server store throughput (GB/s).
+    /// Server store throughput (GB/s), median of rounds.
     pub server_store_gbps: f64,
-    /// Embedded retrieve throughput (GB/s).
+    /// Embedded retrieve throughput (GB/s), median of rounds.
     pub embedded_retrieve_gbps: f64,
-    /// Server retrieve throughput (GB/s).
+    /// Server retrieve throughput (GB/s), median of rounds.
     pub server_retrieve_gbps: f64,
+    /// Per-round server / embedded store ratio: min / median / max.
+    pub store_ratio: Spread,
+    /// Per-round server / embedded retrieve ratio: min / median / max.
+    pub retrieve_ratio: Spread,
+    /// Per-round store ratios, in round order.
+    pub store_ratio_rounds: Vec<f64>,
+    /// Per-round retrieve ratios, in round order.
+    pub retrieve_ratio_rounds: Vec<f64>,
     /// Lookup round trip for a 128K-token prompt (keys precomputed), p50 µs.
     pub server_lookup_rtt_p50_us: f64,
     /// Same, p99.
@@ -54,26 +64,21 @@ pub struct ServerSection {
     pub embedded_lookup_128k_p50_us: f64,
 }
 
-impl ServerSection {
-    fn ratio(a: f64, b: f64) -> f64 {
-        if b > 0.0 {
-            a / b
-        } else {
-            0.0
-        }
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
     }
+}
 
-    /// `server_retrieve_vs_embedded`, `server_store_vs_embedded`.
+impl ServerSection {
+    /// `server_retrieve_vs_embedded`, `server_store_vs_embedded`: medians of the per-round
+    /// ratios (each round measures both sides back to back, in alternating order).
     pub fn ratios(&self) -> [(&'static str, f64); 2] {
         [
-            (
-                "server_retrieve_vs_embedded",
-                Self::ratio(self.server_retrieve_gbps, self.embedded_retrieve_gbps),
-            ),
-            (
-                "server_store_vs_embedded",
-                Self::ratio(self.server_store_gbps, self.embedded_store_gbps),
-            ),
+            ("server_retrieve_vs_embedded", self.retrieve_ratio.median),
+            ("server_store_vs_embedded", self.store_ratio.median),
         ]
     }
 
@@ -94,6 +99,14 @@ impl ServerSection {
         for (k, v) in self.ratios() {
             println!("{k:<30} {v:.3}");
         }
+        println!(
+            "{:<30} {} (min / median / max of {} rounds)",
+            "store ratio spread", self.store_ratio, self.rounds
+        );
+        println!(
+            "{:<30} {} (min / median / max of {} rounds)",
+            "retrieve ratio spread", self.retrieve_ratio, self.rounds
+        );
     }
 }
 
@@ -110,6 +123,9 @@ pub fn print_json(report: &Report, s: &ServerSection) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
 }
+
+/// Alternating (embedded, server) rounds of the store/retrieve phase.
+const SERVER_ROUNDS: usize = 5;
 
 struct Spawned {
     child: Child,
@@ -175,40 +191,65 @@ fn tokens(rng: &mut StdRng, n: usize) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(0..128_256)).collect()
 }
 
-/// Store and retrieve every document through `cache` under `salt`; returns (store,
-/// retrieve) GB/s.
-fn store_retrieve(
-    cache: &dyn KvCache,
+/// Seconds and bytes of one side's timed calls in a round.
+#[derive(Default)]
+struct Side {
+    store_secs: f64,
+    store_bytes: u64,
+    retrieve_secs: f64,
+    retrieve_bytes: u64,
+}
+
+/// One round: each document is stored through both sides back to back (then retrieved
+/// `reps` times the same way, then removed, untimed), so both sides of a pair see the same
+/// moment of a noisy machine; `first` picks which side of each pair goes first.
+fn paired_round(
+    sides: [&dyn KvCache; 2],
+    first: usize,
     salt: &str,
     docs: &[Vec<u32>],
     payloads: &[AlignedBuf],
     out: &mut AlignedBuf,
     reps: usize,
-) -> Result<(f64, f64)> {
-    let (mut sb, mut st) = (0u64, 0f64);
+) -> Result<[Side; 2]> {
+    let mut m: [Side; 2] = Default::default();
+    let order = [first, 1 - first];
     for (t, p) in docs.iter().zip(payloads) {
-        let t0 = Instant::now();
-        let s = cache.store(t, Some(salt), p)?;
-        st += t0.elapsed().as_secs_f64();
-        sb += s.new_bytes;
-    }
-    let (mut rb, mut rt) = (0u64, 0f64);
-    for _ in 0..reps {
-        for (t, p) in docs.iter().zip(payloads) {
+        for &i in &order {
             let t0 = Instant::now();
-            let r = cache.retrieve(t, Some(salt), out)?;
-            rt += t0.elapsed().as_secs_f64();
-            let n = r.hit_tokens * cache.bytes_per_token();
-            ensure!(r.hit_tokens > 0, "retrieve missed a stored document");
+            let s = sides[i].store(t, Some(salt), p)?;
+            m[i].store_secs += t0.elapsed().as_secs_f64();
             ensure!(
-                out[..n] == p[..n],
-                "retrieved bytes differ from the stored ones"
+                s.new_bytes as usize == p.len(),
+                "the store took {} of {} bytes (a leftover of an earlier round, or no room)",
+                s.new_bytes,
+                p.len()
             );
-            rb += n as u64;
+            m[i].store_bytes += s.new_bytes;
         }
     }
-    let g = |b: u64, s: f64| if s > 0.0 { b as f64 / s / 1e9 } else { 0.0 };
-    Ok((g(sb, st), g(rb, rt)))
+    for _ in 0..reps {
+        for (t, p) in docs.iter().zip(payloads) {
+            for &i in &order {
+                let t0 = Instant::now();
+                let r = sides[i].retrieve(t, Some(salt), out)?;
+                m[i].retrieve_secs += t0.elapsed().as_secs_f64();
+                let n = r.hit_tokens * sides[i].bytes_per_token();
+                ensure!(r.hit_tokens > 0, "retrieve missed a stored document");
+                ensure!(
+                    out[..n] == p[..n],
+                    "retrieved bytes differ from the stored ones"
+                );
+                m[i].retrieve_bytes += n as u64;
+            }
+        }
+    }
+    for side in sides {
+        for t in docs {
+            side.remove(t, Some(salt))?;
+        }
+    }
+    Ok(m)
 }
 
 /// Runs the server comparison when `--server` or `--spawn-server` is given.
@@ -274,12 +315,32 @@ pub fn maybe_run(
         })
         .collect();
     let mut out = AlignedBuf::new(doc_bytes);
-    let reps = 3;
-    // Alternate so neither side gets the warm caches.
-    let (es, er) = store_retrieve(&embedded, &salt, &toks, &payloads, &mut out, reps)?;
-    let (ss, sr) = store_retrieve(&client, &salt, &toks, &payloads, &mut out, reps)?;
-    let (_, er2) = store_retrieve(&embedded, &salt, &toks, &payloads, &mut out, reps)?;
-    let (_, sr2) = store_retrieve(&client, &salt, &toks, &payloads, &mut out, reps)?;
+    let reps = 2;
+    // Each store and retrieve is timed on both sides back to back (per document), the side
+    // going first alternating by round, so a neighbour's burst hits both sides of a pair;
+    // every round stores afresh (its documents are removed at its end), and the figure is
+    // the median of the per-round ratios.
+    let (mut es, mut er, mut ss, mut sr) = (vec![], vec![], vec![], vec![]);
+    for round in 0..SERVER_ROUNDS {
+        let [e, v] = paired_round(
+            [&embedded, &client],
+            round % 2,
+            &salt,
+            &toks,
+            &payloads,
+            &mut out,
+            reps,
+        )?;
+        es.push(gbps(e.store_bytes, e.store_secs));
+        er.push(gbps(e.retrieve_bytes, e.retrieve_secs));
+        ss.push(gbps(v.store_bytes, v.store_secs));
+        sr.push(gbps(v.retrieve_bytes, v.retrieve_secs));
+    }
+    let per_round = |a: &[f64], b: &[f64]| -> Vec<f64> {
+        a.iter().zip(b).map(|(x, y)| ratio(*x, *y)).collect()
+    };
+    let store_ratio_rounds = per_round(&ss, &es);
+    let retrieve_ratio_rounds = per_round(&sr, &er);
     // The embedded side shares the configured lower tiers (maybe a shared Redis or disk):
     // let its queued writes land, then remove them.
     embedded.flush(Duration::from_secs(120));
@@ -334,10 +395,15 @@ pub fn maybe_run(
         docs,
         doc_tokens,
         chunk_bytes: plan.chunk_bytes,
-        embedded_store_gbps: es,
-        server_store_gbps: ss,
-        embedded_retrieve_gbps: (er + er2) / 2.0,
-        server_retrieve_gbps: (sr + sr2) / 2.0,
+        rounds: SERVER_ROUNDS,
+        embedded_store_gbps: median(&es),
+        server_store_gbps: median(&ss),
+        embedded_retrieve_gbps: median(&er),
+        server_retrieve_gbps: median(&sr),
+        store_ratio: Spread::of(&store_ratio_rounds),
+        retrieve_ratio: Spread::of(&retrieve_ratio_rounds),
+        store_ratio_rounds,
+        retrieve_ratio_rounds,
         server_lookup_rtt_p50_us: percentile(&rtt, 50.0),
         server_lookup_rtt_p99_us: percentile(&rtt, 99.0),
         server_lookup_128k_p50_us: percentile(&full, 50.0),

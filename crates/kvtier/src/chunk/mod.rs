@@ -1,5 +1,6 @@
 //! Chunks: metadata, checksums (C7) and the record encoding shared by disk and network tiers.
 
+mod fused;
 pub mod record;
 mod stream_copy;
 
@@ -93,22 +94,46 @@ pub fn checksum(payload: &[u8]) -> u64 {
     if payload.len() >= PARALLEL_MIN {
         let d: Vec<u64> = payload
             .par_chunks(CHECKSUM_SEGMENT)
-            .map(xxhash_rust::xxh3::xxh3_64)
+            .map(segment_hash)
             .collect();
         combine(d)
     } else {
-        combine(
-            payload
-                .chunks(CHECKSUM_SEGMENT)
-                .map(xxhash_rust::xxh3::xxh3_64),
-        )
+        combine(payload.chunks(CHECKSUM_SEGMENT).map(segment_hash))
     }
 }
 
-/// Copies one segment block by block and hashes each block while it is in cache. Large
-/// payloads (`streaming`) copy with non-temporal stores and hash the source block instead:
-/// the destination lines are then not in cache, the source lines are.
+/// Whether copies and checksums may use the AVX2 path (`fused`); see [`set_fused_checksum`].
+static FUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the AVX2 fused copy-and-checksum off (or back on) for the whole process: for
+/// same-run A/B benchmarks against the portable path. The checksums are identical either way.
+pub fn set_fused_checksum(on: bool) {
+    FUSED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn fused_on() -> bool {
+    FUSED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// xxh3-64 of one segment: AVX2 where the CPU has it (`fused`), the crate's otherwise.
+fn segment_hash(segment: &[u8]) -> u64 {
+    fused_on()
+        .then(|| fused::copy_xxh3(None, segment, false))
+        .flatten()
+        .unwrap_or_else(|| xxhash_rust::xxh3::xxh3_64(segment))
+}
+
+/// Copies one segment and returns its hash. With AVX2 (`fused`) each 64-byte stripe is
+/// loaded once, stored and hashed: one pass over memory. Otherwise block by block, hashing
+/// each block while it is in cache; large payloads (`streaming`) copy with non-temporal
+/// stores and hash the source block instead: the destination lines are then not in cache,
+/// the source lines are.
 fn copy_segment(dst: &mut [u8], src: &[u8], streaming: bool) -> u64 {
+    if fused_on() {
+        if let Some(h) = fused::copy_xxh3(Some(&mut *dst), src, streaming) {
+            return h;
+        }
+    }
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for (d, s) in dst.chunks_mut(FUSED_BLOCK).zip(src.chunks(FUSED_BLOCK)) {
         if streaming {
@@ -192,6 +217,17 @@ mod tests {
             let mut out = vec![0u8; len];
             copy_payload(&mut out, &src);
             assert_eq!(out, src);
+            // A page-aligned destination, like a pool buffer: large payloads then take the
+            // streaming (non-temporal) fused path where the CPU has AVX2.
+            let mut backing = vec![0u8; len + 4096];
+            let at = backing.as_ptr().align_offset(4096);
+            let aligned = &mut backing[at..at + len];
+            assert_eq!(
+                copy_with_checksum(aligned, &src),
+                serial,
+                "aligned, len {len}"
+            );
+            assert_eq!(aligned, &src[..], "aligned copy, len {len}");
         }
     }
 }
