@@ -11,6 +11,7 @@ pub mod object;
 pub mod peer;
 pub mod redis;
 pub mod remote;
+mod residency;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,6 +28,7 @@ pub use peer::url::PeerUrl;
 pub use peer::{PeerTier, PeerTierStats};
 pub use redis::url::RedisUrl;
 pub use redis::{RedisTier, RedisTierStats};
+pub use residency::ResidencyObserver;
 
 use crate::chunk::Chunk;
 use crate::error::Result;
