@@ -256,7 +256,10 @@ struct Mirror(parking_lot::Mutex<std::collections::BTreeSet<ChunkKey>>);
 
 impl crate::tier::ResidencyObserver for Mirror {
     fn stored(&self, info: &ChunkInfo) {
-        assert!(self.0.lock().insert(info.key), "stored twice without a removal");
+        assert!(
+            self.0.lock().insert(info.key),
+            "stored twice without a removal"
+        );
     }
     fn removed(&self, keys: &[ChunkKey]) {
         let mut m = self.0.lock();
