@@ -45,6 +45,8 @@ echo "[e2e] kvtier binary: ${KV_SERVE_BIN:-none} ($(( $(date +%s) - t0 ))s)"
 fail=0
 # Binding tests with torch available (run from outside the repo so the installed package is used).
 (cd "$work" && "$py" -m pytest -q -p no:cacheprovider "$repo/python/tests") || fail=1
+# `kvtier serve`'s KV events, every batch decoded by vLLM's own msgspec types (required here).
+(cd "$repo" && KVTIER_VLLM_PYTHON="$py" cargo test -q -p kvtier-server --test events) || fail=1
 
 model="$work/tiny-llama"
 [[ -f "$model/config.json" ]] || "$py" "$here/make_tiny_model.py" "$model" >/dev/null

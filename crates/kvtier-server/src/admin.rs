@@ -6,6 +6,7 @@
 //! | `GET /metrics` | | Prometheus (OpenMetrics) text of the core's metrics | no |
 //! | `GET /stats` | | engine and tier numbers (JSON) plus the registered models | no |
 //! | `POST /lookup` | `{"model", "tokens", "cache_salt"}` | hit tokens, chunks per tier | yes |
+//! | `POST /lookup` (batch) | `{"model", "prompts": [{"tokens", "cache_salt"}]}` or `{"block_hashes": [[hex key]]}` | `{"results": [...]}` in order ([`batch`]) | yes |
 //! | `POST /clear` | | chunks dropped per tier | yes |
 //! | `POST /pin` | `{"model", "tokens", "cache_salt", "ttl_sec"}` | pinned chunk count | yes |
 //! | `DELETE /salt/{cache_salt}` | | chunks dropped per tier (disk included) | yes |
@@ -22,6 +23,7 @@
 //! The listener runs on its own thread and runtime, so an embedded engine (no tokio of its
 //! own) can expose it too: see [`spawn_embedded_admin`].
 
+pub mod batch;
 pub mod listener;
 
 use std::net::SocketAddr;
@@ -282,12 +284,19 @@ async fn stats(State(m): State<Arc<Models>>) -> ApiResult<Json<Value>> {
     Ok(Json(v))
 }
 
+/// `/lookup`'s body: one prompt (`tokens`), or a batch (`prompts` or `block_hashes`).
 #[derive(Deserialize)]
 struct LookupBody {
+    #[serde(default)]
     model: Value,
-    tokens: Vec<u32>,
+    #[serde(default)]
+    tokens: Option<Vec<u32>>,
     #[serde(default)]
     cache_salt: Option<String>,
+    #[serde(default)]
+    prompts: Option<Vec<batch::Prompt>>,
+    #[serde(default)]
+    block_hashes: Option<Vec<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -317,8 +326,21 @@ fn resolve(m: &Models, model: &Value) -> kvtier::Result<Arc<Engine>> {
 
 async fn lookup(State(m): State<Arc<Models>>, Json(b): Json<LookupBody>) -> ApiResult<Json<Value>> {
     let v = blocking(move || {
+        let tokens = match (b.tokens, b.prompts, b.block_hashes) {
+            (Some(t), None, None) => t,
+            (None, Some(p), None) => {
+                return batch::lookup(&m, batch::Batch::Prompts(b.model, p), resolve)
+            }
+            (None, None, Some(k)) => return batch::lookup(&m, batch::Batch::Keys(k), resolve),
+            _ => {
+                return Err(kvtier::Error::invalid(
+                    "send exactly one of `tokens` (one prompt), `prompts` (a batch of \
+                     {\"tokens\", \"cache_salt\"}) or `block_hashes` (a batch of chunk-key lists)",
+                ))
+            }
+        };
         let e = resolve(&m, &b.model)?;
-        let r = e.lookup(&b.tokens, b.cache_salt.as_deref())?;
+        let r = e.lookup(&tokens, b.cache_salt.as_deref())?;
         let names = m.core().manager().tier_names();
         let mut per_tier = serde_json::Map::new();
         for n in &names {
@@ -333,7 +355,7 @@ async fn lookup(State(m): State<Arc<Models>>, Json(b): Json<LookupBody>) -> ApiR
         Ok(json!({
             "hit_tokens": r.hit_tokens,
             "hit_chunks": r.hit_chunks,
-            "requested_tokens": b.tokens.len(),
+            "requested_tokens": tokens.len(),
             "chunks_per_tier": per_tier,
         }))
     })

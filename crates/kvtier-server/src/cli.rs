@@ -79,6 +79,11 @@ pub struct ServeArgs {
     /// Seconds a frame body may take to arrive once it started.
     #[arg(long, default_value_t = Limits::default().frame_timeout.as_secs_f64())]
     pub frame_timeout_sec: f64,
+    /// KV events of what L1 holds, in vLLM's format: a JSON object with vLLM's
+    /// `--kv-events-config` keys, e.g. '{"enable_kv_cache_events": true, "endpoint":
+    /// "tcp://*:5557", "replay_endpoint": "tcp://*:5558", "topic": "kv-events"}' [default: off].
+    #[arg(long, env = "KVTIER_KV_EVENTS_CONFIG")]
+    pub kv_events_config: Option<String>,
 }
 
 fn secs(v: f64, flag: &str) -> Result<Duration> {
@@ -126,6 +131,9 @@ impl ServeArgs {
         cfg.admin_token = self.admin_token()?;
         cfg.admin_insecure = self.admin_insecure;
         cfg.limits = self.limits()?;
+        if let Some(j) = &self.kv_events_config {
+            cfg.kv_events = crate::events::KvEventsConfig::from_json(j)?;
+        }
         Ok(cfg)
     }
 

@@ -13,6 +13,7 @@ mod accept;
 pub mod admin;
 pub mod cli;
 mod conn;
+pub mod events;
 mod fdpass;
 mod handlers;
 mod handshake;
@@ -79,6 +80,8 @@ pub struct ServeConfig {
     pub name: String,
     /// Write a JSON file with the bound addresses once listening.
     pub ready_file: Option<PathBuf>,
+    /// KV-event stream of what L1 holds (vLLM's format); off by default.
+    pub kv_events: events::KvEventsConfig,
 }
 
 impl std::fmt::Debug for ServeConfig {
@@ -124,6 +127,7 @@ impl ServeConfig {
             rank: 0,
             name: format!("kvtier-{}", env!("CARGO_PKG_VERSION")),
             ready_file: None,
+            kv_events: events::KvEventsConfig::default(),
         }
     }
 }
@@ -139,6 +143,12 @@ pub struct Bound {
     pub admin: Option<SocketAddr>,
     /// Server process id.
     pub pid: u32,
+    /// KV-event PUB endpoint, when the stream is on.
+    #[serde(default)]
+    pub kv_events: Option<String>,
+    /// KV-event replay (ROUTER) endpoint, when the stream has one.
+    #[serde(default)]
+    pub kv_events_replay: Option<String>,
 }
 
 /// Runs a server until SIGTERM/SIGINT (or `stop` turning true): stops accepting, lets
@@ -153,6 +163,15 @@ pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) ->
     })
     .context("opening the engine")?;
     let models = Models::new(core.clone());
+    let kv_events = if cfg.kv_events.enabled() {
+        let c = cfg.kv_events.clone();
+        let core = core.clone();
+        Some(tokio::task::block_in_place(|| {
+            events::EventStream::start(&core, c)
+        })?)
+    } else {
+        None
+    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let state = Arc::new(ServerState {
         models: models.clone(),
@@ -208,6 +227,10 @@ pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) ->
         tcp: tcp_addr,
         admin: admin.as_ref().map(|a| a.local_addr()),
         pid: std::process::id(),
+        kv_events: kv_events.as_ref().map(|e| e.endpoints().publish.clone()),
+        kv_events_replay: kv_events
+            .as_ref()
+            .and_then(|e| e.endpoints().replay.clone()),
     };
     info!(
         socket = ?bound.socket,
@@ -252,6 +275,9 @@ pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) ->
     flush_before_exit(&models, cfg.flush_timeout).await?;
     if let Some(a) = admin {
         a.shutdown();
+    }
+    if let Some(e) = kv_events {
+        tokio::task::block_in_place(|| e.shutdown());
     }
     info!("kvtier server stopped");
     Ok(())

@@ -63,6 +63,10 @@ pub const ENV_VARS: &[EnvVar] = &[
         about: "Redis/Valkey password when the remote_url has none",
     },
     EnvVar {
+        name: "KVTIER_KV_EVENTS_CONFIG",
+        about: "`kvtier serve --kv-events-config`: KV events of what L1 holds (vLLM's format)",
+    },
+    EnvVar {
         name: "KVTIER_SERVER_UID",
         about: "clients: further uids (comma-separated) trusted to run the kvtier server",
     },
@@ -89,6 +93,8 @@ pub const ENV_TOOL_VARS: &[&str] = &[
     "KVTIER_SOAK",
     "KVTIER_SOAK_ITERS",
     "KVTIER_RECOVERY_N",
+    // crates/kvtier-server/tests/events.rs: a Python with vLLM to decode the KV events.
+    "KVTIER_VLLM_PYTHON",
 ];
 
 /// What a `KVTIER_*` environment variable is.

@@ -288,6 +288,13 @@ impl StorageManager {
         self.inner.l1.contains(key)
     }
 
+    /// Reports every key L1 starts or stops holding to `observer` (the server's KV-event
+    /// stream). Returns false when L1 does not cache (it is only a staging pool) or an
+    /// observer is already set.
+    pub fn set_l1_observer(&self, observer: Arc<dyn crate::tier::ResidencyObserver>) -> bool {
+        self.inner.l1_enabled && self.inner.l1.set_observer(observer)
+    }
+
     /// Drops every chunk L1 holds (lower tiers keep theirs); returns how many.
     pub fn clear_l1(&self) -> u64 {
         self.inner.l1.clear_all()

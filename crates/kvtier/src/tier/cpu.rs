@@ -4,12 +4,13 @@
 //! buffers of this pool, so writing them back into L1 is an index insert, not a copy.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::future::ready;
 use parking_lot::Mutex;
 
-use super::{PutOutcome, Tier, TierCounters, TierFuture, TierUsage};
+use super::{PutOutcome, ResidencyObserver, Tier, TierCounters, TierFuture, TierUsage};
 use crate::api::PinToken;
 use crate::chunk::Chunk;
 use crate::error::Result;
@@ -106,6 +107,8 @@ pub struct CpuTier {
     state: Mutex<State>,
     pin_timeout: Duration,
     counters: Counters,
+    /// Told of every index change once set (the server's KV events); unset: no work.
+    observer: OnceLock<Arc<dyn ResidencyObserver>>,
 }
 
 impl std::fmt::Debug for CpuTier {
@@ -133,7 +136,22 @@ impl CpuTier {
             }),
             pin_timeout: opts.pin_timeout,
             counters: Counters::default(),
+            observer: OnceLock::new(),
         })
+    }
+
+    /// Sets the observer told of every key this tier starts or stops holding; only the
+    /// first call takes effect (returns whether this one did).
+    pub fn set_observer(&self, observer: Arc<dyn ResidencyObserver>) -> bool {
+        self.observer.set(observer).is_ok()
+    }
+
+    fn report_removed(&self, keys: &[ChunkKey]) {
+        if let Some(o) = self.observer.get() {
+            if !keys.is_empty() {
+                o.removed(keys);
+            }
+        }
     }
 
     /// Tier name.
@@ -170,6 +188,7 @@ impl CpuTier {
         };
         let freed = index.remove(&victim).map_or(0, |e| e.chunk.buf.capacity());
         *bytes -= freed;
+        self.report_removed(&[victim]);
         self.counters.evictions.fetch_add(1, Ordering::Relaxed);
         self.counters
             .evicted_bytes
@@ -258,6 +277,9 @@ impl CpuTier {
         let cap = chunk.buf.capacity();
         st.policy.insert(key, cap);
         st.bytes += cap;
+        if let Some(o) = self.observer.get() {
+            o.stored(&chunk.info);
+        }
         st.index.insert(
             key,
             Entry {
@@ -353,6 +375,7 @@ impl CpuTier {
             Some(e) => {
                 st.bytes -= e.chunk.buf.capacity();
                 st.policy.remove(key);
+                self.report_removed(&[*key]);
                 true
             }
             None => false,
@@ -373,6 +396,7 @@ impl CpuTier {
                 st.policy.remove(k);
             }
         }
+        self.report_removed(&keys);
         keys.len() as u64
     }
 

@@ -11,6 +11,7 @@ pub mod object;
 pub mod peer;
 pub mod redis;
 pub mod remote;
+mod residency;
 mod throttle;
 
 use std::future::Future;
@@ -28,6 +29,7 @@ pub use peer::url::PeerUrl;
 pub use peer::{PeerTier, PeerTierStats};
 pub use redis::url::RedisUrl;
 pub use redis::{RedisTier, RedisTierStats};
+pub use residency::ResidencyObserver;
 pub use throttle::{ThrottleLimits, ThrottledTier};
 
 use crate::chunk::Chunk;

@@ -249,3 +249,59 @@ proptest! {
         prop_assert_eq!(t.stats().pool_used, 0);
     }
 }
+
+/// Mirrors a tier's index from its residency reports.
+#[derive(Default)]
+struct Mirror(parking_lot::Mutex<std::collections::BTreeSet<ChunkKey>>);
+
+impl crate::tier::ResidencyObserver for Mirror {
+    fn stored(&self, info: &ChunkInfo) {
+        assert!(
+            self.0.lock().insert(info.key),
+            "stored twice without a removal"
+        );
+    }
+    fn removed(&self, keys: &[ChunkKey]) {
+        let mut m = self.0.lock();
+        for k in keys {
+            assert!(m.remove(k), "removed a key never reported stored");
+        }
+    }
+}
+
+proptest! {
+    /// The reports replayed in order give exactly the resident keys, whatever mix of
+    /// stores, evictions, removals, tenant deletions and clears happened (KV events).
+    #[test]
+    fn residency_reports_mirror_the_index(
+        ops in proptest::collection::vec(op(), 1..120),
+        kind in proptest::sample::select(crate::policy::PolicyKind::ALL.to_vec()),
+        clear_at in 0usize..200,
+    ) {
+        let mut o = CpuTierOptions::with_bytes(16 * PAGE);
+        o.pool.huge_pages = false;
+        o.policy = kind;
+        let t = CpuTier::new(o).unwrap();
+        let mirror = Arc::new(Mirror::default());
+        prop_assert!(t.set_observer(mirror.clone()));
+        prop_assert!(!t.set_observer(Arc::new(Mirror::default())), "the first observer stays");
+        let mut readers = Vec::new();
+        for (i, op) in ops.into_iter().enumerate() {
+            match op {
+                Op::Put(k, l) => { put_with(&t, u32::from(k), usize::from(l), false); }
+                Op::Read(k) => readers.extend(t.lookup(&key(u32::from(k)))),
+                Op::Release(_) => { readers.pop(); }
+                Op::Remove(k) => { t.remove_key(&key(u32::from(k))); }
+                Op::Observe(_) | Op::Pin(_) | Op::Unpin(_) => {
+                    futures::executor::block_on(Tier::remove_salt(&t, "nobody")).unwrap();
+                }
+            }
+            if i == clear_at {
+                t.clear_all();
+            }
+            let resident: std::collections::BTreeSet<ChunkKey> =
+                (0..24).map(key).filter(|k| t.contains(k)).collect();
+            prop_assert_eq!(&*mirror.0.lock(), &resident);
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! Collects L1's residency reports for the publisher: a short, bounded, ordered queue.
+//!
+//! The reports arrive under L1's index lock, so recording one is a push into a vector.
+//! When the publisher falls behind by more than the queue's bound, the queue is dropped and
+//! the next batch starts with `AllBlocksCleared`: subscribers then forget this node's
+//! blocks and relearn them from later stores. They under-count for a while, but never
+//! believe in a block a load would miss.
+
+use kvtier::chunk::ChunkInfo;
+use kvtier::keys::ChunkKey;
+use kvtier::tier::ResidencyObserver;
+use parking_lot::Mutex;
+
+use super::wire::{KvEvent, MEDIUM_CPU};
+
+/// One index change, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    Stored(ChunkKey, u32),
+    Removed(ChunkKey),
+}
+
+#[derive(Default)]
+struct Pending {
+    changes: Vec<Change>,
+    overflowed: bool,
+}
+
+/// L1's observer: queues changes until the publisher takes them.
+pub struct Collector {
+    pending: Mutex<Pending>,
+    limit: usize,
+}
+
+impl Collector {
+    /// A collector holding at most `limit` changes (at least 1) between two batches.
+    pub fn new(limit: usize) -> Collector {
+        Collector {
+            pending: Mutex::default(),
+            limit: limit.max(1),
+        }
+    }
+
+    fn push(&self, p: &mut Pending, c: Change) {
+        if p.changes.len() >= self.limit {
+            p.changes = Vec::new();
+            p.overflowed = true;
+        }
+        p.changes.push(c);
+    }
+
+    /// Takes the changes queued so far as events, in order: a run of removals becomes one
+    /// `BlockRemoved`, each store one `BlockStored`; after an overflow the first event is
+    /// `AllBlocksCleared`. Also returns whether the queue overflowed.
+    pub fn take(&self) -> (Vec<KvEvent>, bool) {
+        let p = std::mem::take(&mut *self.pending.lock());
+        let mut out = Vec::with_capacity(p.changes.len() + 1);
+        if p.overflowed {
+            out.push(KvEvent::AllBlocksCleared);
+        }
+        for c in p.changes {
+            match c {
+                Change::Stored(key, tokens) => out.push(KvEvent::BlockStored {
+                    key,
+                    tokens,
+                    medium: MEDIUM_CPU,
+                }),
+                Change::Removed(k) => match out.last_mut() {
+                    Some(KvEvent::BlockRemoved { keys, .. }) => keys.push(k),
+                    _ => out.push(KvEvent::BlockRemoved {
+                        keys: vec![k],
+                        medium: MEDIUM_CPU,
+                    }),
+                },
+            }
+        }
+        (out, p.overflowed)
+    }
+}
+
+impl ResidencyObserver for Collector {
+    fn stored(&self, info: &ChunkInfo) {
+        let mut p = self.pending.lock();
+        self.push(&mut p, Change::Stored(info.key, info.num_tokens));
+    }
+
+    fn removed(&self, keys: &[ChunkKey]) {
+        let mut p = self.pending.lock();
+        for k in keys {
+            self.push(&mut p, Change::Removed(*k));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kvtier::keys::{ModelIdentity, Origin};
+    use kvtier::layout::{Dtype, KvLayout};
+
+    use super::*;
+
+    fn info(i: u8) -> ChunkInfo {
+        ChunkInfo {
+            key: ChunkKey([i; 32]),
+            num_tokens: 16,
+            len: 1,
+            checksum: 0,
+            origin: Arc::new(Origin {
+                identity: Arc::new(ModelIdentity::new(
+                    "m",
+                    KvLayout::simple(1, 1, 1, Dtype::U8),
+                )),
+                cache_salt: None,
+            }),
+            created_ms: 0,
+        }
+    }
+
+    #[test]
+    fn keeps_order_and_merges_runs_of_removals() {
+        let c = Collector::new(100);
+        c.stored(&info(1));
+        c.stored(&info(2));
+        c.removed(&[ChunkKey([1; 32])]);
+        c.removed(&[ChunkKey([2; 32])]);
+        c.stored(&info(1));
+        let (ev, overflow) = c.take();
+        assert!(!overflow);
+        let stored = |i| KvEvent::BlockStored {
+            key: ChunkKey([i; 32]),
+            tokens: 16,
+            medium: MEDIUM_CPU,
+        };
+        assert_eq!(
+            ev,
+            vec![
+                stored(1),
+                stored(2),
+                KvEvent::BlockRemoved {
+                    keys: vec![ChunkKey([1; 32]), ChunkKey([2; 32])],
+                    medium: MEDIUM_CPU
+                },
+                stored(1),
+            ]
+        );
+        assert_eq!(c.take(), (vec![], false));
+    }
+
+    #[test]
+    fn overflow_starts_over_with_all_blocks_cleared() {
+        let c = Collector::new(3);
+        for i in 0..5 {
+            c.stored(&info(i));
+        }
+        let (ev, overflow) = c.take();
+        assert!(overflow);
+        assert_eq!(ev[0], KvEvent::AllBlocksCleared);
+        // Only what came after the overflow is kept.
+        assert_eq!(ev.len(), 3);
+        assert_eq!(c.take(), (vec![], false));
+    }
+}
