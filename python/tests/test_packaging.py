@@ -36,3 +36,29 @@ def test_the_engine_imports_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == kvtier.__version__
+
+
+def test_the_kvtier_command_runs_the_bundled_binary_with_its_arguments(tmp_path):
+    fake = tmp_path / "kvtier"
+    fake.write_text('#!/bin/sh\necho "argv0=$0 args=$*"\n')
+    fake.chmod(0o644)  # as a tool that drops permission bits would leave it
+    code = (
+        "import sys, pathlib, kvtier._cli as c\n"
+        f"c.bundled_binary = lambda: pathlib.Path({str(fake)!r})\n"
+        "sys.argv = ['kvtier', 'bench', '--model', 'tiny']\n"
+        "c.main()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("args=bench --model tiny"), out.stdout
+
+
+def test_the_kvtier_command_without_a_bundled_binary_says_how_to_get_one(tmp_path):
+    code = (
+        "import pathlib, kvtier._cli as c\n"
+        f"c.bundled_binary = lambda: pathlib.Path({str(tmp_path / 'absent')!r})\n"
+        "c.main()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert "cargo install --path crates/kvtier-cli" in out.stderr, out.stderr

@@ -22,6 +22,8 @@ use crate::policy::PolicyKind;
 use crate::tier::remote::url::redact;
 use crate::tier::DiskDurability;
 
+mod lmcache;
+
 /// Environment variable naming the config file.
 pub const CONFIG_FILE_ENV: &str = "KVTIER_CONFIG_FILE";
 /// Prefix of environment overrides.
@@ -809,22 +811,58 @@ fn unknown_key(key: &str, source: &str) -> Error {
     )
 }
 
+/// Logs configuration warnings (LMCache keys ignored, stray environment variables).
+fn log_warnings(warnings: Vec<String>) {
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+}
+
 impl EngineConfig {
-    fn set(&mut self, key: &str, raw: &Raw<'_>, source: &str) -> Result<()> {
+    /// Sets one key. An LMCache key kvtier has no use for is ignored with a warning (pushed
+    /// on `warnings`) or refused when its value asks for what kvtier does not do; any other
+    /// unknown key is an error.
+    fn set(
+        &mut self,
+        key: &str,
+        raw: &Raw<'_>,
+        source: &str,
+        warnings: &mut Vec<String>,
+    ) -> Result<()> {
         let norm = key.trim().to_ascii_lowercase();
-        let def = find_key(&norm).ok_or_else(|| unknown_key(key, source))?;
+        let Some(def) = find_key(&norm) else {
+            return match lmcache::foreign(&norm, raw) {
+                Some(lmcache::Foreign::Ignored(w)) => {
+                    warnings.push(format!("{w}{source}"));
+                    Ok(())
+                }
+                Some(lmcache::Foreign::Refused(m)) => {
+                    Err(Error::config(key, format!("{m}{source}")))
+                }
+                None => Err(unknown_key(key, source)),
+            };
+        };
         (def.apply)(self, raw).map_err(|m| Error::config(key, format!("{m}{source}")))
     }
 
-    /// Parses YAML (or JSON) text; keys not given keep their defaults.
+    /// Parses YAML (or JSON) text; keys not given keep their defaults. Warnings (LMCache
+    /// keys that kvtier ignores) are logged.
     pub fn from_yaml_str(text: &str) -> Result<EngineConfig> {
-        let mut cfg = EngineConfig::default();
-        cfg.apply_yaml(text, "")?;
-        cfg.validate()?;
+        let (cfg, warnings) = EngineConfig::from_yaml_str_with_warnings(text)?;
+        log_warnings(warnings);
         Ok(cfg)
     }
 
-    fn apply_yaml(&mut self, text: &str, source: &str) -> Result<()> {
+    /// [`EngineConfig::from_yaml_str`] that returns the warnings instead of logging them.
+    pub fn from_yaml_str_with_warnings(text: &str) -> Result<(EngineConfig, Vec<String>)> {
+        let mut cfg = EngineConfig::default();
+        let mut warnings = Vec::new();
+        cfg.apply_yaml(text, "", &mut warnings)?;
+        cfg.validate()?;
+        Ok((cfg, warnings))
+    }
+
+    fn apply_yaml(&mut self, text: &str, source: &str, warnings: &mut Vec<String>) -> Result<()> {
         let docs = YamlLoader::load_from_str(text)
             .map_err(|e| Error::config("<file>", format!("not valid YAML{source}: {e}")))?;
         let Some(doc) = docs.into_iter().next() else {
@@ -847,7 +885,7 @@ impl EngineConfig {
                     format!("config keys must be strings{source}"),
                 )
             })?;
-            self.set(key, &Raw::Yaml(v), source)?;
+            self.set(key, &Raw::Yaml(v), source, warnings)?;
         }
         Ok(())
     }
@@ -857,9 +895,11 @@ impl EngineConfig {
         &mut self,
         pairs: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<()> {
+        let mut warnings = Vec::new();
         for (k, v) in pairs {
-            self.set(k, &Raw::Env(v), "")?;
+            self.set(k, &Raw::Env(v), "", &mut warnings)?;
         }
+        log_warnings(warnings);
         self.validate()
     }
 
@@ -867,16 +907,37 @@ impl EngineConfig {
     /// Variables that are neither config keys nor on [`ENV_VARS`]/[`ENV_TOOL_VARS`] are
     /// skipped and returned as warnings: a stray variable never stops the engine. A bad
     /// value of a real key is an error.
+    ///
+    /// LMCache's `LMCACHE_<KEY>` variables are applied first (so `KVTIER_<KEY>` wins), each
+    /// with a deprecation warning; those of LMCache keys kvtier has no use for are ignored
+    /// with a warning, other `LMCACHE_*` variables silently.
     pub fn apply_env(
         &mut self,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Vec<String>> {
+        let vars: Vec<(String, String)> = vars.into_iter().collect();
         let mut warnings = Vec::new();
-        for (name, value) in vars {
-            match classify_env(&name) {
+        for (name, value) in &vars {
+            let Some(rest) = name.strip_prefix(lmcache::LMCACHE_ENV_PREFIX) else {
+                continue;
+            };
+            let key = rest.to_ascii_lowercase();
+            let source = format!(" (from environment variable {name})");
+            if find_key(&key).is_some() {
+                self.set(&key, &Raw::Env(value), &source, &mut warnings)?;
+                warnings.push(format!(
+                    "environment variable {name} is deprecated: read as config key {key}; \
+                     name it {ENV_PREFIX}{rest}"
+                ));
+            } else if lmcache::is_lmcache_key(&key) {
+                self.set(&key, &Raw::Env(value), &source, &mut warnings)?;
+            }
+        }
+        for (name, value) in &vars {
+            match classify_env(name) {
                 EnvKind::Key(key) => {
                     let source = format!(" (from environment variable {name})");
-                    self.set(&key, &Raw::Env(&value), &source)?;
+                    self.set(&key, &Raw::Env(value), &source, &mut warnings)?;
                 }
                 EnvKind::Unknown { warning } => warnings.push(warning),
                 EnvKind::NotKey | EnvKind::Other => {}
@@ -886,23 +947,56 @@ impl EngineConfig {
         Ok(warnings)
     }
 
-    /// Loads the file given (or named by `KVTIER_CONFIG_FILE`), then environment overrides.
+    /// Loads the file given (or named by `KVTIER_CONFIG_FILE`, or, deprecated, by LMCache's
+    /// `LMCACHE_CONFIG_FILE`), then environment overrides; warnings are logged.
     pub fn load(path: Option<&Path>) -> Result<EngineConfig> {
+        let (cfg, warnings) = EngineConfig::load_with_warnings(path)?;
+        log_warnings(warnings);
+        Ok(cfg)
+    }
+
+    /// [`EngineConfig::load`] that returns the warnings instead of logging them.
+    pub fn load_with_warnings(path: Option<&Path>) -> Result<(EngineConfig, Vec<String>)> {
         let mut cfg = EngineConfig::default();
+        let mut warnings = Vec::new();
         let from_env = std::env::var_os(CONFIG_FILE_ENV).map(PathBuf::from);
-        if let Some(p) = path.map(Path::to_path_buf).or(from_env) {
+        let from_lmcache = || {
+            let p = std::env::var_os(lmcache::LMCACHE_CONFIG_FILE_ENV).map(PathBuf::from)?;
+            warnings.push(format!(
+                "reading the config file named by {} (deprecated): name it with --config or {CONFIG_FILE_ENV}",
+                lmcache::LMCACHE_CONFIG_FILE_ENV
+            ));
+            Some(p)
+        };
+        let file = path
+            .map(Path::to_path_buf)
+            .or(from_env)
+            .or_else(from_lmcache);
+        if let Some(p) = file {
             let text = std::fs::read_to_string(&p)
                 .map_err(|e| Error::io(format!("reading config file {}", p.display()), e))?;
-            cfg.apply_yaml(&text, &format!(" (in {})", p.display()))?;
+            cfg.apply_yaml(&text, &format!(" (in {})", p.display()), &mut warnings)?;
         }
-        for warning in cfg.apply_env(std::env::vars())? {
-            tracing::warn!("{warning}");
-        }
-        Ok(cfg)
+        warnings.extend(cfg.apply_env(std::env::vars())?);
+        Ok((cfg, warnings))
     }
 
     /// Cross-key checks.
     pub fn validate(&self) -> Result<()> {
+        if let Some(url) = self.remote_url.iter().find(|u| {
+            u.trim()
+                .get(..5)
+                .is_some_and(|s| s.eq_ignore_ascii_case("lm://"))
+        }) {
+            return Err(Error::config(
+                "remote_url",
+                format!(
+                    "{} is LMCache's cache server, whose protocol kvtier does not speak; run \
+                     `kvtier serve --tcp HOST:PORT` there and use kvtier://HOST:PORT",
+                    redact(url)
+                ),
+            ));
+        }
         if !self.local_disk.is_empty() && self.max_local_disk_size == 0 {
             return Err(Error::config(
                 "max_local_disk_size",
@@ -1211,5 +1305,76 @@ mod tests {
             assert_eq!(classify_env(&name), EnvKind::Key(key.to_string()));
         }
         assert_eq!(classify_env("PATH"), EnvKind::Other);
+    }
+
+    #[test]
+    fn lmcache_keys_without_kvtier_meaning_warn_and_features_are_refused() {
+        let (c, w) = EngineConfig::from_yaml_str_with_warnings(
+            "chunk_size: 256\nremote_serde: naive\nsave_decode_cache: false\nuse_layerwise: true\nextra_config: {use_odirect: true}\n",
+        )
+        .unwrap();
+        assert_eq!(c.chunk_size, 256);
+        assert_eq!(w.len(), 3 + 1, "{w:?}");
+        for key in [
+            "remote_serde",
+            "save_decode_cache",
+            "use_layerwise",
+            "extra_config",
+        ] {
+            assert!(
+                w.iter().any(|w| w.contains(key) && w.contains("ignored")),
+                "{key}: {w:?}"
+            );
+        }
+        for (yaml, key) in [
+            ("remote_serde: cachegen", "remote_serde"),
+            ("enable_blending: true", "enable_blending"),
+            ("enable_pd: True", "enable_pd"),
+        ] {
+            let e = EngineConfig::from_yaml_str(yaml).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("cannot honour"), "{e}");
+        }
+        // A typo is still an error, not an LMCache key.
+        let e = EngineConfig::from_yaml_str("remote_serd: naive")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown key"), "{e}");
+    }
+
+    #[test]
+    fn lm_urls_are_refused_naming_kvtier_urls() {
+        let e = EngineConfig::from_yaml_str("remote_url: lm://cache-host:65432")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LMCache") && e.contains("kvtier://"), "{e}");
+    }
+
+    #[test]
+    fn lmcache_env_is_read_with_a_deprecation_warning_and_kvtier_env_wins() {
+        let mut c = EngineConfig::default();
+        let w = c
+            .apply_env([
+                ("LMCACHE_CHUNK_SIZE".to_string(), "64".to_string()),
+                ("LMCACHE_MAX_LOCAL_CPU_SIZE".to_string(), "2".to_string()),
+                ("KVTIER_MAX_LOCAL_CPU_SIZE".to_string(), "1".to_string()),
+                ("LMCACHE_REMOTE_SERDE".to_string(), "naive".to_string()),
+                ("LMCACHE_LOG_LEVEL".to_string(), "WARNING".to_string()),
+            ])
+            .unwrap();
+        assert_eq!(c.chunk_size, 64);
+        assert_eq!(c.max_local_cpu_size, 1 << 30);
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(
+            w.iter()
+                .any(|w| w.contains("LMCACHE_CHUNK_SIZE is deprecated")
+                    && w.contains("KVTIER_CHUNK_SIZE")),
+            "{w:?}"
+        );
+        assert!(w.iter().any(|w| w.contains("remote_serde")), "{w:?}");
+        let e = c
+            .apply_env([("LMCACHE_ENABLE_BLENDING".to_string(), "true".to_string())])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LMCACHE_ENABLE_BLENDING"), "{e}");
     }
 }

@@ -9,7 +9,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 /// Label set naming a tier.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,6 +37,46 @@ pub struct TierReasonLabel {
 }
 
 type GaugeU64 = Gauge<u64, AtomicU64>;
+
+/// Prefix of every exported metric name.
+const PREFIX: &str = "kvtier";
+
+/// One exported metric family, as the metric reference (`docs/metrics.md`) lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricInfo {
+    /// Family name as exported (`kvtier_` included; counters' samples add `_total`).
+    pub name: String,
+    /// Prometheus type (`counter`, `gauge`, `histogram`).
+    pub kind: String,
+    /// Help text.
+    pub help: &'static str,
+    /// Label names of its series.
+    pub labels: &'static [&'static str],
+}
+
+/// Registers metrics and records each in the catalog, so the reference is the registry.
+struct Registrar<'a> {
+    registry: &'a mut Registry,
+    catalog: &'a mut Vec<MetricInfo>,
+}
+
+impl Registrar<'_> {
+    fn add(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        labels: &'static [&'static str],
+        metric: impl Metric,
+    ) {
+        self.catalog.push(MetricInfo {
+            name: format!("{PREFIX}_{name}"),
+            kind: metric.metric_type().as_str().to_string(),
+            help,
+            labels,
+        });
+        self.registry.register(name, help, metric);
+    }
+}
 
 fn latency_histogram() -> Histogram {
     // 10 µs .. ~10 s
@@ -98,6 +138,7 @@ pub struct Metrics {
     /// Retrieve throughput per call, GB/s.
     pub retrieve_gbps: Histogram,
     tier_seen: Mutex<std::collections::HashMap<String, SeenTotals>>,
+    catalog: Vec<MetricInfo>,
 }
 
 /// The totals of a tier's own counters already brought into the exported ones.
@@ -117,7 +158,7 @@ impl Metrics {
     /// Creates and registers every metric under the `kvtier` prefix.
     pub fn new() -> Metrics {
         let mut m = Metrics {
-            registry: Registry::with_prefix("kvtier"),
+            registry: Registry::with_prefix(PREFIX),
             requested_tokens: Counter::default(),
             hit_tokens: Counter::default(),
             lookups: Counter::default(),
@@ -142,108 +183,152 @@ impl Metrics {
             store_gbps: throughput_histogram(),
             retrieve_gbps: throughput_histogram(),
             tier_seen: Mutex::default(),
+            catalog: Vec::new(),
         };
-        let r = &mut m.registry;
-        r.register(
+        let mut r = Registrar {
+            registry: &mut m.registry,
+            catalog: &mut m.catalog,
+        };
+        r.add(
             "requested_tokens",
             "Tokens asked for by lookups and retrieves",
+            &[],
             m.requested_tokens.clone(),
         );
-        r.register(
+        r.add(
             "hit_tokens",
             "Tokens found as a contiguous stored prefix",
+            &[],
             m.hit_tokens.clone(),
         );
-        r.register("lookups", "Prefix lookups", m.lookups.clone());
-        r.register("tier_hits", "Chunk hits per tier", m.tier_hits.clone());
-        r.register(
+        r.add("lookups", "Prefix lookups", &[], m.lookups.clone());
+        r.add(
+            "tier_hits",
+            "Chunk hits per tier",
+            &["tier"],
+            m.tier_hits.clone(),
+        );
+        r.add(
             "stored_bytes",
             "Payload bytes written per tier",
+            &["tier"],
             m.stored_bytes.clone(),
         );
-        r.register(
+        r.add(
             "loaded_bytes",
             "Payload bytes read per tier",
+            &["tier"],
             m.loaded_bytes.clone(),
         );
-        r.register(
+        r.add(
             "stored_chunks",
             "Chunks written per tier",
+            &["tier"],
             m.stored_chunks.clone(),
         );
-        r.register(
+        r.add(
             "tier_writes",
             "Chunk writes issued per lower tier",
+            &["tier"],
             m.tier_writes.clone(),
         );
-        r.register(
+        r.add(
             "writes_deduped",
             "Chunk writes not issued: the tier was known to hold the chunk",
+            &["tier"],
             m.writes_deduped.clone(),
         );
-        r.register("used_bytes", "Bytes used per tier", m.used_bytes.clone());
-        r.register(
+        r.add(
+            "used_bytes",
+            "Bytes used per tier",
+            &["tier"],
+            m.used_bytes.clone(),
+        );
+        r.add(
             "capacity_bytes",
             "Byte budget per tier",
+            &["tier"],
             m.capacity_bytes.clone(),
         );
-        r.register(
+        r.add(
             "resident_chunks",
             "Chunks resident per tier",
+            &["tier"],
             m.resident_chunks.clone(),
         );
-        r.register("evictions", "Chunks evicted per tier", m.evictions.clone());
-        r.register(
+        r.add(
+            "evictions",
+            "Chunks evicted per tier",
+            &["tier"],
+            m.evictions.clone(),
+        );
+        r.add(
             "write_backs",
             "Chunks promoted into L1 by reads, by source tier",
+            &["tier"],
             m.write_backs.clone(),
         );
-        r.register(
+        r.add(
             "checksum_failures",
             "Checksum mismatches caught, by tier",
+            &["tier"],
             m.checksum_failures.clone(),
         );
-        r.register(
+        r.add(
             "tier_errors",
             "Tier operation errors",
+            &["tier", "op"],
             m.tier_errors.clone(),
         );
-        r.register(
+        r.add(
             "tier_timeouts",
             "Tier operations that missed their deadline",
+            &["tier", "op"],
             m.tier_timeouts.clone(),
         );
-        r.register(
+        r.add(
             "store_skipped",
             "Chunk stores not done, by tier and reason",
+            &["tier", "reason"],
             m.store_skipped.clone(),
         );
-        r.register(
+        r.add(
             "lookup_seconds",
             "Lookup latency, hashing included",
+            &[],
             m.lookup_seconds.clone(),
         );
-        r.register(
+        r.add(
             "store_seconds",
             "Store call latency",
+            &[],
             m.store_seconds.clone(),
         );
-        r.register(
+        r.add(
             "retrieve_seconds",
             "Retrieve call latency",
+            &[],
             m.retrieve_seconds.clone(),
         );
-        r.register(
+        r.add(
             "store_throughput_gbps",
             "Store throughput per call (GB/s)",
+            &[],
             m.store_gbps.clone(),
         );
-        r.register(
+        r.add(
             "retrieve_throughput_gbps",
             "Retrieve throughput per call (GB/s)",
+            &[],
             m.retrieve_gbps.clone(),
         );
         m
+    }
+
+    /// Every metric family this registry exports, in registration order (also those with
+    /// no series yet, which `render` leaves out).
+    pub fn catalog(&self) -> &[MetricInfo] {
+        &self.catalog
     }
 
     /// Label for a tier.
@@ -295,5 +380,74 @@ impl Metrics {
         // Encoding into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Once every family has a series, what `render` declares is exactly the catalog.
+    #[test]
+    fn the_catalog_is_what_render_declares() {
+        let m = Metrics::new();
+        m.requested_tokens.inc();
+        m.hit_tokens.inc();
+        m.lookups.inc();
+        let t = Metrics::tier("cpu");
+        for f in [
+            &m.tier_hits,
+            &m.stored_bytes,
+            &m.loaded_bytes,
+            &m.stored_chunks,
+            &m.evictions,
+            &m.write_backs,
+            &m.checksum_failures,
+            &m.tier_writes,
+            &m.writes_deduped,
+        ] {
+            f.get_or_create(&t).inc();
+        }
+        for f in [&m.used_bytes, &m.capacity_bytes, &m.resident_chunks] {
+            f.get_or_create(&t).set(1);
+        }
+        m.tier_errors
+            .get_or_create(&Metrics::tier_op("cpu", "get"))
+            .inc();
+        m.tier_timeouts
+            .get_or_create(&Metrics::tier_op("cpu", "get"))
+            .inc();
+        m.store_skipped
+            .get_or_create(&Metrics::tier_reason("cpu", "queue_full"))
+            .inc();
+        let text = m.render();
+        let mut declared: Vec<(String, String)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(n, k)| (n.to_string(), k.to_string()))
+            .collect();
+        let mut catalog: Vec<(String, String)> = m
+            .catalog()
+            .iter()
+            .map(|i| (i.name.clone(), i.kind.clone()))
+            .collect();
+        declared.sort();
+        catalog.sort();
+        assert_eq!(declared, catalog);
+        // Label names in the catalog are those the series carry.
+        for info in m.catalog().iter().filter(|i| !i.labels.is_empty()) {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&info.name) && l.contains('{'))
+                .unwrap_or_else(|| panic!("no series of {}", info.name));
+            for label in info.labels {
+                assert!(
+                    line.contains(&format!("{label}=\"")),
+                    "{}: {line}",
+                    info.name
+                );
+            }
+        }
     }
 }

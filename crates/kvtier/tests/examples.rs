@@ -130,3 +130,31 @@ fn the_kubernetes_example_config_loads_and_its_shm_holds_the_pool() {
         );
     }
 }
+
+/// LMCache configs written as LMCache documents them load, with one warning per key kvtier
+/// has no use for.
+#[test]
+fn lmcache_configs_load_with_a_warning_per_foreign_key() {
+    let dir = repo_root().join("examples/lmcache");
+    for (file, foreign) in [
+        ("cpu-offload.yaml", 0),
+        ("disk-offload.yaml", 0),
+        ("redis.yaml", 1),
+        ("production.yaml", 9),
+    ] {
+        let path = dir.join(file);
+        let (cfg, warnings) = EngineConfig::load_with_warnings(Some(&path))
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let from_file: Vec<&String> = warnings
+            .iter()
+            .filter(|w| w.contains("(LMCache) ignored"))
+            .collect();
+        assert_eq!(from_file.len(), foreign, "{file}: {warnings:?}");
+        assert_eq!(cfg.chunk_size, 256, "{file}");
+    }
+    let (prod, _) = EngineConfig::load_with_warnings(Some(&dir.join("production.yaml"))).unwrap();
+    assert_eq!(prod.max_local_cpu_size, 20 * GIB);
+    assert!(!prod.local_cpu_huge_pages);
+    assert_eq!(prod.read_deadline_ms, 10_000);
+    assert_eq!(prod.local_disk, [PathBuf::from("/mnt/nvme/lmcache/")]);
+}
