@@ -271,6 +271,21 @@ fn a_subscriber_mirrors_l1_and_a_reconnecting_one_catches_up_by_replay() {
         keys.extend(ks.chunk_spans(&t, salt).unwrap().iter().map(|s| s.key));
         c.store(&t, salt, &payload(doc, 64)).unwrap();
     };
+    // A SUB socket's subscription reaches the publisher some time after `subscribe`
+    // returns (ZeroMQ's slow joiner): store until each subscriber has seen a live batch,
+    // after which any gap is filled by replay.
+    let t0 = Instant::now();
+    for doc in 1000.. {
+        store(&mut keys, doc, None);
+        std::thread::sleep(Duration::from_millis(50));
+        if steady.lock().next_seq > 0 && dropping.lock().next_seq > 0 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no subscriber saw a batch"
+        );
+    }
     for doc in 0..6 {
         store(&mut keys, doc, None);
     }

@@ -97,6 +97,8 @@ pub const ENV_TOOL_VARS: &[&str] = &[
     "KVTIER_RECOVERY_N",
     // crates/kvtier-server/tests/events.rs: a Python with vLLM to decode the KV events.
     "KVTIER_VLLM_PYTHON",
+    // crates/kvtier-server/tests/metric_reference.rs: rewrite docs/metrics.md's table.
+    "KVTIER_BLESS",
 ];
 
 /// What a `KVTIER_*` environment variable is.
