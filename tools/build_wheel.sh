@@ -4,18 +4,23 @@
 # toolchain. maturin's auditwheel check tags the wheel manylinux_2_N from the glibc symbols
 # the extension uses; this script also checks the bundled binary against that N.
 #
-# Usage: tools/build_wheel.sh [--profile release|dev] [--out DIR]
-#   --profile  release (default; what to publish) or dev (CI: reuses `cargo test`'s artifacts)
-#   --out      where the wheel goes (default target/wheels); the path is printed last
+# Usage: tools/build_wheel.sh [--profile release|dev] [--out DIR] [--cli-binary PATH]
+#   --profile     release (default; what to publish) or dev (CI: reuses `cargo test`'s artifacts)
+#   --out         where the wheel goes (default target/wheels); the path is printed last
+#   --cli-binary  bundle this already-built `kvtier` binary instead of building one (CI passes
+#                 the one `cargo test --workspace` just built: `cargo build -p kvtier-cli`
+#                 alone resolves other dependency features and would rebuild them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=release
 out=target/wheels
+cli_binary=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --profile) profile="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
-    *) echo "usage: tools/build_wheel.sh [--profile release|dev] [--out DIR]" >&2; exit 2 ;;
+    --cli-binary) cli_binary="$2"; shift 2 ;;
+    *) echo "usage: tools/build_wheel.sh [--profile release|dev] [--out DIR] [--cli-binary PATH]" >&2; exit 2 ;;
   esac
 done
 case "$profile" in
@@ -34,13 +39,20 @@ if ! "$venv/bin/maturin" --version >/dev/null 2>&1; then
   fi
 fi
 
-echo "== building the kvtier command line ($profile)" >&2
-cargo build --profile "$profile" -q -p kvtier-cli --bin kvtier
+if [[ -z "$cli_binary" ]]; then
+  echo "== building the kvtier command line ($profile)" >&2
+  cargo build --profile "$profile" -q -p kvtier-cli --bin kvtier
+  cli_binary="$target/$bindir/kvtier"
+fi
+if ! "$cli_binary" --version >/dev/null; then
+  echo "ERROR: $cli_binary does not run" >&2
+  exit 1
+fi
 staged=python/kvtier/_bin
 rm -rf "$staged"
 mkdir -p "$staged"
 trap 'rm -rf "$staged"' EXIT
-install -m 0755 "$target/$bindir/kvtier" "$staged/kvtier"
+install -m 0755 "$cli_binary" "$staged/kvtier"
 
 echo "== building the wheel ($profile)" >&2
 rm -rf "$out"
