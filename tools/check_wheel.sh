@@ -31,7 +31,7 @@ fi
 echo "== kvtier --version (from the wheel)"
 got="$(run kvtier --version)"
 echo "$got"
-[[ "$(run command -v kvtier)" == "$work/venv/bin/kvtier" ]] || { echo "ERROR: kvtier is not the venv's" >&2; exit 1; }
+[[ "$(run sh -c 'command -v kvtier')" == "$work/venv/bin/kvtier" ]] || { echo "ERROR: kvtier is not the venv's" >&2; exit 1; }
 want="$(sed -n '/^\[workspace.package\]/,/^\[/s/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml")"
 [[ "$got" == *"$want"* ]] || { echo "ERROR: kvtier --version says '$got', the workspace is $want" >&2; exit 1; }
 
