@@ -44,12 +44,12 @@ use tokio::sync::oneshot;
 
 use crate::handshake::tokens_eq_ct;
 use crate::models::Models;
+use crate::stoppable::StoppableThread;
 
 /// A running admin listener; dropping it stops the listener.
 pub struct AdminHandle {
     addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: StoppableThread,
 }
 
 impl std::fmt::Debug for AdminHandle {
@@ -68,22 +68,7 @@ impl AdminHandle {
 
     /// Stops the listener and waits for its thread.
     pub fn shutdown(mut self) {
-        self.stop_now();
-    }
-
-    fn stop_now(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for AdminHandle {
-    fn drop(&mut self) {
-        self.stop_now();
+        self.thread.stop();
     }
 }
 
@@ -129,8 +114,7 @@ pub fn spawn_admin(
     tracing::info!(addr = %local, token = guarded, "admin HTTP listening");
     Ok(AdminHandle {
         addr: local,
-        stop: Some(tx),
-        thread: Some(thread),
+        thread: StoppableThread::new(tx, thread),
     })
 }
 

@@ -24,6 +24,7 @@ pub mod models;
 mod peer;
 pub mod socket;
 mod state;
+mod stoppable;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -27,6 +27,7 @@ use tokio::sync::oneshot;
 
 pub use publisher::Endpoints;
 
+use crate::stoppable::StoppableThread;
 use collector::Collector;
 
 /// Settings of the KV-event stream, in vLLM's `KVEventsConfig` keys (JSON), e.g.
@@ -102,8 +103,7 @@ impl KvEventsConfig {
 /// A running KV-event stream; [`EventStream::shutdown`] publishes what is queued and stops.
 pub struct EventStream {
     endpoints: Endpoints,
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    thread: StoppableThread,
 }
 
 impl std::fmt::Debug for EventStream {
@@ -140,11 +140,10 @@ impl EventStream {
         };
         let mut stream = EventStream {
             endpoints,
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            thread: StoppableThread::new(stop_tx, thread),
         };
         if !core.manager().set_l1_observer(collector) {
-            stream.stop_now();
+            stream.thread.stop();
             bail!(
                 "KV events report what L1 holds, and this config has no L1 cache \
                  (local_cpu: false): set local_cpu: true or leave --kv-events-config off"
@@ -161,22 +160,7 @@ impl EventStream {
 
     /// Publishes what is still queued, then stops.
     pub fn shutdown(mut self) {
-        self.stop_now();
-    }
-
-    fn stop_now(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for EventStream {
-    fn drop(&mut self) {
-        self.stop_now();
+        self.thread.stop();
     }
 }
 
