@@ -13,6 +13,20 @@ import sys
 import time
 
 
+def since(after, before):
+    """Counters ``after`` minus ``before`` (nested dicts too); worst cases are kept as they are."""
+    out = {}
+    for k, v in after.items():
+        b = (before or {}).get(k)
+        if isinstance(v, dict):
+            out[k] = since(v, b if isinstance(b, dict) else {})
+        elif isinstance(v, (int, float)) and not k.startswith("max") and isinstance(b, (int, float)):
+            out[k] = v - b
+        else:
+            out[k] = v
+    return out
+
+
 def main(spec_path: str, out_path: str) -> None:
     spec = json.load(open(spec_path))
     from vllm import LLM, SamplingParams
@@ -86,7 +100,10 @@ def main(spec_path: str, out_path: str) -> None:
         worker_call(eid, "flush", 60.0, lookup_socket_dir=sock_dir)
         result["stats"] = worker_call(eid, "stats", lookup_socket_dir=sock_dir)
         after = worker_call(eid, "connector", lookup_socket_dir=sock_dir)
-        result["connector"] = {k: after[k] - before.get(k, 0) for k in after}  # the steps only
+        result["connector"] = since(after, before)  # the steps only
+        t = result["connector"].get("timing")
+        if t:  # the hooks' share of the forward passes of the steps
+            t["connector_fraction"] = t["connector_s"] / t["step_s"] if t["step_s"] > 0 else 0.0
         if spec.get("keys_of"):
             result["keys"] = worker_call(eid, "chunk_keys", prompts[spec["keys_of"]], lookup_socket_dir=sock_dir)
     json.dump(result, open(out_path, "w"))

@@ -395,3 +395,30 @@ def test_transfer_does_not_import_vllm():
 
     code = "import sys, kvtier.transfer; sys.exit(any(m.split('.')[0] == 'vllm' for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+_GATHER_FOOTPRINT = r"""
+import resource, sys, torch
+from kvtier.transfer import PagedLayers
+bs, h, d, nb = 128, 2, 64, 4096  # one 512 MiB layer in vLLM's CPU layout, never touched
+cache = torch.empty(nb, h, bs, 2 * d)
+paged = PagedLayers.vllm([cache], block_size=bs, num_kv_heads=h, head_size=d, num_blocks=nb,
+                         blocks_per_chunk=int(sys.argv[1]))
+payload = torch.zeros(paged.payload_numel(4))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+paged.gather([7, 4000, 3, 1234], payload)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB is Linux's")
+@pytest.mark.parametrize("bpc", [1, 2])
+def test_gathering_a_few_blocks_of_a_strided_cache_does_not_copy_the_whole_layer(bpc):
+    # vLLM's CPU cache keeps each block's heads outermost, so the canonical view is strided;
+    # an index_select along its block dim made PyTorch copy the entire layer first (230 ms
+    # per layer of a 2 GiB cache, on every save). Gathering 4 blocks (2 MiB) must stay small.
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _GATHER_FOOTPRINT, str(bpc)], capture_output=True, text=True, check=True)
+    grown_kib = int(out.stdout.strip().splitlines()[-1])
+    assert grown_kib < 64 * 1024, f"peak memory grew by {grown_kib // 1024} MiB gathering 4 blocks"

@@ -468,3 +468,51 @@ def test_fp8_kv_cache_variants_are_told_apart_in_the_identity():
     assert code("fp8_e5m2", torch.uint8) == "f8e5m2"
     assert code("auto") == "f32"
     assert code("auto", torch.bfloat16) == "bf16"
+
+
+def test_hook_times_count_each_forward_pass_and_the_time_inside_the_hooks(worker):
+    conn, caches = worker()
+    for _ in range(3):
+        run_step(conn, caches, KvTierConnectorMetadata(), attention=lambda li: time.sleep(0.01))
+    slow_loads(conn, 0.05)  # a retrieval the first layer waits for: time inside a hook
+    run_step(conn, caches, KvTierConnectorMetadata(saves=[SaveSpec("s", TOKENS, None, [3, 5, 7, 9])]))
+    run_step(conn, caches, KvTierConnectorMetadata(loads=[LoadSpec("l", TOKENS, None, [20, 21, 22, 23], 0)]))
+    t = conn.worker_side.info()["timing"]  # also what worker_call(..., "connector") returns
+    assert t["steps"] == 5
+    assert t["hooks"]["start_load_kv"]["calls"] == 5 and t["hooks"]["wait_for_save"]["calls"] == 5
+    assert t["hooks"]["wait_for_layer_load"]["calls"] == 5 * L
+    assert t["hooks"]["wait_for_layer_load"]["seconds"] >= 0.04  # waited for the slow retrieval
+    assert t["hooks"]["wait_for_save.store"]["calls"] == 1  # a part of wait_for_save, listed apart
+    # The sleeps "attention" did are step time, not connector time.
+    assert t["step_s"] >= 3 * L * 0.01
+    assert t["connector_s"] <= t["step_s"] - 3 * L * 0.01
+    assert 0.0 < t["connector_fraction"] < 1.0
+    hooks_total = sum(h["seconds"] for n, h in t["hooks"].items() if "." not in n)
+    assert t["connector_s"] <= hooks_total + 1e-6  # parts are not counted twice
+
+
+def test_hook_times_steps_parts_and_reset():
+    from kvtier.vllm.timing import HookTimes
+
+    ht = HookTimes()
+    ht.add("outside", 0.5)  # no step open: listed, not part of any step
+    ht.step_begin(now=10.0)
+    ht.add("a", 0.1)
+    ht.add("a", 0.3)
+    ht.add("a.part", 0.2, part=True)
+    ht.step_end(now=11.0)
+    ht.step_end(now=12.0)  # no step open: nothing
+    ht.step_begin(now=20.0)
+    ht.add("b", 0.1)
+    ht.step_begin(now=22.0)  # closes the open step first
+    s = ht.snapshot()
+    assert s["steps"] == 2 and s["step_s"] == pytest.approx(3.0)
+    assert s["connector_s"] == pytest.approx(0.5)
+    assert s["connector_fraction"] == pytest.approx(0.5 / 3.0)
+    assert s["hooks"]["a"] == {"calls": 2, "seconds": pytest.approx(0.4), "max_ms": pytest.approx(300.0)}
+    assert s["hooks"]["outside"]["calls"] == 1
+    with pytest.raises(ZeroDivisionError):
+        ht.call("c", lambda: 1 / 0)
+    assert ht.snapshot()["hooks"]["c"]["calls"] == 1  # timed even when it raises
+    ht.reset()
+    assert ht.snapshot() == {"steps": 0, "step_s": 0.0, "connector_s": 0.0, "connector_fraction": 0.0, "hooks": {}}

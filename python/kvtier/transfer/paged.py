@@ -217,10 +217,17 @@ class PagedLayers:
         into the chunks' buffers."""
         self._check_ids(ids, sum(c.blocks for c in chunks))
         v, off = self._wviews[layer], 0
+        # A strided view (vLLM CPU's and HND layouts keep the blocks outermost) is gathered
+        # block-first: PyTorch's index_select along an inner dim of such a view first copies
+        # the whole layer's cache (measured 230 ms per layer for a 2 GiB cache, vs 4 ms).
+        by_block = None if v.is_contiguous() else v.transpose(0, 1)  # (blocks, P, BS, H, Dw)
         for run_buf, c, k in self._runs([Piece(ch, 0, ch.blocks) for ch in chunks]):
             dst = self._run_view(run_buf, c, k)[:, layer]  # (c, P, k, BS, H, Dw)
             rid = ids[off : off + c * k]
-            if c == 1:
+            if by_block is not None:
+                rows = by_block.index_select(0, rid)  # (c * k, P, BS, H, Dw)
+                dst.copy_(rows.view(c, k, *rows.shape[1:]).transpose(1, 2))
+            elif c == 1:
                 torch.index_select(v, 1, rid, out=dst[0])
             else:
                 p = self.block_shape[0]

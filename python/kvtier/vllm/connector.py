@@ -17,6 +17,7 @@ from vllm.logger import init_logger
 from .metadata import KvTierConnectorMetadata
 from .scheduler import SchedulerSide
 from .settings import ConnectorSettings
+from .timing import HookTimes
 from .worker import WorkerSide
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,11 +46,13 @@ class KvTierConnector(KVConnectorBase_V1):
         settings = ConnectorSettings.from_vllm(vllm_config)
         self.scheduler_side: SchedulerSide | None = None
         self.worker_side: WorkerSide | None = None
+        # Wall time inside this role's hooks (the cost kvtier adds to vLLM's steps).
+        self.hook_times = HookTimes()
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_side = SchedulerSide(settings, vllm_config)
         else:
             num_blocks = int(kv_cache_config.num_blocks) if kv_cache_config is not None else None
-            self.worker_side = WorkerSide(settings, vllm_config, num_blocks)
+            self.worker_side = WorkerSide(settings, vllm_config, num_blocks, self.hook_times)
         logger.info(
             "kvtier connector (%s): chunk %d tokens = %d block(s) of %d; %s mode",
             role.name if hasattr(role, "name") else role,
@@ -78,18 +81,25 @@ class KvTierConnector(KVConnectorBase_V1):
     # -- scheduler side --------------------------------------------------------------------
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
-        return self.scheduler_side.get_num_new_matched_tokens(request, num_computed_tokens)
+        return self.hook_times.call(
+            "get_num_new_matched_tokens", self.scheduler_side.get_num_new_matched_tokens, request, num_computed_tokens
+        )
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
-        self.scheduler_side.update_state_after_alloc(request, blocks, num_external_tokens)
+        self.hook_times.call(
+            "update_state_after_alloc", self.scheduler_side.update_state_after_alloc, request, blocks, num_external_tokens
+        )
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
-        return self.scheduler_side.build_connector_meta(scheduler_output)
+        meta = self.hook_times.call("build_connector_meta", self.scheduler_side.build_connector_meta, scheduler_output)
+        # Called once per schedule(): a scheduler step runs from here to the next call.
+        self.hook_times.step_begin()
+        return meta
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict | None]:
         if self.scheduler_side is None:
             return False, None
-        return self.scheduler_side.request_finished(request, block_ids)
+        return self.hook_times.call("request_finished", self.scheduler_side.request_finished, request, block_ids)
 
     # -- worker side -----------------------------------------------------------------------
 
@@ -101,29 +111,43 @@ class KvTierConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         if self.worker_side is not None:
-            self.worker_side.start_load_kv(self._step_meta())
+            # A forward pass runs from here to the end of wait_for_save.
+            self.hook_times.step_begin()
+            self.hook_times.call("start_load_kv", self.worker_side.start_load_kv, self._step_meta())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self.worker_side is not None:
-            self.worker_side.wait_for_layer_load(layer_name)
+            self.hook_times.call("wait_for_layer_load", self.worker_side.wait_for_layer_load, layer_name)
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: "AttentionMetadata", **kwargs: Any
     ) -> None:
         if self.worker_side is not None:
-            self.worker_side.save_kv_layer(layer_name, self._step_meta())
+            self.hook_times.call("save_kv_layer", self.worker_side.save_kv_layer, layer_name, self._step_meta())
 
     def wait_for_save(self):
         if self.worker_side is not None:
-            self.worker_side.wait_for_save(self._step_meta())
+            try:
+                self.hook_times.call("wait_for_save", self.worker_side.wait_for_save, self._step_meta())
+            finally:
+                self.hook_times.step_end()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        return self.worker_side.get_block_ids_with_load_errors() if self.worker_side is not None else set()
+        if self.worker_side is None:
+            return set()
+        return self.hook_times.call("get_block_ids_with_load_errors", self.worker_side.get_block_ids_with_load_errors)
 
     def shutdown(self):
+        t = self.hook_times.snapshot()
+        if t["steps"]:
+            logger.info(
+                "kvtier connector: %.3f s in hooks over %d steps of %.3f s (%.2f%%); per hook: %s",
+                t["connector_s"], t["steps"], t["step_s"], 100.0 * t["connector_fraction"],
+                ", ".join(f"{n} {h['seconds']:.3f}s/{h['calls']}" for n, h in t["hooks"].items()),
+            )
         for side in (self.worker_side, self.scheduler_side):
             if side is not None:
                 side.shutdown()

@@ -18,6 +18,7 @@ import torch
 from .lookup import LookupServer, authkey, socket_path
 from .metadata import KvTierConnectorMetadata, LoadSpec
 from .settings import ConnectorSettings, kv_dtype_code, model_identity, use_mla
+from .timing import HookTimes
 from ..transfer import (
     HostStaging,
     LoadPlan,
@@ -80,8 +81,10 @@ def _layer_order(name: str) -> tuple[int, str]:
 class WorkerSide:
     """Loads and saves of one worker. Nothing happens before register_kv_caches."""
 
-    def __init__(self, settings: ConnectorSettings, vllm_config: "VllmConfig", num_blocks: int | None):
+    def __init__(self, settings: ConnectorSettings, vllm_config: "VllmConfig", num_blocks: int | None,
+                 hook_times: HookTimes | None = None):
         self._s = settings
+        self.hook_times = hook_times or HookTimes()  # the connector's hooks on this worker
         self._vllm_config = vllm_config
         self._num_blocks = num_blocks  # from vLLM's KVCacheConfig, when given
         self.engine = None  # kvtier.Engine, once the caches are registered
@@ -154,13 +157,17 @@ class WorkerSide:
                 self.engine,
                 socket_path(self._s.lookup_socket_dir, self._s.engine_id, rank),
                 authkey(self._s.engine_id),
-                info=lambda: dict(self.stats),
+                info=self.info,
             )
         logger.info(
             "kvtier connector: %d layers, %s layout, block %s %s on %s, %d bytes/token, staging %s; %r",
             len(names), paged.layout, paged.block_shape, first.dtype, first.device,
             self.engine.bytes_per_token, self._s.staging, self.engine,
         )
+
+    def info(self) -> dict:
+        """The counters of :attr:`stats`, plus ``timing``: the hooks' wall time on this worker."""
+        return dict(self.stats, timing=self.hook_times.snapshot())
 
     def _rank(self) -> int:
         try:
@@ -342,7 +349,9 @@ class WorkerSide:
 
     def wait_for_save(self, meta: Any) -> None:
         """Stages what the hooks did not, then stores the step's saves."""
+        t0 = time.perf_counter()
         self._join_load()  # loads of this step are in the cache (and may be saved again)
+        self.hook_times.add("wait_for_save.join_load", time.perf_counter() - t0, part=True)
         plan, self._save_plan = self._save_plan, None
         if self.engine is None or meta is None or not self._saves_here:
             return
@@ -354,7 +363,9 @@ class WorkerSide:
                 self._abort_saves()
             plan = self._plan_saves(meta)
         try:
+            t0 = time.perf_counter()
             late = plan.step.finish()
+            self.hook_times.add("wait_for_save.copies", time.perf_counter() - t0, part=True)
         except Exception as e:  # a failed save only costs a future hit; never store a half copy
             logger.warning("kvtier: staging the saves of this step failed, nothing stored: %s", e)
             for it in plan.items:
@@ -362,6 +373,7 @@ class WorkerSide:
                     it.claim.abort()
             return
         self.stats["layers_staged_late"] += len(late)
+        t0 = time.perf_counter()
         for it in plan.items:
             try:
                 if it.claim is not None:
@@ -371,6 +383,7 @@ class WorkerSide:
                 self.stats["saved_tokens"] += rep["new_chunks"] * self._s.chunk_tokens
             except Exception as e:  # a failed save only costs a future hit
                 logger.warning("kvtier save of %s failed: %s", it.spec.req_id, e)
+        self.hook_times.add("wait_for_save.store", time.perf_counter() - t0, part=True)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Blocks a load could not fill since the last call (vLLM recomputes them)."""

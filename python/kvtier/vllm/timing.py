@@ -1,0 +1,102 @@
+"""The connector's own cost: wall time spent inside each vLLM hook, and the share of the
+steps it ran in that this is.
+
+vLLM calls the hooks on its critical path (the scheduler loop, the forward pass), so their
+time is what kvtier adds to every step, whether or not anything is reused. End-to-end A/B
+runs cannot show it on a noisy machine; an in-process fraction can.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+class HookTimes:
+    """Per hook: calls, total and worst seconds; per step: how many steps and their wall time.
+
+    A *step* spans from ``step_begin`` to ``step_end`` (on a worker: from ``start_load_kv``,
+    before the forward pass, to the end of ``wait_for_save``, after it; on the scheduler:
+    from one ``build_connector_meta`` to the next). :meth:`snapshot` gives the totals and
+    ``connector_fraction``: hook time over step time.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hooks: dict[str, list[float]] = {}  # name -> [calls, seconds, max seconds]
+        self._steps = 0
+        self._step_s = 0.0
+        self._step_hook_s = 0.0  # hook time inside counted steps
+        self._step_start: float | None = None
+        self._in_step_s = 0.0  # hook time since the current step began
+
+    def add(self, name: str, seconds: float, *, part: bool = False) -> None:
+        """Records one call of ``name`` that took ``seconds``. A ``part`` is a piece of a hook
+        already timed (e.g. ``wait_for_save.store``): listed, not counted twice in the step."""
+        with self._lock:
+            h = self._hooks.get(name)
+            if h is None:
+                h = self._hooks[name] = [0, 0.0, 0.0]
+            h[0] += 1
+            h[1] += seconds
+            if seconds > h[2]:
+                h[2] = seconds
+            if self._step_start is not None and not part:
+                self._in_step_s += seconds
+
+    def call(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Runs ``fn(*args)`` and records its wall time under ``name`` (also when it raises)."""
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.add(name, time.perf_counter() - t0)
+
+    def step_begin(self, now: float | None = None) -> None:
+        """A step starts (a step already open is closed first)."""
+        now = time.perf_counter() if now is None else now
+        with self._lock:
+            self._close_step(now)
+            self._step_start = now
+            self._in_step_s = 0.0
+
+    def step_end(self, now: float | None = None) -> None:
+        """The open step ends (no-op when none is open)."""
+        now = time.perf_counter() if now is None else now
+        with self._lock:
+            self._close_step(now)
+
+    def _close_step(self, now: float) -> None:
+        if self._step_start is None:
+            return
+        self._steps += 1
+        self._step_s += max(0.0, now - self._step_start)
+        self._step_hook_s += self._in_step_s
+        self._step_start = None
+        self._in_step_s = 0.0
+
+    def snapshot(self) -> dict:
+        """``{"steps", "step_s", "connector_s", "connector_fraction", "hooks": {name: {"calls",
+        "seconds", "max_ms"}}}``; ``connector_s`` is the hook time inside counted steps."""
+        with self._lock:
+            hooks = {
+                n: {"calls": int(c), "seconds": s, "max_ms": m * 1000.0} for n, (c, s, m) in sorted(self._hooks.items())
+            }
+            frac = self._step_hook_s / self._step_s if self._step_s > 0 else 0.0
+            return {
+                "steps": self._steps,
+                "step_s": self._step_s,
+                "connector_s": self._step_hook_s,
+                "connector_fraction": frac,
+                "hooks": hooks,
+            }
+
+    def reset(self) -> None:
+        """Forgets everything recorded (e.g. after a warm-up)."""
+        with self._lock:
+            self._hooks.clear()
+            self._steps = 0
+            self._step_s = self._step_hook_s = self._in_step_s = 0.0
+            self._step_start = None
