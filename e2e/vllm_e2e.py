@@ -6,6 +6,7 @@ TTFTs, and a final line "N passed, M failed"; exits non-zero on any failure."""
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -359,8 +360,70 @@ def openai_server(work, model, extra, P, ttft):
         check("OpenAI server: repeat reports a cache hit", outs[1][1] == ((n_prompt - 1) // BLOCK) * BLOCK and outs[1][1] > 0,
               f"cached_tokens={outs[1][1]} of {n_prompt}")
         check("OpenAI server: same text on repeat", outs[0][0] == outs[1][0] == outs[2][0])
+        no_reuse_cost(base, model)
     finally:
         stop_group(proc, 30)
+
+
+def scrape_kvtier_metrics(base):
+    """vLLM's /metrics lines of kvtier's counters: {"name{labels}": value}."""
+    txt = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    out = {}
+    for line in txt.splitlines():
+        if line.startswith("vllm:kvtier_"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def metric_sum(vals, name, **labels):
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for k, v in vals.items() if k.split("{")[0] == name and all(w in k for w in want))
+
+
+NO_REUSE_PROMPTS, NO_REUSE_WORDS = 6, 2000
+
+
+def no_reuse_cost(base, model):
+    """Issue 21: the connector's own cost on a workload with nothing to reuse (fresh
+    prompts only), read from the counters kvtier adds to vLLM's /metrics: time inside the
+    connector's hooks as a share of vLLM's steps, measured in process (end-to-end A/B runs
+    differ by +-25% from one process to the next on this VM)."""
+    rng = random.Random(21)
+    before = scrape_kvtier_metrics(base)
+    check("OpenAI server: kvtier's counters are on vLLM's /metrics",
+          metric_sum(before, "vllm:kvtier_connector_steps_total", role="worker") > 0,
+          f"{len(before)} kvtier series")
+    t0 = time.perf_counter()
+    for _ in range(NO_REUSE_PROMPTS):
+        text = " ".join(f"w{rng.randrange(4, 4096)}" for _ in range(NO_REUSE_WORDS))
+        body = json.dumps({"model": model, "prompt": text, "max_tokens": 8, "temperature": 0, "ignore_eos": True}).encode()
+        req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        json.load(urllib.request.urlopen(req, timeout=300))
+    wall = time.perf_counter() - t0
+    time.sleep(1.0)  # the last step's stats travel with its output to the front end
+    after = scrape_kvtier_metrics(base)
+
+    def delta(name, **labels):
+        return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
+
+    parts = []
+    for role in ("worker", "scheduler"):
+        steps = delta("vllm:kvtier_connector_steps_total", role=role)
+        step_s = delta("vllm:kvtier_connector_step_seconds_total", role=role)
+        hook_s = delta("vllm:kvtier_connector_step_hook_seconds_total", role=role)
+        pct = 100.0 * hook_s / step_s if step_s > 0 else float("nan")
+        parts.append(f"{role} {pct:.2f}% ({hook_s * 1000:.1f} ms of {step_s:.2f} s over {steps:.0f} steps)")
+    hooks = {}
+    for k, v in after.items():
+        if k.startswith("vllm:kvtier_connector_hook_seconds_total"):
+            lab = dict(re.findall(r'(\w+)="([^"]*)"', k))
+            hooks[f"{lab.get('role')}.{lab.get('hook')}"] = v - before.get(k, 0.0)
+    top_s = ", ".join(f"{n} {v * 1000:.1f} ms" for n, v in sorted(hooks.items(), key=lambda kv: -kv[1])[:3])
+    check("OpenAI server: no-reuse workload counted in kvtier's step counters",
+          delta("vllm:kvtier_connector_steps_total", role="worker") >= NO_REUSE_PROMPTS)
+    print(f"[cost] no-reuse workload ({NO_REUSE_PROMPTS} fresh ~{NO_REUSE_WORDS}-token prompts, {wall:.1f} s): "
+          f"time in kvtier's hooks / vLLM step time: {'; '.join(parts)}; largest hooks: {top_s}", flush=True)
 
 
 if __name__ == "__main__":

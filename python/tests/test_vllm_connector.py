@@ -505,10 +505,14 @@ def test_hook_times_steps_parts_and_reset():
     ht.step_begin(now=20.0)
     ht.add("b", 0.1)
     ht.step_begin(now=22.0)  # closes the open step first
+    ht.open_step(now=23.0)  # one is open: no-op
+    ht.step_end(now=24.0)
+    ht.open_step(now=30.0)
+    ht.step_end(now=30.5)
     s = ht.snapshot()
-    assert s["steps"] == 2 and s["step_s"] == pytest.approx(3.0)
+    assert s["steps"] == 4 and s["step_s"] == pytest.approx(5.5)
     assert s["connector_s"] == pytest.approx(0.5)
-    assert s["connector_fraction"] == pytest.approx(0.5 / 3.0)
+    assert s["connector_fraction"] == pytest.approx(0.5 / 5.5)
     assert s["hooks"]["a"] == {"calls": 2, "seconds": pytest.approx(0.4), "max_ms": pytest.approx(300.0)}
     assert s["hooks"]["outside"]["calls"] == 1
     with pytest.raises(ZeroDivisionError):
@@ -516,3 +520,82 @@ def test_hook_times_steps_parts_and_reset():
     assert ht.snapshot()["hooks"]["c"]["calls"] == 1  # timed even when it raises
     ht.reset()
     assert ht.snapshot() == {"steps": 0, "step_s": 0.0, "connector_s": 0.0, "connector_fraction": 0.0, "hooks": {}}
+
+
+def test_connector_stats_reach_vllm_per_interval_and_sum_across_ranks(worker):
+    from kvtier.vllm.stats import KvTierConnectorStats
+
+    conn, caches = worker()
+    assert KvTierConnector.build_kv_connector_stats({}).is_empty()
+    run_step(conn, caches, KvTierConnectorMetadata())
+    run_step(conn, caches, KvTierConnectorMetadata(saves=[SaveSpec("s", TOKENS, None, [3, 5, 7, 9])]))
+    first = conn.get_kv_connector_stats()
+    d = first.data
+    assert d["worker.steps"] == 2 and d["worker.calls.wait_for_save"] == 2
+    assert d["worker.saved_tokens"] == len(TOKENS) and d["worker.loaded_tokens"] == 0
+    assert d["worker.step_s"] >= d["worker.connector_s"] > 0
+    # The next interval starts empty: vLLM sums intervals, so nothing may be sent twice.
+    again = conn.get_kv_connector_stats()
+    assert again is None or (again.data["worker.steps"] == 0 and again.data["worker.saved_tokens"] == 0)
+    run_step(conn, caches, KvTierConnectorMetadata(loads=[LoadSpec("l", TOKENS, None, [20, 21, 22, 23], 0)]))
+    second = conn.get_kv_connector_stats()
+    assert second.data["worker.steps"] == 1 and second.data["worker.loaded_tokens"] == len(TOKENS)
+    # What vLLM does with them: rebuild from the payload, aggregate (steps, ranks), reduce.
+    total = KvTierConnector.build_kv_connector_stats(dict(first.data))
+    total.aggregate(KvTierConnectorStats(data=dict(second.data)))
+    assert total.data["worker.steps"] == 3 and total.data["worker.loaded_tokens"] == len(TOKENS)
+    summary = total.reduce()
+    assert summary["kvtier_worker_steps"] == 3
+    assert 0 < summary["kvtier_worker_hooks_pct"] <= 100
+    assert summary["kvtier_saved_tokens"] == summary["kvtier_loaded_tokens"] == len(TOKENS)
+    assert summary["kvtier_slowest_hook"].startswith("worker.")
+
+
+def test_prometheus_counters_follow_the_stats_payload():
+    import functools
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from kvtier.vllm.stats import KvTierPromMetrics
+
+    reg = CollectorRegistry()
+    types = {t: functools.partial(t, registry=reg) for t in (Counter, Gauge, Histogram)}
+    cfg = NS(kv_transfer_config=None)
+    prom = KvTierConnector.build_prom_metrics(cfg, types, ["model_name", "engine"], {0: ["m", "0"]})
+    assert isinstance(prom, KvTierPromMetrics)
+    data = {"worker.steps": 4, "worker.step_s": 2.0, "worker.connector_s": 0.02,
+            "worker.hook_s.wait_for_save": 0.015, "worker.calls.wait_for_save": 4,
+            "worker.saved_tokens": 512, "scheduler.steps": 5, "scheduler.connector_s": 0.001}
+    prom.observe(data, 0)
+    prom.observe(data, 0)
+
+    def val(name, **labels):
+        return reg.get_sample_value(name, dict(model_name="m", engine="0", **labels))
+
+    assert val("vllm:kvtier_connector_steps_total", role="worker") == 8
+    assert val("vllm:kvtier_connector_step_seconds_total", role="worker") == 4.0
+    assert val("vllm:kvtier_connector_step_hook_seconds_total", role="worker") == pytest.approx(0.04)
+    assert val("vllm:kvtier_connector_hook_seconds_total", role="worker", hook="wait_for_save") == pytest.approx(0.03)
+    assert val("vllm:kvtier_connector_hook_calls_total", role="worker", hook="wait_for_save") == 8
+    assert val("vllm:kvtier_saved_tokens_total") == 1024
+    assert val("vllm:kvtier_connector_steps_total", role="scheduler") == 10
+
+
+def test_a_forward_pass_is_timed_when_start_load_kv_comes_after_it(worker):
+    # vLLM 0.32 calls start_load_kv after the forward pass when the step has no
+    # synchronous loads: the step must still span the forward (from the first layer hook).
+    conn, caches = worker()
+    with torch.inference_mode():
+        for _ in range(2):
+            conn.bind_connector_metadata(KvTierConnectorMetadata())
+            for name in NAMES:
+                conn.wait_for_layer_load(name)
+                time.sleep(0.02)  # the layer's attention
+                conn.save_kv_layer(name, caches[name], None)
+            conn.start_load_kv(None)
+            conn.wait_for_save()
+            conn.clear_connector_metadata()
+    t = conn.worker_side.info()["timing"]
+    assert t["steps"] == 2
+    assert t["step_s"] >= 2 * L * 0.02
+    assert t["connector_fraction"] < 0.5

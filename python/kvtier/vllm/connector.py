@@ -17,6 +17,7 @@ from vllm.logger import init_logger
 from .metadata import KvTierConnectorMetadata
 from .scheduler import SchedulerSide
 from .settings import ConnectorSettings
+from .stats import WORKER_COUNTERS, KvTierConnectorStats, KvTierPromMetrics, payload
 from .timing import HookTimes
 from .worker import WorkerSide
 
@@ -48,6 +49,8 @@ class KvTierConnector(KVConnectorBase_V1):
         self.worker_side: WorkerSide | None = None
         # Wall time inside this role's hooks (the cost kvtier adds to vLLM's steps).
         self.hook_times = HookTimes()
+        self._role_name = "scheduler" if role == KVConnectorRole.SCHEDULER else "worker"
+        self._counters_sent = dict.fromkeys(WORKER_COUNTERS, 0)  # worker counters already reported
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_side = SchedulerSide(settings, vllm_config)
         else:
@@ -77,6 +80,35 @@ class KvTierConnector(KVConnectorBase_V1):
     def pending_lookups(self) -> int:
         """Scheduler side: requests whose lookup is still unanswered."""
         return self.scheduler_side.pending_lookups() if self.scheduler_side is not None else 0
+
+    # -- vLLM's stats and metrics -----------------------------------------------------------
+
+    def get_kv_connector_stats(self) -> KvTierConnectorStats | None:
+        """This role's figures since the last call (vLLM asks after every step)."""
+        return self.hook_times.call("get_kv_connector_stats", self._interval_stats)
+
+    def _interval_stats(self) -> KvTierConnectorStats | None:
+        counters = None
+        if self.worker_side is not None:
+            now = {c: self.worker_side.stats.get(c, 0) for c in WORKER_COUNTERS}
+            counters = {c: now[c] - self._counters_sent[c] for c in WORKER_COUNTERS}
+            self._counters_sent = now
+        stats = KvTierConnectorStats(data=payload(self._role_name, self.hook_times.interval(), counters))
+        return None if stats.is_empty() else stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvTierConnectorStats:
+        return KvTierConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: "VllmConfig",
+        metric_types: dict,
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KvTierPromMetrics:
+        return KvTierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     # -- scheduler side --------------------------------------------------------------------
 
@@ -111,12 +143,13 @@ class KvTierConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         if self.worker_side is not None:
-            # A forward pass runs from here to the end of wait_for_save.
-            self.hook_times.step_begin()
+            # A forward pass runs from here (or its first layer hook) to the end of wait_for_save.
+            self.hook_times.open_step()
             self.hook_times.call("start_load_kv", self.worker_side.start_load_kv, self._step_meta())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self.worker_side is not None:
+            self.hook_times.open_step()
             self.hook_times.call("wait_for_layer_load", self.worker_side.wait_for_layer_load, layer_name)
 
     def save_kv_layer(

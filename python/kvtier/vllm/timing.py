@@ -17,9 +17,11 @@ from typing import Any
 class HookTimes:
     """Per hook: calls, total and worst seconds; per step: how many steps and their wall time.
 
-    A *step* spans from ``step_begin`` to ``step_end`` (on a worker: from ``start_load_kv``,
-    before the forward pass, to the end of ``wait_for_save``, after it; on the scheduler:
-    from one ``build_connector_meta`` to the next). :meth:`snapshot` gives the totals and
+    A *step* spans from ``step_begin`` (or ``open_step``) to ``step_end``. On a worker it
+    is one forward pass: from the first of ``start_load_kv`` and the first layer's
+    ``wait_for_layer_load`` (vLLM 0.32 calls ``start_load_kv`` after the forward pass when
+    the step has no synchronous loads) to the end of ``wait_for_save``. On the scheduler it
+    runs from one ``build_connector_meta`` to the next. :meth:`snapshot` gives the totals and
     ``connector_fraction``: hook time over step time.
     """
 
@@ -31,6 +33,11 @@ class HookTimes:
         self._step_hook_s = 0.0  # hook time inside counted steps
         self._step_start: float | None = None
         self._in_step_s = 0.0  # hook time since the current step began
+        self._iv = self._new_interval()  # the same, since the last interval() call
+
+    @staticmethod
+    def _new_interval() -> dict:
+        return {"steps": 0, "step_s": 0.0, "connector_s": 0.0, "hooks": {}}
 
     def add(self, name: str, seconds: float, *, part: bool = False) -> None:
         """Records one call of ``name`` that took ``seconds``. A ``part`` is a piece of a hook
@@ -43,6 +50,8 @@ class HookTimes:
             h[1] += seconds
             if seconds > h[2]:
                 h[2] = seconds
+            ih = self._iv["hooks"].get(name)
+            self._iv["hooks"][name] = (1, seconds) if ih is None else (ih[0] + 1, ih[1] + seconds)
             if self._step_start is not None and not part:
                 self._in_step_s += seconds
 
@@ -62,6 +71,15 @@ class HookTimes:
             self._step_start = now
             self._in_step_s = 0.0
 
+    def open_step(self, now: float | None = None) -> None:
+        """A step starts unless one is open already (the first of several hooks that may
+        come first in a step)."""
+        now = time.perf_counter() if now is None else now
+        with self._lock:
+            if self._step_start is None:
+                self._step_start = now
+                self._in_step_s = 0.0
+
     def step_end(self, now: float | None = None) -> None:
         """The open step ends (no-op when none is open)."""
         now = time.perf_counter() if now is None else now
@@ -71,9 +89,13 @@ class HookTimes:
     def _close_step(self, now: float) -> None:
         if self._step_start is None:
             return
+        took = max(0.0, now - self._step_start)
         self._steps += 1
-        self._step_s += max(0.0, now - self._step_start)
+        self._step_s += took
         self._step_hook_s += self._in_step_s
+        self._iv["steps"] += 1
+        self._iv["step_s"] += took
+        self._iv["connector_s"] += self._in_step_s
         self._step_start = None
         self._in_step_s = 0.0
 
@@ -93,6 +115,13 @@ class HookTimes:
                 "hooks": hooks,
             }
 
+    def interval(self) -> dict:
+        """What was recorded since the last call (steps closed in it, their time and hook
+        time, and ``hooks``: ``{name: (calls, seconds)}``), for vLLM's per-step stats."""
+        with self._lock:
+            iv, self._iv = self._iv, self._new_interval()
+            return iv
+
     def reset(self) -> None:
         """Forgets everything recorded (e.g. after a warm-up)."""
         with self._lock:
@@ -100,3 +129,4 @@ class HookTimes:
             self._steps = 0
             self._step_s = self._step_hook_s = self._in_step_s = 0.0
             self._step_start = None
+            self._iv = self._new_interval()
