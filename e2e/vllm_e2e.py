@@ -68,6 +68,9 @@ def step(res, label):
 # the two connectors run in different processes minutes apart, and a noisy neighbour can
 # slow one of them down as a whole.
 REF_TOKENS = 100
+# Process T's disk bandwidth: a load of P (63 chunks of 512 KiB) would take ~8 s there,
+# recomputing it ~3 s.
+THROTTLED_DISK_MBPS = 4
 HITS = [["ref1", "R1", 1], ["hit", "P", 1], ["ref2", "R2", 1], ["hit2", "P", 1], ["ref3", "R3", 1], ["hit3", "P", 1]]
 
 
@@ -190,6 +193,26 @@ def llama(work, model):
               cb["layerwise_loads"] >= 3 and cb["sync_loads"] == 0,
               f"layerwise_loads={cb['layerwise_loads']} sync_loads={cb['sync_loads']} "
               f"forward waited {cb['layer_wait_ms']:.1f} ms in wait_for_layer_load")
+
+    # 3b. load or recompute: a fresh process whose disk tier is throttled far below what a
+    # load of P needs. Its warm-up loads 2 chunks from that disk (the disk's measured cost),
+    # a fresh prompt R measures the prefill rate; then P must be recomputed rather than
+    # loaded, and cost no more than fresh prompts of P's length around it (which do all P
+    # does, plus their stores).
+    throttled = dict(extra, **{"kvtier.tier_max_mbps": f"disk={THROTTLED_DISK_MBPS}"})
+    rng_t = random.Random(33)
+    t_prompts = {"P": P, "R": [rng_t.randrange(4, 4096) for _ in range(1000)],
+                 "Q1": [rng_t.randrange(4, 4096) for _ in range(N)], "Q2": [rng_t.randrange(4, 4096) for _ in range(N)]}
+    t = run_case(work, "T", {"model": model, "connector": "kvtier", "extra": throttled, "engine_id": "e2e-" + uuid.uuid4().hex[:8],
+                 "prompts": t_prompts, "steps": [["R", "R", 1], ["Q1", "Q1", 1], ["P", "P", 1], ["Q2", "Q2", 1]]})
+    if check("load or recompute: process T (disk throttled) ran", t is not None):
+        p_t, q1, q2 = step(t, "P")["seconds"], step(t, "Q1")["seconds"], step(t, "Q2")["seconds"]
+        check("T: P is recomputed, not loaded from the throttled disk",
+              step(t, "P")["num_cached_tokens"] == 0, f"num_cached_tokens={step(t, 'P')['num_cached_tokens']}")
+        check("T: P's TTFT <= 1.05 x fresh prompts of its length in the same process",
+              p_t <= 1.05 * max(q1, q2), f"P {p_t:.3f}s, fresh {q1:.3f}s / {q2:.3f}s")
+        check("T: tokens identical to baseline (P)", step(t, "P")["tokens"] == ref_P[:1])
+        ttft[f"kvtier, disk throttled to {THROTTLED_DISK_MBPS} MB/s: recomputed (fresh process)"] = p_t
 
     # 4. corruption: damage the disk chunks of P from token N/2 on, then a fresh process
     if a is not None and "keys" in a:
@@ -394,6 +417,12 @@ def no_reuse_cost(base, model):
     check("OpenAI server: kvtier's counters are on vLLM's /metrics",
           metric_sum(before, "vllm:kvtier_connector_steps_total", role="worker") > 0,
           f"{len(before)} kvtier series")
+    # The repeats loaded from L1: the first before any load was measured, the next because
+    # the measured L1 load beats recomputing.
+    decided = {d: metric_sum(before, "vllm:kvtier_arbitration_decisions_total", decision=d)
+               for d in ("load", "partial", "recompute", "unmeasured")}
+    check("OpenAI server: load-vs-recompute decisions on /metrics (an L1 hit is loaded)",
+          decided["load"] >= 1 and decided["recompute"] == 0, str(decided))
     t0 = time.perf_counter()
     for _ in range(NO_REUSE_PROMPTS):
         text = " ".join(f"w{rng.randrange(4, 4096)}" for _ in range(NO_REUSE_WORDS))

@@ -52,15 +52,22 @@ def empty_sched_output():
 
 
 class StubEngine:
-    """Answers lookups like a worker's engine, after a delay."""
+    """Answers lookups like a worker's engine, after a delay; its chunks (of BS tokens) are
+    in ``tiers`` (tier index per chunk; default: all in L1)."""
 
-    def __init__(self, stored, delay):
+    def __init__(self, stored, delay, tiers=None):
         self.stored, self.delay, self.calls = stored, delay, 0
+        self.tiers = tiers
 
     def lookup(self, tokens, salt):
         self.calls += 1
         time.sleep(self.delay)
         return min(self.stored, len(tokens))
+
+    def lookup_detail(self, tokens, salt):
+        n = self.lookup(tokens, salt)
+        tiers = list(self.tiers) if self.tiers is not None else [0] * (self.stored // BS)
+        return {"hit_tokens": n, "hit_chunks": n // BS, "tiers": tiers[: n // BS]}
 
 
 @pytest.fixture
@@ -599,3 +606,83 @@ def test_a_forward_pass_is_timed_when_start_load_kv_comes_after_it(worker):
     assert t["steps"] == 2
     assert t["step_s"] >= 2 * L * 0.02
     assert t["connector_fraction"] < 0.5
+
+
+# -- load-vs-recompute arbitration ---------------------------------------------------------
+
+
+def test_arbiter_loads_what_beats_recomputing_it():
+    from kvtier.vllm.arbitration import Arbiter, CostModel
+
+    model = CostModel()
+    arb = Arbiter("auto", model)
+    assert arb.plan([0, 0, 2, 2], 16) == 4  # nothing measured yet: load everything
+    model.observe_step(1600, 1.0)  # 1600 tokens/s: a 16-token chunk recomputes in 10 ms
+    assert arb.plan([0, 0, 2, 2], 16) == 4  # tier 2 not measured yet
+    model.observe_load(0, 10, 0.01)  # 1 ms per chunk
+    model.observe_load(2, 2, 0.1)  # 50 ms per chunk
+    assert arb.plan([0, 0, 0], 16) == 3  # a fast tier: load it all
+    assert arb.plan([0, 0, 2, 2], 16) == 2  # L1 part loaded, slow tail recomputed
+    assert arb.plan([2, 2, 2], 16) == 0  # all slow: recompute
+    assert arb.plan([], 16) == 0
+    assert arb.take_decisions() == {"load": 1, "partial": 1, "recompute": 1, "unmeasured": 2, "off": 0}
+    assert arb.take_decisions()["unmeasured"] == 0  # counted once
+    # A slow chunk before fast ones: loading the fast ones needs the slow one first.
+    assert arb.plan([2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 16) == 11  # 50 + 10 ms < 11 x 10 ms
+    assert arb.plan([2, 0, 0], 16) == 0  # 52 ms > 30 ms
+    off = Arbiter("off", model)
+    assert off.plan([2, 2, 2], 16) == 3
+    always = Arbiter("always", CostModel(prior_prefill_tok_s=1600.0, prior_chunk_s=0.05))
+    assert always.plan([1, 1], 16) == 0  # priors: 50 ms per chunk vs 10 ms recompute
+    with pytest.raises(ValueError, match="arbitration must be one of"):
+        Arbiter("sometimes", model)
+
+
+def test_moving_averages_follow_new_measurements():
+    from kvtier.vllm.arbitration import CostModel
+
+    m = CostModel()
+    m.observe_step(100, 1.0)  # too small a step to say anything about prefill
+    assert m.rates(False)[0] is None
+    m.observe_step(1000, 1.0)
+    for _ in range(20):
+        m.observe_step(4000, 1.0)
+    assert m.rates(False)[0] == pytest.approx(4000, rel=0.01)
+    m.observe_load(1, 4, 0.4)
+    for _ in range(20):
+        m.observe_load(1, 4, 0.04)
+    assert m.rates(False)[1][1] == pytest.approx(0.01, rel=0.01)
+
+
+def test_scheduler_arbitrates_from_the_workers_measurements(stub_workers):
+    # 6 stored chunks of 16 tokens: 2 in L1, 4 in tier 2.
+    sock = stub_workers("arb", [StubEngine(stored=96, delay=0.0, tiers=[0, 0, 2, 2, 2, 2])])
+    conn = scheduler("arb", sock, lookup_budget_ms=1000)
+    assert conn.get_num_new_matched_tokens(request("cold"), 0) == (96, False)  # unmeasured: load all
+    # What vLLM hands the scheduler after a step: the workers' stats payload.
+    data = {"worker.prefill_tokens": 1600, "worker.prefill_s": 1.0,
+            "worker.load_s.0": 0.01, "worker.load_chunks.0": 10, "worker.load_s.2": 0.2, "worker.load_chunks.2": 4}
+    conn.update_connector_output(NS(kv_connector_stats=NS(data=data)))
+    assert conn.get_num_new_matched_tokens(request("warm"), 0) == (32, False)  # L1 part only
+    d = conn.get_kv_connector_stats().data
+    assert d["scheduler.decision.unmeasured"] == 1 and d["scheduler.decision.partial"] == 1
+    off = scheduler("arb", sock, lookup_budget_ms=1000, arbitration="off")
+    off.update_connector_output(NS(kv_connector_stats=NS(data=data)))
+    assert off.get_num_new_matched_tokens(request("x"), 0) == (96, False)
+
+
+def test_workers_report_forward_and_load_times_for_the_arbitration(worker):
+    conn, caches = worker()
+    run_step(conn, caches, KvTierConnectorMetadata())
+    src = [3, 5, 7, 9]
+    run_step(conn, caches, KvTierConnectorMetadata(saves=[SaveSpec("s", TOKENS, None, src)], num_tokens=512))
+    d = conn.get_kv_connector_stats().data
+    assert d["worker.prefill_tokens"] == 512 and d["worker.prefill_s"] > 0
+    assert not any(k.startswith("worker.load_s.") for k in d)
+    slow_loads(conn, 0.05)
+    load = LoadSpec("l", TOKENS, None, [20, 21, 22, 23], 0, tiers=[0, 1, 1, 0])
+    run_step(conn, caches, KvTierConnectorMetadata(loads=[load], num_tokens=100))
+    d = conn.get_kv_connector_stats().data
+    assert "worker.prefill_tokens" not in d  # a 100-token step says nothing about prefill
+    assert d["worker.load_chunks.1"] == 2 and d["worker.load_s.1"] >= 0.05  # charged to the slowest tier
+    assert "worker.load_s.0" not in d

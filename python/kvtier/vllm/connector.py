@@ -93,6 +93,9 @@ class KvTierConnector(KVConnectorBase_V1):
             now = {c: self.worker_side.stats.get(c, 0) for c in WORKER_COUNTERS}
             counters = {c: now[c] - self._counters_sent[c] for c in WORKER_COUNTERS}
             self._counters_sent = now
+            counters.update(self.worker_side.take_observations())
+        elif self.scheduler_side is not None:
+            counters = {f"decision.{k}": v for k, v in self.scheduler_side.arbiter.take_decisions().items()}
         stats = KvTierConnectorStats(data=payload(self._role_name, self.hook_times.interval(), counters))
         return None if stats.is_empty() else stats
 
@@ -111,6 +114,13 @@ class KvTierConnector(KVConnectorBase_V1):
         return KvTierPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     # -- scheduler side --------------------------------------------------------------------
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        """The workers' output of a step: their stats feed the load-vs-recompute model."""
+        stats = getattr(connector_output, "kv_connector_stats", None)
+        data = getattr(stats, "data", None) if stats is not None else None
+        if self.scheduler_side is not None and data:
+            self.hook_times.call("update_connector_output", self.scheduler_side.observe, data)
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         return self.hook_times.call(
@@ -160,10 +170,12 @@ class KvTierConnector(KVConnectorBase_V1):
 
     def wait_for_save(self):
         if self.worker_side is not None:
+            meta = self._step_meta()
             try:
-                self.hook_times.call("wait_for_save", self.worker_side.wait_for_save, self._step_meta())
+                self.hook_times.call("wait_for_save", self.worker_side.wait_for_save, meta)
             finally:
-                self.hook_times.step_end()
+                took = self.hook_times.step_end()
+                self.worker_side.note_step(getattr(meta, "num_tokens", 0), took)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, None

@@ -85,6 +85,9 @@ class LookupServer:
     def _answer(self, op: str, payload: Any, salt: str | None) -> Any:
         if op == "lookup":
             return self.engine.lookup(unpack_tokens(payload), salt)
+        if op == "lookup_detail":  # (stored tokens, tier of each stored chunk)
+            d = self.engine.lookup_detail(unpack_tokens(payload), salt)
+            return int(d["hit_tokens"]), list(d["tiers"])
         if op == "stats":
             return self.engine.stats()
         if op == "flush":
@@ -144,7 +147,9 @@ class RankClients:
     """The scheduler's connections to the workers' lookup sockets, one set per lookup
     thread (a request and its answer must not interleave with another thread's)."""
 
-    def __init__(self, engine_id: str, num_ranks: int, sock_dir: str | None, connect_timeout_s: float):
+    def __init__(self, engine_id: str, num_ranks: int, sock_dir: str | None, connect_timeout_s: float,
+                 detail: bool = False):
+        self._detail = detail  # answers carry the tier of each stored chunk
         self._engine_id = engine_id
         self._num_ranks = num_ranks
         self._sock_dir = sock_dir
@@ -179,26 +184,34 @@ class RankClients:
                 pass
         self._tls.clients = {}
 
-    def lookup(self, tokens: list[int], salt: str | None, deadline: float) -> int:
-        """The minimum over the ranks of their stored prefix. The question goes to every
-        rank before any answer is read, so the ranks look up in parallel. TimeoutError
-        when a rank has not answered by ``deadline`` (monotonic)."""
+    def lookup(self, tokens: list[int], salt: str | None, deadline: float) -> int | tuple[int, list[int]]:
+        """The minimum over the ranks of their stored prefix (with ``detail``: and the tier
+        of each of its chunks, the slowest over the ranks). The question goes to every rank
+        before any answer is read, so the ranks look up in parallel. TimeoutError when a rank
+        has not answered by ``deadline`` (monotonic)."""
         payload = pack_tokens(tokens)
+        op = "lookup_detail" if self._detail else "lookup"
         try:
             conns = []
             for r in range(self._num_ranks):
                 c = self._client(r)
-                c.send(("lookup", payload, salt))
+                c.send((op, payload, salt))
                 conns.append((r, c))
             best: int | None = None
+            tiers: list[int] | None = None
             for r, c in conns:
                 if not c.poll(max(0.0, deadline - time.monotonic())):
                     raise TimeoutError(f"worker rank {r} did not answer the lookup before its deadline")
                 status, val = c.recv()
                 if status != "ok":
                     raise RuntimeError(f"worker rank {r}: {val}")
-                best = int(val) if best is None else min(best, int(val))
-            return best or 0
+                hit, rank_tiers = (int(val[0]), list(val[1])) if self._detail else (int(val), None)
+                best = hit if best is None else min(best, hit)
+                if rank_tiers is not None:
+                    tiers = rank_tiers if tiers is None else [max(a, b) for a, b in zip(tiers, rank_tiers)]
+            if not self._detail:
+                return best or 0
+            return best or 0, tiers or []
         except BaseException:
             self._drop()
             raise

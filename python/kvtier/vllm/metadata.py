@@ -16,6 +16,7 @@ class LoadSpec:
     salt: str | None
     block_ids: list[int]  # vLLM blocks to fill, in prompt order
     first_block: int  # index (in the prompt) of block_ids[0]
+    tiers: list[int] | None = None  # tier of each chunk to load (from the lookup), when known
 
 
 @dataclasses.dataclass
@@ -34,3 +35,4 @@ class KvTierConnectorMetadata(KVConnectorMetadata):
 
     loads: list[LoadSpec] = dataclasses.field(default_factory=list)
     saves: list[SaveSpec] = dataclasses.field(default_factory=list)
+    num_tokens: int = 0  # tokens the step computes (all requests): the workers time it

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING
 
+from .arbitration import Arbiter, CostModel
 from .lookup import AsyncLookups, PendingLookup, RankClients
 from .metadata import KvTierConnectorMetadata, LoadSpec, SaveSpec
 from .settings import ConnectorSettings, kv_dtype_code, model_identity
@@ -31,6 +32,7 @@ class _ReqState:
     usable: int = 0  # the most tokens a load may cover (whole chunks, >= 1 token left)
     n_save: int = 0  # tokens in the prompt's full chunks
     pending: PendingLookup | None = None  # the lookup, while unanswered
+    tiers: list[int] | None = None  # tier of each chunk to load (arbitration on)
 
 
 class SchedulerSide:
@@ -44,23 +46,36 @@ class SchedulerSide:
         self._s = settings
         self._reqs: dict[str, _ReqState] = {}
         self._engine = None  # server mode: this side's client of the server
+        #: Load or recompute, per request (see :mod:`.arbitration`).
+        self.arbiter = Arbiter(settings.arbitration, CostModel(settings.prior_prefill_tok_s, settings.prior_chunk_s))
+        self._detail = settings.arbitration != "off"  # lookups say which tier holds each chunk
         if settings.server_mode:
             ident = model_identity(vllm_config, kv_dtype_code(vllm_config), 0)
             self._engine = settings.open_engine(ident)
             lookup = self._server_lookup
         else:
             ranks = RankClients(settings.engine_id, settings.num_ranks, settings.lookup_socket_dir,
-                                settings.lookup_timeout_s)
+                                settings.lookup_timeout_s, detail=self._detail)
             lookup = ranks.lookup
         self.lookups = AsyncLookups(lookup, settings.lookup_threads, settings.lookup_budget_s,
                                     settings.lookup_deadline_s)
 
-    def _server_lookup(self, tokens: list[int], salt: str | None, deadline: float) -> int:
-        return self._engine.lookup(tokens, salt)
+    def _server_lookup(self, tokens: list[int], salt: str | None, deadline: float) -> int | tuple[int, list[int]]:
+        if not self._detail:
+            return self._engine.lookup(tokens, salt)
+        d = self._engine.lookup_detail(tokens, salt)
+        return int(d["hit_tokens"]), list(d["tiers"])
 
-    def _resolve(self, st: _ReqState, stored: int) -> None:
+    def _resolve(self, st: _ReqState, answer: int | tuple[int, list[int]]) -> None:
+        stored, tiers = (answer, None) if isinstance(answer, int) else answer
         st.pending = None
         st.hit = min(stored, st.usable)
+        if tiers is not None and st.hit > 0:
+            chunk = self._s.chunk_tokens
+            n = st.hit // chunk
+            k = self.arbiter.plan(list(tiers[:n]), chunk)
+            st.hit = k * chunk
+            st.tiers = list(tiers[:k])
         st.saved = st.n_save > 0 and stored >= st.n_save  # every full chunk is stored: no save
         if st.n_save == 0:
             st.saved = True
@@ -81,12 +96,12 @@ class SchedulerSide:
             else:
                 self._resolve(st, 0)
         if st.pending is not None:
-            stored = self.lookups.answer(st.pending, request.request_id)
-            if stored is None:
+            answer = self.lookups.answer(st.pending, request.request_id)
+            if answer is None:
                 # vLLM 0.32: None = "cannot tell yet": the request is skipped this step and
                 # asked again in the next one (scheduler.py, skip_request).
                 return None, False
-            self._resolve(st, stored)
+            self._resolve(st, answer)
         extra = st.hit - num_computed_tokens
         if extra <= 0:
             return 0, False
@@ -105,7 +120,7 @@ class SchedulerSide:
         """The loads and saves of the step just scheduled."""
         # Called once at the end of each schedule(): the next step gets a fresh budget.
         self.lookups.new_step()
-        meta = KvTierConnectorMetadata()
+        meta = KvTierConnectorMetadata(num_tokens=int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0))
         bs = self._s.block_size
         for new in scheduler_output.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
@@ -116,7 +131,11 @@ class SchedulerSide:
                 start = new.num_computed_tokens - st.load_tokens  # tokens computed locally before
                 end = new.num_computed_tokens
                 first, last = start // bs, end // bs
-                meta.loads.append(LoadSpec(new.req_id, st.tokens[:end], st.salt, st.block_ids[first:last], first))
+                tiers = None
+                if st.tiers is not None:  # the chunks this load covers
+                    chunk = self._s.chunk_tokens
+                    tiers = st.tiers[start // chunk : (end + chunk - 1) // chunk]
+                meta.loads.append(LoadSpec(new.req_id, st.tokens[:end], st.salt, st.block_ids[first:last], first, tiers))
                 st.load_tokens = 0
             self._maybe_save(meta, new.req_id, st, new.num_computed_tokens, scheduler_output)
         cached = scheduler_output.scheduled_cached_reqs
@@ -163,6 +182,17 @@ class SchedulerSide:
             st.pending.future.cancel()
             st.pending = None
         return False, None  # saves finish inside wait_for_save: blocks can be freed now
+
+    def observe(self, data: dict) -> None:
+        """Feeds the workers' per-step figures (their connector stats payload, summed over
+        the ranks) to the arbitration's cost model: forward-pass tokens and time, and load
+        time per chunk of the slowest tier each load read."""
+        model = self.arbiter.model
+        model.observe_step(int(data.get("worker.prefill_tokens", 0)), float(data.get("worker.prefill_s", 0.0)))
+        for key, secs in data.items():
+            if key.startswith("worker.load_s."):
+                tier = key[len("worker.load_s."):]
+                model.observe_load(int(tier), int(data.get(f"worker.load_chunks.{tier}", 0)), float(secs))
 
     def pending_lookups(self) -> int:
         """Requests whose lookup is still unanswered."""

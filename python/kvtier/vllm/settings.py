@@ -30,6 +30,9 @@ CONNECTOR_KEYS = {
     "server",
     "staging",
     "device_staging_mb",
+    "arbitration",
+    "arbitration_prefill_tok_s",
+    "arbitration_chunk_ms",
 }
 
 STAGING_MODES = ("pinned", "pool")
@@ -70,6 +73,9 @@ class ConnectorSettings:
     layerwise: bool  # per-layer pipelining of loads and saves
     staging: str  # host memory of the copies: "pinned" (a staging buffer) or "pool" (kvtier's L1)
     device_staging_bytes: int  # CUDA: device buffer per direction (bigger steps go in groups)
+    arbitration: str = "auto"  # load-vs-recompute per request: off, auto, always
+    prior_prefill_tok_s: float = 4000.0  # "always": prefill rate until one is measured
+    prior_chunk_s: float = 0.001  # "always": seconds per chunk load until measured
 
     @property
     def chunk_tokens(self) -> int:
@@ -115,7 +121,19 @@ class ConnectorSettings:
             layerwise=flag(conn.get("layerwise", True)),
             staging=str(conn.get("staging", "pinned")).strip().lower(),
             device_staging_bytes=int(float(conn.get("device_staging_mb", 256)) * (1 << 20)),
+            arbitration=str(conn.get("arbitration", "auto")).strip().lower(),
+            prior_prefill_tok_s=float(conn.get("arbitration_prefill_tok_s", 4000.0)),
+            prior_chunk_s=float(conn.get("arbitration_chunk_ms", 1.0)) / 1000.0,
         )
+        from .arbitration import MODES
+
+        if s.arbitration not in MODES:
+            raise ValueError(f"kvtier connector: arbitration must be one of {MODES}, got {s.arbitration!r}")
+        if s.prior_prefill_tok_s <= 0 or s.prior_chunk_s < 0:
+            raise ValueError(
+                "kvtier connector: arbitration_prefill_tok_s must be > 0 and arbitration_chunk_ms >= 0 "
+                f"(got {s.prior_prefill_tok_s}, {s.prior_chunk_s * 1000.0})"
+            )
         if s.staging not in STAGING_MODES:
             raise ValueError(f"kvtier connector: staging must be one of {STAGING_MODES}, got {s.staging!r}")
         if s.staging == "pool" and s.server_mode:

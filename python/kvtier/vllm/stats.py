@@ -54,6 +54,9 @@ class KvTierConnectorStats(KVConnectorStats):
         for c in WORKER_COUNTERS:
             if d.get(f"worker.{c}"):
                 out[f"kvtier_{c}"] = int(d[f"worker.{c}"])
+        for k, v in d.items():
+            if k.startswith("scheduler.decision.") and v:
+                out[f"kvtier_arbitration_{k[len('scheduler.decision.'):]}"] = int(v)
         hooks = {k: v for k, v in d.items() if ".hook_s." in k}
         if hooks:
             name, secs = max(hooks.items(), key=lambda kv: kv[1])
@@ -125,6 +128,13 @@ class KvTierPromMetrics(KVConnectorPromMetrics):
             documentation="Time inside kvtier's hooks during those steps (the connector's share of them).",
             labelnames=names + ["role"],
         )
+        self._decisions = counter(
+            name="vllm:kvtier_arbitration_decisions",
+            documentation="Load-vs-recompute decisions per request with stored KV: load (all stored chunks), "
+            "partial (a prefix loaded, the rest recomputed), recompute, unmeasured (loaded before the rates "
+            "were measured), off.",
+            labelnames=names + ["decision"],
+        )
         self._worker = {
             c: counter(name=f"vllm:kvtier_{c}", documentation=f"kvtier connector: {c.replace('_', ' ')}.",
                        labelnames=names)
@@ -149,5 +159,7 @@ class KvTierPromMetrics(KVConnectorPromMetrics):
                 self._step_s.labels(*labels, role).inc(value)
             elif kind == "connector_s":
                 self._step_hook_s.labels(*labels, role).inc(value)
+            elif kind == "decision":
+                self._decisions.labels(*labels, hook).inc(value)
             elif role == "worker" and kind in self._worker:
                 self._worker[kind].labels(*labels).inc(value)

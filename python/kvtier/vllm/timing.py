@@ -80,15 +80,15 @@ class HookTimes:
                 self._step_start = now
                 self._in_step_s = 0.0
 
-    def step_end(self, now: float | None = None) -> None:
-        """The open step ends (no-op when none is open)."""
+    def step_end(self, now: float | None = None) -> float | None:
+        """The open step ends; returns its wall time (None when no step was open)."""
         now = time.perf_counter() if now is None else now
         with self._lock:
-            self._close_step(now)
+            return self._close_step(now)
 
-    def _close_step(self, now: float) -> None:
+    def _close_step(self, now: float) -> float | None:
         if self._step_start is None:
-            return
+            return None
         took = max(0.0, now - self._step_start)
         self._steps += 1
         self._step_s += took
@@ -98,6 +98,7 @@ class HookTimes:
         self._iv["connector_s"] += self._in_step_s
         self._step_start = None
         self._in_step_s = 0.0
+        return took
 
     def snapshot(self) -> dict:
         """``{"steps", "step_s", "connector_s", "connector_fraction", "hooks": {name: {"calls",

@@ -103,6 +103,10 @@ class WorkerSide:
         self._xfer_pool: concurrent.futures.ThreadPoolExecutor | None = None  # loads
         self._inflight_load: _InflightLoad | None = None
         self._save_plan: _SavePlan | None = None
+        # For the scheduler's load-vs-recompute arbitration, drained with each step's stats:
+        # forward-pass tokens and seconds, and per tier the load seconds and chunks.
+        self._obs_lock = threading.Lock()
+        self._obs: dict[str, float] = {}
         self.stats = {
             "loaded_tokens": 0,
             "saved_tokens": 0,
@@ -164,6 +168,34 @@ class WorkerSide:
             len(names), paged.layout, paged.block_shape, first.dtype, first.device,
             self.engine.bytes_per_token, self._s.staging, self.engine,
         )
+
+    def _observe(self, **values: float) -> None:
+        with self._obs_lock:
+            for k, v in values.items():
+                self._obs[k] = self._obs.get(k, 0) + v
+
+    def note_step(self, num_tokens: int, seconds: float | None) -> None:
+        """A forward pass of ``num_tokens`` tokens took ``seconds`` (prefill-sized steps
+        only: a decode step's fixed costs say nothing about the prefill rate)."""
+        from .arbitration import MIN_STEP_TOKENS
+
+        if seconds and num_tokens >= MIN_STEP_TOKENS:
+            self._observe(prefill_tokens=num_tokens, prefill_s=seconds)
+
+    def _note_load(self, spec: LoadSpec, loaded_blocks: int, seconds: float) -> None:
+        """Charges a load's time to the slowest tier it read, per chunk read from it."""
+        if not spec.tiers or loaded_blocks <= 0:
+            return
+        bpc = self._s.blocks_per_chunk
+        tiers = spec.tiers[: (loaded_blocks + bpc - 1) // bpc]
+        slowest = max(tiers)
+        self._observe(**{f"load_s.{slowest}": seconds, f"load_chunks.{slowest}": tiers.count(slowest)})
+
+    def take_observations(self) -> dict[str, float]:
+        """The observations since the last call."""
+        with self._obs_lock:
+            obs, self._obs = self._obs, {}
+            return obs
 
     def info(self) -> dict:
         """The counters of :attr:`stats`, plus ``timing``: the hooks' wall time on this worker."""
@@ -229,6 +261,7 @@ class WorkerSide:
         plans = []
         if self._pool is not None:
             for spec in specs:
+                t0 = time.perf_counter()
                 try:
                     held = self._pool.acquire(spec.tokens, spec.salt)
                 except Exception as e:
@@ -239,11 +272,13 @@ class WorkerSide:
                 plan = self._short_load(spec, held.hit_tokens, held.chunks)
                 if plan is not None:
                     plans.append(plan)
+                    self._note_load(spec, len(plan.block_ids), time.perf_counter() - t0)
             return plans
         counts = [(len(sp.tokens) // chunk) * paged.blocks_per_chunk for sp in specs]
         payloads = self._load_staging.payloads([paged.payload_numel(n) for n in counts])
         for spec, payload in zip(specs, payloads):
             got = 0
+            t0 = time.perf_counter()
             try:
                 # The engine fills the whole prefix; blocks before first_block were computed locally.
                 got = self.engine.retrieve(spec.tokens, payload)
@@ -252,6 +287,7 @@ class WorkerSide:
             plan = self._short_load(spec, got, paged.split(payload, got // self._s.block_size))
             if plan is not None:
                 plans.append(plan)
+                self._note_load(spec, len(plan.block_ids), time.perf_counter() - t0)
         return plans
 
     def _short_load(self, spec: LoadSpec, got: int, chunks=None) -> LoadPlan | None:
