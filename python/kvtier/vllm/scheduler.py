@@ -70,9 +70,9 @@ class SchedulerSide:
         stored, tiers = (answer, None) if isinstance(answer, int) else answer
         st.pending = None
         st.hit = min(stored, st.usable)
-        if tiers is not None and st.hit > 0:
-            chunk = self._s.chunk_tokens
-            n = st.hit // chunk
+        chunk = self._s.chunk_tokens
+        n = st.hit // chunk
+        if tiers is not None and n > 0 and len(tiers) >= n:  # else: no tier per chunk, load all
             k = self.arbiter.plan(list(tiers[:n]), chunk)
             st.hit = k * chunk
             st.tiers = list(tiers[:k])
