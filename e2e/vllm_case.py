@@ -2,7 +2,7 @@
 
 Usage: vllm_case.py SPEC.json RESULT.json. SPEC: {"model", "connector": "none"|"kvtier"|
 "example", "extra": {...}, "engine_id", "prompts": {name: [token ids]}, "steps": [[label,
-prompt name, max_tokens], ...], "keys_of": prompt name or null, "llm": {extra LLM(...)
+prompt name, max_tokens(, {"kv_transfer_params": {...}})], ...], "kv_role", "keys_of": prompt name or null, "llm": {extra LLM(...)
 keyword arguments, e.g. disable_hybrid_kv_cache_manager: false}, "logprobs": top-k or 0,
 "warmup": false to skip the warm-up}. RESULT: per step the token ids, the sampled tokens'
 logprobs (when asked), num_cached_tokens and wall seconds, plus the kvtier worker's stats."""
@@ -48,7 +48,7 @@ def main(spec_path: str, out_path: str) -> None:
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="KvTierConnector",
             kv_connector_module_path="kvtier.vllm",
-            kv_role="kv_both",
+            kv_role=spec.get("kv_role", "kv_both"),
             engine_id=spec["engine_id"],
             kv_load_failure_policy="recompute",
             kv_connector_extra_config=spec["extra"],
@@ -70,9 +70,12 @@ def main(spec_path: str, out_path: str) -> None:
         sock_dir = spec["extra"].get("kvtier.lookup_socket_dir") or spec["extra"].get("lookup_socket_dir")
         before = worker_call(spec["engine_id"], "connector", lookup_socket_dir=sock_dir)
     steps = []
-    for label, name, max_tokens in spec["steps"]:
+    for label, name, max_tokens, *opt in spec["steps"]:
+        # An optional 4th element: {"kv_transfer_params": {...}} (prefill/decode disaggregation).
+        ktp = (opt[0] if opt else {}).get("kv_transfer_params")
         sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                            logprobs=spec.get("logprobs") or None)
+                            logprobs=spec.get("logprobs") or None,
+                            extra_args={"kv_transfer_params": ktp} if ktp is not None else None)
         t0 = time.perf_counter()
         out = llm.generate([{"prompt_token_ids": prompts[name]}], sp, use_tqdm=False)[0]
         dt = time.perf_counter() - t0
@@ -83,6 +86,7 @@ def main(spec_path: str, out_path: str) -> None:
                 "seconds": dt,
                 "tokens": list(out.outputs[0].token_ids),
                 "num_cached_tokens": out.num_cached_tokens,
+                "kv_transfer_params": getattr(out, "kv_transfer_params", None),
                 # The sampled token's logprob at each position: tiny random models often
                 # repeat one token, so equal tokens alone prove little.
                 "logprobs": [lp[t].logprob for t, lp in zip(out.outputs[0].token_ids, out.outputs[0].logprobs)]

@@ -245,6 +245,8 @@ def llama(work, model):
 
     # 4b. server mode: two vLLM processes share one `kvtier serve`
     server_mode(work, model, prompts, full, ref_P)
+    # 4c. prefill/decode disaggregation through one `kvtier serve`
+    disaggregated(work, model, prompts, full, ref_P, ref_P2)
 
     # 5. vLLM's ExampleConnector on the same prompt, same machine, same run
     ex_dir = os.path.join(work, "example-store")
@@ -284,25 +286,32 @@ def llama(work, model):
               f"(kvtier process {speed:.2f}x as slow), scaled hit {scaled:.3f}s")
 
 
+def start_serve(work, name):
+    """A `kvtier serve` on a Unix socket in `work`: (process, socket path); the caller stops it."""
+    binary = os.environ.get("KV_SERVE_BIN")
+    cfg = os.path.join(work, f"{name}.yaml")
+    with open(cfg, "w") as f:
+        f.write("chunk_size: 128\nmax_local_cpu_size: 1\nlocal_cpu_huge_pages: false\n")
+    sock = os.path.join(work, f"{name}.sock")
+    if os.path.exists(sock):
+        os.unlink(sock)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+    log = open(os.path.join(work, f"{name}.log"), "w")
+    proc = subprocess.Popen([binary, "serve", "--config", cfg, "--socket", sock], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    for _ in range(200):
+        if os.path.exists(sock) or proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    return proc, sock
+
+
 def server_mode(work, model, prompts, full, ref_P):
     binary = os.environ.get("KV_SERVE_BIN")
     if not check("server mode: kvtier binary available", bool(binary) and os.path.exists(binary), str(binary)):
         return
-    cfg = os.path.join(work, "serve.yaml")
-    with open(cfg, "w") as f:
-        f.write("chunk_size: 128\nmax_local_cpu_size: 1\nlocal_cpu_huge_pages: false\n")
-    sock = os.path.join(work, "kvtier-serve.sock")
-    if os.path.exists(sock):
-        os.unlink(sock)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
-    log = open(os.path.join(work, "serve.log"), "w")
-    proc = subprocess.Popen([binary, "serve", "--config", cfg, "--socket", sock], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc, sock = start_serve(work, "serve")
     try:
-        for _ in range(200):
-            if os.path.exists(sock) or proc.poll() is not None:
-                break
-            time.sleep(0.05)
         if not check("server mode: kvtier serve started", os.path.exists(sock)):
             return
         extra = {"kvtier.server": "unix:" + sock}
@@ -327,6 +336,54 @@ def server_mode(work, model, prompts, full, ref_P):
 
 
 SERVER_TTFT = {}
+
+# Prefill/decode disaggregation: the decoder waits this long for the producer's chunks.
+PD_WAIT_S = 2.0
+
+
+def disaggregated(work, model, prompts, full, ref_P, ref_P2):
+    """A prefill instance (kv_producer) and a decode instance (kv_consumer), separate vLLM
+    processes sharing one `kvtier serve`: the decoder gets the producer's kv_transfer_params
+    (as a disaggregating proxy passes them), loads every full chunk and computes one chunk
+    at most; a request whose producer stored nothing (a dead prefiller) is recomputed after
+    pd_wait_s, never hangs."""
+    binary = os.environ.get("KV_SERVE_BIN")
+    if not binary or not os.path.exists(binary):
+        return  # reported by server_mode
+    proc, sock = start_serve(work, "serve-pd")
+    try:
+        if not check("disaggregated: kvtier serve started", os.path.exists(sock)):
+            return
+        extra = {"kvtier.server": "unix:" + sock, "kvtier.pd_wait_s": PD_WAIT_S}
+        ask = {"kv_transfer_params": {"do_remote_decode": True}}
+        pre = run_case(work, "PD-prefill", {"model": model, "connector": "kvtier", "extra": extra, "kv_role": "kv_producer",
+                       "engine_id": "e2e-pd-p", "prompts": prompts, "steps": [["P", "P", 1, ask], ["P2", "P2", 1, ask]]})
+        if not check("disaggregated: prefill instance ran", pre is not None):
+            return
+        params = {n: step(pre, n)["kv_transfer_params"] or {} for n in ("P", "P2")}
+        check("disaggregated: the prefill instance returns what it stored in kv_transfer_params",
+              all(params[n].get("kvtier_stored_tokens", 0) >= full for n in params), str(params))
+        rng = random.Random(14)
+        dprompts = dict(prompts, GHOST=[rng.randrange(4, 4096) for _ in range(3000)])
+        ghost = {"kv_transfer_params": {"kvtier_stored_tokens": 2944}}  # a prefiller that died before storing
+        dec = run_case(work, "PD-decode", {"model": model, "connector": "kvtier", "extra": extra, "kv_role": "kv_consumer",
+                       "engine_id": "e2e-pd-d", "prompts": dprompts,
+                       "steps": [["P", "P", 16, {"kv_transfer_params": params["P"]}],
+                                 ["P2", "P2", 16, {"kv_transfer_params": params["P2"]}],
+                                 ["GHOST", "GHOST", 4, ghost]]})
+        if not check("disaggregated: decode instance ran", dec is not None):
+            return
+        for n, ref in (("P", ref_P), ("P2", ref_P2)):
+            s = step(dec, n)
+            check(f"disaggregated: decoder loads all but the last chunk of {n}",
+                  s["num_cached_tokens"] >= len(prompts[n]) - BLOCK, f"{s['num_cached_tokens']} of {len(prompts[n])}")
+            check(f"disaggregated: decoder's tokens identical to a single instance ({n})", s["tokens"] == ref)
+        g = step(dec, "GHOST")
+        check("disaggregated: nothing arrives: recomputed after pd_wait_s, no hang",
+              g["num_cached_tokens"] == 0 and g["seconds"] < PD_WAIT_S + 60, f"{g['seconds']:.2f}s")
+        SERVER_TTFT["disaggregated: decoder TTFT+15 tokens (P, loads the producer's KV)"] = step(dec, "P")["seconds"]
+    finally:
+        stop_group(proc, 15)
 
 
 def free_port():

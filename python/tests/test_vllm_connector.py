@@ -686,3 +686,75 @@ def test_workers_report_forward_and_load_times_for_the_arbitration(worker):
     assert "worker.prefill_tokens" not in d  # a 100-token step says nothing about prefill
     assert d["worker.load_chunks.1"] == 2 and d["worker.load_s.1"] >= 0.05  # charged to the slowest tier
     assert "worker.load_s.0" not in d
+
+
+# -- prefill/decode disaggregation ---------------------------------------------------------
+
+
+class GrowingEngine(StubEngine):
+    """A store the producer's chunks reach after ``after`` seconds (e.g. through another node)."""
+
+    def __init__(self, before, after_s, full):
+        super().__init__(stored=before, delay=0.0)
+        self.t0, self.after_s, self.full = time.monotonic(), after_s, full
+
+    def lookup(self, tokens, salt):
+        if time.monotonic() - self.t0 >= self.after_s:
+            self.stored = self.full
+        return super().lookup(tokens, salt)
+
+
+def pd_config(engine_id, sock_dir, role, **extra):
+    cfg = make_config(dict(lookup_socket_dir=sock_dir, lookup_budget_ms=1000, **extra), engine_id)
+    cfg.kv_transfer_config.kv_role = role
+    return cfg
+
+
+def test_producer_tells_the_decoder_what_it_stored(stub_workers):
+    sock = stub_workers("prod", [StubEngine(stored=0, delay=0.0)])
+    conn = KvTierConnector(pd_config("prod", sock, "kv_producer"), KVConnectorRole.SCHEDULER, None)
+    req = request("p", n=100)  # 6 full chunks of 16
+    assert conn.get_num_new_matched_tokens(req, 0) == (0, False)
+    new = NS(req_id="p", block_ids=([1, 2, 3, 4, 5, 6, 7],), num_computed_tokens=0)
+    so = NS(scheduled_new_reqs=[new], scheduled_cached_reqs=empty_sched_output().scheduled_cached_reqs,
+            num_scheduled_tokens={"p": 100}, total_num_scheduled_tokens=100)
+    meta = conn.build_connector_meta(so)
+    assert len(meta.saves) == 1 and meta.num_tokens == 100
+    assert conn.request_finished(req, []) == (False, {"kvtier_stored_tokens": 96, "kvtier_chunk_tokens": 16})
+    # kv_both answers only requests that ask (the proxy's do_remote_decode).
+    both = scheduler("prod", sock)
+    plain = request("q", n=100)
+    both.get_num_new_matched_tokens(plain, 0)
+    assert both.request_finished(plain, []) == (False, None)
+
+
+def test_decoder_waits_for_the_producers_chunks_then_loads_them(stub_workers):
+    sock = stub_workers("cons", [GrowingEngine(before=32, after_s=0.3, full=96)])
+    conn = KvTierConnector(pd_config("cons", sock, "kv_consumer"), KVConnectorRole.SCHEDULER, None)
+    req = request("d", n=100)
+    req.kv_transfer_params = {"kvtier_stored_tokens": 96}
+    n, _, steps, took = ask_until_answered(conn, req)
+    assert n == 96 and took >= 0.25 and steps > 0  # waited for all 6 chunks, asking again
+    d = conn.get_kv_connector_stats().data
+    assert d["scheduler.pd.complete"] == 1 and d["scheduler.pd.short"] == 0
+    # A decoder never stores.
+    new = NS(req_id="d", block_ids=([1, 2, 3, 4, 5, 6, 7],), num_computed_tokens=96)
+    conn.update_state_after_alloc(req, NS(get_block_ids=lambda: ([1, 2, 3, 4, 5, 6, 7],)), 96)
+    so = NS(scheduled_new_reqs=[new], scheduled_cached_reqs=empty_sched_output().scheduled_cached_reqs,
+            num_scheduled_tokens={"d": 4}, total_num_scheduled_tokens=4)
+    meta = conn.build_connector_meta(so)
+    assert len(meta.loads) == 1 and meta.saves == []
+
+
+def test_decoder_recomputes_what_never_arrives_within_pd_wait_s(stub_workers, caplog):
+    sock = stub_workers("late", [GrowingEngine(before=32, after_s=60.0, full=96)])
+    conn = KvTierConnector(pd_config("late", sock, "kv_consumer", pd_wait_s=0.2), KVConnectorRole.SCHEDULER, None)
+    req = request("d", n=100)
+    req.kv_transfer_params = {"kvtier_stored_tokens": 96}
+    with caplog.at_level(logging.WARNING, logger="vllm.kvtier"):
+        n, _, _, took = ask_until_answered(conn, req)
+    assert n == 32 and 0.15 <= took < 5.0  # what is there, no hang
+    assert "pd_wait_s" in caplog.text
+    assert conn.get_kv_connector_stats().data["scheduler.pd.short"] == 1
+    with pytest.raises(ValueError, match="kv_role must be one of"):
+        KvTierConnector(pd_config("late", sock, "kv_sideways"), KVConnectorRole.SCHEDULER, None)

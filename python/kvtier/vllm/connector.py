@@ -96,6 +96,7 @@ class KvTierConnector(KVConnectorBase_V1):
             counters.update(self.worker_side.take_observations())
         elif self.scheduler_side is not None:
             counters = {f"decision.{k}": v for k, v in self.scheduler_side.arbiter.take_decisions().items()}
+            counters.update(self.scheduler_side.take_pd_stats())
         stats = KvTierConnectorStats(data=payload(self._role_name, self.hook_times.interval(), counters))
         return None if stats.is_empty() else stats
 

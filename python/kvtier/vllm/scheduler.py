@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from .arbitration import Arbiter, CostModel
@@ -20,6 +21,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger("vllm.kvtier")
 
+#: A decode request waiting for its producer's chunks asks again this often.
+PD_RETRY_S = 0.02
+
 
 @dataclasses.dataclass
 class _ReqState:
@@ -33,6 +37,9 @@ class _ReqState:
     n_save: int = 0  # tokens in the prompt's full chunks
     pending: PendingLookup | None = None  # the lookup, while unanswered
     tiers: list[int] | None = None  # tier of each chunk to load (arbitration on)
+    expect: int = 0  # disaggregated decode: tokens the producer stored (from kv_transfer_params)
+    wait_until: float = 0.0  # ... waited for until then (monotonic)
+    retry_at: float = 0.0  # the next lookup while waiting
 
 
 class SchedulerSide:
@@ -46,6 +53,10 @@ class SchedulerSide:
         self._s = settings
         self._reqs: dict[str, _ReqState] = {}
         self._engine = None  # server mode: this side's client of the server
+        #: Disaggregated decode: requests whose producer's chunks all arrived in time
+        #: (``pd_complete``) or not (``pd_short``: the rest was recomputed).
+        self.pd_stats = {"pd_complete": 0, "pd_short": 0}
+        self._warned_pd = False
         #: Load or recompute, per request (see :mod:`.arbitration`).
         self.arbiter = Arbiter(settings.arbitration, CostModel(settings.prior_prefill_tok_s, settings.prior_chunk_s))
         self._detail = settings.arbitration != "off"  # lookups say which tier holds each chunk
@@ -91,6 +102,13 @@ class SchedulerSide:
             # Never load the whole prompt: the last token must be computed for logits.
             st.usable = ((len(tokens) - 1) // chunk) * chunk if tokens else 0
             self._reqs[request.request_id] = st
+            if self._s.kv_role != "kv_producer":
+                # A decode instance behind a prefill one: the producer said how many tokens
+                # it stored; wait (asking again) until they are all visible, or pd_wait_s.
+                params = getattr(request, "kv_transfer_params", None) or {}
+                want = int(params.get("kvtier_stored_tokens", 0) or 0)
+                st.expect = (min(want, st.usable) // chunk) * chunk
+                st.wait_until = time.monotonic() + self._s.pd_wait_s
             if st.n_save > 0:
                 st.pending = self.lookups.submit(tokens[: st.n_save], st.salt)
             else:
@@ -101,11 +119,47 @@ class SchedulerSide:
                 # vLLM 0.32: None = "cannot tell yet": the request is skipped this step and
                 # asked again in the next one (scheduler.py, skip_request).
                 return None, False
+            if st.expect and self._waits_for_producer(st, request.request_id, answer):
+                return None, False
             self._resolve(st, answer)
+        elif st.expect and st.retry_at:  # waiting for the producer's chunks: ask again
+            if time.monotonic() < st.retry_at:
+                return None, False
+            st.retry_at = 0.0
+            st.pending = self.lookups.submit(st.tokens[: st.n_save], st.salt)
+            return self.get_num_new_matched_tokens(request, num_computed_tokens)
         extra = st.hit - num_computed_tokens
         if extra <= 0:
             return 0, False
         return extra, False
+
+    def _waits_for_producer(self, st: _ReqState, req_id: str, answer) -> bool:
+        """Whether a decode request keeps waiting for its producer's chunks (the lookup
+        found fewer than the producer stored, and pd_wait_s has not passed)."""
+        stored = answer if isinstance(answer, int) else answer[0]
+        if stored >= st.expect:
+            self.pd_stats["pd_complete"] += 1
+            st.expect = 0
+            return False
+        if time.monotonic() < st.wait_until:
+            st.pending = None
+            st.retry_at = time.monotonic() + PD_RETRY_S
+            return True
+        self.pd_stats["pd_short"] += 1
+        if not self._warned_pd:
+            self._warned_pd = True
+            logger.warning(
+                "kvtier: request %s: the prefill instance stored %d tokens, %d are visible after "
+                "pd_wait_s=%.3g s; the rest is recomputed (warned once, counted in pd_short)",
+                req_id, st.expect, stored, self._s.pd_wait_s,
+            )
+        st.expect = 0
+        return False
+
+    def take_pd_stats(self) -> dict[str, int]:
+        """Disaggregated-decode outcomes since the last call (``pd.complete``, ``pd.short``)."""
+        d, self.pd_stats = self.pd_stats, dict.fromkeys(self.pd_stats, 0)
+        return {f"pd.{k[3:]}": v for k, v in d.items()}
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         """Records how many external tokens vLLM agreed to load, and into which blocks."""
@@ -160,6 +214,9 @@ class SchedulerSide:
         """
         if st.saved:
             return
+        if self._s.kv_role == "kv_consumer":  # a decode instance never stores
+            st.saved = True
+            return
         chunk = self._s.chunk_tokens
         n_save = (len(st.tokens) // chunk) * chunk
         if n_save == 0:
@@ -181,7 +238,17 @@ class SchedulerSide:
         if st is not None and st.pending is not None:
             st.pending.future.cancel()
             st.pending = None
-        return False, None  # saves finish inside wait_for_save: blocks can be freed now
+        # Saves finish inside wait_for_save, before the step's output (and so this call and
+        # the response) exists: blocks can be freed now, and a prefill instance can tell the
+        # decoder what is stored: every full chunk of the prompt, once its save was issued.
+        params = getattr(request, "kv_transfer_params", None) or {}
+        if st is None or not (self._s.kv_role == "kv_producer" or params.get("do_remote_decode")):
+            return False, None
+        stored = st.n_save if st.saved and self._s.kv_role != "kv_consumer" else 0
+        out = {"kvtier_stored_tokens": stored, "kvtier_chunk_tokens": self._s.chunk_tokens}
+        if self._s.server_mode:
+            out["kvtier_server"] = self._s.conn["server"]
+        return False, out
 
     def observe(self, data: dict) -> None:
         """Feeds the workers' per-step figures (their connector stats payload, summed over

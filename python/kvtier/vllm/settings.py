@@ -33,7 +33,12 @@ CONNECTOR_KEYS = {
     "arbitration",
     "arbitration_prefill_tok_s",
     "arbitration_chunk_ms",
+    "pd_wait_s",
 }
+
+#: vLLM's kv_role values: a prefill instance stores (and hands the stored length to the
+#: decoder in kv_transfer_params), a decode instance loads and never stores, kv_both does both.
+ROLES = ("kv_both", "kv_producer", "kv_consumer")
 
 STAGING_MODES = ("pinned", "pool")
 
@@ -76,6 +81,8 @@ class ConnectorSettings:
     arbitration: str = "auto"  # load-vs-recompute per request: off, auto, always
     prior_prefill_tok_s: float = 4000.0  # "always": prefill rate until one is measured
     prior_chunk_s: float = 0.001  # "always": seconds per chunk load until measured
+    kv_role: str = "kv_both"  # vLLM's kv_role (prefill/decode disaggregation)
+    pd_wait_s: float = 5.0  # consumer: how long to wait for a producer's chunks to appear
 
     @property
     def chunk_tokens(self) -> int:
@@ -124,7 +131,13 @@ class ConnectorSettings:
             arbitration=str(conn.get("arbitration", "auto")).strip().lower(),
             prior_prefill_tok_s=float(conn.get("arbitration_prefill_tok_s", 4000.0)),
             prior_chunk_s=float(conn.get("arbitration_chunk_ms", 1.0)) / 1000.0,
+            kv_role=str(getattr(vllm_config.kv_transfer_config, "kv_role", None) or "kv_both"),
+            pd_wait_s=float(conn.get("pd_wait_s", 5.0)),
         )
+        if s.kv_role not in ROLES:
+            raise ValueError(f"kvtier connector: kv_role must be one of {ROLES}, got {s.kv_role!r}")
+        if s.pd_wait_s < 0:
+            raise ValueError(f"kvtier connector: pd_wait_s must be >= 0, got {s.pd_wait_s}")
         from .arbitration import MODES
 
         if s.arbitration not in MODES:

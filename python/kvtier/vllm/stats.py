@@ -135,6 +135,12 @@ class KvTierPromMetrics(KVConnectorPromMetrics):
             "were measured), off.",
             labelnames=names + ["decision"],
         )
+        self._pd = counter(
+            name="vllm:kvtier_pd_requests",
+            documentation="Disaggregated decode requests: all of the prefill instance's chunks were found "
+            "(complete) or not within pd_wait_s (short: the rest recomputed).",
+            labelnames=names + ["outcome"],
+        )
         self._worker = {
             c: counter(name=f"vllm:kvtier_{c}", documentation=f"kvtier connector: {c.replace('_', ' ')}.",
                        labelnames=names)
@@ -161,5 +167,7 @@ class KvTierPromMetrics(KVConnectorPromMetrics):
                 self._step_hook_s.labels(*labels, role).inc(value)
             elif kind == "decision":
                 self._decisions.labels(*labels, hook).inc(value)
+            elif kind == "pd":
+                self._pd.labels(*labels, hook).inc(value)
             elif role == "worker" and kind in self._worker:
                 self._worker[kind].labels(*labels).inc(value)
