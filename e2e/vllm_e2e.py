@@ -261,6 +261,8 @@ def llama(work, model):
 
     # 6. OpenAI server with --kv-transfer-config
     openai_server(work, model, extra, P, ttft)
+    # 7. prefill/decode disaggregation with OpenAI servers behind kvtier's proxy
+    openai_disaggregated(work, model)
 
     ttft.update(SERVER_TTFT)
     print("\n== TTFT (wall time of a max_tokens=1 request, %d-token prompt) ==" % N)
@@ -392,32 +394,76 @@ def free_port():
         return s.getsockname()[1]
 
 
-def openai_server(work, model, extra, P, ttft):
+def start_openai(work, name, model, ktc):
+    """A vLLM OpenAI server with `ktc` as --kv-transfer-config: (process, base URL)."""
     port = free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--max-model-len", "16384", "--max-num-batched-tokens", "16384",
+           "--enforce-eager", "--no-enable-prefix-caching", "--disable-hybrid-kv-cache-manager",
+           "--enable-prompt-tokens-details", "--kv-transfer-config", json.dumps(ktc)]
+    log = open(os.path.join(work, f"{name}.log"), "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(procs_bases, timeout=300):
+    """Waits for every (process, base URL) to answer /health; True when all do."""
+    deadline = time.time() + timeout
+    pending = list(procs_bases)
+    while pending and time.time() < deadline:
+        for pb in list(pending):
+            proc, base = pb
+            if proc.poll() is not None:
+                return False
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                pending.remove(pb)
+            except Exception:
+                pass
+        if pending:
+            time.sleep(2)
+    return not pending
+
+
+def complete(base, model, text, max_tokens, timeout=300):
+    """POST /v1/completions (greedy): (text, cached_tokens, seconds, prompt_tokens)."""
+    body = json.dumps({"model": model, "prompt": text, "max_tokens": max_tokens, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    t0 = time.perf_counter()
+    r = json.load(urllib.request.urlopen(req, timeout=timeout))
+    dt = time.perf_counter() - t0
+    usage = r.get("usage") or {}
+    cached = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0
+    return r["choices"][0]["text"], cached, dt, usage.get("prompt_tokens")
+
+
+# Prompts of the disaggregated OpenAI scenario: 2K-8K words, two sharing a prefix, with a
+# reference answer from the single (non-disaggregated) server.
+def pd_texts():
+    rng = random.Random(140)
+    base = [f"w{rng.randrange(4, 4096)}" for _ in range(6000)]
+    return {
+        "pd1": " ".join(base),
+        "pd2": " ".join(base[:4000] + [f"w{rng.randrange(4, 4096)}" for _ in range(1500)]),
+        "pd3": " ".join(f"w{rng.randrange(4, 4096)}" for _ in range(2100)),
+        "pd4": " ".join(f"w{rng.randrange(4, 4096)}" for _ in range(7900)),
+    }
+
+
+PD_REFERENCE = {}
+
+
+def openai_server(work, model, extra, P, ttft):
     eid = "e2e-srv-" + uuid.uuid4().hex[:8]
     srv_extra = dict(extra)
     srv_extra["kvtier.local_disk"] = os.path.join(work, "disk-srv")
     shutil.rmtree(srv_extra["kvtier.local_disk"], ignore_errors=True)
     ktc = {"kv_connector": "KvTierConnector", "kv_connector_module_path": "kvtier.vllm", "kv_role": "kv_both",
            "engine_id": eid, "kv_load_failure_policy": "recompute", "kv_connector_extra_config": srv_extra}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", "16384", "--max-num-batched-tokens", "16384",
-           "--enforce-eager", "--no-enable-prefix-caching", "--disable-hybrid-kv-cache-manager",
-           "--enable-prompt-tokens-details", "--kv-transfer-config", json.dumps(ktc)]
-    log = open(os.path.join(work, "openai.log"), "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_openai(work, "openai", model, ktc)
     try:
-        deadline = time.time() + 240
-        ready = False
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                urllib.request.urlopen(base + "/health", timeout=2)
-                ready = True
-                break
-            except Exception:
-                time.sleep(2)
-        if not check("OpenAI server: ready", ready):
+        if not check("OpenAI server: ready", wait_ready([(proc, base)], 240)):
             os.system(f"tail -40 {work}/openai.log")
             return
         text = " ".join(f"w{t}" for t in P[: N - 192])
@@ -441,8 +487,71 @@ def openai_server(work, model, extra, P, ttft):
               f"cached_tokens={outs[1][1]} of {n_prompt}")
         check("OpenAI server: same text on repeat", outs[0][0] == outs[1][0] == outs[2][0])
         no_reuse_cost(base, model)
+        for name, text in pd_texts().items():  # references for the disaggregated scenario
+            PD_REFERENCE[name] = complete(base, model, text, 16)[0]
     finally:
         stop_group(proc, 30)
+
+
+def openai_disaggregated(work, model):
+    """Prefill/decode disaggregation as deployed: a prefill and a decode vLLM OpenAI server
+    (kv_producer, kv_consumer) sharing one `kvtier serve`, behind `kvtier.vllm.proxy`.
+    Completions through the proxy equal the single server's; the decoder computes at most
+    one chunk of each prompt; with the prefill server killed, a request still completes
+    (the decoder recomputes) and the proxy reports the failed backend."""
+    if not PD_REFERENCE or not os.environ.get("KV_SERVE_BIN"):
+        return
+    serve, sock = start_serve(work, "serve-pd-openai")
+    procs = [serve]
+    try:
+        if not check("PD (OpenAI): kvtier serve started", os.path.exists(sock)):
+            return
+        extra = {"kvtier.server": "unix:" + sock, "kvtier.pd_wait_s": PD_WAIT_S}
+
+        def ktc(role, eid):
+            return {"kv_connector": "KvTierConnector", "kv_connector_module_path": "kvtier.vllm", "kv_role": role,
+                    "engine_id": eid, "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
+
+        pre, pre_base = start_openai(work, "pd-prefill-server", model, ktc("kv_producer", "e2e-pdp"))
+        dec, dec_base = start_openai(work, "pd-decode-server", model, ktc("kv_consumer", "e2e-pdd"))
+        procs += [pre, dec]
+        port = free_port()
+        plog = open(os.path.join(work, "pd-proxy.log"), "w")
+        proxy = subprocess.Popen([sys.executable, "-m", "kvtier.vllm.proxy", "--port", str(port), "--prefill", pre_base,
+                                  "--decode", dec_base, "--health-interval-s", "1"], stdout=plog, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        procs.append(proxy)
+        pbase = f"http://127.0.0.1:{port}"
+        if not check("PD (OpenAI): prefill and decode servers and the proxy ready",
+                     wait_ready([(pre, pre_base), (dec, dec_base), (proxy, pbase)], 300)):
+            os.system(f"tail -20 {work}/pd-prefill-server.log {work}/pd-decode-server.log {work}/pd-proxy.log")
+            return
+        texts = pd_texts()
+        # pd1 alone, then the others two at a time (pd2 shares pd1's first 4000 words).
+        outs = {"pd1": complete(pbase, model, texts["pd1"], 16)}
+        import concurrent.futures as cf
+
+        with cf.ThreadPoolExecutor(2) as ex:
+            futs = {n: ex.submit(complete, pbase, model, texts[n], 16) for n in ("pd2", "pd3", "pd4")}
+            outs.update({n: f.result() for n, f in futs.items()})
+        for n, (text, cached, dt, n_prompt) in outs.items():
+            check(f"PD (OpenAI): {n} through the proxy equals the single server", text == PD_REFERENCE[n])
+            check(f"PD (OpenAI): {n}: the decoder computes at most one chunk", cached >= (n_prompt or 0) - BLOCK,
+                  f"cached_tokens={cached} of {n_prompt}, {dt:.2f}s")
+        SERVER_TTFT["PD via proxy: pd1, 16 tokens (prefill + decode)"] = outs["pd1"][2]
+        # The prefill server dies: the request still completes, recomputed by the decoder.
+        stop_group(pre, 10)
+        t0 = time.perf_counter()
+        text, cached, dt, _ = complete(pbase, model, texts["pd3"] + " tail", 16)
+        stats = json.load(urllib.request.urlopen(pbase + "/proxy/stats", timeout=10))
+        check("PD (OpenAI): prefill server killed: the request completes on the decoder",
+              bool(text) and time.perf_counter() - t0 < 120, f"{dt:.2f}s, cached_tokens={cached}")
+        check("PD (OpenAI): the proxy reports the failed prefill backend",
+              stats["prefill_failed"] >= 1 and not stats["backends"]["prefill"][pre_base]["healthy"], json.dumps(stats)[:300])
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                stop_group(p, 30)
 
 
 def scrape_kvtier_metrics(base):
