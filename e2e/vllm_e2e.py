@@ -288,18 +288,20 @@ def llama(work, model):
               f"(kvtier process {speed:.2f}x as slow), scaled hit {scaled:.3f}s")
 
 
-def start_serve(work, name):
-    """A `kvtier serve` on a Unix socket in `work`: (process, socket path); the caller stops it."""
+def start_serve(work, name, config="", args=(), env_extra=None):
+    """A `kvtier serve` on a Unix socket in `work` (plus `config` lines, `args`, environment
+    `env_extra`): (process, socket path); the caller stops it."""
     binary = os.environ.get("KV_SERVE_BIN")
     cfg = os.path.join(work, f"{name}.yaml")
     with open(cfg, "w") as f:
-        f.write("chunk_size: 128\nmax_local_cpu_size: 1\nlocal_cpu_huge_pages: false\n")
+        f.write("chunk_size: 128\nmax_local_cpu_size: 1\nlocal_cpu_huge_pages: false\n" + config)
     sock = os.path.join(work, f"{name}.sock")
     if os.path.exists(sock):
         os.unlink(sock)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+    env.update(env_extra or {})
     log = open(os.path.join(work, f"{name}.log"), "w")
-    proc = subprocess.Popen([binary, "serve", "--config", cfg, "--socket", sock], env=env, stdout=log,
+    proc = subprocess.Popen([binary, "serve", "--config", cfg, "--socket", sock, *args], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     for _ in range(200):
         if os.path.exists(sock) or proc.poll() is not None:
@@ -344,19 +346,25 @@ PD_WAIT_S = 2.0
 
 
 def disaggregated(work, model, prompts, full, ref_P, ref_P2):
-    """A prefill instance (kv_producer) and a decode instance (kv_consumer), separate vLLM
-    processes sharing one `kvtier serve`: the decoder gets the producer's kv_transfer_params
-    (as a disaggregating proxy passes them), loads every full chunk and computes one chunk
-    at most; a request whose producer stored nothing (a dead prefiller) is recomputed after
-    pd_wait_s, never hangs."""
+    """A prefill instance (kv_producer) and a decode instance (kv_consumer) on two "nodes":
+    each with its own `kvtier serve`, the decode node's reading the prefill node's through
+    `kvtier://` over loopback TCP. The decoder gets the producer's kv_transfer_params (as a
+    disaggregating proxy passes them), loads every full chunk and computes one chunk at most;
+    a request whose producer stored nothing (a dead prefiller) is recomputed after pd_wait_s,
+    never hangs. (One shared `kvtier serve`: the OpenAI scenario.)"""
     binary = os.environ.get("KV_SERVE_BIN")
     if not binary or not os.path.exists(binary):
         return  # reported by server_mode
-    proc, sock = start_serve(work, "serve-pd")
+    token = uuid.uuid4().hex
+    port = free_port()
+    node_a, sock_a = start_serve(work, "serve-pd-a", args=("--tcp", f"127.0.0.1:{port}"),
+                                 env_extra={"KVTIER_AUTH_TOKEN": token})
+    node_b, sock_b = start_serve(work, "serve-pd-b", config=f"remote_url: kvtier://{token}@127.0.0.1:{port}\n")
     try:
-        if not check("disaggregated: kvtier serve started", os.path.exists(sock)):
+        if not check("disaggregated: two kvtier serve nodes started (B reads A over kvtier://)",
+                     os.path.exists(sock_a) and os.path.exists(sock_b)):
             return
-        extra = {"kvtier.server": "unix:" + sock, "kvtier.pd_wait_s": PD_WAIT_S}
+        extra = {"kvtier.server": "unix:" + sock_a, "kvtier.pd_wait_s": PD_WAIT_S}
         ask = {"kv_transfer_params": {"do_remote_decode": True}}
         pre = run_case(work, "PD-prefill", {"model": model, "connector": "kvtier", "extra": extra, "kv_role": "kv_producer",
                        "engine_id": "e2e-pd-p", "prompts": prompts, "steps": [["P", "P", 1, ask], ["P2", "P2", 1, ask]]})
@@ -367,6 +375,7 @@ def disaggregated(work, model, prompts, full, ref_P, ref_P2):
               all(params[n].get("kvtier_stored_tokens", 0) >= full for n in params), str(params))
         rng = random.Random(14)
         dprompts = dict(prompts, GHOST=[rng.randrange(4, 4096) for _ in range(3000)])
+        extra = dict(extra, **{"kvtier.server": "unix:" + sock_b})  # the decode node
         ghost = {"kv_transfer_params": {"kvtier_stored_tokens": 2944}}  # a prefiller that died before storing
         dec = run_case(work, "PD-decode", {"model": model, "connector": "kvtier", "extra": extra, "kv_role": "kv_consumer",
                        "engine_id": "e2e-pd-d", "prompts": dprompts,
@@ -383,9 +392,10 @@ def disaggregated(work, model, prompts, full, ref_P, ref_P2):
         g = step(dec, "GHOST")
         check("disaggregated: nothing arrives: recomputed after pd_wait_s, no hang",
               g["num_cached_tokens"] == 0 and g["seconds"] < PD_WAIT_S + 60, f"{g['seconds']:.2f}s")
-        SERVER_TTFT["disaggregated: decoder TTFT+15 tokens (P, loads the producer's KV)"] = step(dec, "P")["seconds"]
+        SERVER_TTFT["disaggregated over kvtier://: decoder, P, 16 tokens (loads the prefill node's KV)"] = step(dec, "P")["seconds"]
     finally:
-        stop_group(proc, 15)
+        stop_group(node_b, 15)
+        stop_group(node_a, 15)
 
 
 def free_port():
@@ -539,6 +549,17 @@ def openai_disaggregated(work, model):
             check(f"PD (OpenAI): {n}: the decoder computes at most one chunk", cached >= (n_prompt or 0) - BLOCK,
                   f"cached_tokens={cached} of {n_prompt}, {dt:.2f}s")
         SERVER_TTFT["PD via proxy: pd1, 16 tokens (prefill + decode)"] = outs["pd1"][2]
+        # Streaming through the proxy: the same text, in server-sent events.
+        body = json.dumps({"model": model, "prompt": texts["pd3"], "max_tokens": 16, "temperature": 0,
+                           "ignore_eos": True, "stream": True}).encode()
+        req = urllib.request.Request(pbase + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        streamed = []
+        with urllib.request.urlopen(req, timeout=300) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    streamed.append(json.loads(line[6:])["choices"][0]["text"])
+        check("PD (OpenAI): a streamed completion through the proxy equals the single server's",
+              "".join(streamed) == PD_REFERENCE["pd3"], f"{len(streamed)} events")
         # The prefill server dies: the request still completes, recomputed by the decoder.
         stop_group(pre, 10)
         t0 = time.perf_counter()

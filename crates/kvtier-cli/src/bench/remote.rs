@@ -60,6 +60,9 @@ struct RemoteBaseline {
     redis_set_gbps: f64,
     /// redis-benchmark GET, same settings: GB/s.
     redis_get_gbps: f64,
+    /// A `kvtier://` node: the same bytes sent over one loopback TCP connection to a reader
+    /// thread, payloads of the chunk size: GB/s (0 for Redis).
+    tcp_loopback_gbps: f64,
     value_bytes: usize,
 }
 
@@ -84,6 +87,43 @@ struct RemoteResults {
 struct RemoteRatios {
     remote_store: f64,
     remote_retrieve: f64,
+}
+
+/// The baseline of a `kvtier://` tier: `n` payloads of `bytes` written over one loopback
+/// TCP connection to a thread that reads them all and answers one byte: GB/s.
+fn tcp_loopback_gbps(bytes: usize, n: usize) -> Result<f64> {
+    use std::io::Read;
+    let listener = TcpListener::bind("127.0.0.1:0").context("loopback TCP baseline: bind")?;
+    let addr = listener.local_addr()?;
+    let total = bytes * n;
+    let reader = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = total;
+        while left > 0 {
+            let k = s.read(&mut buf)?;
+            if k == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            left = left.saturating_sub(k);
+        }
+        s.write_all(&[1])
+    });
+    let mut s = TcpStream::connect(addr).context("loopback TCP baseline: connect")?;
+    s.set_nodelay(true)?;
+    let payload = vec![0xA5u8; bytes];
+    let t0 = Instant::now();
+    for _ in 0..n {
+        s.write_all(&payload)?;
+    }
+    let mut ack = [0u8; 1];
+    s.read_exact(&mut ack)?;
+    let secs = t0.elapsed().as_secs_f64();
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("loopback TCP baseline: the reader thread panicked"))?
+        .context("loopback TCP baseline: reading")?;
+    Ok(gbps(total as u64, secs))
 }
 
 /// A redis-server child on a free loopback port, killed on drop.
@@ -348,6 +388,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         None => (0.0, 0.0),
         Some(b) => redis_benchmark(b, chunk_bytes)?,
     };
+    let tcp_gbps = if peer {
+        let g = tcp_loopback_gbps(chunk_bytes, chunks)?;
+        info!(gbps = format!("{g:.2}"), "loopback TCP baseline");
+        g
+    } else {
+        0.0
+    };
     if !peer {
         info!(
             set = format!("{set_gbps:.2}"),
@@ -418,6 +465,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         baseline: RemoteBaseline {
             redis_set_gbps: set_gbps,
             redis_get_gbps: get_gbps,
+            tcp_loopback_gbps: tcp_gbps,
             value_bytes: chunk_bytes,
         },
         results: RemoteResults {
@@ -430,9 +478,17 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             verified_chunks: verified,
             writes_per_unique_chunk: WriteAmplification::of(&stats_w, s.unique_chunks),
         },
-        ratios: RemoteRatios {
-            remote_store: rel(store_gbps, set_gbps),
-            remote_retrieve: rel(retrieve_gbps, get_gbps),
+        ratios: if peer {
+            // Another node's server: against moving the same bytes over loopback TCP.
+            RemoteRatios {
+                remote_store: rel(store_gbps, tcp_gbps),
+                remote_retrieve: rel(retrieve_gbps, tcp_gbps),
+            }
+        } else {
+            RemoteRatios {
+                remote_store: rel(store_gbps, set_gbps),
+                remote_retrieve: rel(retrieve_gbps, get_gbps),
+            }
         },
         wall_secs: t_all.elapsed().as_secs_f64(),
         engine_write: stats_w,
@@ -444,8 +500,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         let r = &report;
         if peer {
             println!(
-                "{:<34} none (redis-benchmark speaks only RESP; {} B values)",
-                "baseline", chunk_bytes
+                "{:<34} {:.3} GB/s ({} B payloads, one connection)",
+                "loopback TCP", r.baseline.tcp_loopback_gbps, chunk_bytes
             );
         } else {
             println!(
@@ -483,6 +539,13 @@ mod object;
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_loopback_tcp_baseline_moves_every_byte() {
+        // 8 payloads of 1 MiB: the reader answers only after all of them arrived.
+        let g = super::tcp_loopback_gbps(1 << 20, 8).unwrap();
+        assert!(g > 0.0 && g.is_finite(), "{g}");
+    }
+
     #[test]
     fn host_and_port_come_out_of_redis_urls() {
         assert_eq!(
