@@ -48,6 +48,7 @@ fn a_first_client_connects_without_committing_the_default_pool() {
     let t0 = Instant::now();
     let c = KvClient::connect(&srv.unix(), identity()).unwrap();
     let connect = t0.elapsed();
+    eprintln!("first connect to a {capacity}-byte pool: {connect:?}");
     assert!(c.server_info().shared_memory, "the client maps the pool");
     let after_connect = l1(&srv.stats(), "pool_committed");
     assert!(

@@ -11,6 +11,7 @@ use memmap2::{MmapMut, MmapOptions};
 use parking_lot::Mutex;
 
 use super::extent::{round_up, ExtentAllocator, PAGE};
+use super::populate::{populate, Populate};
 use crate::error::{Error, Result};
 
 /// What memory backs the pool.
@@ -272,7 +273,7 @@ fn prefault(map: &mut MmapMut) -> Result<()> {
     while off < len {
         let n = STEP.min(len - off);
         // SAFETY: off + n <= len, inside the mapping we own.
-        let populated = unsafe { super::populate::populate_write(p.add(off), n) }.map_err(|e| {
+        let populated = unsafe { populate(p.add(off), n, Populate::Write) }.map_err(|e| {
             Error::io(
                 format!(
                     "prefaulting the memory pool ({:.1} of {:.1} GiB done): the memory cannot \
