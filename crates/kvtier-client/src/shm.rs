@@ -2,7 +2,8 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use kvtier::memory::populate::{populate, Populate};
@@ -76,6 +77,9 @@ const GRANULE: usize = 2 << 20;
 /// `MADV_POPULATE_READ`, by the first copy that touches it ([`ShmMap::populate`]).
 pub struct ShmMap {
     map: memmap2::MmapRaw,
+    /// Device, inode and change time of the mapped file: a later descriptor with the same
+    /// triple is the same pool (a differing time only costs a second mapping).
+    file_id: [i64; 4],
     /// One bit per [`GRANULE`]: set once this process has populated it.
     populated: Vec<AtomicU64>,
     /// The kernel cannot populate (older than 5.14): let pages fault in on first touch.
@@ -94,10 +98,10 @@ impl ShmMap {
     /// Maps `len` bytes of the pool descriptor read/write (shared), populating nothing.
     pub fn map(fd: OwnedFd, len: u64) -> Result<ShmMap> {
         let file = File::from(fd);
-        let size = file
+        let meta = file
             .metadata()
-            .map_err(|e| Error::io("stat of the server's pool descriptor", e))?
-            .len();
+            .map_err(|e| Error::io("stat of the server's pool descriptor", e))?;
+        let size = meta.len();
         if size < len {
             return Err(Error::Corrupt(format!(
                 "server pool descriptor holds {size} bytes, handshake said {len}"
@@ -111,11 +115,35 @@ impl ShmMap {
         let granules = len.div_ceil(GRANULE);
         Ok(ShmMap {
             map,
+            file_id: [
+                meta.dev() as i64,
+                meta.ino() as i64,
+                meta.ctime(),
+                meta.ctime_nsec(),
+            ],
             populated: (0..granules.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             no_populate: AtomicBool::new(false),
         })
+    }
+
+    /// Whether `fd` (a pool descriptor a later connection received) is the pool this maps,
+    /// at the same length: then the connection can share this mapping.
+    pub fn maps(&self, fd: &OwnedFd, len: u64) -> bool {
+        // SAFETY: zeroed stat is a valid out-value; fstat writes within it.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: a live descriptor and a valid out-pointer.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return false;
+        }
+        let id = [
+            st.st_dev as i64,
+            st.st_ino as i64,
+            st.st_ctime as i64,
+            st.st_ctime_nsec as i64,
+        ];
+        id == self.file_id && usize::try_from(len).is_ok_and(|l| l == self.map.len())
     }
 
     /// Populates the granules of `off..off + len` this process has not populated yet, one

@@ -13,6 +13,13 @@ use serde_json::Value;
 
 const GIB: u64 = 1 << 30;
 
+/// The tests look at this process's mappings and the pool's committed memory: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn l1(stats: &Value, field: &str) -> u64 {
     stats["l1"][field]
         .as_u64()
@@ -37,6 +44,7 @@ fn committed_metric(srv: &Server) -> u64 {
 /// write.
 #[test]
 fn a_first_client_connects_without_committing_the_default_pool() {
+    let _one = serial();
     let dir = tempfile::tempdir().unwrap();
     // Only the chunk size of the tiny test model is set: the pool is at its defaults.
     let srv = Server::start(dir.path(), &format!("chunk_size: {CHUNK}\n"), &[], &[]);
@@ -89,6 +97,7 @@ fn a_first_client_connects_without_committing_the_default_pool() {
 /// client then finds every page there.
 #[test]
 fn a_prefaulted_pool_is_committed_at_start() {
+    let _one = serial();
     let dir = tempfile::tempdir().unwrap();
     let yaml =
         format!("chunk_size: {CHUNK}\nmax_local_cpu_size: 64MiB\nlocal_cpu_prefault: true\n");
@@ -109,4 +118,63 @@ fn a_prefaulted_pool_is_committed_at_start() {
     assert_eq!(c.retrieve(&t, None, &mut out).unwrap().hit_tokens, t.len());
     assert_eq!(out, p);
     assert_eq!(l1(&srv.stats(), "pool_committed"), 64 << 20);
+}
+
+/// Mappings of the server's pool in this process (`/proc/self/maps` names a memfd
+/// `/memfd:kvtier-pool`).
+fn pool_mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("memfd:kvtier-pool"))
+        .count()
+}
+
+/// Concurrent calls open more connections; each receives the pool's descriptor, but all of
+/// them share one mapping (one set of page tables, each region populated once), and a
+/// restarted server's new pool replaces it.
+#[test]
+fn connections_of_one_client_share_one_pool_mapping() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!("chunk_size: {CHUNK}\nmax_local_cpu_size: 256MiB\n");
+    let mut srv = Server::start(dir.path(), &yaml, &[], &[]);
+    let c = KvClient::connect(&srv.unix(), identity()).unwrap();
+    assert_eq!(pool_mappings(), 1);
+    let threads = 8;
+    let go = std::sync::Barrier::new(threads);
+    std::thread::scope(|s| {
+        for i in 0..threads as u64 {
+            let (c, go) = (c.clone(), &go);
+            s.spawn(move || {
+                go.wait();
+                for round in 0..10 {
+                    let doc = 100 + i * 10 + round;
+                    let t = tokens(doc, 64 * CHUNK);
+                    let p = payload(doc, t.len());
+                    c.store(&t, None, &p).unwrap();
+                    let mut out = vec![0u8; p.len()];
+                    assert_eq!(c.retrieve(&t, None, &mut out).unwrap().hit_tokens, t.len());
+                    assert_eq!(out, p);
+                }
+            });
+        }
+    });
+    assert_eq!(pool_mappings(), 1, "every connection maps the pool anew");
+
+    // A new server (new pool) at the same socket: the client maps the new pool.
+    srv.term();
+    drop(srv);
+    let srv = Server::start(dir.path(), &yaml, &[], &[]);
+    let t = tokens(1, 4 * CHUNK);
+    let p = payload(1, t.len());
+    c.store(&t, None, &p).unwrap();
+    let mut out = vec![0u8; p.len()];
+    assert_eq!(c.retrieve(&t, None, &mut out).unwrap().hit_tokens, t.len());
+    assert_eq!(out, p);
+    assert!(
+        l1(&srv.stats(), "chunks") >= 4,
+        "stored into the new server"
+    );
+    assert_eq!(pool_mappings(), 1, "the old pool's mapping is gone");
 }
