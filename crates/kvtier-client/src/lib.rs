@@ -325,6 +325,10 @@ struct Shared {
     keys: KeySpace,
     info: ServerInfo,
     idle: Mutex<Vec<Conn>>,
+    /// The pool mapping every connection shares while the server sends the same pool (each
+    /// connection receives its descriptor): one set of page tables, each region populated
+    /// once per process.
+    shm: Mutex<Option<Arc<ShmMap>>>,
 }
 
 /// A connection (pool) to a `kvtier serve` server for one model identity.
@@ -346,10 +350,13 @@ fn io_err(addr: &Addr, e: io::Error) -> Error {
     Error::io(format!("kvtier server at {addr}"), e)
 }
 
+/// Opens and handshakes a connection; `shm` is the client's current pool mapping, reused
+/// when the server sends the same pool and replaced otherwise (a restarted server).
 fn open_conn(
     addr: &Addr,
     opts: &ClientOptions,
     identity_json: &str,
+    shm: &Mutex<Option<Arc<ShmMap>>>,
 ) -> std::result::Result<(Conn, Response), CallError> {
     let stream = match addr {
         Addr::Unix(p) => {
@@ -406,8 +413,16 @@ fn open_conn(
     conn.max_frame = usize::try_from(*max_frame).unwrap_or(usize::MAX);
     if let (Some(bytes), Stream::Unix(s)) = (shm_pool_bytes, &conn.stream) {
         let fd = shm::recv_fd(s.as_raw_fd())?;
-        let map = ShmMap::map(fd, *bytes).map_err(CallError::Reply)?;
-        conn.shm = Some(Arc::new(map));
+        let mut current = shm.lock();
+        let map = match current.as_ref() {
+            Some(m) if m.maps(&fd, *bytes) => m.clone(),
+            _ => {
+                let m = Arc::new(ShmMap::map(fd, *bytes).map_err(CallError::Reply)?);
+                *current = Some(m.clone());
+                m
+            }
+        };
+        conn.shm = Some(map);
     }
     Ok((conn, reply))
 }
@@ -455,7 +470,8 @@ impl KvClient {
         identity.validate()?;
         let identity_json = serde_json::to_string(&identity)
             .map_err(|e| Error::invalid(format!("model identity is not JSON: {e}")))?;
-        let (conn, reply) = match open_conn(&addr, &opts, &identity_json) {
+        let shm = Mutex::new(None);
+        let (conn, reply) = match open_conn(&addr, &opts, &identity_json, &shm) {
             Ok(x) => x,
             Err(CallError::Io(e)) => return Err(io_err(&addr, e)),
             Err(CallError::Reply(e)) => return Err(e),
@@ -491,6 +507,7 @@ impl KvClient {
                 keys,
                 info,
                 idle: Mutex::new(vec![conn]),
+                shm,
             }),
         })
     }
@@ -516,7 +533,7 @@ impl KvClient {
             }
         }
         let s = &self.shared;
-        match open_conn(&s.addr, &s.opts, &s.identity_json) {
+        match open_conn(&s.addr, &s.opts, &s.identity_json, &s.shm) {
             Ok((c, _)) => Ok(c),
             Err(CallError::Io(e)) => Err(io_err(&s.addr, e)),
             Err(CallError::Reply(e)) => Err(e),

@@ -238,6 +238,8 @@ pub async fn serve(cfg: ServeConfig, mut stop: Option<watch::Receiver<bool>>) ->
         tcp = ?bound.tcp,
         admin = ?bound.admin,
         pool_bytes = core.manager().pool().capacity(),
+        // Committed at start with local_cpu_prefault, else as the pool fills (GET /stats).
+        pool_committed = ?core.manager().pool().committed_bytes(),
         tiers = ?core.manager().tier_names(),
         auth = state.auth_token.is_some(),
         "kvtier server listening"

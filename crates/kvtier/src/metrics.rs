@@ -115,6 +115,8 @@ pub struct Metrics {
     pub capacity_bytes: Family<TierLabel, GaugeU64>,
     /// Chunks resident per tier.
     pub resident_chunks: Family<TierLabel, GaugeU64>,
+    /// Shared memory committed by the L1 pool (memfd or file backing only).
+    pub pool_committed_bytes: Family<TierLabel, GaugeU64>,
     /// Evictions per tier.
     pub evictions: Family<TierLabel, Counter>,
     /// Chunks promoted into L1 by reads, per source tier.
@@ -171,6 +173,7 @@ impl Metrics {
             used_bytes: Family::default(),
             capacity_bytes: Family::default(),
             resident_chunks: Family::default(),
+            pool_committed_bytes: Family::default(),
             evictions: Family::default(),
             write_backs: Family::default(),
             checksum_failures: Family::default(),
@@ -255,6 +258,12 @@ impl Metrics {
             "Chunks resident per tier",
             &["tier"],
             m.resident_chunks.clone(),
+        );
+        r.add(
+            "pool_committed_bytes",
+            "Shared memory committed by the L1 pool (memfd or file pool: in no process's RSS)",
+            &["tier"],
+            m.pool_committed_bytes.clone(),
         );
         r.add(
             "evictions",
@@ -408,7 +417,12 @@ mod tests {
         ] {
             f.get_or_create(&t).inc();
         }
-        for f in [&m.used_bytes, &m.capacity_bytes, &m.resident_chunks] {
+        for f in [
+            &m.used_bytes,
+            &m.capacity_bytes,
+            &m.resident_chunks,
+            &m.pool_committed_bytes,
+        ] {
             f.get_or_create(&t).set(1);
         }
         m.tier_errors

@@ -598,6 +598,11 @@ impl StorageManager {
             m.capacity_bytes.get_or_create(&l).set(u.capacity_bytes);
             m.resident_chunks.get_or_create(&l).set(u.chunks);
         }
+        if let Some(c) = self.pool().committed_bytes() {
+            m.pool_committed_bytes
+                .get_or_create(&Metrics::tier(self.inner.l1.name()))
+                .set(c);
+        }
         let l1 = Tier::counters(&*self.inner.l1);
         m.observe_tier_counters(self.inner.l1.name(), l1.evictions, l1.checksum_failures);
         for s in &self.inner.lower {

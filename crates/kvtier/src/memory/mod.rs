@@ -24,6 +24,7 @@
 mod extent;
 pub mod host;
 mod pool;
+pub mod populate;
 pub mod shm_file;
 
 pub use extent::{round_up, ExtentAllocator, PAGE};

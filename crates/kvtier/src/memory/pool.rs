@@ -5,11 +5,13 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use memmap2::{MmapMut, MmapOptions};
 use parking_lot::Mutex;
 
 use super::extent::{round_up, ExtentAllocator, PAGE};
+use super::populate::{populate, Populate};
 use crate::error::{Error, Result};
 
 /// What memory backs the pool.
@@ -108,18 +110,13 @@ impl Pool {
             .map_err(|_| Error::invalid("pool size exceeds the address space"))?;
         super::host::check_pool_size(capacity, opts.prefault)?;
         let (map, fd) = match &opts.backing {
-            PoolBacking::Anonymous => {
-                let mut o = MmapOptions::new();
-                o.len(len);
-                if opts.prefault && !opts.huge_pages {
-                    o.populate();
-                }
-                (
-                    o.map_anon()
-                        .map_err(|e| Error::io(format!("mapping a {len}-byte memory pool"), e))?,
-                    None,
-                )
-            }
+            PoolBacking::Anonymous => (
+                MmapOptions::new()
+                    .len(len)
+                    .map_anon()
+                    .map_err(|e| Error::io(format!("mapping a {len}-byte memory pool"), e))?,
+                None,
+            ),
             PoolBacking::Memfd => {
                 // SAFETY: memfd_create with a static NUL-terminated name.
                 let fd: RawFd =
@@ -160,14 +157,7 @@ impl Pool {
         }
         let mut map = map;
         if opts.prefault {
-            // Write one byte per page so the whole budget is resident now.
-            let p = map.as_mut_ptr();
-            let mut off = 0usize;
-            while off < len {
-                // SAFETY: off < len, inside the mapping.
-                unsafe { p.add(off).write_volatile(0) };
-                off += PAGE as usize;
-            }
+            prefault(&mut map)?;
         }
         let base = map.as_mut_ptr();
         Ok(Pool {
@@ -185,6 +175,20 @@ impl Pool {
     /// Pool size in bytes.
     pub fn capacity(&self) -> u64 {
         self.inner.capacity
+    }
+
+    /// Bytes of shared memory the pool has committed so far (whichever process faulted
+    /// them in), for a memfd or file backing; `None` for anonymous memory, which shows in
+    /// the process's own RSS instead. One `fstat`: cheap enough for every scrape.
+    pub fn committed_bytes(&self) -> Option<u64> {
+        let f = self.inner.fd.as_ref()?;
+        match super::populate::committed_bytes(f) {
+            Ok(b) => Some(b.min(self.inner.capacity)),
+            Err(e) => {
+                tracing::warn!(error = %e, "fstat of the pool's memory failed");
+                None
+            }
+        }
     }
 
     /// Usage snapshot.
@@ -254,6 +258,57 @@ impl Pool {
         }
         moves.len()
     }
+}
+
+/// Commits the whole pool now (`local_cpu_prefault`), in steps so a large pool reports its
+/// progress; a pool whose memory cannot be had is an error here, at start, not a crash later.
+fn prefault(map: &mut MmapMut) -> Result<()> {
+    const STEP: usize = 256 << 20;
+    let len = map.len();
+    let gib = |b: usize| b as f64 / f64::from(1u32 << 30);
+    let started = Instant::now();
+    let mut reported = started;
+    let p = map.as_mut_ptr();
+    let mut off = 0usize;
+    while off < len {
+        let n = STEP.min(len - off);
+        // SAFETY: off + n <= len, inside the mapping we own.
+        let populated = unsafe { populate(p.add(off), n, Populate::Write) }.map_err(|e| {
+            Error::io(
+                format!(
+                    "prefaulting the memory pool ({:.1} of {:.1} GiB done): the memory cannot \
+                     be had; lower max_local_cpu_size or turn local_cpu_prefault off",
+                    gib(off),
+                    gib(len)
+                ),
+                e,
+            )
+        })?;
+        if !populated {
+            // Kernel without MADV_POPULATE_WRITE: write one byte per page.
+            let mut o = off;
+            while o < off + n {
+                // SAFETY: o < len, inside the mapping.
+                unsafe { p.add(o).write_volatile(0) };
+                o += PAGE as usize;
+            }
+        }
+        off += n;
+        if reported.elapsed() >= Duration::from_secs(2) && off < len {
+            reported = Instant::now();
+            tracing::info!(
+                done_gib = format!("{:.1}", gib(off)),
+                total_gib = format!("{:.1}", gib(len)),
+                "prefaulting the L1 pool (local_cpu_prefault)"
+            );
+        }
+    }
+    tracing::info!(
+        gib = format!("{:.1}", gib(len)),
+        secs = format!("{:.1}", started.elapsed().as_secs_f64()),
+        "L1 pool prefaulted (local_cpu_prefault)"
+    );
+    Ok(())
 }
 
 struct Extent {
@@ -459,6 +514,35 @@ mod tests {
                 "the pool file has no name while the pool lives"
             );
         }
+    }
+
+    #[test]
+    fn a_shared_pool_commits_memory_as_it_is_written_unless_prefaulted() {
+        let anon = Pool::new(&PoolOptions::anonymous(1 << 20)).unwrap();
+        assert_eq!(
+            anon.committed_bytes(),
+            None,
+            "anonymous memory is in the RSS"
+        );
+        let shared = |prefault| {
+            Pool::new(&PoolOptions {
+                bytes: 64 << 20,
+                backing: PoolBacking::Memfd,
+                huge_pages: false,
+                prefault,
+            })
+            .unwrap()
+        };
+        let lazy = shared(false);
+        assert_eq!(
+            lazy.committed_bytes(),
+            Some(0),
+            "nothing committed at start"
+        );
+        let mut b = lazy.try_alloc(3 * 4096).unwrap();
+        b.as_mut_slice().fill(1);
+        assert_eq!(lazy.committed_bytes(), Some(3 * 4096));
+        assert_eq!(shared(true).committed_bytes(), Some(64 << 20));
     }
 
     #[test]

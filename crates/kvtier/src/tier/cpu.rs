@@ -86,6 +86,9 @@ pub struct CpuTierStats {
     pub pool_used: u64,
     /// Pool capacity.
     pub pool_capacity: u64,
+    /// Shared memory the pool has committed so far (a shared pool's resident pages, whichever
+    /// process faulted them in); `None` for an anonymous pool (it is in the process's RSS).
+    pub pool_committed: Option<u64>,
     /// Chunks evicted so far.
     pub evictions: u64,
     /// Bytes evicted so far.
@@ -422,6 +425,7 @@ impl CpuTier {
             bytes: st.bytes,
             pool_used: ps.used,
             pool_capacity: ps.capacity,
+            pool_committed: self.pool.committed_bytes(),
             evictions: self.counters.evictions.load(Ordering::Relaxed),
             evicted_bytes: self.counters.evicted_bytes.load(Ordering::Relaxed),
             compactions: self.counters.compactions.load(Ordering::Relaxed),
