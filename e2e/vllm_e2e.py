@@ -532,8 +532,14 @@ def openai_disaggregated(work, model):
                                  start_new_session=True)
         procs.append(proxy)
         pbase = f"http://127.0.0.1:{port}"
-        if not check("PD (OpenAI): prefill and decode servers and the proxy ready",
-                     wait_ready([(pre, pre_base), (dec, dec_base), (proxy, pbase)], 300)):
+        ready = wait_ready([(pre, pre_base), (dec, dec_base), (proxy, pbase)], 300)
+        deadline = time.time() + 30  # ...and the proxy has seen both since they came up
+        while ready and time.time() < deadline:
+            pools = json.load(urllib.request.urlopen(pbase + "/proxy/stats", timeout=10))["backends"]
+            if all(b["healthy"] for p in pools.values() for b in p.values()):
+                break
+            time.sleep(0.5)
+        if not check("PD (OpenAI): prefill and decode servers and the proxy ready", ready):
             os.system(f"tail -20 {work}/pd-prefill-server.log {work}/pd-decode-server.log {work}/pd-proxy.log")
             return
         texts = pd_texts()

@@ -68,5 +68,7 @@ def test_dead_backends_fail_fast_and_are_reported():
     # Both backends are now known dead: no decode instance left is a 503 that says so.
     assert s2 == 503 and "no healthy decode instance" in b2["error"]
     assert stats["prefill_failed"] == 2 and stats["decode_failed"] == 1 and stats["no_decoder"] == 1
-    assert stats["backends"]["prefill"][pre] == {"healthy": False, "failures": 1}
+    # A prefill instance marked down is still tried when it is the only one (a stale mark
+    # must not turn every request into a recompute): two attempts, two failures.
+    assert stats["backends"]["prefill"][pre] == {"healthy": False, "failures": 2}
     assert health == 503

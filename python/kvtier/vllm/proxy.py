@@ -48,13 +48,14 @@ class Pool:
         self.failures = dict.fromkeys(self.urls, 0)
         self._rr = itertools.cycle(self.urls)
 
-    def pick(self) -> str | None:
-        """The next healthy backend (None when none is)."""
+    def pick(self, any_if_none_healthy: bool = False) -> str | None:
+        """The next healthy backend; when none is, None, or (``any_if_none_healthy``) the
+        next one anyway: health is only as fresh as the last probe."""
         for _ in range(len(self.urls)):
             u = next(self._rr)
             if self.healthy[u]:
                 return u
-        return None
+        return next(self._rr) if any_if_none_healthy and self.urls else None
 
     def mark(self, url: str, ok: bool, why: str = "") -> None:
         """Records a backend's state; logs each change."""
@@ -94,7 +95,7 @@ class Proxy:
             await self.session.close()
 
     async def _health_loop(self) -> None:
-        probe = aiohttp.ClientTimeout(total=min(5.0, self.health_interval_s))
+        probe = aiohttp.ClientTimeout(total=5.0)  # a busy vLLM answers /health late
         while True:
             for pool in (self.prefill, self.decode):
                 for url in pool.urls:
@@ -107,7 +108,9 @@ class Proxy:
 
     async def _prefill(self, path: str, body: dict) -> dict | None:
         """Runs the prefill; its kv_transfer_params, or None (the decoder recomputes)."""
-        url = self.prefill.pick()
+        # With every prefill instance marked down, still try one: a failed attempt costs what
+        # skipping would (the decoder recomputes), a stale mark would cost every request.
+        url = self.prefill.pick(any_if_none_healthy=True)
         if url is None:
             self.stats["prefill_failed"] += 1
             logger.warning("no healthy prefill instance: the decode instance computes the prompt")
