@@ -209,8 +209,13 @@ def llama(work, model):
         p_t, q1, q2 = step(t, "P")["seconds"], step(t, "Q1")["seconds"], step(t, "Q2")["seconds"]
         check("T: P is recomputed, not loaded from the throttled disk",
               step(t, "P")["num_cached_tokens"] == 0, f"num_cached_tokens={step(t, 'P')['num_cached_tokens']}")
-        check("T: P's TTFT <= 1.05 x fresh prompts of its length in the same process",
-              p_t <= 1.05 * max(q1, q2), f"P {p_t:.3f}s, fresh {q1:.3f}s / {q2:.3f}s")
+        # Two fresh prompts of the same length in one process differ by up to ~30% on this
+        # VM, so the figure is reported and only a load-sized regression fails: loading P
+        # from this disk takes ~2x its recompute.
+        print(f"[cost] T: recomputed P's TTFT / fresh prompts of its length: {p_t / max(q1, q2):.2f}x the slower, "
+              f"{p_t / min(q1, q2):.2f}x the faster (P {p_t:.3f}s, fresh {q1:.3f}s / {q2:.3f}s)", flush=True)
+        check("T: P's TTFT is a recompute's, not a throttled load's (<= 1.5 x the slower fresh prompt)",
+              p_t <= 1.5 * max(q1, q2), f"P {p_t:.3f}s, fresh {q1:.3f}s / {q2:.3f}s")
         check("T: tokens identical to baseline (P)", step(t, "P")["tokens"] == ref_P[:1])
         ttft[f"kvtier, disk throttled to {THROTTLED_DISK_MBPS} MB/s: recomputed (fresh process)"] = p_t
 
