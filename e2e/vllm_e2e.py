@@ -484,16 +484,9 @@ def openai_server(work, model, extra, P, ttft):
         text = " ".join(f"w{t}" for t in P[: N - 192])
         outs = []
         for i in range(3):
-            body = json.dumps({"model": model, "prompt": text, "max_tokens": 16, "temperature": 0,
-                               "ignore_eos": True}).encode()
-            req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
-            t0 = time.perf_counter()
-            r = json.load(urllib.request.urlopen(req, timeout=300))
-            dt = time.perf_counter() - t0
-            usage = r.get("usage") or {}
-            cached = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0
-            outs.append((r["choices"][0]["text"], cached, dt, usage.get("prompt_tokens")))
-            print(f"[openai] request {i}: {dt:.3f}s cached_tokens={cached} prompt_tokens={usage.get('prompt_tokens')}", flush=True)
+            outs.append(complete(base, model, text, 16))
+            _, cached, dt, n_prompt = outs[-1]
+            print(f"[openai] request {i}: {dt:.3f}s cached_tokens={cached} prompt_tokens={n_prompt}", flush=True)
         ttft["OpenAI server /v1/completions miss (16 tokens)"] = outs[1 - 1][2]
         ttft["OpenAI server /v1/completions hit (16 tokens)"] = outs[2][2]
         n_prompt = outs[0][3] or 0
@@ -623,10 +616,7 @@ def no_reuse_cost(base, model):
           decided["load"] >= 1 and decided["recompute"] == 0, str(decided))
     t0 = time.perf_counter()
     for _ in range(NO_REUSE_PROMPTS):
-        text = " ".join(f"w{rng.randrange(4, 4096)}" for _ in range(NO_REUSE_WORDS))
-        body = json.dumps({"model": model, "prompt": text, "max_tokens": 8, "temperature": 0, "ignore_eos": True}).encode()
-        req = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
-        json.load(urllib.request.urlopen(req, timeout=300))
+        complete(base, model, " ".join(f"w{rng.randrange(4, 4096)}" for _ in range(NO_REUSE_WORDS)), 8)
     wall = time.perf_counter() - t0
     time.sleep(1.0)  # the last step's stats travel with its output to the front end
     after = scrape_kvtier_metrics(base)

@@ -42,6 +42,12 @@ def authkey(engine_id: str) -> bytes:
     return hashlib.sha256(b"kvtier-lookup:" + engine_id.encode()).digest()
 
 
+def lookup_with_tiers(engine: Any, tokens: list[int], salt: str | None) -> tuple[int, list[int]]:
+    """An engine's (or server client's) stored prefix and the tier of each of its chunks."""
+    d = engine.lookup_detail(tokens, salt)
+    return int(d["hit_tokens"]), list(d["tiers"])
+
+
 def pack_tokens(tokens: list[int]) -> bytes:
     """Token ids as u32 bytes (a fraction of a pickled list)."""
     return array.array("I", tokens).tobytes()
@@ -85,9 +91,8 @@ class LookupServer:
     def _answer(self, op: str, payload: Any, salt: str | None) -> Any:
         if op == "lookup":
             return self.engine.lookup(unpack_tokens(payload), salt)
-        if op == "lookup_detail":  # (stored tokens, tier of each stored chunk)
-            d = self.engine.lookup_detail(unpack_tokens(payload), salt)
-            return int(d["hit_tokens"]), list(d["tiers"])
+        if op == "lookup_detail":
+            return lookup_with_tiers(self.engine, unpack_tokens(payload), salt)
         if op == "stats":
             return self.engine.stats()
         if op == "flush":

@@ -9,7 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .arbitration import Arbiter, CostModel
-from .lookup import AsyncLookups, PendingLookup, RankClients
+from .lookup import AsyncLookups, PendingLookup, RankClients, lookup_with_tiers
 from .metadata import KvTierConnectorMetadata, LoadSpec, SaveSpec
 from .settings import ConnectorSettings, kv_dtype_code, model_identity
 
@@ -54,8 +54,8 @@ class SchedulerSide:
         self._reqs: dict[str, _ReqState] = {}
         self._engine = None  # server mode: this side's client of the server
         #: Disaggregated decode: requests whose producer's chunks all arrived in time
-        #: (``pd_complete``) or not (``pd_short``: the rest was recomputed).
-        self.pd_stats = {"pd_complete": 0, "pd_short": 0}
+        #: (``complete``) or not (``short``: the rest was recomputed).
+        self.pd_stats = {"complete": 0, "short": 0}
         self._warned_pd = False
         #: Load or recompute, per request (see :mod:`.arbitration`).
         self.arbiter = Arbiter(settings.arbitration, CostModel(settings.prior_prefill_tok_s, settings.prior_chunk_s))
@@ -74,8 +74,7 @@ class SchedulerSide:
     def _server_lookup(self, tokens: list[int], salt: str | None, deadline: float) -> int | tuple[int, list[int]]:
         if not self._detail:
             return self._engine.lookup(tokens, salt)
-        d = self._engine.lookup_detail(tokens, salt)
-        return int(d["hit_tokens"]), list(d["tiers"])
+        return lookup_with_tiers(self._engine, tokens, salt)
 
     def _resolve(self, st: _ReqState, answer: int | tuple[int, list[int]]) -> None:
         stored, tiers = (answer, None) if isinstance(answer, int) else answer
@@ -138,14 +137,14 @@ class SchedulerSide:
         found fewer than the producer stored, and pd_wait_s has not passed)."""
         stored = answer if isinstance(answer, int) else answer[0]
         if stored >= st.expect:
-            self.pd_stats["pd_complete"] += 1
+            self.pd_stats["complete"] += 1
             st.expect = 0
             return False
         if time.monotonic() < st.wait_until:
             st.pending = None
             st.retry_at = time.monotonic() + PD_RETRY_S
             return True
-        self.pd_stats["pd_short"] += 1
+        self.pd_stats["short"] += 1
         if not self._warned_pd:
             self._warned_pd = True
             logger.warning(
@@ -159,7 +158,7 @@ class SchedulerSide:
     def take_pd_stats(self) -> dict[str, int]:
         """Disaggregated-decode outcomes since the last call (``pd.complete``, ``pd.short``)."""
         d, self.pd_stats = self.pd_stats, dict.fromkeys(self.pd_stats, 0)
-        return {f"pd.{k[3:]}": v for k, v in d.items()}
+        return {f"pd.{k}": v for k, v in d.items()}
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         """Records how many external tokens vLLM agreed to load, and into which blocks."""

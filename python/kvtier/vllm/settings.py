@@ -12,6 +12,8 @@ import torch
 
 import kvtier
 
+from .arbitration import MODES as ARBITRATION_MODES
+
 if TYPE_CHECKING:  # pragma: no cover
     from vllm.config import VllmConfig
 
@@ -138,10 +140,8 @@ class ConnectorSettings:
             raise ValueError(f"kvtier connector: kv_role must be one of {ROLES}, got {s.kv_role!r}")
         if s.pd_wait_s < 0:
             raise ValueError(f"kvtier connector: pd_wait_s must be >= 0, got {s.pd_wait_s}")
-        from .arbitration import MODES
-
-        if s.arbitration not in MODES:
-            raise ValueError(f"kvtier connector: arbitration must be one of {MODES}, got {s.arbitration!r}")
+        if s.arbitration not in ARBITRATION_MODES:
+            raise ValueError(f"kvtier connector: arbitration must be one of {ARBITRATION_MODES}, got {s.arbitration!r}")
         if s.prior_prefill_tok_s <= 0 or s.prior_chunk_s < 0:
             raise ValueError(
                 "kvtier connector: arbitration_prefill_tok_s must be > 0 and arbitration_chunk_ms >= 0 "

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .arbitration import MIN_STEP_TOKENS
 from .lookup import LookupServer, authkey, socket_path
 from .metadata import KvTierConnectorMetadata, LoadSpec
 from .settings import ConnectorSettings, kv_dtype_code, model_identity, use_mla
@@ -177,8 +178,6 @@ class WorkerSide:
     def note_step(self, num_tokens: int, seconds: float | None) -> None:
         """A forward pass of ``num_tokens`` tokens took ``seconds`` (prefill-sized steps
         only: a decode step's fixed costs say nothing about the prefill rate)."""
-        from .arbitration import MIN_STEP_TOKENS
-
         if seconds and num_tokens >= MIN_STEP_TOKENS:
             self._observe(prefill_tokens=num_tokens, prefill_s=seconds)
 
