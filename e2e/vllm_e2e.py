@@ -118,7 +118,9 @@ def llama(work, model):
     P = [rng.randrange(4, 4096) for _ in range(N)]
     shared = (N * 3) // 4
     P2 = P[:shared] + [rng.randrange(4, 4096) for _ in range(N - shared)]
-    prompts = {"P": P, "P2": P2}
+    # PT: a prompt ending in a partial chunk (3000 = 23 chunks + 56 tokens), P's prefix: a
+    # prefill instance stores its tail under its own key, the decoder loads all but its last token.
+    prompts = {"P": P, "P2": P2, "PT": P[:PT_TOKENS]}
     for r in ("R1", "R2", "R3"):  # the reference requests of HITS (fresh, no reuse)
         prompts[r] = [rng.randrange(4, 4096) for _ in range(REF_TOKENS)]
     full = ((N - 1) // BLOCK) * BLOCK  # a load always leaves >= 1 token to compute
@@ -136,11 +138,12 @@ def llama(work, model):
 
     # 1. baseline, no connector
     base = run_case(work, "baseline", {"model": model, "connector": "none", "prompts": prompts,
-                    "steps": [["miss", "P", 1], ["P", "P", 16], ["P2", "P2", 16]]})
+                    "steps": [["miss", "P", 1], ["P", "P", 16], ["P2", "P2", 16], ["PT", "PT", 16]]})
     if not check("baseline process ran", base is not None):
         return
     ttft["no connector (miss)"] = step(base, "miss")["seconds"]
     ref_P, ref_P2 = step(base, "P")["tokens"], step(base, "P2")["tokens"]
+    refs = {"P": ref_P, "P2": ref_P2, "PT": step(base, "PT")["tokens"]}
 
     # 2. process A stores (L1 + disk)
     eid = "e2e-" + uuid.uuid4().hex[:8]
@@ -251,7 +254,7 @@ def llama(work, model):
     # 4b. server mode: two vLLM processes share one `kvtier serve`
     server_mode(work, model, prompts, full, ref_P)
     # 4c. prefill/decode disaggregation through one `kvtier serve`
-    disaggregated(work, model, prompts, full, ref_P, ref_P2)
+    disaggregated(work, model, prompts, refs)
 
     # 5. vLLM's ExampleConnector on the same prompt, same machine, same run
     ex_dir = os.path.join(work, "example-store")
@@ -348,52 +351,57 @@ SERVER_TTFT = {}
 
 # Prefill/decode disaggregation: the decoder waits this long for the producer's chunks.
 PD_WAIT_S = 2.0
+# A prompt ending in a partial chunk (23 chunks of 128 tokens and 56 more).
+PT_TOKENS = 3000
 
 
-def disaggregated(work, model, prompts, full, ref_P, ref_P2):
+def disaggregated(work, model, prompts, refs):
     """A prefill instance (kv_producer) and a decode instance (kv_consumer) on two "nodes":
-    each with its own `kvtier serve`, the decode node's reading the prefill node's through
-    `kvtier://` over loopback TCP. The decoder gets the producer's kv_transfer_params (as a
-    disaggregating proxy passes them), loads every full chunk and computes one chunk at most;
-    a request whose producer stored nothing (a dead prefiller) is recomputed after pd_wait_s,
-    never hangs. (One shared `kvtier serve`: the OpenAI scenario.)"""
+    each with its own `kvtier serve` keeping prompt tails (save_unfull_chunk), the decode
+    node's reading the prefill node's through `kvtier://` over loopback TCP. The decoder gets
+    the producer's kv_transfer_params (as a disaggregating proxy passes them), loads every
+    token but the last (of a whole-chunk prompt, and of PT, whose partial last chunk the
+    producer stored) and computes that one; a request whose producer stored nothing (a dead
+    prefiller) is recomputed after pd_wait_s, never hangs. (One shared `kvtier serve`: the
+    OpenAI scenario.)"""
     binary = os.environ.get("KV_SERVE_BIN")
     if not binary or not os.path.exists(binary):
         return  # reported by server_mode
     token = uuid.uuid4().hex
     port = free_port()
-    node_a, sock_a = start_serve(work, "serve-pd-a", args=("--tcp", f"127.0.0.1:{port}"),
-                                 env_extra={"KVTIER_AUTH_TOKEN": token})
-    node_b, sock_b = start_serve(work, "serve-pd-b", config=f"remote_url: kvtier://{token}@127.0.0.1:{port}\n")
+    node_a, sock_a = start_serve(work, "serve-pd-a", config="save_unfull_chunk: true\n",
+                                 args=("--tcp", f"127.0.0.1:{port}"), env_extra={"KVTIER_AUTH_TOKEN": token})
+    node_b, sock_b = start_serve(work, "serve-pd-b",
+                                 config=f"save_unfull_chunk: true\nremote_url: kvtier://{token}@127.0.0.1:{port}\n")
     try:
         if not check("disaggregated: two kvtier serve nodes started (B reads A over kvtier://)",
                      os.path.exists(sock_a) and os.path.exists(sock_b)):
             return
         extra = {"kvtier.server": "unix:" + sock_a, "kvtier.pd_wait_s": PD_WAIT_S}
         ask = {"kv_transfer_params": {"do_remote_decode": True}}
+        names = ("P", "P2", "PT")
         pre = run_case(work, "PD-prefill", {"model": model, "connector": "kvtier", "extra": extra, "kv_role": "kv_producer",
-                       "engine_id": "e2e-pd-p", "prompts": prompts, "steps": [["P", "P", 1, ask], ["P2", "P2", 1, ask]]})
+                       "engine_id": "e2e-pd-p", "prompts": prompts, "steps": [[n, n, 1, ask] for n in names]})
         if not check("disaggregated: prefill instance ran", pre is not None):
             return
-        params = {n: step(pre, n)["kv_transfer_params"] or {} for n in ("P", "P2")}
-        check("disaggregated: the prefill instance returns what it stored in kv_transfer_params",
-              all(params[n].get("kvtier_stored_tokens", 0) >= full for n in params), str(params))
+        params = {n: step(pre, n)["kv_transfer_params"] or {} for n in names}
+        check("disaggregated: the prefill instance stored the whole prompt (tail too), as kv_transfer_params say",
+              all(params[n].get("kvtier_stored_tokens", 0) == len(prompts[n]) for n in params), str(params))
         rng = random.Random(14)
         dprompts = dict(prompts, GHOST=[rng.randrange(4, 4096) for _ in range(3000)])
         extra = dict(extra, **{"kvtier.server": "unix:" + sock_b})  # the decode node
         ghost = {"kv_transfer_params": {"kvtier_stored_tokens": 2944}}  # a prefiller that died before storing
         dec = run_case(work, "PD-decode", {"model": model, "connector": "kvtier", "extra": extra, "kv_role": "kv_consumer",
                        "engine_id": "e2e-pd-d", "prompts": dprompts,
-                       "steps": [["P", "P", 16, {"kv_transfer_params": params["P"]}],
-                                 ["P2", "P2", 16, {"kv_transfer_params": params["P2"]}],
-                                 ["GHOST", "GHOST", 4, ghost]]})
+                       "steps": [[n, n, 16, {"kv_transfer_params": params[n]}] for n in names]
+                       + [["GHOST", "GHOST", 4, ghost]]})
         if not check("disaggregated: decode instance ran", dec is not None):
             return
-        for n, ref in (("P", ref_P), ("P2", ref_P2)):
+        for n in names:
             s = step(dec, n)
-            check(f"disaggregated: decoder loads all but the last chunk of {n}",
-                  s["num_cached_tokens"] >= len(prompts[n]) - BLOCK, f"{s['num_cached_tokens']} of {len(prompts[n])}")
-            check(f"disaggregated: decoder's tokens identical to a single instance ({n})", s["tokens"] == ref)
+            check(f"disaggregated: decoder loads every token of {n} but the last ({len(prompts[n])} tokens)",
+                  s["num_cached_tokens"] == len(prompts[n]) - 1, f"{s['num_cached_tokens']} of {len(prompts[n])}")
+            check(f"disaggregated: decoder's tokens identical to a single instance ({n})", s["tokens"] == refs[n])
         g = step(dec, "GHOST")
         check("disaggregated: nothing arrives: recomputed after pd_wait_s, no hang",
               g["num_cached_tokens"] == 0 and g["seconds"] < PD_WAIT_S + 60, f"{g['seconds']:.2f}s")
@@ -509,7 +517,7 @@ def openai_disaggregated(work, model):
     (the decoder recomputes) and the proxy reports the failed backend."""
     if not PD_REFERENCE or not os.environ.get("KV_SERVE_BIN"):
         return
-    serve, sock = start_serve(work, "serve-pd-openai")
+    serve, sock = start_serve(work, "serve-pd-openai", config="save_unfull_chunk: true\n")
     procs = [serve]
     try:
         if not check("PD (OpenAI): kvtier serve started", os.path.exists(sock)):
@@ -550,7 +558,7 @@ def openai_disaggregated(work, model):
             outs.update({n: f.result() for n, f in futs.items()})
         for n, (text, cached, dt, n_prompt) in outs.items():
             check(f"PD (OpenAI): {n} through the proxy equals the single server", text == PD_REFERENCE[n])
-            check(f"PD (OpenAI): {n}: the decoder computes at most one chunk", cached >= (n_prompt or 0) - BLOCK,
+            check(f"PD (OpenAI): {n}: the decoder computes only the final token", cached == (n_prompt or 0) - 1,
                   f"cached_tokens={cached} of {n_prompt}, {dt:.2f}s")
         SERVER_TTFT["PD via proxy: pd1, 16 tokens (prefill + decode)"] = outs["pd1"][2]
         # Streaming through the proxy: the same text, in server-sent events.
