@@ -498,9 +498,10 @@ def check_pd_run(label, outs):
     wrong = [n for n, o in outs.items() if o[0] != PD_REFERENCE.get(n)]
     check(f"PD (OpenAI, {label}): all {len(outs)} completions through the proxy equal the single server's",
           not wrong, f"different: {wrong}")
-    short = {n: f"{o[1]}/{o[3]}" for n, o in outs.items() if o[1] < (o[3] or 0) - BLOCK}
-    check(f"PD (OpenAI, {label}): the decoder loads all but the last chunk of every prompt "
-          f"(computes at most one chunk)", not short, f"cached/prompt tokens: {short}")
+    # The producer stores the partial last chunk too: the decoder computes only the final token.
+    short = {n: f"{o[1]}/{o[3]}" for n, o in outs.items() if o[1] != (o[3] or 0) - 1}
+    check(f"PD (OpenAI, {label}): the decoder loads every token but the last of every prompt",
+          not short, f"cached/prompt tokens: {short}")
 
 
 def openai_disaggregated(work, model):
@@ -509,16 +510,19 @@ def openai_disaggregated(work, model):
     `kvtier serve` (Unix socket and loopback TCP) serves the prefill server and decoder 1;
     node B's serves decoder 2 and reads node A's through `kvtier://`. The 20 PD prompts go
     through proxy 1 (one node), then through proxy 2 (across nodes): every completion equals
-    the single server's and each decoder computes at most one chunk. A decoder told of KV
+    the single server's and each decoder computes only the final token (the producer stores
+    the partial last chunk too: save_unfull_chunk on both nodes). A decoder told of KV
     that never arrives recomputes after pd_wait_s; with the prefill server killed, a request
     still completes (the decoder recomputes) and the proxy reports the failed backend."""
     if not PD_REFERENCE or not os.environ.get("KV_SERVE_BIN"):
         return
     token = uuid.uuid4().hex
     port = free_port()
-    node_a, sock_a = start_serve(work, "serve-pd-a", args=("--tcp", f"127.0.0.1:{port}"),
-                                 env_extra={"KVTIER_AUTH_TOKEN": token})
-    node_b, sock_b = start_serve(work, "serve-pd-b", config=f"remote_url: kvtier://{token}@127.0.0.1:{port}\n")
+    # Both nodes keep prompt tails (save_unfull_chunk), as a PD deployment must.
+    node_a, sock_a = start_serve(work, "serve-pd-a", config="save_unfull_chunk: true\n",
+                                 args=("--tcp", f"127.0.0.1:{port}"), env_extra={"KVTIER_AUTH_TOKEN": token})
+    node_b, sock_b = start_serve(work, "serve-pd-b",
+                                 config=f"save_unfull_chunk: true\nremote_url: kvtier://{token}@127.0.0.1:{port}\n")
     procs = [node_a, node_b]
     try:
         if not check("PD (OpenAI): two kvtier serve nodes started (B reads A over kvtier://)",

@@ -412,6 +412,7 @@ def test_server_mode_shares_one_cache(tmp_path):
         a = kvtier.Engine({"server": f"unix:{sock}"}, model="test/model", **SHAPE)
         b2 = kvtier.Engine({"server": str(sock)}, model="test/model", **SHAPE)
         assert a.server and a.chunk_size == 16 and a.bytes_per_token == 128
+        assert a.save_unfull_chunk is False  # the server's setting (its default)
         toks = list(range(500, 564))
         kv = payload(a, 64, seed=5)
         assert a.store(toks, kv)["stored_tokens"] == 64
@@ -432,6 +433,57 @@ def test_server_mode_shares_one_cache(tmp_path):
         except subprocess.TimeoutExpired:  # never leave the server running
             proc.kill()
             proc.wait()
+
+
+def test_a_server_that_keeps_tails_says_so_and_its_clients_store_and_find_them(tmp_path):
+    """`save_unfull_chunk` is the server's: its clients' lookups and chunk keys count a
+    prompt's partial last chunk, keyed by exactly its tokens."""
+    import os
+    import subprocess
+    import time
+
+    b = _serve_bin()
+    if b is None:
+        if os.environ.get("KVTIER_REQUIRE_TEST_SERVERS", "") not in ("", "0"):
+            pytest.fail("no kvtier binary: set KV_SERVE_BIN (required: KVTIER_REQUIRE_TEST_SERVERS is set)")
+        pytest.skip("no kvtier binary (set KV_SERVE_BIN)")
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("chunk_size: 16\nmax_local_cpu_size: 0.0625\nlocal_cpu_huge_pages: false\nsave_unfull_chunk: true\n")
+    sock = tmp_path / "kvtier.sock"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+    proc = subprocess.Popen([b, "serve", "--config", str(cfg), "--socket", str(sock)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"kvtier serve exited: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.05)
+        a = kvtier.Engine({"server": f"unix:{sock}"}, model="test/model", **SHAPE)
+        assert a.save_unfull_chunk is True
+        toks = list(range(500, 537))  # 2 chunks and a 5-token tail
+        assert len(a.chunk_keys(toks)) == 3
+        kv = payload(a, len(toks), seed=6)
+        assert a.store(toks, kv)["new_chunks"] == 3
+        assert a.lookup(toks) == 37 and a.lookup(toks[:36]) == 32  # the tail's key is its exact tokens
+        out = np.zeros_like(kv)
+        assert a.retrieve(toks, out) == 37 and np.array_equal(out, kv)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:  # never leave the server running
+            proc.kill()
+            proc.wait()
+
+
+def test_embedded_engines_say_whether_they_keep_tails(small_cfg):
+    assert make(small_cfg).save_unfull_chunk is False
+    eng = make(dict(small_cfg, save_unfull_chunk=True))
+    assert eng.save_unfull_chunk is True
+    toks = list(range(100, 137))
+    assert eng.store(toks, payload(eng, len(toks)))["new_chunks"] == 3 and eng.lookup(toks) == 37
 
 
 def test_embedded_engine_serves_admin_endpoints_when_admin_port_is_set(small_cfg):

@@ -422,3 +422,133 @@ def test_gathering_a_few_blocks_of_a_strided_cache_does_not_copy_the_whole_layer
     out = subprocess.run([sys.executable, "-c", _GATHER_FOOTPRINT, str(bpc)], capture_output=True, text=True, check=True)
     grown_kib = int(out.stdout.strip().splitlines()[-1])
     assert grown_kib < 64 * 1024, f"peak memory grew by {grown_kib // 1024} MiB gathering 4 blocks"
+
+
+# -- a prompt's tail: its partial last chunk -----------------------------------------------
+
+
+def expected_tokens(caches, kv, planes, heads, block_ids, bpc, n_tokens):
+    """The layer-major payload of the first ``n_tokens`` tokens of the blocks ``block_ids``,
+    spelled out token by token: chunks of ``bpc * BS`` tokens, the last one (the tail) only
+    as long as the tokens it has."""
+    out, ct = [], bpc * BS
+    for c0 in range(0, n_tokens, ct):
+        toks = range(c0, min(c0 + ct, n_tokens))
+        for t in caches:
+            for p in range(planes):
+                for g in toks:
+                    for h in range(heads):
+                        out.append(kv(t, p, block_ids[g // BS], g % BS, h).reshape(-1))
+    return torch.cat(out)
+
+
+TAIL_TOKENS = 6 * BS + 3  # 7 blocks (IDS), the last holding 3 tokens
+
+
+@pytest.mark.parametrize("name", list(VLLM))
+@pytest.mark.parametrize("bpc", [1, 3, 8])
+def test_a_tail_is_gathered_with_only_its_tokens_for_every_vllm_layout(name, bpc):
+    make, kv, planes, heads, _ = VLLM[name]
+    caches = make()
+    paged = vllm_paged(name, caches, bpc)
+    payload = torch.full((paged.tokens_numel(TAIL_TOKENS),), -1.0)
+    paged.gather(IDS, payload, n_tokens=TAIL_TOKENS)
+    assert torch.equal(payload, expected_tokens(caches, kv, planes, heads, IDS, bpc, TAIL_TOKENS))
+    chunks = paged.split_tokens(payload, TAIL_TOKENS)
+    tail = chunks[-1]
+    assert tail.blocks == -(-(TAIL_TOKENS - tail.index * bpc * BS) // BS)
+    assert tail.tokens == TAIL_TOKENS - tail.index * bpc * BS and tail.tokens % BS == 3
+    # The tail's bytes are exactly its tokens: the engine stores them under its own key.
+    assert tail.buf.numel() == tail.tokens * L * planes * heads * VLLM[name][4]
+
+
+@pytest.mark.parametrize("name", list(VLLM))
+@pytest.mark.parametrize("bpc", [1, 3])
+@pytest.mark.parametrize("first", [0, 2])
+def test_a_tail_is_scattered_up_to_the_end_and_the_rest_of_its_block_is_left_alone(name, bpc, first):
+    """A decoder loads everything but the prompt's final token: the last block gets its
+    tokens before ``end`` only; the slot of the final token keeps what it had (the forward
+    pass writes it), and no other block changes."""
+    make, kv, planes, heads, _ = VLLM[name]
+    src = make()
+    paged = vllm_paged(name, src, bpc)
+    payload = torch.empty(paged.tokens_numel(TAIL_TOKENS))
+    paged.gather(IDS, payload, n_tokens=TAIL_TOKENS)
+    dst = [torch.full_like(t, -7.0) for t in src]
+    dst_ids = [1, 3, 4, 6, 8, 10, 15][first:]
+    end = TAIL_TOKENS - 1
+    vllm_paged(name, dst, bpc).scatter(payload, dst_ids, first=first, n_tokens=TAIL_TOKENS, end=end)
+    for li in range(L):
+        for g in range(first * BS, len(IDS) * BS):
+            b, tok = divmod(g, BS)
+            for p in range(planes):
+                for h in range(heads):
+                    got = kv(dst[li], p, dst_ids[b - first], tok, h)
+                    if g < end:
+                        assert torch.equal(got, kv(src[li], p, IDS[b], tok, h)), (li, g)
+                    else:
+                        assert (got == -7.0).all(), (li, g)
+    for t in dst:  # nothing else was written: the loaded tokens are all that changed
+        per_token = paged.block_numel // BS
+        assert int((t != -7.0).sum()) == (end - first * BS) * per_token
+
+
+@pytest.mark.parametrize("name", ["flash", "cpu"])
+def test_a_full_last_chunk_is_loaded_in_part(name):
+    """A prompt of whole chunks: a decoder loads all but its final token, so the last
+    chunk's last block is written but for its final slot."""
+    make, kv, planes, heads, _ = VLLM[name]
+    src = make()
+    paged = vllm_paged(name, src, 2)
+    ids = IDS[:6]  # 3 chunks of 2 blocks
+    payload = torch.empty(paged.payload_numel(6))
+    paged.gather(ids, payload)
+    dst = [torch.zeros_like(t) for t in src]
+    vllm_paged(name, dst, 2).scatter(payload, [0, 1, 2, 3, 4, 5], end=6 * BS - 1)
+    for li in range(L):
+        for b in range(6):
+            for tok in range(BS):
+                for p in range(planes):
+                    want = kv(src[li], p, ids[b], tok, 0)
+                    if (b, tok) == (5, BS - 1):  # the final token: the forward pass's to write
+                        want = torch.zeros_like(want)
+                    assert torch.equal(kv(dst[li], p, b, tok, 0), want), (li, b, tok, p)
+    with pytest.raises(ValueError, match="not in block"):  # the end must lie in the last block
+        paged.scatter(payload, [0, 1], end=3 * BS)
+
+
+def test_a_tail_round_trips_through_the_engine_and_only_its_own_prompt_finds_it():
+    """With save_unfull_chunk, the engine stores a tail under the hash of exactly its
+    tokens: the whole prompt is found and loads back; a shorter prompt sharing the tail's
+    first tokens (or a longer one) finds only the full chunks."""
+    kvtier = pytest.importorskip("kvtier")
+    bpc = 2
+    eng = kvtier.Engine(
+        {"chunk_size": bpc * BS, "max_local_cpu_size": 0.01, "local_cpu_huge_pages": False, "save_unfull_chunk": True},
+        layers=L, kv_heads=H, head_dim=D, dtype="f32",
+    )
+    assert eng.save_unfull_chunk
+    src = cpu_caches()
+    paged = vllm_paged("cpu", src, bpc)
+    tokens = list(range(100, 100 + TAIL_TOKENS))
+    payload = torch.empty(paged.tokens_numel(TAIL_TOKENS))
+    paged.gather(IDS, payload, n_tokens=TAIL_TOKENS)
+    assert eng.store(tokens, payload)["new_chunks"] == 4  # 3 full chunks and the tail
+    assert eng.lookup(tokens) == TAIL_TOKENS
+    full = 3 * bpc * BS
+    assert eng.lookup(tokens[:-1]) == full  # the tail's key is not a prefix's
+    assert eng.lookup(tokens + [7]) == full
+    out = torch.zeros(paged.tokens_numel(TAIL_TOKENS))
+    assert eng.retrieve(tokens, out) == TAIL_TOKENS and torch.equal(out, payload)
+    dst = [torch.zeros_like(t) for t in src]
+    vllm_paged("cpu", dst, bpc).scatter(out, [0, 1, 2, 3, 4, 5, 6], n_tokens=TAIL_TOKENS, end=TAIL_TOKENS - 1)
+    for li in range(L):
+        for g in range(TAIL_TOKENS - 1):
+            b, tok = divmod(g, BS)
+            assert torch.equal(cpu_kv(dst[li], 1, b, tok, 1), cpu_kv(src[li], 1, IDS[b], tok, 1))
+    off = kvtier.Engine(
+        {"chunk_size": bpc * BS, "max_local_cpu_size": 0.01, "local_cpu_huge_pages": False},
+        layers=L, kv_heads=H, head_dim=D, dtype="f32",
+    )
+    assert not off.save_unfull_chunk
+    assert off.store(tokens, payload)["new_chunks"] == 3 and off.lookup(tokens) == full

@@ -350,3 +350,71 @@ def test_pool_chunks_move_through_the_pipeline_without_a_staging_copy():
         sim.drain()
         for li in range(L):
             assert torch.equal(dst[li][:, [20, 21, 22, 23, 0]], src[li][:, ids[1:]])
+
+
+# -- a prompt's tail (its partial last chunk) through the pipeline ---------------------------
+
+TAIL = 6 * BS + 2  # 7 blocks, the last holding 2 tokens: chunks of 2, 2, 2 blocks and a 1-block tail
+
+
+def tail_chunks(paged, n_tokens, separate):
+    chunks = paged.split_tokens(torch.zeros(paged.tokens_numel(n_tokens)), n_tokens)
+    if separate:
+        for c in chunks:
+            c.buf = torch.zeros(c.buf.numel() * 4, dtype=torch.uint8)
+    return chunks
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("separate", [False, True])
+@pytest.mark.parametrize("staging", [1 << 30, BPC * L * 2 * BS * H * D * 4])
+def test_a_tail_loads_every_token_but_the_final_one(policy, separate, staging):
+    """A decoder's load: every token of the prompt before its final one, the last block in
+    part. The final token's slot keeps what the block's previous user left (the forward
+    pass writes it), through the device buffer too (in groups when it holds one chunk)."""
+    sim = SimStreams(policy, seed=17)
+    src, dst = caches(1), caches(2)
+    sp, dp = paged_of(src), paged_of(dst)
+    ids_src = [9, 2, 14, 5, 0, 11, 7]
+    chunks = tail_chunks(sp, TAIL, separate)
+    assert chunks[-1].tokens == 2 and chunks[-1].blocks == 1
+    for li in range(L):
+        sp.gather_layer_into(li, chunks, torch.as_tensor(ids_src))
+    ids_dst = list(range(10, 17))
+    x = Transfer(dp, sim, device_staging_bytes=staging)
+    comp = sim.compute()
+    sim.launch(comp, "previous user", lambda: [dst[li].__setitem__((slice(None), ids_dst), 7.0) for li in range(L)])
+    load = x.begin_load()
+    load.issue([LoadPlan(chunks, 0, ids_dst, TAIL - 1)])
+    load.wait_all()
+    load.finish()
+    sim.drain()
+    for li in range(L):
+        got = dst[li][:, ids_dst].flatten(1, 2)  # (planes, tokens, H, D)
+        want = src[li][:, ids_src].flatten(1, 2)
+        assert torch.equal(got[:, : TAIL - 1], want[:, : TAIL - 1])
+        assert (got[:, TAIL - 1 :] == 7.0).all()  # the final token's slot and the block's unused ones
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("separate", [False, True])
+def test_a_tail_is_saved_with_its_tokens_only(policy, separate):
+    """A prefill instance's save of the whole prompt: the tail chunk holds exactly its
+    tokens of the partial last block, per layer as each is computed."""
+    sim = SimStreams(policy, seed=19)
+    cs = caches(4)
+    paged = paged_of(cs)
+    ids = [3, 8, 1, 12, 20, 6, 17]
+    chunks = tail_chunks(paged, TAIL, separate)
+    x = Transfer(paged, sim)
+    save = x.begin_save([SavePlan(chunks, ids)])
+    for li in range(L):
+        assert save.stage_layer(li)
+    save.finish()
+    sim.drain()
+    want = paged.split_tokens(torch.zeros(paged.tokens_numel(TAIL)), TAIL)
+    for li in range(L):
+        paged.gather_layer_into(li, want, torch.as_tensor(ids))
+    assert same(chunks, want)
+    tail = want[-1].buf.view(L, 2, 2, H, D)  # (layers, planes, 2 tokens, heads, dim)
+    assert torch.equal(tail[1], cs[1][:, 17, :2])

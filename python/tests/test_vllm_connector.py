@@ -66,8 +66,8 @@ class StubEngine:
 
     def lookup_detail(self, tokens, salt):
         n = self.lookup(tokens, salt)
-        tiers = list(self.tiers) if self.tiers is not None else [0] * (self.stored // BS)
-        return {"hit_tokens": n, "hit_chunks": n // BS, "tiers": tiers[: n // BS]}
+        tiers = list(self.tiers) if self.tiers is not None else [0] * -(-self.stored // BS)
+        return {"hit_tokens": n, "hit_chunks": -(-n // BS), "tiers": tiers[: -(-n // BS)]}
 
 
 @pytest.fixture
@@ -227,11 +227,14 @@ def worker(tmp_path, request):
     buffer (pinned on GPUs) or the engine's L1 pool in place."""
     made = []
 
-    def make(**extra):
+    def make(kv_role=None, **extra):
         cfg = dict(max_local_cpu_size=0.01, local_cpu_huge_pages=False, lookup_socket_dir=str(tmp_path),
                    staging=request.param)
         cfg.update(extra)
-        conn = KvTierConnector(make_config(cfg, f"w{len(made)}"), KVConnectorRole.WORKER, NS(num_blocks=NB))
+        vc = make_config(cfg, f"w{len(made)}")
+        if kv_role:
+            vc.kv_transfer_config.kv_role = kv_role
+        conn = KvTierConnector(vc, KVConnectorRole.WORKER, NS(num_blocks=NB))
         gen = torch.Generator().manual_seed(len(made))
         caches = {n: torch.randn(NB, H, BS, 2 * D, generator=gen) for n in NAMES}
         conn.register_kv_caches(caches)
@@ -710,47 +713,108 @@ def pd_config(engine_id, sock_dir, role, **extra):
     return cfg
 
 
-def test_producer_tells_the_decoder_what_it_stored(stub_workers):
+def new_step(req_id, block_ids, computed, scheduled):
+    """A scheduler output with one new request."""
+    new = NS(req_id=req_id, block_ids=(list(block_ids),), num_computed_tokens=computed)
+    return NS(scheduled_new_reqs=[new], scheduled_cached_reqs=empty_sched_output().scheduled_cached_reqs,
+              num_scheduled_tokens={req_id: scheduled}, total_num_scheduled_tokens=scheduled)
+
+
+def test_producer_stores_the_whole_prompt_and_tells_the_decoder(stub_workers):
     sock = stub_workers("prod", [StubEngine(stored=0, delay=0.0)])
     conn = KvTierConnector(pd_config("prod", sock, "kv_producer"), KVConnectorRole.SCHEDULER, None)
-    req = request("p", n=100)  # 6 full chunks of 16
+    req = request("p", n=100)  # 6 full chunks of 16 and a 4-token tail in block 7
     assert conn.get_num_new_matched_tokens(req, 0) == (0, False)
-    new = NS(req_id="p", block_ids=([1, 2, 3, 4, 5, 6, 7],), num_computed_tokens=0)
-    so = NS(scheduled_new_reqs=[new], scheduled_cached_reqs=empty_sched_output().scheduled_cached_reqs,
-            num_scheduled_tokens={"p": 100}, total_num_scheduled_tokens=100)
-    meta = conn.build_connector_meta(so)
+    meta = conn.build_connector_meta(new_step("p", [1, 2, 3, 4, 5, 6, 7], 0, 100))
     assert len(meta.saves) == 1 and meta.num_tokens == 100
-    assert conn.request_finished(req, []) == (False, {"kvtier_stored_tokens": 96, "kvtier_chunk_tokens": 16})
-    # kv_both answers only requests that ask (the proxy's do_remote_decode).
+    (save,) = meta.saves
+    assert save.tokens == req.prompt_token_ids and save.block_ids == [1, 2, 3, 4, 5, 6, 7]  # the tail's block too
+    assert conn.request_finished(req, []) == (False, {"kvtier_stored_tokens": 100, "kvtier_chunk_tokens": 16})
+    # kv_both answers only requests that ask (the proxy's do_remote_decode), and stores
+    # full chunks only, as before.
     both = scheduler("prod", sock)
     plain = request("q", n=100)
     both.get_num_new_matched_tokens(plain, 0)
     assert both.request_finished(plain, []) == (False, None)
+    asks = request("r", n=100)
+    asks.kv_transfer_params = {"do_remote_decode": True}
+    both.get_num_new_matched_tokens(asks, 0)
+    (save,) = both.build_connector_meta(new_step("r", [1, 2, 3, 4, 5, 6, 7], 0, 100)).saves
+    assert len(save.tokens) == 96 and save.block_ids == [1, 2, 3, 4, 5, 6]
+    assert both.request_finished(asks, [])[1]["kvtier_stored_tokens"] == 96
 
 
-def test_decoder_waits_for_the_producers_chunks_then_loads_them(stub_workers):
-    sock = stub_workers("cons", [GrowingEngine(before=32, after_s=0.3, full=96)])
+def test_decoder_waits_for_the_producers_prompt_then_loads_all_but_its_final_token(stub_workers):
+    sock = stub_workers("cons", [GrowingEngine(before=32, after_s=0.3, full=100)])
     conn = KvTierConnector(pd_config("cons", sock, "kv_consumer"), KVConnectorRole.SCHEDULER, None)
     req = request("d", n=100)
-    req.kv_transfer_params = {"kvtier_stored_tokens": 96}
+    req.kv_transfer_params = {"kvtier_stored_tokens": 100}
     n, _, steps, took = ask_until_answered(conn, req)
-    assert n == 96 and took >= 0.25 and steps > 0  # waited for all 6 chunks, asking again
+    assert n == 99 and took >= 0.25 and steps > 0  # waited for the whole prompt, asking again
     d = conn.get_kv_connector_stats().data
     assert d["scheduler.pd.complete"] == 1 and d["scheduler.pd.short"] == 0
-    # A decoder never stores.
-    new = NS(req_id="d", block_ids=([1, 2, 3, 4, 5, 6, 7],), num_computed_tokens=96)
-    conn.update_state_after_alloc(req, NS(get_block_ids=lambda: ([1, 2, 3, 4, 5, 6, 7],)), 96)
-    so = NS(scheduled_new_reqs=[new], scheduled_cached_reqs=empty_sched_output().scheduled_cached_reqs,
-            num_scheduled_tokens={"d": 4}, total_num_scheduled_tokens=4)
-    meta = conn.build_connector_meta(so)
-    assert len(meta.loads) == 1 and meta.saves == []
+    # vLLM allocates the blocks of the 99 tokens and the one to compute: 7 blocks, the last
+    # partly loaded. The load asks for the whole prompt (the tail's key hashes all its
+    # tokens) and fills tokens 0..98. A decoder never stores.
+    conn.update_state_after_alloc(req, NS(get_block_ids=lambda: ([1, 2, 3, 4, 5, 6, 7],)), 99)
+    meta = conn.build_connector_meta(new_step("d", [1, 2, 3, 4, 5, 6, 7], 99, 1))
+    (load,) = meta.loads
+    assert load.tokens == req.prompt_token_ids and load.end == 99 and load.num_tokens == 99
+    assert load.block_ids == [1, 2, 3, 4, 5, 6, 7] and load.first_block == 0
+    assert meta.saves == []
+
+
+def test_decoder_loads_a_whole_chunk_prompt_but_its_final_token(stub_workers):
+    sock = stub_workers("cons2", [StubEngine(stored=96, delay=0.0)])
+    conn = KvTierConnector(pd_config("cons2", sock, "kv_consumer"), KVConnectorRole.SCHEDULER, None)
+    req = request("d", n=96)
+    req.kv_transfer_params = {"kvtier_stored_tokens": 96}
+    assert conn.get_num_new_matched_tokens(req, 0) == (95, False)
+    conn.update_state_after_alloc(req, NS(get_block_ids=lambda: ([1, 2, 3, 4, 5, 6],)), 95)
+    (load,) = conn.build_connector_meta(new_step("d", [1, 2, 3, 4, 5, 6], 95, 1)).loads
+    assert len(load.tokens) == 96 and load.end == 95 and load.block_ids == [1, 2, 3, 4, 5, 6]
+
+
+class FakeServerEngine(StubEngine):
+    """A server client: lookups, and the server's save_unfull_chunk."""
+
+    def __init__(self, stored, unfull):
+        super().__init__(stored=stored, delay=0.0)
+        self.save_unfull_chunk = unfull
+        self.chunk_size = BS
+
+
+@pytest.mark.parametrize("unfull", [True, False])
+def test_with_a_server_that_keeps_no_tails_only_full_chunks_are_handed_over(monkeypatch, caplog, unfull):
+    from kvtier.vllm.settings import ConnectorSettings
+
+    stored = {"kv_producer": 0, "kv_consumer": 100 if unfull else 96}  # before and after the prefill
+    monkeypatch.setattr(ConnectorSettings, "open_engine",
+                        lambda self, ident: FakeServerEngine(stored[self.kv_role], unfull))
+    made = {}
+    with caplog.at_level(logging.WARNING, logger="vllm.kvtier"):
+        for role in ("kv_producer", "kv_consumer"):
+            cfg = make_config({"server": "unix:/nowhere", "lookup_budget_ms": 1000}, f"srv-{role}")
+            cfg.kv_transfer_config.kv_role = role
+            made[role] = KvTierConnector(cfg, KVConnectorRole.SCHEDULER, None)
+    assert ("save_unfull_chunk: true" in caplog.text) is (not unfull)  # why, once per instance
+    prod, cons = made["kv_producer"], made["kv_consumer"]
+    req = request("p", n=100)
+    assert prod.get_num_new_matched_tokens(req, 0) == (0, False)
+    (save,) = prod.build_connector_meta(new_step("p", [1, 2, 3, 4, 5, 6, 7], 0, 100)).saves
+    assert len(save.tokens) == (100 if unfull else 96)
+    params = prod.request_finished(req, [])[1]
+    assert params["kvtier_stored_tokens"] == (100 if unfull else 96) and params["kvtier_server"] == "unix:/nowhere"
+    dec = request("d", n=100)
+    dec.kv_transfer_params = params
+    assert cons.get_num_new_matched_tokens(dec, 0) == ((99 if unfull else 96), False)
 
 
 def test_decoder_recomputes_what_never_arrives_within_pd_wait_s(stub_workers, caplog):
-    sock = stub_workers("late", [GrowingEngine(before=32, after_s=60.0, full=96)])
+    sock = stub_workers("late", [GrowingEngine(before=32, after_s=60.0, full=100)])
     conn = KvTierConnector(pd_config("late", sock, "kv_consumer", pd_wait_s=0.2), KVConnectorRole.SCHEDULER, None)
     req = request("d", n=100)
-    req.kv_transfer_params = {"kvtier_stored_tokens": 96}
+    req.kv_transfer_params = {"kvtier_stored_tokens": 100}
     with caplog.at_level(logging.WARNING, logger="vllm.kvtier"):
         n, _, _, took = ask_until_answered(conn, req)
     assert n == 32 and 0.15 <= took < 5.0  # what is there, no hang
@@ -758,3 +822,51 @@ def test_decoder_recomputes_what_never_arrives_within_pd_wait_s(stub_workers, ca
     assert conn.get_kv_connector_stats().data["scheduler.pd.short"] == 1
     with pytest.raises(ValueError, match="kv_role must be one of"):
         KvTierConnector(pd_config("late", sock, "kv_sideways"), KVConnectorRole.SCHEDULER, None)
+
+
+PROMPT = list(range(10, 10 + 4 * BS + 5))  # 4 full chunks and a 5-token tail
+
+
+def tokens_of(caches, name, blocks, n):
+    """The first ``n`` tokens of ``blocks`` (in order) of one layer: (K/V, tokens, heads, dim)."""
+    return torch.cat([kv_of(caches[name][b]) for b in blocks], dim=1)[:, :n]
+
+
+def test_a_prefill_worker_stores_the_tail_and_a_decode_load_fills_all_but_the_final_token(worker):
+    conn, caches = worker(kv_role="kv_producer")
+    assert conn.worker_side.engine.save_unfull_chunk  # embedded PD engines keep tails
+    run_step(conn, caches, KvTierConnectorMetadata())
+    src = [3, 5, 7, 9, 11]
+    run_step(conn, caches, KvTierConnectorMetadata(saves=[SaveSpec("p", PROMPT, None, src)]))
+    assert conn.worker_side.engine.lookup(PROMPT) == len(PROMPT)
+    assert conn.worker_side.engine.lookup(PROMPT[:-1]) == 4 * BS  # another prompt's tail never matches
+    dst = [20, 21, 22, 23, 24]
+    for name in NAMES:
+        caches[name][dst] = -3.0
+    end = len(PROMPT) - 1
+    meta = KvTierConnectorMetadata(loads=[LoadSpec("d", PROMPT, None, dst, 0, None, end)])
+    assert run_step(conn, caches, meta) == set()
+    for name in NAMES:
+        assert torch.equal(tokens_of(caches, name, dst, end), tokens_of(caches, name, src, end))
+        assert (kv_of(caches[name][24])[:, end - 4 * BS :] == -3.0).all()  # the final token's slot and after
+    assert conn.stats["loaded_tokens"] == end
+
+
+def test_a_missing_tail_is_recomputed_from_its_block(worker):
+    conn, caches = worker(kv_role="kv_consumer")
+    run_step(conn, caches, KvTierConnectorMetadata())
+    src = [3, 5, 7, 9]
+    run_step(conn, caches, KvTierConnectorMetadata(saves=[SaveSpec("p", PROMPT[: 4 * BS], None, src)]))
+    dst = [30, 31, 32, 33, 34]
+    before = {name: caches[name][34].clone() for name in NAMES}
+    meta = KvTierConnectorMetadata(loads=[LoadSpec("d", PROMPT, None, dst, 0, None, len(PROMPT) - 1)])
+    assert run_step(conn, caches, meta) == {34}  # vLLM recomputes from the tail's block
+    for name in NAMES:
+        assert torch.equal(tokens_of(caches, name, dst[:4], 4 * BS), tokens_of(caches, name, src, 4 * BS))
+        assert torch.equal(caches[name][34], before[name])
+    assert conn.stats["loaded_tokens"] == 4 * BS and conn.stats["load_failures"] == 1
+
+
+def test_kv_both_engines_keep_no_tails(worker):
+    conn, _ = worker()
+    assert not conn.worker_side.engine.save_unfull_chunk

@@ -503,6 +503,9 @@ struct PyEngine {
     _admin: Option<kvtier_server::admin::AdminHandle>,
     /// (address, bytes) of an embedded engine's L1 pool mapping.
     pool: Option<(usize, usize)>,
+    /// Whether a prompt's trailing partial chunk is stored and found (the engine's config,
+    /// or the server's: its handshake says).
+    save_unfull_chunk: bool,
 }
 
 /// Where an engine's L1 pool is mapped: the address of a probe buffer less its offset in
@@ -600,6 +603,7 @@ impl PyEngine {
                 Ok(PyEngine {
                     cache: engine.clone(),
                     pool: pool_region_of(&engine),
+                    save_unfull_chunk: engine.key_space().save_unfull_chunk(),
                     embedded: Some(engine),
                     identity,
                     server: None,
@@ -607,9 +611,10 @@ impl PyEngine {
                 })
             }
             Backend::Server(addr) => {
-                let cache = connect_server(py, &addr, &identity)?;
+                let (cache, save_unfull_chunk) = connect_server(py, &addr, &identity)?;
                 Ok(PyEngine {
                     cache,
+                    save_unfull_chunk,
                     embedded: None,
                     identity,
                     server: Some(addr),
@@ -630,6 +635,14 @@ impl PyEngine {
     #[getter]
     fn bytes_per_token(&self) -> usize {
         self.cache.bytes_per_token()
+    }
+
+    /// Whether a prompt's trailing partial chunk (fewer than `chunk_size` tokens) is stored
+    /// and counted by lookups: `save_unfull_chunk` of the engine's config, or in server mode
+    /// of the server's.
+    #[getter]
+    fn save_unfull_chunk(&self) -> bool {
+        self.save_unfull_chunk
     }
 
     /// The server address in server mode, else None.
@@ -661,8 +674,12 @@ impl PyEngine {
         let toks = tokens_of(tokens)?;
         let ks = match &self.embedded {
             Some(e) => e.key_space().clone(),
-            None => KeySpace::new(self.identity.clone(), self.cache.chunk_size(), false)
-                .map_err(engine_err)?,
+            None => KeySpace::new(
+                self.identity.clone(),
+                self.cache.chunk_size(),
+                self.save_unfull_chunk,
+            )
+            .map_err(engine_err)?,
         };
         let spans = py
             .allow_threads(|| ks.chunk_spans(&toks, salt.as_deref()))
@@ -1056,17 +1073,19 @@ impl PrefetchHandle {
     }
 }
 
+/// A client of the server at `addr`, and whether that server stores partial chunks.
 fn connect_server(
     py: Python<'_>,
     addr: &str,
     identity: &ModelIdentity,
-) -> PyResult<Arc<dyn KvCache>> {
+) -> PyResult<(Arc<dyn KvCache>, bool)> {
     let id = identity.clone();
     let a = addr.to_string();
     let client = py
         .allow_threads(move || kvtier_client::KvClient::connect(&a, id))
         .map_err(|e| KvTierError::new_err(format!("kvtier server {addr}: {e}")))?;
-    Ok(Arc::new(client))
+    let unfull = client.server_info().save_unfull_chunk;
+    Ok((Arc::new(client), unfull))
 }
 
 /// The native module.

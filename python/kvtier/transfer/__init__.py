@@ -8,8 +8,10 @@ Payload layout
 A payload is kvtier's **layer-major** chunk layout (``docs/key-spec.md``, layout tag
 ``layer-major``), the same for every cache layout, device and block size. A request's
 tokens are cut into chunks of ``blocks_per_chunk`` blocks (``blocks_per_chunk *
-block_size`` tokens); the last chunk may hold fewer blocks (a *partial last chunk*). A chunk
-of ``T`` tokens is the C-contiguous array::
+block_size`` tokens); the last chunk may hold fewer blocks (a *partial last chunk*), and a
+prompt's *tail* (its last chunk when the prompt ends inside a block: engines with
+``save_unfull_chunk`` store it under a key of exactly its tokens) holds just its ``T``
+tokens, its last block partly. A chunk of ``T`` tokens is the C-contiguous array::
 
     chunk[layer][plane][token][head][dim]        shape (L, P, T, H, D), the cache dtype
 

@@ -61,18 +61,21 @@ def host_tensor(address: int, nbytes: int) -> torch.Tensor:
 
 
 def _chunks(paged: PagedLayers, entries: Sequence[tuple[int, int, int, int]], chunk_tokens: int) -> list[Chunk]:
-    """Chunks from (token_start, token_end, address, nbytes) entries of the bindings."""
+    """Chunks from (token_start, token_end, address, nbytes) entries of the bindings (a
+    prompt's tail may end inside a block)."""
     out = []
+    per_token = paged.block_nbytes // paged.block_size
     for start, end, addr, nbytes in entries:
-        if start % chunk_tokens or (end - start) % paged.block_size:
+        tokens = end - start
+        if start % chunk_tokens or not 0 < tokens <= chunk_tokens:
             raise ValueError(
-                f"chunk tokens {start}..{end} do not fall on {chunk_tokens}-token chunks of "
-                f"{paged.block_size}-token blocks"
+                f"chunk tokens {start}..{end} are not a chunk (or a prompt's tail) of {chunk_tokens}-token chunks"
             )
-        blocks = (end - start) // paged.block_size
-        if nbytes != blocks * paged.block_nbytes:
-            raise ValueError(f"a pool chunk of {nbytes} bytes for {blocks} blocks of {paged.block_nbytes}")
-        out.append(Chunk(start // chunk_tokens, blocks, host_tensor(addr, nbytes)))
+        if nbytes != tokens * per_token:
+            raise ValueError(f"a pool chunk of {nbytes} bytes for {tokens} tokens of {per_token}")
+        blocks = -(-tokens // paged.block_size)
+        partial = tokens % paged.block_size != 0  # a tail ending inside a block
+        out.append(Chunk(start // chunk_tokens, blocks, host_tensor(addr, nbytes), tokens if partial else None))
     return out
 
 

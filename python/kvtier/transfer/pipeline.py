@@ -43,11 +43,14 @@ DEFAULT_DEVICE_STAGING_BYTES = 256 << 20
 @dataclasses.dataclass
 class LoadPlan:
     """Host chunks of one request to copy into cache blocks: request blocks
-    ``first .. first + len(block_ids)`` go to the cache blocks ``block_ids``."""
+    ``first .. first + len(block_ids)`` go to the cache blocks ``block_ids``; with ``end``
+    (a request token inside the last block), only the tokens before it (the rest of that
+    block is the forward pass's to compute)."""
 
     chunks: list[Chunk]
     first: int
     block_ids: Sequence[int]
+    end: int | None = None
 
 
 @dataclasses.dataclass
@@ -133,7 +136,7 @@ def _device_chunks(chunks: Sequence[Chunk], buf: torch.Tensor) -> list[Chunk]:
     out, off = [], 0
     for c in chunks:
         n = _nbytes(c.buf)
-        out.append(Chunk(c.index, c.blocks, buf[off : off + n]))
+        out.append(dataclasses.replace(c, buf=buf[off : off + n]))
         off += n
     return out
 
@@ -212,7 +215,7 @@ class LoadStep:
         for plan in plans:
             n = len(plan.block_ids)
             if n:
-                pieces += paged.pieces(plan.chunks, plan.first, n)
+                pieces += paged.pieces(plan.chunks, plan.first, n, plan.end)
                 ids_list += list(plan.block_ids)
         if not pieces:
             return
@@ -234,7 +237,7 @@ class LoadStep:
         for gi, g in enumerate(groups):
             host = [pieces[i].chunk for i in g]
             dev = _device_chunks(host, buf)
-            dev_pieces = [Piece(d, pieces[i].lo, pieces[i].hi) for d, i in zip(dev, g)]
+            dev_pieces = [dataclasses.replace(pieces[i], chunk=d) for d, i in zip(dev, g)]
             n = sum(p.hi - p.lo for p in dev_pieces)
             s.launch(stream, f"h2d {gi}", lambda dev=dev, host=host: _copy_runs([d.buf for d in dev], [h.buf for h in host]))
             last = gi == len(groups) - 1

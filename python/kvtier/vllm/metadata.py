@@ -12,21 +12,27 @@ class LoadSpec:
     """Blocks of one request to fill from kvtier before (or while) the step computes."""
 
     req_id: str
-    tokens: list[int]  # the prompt up to the end of the last chunk to load
+    tokens: list[int]  # the prompt up to the end of the last chunk to load (its tail: all of it)
     salt: str | None
-    block_ids: list[int]  # vLLM blocks to fill, in prompt order
+    block_ids: list[int]  # vLLM blocks to fill, in prompt order (the last may be filled partly)
     first_block: int  # index (in the prompt) of block_ids[0]
     tiers: list[int] | None = None  # tier of each chunk to load (from the lookup), when known
+    end: int | None = None  # fill the prompt's tokens before this one (None: all of ``tokens``)
+
+    @property
+    def num_tokens(self) -> int:
+        """The prompt tokens in place once the load is done."""
+        return len(self.tokens) if self.end is None else self.end
 
 
 @dataclasses.dataclass
 class SaveSpec:
-    """The full chunks of one request's prompt to store once this step has computed them."""
+    """The chunks of one request's prompt to store once this step has computed them."""
 
     req_id: str
-    tokens: list[int]  # the prompt's full chunks
+    tokens: list[int]  # the prompt's full chunks (a prefill instance: the whole prompt, tail too)
     salt: str | None
-    block_ids: list[int]  # the blocks holding them, in prompt order
+    block_ids: list[int]  # the blocks holding them, in prompt order (the last may be partial)
 
 
 @dataclasses.dataclass

@@ -29,12 +29,13 @@ PD_RETRY_S = 0.02
 class _ReqState:
     tokens: list[int]
     salt: str | None
-    hit: int = 0  # tokens loadable from kvtier (chunk aligned), from the lookup
+    hit: int = 0  # tokens loadable from kvtier, from the lookup (chunk aligned but for a decoder)
     load_tokens: int = 0  # external tokens vLLM agreed to load
     block_ids: list[int] = dataclasses.field(default_factory=list)
     saved: bool = False
-    usable: int = 0  # the most tokens a load may cover (whole chunks, >= 1 token left)
-    n_save: int = 0  # tokens in the prompt's full chunks
+    usable: int = 0  # the most tokens a load may cover (>= 1 token left; whole chunks but for a decoder)
+    n_save: int = 0  # tokens to store: the prompt's full chunks (a prefill instance: all of it)
+    n_lookup: int = 0  # tokens whose chunks the lookup asks for
     pending: PendingLookup | None = None  # the lookup, while unanswered
     tiers: list[int] | None = None  # tier of each chunk to load (arbitration on)
     expect: int = 0  # disaggregated decode: tokens the producer stored (from kv_transfer_params)
@@ -60,10 +61,22 @@ class SchedulerSide:
         #: Load or recompute, per request (see :mod:`.arbitration`).
         self.arbiter = Arbiter(settings.arbitration, CostModel(settings.prior_prefill_tok_s, settings.prior_chunk_s))
         self._detail = settings.arbitration != "off"  # lookups say which tier holds each chunk
+        #: A prefill/decode instance hands over the whole prompt, its partial last chunk
+        #: (the tail) included, where the engine keeps tails (embedded engines are opened so).
+        self.tails = settings.disaggregated
         if settings.server_mode:
             ident = model_identity(vllm_config, kv_dtype_code(vllm_config), 0)
             self._engine = settings.open_engine(ident)
             lookup = self._server_lookup
+            if self.tails and not getattr(self._engine, "save_unfull_chunk", False):
+                self.tails = False
+                logger.warning(
+                    "kvtier: %s with a server that keeps no partial chunks (save_unfull_chunk: false "
+                    "in its config): only the prompt's full chunks are handed over and the decoder "
+                    "recomputes up to %d tokens of each prompt; set save_unfull_chunk: true in every "
+                    "kvtier serve of a prefill/decode deployment",
+                    settings.kv_role, settings.chunk_tokens,
+                )
         else:
             ranks = RankClients(settings.engine_id, settings.num_ranks, settings.lookup_socket_dir,
                                 settings.lookup_timeout_s, detail=self._detail)
@@ -81,10 +94,11 @@ class SchedulerSide:
         st.pending = None
         st.hit = min(stored, st.usable)
         chunk = self._s.chunk_tokens
-        n = st.hit // chunk
+        n = -(-st.hit // chunk)  # chunks the load reads (a tail, or a chunk read in part, too)
         if tiers is not None and n > 0 and len(tiers) >= n:  # else: no tier per chunk, load all
             k = self.arbiter.plan(list(tiers[:n]), chunk)
-            st.hit = k * chunk
+            if k < n:
+                st.hit = k * chunk
             st.tiers = list(tiers[:k])
         st.saved = st.n_save > 0 and stored >= st.n_save  # every full chunk is stored: no save
         if st.n_save == 0:
@@ -97,19 +111,27 @@ class SchedulerSide:
         if st is None:
             tokens = list(request.prompt_token_ids or [])
             st = _ReqState(tokens=tokens, salt=getattr(request, "cache_salt", None) or None)
-            st.n_save = (len(tokens) // chunk) * chunk
-            # Never load the whole prompt: the last token must be computed for logits.
-            st.usable = ((len(tokens) - 1) // chunk) * chunk if tokens else 0
+            role, n, full = self._s.kv_role, len(tokens), (len(tokens) // chunk) * chunk
+            st.n_save = n if self.tails and role == "kv_producer" else full
+            st.n_lookup = n if self.tails else full
+            # Never load the whole prompt: the last token must be computed for logits. A
+            # decoder loads everything else (the tail, or its last chunk, only in part);
+            # otherwise loads are whole chunks.
+            if role == "kv_consumer":
+                st.usable = max(0, n - 1)
+            else:
+                st.usable = ((n - 1) // chunk) * chunk if tokens else 0
             self._reqs[request.request_id] = st
-            if self._s.kv_role != "kv_producer":
+            if role != "kv_producer":
                 # A decode instance behind a prefill one: the producer said how many tokens
                 # it stored; wait (asking again) until they are all visible, or pd_wait_s.
                 params = getattr(request, "kv_transfer_params", None) or {}
                 want = int(params.get("kvtier_stored_tokens", 0) or 0)
-                st.expect = (min(want, st.usable) // chunk) * chunk
+                expect = min(want, st.usable, st.n_lookup)
+                st.expect = expect if role == "kv_consumer" else (expect // chunk) * chunk
                 st.wait_until = time.monotonic() + self._s.pd_wait_s
-            if st.n_save > 0:
-                st.pending = self.lookups.submit(tokens[: st.n_save], st.salt)
+            if st.n_lookup > 0:
+                st.pending = self.lookups.submit(tokens[: st.n_lookup], st.salt)
             else:
                 self._resolve(st, 0)
         if st.pending is not None:
@@ -125,7 +147,7 @@ class SchedulerSide:
             if time.monotonic() < st.retry_at:
                 return None, False
             st.retry_at = 0.0
-            st.pending = self.lookups.submit(st.tokens[: st.n_save], st.salt)
+            st.pending = self.lookups.submit(st.tokens[: st.n_lookup], st.salt)
             return self.get_num_new_matched_tokens(request, num_computed_tokens)
         extra = st.hit - num_computed_tokens
         if extra <= 0:
@@ -183,12 +205,16 @@ class SchedulerSide:
             if st.load_tokens > 0:
                 start = new.num_computed_tokens - st.load_tokens  # tokens computed locally before
                 end = new.num_computed_tokens
-                first, last = start // bs, end // bs
+                chunk = self._s.chunk_tokens
+                # A decoder's load may end inside a block (and a chunk): that block is filled
+                # in part, and the chunk is asked for by all its tokens (its key hashes them).
+                first, last = start // bs, -(-end // bs)
+                key_end = min(len(st.tokens), -(-end // chunk) * chunk)
                 tiers = None
                 if st.tiers is not None:  # the chunks this load covers
-                    chunk = self._s.chunk_tokens
                     tiers = st.tiers[start // chunk : (end + chunk - 1) // chunk]
-                meta.loads.append(LoadSpec(new.req_id, st.tokens[:end], st.salt, st.block_ids[first:last], first, tiers))
+                meta.loads.append(LoadSpec(new.req_id, st.tokens[:key_end], st.salt, st.block_ids[first:last], first,
+                                           tiers, None if end == key_end else end))
                 st.load_tokens = 0
             self._maybe_save(meta, new.req_id, st, new.num_computed_tokens, scheduler_output)
         cached = scheduler_output.scheduled_cached_reqs
@@ -206,7 +232,8 @@ class SchedulerSide:
         return meta
 
     def _maybe_save(self, meta, req_id, st: _ReqState, computed: int, so) -> None:
-        """Emits the save of the prompt's full chunks in the step that completes them.
+        """Emits the save of the prompt's full chunks (a prefill instance's: the whole
+        prompt, its tail in its partial last block) in the step that completes them.
 
         With chunked prefill the blocks computed in earlier steps stay allocated to the
         request, so one save, in the step where its last full chunk is computed, covers all.
@@ -216,15 +243,14 @@ class SchedulerSide:
         if self._s.kv_role == "kv_consumer":  # a decode instance never stores
             st.saved = True
             return
-        chunk = self._s.chunk_tokens
-        n_save = (len(st.tokens) // chunk) * chunk
+        n_save = st.n_save
         if n_save == 0:
             st.saved = True
             return
         done = computed + so.num_scheduled_tokens.get(req_id, 0)
         if done < n_save:
             return
-        nblocks = n_save // self._s.block_size
+        nblocks = -(-n_save // self._s.block_size)
         if len(st.block_ids) < nblocks:
             return
         meta.saves.append(SaveSpec(req_id, st.tokens[:n_save], st.salt, st.block_ids[:nblocks]))
@@ -239,7 +265,8 @@ class SchedulerSide:
             st.pending = None
         # Saves finish inside wait_for_save, before the step's output (and so this call and
         # the response) exists: blocks can be freed now, and a prefill instance can tell the
-        # decoder what is stored: every full chunk of the prompt, once its save was issued.
+        # decoder what is stored once its save was issued: the whole prompt (every full
+        # chunk only, where the engine keeps no tails).
         params = getattr(request, "kv_transfer_params", None) or {}
         if st is None or not (self._s.kv_role == "kv_producer" or params.get("do_remote_decode")):
             return False, None

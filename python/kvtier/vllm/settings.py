@@ -92,6 +92,14 @@ class ConnectorSettings:
         return self.blocks_per_chunk * self.block_size
 
     @property
+    def disaggregated(self) -> bool:
+        """A prefill (kv_producer) or decode (kv_consumer) instance: it stores, or loads, the
+        whole prompt, its trailing partial chunk (the *tail*) included, where the engine
+        keeps tails (``save_unfull_chunk``: set here for embedded engines, the server's
+        config in server mode)."""
+        return self.kv_role != "kv_both"
+
+    @property
     def server_mode(self) -> bool:
         """Both roles are clients of one ``kvtier serve`` (else each worker embeds an engine)."""
         return "server" in self.conn
@@ -173,7 +181,7 @@ class ConnectorSettings:
                 raise ValueError("kvtier connector: give either a config file or inline keys, not both")
             # chunk_size must match the block mapping: the env override wins over the file.
             os.environ["KVTIER_CHUNK_SIZE"] = str(self.chunk_tokens)
-            os.environ["KVTIER_SAVE_UNFULL_CHUNK"] = "false"
+            os.environ["KVTIER_SAVE_UNFULL_CHUNK"] = "true" if self.disaggregated else "false"
             return str(path)
         cfg = dict(self.eng)
         # Commit L1 at start unless told otherwise (as vLLM does its own KV cache): a fresh
@@ -182,7 +190,9 @@ class ConnectorSettings:
         # at start-up, not as an OOM kill under load.
         cfg.setdefault("local_cpu_prefault", True)
         cfg["chunk_size"] = self.chunk_tokens
-        cfg["save_unfull_chunk"] = False
+        # kv_both stores and loads full chunks only (a tail is seldom shared); a prefill or
+        # decode instance hands the whole prompt over, so its engine keeps tails.
+        cfg["save_unfull_chunk"] = self.disaggregated
         return cfg
 
     def open_engine(self, identity: dict) -> "kvtier.Engine":

@@ -256,7 +256,7 @@ class WorkerSide:
     def _host_chunks(self, specs: list[LoadSpec], load: _InflightLoad) -> list[LoadPlan]:
         """The stored chunks of every spec in host memory (retrieved into the staging
         buffer, or held in L1), as load plans for the blocks they cover."""
-        paged, chunk = self._paged, self._s.chunk_tokens
+        paged = self._paged
         plans = []
         if self._pool is not None:
             for spec in specs:
@@ -273,8 +273,8 @@ class WorkerSide:
                     plans.append(plan)
                     self._note_load(spec, len(plan.block_ids), time.perf_counter() - t0)
             return plans
-        counts = [(len(sp.tokens) // chunk) * paged.blocks_per_chunk for sp in specs]
-        payloads = self._load_staging.payloads([paged.payload_numel(n) for n in counts])
+        # A spec's tokens end on a chunk, or are a whole prompt whose tail is stored.
+        payloads = self._load_staging.payloads([paged.tokens_numel(len(sp.tokens)) for sp in specs])
         for spec, payload in zip(specs, payloads):
             got = 0
             t0 = time.perf_counter()
@@ -283,16 +283,21 @@ class WorkerSide:
                 got = self.engine.retrieve(spec.tokens, payload)
             except Exception as e:
                 logger.warning("kvtier load of %s failed: %s", spec.req_id, e)
-            plan = self._short_load(spec, got, paged.split(payload, got // self._s.block_size))
+            plan = self._short_load(spec, got, paged.split_tokens(payload, min(got, len(spec.tokens))))
             if plan is not None:
                 plans.append(plan)
                 self._note_load(spec, len(plan.block_ids), time.perf_counter() - t0)
         return plans
 
     def _short_load(self, spec: LoadSpec, got: int, chunks=None) -> LoadPlan | None:
-        """The plan for the blocks the ``got`` loaded tokens cover; the rest are load errors."""
+        """The plan for the blocks the ``got`` loaded tokens cover; the rest are load errors
+        (a missing or corrupt chunk, a tail too: vLLM recomputes from the first bad block)."""
         bs = self._s.block_size
-        n_ok = max(0, min(len(spec.block_ids), got // bs - spec.first_block))
+        end = spec.num_tokens
+        if got >= end:  # everything asked for, the last block possibly in part
+            n_ok = len(spec.block_ids)
+        else:
+            n_ok = max(0, min(len(spec.block_ids), got // bs - spec.first_block))
         bad = spec.block_ids[n_ok:]
         if bad:
             self._add_load_errors(bad)
@@ -301,10 +306,11 @@ class WorkerSide:
                 "kvtier: request %s loaded %d of %d tokens; %d block(s) will be recomputed",
                 spec.req_id, got, len(spec.tokens), len(bad),
             )
-        self.stats["loaded_tokens"] += n_ok * bs
         if n_ok == 0:
             return None
-        return LoadPlan(chunks, spec.first_block, spec.block_ids[:n_ok])
+        stop = min(end, (spec.first_block + n_ok) * bs)
+        self.stats["loaded_tokens"] += stop - spec.first_block * bs
+        return LoadPlan(chunks, spec.first_block, spec.block_ids[:n_ok], stop)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         """Returns once this layer's loaded blocks are in place (on CUDA: once the compute
@@ -346,10 +352,11 @@ class WorkerSide:
                 plans.append(SavePlan(claim.chunks, sp.block_ids))
         else:
             paged = self._paged
-            payloads = self._save_staging.payloads([paged.payload_numel(len(sp.block_ids)) for sp in meta.saves])
+            # The whole prompt where it ends in a tail (its last block partial).
+            payloads = self._save_staging.payloads([paged.tokens_numel(len(sp.tokens)) for sp in meta.saves])
             for sp, payload in zip(meta.saves, payloads):
                 items.append(_SaveItem(sp, payload, None))
-                plans.append(SavePlan(paged.split(payload), sp.block_ids))
+                plans.append(SavePlan(paged.split_tokens(payload, len(sp.tokens)), sp.block_ids))
         try:
             step = self._xfer.begin_save(plans)
         except Exception:
@@ -415,7 +422,7 @@ class WorkerSide:
                     rep = it.claim.commit()
                 else:
                     rep = self.engine.store(it.spec.tokens, it.payload, it.spec.salt)
-                self.stats["saved_tokens"] += rep["new_chunks"] * self._s.chunk_tokens
+                self.stats["saved_tokens"] += min(rep["new_chunks"] * self._s.chunk_tokens, len(it.spec.tokens))
             except Exception as e:  # a failed save only costs a future hit
                 logger.warning("kvtier save of %s failed: %s", it.spec.req_id, e)
         self.hook_times.add("wait_for_save.store", time.perf_counter() - t0, part=True)
