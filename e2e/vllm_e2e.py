@@ -529,13 +529,16 @@ def openai_disaggregated(work, model):
                      os.path.exists(sock_a) and os.path.exists(sock_b)):
             return
 
-        def ktc(role, eid, sock):
-            extra = {"kvtier.server": "unix:" + sock, "kvtier.pd_wait_s": PD_WAIT_S}
+        def ktc(role, eid, sock, pd_wait_s=PD_WAIT_S):
+            extra = {"kvtier.server": "unix:" + sock, "kvtier.pd_wait_s": pd_wait_s}
             return {"kv_connector": "KvTierConnector", "kv_connector_module_path": "kvtier.vllm", "kv_role": role,
                     "engine_id": eid, "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
 
         pre, pre_base = start_openai(work, "pd-prefill-server", model, ktc("kv_producer", "e2e-pdp", sock_a))
-        dec1, dec1_base = start_openai(work, "pd-decode-server", model, ktc("kv_consumer", "e2e-pdd", sock_a))
+        # Decoder 1 does not wait for the producer's chunks (pd_wait_s 0): that it still loads
+        # every prompt whole proves the ordering the connector promises, the producer's store
+        # acknowledged by the server before the prefill response leaves vLLM.
+        dec1, dec1_base = start_openai(work, "pd-decode-server", model, ktc("kv_consumer", "e2e-pdd", sock_a, 0))
         dec2, dec2_base = start_openai(work, "pd-decode-server-b", model, ktc("kv_consumer", "e2e-pdd2", sock_b))
         procs += [pre, dec1, dec2]
         proxies = []
@@ -562,7 +565,7 @@ def openai_disaggregated(work, model):
         t0 = time.perf_counter()
         outs = pd_run(pbase, model, texts, 3)
         wall1 = time.perf_counter() - t0
-        check_pd_run("one node", outs)
+        check_pd_run("one node, decoder never waits: stores land before the prefill response", outs)
         ttft_s, ttft_n = ttft_totals(dec1_base)
         if ttft_n and PD_SINGLE_TTFT.get("mean"):
             dec_ttft = ttft_s / ttft_n
@@ -601,12 +604,32 @@ def openai_disaggregated(work, model):
                     streamed.append(json.loads(line[6:])["choices"][0]["text"])
         check("PD (OpenAI): a streamed completion through the proxy equals the single server's",
               "".join(streamed) == PD_REFERENCE["pd03"], f"{len(streamed)} events")
-        # The prefill server dies: the request still completes, recomputed by the decoder.
-        stop_group(pre, 10)
+        # The prefill server is killed (SIGKILL) with requests outstanding: each completes on the
+        # decoder (what was stored is loaded, the rest recomputed), none hangs; so does a request
+        # sent after it died.
+        import concurrent.futures as cf
+
+        rng = random.Random(77)
+        late = {f"late{i}": " ".join(f"w{rng.randrange(4, 4096)}" for _ in range(rng.randrange(3000, 7000)))
+                for i in range(3)}
+        t0 = time.perf_counter()
+        outcome = {}
+        with cf.ThreadPoolExecutor(len(late)) as ex:
+            futs = {n: ex.submit(complete, pbase, model, t, 16) for n, t in late.items()}
+            time.sleep(0.5)
+            os.killpg(pre.pid, signal.SIGKILL)
+            for n, f in futs.items():
+                try:
+                    outcome[n] = "ok" if f.result(timeout=240)[0] else "empty"
+                except Exception as e:  # noqa: BLE001 - reported as the check's detail
+                    outcome[n] = repr(e)[:120]
+        wall = time.perf_counter() - t0
+        check("PD (OpenAI): prefill server killed mid-run: every outstanding request completes on the decoder",
+              all(v == "ok" for v in outcome.values()) and wall < 240, f"{wall:.1f}s {outcome}")
         t0 = time.perf_counter()
         text, cached, dt, _ = complete(pbase, model, texts["pd03"] + " tail", 16)
         stats = json.load(urllib.request.urlopen(pbase + "/proxy/stats", timeout=10))
-        check("PD (OpenAI): prefill server killed: the request completes on the decoder",
+        check("PD (OpenAI): prefill server dead: a new request completes on the decoder",
               bool(text) and time.perf_counter() - t0 < 120, f"{dt:.2f}s, cached_tokens={cached}")
         check("PD (OpenAI): the proxy reports the failed prefill backend",
               stats["prefill_failed"] >= 1 and not stats["backends"]["prefill"][pre_base]["healthy"], json.dumps(stats)[:300])
