@@ -1,6 +1,7 @@
 //! `kvtier bench trace`: replays a request trace through the embedded engine and reports
 //! the prefix hit rate per tier and the bytes written per tier, next to offline
-//! simulations on the same trace and budget: every kvtier policy, and prefix-aware
+//! simulations on the same trace and budget: every kvtier policy, the engine's policy
+//! given a perfect reuse predictor (what predicting reuse could add), and prefix-aware
 //! Belady-OPT (the optimum), so every run says how far the engine is from it.
 //!
 //! Budgets are in blocks: each block is one chunk with a one-page payload (see
@@ -65,7 +66,8 @@ struct Run {
     disk_blocks: Option<u64>,
     policy: String,
     engine: Replay,
-    /// Offline simulations on a single cache of `blocks` blocks: each policy, then `opt`.
+    /// Offline simulations on a single cache of `blocks` blocks: each policy, the engine's
+    /// policy with a reuse oracle (`<policy>+oracle`), then `opt`.
     offline: Vec<(String, Outcome)>,
 }
 
@@ -214,6 +216,10 @@ fn run_one(
         .iter()
         .map(|k| (k.to_string(), offline::simulate(trace, cap, *k, unfull)))
         .collect();
+    offline.push((
+        format!("{}+oracle", base.cache_policy),
+        offline::simulate_with_reuse_oracle(trace, cap, base.cache_policy, unfull),
+    ));
     offline.push(("opt".into(), offline::belady(trace, cap, unfull)));
     info!(
         blocks,
@@ -229,6 +235,11 @@ fn run_one(
         engine,
         offline,
     })
+}
+
+/// Width of an offline column: its name, at least 11.
+fn column_width(name: &str) -> usize {
+    name.len().max(11)
 }
 
 fn pct(x: f64) -> String {
@@ -273,7 +284,7 @@ fn print_table(r: &TraceReport) {
         "total",
         names
             .iter()
-            .map(|n| format!("{n:>11}"))
+            .map(|n| format!("{n:>w$}", w = column_width(n)))
             .collect::<Vec<_>>()
             .join(" ")
     );
@@ -307,14 +318,14 @@ fn print_table(r: &TraceReport) {
             pct(e.hit_rate()),
             run.offline
                 .iter()
-                .map(|o| format!("{:>11}", pct(o.1.rate())))
+                .map(|o| format!("{:>w$}", pct(o.1.rate()), w = column_width(&o.0)))
                 .collect::<Vec<_>>()
                 .join(" "),
             written
         );
     }
     println!();
-    println!("offline columns: one cache of `blocks` blocks fed the same requests (prefix hits only); opt = prefix-aware Belady-OPT");
+    println!("offline columns: one cache of `blocks` blocks fed the same requests (prefix hits only); <policy>+oracle = stores only blocks the trace references again; opt = prefix-aware Belady-OPT");
     for run in &r.runs {
         let e = &run.engine;
         let mut notes = vec![format!("{:.1} s", e.secs)];

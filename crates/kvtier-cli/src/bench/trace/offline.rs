@@ -5,6 +5,9 @@
 //!   it is the only tier (hits touched last-to-first, the prompt reported, missing blocks
 //!   allocated in order and then inserted; a store stops where nothing is evictable or the
 //!   policy declines);
+//! - a kvtier policy given a perfect reuse predictor: a block the trace never references
+//!   again is not stored (the policy still decides everything else). No online policy
+//!   knows this; the column says how much of the gap to OPT predicting reuse is worth;
 //! - prefix-aware Belady-OPT: on a miss, evict the cached block whose next use is farthest
 //!   away (the deeper one on a tie, so a prompt's tail goes before its head), or skip
 //!   the incoming block when it is the farthest itself.
@@ -61,6 +64,38 @@ fn cacheable(trace: &Trace, r: usize, unfull: bool) -> usize {
 
 /// Replays `trace` through a cache of `capacity` blocks ordered by `kind`.
 pub fn simulate(trace: &Trace, capacity: usize, kind: PolicyKind, unfull: bool) -> Outcome {
+    run_policy(trace, capacity, kind, unfull, None)
+}
+
+/// Like [`simulate`], with a perfect reuse predictor: a block is stored only when a later
+/// request references it again.
+pub fn simulate_with_reuse_oracle(
+    trace: &Trace,
+    capacity: usize,
+    kind: PolicyKind,
+    unfull: bool,
+) -> Outcome {
+    // Last request referencing each block: a block is reused after request `i` exactly
+    // when its last reference comes later.
+    let mut last = vec![0u32; trace.unique_blocks];
+    for (i, req) in trace.requests.iter().enumerate() {
+        for &b in &req.blocks {
+            last[b as usize] = i as u32;
+        }
+    }
+    run_policy(trace, capacity, kind, unfull, Some(&last))
+}
+
+/// [`simulate`]'s loop; with `last_use`, a block not referenced after the current request
+/// is not stored, and neither is anything after it in the prompt (chained blocks: nothing
+/// extending a prefix that never comes back can come back).
+fn run_policy(
+    trace: &Trace,
+    capacity: usize,
+    kind: PolicyKind,
+    unfull: bool,
+    last_use: Option<&[u32]>,
+) -> Outcome {
     let mut policy = kind.build(capacity as u64 * 4096);
     let mut resident = vec![false; trace.unique_blocks];
     let mut count = 0usize;
@@ -86,6 +121,9 @@ pub fn simulate(trace: &Trace, capacity: usize, kind: PolicyKind, unfull: bool) 
         'alloc: for &b in &req.blocks[..n] {
             if resident[b as usize] {
                 continue;
+            }
+            if last_use.is_some_and(|l| l[b as usize] as usize <= i) {
+                break;
             }
             while count + new.len() >= capacity {
                 // As the engine's L1 when it is the only tier: the policy may decline.
@@ -194,6 +232,23 @@ mod tests {
     }
 
     #[test]
+    fn the_reuse_oracle_stores_only_blocks_that_come_back() {
+        // A one-time prompt between two uses of `a b c`: LRU lets it push `a b c` out; with
+        // the oracle it is not stored, and `a b c` hits.
+        let t = trace("0 a b c\n1 x y z\n2 a b c\n");
+        assert_eq!(simulate(&t, 3, PolicyKind::Lru, false).hits, 0);
+        let o = simulate_with_reuse_oracle(&t, 3, PolicyKind::Lru, false);
+        assert_eq!((o.hits, o.references), (3, 9));
+        // The branch `d` never comes back: not stored, so `c` stays (LRU would evict it).
+        let t = trace("0 a b c\n1 a b d\n2 a b c\n");
+        assert_eq!(simulate(&t, 3, PolicyKind::Lru, false).hits, 2 + 2);
+        assert_eq!(
+            simulate_with_reuse_oracle(&t, 3, PolicyKind::Lru, false).hits,
+            2 + 3
+        );
+    }
+
+    #[test]
     fn opt_is_an_upper_bound_for_every_policy() {
         // A generated conversation-like trace: reused prefixes, one-time prompts.
         let mut text = String::new();
@@ -219,6 +274,11 @@ mod tests {
             for kind in PolicyKind::ALL {
                 let p = simulate(&t, cap, kind, false);
                 assert!(p.hits <= opt.hits, "{kind} at {cap}: {p:?} > OPT {opt:?}");
+                let o = simulate_with_reuse_oracle(&t, cap, kind, false);
+                assert!(
+                    o.hits <= opt.hits,
+                    "{kind}+oracle at {cap}: {o:?} > OPT {opt:?}"
+                );
             }
             assert!(opt.hits as f64 <= t.ceiling() * t.references() as f64 + 0.5);
         }

@@ -161,3 +161,25 @@ fn run_writes_a_json_report_for_a_simple_trace() {
     .bench;
     run(&a).unwrap();
 }
+
+#[test]
+fn every_run_has_its_policy_with_the_reuse_oracle_before_opt() {
+    let t = trace(120);
+    let a = Cli::parse_from(["kvtier", "trace", "--file", "t.txt"]).bench;
+    let base = EngineConfig {
+        cache_policy: PolicyKind::PrefixLrfu,
+        ..EngineConfig::default()
+    };
+    let run = run_one(&t, &base, &a.trace, 30, None).unwrap();
+    let names: Vec<&str> = run.offline.iter().map(|o| o.0.as_str()).collect();
+    assert_eq!(
+        names,
+        ["lru", "s3fifo", "prefix-lrfu", "prefix-lrfu+oracle", "opt"]
+    );
+    // The one-time prompts of the generated trace are not stored: the oracle hits more.
+    let (plain, oracle, opt) = (run.offline[2].1, run.offline[3].1, run.offline[4].1);
+    assert!(
+        plain.hits < oracle.hits && oracle.hits <= opt.hits,
+        "{run:?}"
+    );
+}
