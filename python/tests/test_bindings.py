@@ -1,6 +1,7 @@
 """Tests of the kvtier Python bindings (numpy only; torch tests skip without torch)."""
 
 import array
+import contextlib
 import gc
 import json
 import threading
@@ -386,7 +387,10 @@ def _serve_bin():
     return b if b and os.path.exists(b) else None
 
 
-def test_server_mode_shares_one_cache(tmp_path):
+@contextlib.contextmanager
+def _served(tmp_path, config):
+    """A `kvtier serve` with `config` (YAML text) on a socket under tmp_path: yields the
+    socket path, stops the server (fails or skips the test when there is no binary)."""
     import os
     import subprocess
     import time
@@ -397,7 +401,7 @@ def test_server_mode_shares_one_cache(tmp_path):
             pytest.fail("no kvtier binary: set KV_SERVE_BIN (required: KVTIER_REQUIRE_TEST_SERVERS is set)")
         pytest.skip("no kvtier binary (set KV_SERVE_BIN)")
     cfg = tmp_path / "serve.yaml"
-    cfg.write_text("chunk_size: 16\nmax_local_cpu_size: 0.0625\nlocal_cpu_huge_pages: false\n")
+    cfg.write_text(config)
     sock = tmp_path / "kvtier.sock"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
     proc = subprocess.Popen([b, "serve", "--config", str(cfg), "--socket", str(sock)], env=env,
@@ -409,6 +413,18 @@ def test_server_mode_shares_one_cache(tmp_path):
             if proc.poll() is not None:
                 pytest.fail(f"kvtier serve exited: {proc.stderr.read().decode()[-2000:]}")
             time.sleep(0.05)
+        yield sock
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:  # never leave the server running
+            proc.kill()
+            proc.wait()
+
+
+def test_server_mode_shares_one_cache(tmp_path):
+    with _served(tmp_path, "chunk_size: 16\nmax_local_cpu_size: 0.0625\nlocal_cpu_huge_pages: false\n") as sock:
         a = kvtier.Engine({"server": f"unix:{sock}"}, model="test/model", **SHAPE)
         b2 = kvtier.Engine({"server": str(sock)}, model="test/model", **SHAPE)
         assert a.server and a.chunk_size == 16 and a.bytes_per_token == 128
@@ -426,40 +442,13 @@ def test_server_mode_shares_one_cache(tmp_path):
         for call in (b2.pool_region, lambda: b2.acquire(toks), lambda: b2.begin_store(toks)):
             with pytest.raises(kvtier.KvTierError, match="embedded engines"):
                 call()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:  # never leave the server running
-            proc.kill()
-            proc.wait()
 
 
 def test_a_server_that_keeps_tails_says_so_and_its_clients_store_and_find_them(tmp_path):
     """`save_unfull_chunk` is the server's: its clients' lookups and chunk keys count a
     prompt's partial last chunk, keyed by exactly its tokens."""
-    import os
-    import subprocess
-    import time
-
-    b = _serve_bin()
-    if b is None:
-        if os.environ.get("KVTIER_REQUIRE_TEST_SERVERS", "") not in ("", "0"):
-            pytest.fail("no kvtier binary: set KV_SERVE_BIN (required: KVTIER_REQUIRE_TEST_SERVERS is set)")
-        pytest.skip("no kvtier binary (set KV_SERVE_BIN)")
-    cfg = tmp_path / "serve.yaml"
-    cfg.write_text("chunk_size: 16\nmax_local_cpu_size: 0.0625\nlocal_cpu_huge_pages: false\nsave_unfull_chunk: true\n")
-    sock = tmp_path / "kvtier.sock"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
-    proc = subprocess.Popen([b, "serve", "--config", str(cfg), "--socket", str(sock)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"kvtier serve exited: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.05)
+    tails = "chunk_size: 16\nmax_local_cpu_size: 0.0625\nlocal_cpu_huge_pages: false\nsave_unfull_chunk: true\n"
+    with _served(tmp_path, tails) as sock:
         a = kvtier.Engine({"server": f"unix:{sock}"}, model="test/model", **SHAPE)
         assert a.save_unfull_chunk is True
         toks = list(range(500, 537))  # 2 chunks and a 5-token tail
@@ -469,13 +458,6 @@ def test_a_server_that_keeps_tails_says_so_and_its_clients_store_and_find_them(t
         assert a.lookup(toks) == 37 and a.lookup(toks[:36]) == 32  # the tail's key is its exact tokens
         out = np.zeros_like(kv)
         assert a.retrieve(toks, out) == 37 and np.array_equal(out, kv)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:  # never leave the server running
-            proc.kill()
-            proc.wait()
 
 
 def test_embedded_engines_say_whether_they_keep_tails(small_cfg):
