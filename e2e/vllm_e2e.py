@@ -3,6 +3,7 @@
 Each scenario is a separate vLLM process (vllm_case.py). Prints every check, the measured
 TTFTs, and a final line "N passed, M failed"; exits non-zero on any failure."""
 
+import concurrent.futures as cf
 import json
 import os
 import random
@@ -484,8 +485,6 @@ def openai_server(work, model, extra, P, ttft):
 def pd_run(pbase, model, texts, concurrency):
     """Every PD prompt through the proxy at `pbase`, the first ones alone, then `concurrency` at
     a time: {name: (text, cached_tokens, seconds, prompt_tokens)}."""
-    import concurrent.futures as cf
-
     names = list(texts)
     outs = {n: complete(pbase, model, texts[n], 16) for n in names[:2]}
     with cf.ThreadPoolExecutor(concurrency) as ex:
@@ -607,8 +606,6 @@ def openai_disaggregated(work, model):
         # The prefill server is killed (SIGKILL) with requests outstanding: each completes on the
         # decoder (what was stored is loaded, the rest recomputed), none hangs; so does a request
         # sent after it died.
-        import concurrent.futures as cf
-
         rng = random.Random(77)
         late = {f"late{i}": " ".join(f"w{rng.randrange(4, 4096)}" for _ in range(rng.randrange(3000, 7000)))
                 for i in range(3)}

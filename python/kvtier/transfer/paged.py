@@ -192,11 +192,7 @@ class PagedLayers:
     def split(self, payload: torch.Tensor, n_blocks: int | None = None, first_chunk: int = 0) -> list[Chunk]:
         """A flat payload as its chunks (the last may hold fewer blocks); ``n_blocks``
         defaults to all the payload holds."""
-        if payload.dtype not in (self.dtype, torch.uint8):
-            raise ValueError(f"payload dtype {payload.dtype} differs from the caches' {self.dtype}")
-        if not payload.is_contiguous():
-            raise ValueError("a payload must be contiguous")
-        flat = payload.view(-1)
+        flat = self._flat(payload)
         per_block = self.block_nbytes // flat.element_size()
         have = flat.numel() // per_block
         if flat.numel() % per_block:
@@ -219,11 +215,7 @@ class PagedLayers:
         """The chunks of the first ``n_tokens`` tokens of a flat payload laid out as a
         prompt's chunks back to back (chunk ``i`` at ``i * chunk bytes``); when ``n_tokens``
         is not a whole number of chunks the last is a tail of the remaining tokens."""
-        if payload.dtype not in (self.dtype, torch.uint8):
-            raise ValueError(f"payload dtype {payload.dtype} differs from the caches' {self.dtype}")
-        if not payload.is_contiguous():
-            raise ValueError("a payload must be contiguous")
-        flat = payload.view(-1)
+        flat = self._flat(payload)
         per_token = self.block_nbytes // self.block_size // flat.element_size()
         n = int(n_tokens)
         if n < 0 or flat.numel() < n * per_token:
@@ -433,7 +425,7 @@ class PagedLayers:
     # -- internals ---------------------------------------------------------------------------
 
     def _payload_chunks(self, payload: torch.Tensor, n_blocks: int, n_tokens: int | None = None) -> list[Chunk]:
-        chunks = self.split(payload) if n_tokens is None else self.split_tokens(payload, n_tokens)
+        chunks = self._chunks_of(payload, n_tokens)
         have = sum(c.blocks for c in chunks)
         if have != n_blocks:
             raise ValueError(f"a payload of {have} blocks for {n_blocks} block ids")
@@ -445,8 +437,19 @@ class PagedLayers:
     def _pieces_of(
         self, payload: torch.Tensor, first: int, n: int, n_tokens: int | None, end: int | None
     ) -> list[Piece]:
-        chunks = self.split(payload) if n_tokens is None else self.split_tokens(payload, n_tokens)
-        return self.pieces(chunks, first, n, end)
+        return self.pieces(self._chunks_of(payload, n_tokens), first, n, end)
+
+    def _flat(self, payload: torch.Tensor) -> torch.Tensor:
+        """A payload (cache dtype or bytes, contiguous) as one flat tensor."""
+        if payload.dtype not in (self.dtype, torch.uint8):
+            raise ValueError(f"payload dtype {payload.dtype} differs from the caches' {self.dtype}")
+        if not payload.is_contiguous():
+            raise ValueError("a payload must be contiguous")
+        return payload.view(-1)
+
+    def _chunks_of(self, payload: torch.Tensor, n_tokens: int | None) -> list[Chunk]:
+        """The payload's chunks: whole blocks, or ``n_tokens`` tokens (a tail last)."""
+        return self.split(payload) if n_tokens is None else self.split_tokens(payload, n_tokens)
 
     def _check_ids(self, ids: torch.Tensor, n: int) -> None:
         if ids.numel() != n:
