@@ -27,6 +27,9 @@ mod stats;
 pub mod url;
 
 use std::future::Future;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use stats::RemoteCounters;
 pub use stats::RemoteStats;
@@ -34,7 +37,7 @@ pub use stats::RemoteStats;
 use super::{PutOutcome, Tier, TierCounters, TierFuture, TierUsage};
 use crate::chunk::Chunk;
 use crate::error::Result;
-use crate::keys::ChunkKey;
+use crate::keys::{ChunkKey, KeyMap};
 use crate::memory::BufferSource;
 use crate::transport::link::LinkCounters;
 use crate::transport::record::RecordRead;
@@ -108,8 +111,11 @@ pub struct RemoteTier<S> {
     name: String,
     /// The store's URL, secrets redacted.
     shown_url: String,
-    store: S,
+    store: Arc<S>,
     counters: RemoteCounters,
+    /// Corrupt values being deleted: a read of one is a miss without a second fetch, so a bad
+    /// value is counted once however many reads meet it.
+    discarding: Arc<Mutex<KeyMap<()>>>,
 }
 
 impl<S: RemoteStore> std::fmt::Debug for RemoteTier<S> {
@@ -128,8 +134,9 @@ impl<S: RemoteStore> RemoteTier<S> {
         RemoteTier {
             name,
             shown_url,
-            store,
+            store: Arc::new(store),
             counters: RemoteCounters::default(),
+            discarding: Arc::default(),
         }
     }
 
@@ -146,6 +153,10 @@ impl<S: RemoteStore> RemoteTier<S> {
     async fn get_chunk(&self, key: ChunkKey, bufs: &dyn BufferSource) -> Result<Option<Chunk>> {
         let c = &self.counters;
         RemoteCounters::bump(&c.gets, 1);
+        if self.discarding.lock().contains_key(&key) {
+            RemoteCounters::bump(&c.misses, 1);
+            return Ok(None);
+        }
         match self.store.fetch(key, bufs).await? {
             Some(RecordRead::Chunk(chunk)) => {
                 RemoteCounters::bump(&c.hits, 1);
@@ -153,8 +164,10 @@ impl<S: RemoteStore> RemoteTier<S> {
                 Ok(Some(chunk))
             }
             Some(RecordRead::Corrupt(why)) => {
-                RemoteCounters::bump(&c.checksum_failures, 1);
-                self.store.discard(key, &why).await;
+                if self.discarding.lock().insert(key, ()).is_none() {
+                    RemoteCounters::bump(&c.checksum_failures, 1);
+                    self.discard(key, why).await;
+                }
                 Ok(None)
             }
             Some(RecordRead::NoBuffer) => {
@@ -165,6 +178,24 @@ impl<S: RemoteStore> RemoteTier<S> {
                 RemoteCounters::bump(&c.misses, 1);
                 Ok(None)
             }
+        }
+    }
+
+    /// Hands a corrupt value to the store to delete, in a task of its own: a caller that
+    /// stops waiting (a retrieve that ended at an earlier miss drops its other reads) must
+    /// not leave the value behind to be read and counted again. The get still waits for it.
+    async fn discard(&self, key: ChunkKey, why: String) {
+        let store = self.store.clone();
+        let discarding = self.discarding.clone();
+        let task = async move {
+            store.discard(key, &why).await;
+            discarding.lock().remove(&key);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let _ = rt.spawn(task).await;
+            }
+            Err(_) => task.await,
         }
     }
 
@@ -247,5 +278,113 @@ impl<S: RemoteStore> Tier for RemoteTier<S> {
 
     fn details(&self) -> serde_json::Value {
         self.store.details(&self.stats())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::memory::WritableBuf;
+
+    /// A store whose every value is corrupt and whose deletes wait for `release`.
+    #[derive(Default)]
+    struct CorruptStore {
+        fetches: AtomicU64,
+        discards_started: AtomicU64,
+        discards_done: AtomicU64,
+        release: Notify,
+    }
+
+    struct NoBuffers;
+
+    impl BufferSource for NoBuffers {
+        fn allocate(&self, _len: usize) -> Option<WritableBuf> {
+            None
+        }
+    }
+
+    impl RemoteStore for CorruptStore {
+        type Stats = RemoteStats;
+
+        async fn prefix_len(&self, _keys: &[ChunkKey]) -> Result<usize> {
+            Ok(0)
+        }
+
+        async fn fetch(
+            &self,
+            _key: ChunkKey,
+            _bufs: &dyn BufferSource,
+        ) -> Result<Option<RecordRead>> {
+            self.fetches.fetch_add(1, Ordering::SeqCst);
+            Ok(Some(RecordRead::Corrupt("checksum mismatch".into())))
+        }
+
+        async fn discard(&self, _key: ChunkKey, _why: &str) {
+            self.discards_started.fetch_add(1, Ordering::SeqCst);
+            self.release.notified().await;
+            self.discards_done.fetch_add(1, Ordering::SeqCst);
+        }
+
+        async fn store(&self, _chunk: &Chunk) -> Result<PutOutcome> {
+            Ok(PutOutcome::Stored)
+        }
+
+        async fn remove(&self, _key: ChunkKey) -> Result<bool> {
+            Ok(false)
+        }
+
+        async fn sweep(&self, _salt: Option<&str>) -> Result<u64> {
+            Ok(0)
+        }
+
+        fn stats(&self, common: RemoteStats) -> RemoteStats {
+            common
+        }
+    }
+
+    async fn until(what: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if what() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        panic!("timed out");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_corrupt_value_is_counted_once_and_deleted_even_when_the_reader_gives_up() {
+        let tier = Arc::new(RemoteTier::with_store(
+            "t".into(),
+            "t://".into(),
+            CorruptStore::default(),
+        ));
+        let key = ChunkKey([7; 32]);
+        // A reader that stops waiting while the delete is under way (as a retrieve does with
+        // its reads past the first miss).
+        let reader = {
+            let tier = tier.clone();
+            tokio::spawn(async move { tier.get(key, &NoBuffers).await })
+        };
+        let store = tier.store();
+        until(|| store.discards_started.load(Ordering::SeqCst) == 1).await;
+        reader.abort();
+        assert!(reader.await.unwrap_err().is_cancelled());
+        // Read again before the delete finished: a miss, without fetching the value again.
+        assert!(tier.get(key, &NoBuffers).await.unwrap().is_none());
+        assert_eq!(store.fetches.load(Ordering::SeqCst), 1);
+        assert_eq!(tier.stats().checksum_failures, 1);
+        // The delete outlives its reader.
+        store.release.notify_one();
+        until(|| store.discards_done.load(Ordering::SeqCst) == 1).await;
+        until(|| tier.discarding.lock().is_empty()).await;
+        // Gone from the store's point of view: the next read asks the store again.
+        store.release.notify_one();
+        assert!(tier.get(key, &NoBuffers).await.unwrap().is_none());
+        assert_eq!(store.fetches.load(Ordering::SeqCst), 2);
     }
 }
