@@ -4,7 +4,8 @@ Usage: vllm_case.py SPEC.json RESULT.json. SPEC: {"model", "connector": "none"|"
 "example", "extra": {...}, "engine_id", "prompts": {name: [token ids]}, "steps": [[label,
 prompt name, max_tokens(, {"kv_transfer_params": {...}})], ...], "kv_role", "keys_of": prompt name or null, "llm": {extra LLM(...)
 keyword arguments, e.g. disable_hybrid_kv_cache_manager: false}, "logprobs": top-k or 0,
-"warmup": false to skip the warm-up}. RESULT: per step the token ids, the sampled tokens'
+"warmup": false to skip the warm-up, "kv_events": a loopback port to publish vLLM's KV events on,
+collected here and decoded with vLLM's own types}. RESULT: per step the token ids, the sampled tokens'
 logprobs (when asked), num_cached_tokens and wall seconds, plus the kvtier worker's stats."""
 
 import json
@@ -25,6 +26,65 @@ def since(after, before):
         else:
             out[k] = v
     return out
+
+
+class EventSubscriber:
+    """Collects the KV-event batches vLLM publishes on ``port`` and decodes each with vLLM's
+    own msgspec ``KVEventBatch`` (what routers' decoders mirror)."""
+
+    def __init__(self, port: int):
+        import threading
+
+        import zmq
+
+        self.batches, self.decode_failures, self.events = 0, 0, []
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sock.setsockopt(zmq.RCVTIMEO, 200)
+        self._sock.connect(f"tcp://127.0.0.1:{port}")
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        import msgspec
+        import zmq
+        from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch
+
+        dec = msgspec.msgpack.Decoder(type=KVEventBatch)
+
+        def h(x):  # a block hash: 64-bit int (vLLM's default) or bytes
+            return x.hex() if isinstance(x, bytes) else str(x)
+
+        while not self._stop:
+            try:
+                _topic, _seq, payload = self._sock.recv_multipart()
+            except zmq.Again:
+                continue
+            self.batches += 1
+            try:
+                batch = dec.decode(payload)
+            except Exception:
+                self.decode_failures += 1
+                continue
+            for e in batch.events:
+                if isinstance(e, BlockStored):
+                    self.events.append({"type": "stored", "medium": e.medium, "hashes": [h(x) for x in e.block_hashes],
+                                        "parent": None if e.parent_block_hash is None else h(e.parent_block_hash),
+                                        "token_ids": list(e.token_ids), "block_size": e.block_size})
+                elif isinstance(e, BlockRemoved):
+                    self.events.append({"type": "removed", "medium": e.medium, "hashes": [h(x) for x in e.block_hashes]})
+                else:
+                    self.events.append({"type": "cleared"})
+
+    def close(self) -> dict:
+        time.sleep(1.0)  # the last step's batch
+        self._stop = True
+        self._thread.join()
+        self._sock.close(0)
+        self._ctx.term()
+        return {"batches": self.batches, "decode_failures": self.decode_failures, "events": self.events}
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -57,7 +117,15 @@ def main(spec_path: str, out_path: str) -> None:
         kw["kv_transfer_config"] = KVTransferConfig(
             kv_connector="ExampleConnector", kv_role="kv_both", kv_connector_extra_config=spec["extra"]
         )
+    events = None
+    if spec.get("kv_events"):
+        from vllm.config import KVEventsConfig
+
+        kw["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                                endpoint=f"tcp://127.0.0.1:{spec['kv_events']}", topic="kv")
     llm = LLM(**kw)
+    if spec.get("kv_events"):
+        events = EventSubscriber(spec["kv_events"])
     prompts = spec["prompts"]
     # Warm-up: a short prompt of other tokens (its first-request costs are not measured).
     for _ in range(2 if spec.get("warmup", True) else 0):
@@ -96,6 +164,8 @@ def main(spec_path: str, out_path: str) -> None:
         )
         print(f"[case] {label}: {dt:.3f}s cached={out.num_cached_tokens}", flush=True)
     result = {"steps": steps}
+    if events is not None:
+        result["kv_events"] = events.close()
     if conn == "kvtier" and "kvtier.server" not in spec["extra"]:
         from kvtier.vllm import worker_call
 

@@ -251,6 +251,8 @@ def llama(work, model):
 
     # 4b. server mode: two vLLM processes share one `kvtier serve`
     server_mode(work, model, prompts, full, ref_P)
+    # 4c. KV events: what the connector announces through vLLM's own publisher (issue 15)
+    kv_events(work, model, extra)
 
     # 5. vLLM's ExampleConnector on the same prompt, same machine, same run
     ex_dir = os.path.join(work, "example-store")
@@ -291,6 +293,68 @@ def llama(work, model):
         check("TTFT: kvtier hit no slower than ExampleConnector hit", hit <= limit or scaled <= limit,
               f"{hit:.3f}s vs {exh:.3f}s; reference requests {ref_kv or 0:.3f}s vs {ref_ex or 0:.3f}s "
               f"(kvtier process {speed:.2f}x as slow), scaled hit {scaled:.3f}s")
+
+
+def kv_events(work, model, extra):
+    """vLLM publishes KV events (--kv-events-config) and the connector adds the chunks its
+    L1 holds, in vLLM's block hashes. A router-style index built from the decoded events
+    (a trie of token blocks, as Dynamo's and llm-d's indexes keep) must answer, for each
+    prompt, exactly the prefix the connector loads when the prompt is sent again."""
+    rng = random.Random(21)
+    shared = [rng.randrange(4, 4096) for _ in range(640)]
+    prompts = {}
+    for i in range(8):
+        head = shared if i % 2 == 0 else []
+        n = rng.randrange(700, 1500)
+        prompts[f"E{i}"] = head + [rng.randrange(4, 4096) for _ in range(n - len(head))]
+    steps = [[f"store{i}", f"E{i}", 1] for i in range(8)] + [[f"again{i}", f"E{i}", 1] for i in range(8)]
+    res = run_case(work, "events", {"model": model, "connector": "kvtier", "extra": extra, "warmup": False,
+                   "engine_id": "e2e-" + uuid.uuid4().hex[:8], "prompts": prompts, "steps": steps,
+                   "kv_events": free_port()})
+    if not check("KV events: process ran", res is not None):
+        return
+    ev = res["kv_events"]
+    cpu = [e for e in ev["events"] if e.get("medium") == "CPU"]
+    check("KV events: every batch decodes with vLLM's KVEventBatch", ev["batches"] > 0 and ev["decode_failures"] == 0,
+          f"{ev['batches']} batches, {ev['decode_failures']} failed")
+    # The router's index: (parent block hash, block tokens) -> block hash, and the live set.
+    child, live = {}, set()
+    for e in cpu:
+        if e["type"] == "stored":
+            bs = e["block_size"]
+            parent = e["parent"]
+            for j, h in enumerate(e["hashes"]):
+                child[(parent, tuple(e["token_ids"][j * bs:(j + 1) * bs]))] = h
+                live.add(h)
+                parent = h
+        elif e["type"] == "removed":
+            live.difference_update(e["hashes"])
+
+    def index_tokens(tokens):
+        parent, n = None, 0
+        while n + BLOCK <= len(tokens):
+            h = child.get((parent, tuple(tokens[n:n + BLOCK])))
+            if h is None or h not in live:
+                break
+            parent, n = h, n + BLOCK
+        return n
+
+    announced = sum(1 for e in cpu if e["type"] == "stored")
+    print(f"[events] {ev['batches']} batches, {announced} chunks announced (medium CPU), "
+          f"{sum(1 for e in cpu if e['type'] == 'removed')} removals", flush=True)
+    bad = []
+    for i in range(8):
+        toks = prompts[f"E{i}"]
+        want_index = (len(toks) // BLOCK) * BLOCK
+        cached = step(res, f"again{i}")["num_cached_tokens"]
+        got = index_tokens(toks)
+        if got != want_index or cached != min(got, ((len(toks) - 1) // BLOCK) * BLOCK):
+            bad.append(f"E{i}: {len(toks)} tokens, index {got} (want {want_index}), loaded {cached}")
+    check("KV events: the index answers every prompt's full chunks, and a re-send loads exactly that prefix",
+          not bad, "; ".join(bad))
+    check("KV events: a shared prefix is announced once (4 prompts share 5 chunks)",
+          announced == sum((len(prompts[f"E{i}"]) // BLOCK) for i in range(8)) - 3 * (640 // BLOCK),
+          f"{announced} chunks announced")
 
 
 def start_serve(work, name, config="", args=(), env_extra=None):

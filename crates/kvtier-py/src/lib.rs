@@ -12,11 +12,12 @@
 //! Embedded engines also lend their L1 pool memory to zero-copy GPU transfers
 //! (`pool_region`, `acquire`, `begin_store`; see `kvtier.transfer.PoolMemory`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kvtier::keys::{KeySpace, ModelIdentity};
 use kvtier::layout::{Dtype, KvLayout, LayerGroup};
+use kvtier::tier::{ResidencyChange, ResidencyLog};
 use kvtier::{Engine, EngineConfig, KvCache, PendingLoad};
 use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -506,6 +507,8 @@ struct PyEngine {
     /// Whether a prompt's trailing partial chunk is stored and found (the engine's config,
     /// or the server's: its handshake says).
     save_unfull_chunk: bool,
+    /// L1's residency changes, once `watch_residency` was called (embedded engines).
+    residency: OnceLock<Arc<ResidencyLog>>,
 }
 
 /// Where an engine's L1 pool is mapped: the address of a probe buffer less its offset in
@@ -608,6 +611,7 @@ impl PyEngine {
                     identity,
                     server: None,
                     _admin: admin,
+                    residency: OnceLock::new(),
                 })
             }
             Backend::Server(addr) => {
@@ -620,6 +624,7 @@ impl PyEngine {
                     server: Some(addr),
                     _admin: None,
                     pool: None,
+                    residency: OnceLock::new(),
                 })
             }
         }
@@ -826,6 +831,45 @@ impl PyEngine {
             .map_err(engine_err)?;
         let s = serde_json::to_string(&v).map_err(|e| KvTierError::new_err(e.to_string()))?;
         Ok(py.import("json")?.call_method1("loads", (s,))?.unbind())
+    }
+
+    /// Starts recording which chunks enter and leave L1 (stores, write-backs, evictions,
+    /// removals), at most `limit` changes between two `take_residency_changes` calls (then
+    /// the log starts over and says so). Embedded engines with an L1 cache only; returns
+    /// False when L1 does not cache or another observer was installed first.
+    #[pyo3(signature = (limit=100_000))]
+    fn watch_residency(&self, limit: usize) -> PyResult<bool> {
+        let engine = self.embedded_engine("watch_residency")?;
+        if self.residency.get().is_some() {
+            return Ok(true);
+        }
+        let log = Arc::new(ResidencyLog::new(limit));
+        if !engine.manager().set_l1_observer(log.clone()) {
+            return Ok(false);
+        }
+        let _ = self.residency.set(log);
+        Ok(true)
+    }
+
+    /// The L1 changes since the last call: `(overflowed, [(stored, key_hex), ...])`,
+    /// oldest first; `stored` is False for a chunk that left L1. `overflowed`: changes were
+    /// dropped (the log exceeded its limit), so forget what was learnt before.
+    fn take_residency_changes(&self) -> PyResult<(bool, Vec<(bool, String)>)> {
+        let Some(log) = self.residency.get() else {
+            return Err(KvTierError::new_err(
+                "take_residency_changes(): call watch_residency() first",
+            ));
+        };
+        let taken = log.take();
+        let changes = taken
+            .changes
+            .iter()
+            .map(|c| match c {
+                ResidencyChange::Stored(k, _) => (true, k.to_hex()),
+                ResidencyChange::Removed(k) => (false, k.to_hex()),
+            })
+            .collect();
+        Ok((taken.overflowed, changes))
     }
 
     /// (address, bytes) of the embedded engine's L1 memory pool: chunks held by `acquire`

@@ -117,11 +117,24 @@ class KvTierConnector(KVConnectorBase_V1):
     # -- scheduler side --------------------------------------------------------------------
 
     def update_connector_output(self, connector_output: Any) -> None:
-        """The workers' output of a step: their stats feed the load-vs-recompute model."""
+        """The workers' output of a step: their stats feed the load-vs-recompute model,
+        their KV events the scheduler's announcements."""
+        if self.scheduler_side is None:
+            return
         stats = getattr(connector_output, "kv_connector_stats", None)
         data = getattr(stats, "data", None) if stats is not None else None
-        if self.scheduler_side is not None and data:
+        if data:
             self.hook_times.call("update_connector_output", self.scheduler_side.observe, data)
+        events = getattr(connector_output, "kv_cache_events", None)
+        if events is not None:
+            self.hook_times.call("update_connector_output", self.scheduler_side.observe_events,
+                                 events.get_all_events())
+
+    def take_events(self):
+        """KV events for vLLM's publisher: the blocks kvtier's L1 took in or dropped."""
+        if self.scheduler_side is None:
+            return ()
+        return self.scheduler_side.take_events()
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         return self.hook_times.call(
@@ -180,6 +193,12 @@ class KvTierConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, None
+
+    def get_kv_connector_kv_cache_events(self):
+        """The blocks that entered and left this worker's L1 in the last step (KV events on)."""
+        if self.worker_side is None:
+            return None
+        return self.worker_side.take_events()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         if self.worker_side is None:

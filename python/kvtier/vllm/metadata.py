@@ -18,6 +18,7 @@ class LoadSpec:
     first_block: int  # index (in the prompt) of block_ids[0]
     tiers: list[int] | None = None  # tier of each chunk to load (from the lookup), when known
     end: int | None = None  # fill the prompt's tokens before this one (None: all of ``tokens``)
+    block_hashes: list | None = None  # KV events on: vLLM's hashes of the full blocks of ``tokens``
 
     @property
     def num_tokens(self) -> int:
@@ -33,6 +34,7 @@ class SaveSpec:
     tokens: list[int]  # the prompt's full chunks (a prefill instance: the whole prompt, tail too)
     salt: str | None
     block_ids: list[int]  # the blocks holding them, in prompt order (the last may be partial)
+    block_hashes: list | None = None  # KV events on: vLLM's hashes of the full blocks of ``tokens``
 
 
 @dataclasses.dataclass

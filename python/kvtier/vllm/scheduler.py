@@ -9,6 +9,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .arbitration import Arbiter, CostModel
+from .events import RankVotes, events_enabled, external_hashes
 from .lookup import AsyncLookups, PendingLookup, RankClients, lookup_with_tiers
 from .metadata import KvTierConnectorMetadata, LoadSpec, SaveSpec
 from .settings import ConnectorSettings, kv_dtype_code, model_identity
@@ -41,6 +42,7 @@ class _ReqState:
     expect: int = 0  # disaggregated decode: tokens the producer stored (from kv_transfer_params)
     wait_until: float = 0.0  # ... waited for until then (monotonic)
     retry_at: float = 0.0  # the next lookup while waiting
+    block_hashes: list | None = None  # KV events on: vLLM's hashes of the prompt's blocks
 
 
 class SchedulerSide:
@@ -83,6 +85,10 @@ class SchedulerSide:
             lookup = ranks.lookup
         self.lookups = AsyncLookups(lookup, settings.lookup_threads, settings.lookup_budget_s,
                                     settings.lookup_deadline_s)
+        #: KV events (vLLM's --kv-events-config): the workers report what their L1 holds, in
+        #: vLLM's block hashes; a chunk is announced once every rank holds it. A server
+        #: publishes its own stream (kvtier serve --kv-events-config).
+        self.events = RankVotes(settings.num_ranks) if events_enabled(vllm_config) and not settings.server_mode else None
 
     def _server_lookup(self, tokens: list[int], salt: str | None, deadline: float) -> int | tuple[int, list[int]]:
         if not self._detail:
@@ -111,6 +117,8 @@ class SchedulerSide:
         if st is None:
             tokens = list(request.prompt_token_ids or [])
             st = _ReqState(tokens=tokens, salt=getattr(request, "cache_salt", None) or None)
+            if self.events is not None:
+                st.block_hashes = getattr(request, "block_hashes", None)
             role, n, full = self._s.kv_role, len(tokens), (len(tokens) // chunk) * chunk
             st.n_save = n if self.tails and role == "kv_producer" else full
             st.n_lookup = n if self.tails else full
@@ -214,7 +222,7 @@ class SchedulerSide:
                 if st.tiers is not None:  # the chunks this load covers
                     tiers = st.tiers[start // chunk : (end + chunk - 1) // chunk]
                 meta.loads.append(LoadSpec(new.req_id, st.tokens[:key_end], st.salt, st.block_ids[first:last], first,
-                                           tiers, None if end == key_end else end))
+                                           tiers, None if end == key_end else end, self._hashes(st, key_end)))
                 st.load_tokens = 0
             self._maybe_save(meta, new.req_id, st, new.num_computed_tokens, scheduler_output)
         cached = scheduler_output.scheduled_cached_reqs
@@ -230,6 +238,22 @@ class SchedulerSide:
                 st.block_ids.extend(nb[0])
             self._maybe_save(meta, req_id, st, cached.num_computed_tokens[i], scheduler_output)
         return meta
+
+    def _hashes(self, st: _ReqState, n_tokens: int) -> list | None:
+        """KV events on: vLLM's hashes (as its events carry them) of the full blocks of the
+        prompt's first ``n_tokens``."""
+        if st.block_hashes is None:
+            return None
+        return external_hashes(st.block_hashes[: n_tokens // self._s.block_size])
+
+    def observe_events(self, events: list) -> None:
+        """The workers' events of a step (all ranks merged by vLLM)."""
+        if self.events is not None:
+            self.events.add(events)
+
+    def take_events(self) -> list:
+        """The events for vLLM's publisher since the last call."""
+        return self.events.take() if self.events is not None else []
 
     def _maybe_save(self, meta, req_id, st: _ReqState, computed: int, so) -> None:
         """Emits the save of the prompt's full chunks (a prefill instance's: the whole
@@ -253,7 +277,7 @@ class SchedulerSide:
         nblocks = -(-n_save // self._s.block_size)
         if len(st.block_ids) < nblocks:
             return
-        meta.saves.append(SaveSpec(req_id, st.tokens[:n_save], st.salt, st.block_ids[:nblocks]))
+        meta.saves.append(SaveSpec(req_id, st.tokens[:n_save], st.salt, st.block_ids[:nblocks], self._hashes(st, n_save)))
         st.saved = True
 
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict | None]:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .arbitration import MIN_STEP_TOKENS
+from .events import ConnectorEvents, WorkerEvents, events_enabled
 from .lookup import LookupServer, authkey, socket_path
 from .metadata import KvTierConnectorMetadata, LoadSpec
 from .settings import ConnectorSettings, kv_dtype_code, model_identity, use_mla
@@ -104,6 +105,7 @@ class WorkerSide:
         self._xfer_pool: concurrent.futures.ThreadPoolExecutor | None = None  # loads
         self._inflight_load: _InflightLoad | None = None
         self._save_plan: _SavePlan | None = None
+        self._events: WorkerEvents | None = None  # KV events on (embedded): L1 changes as vLLM events
         # For the scheduler's load-vs-recompute arbitration, drained with each step's stats:
         # forward-pass tokens and seconds, and per tier the load seconds and chunks.
         self._obs_lock = threading.Lock()
@@ -157,6 +159,8 @@ class WorkerSide:
         else:
             self._load_staging = HostStaging(first.dtype, pin=cuda)
             self._save_staging = HostStaging(first.dtype, pin=cuda)
+        if events_enabled(self._vllm_config) and not self._s.server_mode:
+            self._events = WorkerEvents(self.engine, self._s.block_size, self.engine.chunk_size)
         if not self._s.server_mode:
             self._lookup_server = LookupServer(
                 self.engine,
@@ -258,6 +262,9 @@ class WorkerSide:
         buffer, or held in L1), as load plans for the blocks they cover."""
         paged = self._paged
         plans = []
+        if self._events is not None:
+            for spec in specs:  # before the chunks read back into L1 are reported
+                self._events.learn(spec.tokens, spec.salt, spec.block_hashes)
         if self._pool is not None:
             for spec in specs:
                 t0 = time.perf_counter()
@@ -417,6 +424,8 @@ class WorkerSide:
         self.stats["layers_staged_late"] += len(late)
         t0 = time.perf_counter()
         for it in plan.items:
+            if self._events is not None:  # before the store reports its chunks
+                self._events.learn(it.spec.tokens, it.spec.salt, it.spec.block_hashes)
             try:
                 if it.claim is not None:
                     rep = it.claim.commit()
@@ -426,6 +435,11 @@ class WorkerSide:
             except Exception as e:  # a failed save only costs a future hit
                 logger.warning("kvtier save of %s failed: %s", it.spec.req_id, e)
         self.hook_times.add("wait_for_save.store", time.perf_counter() - t0, part=True)
+
+    def take_events(self) -> ConnectorEvents | None:
+        """KV events on: the blocks that entered and left this worker's L1 since the last
+        call (None when off)."""
+        return self._events.take() if self._events is not None else None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Blocks a load could not fill since the last call (vLLM recomputes them)."""

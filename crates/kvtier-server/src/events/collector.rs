@@ -1,71 +1,47 @@
-//! Collects L1's residency reports for the publisher: a short, bounded, ordered queue.
+//! Turns L1's residency reports into KV events for the publisher.
 //!
-//! The reports arrive under L1's index lock, so recording one is a push into a vector.
-//! When the publisher falls behind by more than the queue's bound, the queue is dropped and
-//! the next batch starts with `AllBlocksCleared`: subscribers then forget this node's
-//! blocks and relearn them from later stores. They under-count for a while, but never
-//! believe in a block a load would miss.
+//! The queue is the core's [`ResidencyLog`]: bounded and ordered. When the publisher falls
+//! behind by more than its bound, the queue is dropped and the next batch starts with
+//! `AllBlocksCleared`: subscribers then forget this node's blocks and relearn them from
+//! later stores. They under-count for a while, but never believe in a block a load would
+//! miss.
 
 use kvtier::chunk::ChunkInfo;
 use kvtier::keys::ChunkKey;
-use kvtier::tier::ResidencyObserver;
-use parking_lot::Mutex;
+use kvtier::tier::{ResidencyChange, ResidencyLog, ResidencyObserver};
 
 use super::wire::{KvEvent, MEDIUM_CPU};
 
-/// One index change, in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Change {
-    Stored(ChunkKey, u32),
-    Removed(ChunkKey),
-}
-
-#[derive(Default)]
-struct Pending {
-    changes: Vec<Change>,
-    overflowed: bool,
-}
-
 /// L1's observer: queues changes until the publisher takes them.
 pub struct Collector {
-    pending: Mutex<Pending>,
-    limit: usize,
+    log: ResidencyLog,
 }
 
 impl Collector {
     /// A collector holding at most `limit` changes (at least 1) between two batches.
     pub fn new(limit: usize) -> Collector {
         Collector {
-            pending: Mutex::default(),
-            limit: limit.max(1),
+            log: ResidencyLog::new(limit),
         }
-    }
-
-    fn push(&self, p: &mut Pending, c: Change) {
-        if p.changes.len() >= self.limit {
-            p.changes = Vec::new();
-            p.overflowed = true;
-        }
-        p.changes.push(c);
     }
 
     /// Takes the changes queued so far as events, in order: a run of removals becomes one
     /// `BlockRemoved`, each store one `BlockStored`; after an overflow the first event is
     /// `AllBlocksCleared`. Also returns whether the queue overflowed.
     pub fn take(&self) -> (Vec<KvEvent>, bool) {
-        let p = std::mem::take(&mut *self.pending.lock());
+        let p = self.log.take();
         let mut out = Vec::with_capacity(p.changes.len() + 1);
         if p.overflowed {
             out.push(KvEvent::AllBlocksCleared);
         }
         for c in p.changes {
             match c {
-                Change::Stored(key, tokens) => out.push(KvEvent::BlockStored {
+                ResidencyChange::Stored(key, tokens) => out.push(KvEvent::BlockStored {
                     key,
                     tokens,
                     medium: MEDIUM_CPU,
                 }),
-                Change::Removed(k) => match out.last_mut() {
+                ResidencyChange::Removed(k) => match out.last_mut() {
                     Some(KvEvent::BlockRemoved { keys, .. }) => keys.push(k),
                     _ => out.push(KvEvent::BlockRemoved {
                         keys: vec![k],
@@ -80,15 +56,11 @@ impl Collector {
 
 impl ResidencyObserver for Collector {
     fn stored(&self, info: &ChunkInfo) {
-        let mut p = self.pending.lock();
-        self.push(&mut p, Change::Stored(info.key, info.num_tokens));
+        self.log.stored(info);
     }
 
     fn removed(&self, keys: &[ChunkKey]) {
-        let mut p = self.pending.lock();
-        for k in keys {
-            self.push(&mut p, Change::Removed(*k));
-        }
+        self.log.removed(keys);
     }
 }
 

@@ -29,7 +29,7 @@ pub use peer::url::PeerUrl;
 pub use peer::{PeerTier, PeerTierStats};
 pub use redis::url::RedisUrl;
 pub use redis::{RedisTier, RedisTierStats};
-pub use residency::ResidencyObserver;
+pub use residency::{ResidencyChange, ResidencyChanges, ResidencyLog, ResidencyObserver};
 pub use throttle::{ThrottleLimits, ThrottledTier};
 
 use crate::chunk::Chunk;

@@ -305,3 +305,35 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn residency_log_keeps_the_tiers_changes_in_order_and_starts_over_past_its_limit() {
+    use crate::tier::{ResidencyChange, ResidencyLog};
+
+    let t = tier(64 * PAGE);
+    let log = Arc::new(ResidencyLog::new(4));
+    assert!(t.set_observer(log.clone()));
+    assert_eq!(put(&t, 1, 5000), PutOutcome::Stored);
+    assert_eq!(put(&t, 2, 5000), PutOutcome::Stored);
+    assert_eq!(put(&t, 1, 5000), PutOutcome::AlreadyPresent); // not a change
+    assert!(t.remove_key(&key(1)));
+    let taken = log.take();
+    assert!(!taken.overflowed);
+    assert_eq!(
+        taken.changes,
+        vec![
+            ResidencyChange::Stored(key(1), 1),
+            ResidencyChange::Stored(key(2), 1),
+            ResidencyChange::Removed(key(1)),
+        ]
+    );
+    assert_eq!(log.take(), Default::default());
+    // Five changes into a log of four: it drops what it held and says so.
+    for i in 3..8 {
+        assert_eq!(put(&t, i, 100), PutOutcome::Stored);
+    }
+    let taken = log.take();
+    assert!(taken.overflowed);
+    assert_eq!(taken.changes, vec![ResidencyChange::Stored(key(7), 1)]);
+    assert!(!log.take().overflowed);
+}

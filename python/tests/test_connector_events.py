@@ -1,0 +1,187 @@
+"""The connector's KV events (issue 15): the blocks kvtier's L1 holds, in vLLM's own event
+types and block hashes, from the workers' engines through the scheduler to vLLM's
+publisher; decoded with vLLM's own msgspec types."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace as NS
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("vllm")
+
+import msgspec  # noqa: E402
+from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch  # noqa: E402
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
+
+import kvtier  # noqa: E402
+from kvtier.vllm import KvTierConnector, KvTierConnectorMetadata, SaveSpec  # noqa: E402
+from kvtier.vllm.events import ConnectorEvents, RankVotes, WorkerEvents, external_hashes  # noqa: E402
+
+from test_vllm_connector import (  # noqa: E402,F401 (stub_workers: a fixture)
+    BS, NAMES, NB, D, H, StubEngine, ask_until_answered, empty_sched_output, make_config, run_step, stub_workers,
+)
+
+
+def with_events(vc, on=True):
+    vc.kv_events_config = NS(enable_kv_cache_events=on)
+    return vc
+
+
+def vllm_hashes(tokens):
+    """Stand-ins for vLLM's block hashes (bytes, one per full block)."""
+    return [bytes([7]) + i.to_bytes(4, "big") + bytes(str(tokens[i * BS]), "ascii") for i in range(len(tokens) // BS)]
+
+
+@pytest.fixture
+def events_worker(tmp_path):
+    made = []
+
+    def make(l1_gib=0.01, on=True):
+        cfg = dict(max_local_cpu_size=l1_gib, local_cpu_huge_pages=False, lookup_socket_dir=str(tmp_path))
+        vc = with_events(make_config(cfg, f"ev{len(made)}"), on)
+        conn = KvTierConnector(vc, KVConnectorRole.WORKER, NS(num_blocks=NB))
+        caches = {n: torch.randn(NB, H, BS, 2 * D) for n in NAMES}
+        conn.register_kv_caches(caches)
+        made.append(conn)
+        return conn, caches
+
+    yield make
+    for c in made:
+        c.shutdown()
+
+
+def take(conn):
+    ev = conn.get_kv_connector_kv_cache_events()
+    return [] if ev is None else list(ev.get_all_events())
+
+
+def decode_as_vllm(events):
+    """Encodes a batch the way vLLM's ZMQ publisher does and decodes it with vLLM's types."""
+    payload = msgspec.msgpack.encode(KVEventBatch(ts=1.0, events=events))
+    return msgspec.msgpack.decode(payload, type=KVEventBatch).events
+
+
+def test_a_save_announces_each_chunk_with_vllms_block_hashes_and_a_removal_withdraws_it(events_worker):
+    conn, caches = events_worker()
+    run_step(conn, caches, KvTierConnectorMetadata())
+    tokens = list(range(10, 10 + 4 * BS))
+    hashes = vllm_hashes(tokens)
+    meta = KvTierConnectorMetadata(saves=[SaveSpec("s", tokens, None, [3, 5, 7, 9], hashes)])
+    run_step(conn, caches, meta)
+    events = decode_as_vllm(take(conn))
+    assert [type(e) for e in events] == [BlockStored] * 4
+    for i, e in enumerate(events):
+        assert e.block_hashes == [hashes[i]]
+        assert e.parent_block_hash == (hashes[i - 1] if i else None)
+        assert e.token_ids == tokens[i * BS : (i + 1) * BS]
+        assert e.block_size == BS and e.medium == "CPU"
+    assert take(conn) == []  # nothing new
+    # The same prompt saved again: already held, nothing to announce.
+    run_step(conn, caches, meta)
+    assert take(conn) == []
+    conn.worker_side.engine.remove(tokens)
+    removed = decode_as_vllm(take(conn))
+    assert [type(e) for e in removed] == [BlockRemoved] * 4
+    assert sorted(h for e in removed for h in e.block_hashes) == sorted(hashes)
+    assert all(e.medium == "CPU" for e in removed)
+    assert conn.worker_side._events.known_chunks() == 0
+
+
+def test_with_events_off_nothing_is_watched_or_sent(events_worker):
+    conn, caches = events_worker(on=False)
+    run_step(conn, caches, KvTierConnectorMetadata())
+    tokens = list(range(10, 10 + 2 * BS))
+    run_step(conn, caches, KvTierConnectorMetadata(saves=[SaveSpec("s", tokens, None, [1, 2], vllm_hashes(tokens))]))
+    assert conn.get_kv_connector_kv_cache_events() is None
+    assert conn.worker_side._events is None
+
+
+def test_announced_chunks_are_exactly_those_l1_holds_under_eviction(events_worker):
+    """Many one-chunk prompts through a small L1: after every step, the chunks an index fed
+    with the events believes in are the ones L1 holds (never one a load would miss)."""
+    conn, caches = events_worker(l1_gib=0.0001)  # room for about 17 chunks of 6 KiB
+    run_step(conn, caches, KvTierConnectorMetadata())
+    eng = conn.worker_side.engine
+    rng = random.Random(5)
+    believed: set[bytes] = set()
+    prompts = {}
+    evictions = 0
+    for step in range(60):
+        tokens = [rng.randrange(4, 30000) for _ in range(BS)]
+        h = vllm_hashes(tokens)
+        prompts[h[0]] = tokens
+        run_step(conn, caches, KvTierConnectorMetadata(saves=[SaveSpec(f"r{step}", tokens, None, [step % NB], h)]))
+        for e in decode_as_vllm(take(conn)):
+            if isinstance(e, BlockStored):
+                believed.update(e.block_hashes)
+            else:
+                evictions += 1
+                believed.difference_update(e.block_hashes)
+        held = {hh for hh, t in prompts.items() if eng.lookup(t) == BS}
+        assert believed == held, f"step {step}"
+    assert evictions > 0, "the test needs evictions"
+
+
+def test_worker_log_overflow_withdraws_everything_announced():
+    eng = kvtier.Engine({"max_local_cpu_size": 0.01, "local_cpu_huge_pages": False, "chunk_size": BS},
+                        model="m", layers=1, kv_heads=1, head_dim=4, dtype="f32")
+    ev = WorkerEvents(eng, BS, BS, limit=3)
+    payload = torch.zeros(BS * 8 * 4, dtype=torch.uint8)
+    first = list(range(BS))
+    ev.learn(first, None, vllm_hashes(first))
+    eng.store(first, payload[: eng.payload_bytes(BS)])
+    got = ev.take().get_all_events()
+    assert [type(e) for e in got] == [BlockStored]
+    # More changes than the log holds between two takes: it starts over and says so.
+    for k in range(5):
+        t = list(range(1000 * (k + 1), 1000 * (k + 1) + BS))
+        eng.store(t, payload[: eng.payload_bytes(BS)])
+    got = ev.take().get_all_events()
+    assert isinstance(got[0], BlockRemoved) and got[0].block_hashes == vllm_hashes(first)
+
+
+def test_rank_votes_announce_a_chunk_once_every_rank_holds_it():
+    votes = RankVotes(2)
+    s = BlockStored(block_hashes=[b"a", b"b"], parent_block_hash=None, token_ids=[1, 2], block_size=1,
+                    lora_id=None, medium="CPU", lora_name=None)
+    r = BlockRemoved(block_hashes=[b"a", b"b"], medium="CPU")
+    votes.add([s])
+    assert votes.take() == []  # one rank of two
+    votes.add([s])
+    assert votes.take() == [s]
+    votes.add([r])
+    assert votes.take() == [r]  # the first rank that drops it
+    votes.add([r])
+    assert votes.take() == []
+    votes.add([r])  # a removal of what no rank reported: ignored
+    votes.add([s, s])
+    assert votes.take() == [s]
+
+
+def test_scheduler_sends_block_hashes_only_with_events_on_and_publishes_the_workers_events(stub_workers):
+    tokens = list(range(4, 4 + 3 * BS + 5))
+    hashes = vllm_hashes(tokens)
+    for on in (True, False):
+        eid = f"sched-events-{on}"
+        sock_dir = stub_workers(eid, [StubEngine(0, 0.0)])
+        conn = KvTierConnector(with_events(make_config(dict(lookup_socket_dir=sock_dir), eid), on),
+                               KVConnectorRole.SCHEDULER, None)
+        req = NS(request_id="r", prompt_token_ids=tokens, cache_salt=None, block_hashes=hashes)
+        n, _, _, _ = ask_until_answered(conn, req)
+        assert n == 0
+        out = empty_sched_output()
+        out.scheduled_new_reqs = [NS(req_id="r", block_ids=([0, 1, 2, 3],), num_computed_tokens=0)]
+        out.num_scheduled_tokens = {"r": len(tokens)}
+        meta = conn.build_connector_meta(out)
+        assert [len(sp.tokens) for sp in meta.saves] == [3 * BS]
+        # As vLLM's own events carry them (64-bit ints by default: VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES).
+        assert meta.saves[0].block_hashes == (external_hashes(hashes[:3]) if on else None)
+        # The workers' events of the step reach vLLM's publisher through take_events.
+        stored = BlockStored(block_hashes=hashes[:1], parent_block_hash=None, token_ids=tokens[:BS], block_size=BS,
+                             lora_id=None, medium="CPU", lora_name=None)
+        conn.update_connector_output(NS(kv_connector_stats=None, kv_cache_events=ConnectorEvents([stored])))
+        assert list(conn.take_events()) == ([stored] if on else [])
+        conn.shutdown()
