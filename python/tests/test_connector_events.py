@@ -20,8 +20,8 @@ import kvtier  # noqa: E402
 from kvtier.vllm import KvTierConnector, KvTierConnectorMetadata, SaveSpec  # noqa: E402
 from kvtier.vllm.events import ConnectorEvents, RankVotes, WorkerEvents, external_hashes  # noqa: E402
 
-from test_vllm_connector import (  # noqa: E402,F401 (stub_workers: a fixture)
-    BS, NAMES, NB, D, H, StubEngine, ask_until_answered, empty_sched_output, make_config, run_step, stub_workers,
+from test_vllm_connector import (  # noqa: E402,F401 (stub_workers, worker: fixtures)
+    BS, NB, StubEngine, ask_until_answered, empty_sched_output, make_config, run_step, stub_workers, worker,
 )
 
 
@@ -35,24 +35,6 @@ def vllm_hashes(tokens):
     return [bytes([7]) + i.to_bytes(4, "big") + bytes(str(tokens[i * BS]), "ascii") for i in range(len(tokens) // BS)]
 
 
-@pytest.fixture
-def events_worker(tmp_path):
-    made = []
-
-    def make(l1_gib=0.01, on=True):
-        cfg = dict(max_local_cpu_size=l1_gib, local_cpu_huge_pages=False, lookup_socket_dir=str(tmp_path))
-        vc = with_events(make_config(cfg, f"ev{len(made)}"), on)
-        conn = KvTierConnector(vc, KVConnectorRole.WORKER, NS(num_blocks=NB))
-        caches = {n: torch.randn(NB, H, BS, 2 * D) for n in NAMES}
-        conn.register_kv_caches(caches)
-        made.append(conn)
-        return conn, caches
-
-    yield make
-    for c in made:
-        c.shutdown()
-
-
 def take(conn):
     ev = conn.get_kv_connector_kv_cache_events()
     return [] if ev is None else list(ev.get_all_events())
@@ -64,8 +46,8 @@ def decode_as_vllm(events):
     return msgspec.msgpack.decode(payload, type=KVEventBatch).events
 
 
-def test_a_save_announces_each_chunk_with_vllms_block_hashes_and_a_removal_withdraws_it(events_worker):
-    conn, caches = events_worker()
+def test_a_save_announces_each_chunk_with_vllms_block_hashes_and_a_removal_withdraws_it(worker):
+    conn, caches = worker(kv_events=True)
     run_step(conn, caches, KvTierConnectorMetadata())
     tokens = list(range(10, 10 + 4 * BS))
     hashes = vllm_hashes(tokens)
@@ -90,8 +72,8 @@ def test_a_save_announces_each_chunk_with_vllms_block_hashes_and_a_removal_withd
     assert conn.worker_side._events.known_chunks() == 0
 
 
-def test_with_events_off_nothing_is_watched_or_sent(events_worker):
-    conn, caches = events_worker(on=False)
+def test_with_events_off_nothing_is_watched_or_sent(worker):
+    conn, caches = worker()
     run_step(conn, caches, KvTierConnectorMetadata())
     tokens = list(range(10, 10 + 2 * BS))
     run_step(conn, caches, KvTierConnectorMetadata(saves=[SaveSpec("s", tokens, None, [1, 2], vllm_hashes(tokens))]))
@@ -99,10 +81,10 @@ def test_with_events_off_nothing_is_watched_or_sent(events_worker):
     assert conn.worker_side._events is None
 
 
-def test_announced_chunks_are_exactly_those_l1_holds_under_eviction(events_worker):
+def test_announced_chunks_are_exactly_those_l1_holds_under_eviction(worker):
     """Many one-chunk prompts through a small L1: after every step, the chunks an index fed
     with the events believes in are the ones L1 holds (never one a load would miss)."""
-    conn, caches = events_worker(l1_gib=0.0001)  # room for about 17 chunks of 6 KiB
+    conn, caches = worker(kv_events=True, max_local_cpu_size=0.0001)  # room for about 17 chunks of 6 KiB
     run_step(conn, caches, KvTierConnectorMetadata())
     eng = conn.worker_side.engine
     rng = random.Random(5)

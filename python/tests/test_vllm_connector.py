@@ -227,13 +227,15 @@ def worker(tmp_path, request):
     buffer (pinned on GPUs) or the engine's L1 pool in place."""
     made = []
 
-    def make(kv_role=None, **extra):
+    def make(kv_role=None, kv_events=False, **extra):
         cfg = dict(max_local_cpu_size=0.01, local_cpu_huge_pages=False, lookup_socket_dir=str(tmp_path),
                    staging=request.param)
         cfg.update(extra)
         vc = make_config(cfg, f"w{len(made)}")
         if kv_role:
             vc.kv_transfer_config.kv_role = kv_role
+        if kv_events:  # vLLM's --kv-events-config with events on
+            vc.kv_events_config = NS(enable_kv_cache_events=True)
         conn = KvTierConnector(vc, KVConnectorRole.WORKER, NS(num_blocks=NB))
         gen = torch.Generator().manual_seed(len(made))
         caches = {n: torch.randn(NB, H, BS, 2 * D, generator=gen) for n in NAMES}

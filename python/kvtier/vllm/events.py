@@ -28,6 +28,7 @@ import threading
 from typing import Any
 
 from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVConnectorKVEvents
+from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
 
 logger = logging.getLogger("vllm.kvtier")
 
@@ -43,11 +44,7 @@ def events_enabled(vllm_config: Any) -> bool:
 
 def external_hashes(block_hashes: list) -> list:
     """vLLM's block hashes as its events carry them (bytes, or 64-bit ints when
-    ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES`` is set)."""
-    try:
-        from vllm.v1.core.kv_cache_utils import maybe_convert_block_hash
-    except ImportError:  # pragma: no cover - older vLLM
-        return list(block_hashes)
+    ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES`` is set, vLLM 0.32's default)."""
     return [maybe_convert_block_hash(h) for h in block_hashes]
 
 
