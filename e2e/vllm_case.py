@@ -42,7 +42,7 @@ class EventSubscriber:
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
         self._sock.setsockopt(zmq.RCVTIMEO, 200)
-        self._sock.connect(f"tcp://127.0.0.1:{port}")
+        self._sock.bind(f"tcp://127.0.0.1:{port}")
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -121,11 +121,12 @@ def main(spec_path: str, out_path: str) -> None:
     if spec.get("kv_events"):
         from vllm.config import KVEventsConfig
 
+        # vLLM's publisher binds only wildcard endpoints (tcp://*:P) and connects to a host
+        # address: the subscriber binds loopback first and vLLM's PUB connects to it.
+        events = EventSubscriber(spec["kv_events"])
         kw["kv_events_config"] = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
                                                 endpoint=f"tcp://127.0.0.1:{spec['kv_events']}", topic="kv")
     llm = LLM(**kw)
-    if spec.get("kv_events"):
-        events = EventSubscriber(spec["kv_events"])
     prompts = spec["prompts"]
     # Warm-up: a short prompt of other tokens (its first-request costs are not measured).
     for _ in range(2 if spec.get("warmup", True) else 0):
