@@ -299,24 +299,6 @@ def llama(work, model):
               f"(kvtier process {speed:.2f}x as slow), scaled hit {scaled:.3f}s")
 
 
-def dynamo_event(event_id, ev):
-    """One decoded vLLM KV event as the JSON Dynamo's KV router applies (what its vLLM
-    listener makes of vLLM's stream): each block keyed by the engine's hash and by Dynamo's
-    own hash of the block's tokens; None for an event its index does not take."""
-    from dynamo._core import compute_block_hash_for_seq
-
-    if ev["type"] == "stored":
-        local = compute_block_hash_for_seq(ev["token_ids"], ev["block_size"])
-        blocks = [{"block_hash": int(h), "tokens_hash": t} for h, t in zip(ev["hashes"], local)]
-        parent = None if ev["parent"] is None else int(ev["parent"])
-        data = {"stored": {"parent_hash": parent, "blocks": blocks}}
-    elif ev["type"] == "removed":
-        data = {"removed": {"block_hashes": [int(h) for h in ev["hashes"]]}}
-    else:
-        data = "cleared"
-    return json.dumps({"event_id": event_id, "data": data}).encode()
-
-
 def kv_events(work, model, extra):
     """Routers see kvtier: two vLLM instances publish KV events (--kv-events-config) and the
     connector adds the chunks its L1 takes in and drops, in vLLM's block hashes. Dynamo's KV
@@ -324,10 +306,12 @@ def kv_events(work, model, extra):
     every request the number of blocks that instance's kvtier then loads: 50 prompts (some
     sharing documents), 25 stored on each instance, then all 50 sent to both; L1 is small
     enough that stores evict, so removals are exercised too."""
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples", "fleet"))
     try:
-        from dynamo._core import RadixTree, compute_block_hash_for_seq
+        import kv_router  # the fleet example of docs/routers.md: Dynamo's RadixTree over vLLM's events
+        from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
     except ImportError as e:  # a missing test dependency fails, never skips
-        check("KV events: Dynamo's router index (ai-dynamo-runtime) imports", False, str(e))
+        check("KV events: the fleet example and Dynamo's router index (ai-dynamo-runtime) import", False, str(e))
         return
     rng = random.Random(21)
     docs = [[rng.randrange(4, 4096) for _ in range(n)] for n in (640, 384, 256)]
@@ -351,7 +335,19 @@ def kv_events(work, model, extra):
     for wid, res in runs.items():
         if not check(f"KV events: instance {wid} ran", res is not None):
             return
-    tree = RadixTree()
+
+    def as_vllm(e):  # the subscriber's record of an event, as vLLM's type again
+        if e["type"] == "stored":
+            return BlockStored(block_hashes=[int(h) for h in e["hashes"]],
+                               parent_block_hash=None if e["parent"] is None else int(e["parent"]),
+                               token_ids=e["token_ids"], block_size=e["block_size"], lora_id=None,
+                               medium=e["medium"], lora_name=None)
+        if e["type"] == "removed":
+            return BlockRemoved(block_hashes=[int(h) for h in e["hashes"]], medium=e["medium"])
+        return AllBlocksCleared()
+
+    index = kv_router.FleetIndex(BLOCK, media=("CPU",))
+    index.names = {1: "instance 1", 2: "instance 2"}
     bad, hits, announced, removed, failures = [], 0, 0, 0, 0
     for wid, res in runs.items():
         ev = res["kv_events"]
@@ -363,14 +359,12 @@ def kv_events(work, model, extra):
         for s in res["steps"]:
             # The index as a router would have it when this request arrived.
             for k in range(applied, s["events_before"]):
-                e = ev["events"][k]
-                if e.get("medium", "CPU") == "CPU":
-                    tree.apply_event(wid, dynamo_event(k, e))
+                index.apply(wid, as_vllm(ev["events"][k]))
             applied = s["events_before"]
             if not s["label"].startswith("again:"):
                 continue
             toks = prompts[s["prompt"]]
-            score = tree.find_matches(compute_block_hash_for_seq(toks, BLOCK)).scores.get((wid, 0), 0)
+            score = index.scores(toks).get(wid, 0)
             want = min(score * BLOCK, ((len(toks) - 1) // BLOCK) * BLOCK)  # the last token is computed
             hits += s["num_cached_tokens"] > 0
             if s["num_cached_tokens"] != want:

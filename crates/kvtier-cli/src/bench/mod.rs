@@ -8,6 +8,7 @@
 mod baseline;
 mod buffers;
 mod disk;
+mod events_ab;
 mod l1;
 mod micro;
 mod plot;
@@ -169,8 +170,8 @@ pub struct BenchArgs {
     /// Disk workload: no CPU cache at all (L1 only stages I/O).
     #[arg(long)]
     pub disk_only: bool,
-    /// Disk and l1 workloads: rounds of (baseline, engine) measured in alternating order;
-    /// the report gives min/median/max.
+    /// Disk and l1 workloads (and long-doc-qa with `--kv-events-ab`): rounds of (baseline,
+    /// engine) measured in alternating order; the report gives min/median/max.
     #[arg(long, default_value_t = 3)]
     pub reps: usize,
     /// l1 workload: chunk sizes to sweep, in MiB (256-token bf16 chunks of N layers × 8 KV
@@ -192,6 +193,11 @@ pub struct BenchArgs {
     /// Like `--server`, with a server this bench starts (`kvtier serve`) and stops.
     #[arg(long)]
     pub spawn_server: bool,
+    /// long-doc-qa: measure what `kvtier serve`'s KV-event stream costs instead of the
+    /// usual report: `--reps` rounds, each running the workload on a fresh engine with the
+    /// stream on and off in alternating order; prints the on/off throughput ratios.
+    #[arg(long, conflicts_with_all = ["server", "spawn_server", "plot"])]
+    pub kv_events_ab: bool,
     /// Options of the trace workload.
     #[command(flatten)]
     pub trace: trace::TraceArgs,
@@ -415,6 +421,25 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         memcpy_gbps = format!("{:.2}", baseline.memcpy_gbps),
         "memcpy baseline"
     );
+    if args.kv_events_ab {
+        ensure!(
+            plan.workload == WorkloadKind::LongDocQa,
+            "--kv-events-ab measures the long-doc-qa workload; run `kvtier bench long-doc-qa \
+             --kv-events-ab`"
+        );
+        ensure!(
+            !shared_tiers,
+            "--kv-events-ab measures L1 (the stream reports L1's changes): use a config \
+             without local_disk or remote_url"
+        );
+        let rep = events_ab::run(&cfg, &shape, &plan, &ring, args.reps)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&rep)?);
+        } else {
+            rep.print_table();
+        }
+        return Ok(());
+    }
     let micro = micro::measure(cfg.cache_policy, plan.seed)?;
     info!(
         lookup_128k_p50_us = format!("{:.1}", micro.lookup_p50_us),

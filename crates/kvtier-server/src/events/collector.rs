@@ -6,6 +6,8 @@
 //! later stores. They under-count for a while, but never believe in a block a load would
 //! miss.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use kvtier::chunk::ChunkInfo;
 use kvtier::keys::ChunkKey;
 use kvtier::tier::{ResidencyChange, ResidencyLog, ResidencyObserver};
@@ -15,6 +17,7 @@ use super::wire::{KvEvent, MEDIUM_CPU};
 /// L1's observer: queues changes until the publisher takes them.
 pub struct Collector {
     log: ResidencyLog,
+    taken: AtomicU64,
 }
 
 impl Collector {
@@ -22,6 +25,7 @@ impl Collector {
     pub fn new(limit: usize) -> Collector {
         Collector {
             log: ResidencyLog::new(limit),
+            taken: AtomicU64::new(0),
         }
     }
 
@@ -50,7 +54,13 @@ impl Collector {
                 },
             }
         }
+        self.taken.fetch_add(out.len() as u64, Ordering::Relaxed);
         (out, p.overflowed)
+    }
+
+    /// Events handed to the publisher so far.
+    pub fn events_taken(&self) -> u64 {
+        self.taken.load(Ordering::Relaxed)
     }
 }
 

@@ -104,6 +104,7 @@ impl KvEventsConfig {
 pub struct EventStream {
     endpoints: Endpoints,
     thread: StoppableThread,
+    collector: Arc<Collector>,
 }
 
 impl std::fmt::Debug for EventStream {
@@ -141,6 +142,7 @@ impl EventStream {
         let mut stream = EventStream {
             endpoints,
             thread: StoppableThread::new(stop_tx, thread),
+            collector: collector.clone(),
         };
         if !core.manager().set_l1_observer(collector) {
             stream.thread.stop();
@@ -158,9 +160,11 @@ impl EventStream {
         &self.endpoints
     }
 
-    /// Publishes what is still queued, then stops.
-    pub fn shutdown(mut self) {
+    /// Publishes what is still queued, then stops; returns how many events (announcements,
+    /// withdrawals, clears) the stream published in all.
+    pub fn shutdown(mut self) -> u64 {
         self.thread.stop();
+        self.collector.events_taken()
     }
 }
 
