@@ -1,5 +1,5 @@
-"""The connector's KV events (issue 15): the blocks kvtier's L1 holds, in vLLM's own event
-types and block hashes, from the workers' engines through the scheduler to vLLM's
+"""The connector's KV events (issue 15): the blocks kvtier's L1 (medium CPU) and disk tier
+(medium STORAGE) hold, in vLLM's own event types and block hashes, from the workers' engines through the scheduler to vLLM's
 publisher; decoded with vLLM's own msgspec types."""
 
 from __future__ import annotations
@@ -163,6 +163,176 @@ def test_announcements_are_prefix_closed_and_match_what_a_load_reads_under_evict
     assert any(eng.lookup(t) // BS < 4 for t in prompts), "the test needs evictions"
 
 
+def disk_cfg(tmp_path, disk_gb):
+    return dict(local_disk=str(tmp_path / "disk"), max_local_disk_size=disk_gb)
+
+
+def by_medium(events):
+    out: dict[str, list] = {"CPU": [], "STORAGE": []}
+    for e in events:
+        out[e.medium].append(e)
+    return out
+
+
+def take_flushed(conn):
+    """The events once the engine's queued disk writes landed."""
+    assert conn.worker_side.engine.flush(30.0)
+    return decode_as_vllm(take(conn))
+
+
+def test_a_disk_tier_announces_its_chunks_as_storage_and_a_removal_withdraws_both_media(worker, tmp_path):
+    conn, caches = worker(kv_events=True, **disk_cfg(tmp_path, 0.01))
+    run_step(conn, caches, KvTierConnectorMetadata())
+    tokens = list(range(10, 10 + 4 * BS))
+    hashes = vllm_hashes(tokens)
+    run_step(conn, caches, KvTierConnectorMetadata(saves=[SaveSpec("s", tokens, None, [3, 5, 7, 9], hashes)]))
+    got = by_medium(take_flushed(conn))
+    for medium in ("CPU", "STORAGE"):
+        assert [type(e) for e in got[medium]] == [BlockStored] * 4, medium
+        for i, e in enumerate(got[medium]):
+            assert e.block_hashes == [hashes[i]]
+            assert e.parent_block_hash == (hashes[i - 1] if i else None)
+            assert e.token_ids == tokens[i * BS : (i + 1) * BS]
+    assert take(conn) == []
+    conn.worker_side.engine.remove(tokens)
+    got = by_medium(decode_as_vllm(take(conn)))
+    for medium in ("CPU", "STORAGE"):
+        assert [type(e) for e in got[medium]] == [BlockRemoved] * 4, medium
+        # Deepest first.
+        assert [e.block_hashes for e in got[medium]] == [[h] for h in reversed(hashes)], medium
+    for _ in range(3):  # the keys were learnt recently: forgotten two takes later
+        take(conn)
+    assert conn.worker_side._events.known_chunks() == 0
+
+
+def test_l1_evictions_withdraw_cpu_only_and_storage_answers_what_a_lookup_finds(worker, tmp_path):
+    """Four-chunk prompts through a small L1 over a disk that keeps them all: the CPU index
+    follows L1 (evictions withdraw CPU blocks), the STORAGE index keeps every chunk; each
+    index is a valid tree and answers exactly what its tier serves."""
+    conn, caches = worker(kv_events=True, max_local_cpu_size=0.0001, **disk_cfg(tmp_path, 0.01))
+    run_step(conn, caches, KvTierConnectorMetadata())
+    eng = conn.worker_side.engine
+    rng = random.Random(3)
+    index = {"CPU": TreeIndex(), "STORAGE": TreeIndex()}
+    prompts = []
+    removed = {"CPU": 0, "STORAGE": 0}
+    for step in range(24):
+        tokens = [rng.randrange(4, 30000) for _ in range(4 * BS)]
+        prompts.append(tokens)
+        spec = SaveSpec(f"r{step}", tokens, None, [(step + j) % NB for j in range(4)], vllm_hashes(tokens))
+        run_step(conn, caches, KvTierConnectorMetadata(saves=[spec]))
+        for e in take_flushed(conn):
+            index[e.medium].apply(e)
+            removed[e.medium] += isinstance(e, BlockRemoved)
+        for t in prompts:
+            d = eng.lookup_detail(t)
+            assert d["hit_chunks"] == 4, "the disk keeps every chunk"
+            in_l1 = next((i for i, tier in enumerate(d["tiers"]) if tier != 0), len(d["tiers"]))
+            assert index["CPU"].prefix_blocks(vllm_hashes(t)) == in_l1, f"step {step}"
+            assert index["STORAGE"].prefix_blocks(vllm_hashes(t)) == 4, f"step {step}"
+    assert removed["CPU"] > 0 and removed["STORAGE"] == 0
+
+
+def test_disk_evictions_withdraw_storage_blocks_and_no_index_claims_a_miss(worker, tmp_path):
+    """A small L1 over a smaller disk: both tiers evict. The STORAGE index stays a valid
+    tree and never claims more than a lookup finds; the CPU index answers what L1 serves."""
+    conn, caches = worker(kv_events=True, max_local_cpu_size=0.0001, **disk_cfg(tmp_path, 0.00012))
+    run_step(conn, caches, KvTierConnectorMetadata())
+    eng = conn.worker_side.engine
+    rng = random.Random(7)
+    index = {"CPU": TreeIndex(), "STORAGE": TreeIndex()}
+    prompts = []
+    removed = {"CPU": 0, "STORAGE": 0}
+    docs = [[rng.randrange(4, 30000) for _ in range(2 * BS)] for _ in range(3)]
+    for step in range(30):
+        head = docs[step % 3] if step % 2 == 0 else []
+        tokens = head + [rng.randrange(4, 30000) for _ in range(4 * BS - len(head))]
+        prompts.append(tokens)
+        spec = SaveSpec(f"r{step}", tokens, None, [(step + j) % NB for j in range(4)], vllm_hashes(tokens))
+        run_step(conn, caches, KvTierConnectorMetadata(saves=[spec]))
+        for e in take_flushed(conn):
+            index[e.medium].apply(e)
+            removed[e.medium] += isinstance(e, BlockRemoved)
+        for t in prompts:
+            d = eng.lookup_detail(t)
+            in_l1 = next((i for i, tier in enumerate(d["tiers"]) if tier != 0), len(d["tiers"]))
+            assert index["CPU"].prefix_blocks(vllm_hashes(t)) == in_l1, f"step {step}"
+            assert index["STORAGE"].prefix_blocks(vllm_hashes(t)) <= d["hit_chunks"], f"step {step}"
+    assert removed["CPU"] > 0 and removed["STORAGE"] > 0, "the test needs evictions in both tiers"
+    assert any(index["STORAGE"].prefix_blocks(vllm_hashes(t)) > 0 for t in prompts[-3:])
+
+
+class ScriptedEngine:
+    """An engine whose tiers report what a test says (one chunk per block, keys "k<first token>")."""
+
+    def __init__(self):
+        self.changes: list = []
+        self.overflowed: list = []
+
+    def watch_residency(self, limit):
+        return True
+
+    def chunk_keys(self, tokens, salt):
+        return [f"k{tokens[i]}" for i in range(0, len(tokens), BS)]
+
+    def take_residency_changes(self):
+        out = (self.overflowed, self.changes)
+        self.changes, self.overflowed = [], []
+        return out
+
+
+def test_media_are_prefix_closed_each_on_its_own():
+    eng = ScriptedEngine()
+    ev = WorkerEvents(eng, BS, BS)
+    tokens = [i * BS for i in range(3) for _ in range(BS)]  # chunk keys k0, k16, k32
+    hashes = vllm_hashes(tokens)
+    ev.learn(tokens, None, hashes)
+
+    def step(*changes, overflowed=()):
+        eng.changes, eng.overflowed = list(changes), list(overflowed)
+        got = ev.take()
+        return [] if got is None else [(type(e).__name__[5:], e.medium, hashes.index(e.block_hashes[0]))
+                                       for e in got.get_all_events()]
+
+    # L1 takes all three, the disk only the last two: nothing on STORAGE without its parent.
+    assert step((True, "k0", "CPU"), (True, "k16", "CPU"), (True, "k32", "CPU"),
+                (True, "k16", "STORAGE"), (True, "k32", "STORAGE")) == [
+        ("Stored", "CPU", 0), ("Stored", "CPU", 1), ("Stored", "CPU", 2)]
+    # The first chunk lands on disk: STORAGE announces it, then its waiting descendants.
+    assert step((True, "k0", "STORAGE")) == [("Stored", "STORAGE", 0), ("Stored", "STORAGE", 1),
+                                              ("Stored", "STORAGE", 2)]
+    # L1 drops the first chunk: CPU withdraws the chain, deepest first; STORAGE keeps it.
+    assert step((False, "k0", "CPU")) == [("Removed", "CPU", 2), ("Removed", "CPU", 1), ("Removed", "CPU", 0)]
+    # The disk drops the middle chunk: STORAGE withdraws it and the one after it.
+    assert step((False, "k16", "STORAGE")) == [("Removed", "STORAGE", 2), ("Removed", "STORAGE", 1)]
+    # L1 still holds k16 and k32: the first chunk's return re-announces them on CPU.
+    assert step((True, "k0", "CPU")) == [("Stored", "CPU", 0), ("Stored", "CPU", 1), ("Stored", "CPU", 2)]
+    # The disk's log overflowed: only STORAGE is withdrawn.
+    assert step(overflowed=["STORAGE"]) == [("Removed", "STORAGE", 0)]
+    assert ev.known_chunks() == 3  # L1 holds them all
+    # L1 drops everything: no tier holds the chunks, so their blocks are forgotten.
+    assert step((False, "k32", "CPU"), (False, "k16", "CPU"), (False, "k0", "CPU")) == [
+        ("Removed", "CPU", 2), ("Removed", "CPU", 1), ("Removed", "CPU", 0)]
+    assert ev.known_chunks() == 0
+
+
+def test_a_disk_write_reported_after_l1_dropped_the_chunk_is_still_announced():
+    """Each medium's changes come in their own order: in one batch, L1's removal of a chunk
+    is listed before the disk's store of it, long after the chunk was learnt."""
+    eng = ScriptedEngine()
+    ev = WorkerEvents(eng, BS, BS)
+    tokens = [0] * BS
+    ev.learn(tokens, None, vllm_hashes(tokens))
+    eng.changes = [(True, "k0", "CPU")]
+    assert [e.medium for e in ev.take().get_all_events()] == ["CPU"]
+    for _ in range(3):
+        assert ev.take() is None
+    eng.changes = [(False, "k0", "CPU"), (True, "k0", "STORAGE")]
+    got = ev.take().get_all_events()
+    assert [(type(e), e.medium) for e in got] == [(BlockRemoved, "CPU"), (BlockStored, "STORAGE")]
+    assert ev.known_chunks() == 1
+
+
 def test_worker_log_overflow_withdraws_everything_announced():
     eng = kvtier.Engine({"max_local_cpu_size": 0.01, "local_cpu_huge_pages": False, "chunk_size": BS},
                         model="m", layers=1, kv_heads=1, head_dim=4, dtype="f32")
@@ -186,6 +356,9 @@ def test_rank_votes_announce_a_chunk_once_every_rank_holds_it():
     s = BlockStored(block_hashes=[b"a", b"b"], parent_block_hash=None, token_ids=[1, 2], block_size=1,
                     lora_id=None, medium="CPU", lora_name=None)
     r = BlockRemoved(block_hashes=[b"a", b"b"], medium="CPU")
+    on_disk = BlockStored(block_hashes=[b"a", b"b"], parent_block_hash=None, token_ids=[1, 2], block_size=1,
+                          lora_id=None, medium="STORAGE", lora_name=None)
+    votes.add([on_disk])  # one rank's disk holds it: no vote for CPU
     votes.add([s])
     assert votes.take() == []  # one rank of two
     votes.add([s])
@@ -197,6 +370,8 @@ def test_rank_votes_announce_a_chunk_once_every_rank_holds_it():
     votes.add([r])  # a removal of what no rank reported: ignored
     votes.add([s, s])
     assert votes.take() == [s]
+    votes.add([on_disk])  # the second rank's disk: now every rank's disk holds it
+    assert votes.take() == [on_disk]
 
 
 def test_scheduler_sends_block_hashes_only_with_events_on_and_publishes_the_workers_events(stub_workers):

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use kvtier::keys::{KeySpace, ModelIdentity};
 use kvtier::layout::{Dtype, KvLayout, LayerGroup};
-use kvtier::tier::{ResidencyChange, ResidencyLog};
+use kvtier::tier::{ResidencyChange, ResidencyLog, DISK_TIER_NAME};
 use kvtier::{Engine, EngineConfig, KvCache, PendingLoad};
 use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -216,6 +216,15 @@ struct ListHead {
     ob_size: isize,
     ob_item: *mut *mut pyo3::ffi::PyObject,
 }
+
+/// vLLM's KV-event medium of L1's chunks (Dynamo maps it to host memory).
+const MEDIUM_L1: &str = "CPU";
+/// vLLM's KV-event medium of the disk tier's chunks (Dynamo maps it to its disk tier).
+const MEDIUM_DISK: &str = "STORAGE";
+
+/// What `take_residency_changes` returns: the media whose log overflowed, and the changes
+/// as `(stored, key_hex, medium)`.
+type ResidencyTake = (Vec<&'static str>, Vec<(bool, String, &'static str)>);
 
 static LIST_LAYOUT_OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
@@ -507,8 +516,9 @@ struct PyEngine {
     /// Whether a prompt's trailing partial chunk is stored and found (the engine's config,
     /// or the server's: its handshake says).
     save_unfull_chunk: bool,
-    /// L1's residency changes, once `watch_residency` was called (embedded engines).
-    residency: OnceLock<Arc<ResidencyLog>>,
+    /// The residency changes of each watched tier with its vLLM medium (L1: `CPU`, the
+    /// disk tier: `STORAGE`), once `watch_residency` was called (embedded engines).
+    residency: OnceLock<Vec<(&'static str, Arc<ResidencyLog>)>>,
 }
 
 /// Where an engine's L1 pool is mapped: the address of a probe buffer less its offset in
@@ -834,42 +844,60 @@ impl PyEngine {
     }
 
     /// Starts recording which chunks enter and leave L1 (stores, write-backs, evictions,
-    /// removals), at most `limit` changes between two `take_residency_changes` calls (then
-    /// the log starts over and says so). Embedded engines with an L1 cache only; returns
-    /// False when L1 does not cache or another observer was installed first.
+    /// removals) and the local-disk tier (committed writes, evictions, removals), at most
+    /// `limit` changes per tier between two `take_residency_changes` calls (then that
+    /// tier's log starts over and says so). Embedded engines only; returns False when
+    /// neither tier reports (L1 does not cache and there is no disk tier, or another
+    /// observer was installed first). Chunks the disk tier found at startup are not
+    /// reported.
     #[pyo3(signature = (limit=100_000))]
     fn watch_residency(&self, limit: usize) -> PyResult<bool> {
         let engine = self.embedded_engine("watch_residency")?;
-        if self.residency.get().is_some() {
-            return Ok(true);
+        if let Some(logs) = self.residency.get() {
+            return Ok(!logs.is_empty());
         }
-        let log = Arc::new(ResidencyLog::new(limit));
-        if !engine.manager().set_l1_observer(log.clone()) {
-            return Ok(false);
+        let mut logs = Vec::new();
+        let l1 = Arc::new(ResidencyLog::new(limit));
+        if engine.manager().set_l1_observer(l1.clone()) {
+            logs.push((MEDIUM_L1, l1));
         }
-        let _ = self.residency.set(log);
-        Ok(true)
+        let disk = Arc::new(ResidencyLog::new(limit));
+        if engine
+            .manager()
+            .set_tier_observer(DISK_TIER_NAME, disk.clone())
+        {
+            logs.push((MEDIUM_DISK, disk));
+        }
+        let watching = !logs.is_empty();
+        let _ = self.residency.set(logs);
+        Ok(watching)
     }
 
-    /// The L1 changes since the last call: `(overflowed, [(stored, key_hex), ...])`,
-    /// oldest first; `stored` is False for a chunk that left L1. `overflowed`: changes were
-    /// dropped (the log exceeded its limit), so forget what was learnt before.
-    fn take_residency_changes(&self) -> PyResult<(bool, Vec<(bool, String)>)> {
-        let Some(log) = self.residency.get() else {
+    /// The changes since the last call: `(overflowed, [(stored, key_hex, medium), ...])`.
+    /// `medium` is vLLM's name of the tier: `CPU` (L1) or `STORAGE` (the disk tier);
+    /// `stored` is False for a chunk that left that tier. Each medium's changes are oldest
+    /// first (L1's listed before the disk tier's; the order across media means nothing).
+    /// `overflowed` lists the media whose log exceeded its limit and dropped changes:
+    /// forget what was learnt of those media before.
+    fn take_residency_changes(&self) -> PyResult<ResidencyTake> {
+        let Some(logs) = self.residency.get() else {
             return Err(KvTierError::new_err(
                 "take_residency_changes(): call watch_residency() first",
             ));
         };
-        let taken = log.take();
-        let changes = taken
-            .changes
-            .iter()
-            .map(|c| match c {
-                ResidencyChange::Stored(k, _) => (true, k.to_hex()),
-                ResidencyChange::Removed(k) => (false, k.to_hex()),
-            })
-            .collect();
-        Ok((taken.overflowed, changes))
+        let mut overflowed = Vec::new();
+        let mut changes = Vec::new();
+        for (medium, log) in logs {
+            let taken = log.take();
+            if taken.overflowed {
+                overflowed.push(*medium);
+            }
+            changes.extend(taken.changes.iter().map(|c| match c {
+                ResidencyChange::Stored(k, _) => (true, k.to_hex(), *medium),
+                ResidencyChange::Removed(k) => (false, k.to_hex(), *medium),
+            }));
+        }
+        Ok((overflowed, changes))
     }
 
     /// (address, bytes) of the embedded engine's L1 memory pool: chunks held by `acquire`

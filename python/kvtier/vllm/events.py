@@ -7,18 +7,22 @@ How a chunk becomes an event:
 * The scheduler side adds the request's vLLM block hashes (``request.block_hashes``, the
   hashes vLLM's own router-facing events carry) to each load and save it sends the workers.
 * A worker learns, for each chunk key of such a load or save, the vLLM blocks the chunk
-  covers, and watches its engine's L1 (``Engine.watch_residency``). After each forward pass
-  (``get_kv_connector_kv_cache_events``) it turns the chunks that entered L1 into one
-  ``BlockStored`` each (all the chunk's block hashes, its tokens, medium ``CPU``) and the
-  chunks that left it into ``BlockRemoved``. A chunk is announced only once L1's index holds
-  it (a load hits from then on) and withdrawn as soon as it left.
+  covers, and watches its engine's L1 and local-disk tier (``Engine.watch_residency``).
+  After each forward pass (``get_kv_connector_kv_cache_events``) it turns the chunks that
+  entered a tier into one ``BlockStored`` each (all the chunk's block hashes, its tokens,
+  the tier's medium: ``CPU`` for L1, ``STORAGE`` for the disk tier) and the chunks that left
+  it into ``BlockRemoved`` of that medium. A chunk is announced on a medium only once that
+  tier's index holds it (a load hits from then on: for the disk tier, once its write is
+  committed) and withdrawn as soon as it left. The media are independent: a chunk L1 and
+  the disk both hold is announced on both, and L1 dropping it withdraws only ``CPU``.
 * With several ranks each rank's engine holds its own part of a chunk; the scheduler side
-  announces a chunk once every rank reported it and withdraws it when the first rank drops
-  it (:class:`RankVotes`), and hands the events to vLLM in ``take_events``.
+  announces a chunk on a medium once every rank reported it there and withdraws it when the
+  first rank drops it (:class:`RankVotes`), and hands the events to vLLM in ``take_events``.
 
-Only L1 is announced (medium ``CPU``): the disk tier does not report its evictions yet, so a
-chunk that only it holds is not claimed. A worker in server mode announces nothing: the
-server publishes what it holds itself (``kvtier serve --kv-events-config``).
+Remote tiers are not announced. Chunks the disk tier found at startup are not either (the
+tier does not report them; they are under-claimed until evicted). A worker in server mode
+announces nothing: the server publishes what it holds itself (``kvtier serve
+--kv-events-config``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ logger = logging.getLogger("vllm.kvtier")
 
 #: The medium of the blocks kvtier's L1 holds (Dynamo maps it to host memory).
 MEDIUM_L1 = "CPU"
+#: The medium of the blocks kvtier's local-disk tier holds (Dynamo maps it to its disk tier).
+MEDIUM_DISK = "STORAGE"
 
 
 def events_enabled(vllm_config: Any) -> bool:
@@ -90,22 +96,25 @@ class _Chunk:
 
 
 class WorkerEvents:
-    """One worker's side: chunk keys to vLLM blocks, and its engine's L1 changes as events.
+    """One worker's side: chunk keys to vLLM blocks, and its engine's tier changes as events.
 
-    What is announced is *prefix-closed*: a chunk is announced once L1 holds it and the chunk
-    before it is announced (the first chunk of a prompt needs no parent), and withdrawn with
-    every announced chunk after it as soon as L1 drops it. A load reads a prefix, so a chunk
-    whose predecessor is gone would never load; and routers' indexes are trees of blocks
-    (Dynamo's RadixTree refuses a block whose parent it does not hold, and drops a block's
-    descendants with it), so the stream must never describe a block without its parent.
-    Withdrawals go deepest first, so an index that removes blocks one by one (llm-d's)
-    ends in the same state. A chunk that L1 still holds when its predecessor comes back is
+    What is announced is *prefix-closed*, on each medium on its own: a chunk is announced on
+    a medium once that tier holds it and the chunk before it is announced on the same medium
+    (the first chunk of a prompt needs no parent), and withdrawn with every chunk after it
+    announced there as soon as that tier drops it. A load reads a prefix, so a chunk whose
+    predecessor is gone would never load; and routers' indexes are trees of blocks (Dynamo's
+    RadixTree refuses a block whose parent it does not hold, and drops a block's descendants
+    with it), so the stream must never describe a block without its parent. Withdrawals go
+    deepest first, so an index that removes blocks one by one (llm-d's) ends in the same
+    state. A chunk that a tier still holds when its predecessor comes back there is
     announced again after it.
 
     ``learn`` is called before the load or save it describes reaches the engine, so the
-    change it causes always finds its blocks. Keys learnt for chunks that never entered L1
-    (a save L1 refused, a load that missed) are forgotten two takes later; keys of chunks
-    that left L1 are forgotten at once: the map holds about what L1 holds.
+    change it causes always finds its blocks. The map from keys to blocks is shared by the
+    media: a key is forgotten once no tier holds it and it was not learnt in the last two
+    takes (a disk write lands after the save that caused it, maybe after L1 dropped the
+    chunk already; a save no tier took, or a load that missed, is forgotten then too): the
+    map holds about what the tiers hold.
     """
 
     def __init__(self, engine: Any, block_size: int, chunk_tokens: int, limit: int = 100_000):
@@ -115,15 +124,15 @@ class WorkerEvents:
         self._bpc = chunk_tokens // block_size
         self._chunks: dict[str, _Chunk] = {}
         self._children: dict[str, set[str]] = {}  # key -> known keys of the chunks after it
-        self._resident: set[str] = set()  # known keys L1 holds
-        self._held: set[str] = set()  # keys announced (resident, and their parent announced)
-        self._fresh: list[str] = []  # keys learnt since the last take
-        self._older: list[str] = []  # ... and in the take before
+        self._resident: dict[str, set[str]] = {}  # medium -> known keys its tier holds
+        self._held: dict[str, set[str]] = {}  # medium -> keys announced there (resident, parent announced)
+        self._fresh: set[str] = set()  # keys learnt since the last take
+        self._older: set[str] = set()  # ... and in the take before
         self._lock = threading.Lock()  # loads learn on the load thread
         self.active = bool(engine.watch_residency(limit))
         if not self.active:
-            logger.warning("kvtier: KV events are on, but this engine's L1 reports nothing "
-                           "(no L1 cache): the connector announces no blocks")
+            logger.warning("kvtier: KV events are on, but this engine has no tier that reports "
+                           "(no L1 cache, no disk tier): the connector announces no blocks")
 
     def learn(self, tokens: list[int], salt: str | None, block_hashes: list | None) -> None:
         """The chunks of ``tokens`` (a load's or a save's) cover these vLLM blocks. Only
@@ -147,10 +156,10 @@ class WorkerEvents:
             self._chunks[key] = _Chunk(list(hs), parent, list(tokens[i * C : (i + 1) * C]), parent_key)
             if parent_key is not None:
                 self._children.setdefault(parent_key, set()).add(key)
-            self._fresh.append(key)
+            self._fresh.add(key)
 
     def take(self) -> ConnectorEvents | None:
-        """The L1 changes since the last call as events (None when there are none)."""
+        """The tiers' changes since the last call as events (None when there are none)."""
         if not self.active:
             return None
         with self._lock:
@@ -160,62 +169,78 @@ class WorkerEvents:
     def _take(self) -> list:
         overflowed, changes = self._engine.take_residency_changes()
         out: list = []
-        if overflowed:
-            # Changes were lost: withdraw every chunk announced (the router relearns them
-            # from later stores and loads) rather than risk claiming one L1 no longer holds.
-            for key in [k for k in self._held if self._chunks[k].parent_key not in self._held]:
-                self._withdraw(key, out)
-            for key in list(self._resident):
-                self._forget(key)
-        for stored, key in changes:
+        left: list[str] = []  # keys that left a tier: forgotten after the whole batch
+        for medium in overflowed:
+            # That tier's changes were lost: withdraw every chunk announced on its medium
+            # (the router relearns them from later stores and loads) rather than risk
+            # claiming one it no longer holds.
+            held = self._held.get(medium, set())
+            for key in [k for k in held if self._chunks[k].parent_key not in held]:
+                self._withdraw(key, medium, out)
+            left.extend(self._resident.pop(medium, ()))
+        for stored, key, medium in changes:
             if key not in self._chunks:
                 continue  # a chunk no request of this process described (e.g. another tenant's)
+            resident = self._resident.setdefault(medium, set())
             if stored:
-                self._resident.add(key)
-                self._announce(key, out)
+                resident.add(key)
+                self._announce(key, medium, out)
             else:
-                self._resident.discard(key)
-                if key in self._held:
-                    self._withdraw(key, out)
+                resident.discard(key)
+                if key in self._held.get(medium, ()):
+                    self._withdraw(key, medium, out)
+                left.append(key)
+        # Only after the batch: each medium's changes come in their own order, so the disk
+        # may report a chunk after L1's report that it left.
+        for key in left:
+            if not self._anywhere(key) and key not in self._fresh and key not in self._older:
                 self._forget(key)
         for key in self._older:
-            if key not in self._resident:
+            if not self._anywhere(key):
                 self._forget(key)
-        self._older, self._fresh = self._fresh, []
+        self._older, self._fresh = self._fresh, set()
         return out
 
-    def _announce(self, key: str, out: list) -> None:
-        """Announces ``key`` if it may be (resident, parent announced), then the resident
-        chunks after it that were waiting for it."""
+    def _anywhere(self, key: str) -> bool:
+        """Whether any watched tier holds ``key``."""
+        return any(key in r for r in self._resident.values())
+
+    def _announce(self, key: str, medium: str, out: list) -> None:
+        """Announces ``key`` on ``medium`` if it may be (resident there, parent announced
+        there), then the chunks after it resident there that were waiting for it."""
+        held = self._held.setdefault(medium, set())
+        resident = self._resident.get(medium, set())
         chunk = self._chunks[key]
-        if key in self._held or (chunk.parent_key is not None and chunk.parent_key not in self._held):
+        if key in held or (chunk.parent_key is not None and chunk.parent_key not in held):
             return
         stack = [key]
         while stack:
             k = stack.pop()
             c = self._chunks[k]
-            self._held.add(k)
+            held.add(k)
             out.append(BlockStored(
                 block_hashes=c.hashes, parent_block_hash=c.parent, token_ids=c.tokens,
-                block_size=self._block_size, lora_id=None, medium=MEDIUM_L1, lora_name=None,
+                block_size=self._block_size, lora_id=None, medium=medium, lora_name=None,
             ))
-            stack.extend(ch for ch in self._children.get(k, ()) if ch in self._resident and ch not in self._held)
+            stack.extend(ch for ch in self._children.get(k, ()) if ch in resident and ch not in held)
 
-    def _withdraw(self, key: str, out: list) -> None:
-        """Withdraws ``key`` and every announced chunk after it, deepest first."""
+    def _withdraw(self, key: str, medium: str, out: list) -> None:
+        """Withdraws ``key`` and every chunk after it announced on ``medium``, deepest first."""
+        held = self._held.get(medium, set())
         order, stack = [], [key]
         while stack:
             k = stack.pop()
             order.append(k)
-            stack.extend(ch for ch in self._children.get(k, ()) if ch in self._held)
+            stack.extend(ch for ch in self._children.get(k, ()) if ch in held)
         for k in reversed(order):  # a chunk's descendants come after it in ``order``
-            self._held.discard(k)
-            out.append(BlockRemoved(block_hashes=self._chunks[k].hashes, medium=MEDIUM_L1))
+            held.discard(k)
+            out.append(BlockRemoved(block_hashes=self._chunks[k].hashes, medium=medium))
 
     def _forget(self, key: str) -> None:
-        """Drops what is known of ``key`` (no longer in L1, or never entered it); the chunks
+        """Drops what is known of ``key`` (no tier holds it, or none took it); the chunks
         after it keep their own entries."""
-        self._resident.discard(key)
+        for r in self._resident.values():
+            r.discard(key)
         chunk = self._chunks.pop(key, None)
         if chunk is not None and chunk.parent_key is not None:
             siblings = self._children.get(chunk.parent_key)
@@ -225,20 +250,23 @@ class WorkerEvents:
                     del self._children[chunk.parent_key]
 
     def known_chunks(self) -> int:
-        """Chunk keys mapped to vLLM blocks (about what L1 holds)."""
+        """Chunk keys mapped to vLLM blocks (about what the tiers hold)."""
         return len(self._chunks)
 
 
 def _key_of(ev) -> tuple:
-    return tuple(ev.block_hashes)
+    # Per medium: a chunk every rank holds in L1 is not loadable from disk unless every
+    # rank's disk tier holds it too.
+    return (ev.medium, tuple(ev.block_hashes))
 
 
 class RankVotes:
     """The scheduler side: a chunk is loadable once every rank holds its part, so it is
-    announced when the last rank reported it and withdrawn when the first rank dropped it.
+    announced on a medium when the last rank reported it there and withdrawn when the first
+    rank dropped it there.
 
-    Each rank reports a chunk's arrivals and departures alternately (its engine's L1 index
-    is the source), so a count per chunk is enough.
+    Each rank reports a chunk's arrivals and departures on a medium alternately (its
+    engine's tier index is the source), so a count per (medium, chunk) is enough.
     """
 
     def __init__(self, num_ranks: int):

@@ -295,6 +295,21 @@ impl StorageManager {
         self.inner.l1_enabled && self.inner.l1.set_observer(observer)
     }
 
+    /// Reports every key the lower tier named `tier` (`disk`: the local-disk tier) starts
+    /// or stops holding to `observer`. Returns false when there is no such tier, it keeps
+    /// no index of its own to report from (remote stores), or an observer is already set.
+    pub fn set_tier_observer(
+        &self,
+        tier: &str,
+        observer: Arc<dyn crate::tier::ResidencyObserver>,
+    ) -> bool {
+        self.inner
+            .lower
+            .iter()
+            .find(|s| s.name == tier)
+            .is_some_and(|s| s.tier.set_residency_observer(observer))
+    }
+
     /// Drops every chunk L1 holds (lower tiers keep theirs); returns how many.
     pub fn clear_l1(&self) -> u64 {
         self.inner.l1.clear_all()

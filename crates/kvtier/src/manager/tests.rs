@@ -640,3 +640,46 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_tier_observer_is_set_on_the_named_tier_that_keeps_an_index() {
+    use crate::tier::{
+        DiskTier, DiskTierOptions, ResidencyChange, ResidencyLog, ThrottleLimits, ThrottledTier,
+        DISK_TIER_NAME,
+    };
+    let d = tempfile::tempdir().unwrap();
+    let disk = Arc::new(DiskTier::open(DiskTierOptions::new(d.path().join("c"), 1 << 20)).unwrap());
+    // Behind a throttle, as `tier_max_mbps` wraps it: the observer reaches the disk tier.
+    let limits = ThrottleLimits {
+        bytes_per_sec: Some(1e12),
+        ops_per_sec: None,
+    };
+    let l1 = cpu("cpu", 256);
+    let remote = Arc::new(FaultTier::new(cpu("t1", 256), 0));
+    let specs = vec![
+        TierSpec::new(Arc::new(ThrottledTier::new(disk.clone(), limits))),
+        TierSpec::new(remote),
+    ];
+    let m = StorageManager::new(
+        l1.clone(),
+        true,
+        specs,
+        ManagerOptions::default(),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let log = Arc::new(ResidencyLog::new(16));
+    assert!(!m.set_tier_observer("nope", log.clone()), "no such tier");
+    assert!(
+        !m.set_tier_observer("t1", log.clone()),
+        "no index of its own"
+    );
+    assert!(m.set_tier_observer(DISK_TIER_NAME, log.clone()));
+    assert!(
+        !m.set_tier_observer(DISK_TIER_NAME, log.clone()),
+        "already set"
+    );
+    let c = chunk_in(&l1, 1);
+    assert_eq!(disk.put_blocking(&c), PutOutcome::Stored);
+    assert_eq!(log.take().changes, vec![ResidencyChange::Stored(key(1), 4)]);
+}

@@ -20,7 +20,7 @@ use std::pin::Pin;
 pub use cpu::{CpuTier, CpuTierOptions, CpuTierStats};
 pub use disk::{
     inspect as inspect_disk, BadRecord, DiskDurability, DiskTier, DiskTierOptions, DiskTierStats,
-    GroupCount, InspectReport, MARKER as DISK_MARKER,
+    GroupCount, InspectReport, DISK_TIER_NAME, MARKER as DISK_MARKER,
 };
 pub use fault::{Fault, FaultOp, FaultRule, FaultTier};
 pub use object::url::ObjectUrl;
@@ -86,6 +86,13 @@ pub trait Tier: Send + Sync {
     /// With L1 off, a store skips a chunk that a tier answering yes already has.
     fn holds(&self, _key: &ChunkKey) -> Option<bool> {
         None
+    }
+
+    /// Reports every key this tier starts or stops holding to `observer` (KV events), under
+    /// the tier's index lock; for tiers that keep an index in memory (the disk tier).
+    /// False when the tier cannot (the default) or an observer is already set.
+    fn set_residency_observer(&self, _observer: std::sync::Arc<dyn ResidencyObserver>) -> bool {
+        false
     }
 
     /// How long the tier keeps a chunk after it was written, when it expires chunks by age

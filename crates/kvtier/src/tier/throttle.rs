@@ -145,6 +145,11 @@ impl Tier for ThrottledTier {
         self.inner.retention()
     }
 
+    fn set_residency_observer(&self, observer: Arc<dyn super::ResidencyObserver>) -> bool {
+        // Pacing delays reads, it never makes them miss: the inner tier's index is the truth.
+        self.inner.set_residency_observer(observer)
+    }
+
     fn observe_prompt(&self, keys: &[ChunkKey], report: crate::policy::PromptReport) {
         self.inner.observe_prompt(keys, report);
     }

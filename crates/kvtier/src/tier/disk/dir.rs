@@ -8,6 +8,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use hashlink::LruCache;
@@ -25,7 +26,7 @@ use crate::error::{Error, Result};
 use crate::keys::{ChunkKey, KeyMap};
 use crate::memory::WritableBuf;
 use crate::policy::{Eviction, EvictionPolicy, PolicyKind, PromptReport};
-use crate::tier::PutOutcome;
+use crate::tier::{PutOutcome, ResidencyObserver};
 
 /// Options of one directory.
 #[derive(Clone, Debug)]
@@ -112,6 +113,9 @@ pub(crate) struct DiskDir {
     /// Whether a commit flushes to the device (else it only renames: process-crash safe).
     flush: bool,
     pub(crate) counters: Counters,
+    /// Told of every index change once set (KV events); unset: no work. Called under
+    /// `state`'s lock, so the reports about one key arrive in the order the index changed.
+    observer: OnceLock<Arc<dyn ResidencyObserver>>,
 }
 
 /// A tmp file written (not yet flushed) and waiting for its commit round.
@@ -317,6 +321,7 @@ impl DiskDir {
             warned_device: AtomicBool::new(false),
             state: Mutex::new(st),
             counters: Counters::default(),
+            observer: OnceLock::new(),
             root,
         };
         // A smaller budget than last time: evict down to it, and say so.
@@ -377,6 +382,21 @@ impl DiskDir {
         &self.root
     }
 
+    /// Sets the observer told of every key this directory starts or stops indexing; only
+    /// the first call takes effect (returns whether this one did). Records indexed before
+    /// (found at startup) are not reported: their token counts are in record headers the
+    /// startup scan does not read.
+    pub(crate) fn set_observer(&self, observer: Arc<dyn ResidencyObserver>) -> bool {
+        self.observer.set(observer).is_ok()
+    }
+
+    /// Tells the observer `key` left the index (call under `state`'s lock).
+    fn report_removed(&self, key: &ChunkKey) {
+        if let Some(o) = self.observer.get() {
+            o.removed(std::slice::from_ref(key));
+        }
+    }
+
     pub(crate) fn usage(&self) -> DirUsage {
         let st = self.state.lock();
         DirUsage {
@@ -430,6 +450,7 @@ impl DiskDir {
         victim: ChunkKey,
     ) -> Option<(ChunkKey, Option<u64>, u64)> {
         let e = st.index.remove(&victim)?;
+        self.report_removed(&victim);
         st.bytes -= e.size;
         st.reserved += e.size;
         *st.deleting.entry(victim).or_insert(0) += 1;
@@ -441,8 +462,9 @@ impl DiskDir {
     }
 
     /// Takes an entry out of the index for deletion, like an eviction.
-    fn take_locked(st: &mut State, key: &ChunkKey) -> Option<(ChunkKey, Option<u64>, u64)> {
+    fn take_locked(&self, st: &mut State, key: &ChunkKey) -> Option<(ChunkKey, Option<u64>, u64)> {
         let e = st.index.remove(key)?;
+        self.report_removed(key);
         st.policy.remove(key);
         st.bytes -= e.size;
         st.reserved += e.size;
@@ -608,6 +630,10 @@ impl DiskDir {
                     },
                 );
                 st.policy.insert(key, need);
+                // Reported only now: the file is in place and indexed, so a read hits.
+                if let Some(o) = self.observer.get() {
+                    o.stored(&chunk.info);
+                }
                 drop(st);
                 if self.full.swap(false, Ordering::Relaxed) {
                     tracing::info!(path = %self.root.display(), "disk tier: writes succeed again");
@@ -812,7 +838,7 @@ impl DiskDir {
         let v = {
             let mut st = self.state.lock();
             match st.index.get(key) {
-                Some(e) if e.gen == gen => Self::take_locked(&mut st, key),
+                Some(e) if e.gen == gen => self.take_locked(&mut st, key),
                 _ => None,
             }
         };
@@ -826,7 +852,7 @@ impl DiskDir {
     }
 
     pub(crate) fn remove(&self, key: &ChunkKey) -> bool {
-        let v = Self::take_locked(&mut self.state.lock(), key);
+        let v = self.take_locked(&mut self.state.lock(), key);
         match v {
             Some(v) => {
                 self.unlink_reserved(&[v]);
@@ -847,7 +873,7 @@ impl DiskDir {
                 .map(|(k, _)| *k)
                 .collect();
             keys.iter()
-                .filter_map(|k| Self::take_locked(&mut st, k))
+                .filter_map(|k| self.take_locked(&mut st, k))
                 .collect()
         };
         let n = victims.len() as u64;

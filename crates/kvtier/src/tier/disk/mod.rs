@@ -54,6 +54,12 @@
 //! its trailing header proves it a whole kvtier record, else left in place and logged.
 //! Evictions down to a lowered budget are logged with their count and bytes.
 //!
+//! # Residency reports
+//! An observer ([`DiskTier::set_observer`], for KV events) hears of every index change
+//! under the directory's index lock: a store once its file is committed and indexed, a
+//! removal whenever an entry leaves the index. Records recovered at startup are indexed
+//! before an observer can be set and are not reported.
+//!
 //! # A full device
 //! A write that fails with ENOSPC before the budget is reached evicts at least its own
 //! size (records nobody reads, in eviction order) and is retried once; startup warns when
@@ -72,12 +78,15 @@ use dir::{DirOptions, DiskDir, ReadError};
 pub use inspect::{inspect, BadRecord, GroupCount, InspectReport};
 pub use layout::MARKER;
 
-use super::{PutOutcome, Tier, TierFuture, TierUsage};
+use super::{PutOutcome, ResidencyObserver, Tier, TierFuture, TierUsage};
 use crate::chunk::Chunk;
 use crate::error::{Error, Result};
 use crate::keys::ChunkKey;
 use crate::memory::BufferSource;
 use crate::policy::{PolicyKind, PromptReport};
+
+/// The disk tier's name: in stats and metrics, and for `StorageManager::set_tier_observer`.
+pub const DISK_TIER_NAME: &str = "disk";
 
 /// What an acknowledged disk store survives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -125,7 +134,7 @@ impl DiskTierOptions {
     /// durability.
     pub fn new(path: impl Into<PathBuf>, capacity: u64) -> DiskTierOptions {
         DiskTierOptions {
-            name: "disk".into(),
+            name: DISK_TIER_NAME.into(),
             paths: vec![path.into()],
             capacity_per_path: capacity,
             policy: PolicyKind::Lru,
@@ -269,6 +278,23 @@ impl DiskTier {
         // Bytes 8..16: independent of the shard-directory byte and of `prefix_u64`.
         let h = u64::from_le_bytes(key.0[8..16].try_into().unwrap_or([0; 8]));
         &self.dirs[(h % self.dirs.len() as u64) as usize]
+    }
+
+    /// Sets the observer told of every key this tier starts or stops holding: `stored` once
+    /// a put's file is in place and indexed (a read hits from then on), `removed` whenever
+    /// an entry leaves the index (eviction, remove, tenant deletion, clear, a corrupt or
+    /// vanished record found by a read). Only the first call takes effect (returns whether
+    /// this one did). Records found at startup are not reported, so call it right after
+    /// [`DiskTier::open`]: a consumer then never hears of them (it under-claims them until
+    /// they are evicted, never the reverse); their removals are reported like any other.
+    pub fn set_observer(&self, observer: Arc<dyn ResidencyObserver>) -> bool {
+        // Each directory reports its own keys under its own lock (a key lives in one
+        // directory, so its reports stay ordered); all are set here, so all or none are.
+        let mut set = true;
+        for d in &self.dirs {
+            set &= d.set_observer(observer.clone());
+        }
+        set
     }
 
     /// The paths this tier writes to.
@@ -426,6 +452,10 @@ impl Tier for DiskTier {
 
     fn holds(&self, key: &ChunkKey) -> Option<bool> {
         Some(self.dir(key).holds(key))
+    }
+
+    fn set_residency_observer(&self, observer: Arc<dyn ResidencyObserver>) -> bool {
+        self.set_observer(observer)
     }
 
     fn observe_prompt(&self, keys: &[ChunkKey], report: PromptReport) {

@@ -4,7 +4,7 @@ use super::*;
 use crate::chunk::{checksum, ChunkInfo};
 use crate::keys::{ModelIdentity, Origin};
 use crate::layout::{Dtype, KvLayout};
-use crate::tier::{CpuTier, CpuTierOptions};
+use crate::tier::{CpuTier, CpuTierOptions, ResidencyChange, ResidencyLog};
 
 fn origin(salt: Option<&str>) -> Arc<Origin> {
     Arc::new(Origin {
@@ -140,4 +140,127 @@ fn works_without_a_tokio_runtime() {
         futures::executor::block_on(tier.remove_salt("t")).unwrap(),
         1
     );
+}
+
+/// Mirrors a tier's index from its residency reports.
+#[derive(Default)]
+struct Mirror(parking_lot::Mutex<std::collections::BTreeSet<ChunkKey>>);
+
+impl ResidencyObserver for Mirror {
+    fn stored(&self, info: &ChunkInfo) {
+        assert!(
+            self.0.lock().insert(info.key),
+            "stored twice without a removal"
+        );
+    }
+    fn removed(&self, keys: &[ChunkKey]) {
+        let mut m = self.0.lock();
+        for k in keys {
+            assert!(m.remove(k), "removed a key never reported stored");
+        }
+    }
+}
+
+/// The mirror holds exactly the keys a read hits (reads also refresh the LRU order; no
+/// record is damaged here, so a read never drops one).
+fn assert_mirrors(tier: &DiskTier, mirror: &Mirror, l1: &CpuTier, keys: u32) {
+    let hits: std::collections::BTreeSet<ChunkKey> = (0..keys)
+        .map(key)
+        .filter(|k| tier.get_blocking(*k, l1).unwrap().is_some())
+        .collect();
+    assert_eq!(*mirror.0.lock(), hits);
+}
+
+#[test]
+fn residency_reports_mirror_what_reads_hit() {
+    let d = tempfile::tempdir().unwrap();
+    // Two striped paths (each reports its own keys), room for three 8 KiB files each.
+    let mut o = DiskTierOptions::new(d.path().join("a"), 3 * (4096 + 8192));
+    o.paths.push(d.path().join("b"));
+    let tier = DiskTier::open(o).unwrap();
+    let mirror = Arc::new(Mirror::default());
+    assert!(tier.set_observer(mirror.clone()));
+    assert!(
+        !tier.set_observer(Arc::new(Mirror::default())),
+        "the first observer stays"
+    );
+    let l1 = l1();
+    const KEYS: u32 = 16;
+    // A fixed pseudo-random mix of stores (evicting once full), removals, tenant
+    // deletions and clears.
+    let mut x = 12_345u32;
+    for step in 0..120 {
+        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+        let k = (x >> 8) % KEYS;
+        let salt = [None, Some("t1"), Some("t2")][(k % 3) as usize];
+        match (x >> 20) % 10 {
+            0..=5 => {
+                tier.put_blocking(&chunk(&l1, k, 8192, salt));
+            }
+            6 | 7 => {
+                futures::executor::block_on(Tier::remove(&tier, key(k))).unwrap();
+            }
+            8 => {
+                futures::executor::block_on(tier.remove_salt("t1")).unwrap();
+            }
+            _ if step % 4 == 0 => {
+                futures::executor::block_on(tier.clear()).unwrap();
+            }
+            _ => {}
+        }
+        assert_mirrors(&tier, &mirror, &l1, KEYS);
+    }
+    assert!(tier.stats().evictions > 0, "the mix evicted");
+}
+
+#[test]
+fn residency_reports_a_damaged_or_vanished_record_when_a_read_finds_it() {
+    let d = tempfile::tempdir().unwrap();
+    let tier = DiskTier::open(DiskTierOptions::new(d.path().join("c"), 1 << 20)).unwrap();
+    let log = Arc::new(ResidencyLog::new(64));
+    assert!(tier.set_observer(log.clone()));
+    let l1 = l1();
+    for i in 1..=2 {
+        assert_eq!(
+            tier.put_blocking(&chunk(&l1, i, 5000, None)),
+            PutOutcome::Stored
+        );
+    }
+    let root = tier.paths()[0].clone();
+    // Damage key 1's payload; delete key 2's file behind the tier's back.
+    let p1 = layout::record_path(&root, &key(1), None);
+    let f = std::fs::OpenOptions::new().write(true).open(&p1).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xff; 64], 0).unwrap();
+    std::fs::remove_file(layout::record_path(&root, &key(2), None)).unwrap();
+    assert!(tier.get_blocking(key(1), &l1).unwrap().is_none());
+    assert!(tier.get_blocking(key(2), &l1).unwrap().is_none());
+    assert_eq!(
+        log.take().changes,
+        vec![
+            ResidencyChange::Stored(key(1), 4),
+            ResidencyChange::Stored(key(2), 4),
+            ResidencyChange::Removed(key(1)),
+            ResidencyChange::Removed(key(2)),
+        ]
+    );
+}
+
+#[test]
+fn records_found_at_startup_are_not_reported_but_their_removal_is() {
+    let d = tempfile::tempdir().unwrap();
+    let l1 = l1();
+    {
+        let tier = DiskTier::open(DiskTierOptions::new(d.path().join("c"), 1 << 20)).unwrap();
+        assert_eq!(
+            tier.put_blocking(&chunk(&l1, 1, 5000, None)),
+            PutOutcome::Stored
+        );
+    }
+    let tier = DiskTier::open(DiskTierOptions::new(d.path().join("c"), 1 << 20)).unwrap();
+    let log = Arc::new(ResidencyLog::new(64));
+    assert!(tier.set_observer(log.clone()));
+    assert!(tier.contains(&key(1)));
+    assert_eq!(log.take(), Default::default());
+    assert!(futures::executor::block_on(Tier::remove(&tier, key(1))).unwrap());
+    assert_eq!(log.take().changes, vec![ResidencyChange::Removed(key(1))]);
 }
