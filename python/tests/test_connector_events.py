@@ -17,7 +17,7 @@ from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVEventBatch  
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
 
 import kvtier  # noqa: E402
-from kvtier.vllm import KvTierConnector, KvTierConnectorMetadata, SaveSpec  # noqa: E402
+from kvtier.vllm import KvTierConnector, KvTierConnectorMetadata, LoadSpec, SaveSpec  # noqa: E402
 from kvtier.vllm.events import ConnectorEvents, RankVotes, WorkerEvents, external_hashes  # noqa: E402
 
 from test_vllm_connector import (  # noqa: E402,F401 (stub_workers, worker: fixtures)
@@ -398,3 +398,92 @@ def test_scheduler_sends_block_hashes_only_with_events_on_and_publishes_the_work
         conn.update_connector_output(NS(kv_connector_stats=None, kv_cache_events=ConnectorEvents([stored])))
         assert list(conn.take_events()) == ([stored] if on else [])
         conn.shutdown()
+
+
+# -- server mode: the events follow a `kvtier serve`'s own stream ---------------------------
+
+
+@pytest.fixture
+def served_with_events(tmp_path):
+    """A `kvtier serve` publishing KV events on a loopback port: (socket, endpoint)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    b = os.environ.get("KV_SERVE_BIN") or shutil.which("kvtier")
+    if not b or not os.path.exists(b):
+        if os.environ.get("KVTIER_REQUIRE_TEST_SERVERS", "") not in ("", "0"):
+            pytest.fail("no kvtier binary: set KV_SERVE_BIN (required: KVTIER_REQUIRE_TEST_SERVERS is set)")
+        pytest.skip("no kvtier binary (set KV_SERVE_BIN)")
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"chunk_size: {BS}\nmax_local_cpu_size: 0.02\nlocal_cpu_huge_pages: false\n")
+    sock, ready = tmp_path / "kvtier.sock", tmp_path / "ready.json"
+    events = json.dumps({"enable_kv_cache_events": True, "endpoint": "tcp://127.0.0.1:0"})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
+    proc = subprocess.Popen([b, "serve", "--config", str(cfg), "--socket", str(sock), "--ready-file", str(ready),
+                             "--kv-events-config", events], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(400):
+            if ready.exists() and ready.read_text().strip():
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"kvtier serve exited: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.05)
+        endpoint = json.loads(ready.read_text())["kv_events"].replace("0.0.0.0", "127.0.0.1")
+        yield sock, endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def take_until(conn, want: int, timeout: float = 5.0) -> list:
+    """Takes events until ``want`` arrived (the server publishes every 20 ms)."""
+    import time
+
+    got: list = []
+    end = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < end:
+        got += decode_as_vllm(take(conn))
+        time.sleep(0.02)
+    return got
+
+
+def test_server_mode_announces_what_the_server_holds_for_every_instance(worker, served_with_events):
+    """Two instances on one `kvtier serve`: the one that saved a prompt and the one that only
+    loads it both announce its chunks (medium SHARED, vLLM's hashes); a removal through
+    another client of the server withdraws them from both, deepest first."""
+    sock, endpoint = served_with_events
+    a, ca = worker(kv_events=True, server=f"unix:{sock}", server_kv_events=endpoint, staging="pinned")
+    b, cb = worker(kv_events=True, server=f"unix:{sock}", server_kv_events=endpoint, staging="pinned")
+    for conn, caches in ((a, ca), (b, cb)):
+        run_step(conn, caches, KvTierConnectorMetadata())
+    import time
+
+    time.sleep(0.3)  # both subscribers joined the server's stream (ZeroMQ joins asynchronously)
+    tokens = list(range(40, 40 + 4 * BS))
+    hashes = vllm_hashes(tokens)
+    run_step(a, ca, KvTierConnectorMetadata(saves=[SaveSpec("s", tokens, None, [1, 2, 3, 4], hashes)]))
+    got = take_until(a, 4)
+    assert [type(e) for e in got] == [BlockStored] * 4
+    assert [e.block_hashes for e in got] == [[h] for h in hashes]
+    assert all(e.medium == "SHARED" for e in got)
+    assert [e.parent_block_hash for e in got] == [None] + hashes[:3]
+    assert take(b) == []  # b knows nothing of this prompt yet
+    # b loads the prompt: the server already held it, so b announces it without a new store.
+    run_step(b, cb, KvTierConnectorMetadata(loads=[LoadSpec("l", tokens, None, [5, 6, 7, 8], 0,
+                                                            block_hashes=hashes)]))
+    got_b = take_until(b, 4)
+    assert [e.block_hashes for e in got_b] == [[h] for h in hashes] and all(e.medium == "SHARED" for e in got_b)
+    # Another client removes the prompt from the server: both withdraw it, deepest first.
+    other = kvtier.Engine({"server": f"unix:{sock}"}, identity=a.worker_side.engine.identity())
+    assert other.remove(tokens) > 0
+    for conn in (a, b):
+        gone = take_until(conn, 4)
+        assert [type(e) for e in gone] == [BlockRemoved] * 4
+        assert [e.block_hashes for e in gone] == [[h] for h in reversed(hashes)]

@@ -36,6 +36,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use bytes::Bytes;
 use kvtier::keys::ModelIdentity;
 use kvtier::{Engine, EngineCore};
 use serde::Deserialize;
@@ -308,8 +309,12 @@ fn resolve(m: &Models, model: &Value) -> kvtier::Result<Arc<Engine>> {
     }
 }
 
-async fn lookup(State(m): State<Arc<Models>>, Json(b): Json<LookupBody>) -> ApiResult<Json<Value>> {
+async fn lookup(State(m): State<Arc<Models>>, body: Bytes) -> ApiResult<Json<Value>> {
     let v = blocking(move || {
+        // Parsed here rather than by axum's `Json`: its per-element error paths cost a fifth
+        // of the time of a batch of 16 8K-token prompts, and the parse moves off the runtime.
+        let b: LookupBody = serde_json::from_slice(&body)
+            .map_err(|e| kvtier::Error::invalid(format!("bad /lookup body: {e}")))?;
         let tokens = match (b.tokens, b.prompts, b.block_hashes) {
             (Some(t), None, None) => t,
             (None, Some(p), None) => {

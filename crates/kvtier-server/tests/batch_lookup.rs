@@ -6,6 +6,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
+
 use common::*;
 use kvtier::keys::{KeySpace, ModelIdentity};
 use kvtier::layout::{Dtype, KvLayout};
@@ -80,6 +82,34 @@ fn batch_lookup_answers_like_single_lookups_and_is_timed() {
         assert_eq!(r["hit_chunks"], (i % 4 + 1) * 2048 / CHUNK_TOKENS, "{r}");
         assert_eq!(r["requested_chunks"], PROMPT / CHUNK_TOKENS);
     }
+    // The compact form (little-endian u32 token ids, base64) agrees with the arrays.
+    let b64 = |p: &[u32]| {
+        let bytes: Vec<u8> = p.iter().flat_map(|t| t.to_le_bytes()).collect();
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    };
+    let body_b64 = json!({
+        "model": "batch-test",
+        "prompts": prompts.iter().map(|p| json!({"tokens_b64": b64(p)})).collect::<Vec<_>>(),
+    });
+    assert_eq!(post(&srv, &body_b64), v, "tokens_b64 answers like tokens");
+    for (bad, says) in [
+        (json!({"tokens_b64": "!!"}), "not base64"),
+        (json!({"tokens_b64": b64(&[1])[..4]}), "4 bytes each"),
+        (
+            json!({"tokens": [1], "tokens_b64": b64(&[1])}),
+            "exactly one of",
+        ),
+        (json!({}), "exactly one of"),
+    ] {
+        let (code, text) = srv.http(
+            "POST",
+            "/lookup",
+            Some(&json!({"model": "batch-test", "prompts": [bad]})),
+        );
+        assert_eq!(code, 400, "{text}");
+        assert!(text.contains(says), "{says}: {text}");
+    }
+
     // A probe is not a request: the lookup metrics did not move for the batches.
     let lookups = |srv: &Server| {
         let (_, m) = srv.http("GET", "/metrics", None);
@@ -114,6 +144,7 @@ fn batch_lookup_answers_like_single_lookups_and_is_timed() {
     // Latency, measured (not asserted): 16 prompts of 8K tokens, and their 16 key lists.
     for (name, b) in [
         ("prompts", &body),
+        ("prompts, tokens_b64", &body_b64),
         ("block_hashes", &json!({ "block_hashes": lists })),
     ] {
         let mut t = Vec::new();

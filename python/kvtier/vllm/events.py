@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from vllm.distributed.kv_events import BlockRemoved, BlockStored, KVConnectorKVEvents
@@ -117,8 +118,16 @@ class WorkerEvents:
     map holds about what the tiers hold.
     """
 
-    def __init__(self, engine: Any, block_size: int, chunk_tokens: int, limit: int = 100_000):
+    def __init__(self, engine: Any, block_size: int, chunk_tokens: int, limit: int = 100_000,
+                 source: Any = None, keep_s: float = 0.0):
+        """``source`` reports the tiers' changes (default: ``engine``'s own tiers; in server
+        mode a :class:`~kvtier.vllm.server_events.ServerResidency`); a learnt key that no
+        tier reported waits at least two takes and ``keep_s`` seconds for its report (a
+        server publishes its changes asynchronously, every 20 ms)."""
         self._engine = engine
+        self._source = source if source is not None else engine
+        self._keep_s = float(keep_s)
+        self._rotated = time.monotonic()
         self._block_size = block_size
         self._chunk_tokens = chunk_tokens
         self._bpc = chunk_tokens // block_size
@@ -129,7 +138,8 @@ class WorkerEvents:
         self._fresh: set[str] = set()  # keys learnt since the last take
         self._older: set[str] = set()  # ... and in the take before
         self._lock = threading.Lock()  # loads learn on the load thread
-        self.active = bool(engine.watch_residency(limit))
+        self._synthetic: list[tuple[bool, str, str]] = []  # held at learn time (see learn)
+        self.active = bool(self._source.watch_residency(limit))
         if not self.active:
             logger.warning("kvtier: KV events are on, but this engine has no tier that reports "
                            "(no L1 cache, no disk tier): the connector announces no blocks")
@@ -141,10 +151,17 @@ class WorkerEvents:
             return
         keys = self._engine.chunk_keys(tokens, salt)
         with self._lock:
-            self._learn(keys, tokens, block_hashes)
+            new = self._learn(keys, tokens, block_hashes)
+            present = getattr(self._source, "present", None)
+            if present is not None:
+                # A source that knows what it holds (a server, holding chunks other clients
+                # stored): chunks already there are announced with the next take.
+                self._synthetic.extend((True, k, m) for k in new if (m := present(k)) is not None)
 
-    def _learn(self, keys: list[str], tokens: list[int], block_hashes: list) -> None:
+    def _learn(self, keys: list[str], tokens: list[int], block_hashes: list) -> list[str]:
+        """Maps the new keys to their blocks; returns the keys that were new."""
         C, bpc = self._chunk_tokens, self._bpc
+        new = []
         for i, key in enumerate(keys):
             hs = block_hashes[i * bpc : (i + 1) * bpc]
             if len(hs) < bpc or (i + 1) * C > len(tokens):
@@ -157,6 +174,8 @@ class WorkerEvents:
             if parent_key is not None:
                 self._children.setdefault(parent_key, set()).add(key)
             self._fresh.add(key)
+            new.append(key)
+        return new
 
     def take(self) -> ConnectorEvents | None:
         """The tiers' changes since the last call as events (None when there are none)."""
@@ -167,7 +186,11 @@ class WorkerEvents:
         return ConnectorEvents(out) if out else None
 
     def _take(self) -> list:
-        overflowed, changes = self._engine.take_residency_changes()
+        overflowed, changes = self._source.take_residency_changes()
+        if self._synthetic:  # before the source's changes: those came after the check
+            # (unless that medium's changes were lost since: then the check is stale too)
+            changes = [c for c in self._synthetic if c[2] not in overflowed] + list(changes)
+            self._synthetic = []
         out: list = []
         left: list[str] = []  # keys that left a tier: forgotten after the whole batch
         for medium in overflowed:
@@ -195,10 +218,13 @@ class WorkerEvents:
         for key in left:
             if not self._anywhere(key) and key not in self._fresh and key not in self._older:
                 self._forget(key)
-        for key in self._older:
-            if not self._anywhere(key):
-                self._forget(key)
-        self._older, self._fresh = self._fresh, set()
+        now = time.monotonic()
+        if now - self._rotated >= self._keep_s:
+            for key in self._older:
+                if not self._anywhere(key):
+                    self._forget(key)
+            self._older, self._fresh = self._fresh, set()
+            self._rotated = now
         return out
 
     def _anywhere(self, key: str) -> bool:

@@ -88,7 +88,7 @@ class SchedulerSide:
         #: KV events (vLLM's --kv-events-config): the workers report what their L1 holds, in
         #: vLLM's block hashes; a chunk is announced once every rank holds it. A server
         #: publishes its own stream (kvtier serve --kv-events-config).
-        self.events = RankVotes(settings.num_ranks) if events_enabled(vllm_config) and not settings.server_mode else None
+        self.events = RankVotes(settings.num_ranks) if events_enabled(vllm_config) else None
 
     def _server_lookup(self, tokens: list[int], salt: str | None, deadline: float) -> int | tuple[int, list[int]]:
         if not self._detail:

@@ -36,6 +36,7 @@ CONNECTOR_KEYS = {
     "arbitration_prefill_tok_s",
     "arbitration_chunk_ms",
     "pd_wait_s",
+    "server_kv_events",
 }
 
 #: vLLM's kv_role values: a prefill instance stores (and hands the stored length to the

@@ -105,7 +105,8 @@ class WorkerSide:
         self._xfer_pool: concurrent.futures.ThreadPoolExecutor | None = None  # loads
         self._inflight_load: _InflightLoad | None = None
         self._save_plan: _SavePlan | None = None
-        self._events: WorkerEvents | None = None  # KV events on (embedded): L1 changes as vLLM events
+        self._events: WorkerEvents | None = None  # KV events on: the tiers' changes as vLLM events
+        self._server_events = None  # server mode with events: the server's stream, followed
         # For the scheduler's load-vs-recompute arbitration, drained with each step's stats:
         # forward-pass tokens and seconds, and per tier the load seconds and chunks.
         self._obs_lock = threading.Lock()
@@ -159,8 +160,8 @@ class WorkerSide:
         else:
             self._load_staging = HostStaging(first.dtype, pin=cuda)
             self._save_staging = HostStaging(first.dtype, pin=cuda)
-        if events_enabled(self._vllm_config) and not self._s.server_mode:
-            self._events = WorkerEvents(self.engine, self._s.block_size, self.engine.chunk_size)
+        if events_enabled(self._vllm_config):
+            self._events = self._open_events()
         if not self._s.server_mode:
             self._lookup_server = LookupServer(
                 self.engine,
@@ -402,6 +403,11 @@ class WorkerSide:
         self._join_load()  # loads of this step are in the cache (and may be saved again)
         self.hook_times.add("wait_for_save.join_load", time.perf_counter() - t0, part=True)
         plan, self._save_plan = self._save_plan, None
+        if (self._events is not None and not self._saves_here and isinstance(meta, KvTierConnectorMetadata)):
+            # Another rank stores this replicated KV: the chunks still become loadable here
+            # once the server holds them, so this rank announces them too.
+            for spec in meta.saves:
+                self._events.learn(spec.tokens, spec.salt, spec.block_hashes)
         if self.engine is None or meta is None or not self._saves_here:
             return
         if not isinstance(meta, KvTierConnectorMetadata) or not meta.saves:
@@ -436,6 +442,26 @@ class WorkerSide:
                 logger.warning("kvtier save of %s failed: %s", it.spec.req_id, e)
         self.hook_times.add("wait_for_save.store", time.perf_counter() - t0, part=True)
 
+    def _open_events(self) -> WorkerEvents | None:
+        """KV events on: the engine's own tiers report; in server mode the server's event
+        stream does (``kvtier.server_kv_events``: the endpoint it publishes on)."""
+        if not self._s.server_mode:
+            return WorkerEvents(self.engine, self._s.block_size, self.engine.chunk_size)
+        endpoint = self._s.conn.get("server_kv_events")
+        if not endpoint:
+            logger.warning(
+                "kvtier: KV events are on, but the connector in server mode announces nothing "
+                "without kvtier.server_kv_events: start kvtier serve with --kv-events-config and "
+                "set kvtier.server_kv_events to its endpoint (e.g. tcp://127.0.0.1:5557, the "
+                "ready file's kv_events); the server's own stream carries its chunks by kvtier key"
+            )
+            return None
+        from .server_events import ServerResidency
+
+        self._server_events = ServerResidency(str(endpoint))
+        return WorkerEvents(self.engine, self._s.block_size, self.engine.chunk_size,
+                            source=self._server_events, keep_s=2.0)
+
     def take_events(self) -> ConnectorEvents | None:
         """KV events on: the blocks that entered and left this worker's L1 since the last
         call (None when off)."""
@@ -455,6 +481,8 @@ class WorkerSide:
         except Exception:
             pass
         self._abort_saves()
+        if self._server_events is not None:
+            self._server_events.close()
         if self._xfer_pool is not None:
             self._xfer_pool.shutdown(wait=False, cancel_futures=True)
         if self._xfer is not None:

@@ -1,26 +1,34 @@
 //! `kvtier bench long-doc-qa --kv-events-ab`: what a KV-event stream costs the store and
-//! retrieve paths. Each round runs the long-doc-qa workload twice on fresh engines, once
-//! with `kvtier serve`'s event stream publishing L1's changes (loopback, port picked) and
-//! once without, in alternating order, so a noisy neighbour hits both sides of a pair. The
-//! figure is the median of the per-round on/off ratios (goal: within 1%).
+//! retrieve paths. Each round builds two engines, one with `kvtier serve`'s event stream
+//! publishing its L1 changes (loopback, port picked) and one without, and runs the
+//! long-doc-qa pattern on both: every document stored, then retrieved `--queries` times,
+//! each operation on the two engines back to back with the side going first alternating by
+//! round, so a noisy neighbour hits both sides of a pair. The figure is the median of the
+//! per-round on/off ratios (goal: within 1%).
 
-use anyhow::{Context, Result};
-use kvtier::{Engine, EngineConfig};
+use anyhow::{ensure, Context, Result};
+use kvtier::{Engine, EngineConfig, KvCache};
 use kvtier_server::events::{EventStream, KvEventsConfig};
+use rand::{rngs::StdRng, SeedableRng};
 use serde::Serialize;
 use tracing::info;
 
-use super::buffers::SourceRing;
-use super::report::{median, Spread};
-use super::{workload, ModelShape, Plan};
+use super::buffers::{AlignedBuf, SourceRing};
+use super::report::{gbps, median, Spread};
+use super::server::{paired_round, tokens};
+use super::{ModelShape, Plan};
 
 /// The A/B report.
 #[derive(Debug, Serialize)]
 pub struct EventsAbReport {
-    /// Workload measured.
+    /// Workload pattern measured.
     pub workload: &'static str,
-    /// Rounds (each one run with events off and one with events on).
+    /// Rounds (each: both engines store every document, retrieve it, remove it).
     pub rounds: usize,
+    /// Documents per round.
+    pub docs: usize,
+    /// Tokens per document.
+    pub doc_tokens: usize,
     /// Store GB/s with events off, per round.
     pub store_gbps_off: Vec<f64>,
     /// Store GB/s with events on, per round.
@@ -33,35 +41,11 @@ pub struct EventsAbReport {
     pub store_ratio: Spread,
     /// Per-round retrieve ratio on/off: min, median, max.
     pub retrieve_ratio: Spread,
-    /// Chunks the streams announced or withdrew (summed over the "on" runs).
+    /// Events the streams published (announcements, withdrawals), all rounds.
     pub events_published: u64,
 }
 
-/// One run of the workload; `events` starts the server's stream on the engine first.
-fn one_run(
-    cfg: &EngineConfig,
-    shape: &ModelShape,
-    plan: &Plan,
-    ring: &SourceRing,
-    events: bool,
-) -> Result<(f64, f64, u64)> {
-    let engine = Engine::new(cfg.clone(), shape.identity()).context("building the bench engine")?;
-    let stream = if events {
-        let ev = KvEventsConfig {
-            enable_kv_cache_events: true,
-            endpoint: "tcp://127.0.0.1:0".into(),
-            ..KvEventsConfig::default()
-        };
-        Some(EventStream::start(engine.core(), ev).context("starting the KV-event stream")?)
-    } else {
-        None
-    };
-    let r = workload::long_doc_qa(&engine, plan, ring)?;
-    let published = stream.map_or(0, EventStream::shutdown);
-    Ok((r.store_gbps, r.retrieve_gbps.unwrap_or(0.0), published))
-}
-
-/// Runs `rounds` alternating pairs.
+/// Runs `rounds` rounds.
 pub fn run(
     cfg: &EngineConfig,
     shape: &ModelShape,
@@ -70,9 +54,30 @@ pub fn run(
     rounds: usize,
 ) -> Result<EventsAbReport> {
     let rounds = rounds.max(1);
+    let doc_tokens = plan.doc_tokens.div_ceil(plan.chunk_size) * plan.chunk_size;
+    let doc_bytes = doc_tokens * plan.bytes_per_token;
+    // Both engines hold every document (no eviction: the pairs stay comparable).
+    let fit = (cfg.max_local_cpu_size as f64 * 0.8) as usize / doc_bytes.max(1);
+    ensure!(
+        fit >= 1,
+        "one {doc_tokens}-token document does not fit L1; raise --l1-gb or lower --doc-tokens"
+    );
+    let docs = plan.docs.clamp(1, fit);
+    let mut rng = StdRng::seed_from_u64(plan.seed ^ 0xe7e7);
+    let toks: Vec<Vec<u32>> = (0..docs).map(|_| tokens(&mut rng, doc_tokens)).collect();
+    let payloads: Vec<AlignedBuf> = (0..docs)
+        .map(|d| {
+            let mut b = AlignedBuf::new(doc_bytes);
+            ring.compose(d as u64, &mut b);
+            b
+        })
+        .collect();
+    let mut out = AlignedBuf::new(doc_bytes);
     let mut rep = EventsAbReport {
         workload: "long-doc-qa",
         rounds,
+        docs,
+        doc_tokens,
         store_gbps_off: vec![],
         store_gbps_on: vec![],
         retrieve_gbps_off: vec![],
@@ -82,29 +87,47 @@ pub fn run(
         events_published: 0,
     };
     for round in 0..rounds {
-        let order = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
+        let on = Engine::new(cfg.clone(), shape.identity()).context("building the bench engine")?;
+        let off =
+            Engine::new(cfg.clone(), shape.identity()).context("building the bench engine")?;
+        let ev = KvEventsConfig {
+            enable_kv_cache_events: true,
+            endpoint: "tcp://127.0.0.1:0".into(),
+            ..KvEventsConfig::default()
         };
-        for on in order {
-            let (s, r, n) = one_run(cfg, shape, plan, ring, on)?;
-            info!(
-                round,
-                events = on,
-                store_gbps = format!("{s:.2}"),
-                retrieve_gbps = format!("{r:.2}"),
-                "events A/B run"
-            );
-            if on {
-                rep.store_gbps_on.push(s);
-                rep.retrieve_gbps_on.push(r);
-                rep.events_published += n;
-            } else {
-                rep.store_gbps_off.push(s);
-                rep.retrieve_gbps_off.push(r);
-            }
-        }
+        let stream = EventStream::start(on.core(), ev).context("starting the KV-event stream")?;
+        let sides: [&dyn KvCache; 2] = [&on, &off];
+        let salt = format!("events-ab-{round}");
+        let [a, b] = paired_round(
+            sides,
+            round % 2,
+            &salt,
+            &toks,
+            &payloads,
+            &mut out,
+            plan.queries_per_doc.max(1),
+        )?;
+        rep.events_published += stream.shutdown();
+        let (s_on, r_on) = (
+            gbps(a.store_bytes, a.store_secs),
+            gbps(a.retrieve_bytes, a.retrieve_secs),
+        );
+        let (s_off, r_off) = (
+            gbps(b.store_bytes, b.store_secs),
+            gbps(b.retrieve_bytes, b.retrieve_secs),
+        );
+        info!(
+            round,
+            store_on = format!("{s_on:.2}"),
+            store_off = format!("{s_off:.2}"),
+            retrieve_on = format!("{r_on:.2}"),
+            retrieve_off = format!("{r_off:.2}"),
+            "events A/B round (GB/s)"
+        );
+        rep.store_gbps_on.push(s_on);
+        rep.store_gbps_off.push(s_off);
+        rep.retrieve_gbps_on.push(r_on);
+        rep.retrieve_gbps_off.push(r_off);
     }
     let ratios = |on: &[f64], off: &[f64]| -> Vec<f64> {
         on.iter()
@@ -122,17 +145,18 @@ impl EventsAbReport {
     /// The human form.
     pub fn print_table(&self) {
         println!(
-            "KV events A/B, {} ({} alternating rounds; ratio = events on / off, per round)",
-            self.workload, self.rounds
+            "KV events A/B, {} pattern ({} rounds of {} documents x {} tokens; each operation \
+             on both engines back to back; ratio = events on / off, per round)",
+            self.workload, self.rounds, self.docs, self.doc_tokens
         );
         println!(
-            "  store    GB/s off median {:.2}, on median {:.2}; ratio {}",
+            "  store    GB/s off median {:.2}, on median {:.2}; ratio min / median / max {}",
             median(&self.store_gbps_off),
             median(&self.store_gbps_on),
             self.store_ratio
         );
         println!(
-            "  retrieve GB/s off median {:.2}, on median {:.2}; ratio {}",
+            "  retrieve GB/s off median {:.2}, on median {:.2}; ratio min / median / max {}",
             median(&self.retrieve_gbps_off),
             median(&self.retrieve_gbps_on),
             self.retrieve_ratio

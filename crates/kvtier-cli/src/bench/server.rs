@@ -187,23 +187,23 @@ fn spawn_server(args: &BenchArgs, cfg: &EngineConfig) -> Result<Spawned> {
     Ok(Spawned { child, socket })
 }
 
-fn tokens(rng: &mut StdRng, n: usize) -> Vec<u32> {
+pub(super) fn tokens(rng: &mut StdRng, n: usize) -> Vec<u32> {
     (0..n).map(|_| rng.random_range(0..128_256)).collect()
 }
 
 /// Seconds and bytes of one side's timed calls in a round.
 #[derive(Default)]
-struct Side {
-    store_secs: f64,
-    store_bytes: u64,
-    retrieve_secs: f64,
-    retrieve_bytes: u64,
+pub(super) struct Side {
+    pub(super) store_secs: f64,
+    pub(super) store_bytes: u64,
+    pub(super) retrieve_secs: f64,
+    pub(super) retrieve_bytes: u64,
 }
 
 /// One round: each document is stored through both sides back to back (then retrieved
 /// `reps` times the same way, then removed, untimed), so both sides of a pair see the same
 /// moment of a noisy machine; `first` picks which side of each pair goes first.
-fn paired_round(
+pub(super) fn paired_round(
     sides: [&dyn KvCache; 2],
     first: usize,
     salt: &str,
