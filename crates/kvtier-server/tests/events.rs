@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,10 +26,10 @@ use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage
 const TOKEN: &str = "events-test-token-not-a-secret";
 const TOPIC: &str = "kv-events";
 
-/// What a subscriber learnt: the index and where it is in the sequence.
+/// What a subscriber learnt: the index per medium and where it is in the sequence.
 #[derive(Default)]
 struct Mirror {
-    index: BTreeSet<Vec<u8>>,
+    by_medium: BTreeMap<String, BTreeSet<Vec<u8>>>,
     next_seq: u64,
     /// Every batch applied, in sequence order (for the vLLM decode).
     payloads: Vec<Vec<u8>>,
@@ -54,6 +54,11 @@ fn hashes(ev: &Mp) -> Vec<Vec<u8>> {
 }
 
 impl Mirror {
+    /// The blocks announced on any medium: what a load could read somewhere on this node.
+    fn index(&self) -> BTreeSet<Vec<u8>> {
+        self.by_medium.values().flatten().cloned().collect()
+    }
+
     fn apply(&mut self, seq: u64, payload: &[u8]) {
         assert_eq!(seq, self.next_seq, "batches applied in order");
         let batch = rmpv::decode::read_value(&mut &payload[..]).expect("msgpack");
@@ -61,8 +66,9 @@ impl Mirror {
         assert_eq!(parts.len(), 3);
         assert!(parts[0].as_f64().is_some_and(|t| t > 1e9), "ts is a float");
         for ev in parts[1].as_array().expect("events") {
-            if let Some(m) = field(ev, "medium").and_then(Mp::as_str) {
-                self.media.insert(m.to_string());
+            let medium = field(ev, "medium").and_then(Mp::as_str).map(str::to_string);
+            if let Some(m) = &medium {
+                self.media.insert(m.clone());
             }
             match field(ev, "type")
                 .and_then(Mp::as_str)
@@ -70,14 +76,17 @@ impl Mirror {
             {
                 "BlockStored" => {
                     assert_eq!(ev.as_map().unwrap().len(), 8, "{ev}");
-                    self.index.extend(hashes(ev));
+                    let m = medium.expect("a stored block has a medium");
+                    self.by_medium.entry(m).or_default().extend(hashes(ev));
                 }
                 "BlockRemoved" => {
+                    let m = medium.expect("a removal has a medium");
+                    let set = self.by_medium.entry(m).or_default();
                     for h in hashes(ev) {
-                        self.index.remove(&h);
+                        set.remove(&h);
                     }
                 }
-                "AllBlocksCleared" => self.index.clear(),
+                "AllBlocksCleared" => self.by_medium.clear(),
                 t => panic!("unknown event type {t}"),
             }
         }
@@ -185,13 +194,13 @@ fn settles(srv: &Server, m: &Mutex<Mirror>, keys: &[ChunkKey], limit: Duration) 
     let truth = held(srv, keys);
     let t0 = Instant::now();
     loop {
-        if m.lock().index == truth {
+        if m.lock().index() == truth {
             return t0.elapsed();
         }
         assert!(
             t0.elapsed() < limit,
             "subscriber index ({} keys) differs from the server's L1 ({} keys) after {limit:?}",
-            m.lock().index.len(),
+            m.lock().index().len(),
             truth.len()
         );
         std::thread::sleep(Duration::from_millis(5));
@@ -326,15 +335,15 @@ fn a_subscriber_mirrors_l1_and_a_reconnecting_one_catches_up_by_replay() {
         dropping.lock().replays >= 1,
         "the reconnecting subscriber replayed"
     );
-    assert_eq!(steady.lock().index, dropping.lock().index);
-    assert!(!steady.lock().index.is_empty());
+    assert_eq!(steady.lock().index(), dropping.lock().index());
+    assert!(!steady.lock().index().is_empty());
 
     // Clear empties both.
     let (code, text) = srv.http("POST", "/clear", None);
     assert_eq!(code, 200, "{text}");
     settles(&srv, &steady, &keys, Duration::from_secs(1));
     settles(&srv, &dropping, &keys, Duration::from_secs(1));
-    assert!(steady.lock().index.is_empty());
+    assert!(steady.lock().index().is_empty());
     stop.store(true, Ordering::Release);
     stop_b.store(true, Ordering::Release);
     a.join().unwrap();
@@ -385,6 +394,98 @@ fn a_subscriber_mirrors_l1_and_a_reconnecting_one_catches_up_by_replay() {
     eprintln!(
         "vLLM decoded {} batches, {} events",
         v["batches"], v["events"]
+    );
+}
+
+/// Waits until `m`'s index equals what the server holds, asking the server again each time
+/// (its disk writes land after the stores returned).
+fn settles_live(srv: &Server, m: &Mutex<Mirror>, keys: &[ChunkKey], limit: Duration) {
+    let t0 = Instant::now();
+    loop {
+        let truth = held(srv, keys);
+        if m.lock().index() == truth {
+            return;
+        }
+        assert!(
+            t0.elapsed() < limit,
+            "subscriber index ({} keys) differs from what the server holds ({} keys)",
+            m.lock().index().len(),
+            truth.len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_disk_tier_is_announced_as_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = json!({
+        "enable_kv_cache_events": true,
+        "endpoint": "tcp://127.0.0.1:0",
+        "replay_endpoint": "tcp://127.0.0.1:0",
+        "topic": TOPIC,
+    })
+    .to_string();
+    // 64 KiB of L1 (16 chunks) over a disk tier: most chunks end up on disk only.
+    let yaml = format!(
+        "chunk_size: {CHUNK}\nmax_local_cpu_size: 64KiB\nlocal_cpu_huge_pages: false\n\
+         local_disk: \"file://{}/disk\"\nmax_local_disk_size: 0.01\n",
+        dir.path().display()
+    );
+    let srv = Server::start(
+        dir.path(),
+        &yaml,
+        &["--kv-events-config", &events],
+        &[("KVTIER_ADMIN_TOKEN", TOKEN)],
+    );
+    let publish = srv.bound["kv_events"].as_str().unwrap().to_string();
+    let replay_ep = srv.bound["kv_events_replay"].as_str().unwrap().to_string();
+    let m = Arc::new(Mutex::new(Mirror::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sub = subscribe(publish, replay_ep, m.clone(), stop.clone());
+    let ks = KeySpace::new(identity(), CHUNK, false).unwrap();
+    let c = KvClient::connect(&srv.unix(), identity()).unwrap();
+    let warm = tokens(500, 64);
+    let mut keys: Vec<ChunkKey> = ks
+        .chunk_spans(&warm, None)
+        .unwrap()
+        .iter()
+        .map(|s| s.key)
+        .collect();
+    let t0 = Instant::now();
+    for doc in 0..24 {
+        let t = tokens(doc, 64);
+        keys.extend(ks.chunk_spans(&t, None).unwrap().iter().map(|s| s.key));
+        c.store(&t, None, &payload(doc, 64)).unwrap();
+        // The first stores may go out before the subscription reached the publisher: the
+        // subscriber replays what it missed once it sees a later batch.
+        while doc == 0 && m.lock().next_seq == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no batch seen");
+            c.store(&warm, None, &payload(500, 64)).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    settles_live(&srv, &m, &keys, Duration::from_secs(5));
+    {
+        let g = m.lock();
+        let cpu = g.by_medium.get("CPU").cloned().unwrap_or_default();
+        let disk = g.by_medium.get("STORAGE").cloned().unwrap_or_default();
+        assert!(
+            disk.difference(&cpu).count() > 0,
+            "chunks L1 evicted stay announced on STORAGE"
+        );
+        assert!(cpu.len() <= 16, "L1 holds at most 16 chunks: {}", cpu.len());
+    }
+    // Removal reaches both media.
+    let (code, text) = srv.http("POST", "/clear", None);
+    assert_eq!(code, 200, "{text}");
+    settles_live(&srv, &m, &keys, Duration::from_secs(5));
+    assert!(m.lock().index().is_empty());
+    stop.store(true, Ordering::Release);
+    sub.join().unwrap();
+    assert_eq!(
+        m.lock().media,
+        BTreeSet::from(["CPU".to_string(), "STORAGE".to_string()])
     );
 }
 

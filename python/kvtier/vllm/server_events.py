@@ -4,7 +4,9 @@ keys as block hashes; a worker turns the keys it knows (its own requests' chunks
 vLLM's block hashes, as it does for an embedded engine's L1.
 
 The medium is ``SHARED``: the chunks live in a cache shared by the node's instances (Dynamo
-maps it to its external tier), not in this instance's memory.
+maps it to its external tier), not in this instance's memory. Only the server's L1 is
+followed (its ``CPU`` events); chunks only its disk tier holds are not announced by the
+connector (the server's own stream announces them, medium ``STORAGE``).
 
 The stream is followed with a ZeroMQ SUB socket. A batch that is missing (a gap in the
 sequence numbers: the subscriber fell behind or the server restarted), a batch that does
@@ -89,7 +91,11 @@ class ServerResidency:
                     self._lose()
                 self._last_seq = seq
                 for ev in events or ():
-                    # The server's block hashes are its 32-byte chunk keys.
+                    # The server's block hashes are its 32-byte chunk keys. Only its L1
+                    # (medium CPU) is followed: its disk tier's events (STORAGE) are a
+                    # second, independent set that one SHARED medium cannot tell apart.
+                    if isinstance(ev, (BlockStored, BlockRemoved)) and ev.medium not in (None, "CPU"):
+                        continue
                     if isinstance(ev, BlockStored):
                         for h in ev.block_hashes:
                             if isinstance(h, bytes):

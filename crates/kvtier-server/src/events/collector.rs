@@ -1,61 +1,72 @@
-//! Turns L1's residency reports into KV events for the publisher.
+//! Turns the tiers' residency reports into KV events for the publisher: L1's as medium
+//! `CPU`, the disk tier's as `STORAGE`.
 //!
-//! The queue is the core's [`ResidencyLog`]: bounded and ordered. When the publisher falls
-//! behind by more than its bound, the queue is dropped and the next batch starts with
-//! `AllBlocksCleared`: subscribers then forget this node's blocks and relearn them from
-//! later stores. They under-count for a while, but never believe in a block a load would
-//! miss.
+//! Each tier's queue is a core [`ResidencyLog`]: bounded and ordered. When the publisher
+//! falls behind by more than its bound, the queue is dropped and the next batch starts with
+//! `AllBlocksCleared` (vLLM's clear names no medium: it clears every medium of this node):
+//! subscribers then forget this node's blocks and relearn them from later stores. They
+//! under-count for a while, but never believe in a block a load would miss.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use kvtier::chunk::ChunkInfo;
-use kvtier::keys::ChunkKey;
-use kvtier::tier::{ResidencyChange, ResidencyLog, ResidencyObserver};
+use kvtier::tier::{ResidencyChange, ResidencyLog};
 
-use super::wire::{KvEvent, MEDIUM_CPU};
+use super::wire::{KvEvent, MEDIUM_CPU, MEDIUM_STORAGE};
 
-/// L1's observer: queues changes until the publisher takes them.
+/// The tiers' observers: queue changes until the publisher takes them.
 pub struct Collector {
-    log: ResidencyLog,
+    /// L1's observer.
+    pub l1: Arc<ResidencyLog>,
+    /// The disk tier's observer (installed when the server has one).
+    pub disk: Arc<ResidencyLog>,
     taken: AtomicU64,
 }
 
 impl Collector {
-    /// A collector holding at most `limit` changes (at least 1) between two batches.
+    /// A collector holding at most `limit` changes (at least 1) per tier between two batches.
     pub fn new(limit: usize) -> Collector {
         Collector {
-            log: ResidencyLog::new(limit),
+            l1: Arc::new(ResidencyLog::new(limit)),
+            disk: Arc::new(ResidencyLog::new(limit)),
             taken: AtomicU64::new(0),
         }
     }
 
-    /// Takes the changes queued so far as events, in order: a run of removals becomes one
-    /// `BlockRemoved`, each store one `BlockStored`; after an overflow the first event is
-    /// `AllBlocksCleared`. Also returns whether the queue overflowed.
+    /// Takes the changes queued so far as events, in each tier's order: a run of removals
+    /// becomes one `BlockRemoved`, each store one `BlockStored`; after an overflow the first
+    /// event is `AllBlocksCleared`. Also returns whether a queue overflowed.
     pub fn take(&self) -> (Vec<KvEvent>, bool) {
-        let p = self.log.take();
-        let mut out = Vec::with_capacity(p.changes.len() + 1);
-        if p.overflowed {
+        let (l1, disk) = (self.l1.take(), self.disk.take());
+        let overflowed = l1.overflowed || disk.overflowed;
+        let mut out = Vec::with_capacity(l1.changes.len() + disk.changes.len() + 1);
+        if overflowed {
             out.push(KvEvent::AllBlocksCleared);
         }
-        for c in p.changes {
-            match c {
-                ResidencyChange::Stored(key, tokens) => out.push(KvEvent::BlockStored {
-                    key,
-                    tokens,
-                    medium: MEDIUM_CPU,
-                }),
-                ResidencyChange::Removed(k) => match out.last_mut() {
-                    Some(KvEvent::BlockRemoved { keys, .. }) => keys.push(k),
-                    _ => out.push(KvEvent::BlockRemoved {
-                        keys: vec![k],
-                        medium: MEDIUM_CPU,
+        for (changes, medium) in [(l1.changes, MEDIUM_CPU), (disk.changes, MEDIUM_STORAGE)] {
+            let first = out.len();
+            for c in changes {
+                match c {
+                    ResidencyChange::Stored(key, tokens) => out.push(KvEvent::BlockStored {
+                        key,
+                        tokens,
+                        medium,
                     }),
-                },
+                    ResidencyChange::Removed(k) => {
+                        let same_run = out.len() > first;
+                        match out.last_mut() {
+                            Some(KvEvent::BlockRemoved { keys, .. }) if same_run => keys.push(k),
+                            _ => out.push(KvEvent::BlockRemoved {
+                                keys: vec![k],
+                                medium,
+                            }),
+                        }
+                    }
+                }
             }
         }
         self.taken.fetch_add(out.len() as u64, Ordering::Relaxed);
-        (out, p.overflowed)
+        (out, overflowed)
     }
 
     /// Events handed to the publisher so far.
@@ -64,22 +75,14 @@ impl Collector {
     }
 }
 
-impl ResidencyObserver for Collector {
-    fn stored(&self, info: &ChunkInfo) {
-        self.log.stored(info);
-    }
-
-    fn removed(&self, keys: &[ChunkKey]) {
-        self.log.removed(keys);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
 
-    use kvtier::keys::{ModelIdentity, Origin};
+    use kvtier::chunk::ChunkInfo;
+    use kvtier::keys::{ChunkKey, ModelIdentity, Origin};
     use kvtier::layout::{Dtype, KvLayout};
+    use kvtier::tier::ResidencyObserver;
 
     use super::*;
 
@@ -103,11 +106,11 @@ mod tests {
     #[test]
     fn keeps_order_and_merges_runs_of_removals() {
         let c = Collector::new(100);
-        c.stored(&info(1));
-        c.stored(&info(2));
-        c.removed(&[ChunkKey([1; 32])]);
-        c.removed(&[ChunkKey([2; 32])]);
-        c.stored(&info(1));
+        c.l1.stored(&info(1));
+        c.l1.stored(&info(2));
+        c.l1.removed(&[ChunkKey([1; 32])]);
+        c.l1.removed(&[ChunkKey([2; 32])]);
+        c.l1.stored(&info(1));
         let (ev, overflow) = c.take();
         assert!(!overflow);
         let stored = |i| KvEvent::BlockStored {
@@ -131,10 +134,44 @@ mod tests {
     }
 
     #[test]
+    fn each_tier_has_its_medium_and_its_own_runs() {
+        let c = Collector::new(100);
+        c.l1.stored(&info(1));
+        c.disk.stored(&info(1));
+        c.l1.removed(&[ChunkKey([1; 32])]);
+        c.disk.removed(&[ChunkKey([1; 32])]);
+        let (ev, _) = c.take();
+        let key = ChunkKey([1; 32]);
+        assert_eq!(
+            ev,
+            vec![
+                KvEvent::BlockStored {
+                    key,
+                    tokens: 16,
+                    medium: MEDIUM_CPU
+                },
+                KvEvent::BlockRemoved {
+                    keys: vec![key],
+                    medium: MEDIUM_CPU
+                },
+                KvEvent::BlockStored {
+                    key,
+                    tokens: 16,
+                    medium: MEDIUM_STORAGE
+                },
+                KvEvent::BlockRemoved {
+                    keys: vec![key],
+                    medium: MEDIUM_STORAGE
+                },
+            ]
+        );
+    }
+
+    #[test]
     fn overflow_starts_over_with_all_blocks_cleared() {
         let c = Collector::new(3);
         for i in 0..5 {
-            c.stored(&info(i));
+            c.l1.stored(&info(i));
         }
         let (ev, overflow) = c.take();
         assert!(overflow);

@@ -4,7 +4,8 @@
 //!
 //! - **What**: `BlockStored` when a chunk enters L1 (a store, or a read from a lower tier
 //!   written back), `BlockRemoved` when it leaves (eviction, `remove`, tenant deletion,
-//!   clear), medium `CPU`; all models and clients of the server. Block hashes are kvtier's
+//!   clear), medium `CPU`; the same for the disk tier, medium `STORAGE`; all models and
+//!   clients of the server. Block hashes are kvtier's
 //!   32-byte chunk keys; `block_size` is the chunk's token count.
 //! - **When**: a change is published at most `flush_interval` (20 ms) after L1's index
 //!   changed. A store is announced only once its chunk is in L1's index (a load hits it),
@@ -144,14 +145,18 @@ impl EventStream {
             thread: StoppableThread::new(stop_tx, thread),
             collector: collector.clone(),
         };
-        if !core.manager().set_l1_observer(collector) {
+        if !core.manager().set_l1_observer(collector.l1.clone()) {
             stream.thread.stop();
             bail!(
                 "KV events report what L1 holds, and this config has no L1 cache \
                  (local_cpu: false): set local_cpu: true or leave --kv-events-config off"
             );
         }
-        tracing::info!(publish = %stream.endpoints.publish, replay = ?stream.endpoints.replay, "KV events publishing");
+        // The disk tier's chunks too, when there is one (false: none).
+        let disk = core
+            .manager()
+            .set_tier_observer(kvtier::tier::DISK_TIER_NAME, collector.disk.clone());
+        tracing::info!(publish = %stream.endpoints.publish, replay = ?stream.endpoints.replay, disk, "KV events publishing");
         Ok(stream)
     }
 

@@ -11,6 +11,8 @@ use rmp::encode;
 
 /// Where the announced blocks live, in vLLM's `medium` vocabulary.
 pub const MEDIUM_CPU: &str = "CPU";
+/// The disk tier's blocks (Dynamo maps `STORAGE` to its disk tier).
+pub const MEDIUM_STORAGE: &str = "STORAGE";
 
 /// One event of a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
