@@ -180,6 +180,20 @@ def take_flushed(conn):
     return decode_as_vllm(take(conn))
 
 
+def save_and_index(conn, caches, step, tokens, index, removed) -> None:
+    """Saves a four-block prompt in one step and feeds the events to each medium's index."""
+    spec = SaveSpec(f"r{step}", tokens, None, [(step + j) % NB for j in range(4)], vllm_hashes(tokens))
+    run_step(conn, caches, KvTierConnectorMetadata(saves=[spec]))
+    for e in take_flushed(conn):
+        index[e.medium].apply(e)
+        removed[e.medium] += isinstance(e, BlockRemoved)
+
+
+def l1_prefix(detail) -> int:
+    """The leading chunks of a lookup_detail answer that L1 (tier 0) serves."""
+    return next((i for i, tier in enumerate(detail["tiers"]) if tier != 0), len(detail["tiers"]))
+
+
 def test_a_disk_tier_announces_its_chunks_as_storage_and_a_removal_withdraws_both_media(worker, tmp_path):
     conn, caches = worker(kv_events=True, **disk_cfg(tmp_path, 0.01))
     run_step(conn, caches, KvTierConnectorMetadata())
@@ -219,15 +233,11 @@ def test_l1_evictions_withdraw_cpu_only_and_storage_answers_what_a_lookup_finds(
     for step in range(24):
         tokens = [rng.randrange(4, 30000) for _ in range(4 * BS)]
         prompts.append(tokens)
-        spec = SaveSpec(f"r{step}", tokens, None, [(step + j) % NB for j in range(4)], vllm_hashes(tokens))
-        run_step(conn, caches, KvTierConnectorMetadata(saves=[spec]))
-        for e in take_flushed(conn):
-            index[e.medium].apply(e)
-            removed[e.medium] += isinstance(e, BlockRemoved)
+        save_and_index(conn, caches, step, tokens, index, removed)
         for t in prompts:
             d = eng.lookup_detail(t)
             assert d["hit_chunks"] == 4, "the disk keeps every chunk"
-            in_l1 = next((i for i, tier in enumerate(d["tiers"]) if tier != 0), len(d["tiers"]))
+            in_l1 = l1_prefix(d)
             assert index["CPU"].prefix_blocks(vllm_hashes(t)) == in_l1, f"step {step}"
             assert index["STORAGE"].prefix_blocks(vllm_hashes(t)) == 4, f"step {step}"
     assert removed["CPU"] > 0 and removed["STORAGE"] == 0
@@ -248,14 +258,10 @@ def test_disk_evictions_withdraw_storage_blocks_and_no_index_claims_a_miss(worke
         head = docs[step % 3] if step % 2 == 0 else []
         tokens = head + [rng.randrange(4, 30000) for _ in range(4 * BS - len(head))]
         prompts.append(tokens)
-        spec = SaveSpec(f"r{step}", tokens, None, [(step + j) % NB for j in range(4)], vllm_hashes(tokens))
-        run_step(conn, caches, KvTierConnectorMetadata(saves=[spec]))
-        for e in take_flushed(conn):
-            index[e.medium].apply(e)
-            removed[e.medium] += isinstance(e, BlockRemoved)
+        save_and_index(conn, caches, step, tokens, index, removed)
         for t in prompts:
             d = eng.lookup_detail(t)
-            in_l1 = next((i for i, tier in enumerate(d["tiers"]) if tier != 0), len(d["tiers"]))
+            in_l1 = l1_prefix(d)
             assert index["CPU"].prefix_blocks(vllm_hashes(t)) == in_l1, f"step {step}"
             assert index["STORAGE"].prefix_blocks(vllm_hashes(t)) <= d["hit_chunks"], f"step {step}"
     assert removed["CPU"] > 0 and removed["STORAGE"] > 0, "the test needs evictions in both tiers"

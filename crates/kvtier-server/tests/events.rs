@@ -189,17 +189,18 @@ fn held(srv: &Server, keys: &[ChunkKey]) -> BTreeSet<Vec<u8>> {
     out
 }
 
-/// Waits until `m`'s index equals what the server holds; returns how long that took.
+/// Waits until `m`'s index equals what the server holds, asking the server again each time
+/// (a disk write lands after its store returned); returns how long that took.
 fn settles(srv: &Server, m: &Mutex<Mirror>, keys: &[ChunkKey], limit: Duration) -> Duration {
-    let truth = held(srv, keys);
     let t0 = Instant::now();
     loop {
+        let truth = held(srv, keys);
         if m.lock().index() == truth {
             return t0.elapsed();
         }
         assert!(
             t0.elapsed() < limit,
-            "subscriber index ({} keys) differs from the server's L1 ({} keys) after {limit:?}",
+            "subscriber index ({} keys) differs from what the server holds ({} keys) after {limit:?}",
             m.lock().index().len(),
             truth.len()
         );
@@ -397,25 +398,6 @@ fn a_subscriber_mirrors_l1_and_a_reconnecting_one_catches_up_by_replay() {
     );
 }
 
-/// Waits until `m`'s index equals what the server holds, asking the server again each time
-/// (its disk writes land after the stores returned).
-fn settles_live(srv: &Server, m: &Mutex<Mirror>, keys: &[ChunkKey], limit: Duration) {
-    let t0 = Instant::now();
-    loop {
-        let truth = held(srv, keys);
-        if m.lock().index() == truth {
-            return;
-        }
-        assert!(
-            t0.elapsed() < limit,
-            "subscriber index ({} keys) differs from what the server holds ({} keys)",
-            m.lock().index().len(),
-            truth.len()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn the_disk_tier_is_announced_as_storage() {
     let dir = tempfile::tempdir().unwrap();
@@ -465,7 +447,7 @@ fn the_disk_tier_is_announced_as_storage() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    settles_live(&srv, &m, &keys, Duration::from_secs(5));
+    settles(&srv, &m, &keys, Duration::from_secs(5));
     {
         let g = m.lock();
         let cpu = g.by_medium.get("CPU").cloned().unwrap_or_default();
@@ -479,7 +461,7 @@ fn the_disk_tier_is_announced_as_storage() {
     // Removal reaches both media.
     let (code, text) = srv.http("POST", "/clear", None);
     assert_eq!(code, 200, "{text}");
-    settles_live(&srv, &m, &keys, Duration::from_secs(5));
+    settles(&srv, &m, &keys, Duration::from_secs(5));
     assert!(m.lock().index().is_empty());
     stop.store(true, Ordering::Release);
     sub.join().unwrap();

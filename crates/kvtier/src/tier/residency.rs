@@ -86,3 +86,25 @@ impl ResidencyObserver for ResidencyLog {
         }
     }
 }
+
+/// A test observer that mirrors a tier's index from its reports, and fails on a report that
+/// contradicts the mirror (a store twice without a removal, a removal never stored).
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Mirror(pub(crate) Mutex<std::collections::BTreeSet<ChunkKey>>);
+
+#[cfg(test)]
+impl ResidencyObserver for Mirror {
+    fn stored(&self, info: &ChunkInfo) {
+        assert!(
+            self.0.lock().insert(info.key),
+            "stored twice without a removal"
+        );
+    }
+    fn removed(&self, keys: &[ChunkKey]) {
+        let mut m = self.0.lock();
+        for k in keys {
+            assert!(m.remove(k), "removed a key never reported stored");
+        }
+    }
+}

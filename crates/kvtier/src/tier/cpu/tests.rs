@@ -8,6 +8,7 @@ use crate::chunk::{checksum, ChunkInfo};
 use crate::keys::{ModelIdentity, Origin};
 use crate::layout::{Dtype, KvLayout};
 use crate::memory::PAGE;
+use crate::tier::residency::Mirror;
 
 fn origin() -> Arc<Origin> {
     Arc::new(Origin {
@@ -247,25 +248,6 @@ proptest! {
         prop_assert_eq!(s.pool_used, s.bytes, "only resident chunks hold pool memory");
         t.clear_all();
         prop_assert_eq!(t.stats().pool_used, 0);
-    }
-}
-
-/// Mirrors a tier's index from its residency reports.
-#[derive(Default)]
-struct Mirror(parking_lot::Mutex<std::collections::BTreeSet<ChunkKey>>);
-
-impl crate::tier::ResidencyObserver for Mirror {
-    fn stored(&self, info: &ChunkInfo) {
-        assert!(
-            self.0.lock().insert(info.key),
-            "stored twice without a removal"
-        );
-    }
-    fn removed(&self, keys: &[ChunkKey]) {
-        let mut m = self.0.lock();
-        for k in keys {
-            assert!(m.remove(k), "removed a key never reported stored");
-        }
     }
 }
 

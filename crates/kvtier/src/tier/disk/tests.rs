@@ -5,6 +5,7 @@ use crate::chunk::{checksum, ChunkInfo};
 use crate::keys::{ModelIdentity, Origin};
 use crate::layout::{Dtype, KvLayout};
 use crate::tier::{CpuTier, CpuTierOptions, ResidencyChange, ResidencyLog};
+use crate::tier::residency::Mirror;
 
 fn origin(salt: Option<&str>) -> Arc<Origin> {
     Arc::new(Origin {
@@ -140,25 +141,6 @@ fn works_without_a_tokio_runtime() {
         futures::executor::block_on(tier.remove_salt("t")).unwrap(),
         1
     );
-}
-
-/// Mirrors a tier's index from its residency reports.
-#[derive(Default)]
-struct Mirror(parking_lot::Mutex<std::collections::BTreeSet<ChunkKey>>);
-
-impl ResidencyObserver for Mirror {
-    fn stored(&self, info: &ChunkInfo) {
-        assert!(
-            self.0.lock().insert(info.key),
-            "stored twice without a removal"
-        );
-    }
-    fn removed(&self, keys: &[ChunkKey]) {
-        let mut m = self.0.lock();
-        for k in keys {
-            assert!(m.remove(k), "removed a key never reported stored");
-        }
-    }
 }
 
 /// The mirror holds exactly the keys a read hits (reads also refresh the LRU order; no
