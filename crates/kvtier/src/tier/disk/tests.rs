@@ -4,8 +4,8 @@ use super::*;
 use crate::chunk::{checksum, ChunkInfo};
 use crate::keys::{ModelIdentity, Origin};
 use crate::layout::{Dtype, KvLayout};
-use crate::tier::{CpuTier, CpuTierOptions, ResidencyChange, ResidencyLog};
 use crate::tier::residency::Mirror;
+use crate::tier::{CpuTier, CpuTierOptions, ResidencyChange, ResidencyLog};
 
 fn origin(salt: Option<&str>) -> Arc<Origin> {
     Arc::new(Origin {
