@@ -7,7 +7,7 @@
 #   5. runs the vLLM scenarios (e2e/vllm_e2e.py) and prints "N passed, M failed".
 # Env: KVE2E_CACHE (venv cache), KVE2E_WORK (scratch dir), KVE2E_WHEEL (use this
 # wheel instead of building), KVE2E_TOKENS (prompt length, default 8192), KVE2E_SUITES
-# (scenario groups, default llama,mla; also mla_tp, fp8; see e2e/vllm_e2e.py),
+# (scenario groups, default all of them, fp8 only on AVX-512/AMX CPUs; see e2e/vllm_e2e.py),
 # CARGO_TARGET_DIR (default target/ of the repo), KVE2E_PROFILE (release, the default, or
 # dev: CI builds the wheel and binary in the dev profile to reuse `cargo test`'s artifacts).
 set -euo pipefail

@@ -2,7 +2,8 @@
 
 Usage: vllm_case.py SPEC.json RESULT.json. SPEC: {"model", "connector": "none"|"kvtier"|
 "example", "extra": {...}, "engine_id", "prompts": {name: [token ids]}, "steps": [[label,
-prompt name, max_tokens(, {"kv_transfer_params": {...}})], ...], "kv_role", "keys_of": prompt name or null, "llm": {extra LLM(...)
+prompt name or a list of names (one batch: vLLM schedules them together), max_tokens(,
+{"kv_transfer_params": {...}})], ...], "kv_role", "keys_of": prompt name or null, "llm": {extra LLM(...)
 keyword arguments, e.g. disable_hybrid_kv_cache_manager: false}, "logprobs": top-k or 0,
 "warmup": false to skip the warm-up, "kv_events": a loopback port to publish vLLM's KV events on,
 collected here and decoded with vLLM's own types}. RESULT: per step the token ids, the sampled tokens'
@@ -98,6 +99,20 @@ class EventSubscriber:
         return {"batches": self.batches, "decode_failures": self.decode_failures, "events": self.events}
 
 
+def request_result(name: str, out) -> dict:
+    """What a step records of one request's output."""
+    o = out.outputs[0]
+    return {
+        "prompt": name,
+        "tokens": list(o.token_ids),
+        "num_cached_tokens": out.num_cached_tokens,
+        "kv_transfer_params": getattr(out, "kv_transfer_params", None),
+        # The sampled token's logprob at each position: tiny random models often repeat
+        # one token, so equal tokens alone prove little.
+        "logprobs": [lp[t].logprob for t, lp in zip(o.token_ids, o.logprobs)] if o.logprobs else None,
+    }
+
+
 def main(spec_path: str, out_path: str) -> None:
     spec = json.load(open(spec_path))
     from vllm import LLM, SamplingParams
@@ -159,26 +174,16 @@ def main(spec_path: str, out_path: str) -> None:
         # KV events on: the index a router would consult for this request is everything
         # published before it (the step records how many events that was).
         seen = events.settle() if events is not None else None
+        names = name if isinstance(name, list) else [name]
         t0 = time.perf_counter()
-        out = llm.generate([{"prompt_token_ids": prompts[name]}], sp, use_tqdm=False)[0]
+        outs = llm.generate([{"prompt_token_ids": prompts[n]} for n in names], sp, use_tqdm=False)
         dt = time.perf_counter() - t0
-        steps.append(
-            {
-                "label": label,
-                "prompt": name,
-                "seconds": dt,
-                "tokens": list(out.outputs[0].token_ids),
-                "num_cached_tokens": out.num_cached_tokens,
-                "kv_transfer_params": getattr(out, "kv_transfer_params", None),
-                "events_before": seen,
-                # The sampled token's logprob at each position: tiny random models often
-                # repeat one token, so equal tokens alone prove little.
-                "logprobs": [lp[t].logprob for t, lp in zip(out.outputs[0].token_ids, out.outputs[0].logprobs)]
-                if out.outputs[0].logprobs
-                else None,
-            }
-        )
-        print(f"[case] {label}: {dt:.3f}s cached={out.num_cached_tokens}", flush=True)
+        per = [request_result(n, out) for n, out in zip(names, outs)]
+        if isinstance(name, list):  # a batch: one result per prompt
+            steps.append({"label": label, "prompt": names, "seconds": dt, "batch": per, "events_before": seen})
+        else:
+            steps.append(dict(per[0], label=label, seconds=dt, events_before=seen))
+        print(f"[case] {label}: {dt:.3f}s cached={[r['num_cached_tokens'] for r in per]}", flush=True)
     result = {"steps": steps}
     if events is not None:
         result["kv_events"] = events.close()

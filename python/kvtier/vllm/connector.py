@@ -14,6 +14,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.logger import init_logger
 
+from .groups import kv_groups
 from .metadata import KvTierConnectorMetadata
 from .scheduler import SchedulerSide
 from .settings import ConnectorSettings
@@ -45,6 +46,16 @@ class KvTierConnector(KVConnectorBase_V1):
     ):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         settings = ConnectorSettings.from_vllm(vllm_config)
+        model = str(getattr(getattr(vllm_config, "model_config", None), "model", "?"))
+        # Group kinds kvtier cannot store fail here, naming the model and the group.
+        groups = kv_groups(kv_cache_config, model)
+        if len(groups) > 1:
+            raise ValueError(
+                f"kvtier connector: model {model} has {len(groups)} KV-cache groups "
+                f"({', '.join(g.kind for g in groups)}): the hybrid KV cache manager is on, which this "
+                "connector does not support yet; start vLLM with --disable-hybrid-kv-cache-manager "
+                "(disable_hybrid_kv_cache_manager=True)"
+            )
         self.scheduler_side: SchedulerSide | None = None
         self.worker_side: WorkerSide | None = None
         # Wall time inside this role's hooks (the cost kvtier adds to vLLM's steps).

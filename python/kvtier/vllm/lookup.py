@@ -63,11 +63,14 @@ def unpack_tokens(payload: bytes) -> list[int]:
 class LookupServer:
     """Answers the scheduler's lookups from a worker's embedded engine (daemon threads: one
     accepting, one per connection). Requests are ``(op, payload, salt)``, answers
-    ``("ok", value)`` or ``("err", message)``."""
+    ``("ok", value)`` or ``("err", message)``. ``before`` runs before every question about
+    the engine's contents (the worker waits there for its stores in flight)."""
 
-    def __init__(self, engine: Any, path: str, key: bytes, info: Callable[[], dict] | None = None):
+    def __init__(self, engine: Any, path: str, key: bytes, info: Callable[[], dict] | None = None,
+                 before: Callable[[], None] | None = None):
         self.engine = engine
         self.info = info or dict
+        self.before = before
         self.path = path
         if os.path.exists(path):
             os.unlink(path)
@@ -89,6 +92,8 @@ class LookupServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _answer(self, op: str, payload: Any, salt: str | None) -> Any:
+        if self.before is not None and op in ("lookup", "lookup_detail", "stats", "flush"):
+            self.before()
         if op == "lookup":
             return self.engine.lookup(unpack_tokens(payload), salt)
         if op == "lookup_detail":

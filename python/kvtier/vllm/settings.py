@@ -37,6 +37,7 @@ CONNECTOR_KEYS = {
     "arbitration_chunk_ms",
     "pd_wait_s",
     "server_kv_events",
+    "async_store",
 }
 
 #: vLLM's kv_role values: a prefill instance stores (and hands the stored length to the
@@ -86,6 +87,7 @@ class ConnectorSettings:
     prior_chunk_s: float = 0.001  # "always": seconds per chunk load until measured
     kv_role: str = "kv_both"  # vLLM's kv_role (prefill/decode disaggregation)
     pd_wait_s: float = 5.0  # consumer: how long to wait for a producer's chunks to appear
+    async_store: bool = True  # embedded kv_both, pinned staging: stores finish behind the next steps
 
     @property
     def chunk_tokens(self) -> int:
@@ -99,6 +101,16 @@ class ConnectorSettings:
         keeps tails (``save_unfull_chunk``: set here for embedded engines, the server's
         config in server mode)."""
         return self.kv_role != "kv_both"
+
+    @property
+    def stores_in_background(self) -> bool:
+        """Whether a step's stores run behind the following steps: embedded engines only
+        (their worker answers the lookups and waits for its stores first, so a stored
+        prefix is never missed), not for a prefill instance (its store must land before
+        the response), and only from a staging buffer (the pool's claimed buffers are
+        committed in place). With KV events on the worker still stores inside the step,
+        so the step's events announce what it stored."""
+        return self.async_store and not self.server_mode and self.kv_role == "kv_both" and self.staging == "pinned"
 
     @property
     def server_mode(self) -> bool:
@@ -144,6 +156,7 @@ class ConnectorSettings:
             prior_chunk_s=float(conn.get("arbitration_chunk_ms", 1.0)) / 1000.0,
             kv_role=str(getattr(vllm_config.kv_transfer_config, "kv_role", None) or "kv_both"),
             pd_wait_s=float(conn.get("pd_wait_s", 5.0)),
+            async_store=flag(conn.get("async_store", True)),
         )
         if s.kv_role not in ROLES:
             raise ValueError(f"kvtier connector: kv_role must be one of {ROLES}, got {s.kv_role!r}")

@@ -105,6 +105,11 @@ class WorkerSide:
         self._xfer_pool: concurrent.futures.ThreadPoolExecutor | None = None  # loads
         self._inflight_load: _InflightLoad | None = None
         self._save_plan: _SavePlan | None = None
+        # Stores behind the forward passes (settings.stores_in_background): one step's at a
+        # time; its staging buffers are reused only once it is done.
+        self._store_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._inflight_store: concurrent.futures.Future | None = None
+        self._store_lock = threading.Lock()
         self._events: WorkerEvents | None = None  # KV events on: the tiers' changes as vLLM events
         self._server_events = None  # server mode with events: the server's stream, followed
         # For the scheduler's load-vs-recompute arbitration, drained with each step's stats:
@@ -168,6 +173,7 @@ class WorkerSide:
                 socket_path(self._s.lookup_socket_dir, self._s.engine_id, rank),
                 authkey(self._s.engine_id),
                 info=self.info,
+                before=self.join_stores,
             )
         logger.info(
             "kvtier connector: %d layers, %s layout, block %s %s on %s, %d bytes/token, staging %s; %r",
@@ -348,6 +354,7 @@ class WorkerSide:
     # -- saves -----------------------------------------------------------------------------
 
     def _plan_saves(self, meta: KvTierConnectorMetadata) -> _SavePlan:
+        self.join_stores()  # the previous step's store still reads the staging buffers
         items, plans = [], []
         if self._pool is not None:
             for sp in meta.saves:
@@ -429,18 +436,43 @@ class WorkerSide:
             return
         self.stats["layers_staged_late"] += len(late)
         t0 = time.perf_counter()
-        for it in plan.items:
-            if self._events is not None:  # before the store reports its chunks
+        if self._events is not None:
+            for it in plan.items:  # before the store reports their chunks
                 self._events.learn(it.spec.tokens, it.spec.salt, it.spec.block_hashes)
+        if self._s.stores_in_background and self._events is None:
+            # The payloads are staged (host copies done): the store (a copy into L1 and
+            # its checksum) runs behind the next steps. Lookups on this worker, a flush and
+            # the next step's saves wait for it, so no stored prefix is ever missed. With
+            # KV events on, the store lands in this step, so this step's events announce it.
+            if self._store_pool is None:
+                self._store_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtier-store")
+            with self._store_lock:
+                self._inflight_store = self._store_pool.submit(self._store_items, plan.items)
+        else:
+            self._store_items(plan.items)
+        self.hook_times.add("wait_for_save.store", time.perf_counter() - t0, part=True)
+
+    def _store_items(self, items: list[_SaveItem]) -> None:
+        """Stores staged saves (pinned staging) or commits claimed L1 buffers (pool)."""
+        saved = 0
+        for it in items:
             try:
                 if it.claim is not None:
                     rep = it.claim.commit()
                 else:
                     rep = self.engine.store(it.spec.tokens, it.payload, it.spec.salt)
-                self.stats["saved_tokens"] += min(rep["new_chunks"] * self._s.chunk_tokens, len(it.spec.tokens))
+                saved += min(rep["new_chunks"] * self._s.chunk_tokens, len(it.spec.tokens))
             except Exception as e:  # a failed save only costs a future hit
                 logger.warning("kvtier save of %s failed: %s", it.spec.req_id, e)
-        self.hook_times.add("wait_for_save.store", time.perf_counter() - t0, part=True)
+        with self._obs_lock:
+            self.stats["saved_tokens"] += saved
+
+    def join_stores(self) -> None:
+        """Waits for the stores running in the background (none: returns at once)."""
+        with self._store_lock:
+            fut = self._inflight_store
+        if fut is not None:
+            fut.result()  # _store_items handles its own errors
 
     def _open_events(self) -> WorkerEvents | None:
         """KV events on: the engine's own tiers report; in server mode the server's event
@@ -481,6 +513,12 @@ class WorkerSide:
         except Exception:
             pass
         self._abort_saves()
+        try:
+            self.join_stores()
+        except Exception:
+            pass
+        if self._store_pool is not None:
+            self._store_pool.shutdown(wait=True)
         if self._server_events is not None:
             self._server_events.close()
         if self._xfer_pool is not None:

@@ -1,0 +1,124 @@
+"""vLLM's KV-cache groups as kvtier stores them.
+
+With the hybrid KV cache manager (HMA) on, vLLM gives each kind of attention its own group
+of layers with its own block table: full-attention layers keep a block for every token,
+sliding-window layers only those of the last ``window`` tokens (the earlier ones are
+vLLM's null block). kvtier keeps one identity per group (the layout tag names the group,
+its kind and its layers, so the groups' keys never meet) and, for a sliding-window group,
+only the chunks a hit needs: the window before a hit boundary. A prefix hit of ``b``
+tokens is usable only when every full-attention group holds the chunks before ``b`` and
+every sliding-window group holds those of its window before ``b`` (:func:`hybrid_hit`).
+
+Group types kvtier cannot store (recurrent state of Mamba/linear attention, chunked local
+attention, cross attention, ...) fail at start-up with the model and group named: never
+wrong KV."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Sequence
+
+#: The layout tag of a model with one KV-cache group (every layer, every token).
+LAYER_MAJOR = "layer-major"
+
+
+@dataclasses.dataclass(frozen=True)
+class KvGroup:
+    """One vLLM KV-cache group: its index, kind, window and layers (vLLM's names)."""
+
+    index: int
+    count: int  # groups of the model
+    kind: str  # "full" or "sliding"
+    window: int  # tokens a sliding-window layer attends to (0: full attention)
+    layer_names: tuple[str, ...]
+
+    @property
+    def sliding(self) -> bool:
+        """Whether only the window before a hit boundary is stored and loaded."""
+        return self.kind == "sliding"
+
+    def layout_tag(self) -> str:
+        """The identity's layout tag: the default for a single group; otherwise it names the
+        group and the model layers it holds, so each group has keys of its own."""
+        if self.count == 1 and not self.sliding:
+            return LAYER_MAJOR
+        layers = ",".join(str(layer_number(n)) for n in self.layer_names)
+        kind = f"sliding{self.window}" if self.sliding else "full"
+        return f"{LAYER_MAJOR};kv-group={self.index}/{self.count};{kind};layers={layers}"
+
+    def window_start(self, boundary: int, chunk: int) -> int:
+        """The first chunk a hit ending at token ``boundary`` needs from this group: 0 for
+        full attention; for a sliding window, the chunk holding token ``boundary - window``
+        (vLLM keeps the last ``window - 1`` tokens' blocks before a hit boundary)."""
+        if not self.sliding:
+            return 0
+        return max(0, boundary - self.window) // chunk
+
+
+def layer_number(name: str) -> int:
+    """The layer index in a vLLM layer name (``model.layers.12.self_attn.attn`` -> 12)."""
+    m = re.search(r"layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else 0
+
+
+def kv_groups(kv_cache_config: Any, model: str) -> list[KvGroup]:
+    """The model's KV-cache groups (one full-attention group when vLLM gives no config).
+    ValueError naming the model and the group for a kind kvtier cannot store."""
+    groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
+    if not groups:
+        return [KvGroup(0, 1, "full", 0, ())]
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, SlidingWindowSpec
+
+    try:
+        from vllm.v1.kv_cache_interface import UniformTypeKVCacheSpecs
+    except ImportError:  # pragma: no cover - older vLLM
+        UniformTypeKVCacheSpecs = ()
+    out = []
+    for i, g in enumerate(groups):
+        spec = g.kv_cache_spec
+        if UniformTypeKVCacheSpecs and isinstance(spec, UniformTypeKVCacheSpecs):
+            spec = spec.first_spec
+        names = tuple(sorted(g.layer_names, key=lambda n: (layer_number(n), n)))
+        if isinstance(spec, SlidingWindowSpec):
+            out.append(KvGroup(i, len(groups), "sliding", int(spec.sliding_window), names))
+        elif isinstance(spec, FullAttentionSpec):
+            # A block for every prompt token (MLA, sinks too). With HMA off a sliding-window
+            # layer is one of these: it keeps every token (spec.sliding_window is only a note
+            # for the model runner).
+            out.append(KvGroup(i, len(groups), "full", 0, names))
+        else:
+            raise ValueError(
+                f"kvtier connector: model {model}: KV-cache group {i} ({type(spec).__name__}, layers "
+                f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}) is not supported: kvtier stores "
+                "full-attention and sliding-window attention KV only (not recurrent/Mamba state, chunked "
+                "local or cross attention). Serve this model without the kvtier connector"
+            )
+    return out
+
+
+def hybrid_hit(groups: Sequence[KvGroup], lookup: Callable[[KvGroup, int, int], int], n_tokens: int,
+               chunk: int) -> int:
+    """The longest chunk-aligned prefix, at most ``n_tokens`` long, that every group can
+    load: ``lookup(group, boundary, first_chunk)`` answers how far (absolute token) the
+    group's stored chunks run contiguously from ``first_chunk`` within the first
+    ``boundary`` tokens. Full-attention groups bound the hit from the start of the prompt;
+    each sliding-window group then needs the chunks of its window before the boundary,
+    which only exist where a stored prompt ended, so boundaries are tried from the longest
+    down."""
+    b = (n_tokens // chunk) * chunk
+    for g in groups:
+        if not g.sliding and b > 0:
+            b = min(b, (lookup(g, b, 0) // chunk) * chunk)
+    while b > 0:
+        short = None
+        for g in groups:
+            if g.sliding:
+                got = lookup(g, b, g.window_start(b, chunk))
+                if got < b:
+                    short = got
+                    break
+        if short is None:
+            return b
+        b -= chunk
+    return 0

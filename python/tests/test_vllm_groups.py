@@ -1,0 +1,143 @@
+"""vLLM's KV-cache groups as kvtier stores them (python/kvtier/vllm/groups.py): which group
+kinds are accepted, the per-group layout tags, and the hit every group can load."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace as NS
+
+import pytest
+
+pytest.importorskip("vllm")
+torch = pytest.importorskip("torch")
+
+from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, SlidingWindowSpec  # noqa: E402
+
+from kvtier.vllm.groups import LAYER_MAJOR, KvGroup, hybrid_hit, kv_groups  # noqa: E402
+
+C = 16  # tokens per chunk
+
+
+def full_spec():
+    return FullAttentionSpec(block_size=C, num_kv_heads=2, head_size=8, dtype=torch.float32)
+
+
+def sliding_spec(window):
+    return SlidingWindowSpec(block_size=C, num_kv_heads=2, head_size=8, dtype=torch.float32, sliding_window=window)
+
+
+def config(*specs_and_layers):
+    return NS(kv_cache_groups=[NS(kv_cache_spec=s, layer_names=list(ls)) for s, ls in specs_and_layers])
+
+
+def names(*idx):
+    return [f"model.layers.{i}.self_attn.attn" for i in idx]
+
+
+def test_a_single_full_attention_group_keeps_the_default_layout_tag():
+    (g,) = kv_groups(config((full_spec(), names(0, 1, 2))), "m")
+    assert not g.sliding and g.layout_tag() == LAYER_MAJOR and g.window_start(1000, C) == 0
+    # No config from vLLM (older versions, tests): one full-attention group.
+    (g,) = kv_groups(None, "m")
+    assert g.layout_tag() == LAYER_MAJOR
+
+
+def test_hybrid_groups_get_tags_of_their_own_that_name_their_layers():
+    gs = kv_groups(config((full_spec(), names(5)), (sliding_spec(64), names(3, 0)), (sliding_spec(64), names(1, 4))), "m")
+    assert [g.kind for g in gs] == ["full", "sliding", "sliding"]
+    assert [g.window for g in gs] == [0, 64, 64]
+    assert gs[1].layer_names == tuple(names(0, 3))  # model order
+    tags = [g.layout_tag() for g in gs]
+    assert len(set(tags)) == 3 and all(t.startswith(LAYER_MAJOR + ";kv-group=") for t in tags)
+    assert tags[1] == "layer-major;kv-group=1/3;sliding64;layers=0,3"
+
+
+def test_unsupported_group_kinds_fail_naming_the_model_and_the_group():
+    mamba = MambaSpec(block_size=C, shapes=((2, 2),), dtypes=(torch.float32,))
+    with pytest.raises(ValueError, match=r"model tiny-jamba: KV-cache group 1 \(MambaSpec"):
+        kv_groups(config((full_spec(), names(0)), (mamba, names(1))), "tiny-jamba")
+
+
+def test_window_start_is_the_chunk_of_the_first_token_the_window_needs():
+    g = KvGroup(1, 2, "sliding", 40, ())
+    assert g.window_start(160, C) == (160 - 40) // C == 7
+    assert g.window_start(32, C) == 0
+
+
+class Store:
+    """What each group holds: chunk indexes per group (keys are prefix keys, so a chunk
+    stands for its whole prefix)."""
+
+    def __init__(self, groups):
+        self.groups = groups
+        self.held = {g.index: set() for g in groups}
+
+    def save(self, n_tokens, chunk=C):
+        """The connector's save of a prompt's full chunks: every chunk for full attention,
+        the window before the prompt's last possible hit boundaries for a sliding window."""
+        end = n_tokens // chunk
+        usable = ((n_tokens - 1) // chunk) * chunk
+        for g in self.groups:
+            first = g.window_start(usable, chunk)
+            self.held[g.index] |= set(range(first, end))
+
+    def lookup(self, g, boundary, first):
+        i = first
+        while i < boundary // C and i in self.held[g.index]:
+            i += 1
+        return i * C
+
+
+def test_hybrid_hit_on_a_repeated_prompt_and_on_a_longer_one():
+    gs = [KvGroup(0, 2, "full", 0, ()), KvGroup(1, 2, "sliding", 40, ())]
+    st = Store(gs)
+    st.save(200)  # 12 full chunks
+    # The repeat: every full chunk before the last token.
+    assert hybrid_hit(gs, st.lookup, 199, C) == 192
+    # A longer prompt sharing the first 200 tokens (the next turn of a conversation).
+    assert hybrid_hit(gs, st.lookup, 500, C) == 192
+    # A prompt sharing only its first 100 tokens: the full group holds 6 chunks, but no
+    # window ends there, so nothing can be loaded (never a hit the sliding layers lack).
+    assert hybrid_hit(gs, st.lookup, 96, C) == 0
+
+
+def test_hybrid_hit_falls_back_to_an_earlier_boundary_whose_window_is_stored():
+    gs = [KvGroup(0, 2, "full", 0, ()), KvGroup(1, 2, "sliding", 40, ())]
+    st = Store(gs)
+    st.save(97)  # turn 1: windows before 96 and 80
+    st.save(300)  # turn 2 extends turn 1
+    st.held[1] -= {17}  # a chunk of turn 2's window is gone (evicted)
+    assert hybrid_hit(gs, st.lookup, 299, C) == 96
+
+
+def test_hybrid_hit_matches_a_brute_force_model():
+    rng = random.Random(5)
+    for _ in range(300):
+        window = rng.choice([16, 40, 64])
+        gs = [KvGroup(0, 3, "full", 0, ()), KvGroup(1, 3, "sliding", window, ()), KvGroup(2, 3, "sliding", window, ())]
+        st = Store(gs)
+        for _ in range(rng.randrange(0, 4)):
+            st.save(rng.randrange(1, 400))
+        for g in gs:  # random evictions
+            st.held[g.index] -= {i for i in list(st.held[g.index]) if rng.random() < 0.1}
+        n = rng.randrange(1, 400)
+        want = 0
+        for b in range(C, (n // C) * C + 1, C):
+            ok = all(all(i in st.held[g.index] for i in range(g.window_start(b, C), b // C)) for g in gs)
+            if ok:
+                want = b
+        assert hybrid_hit(gs, st.lookup, n, C) == want
+
+
+def test_the_connector_refuses_unsupported_groups_and_hybrid_configs_at_start_up():
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from kvtier.vllm import KvTierConnector
+    from test_vllm_connector import make_config
+
+    vc = make_config({"kvtier.max_local_cpu_size": 0.01, "kvtier.local_cpu_huge_pages": False}, "groups-test")
+    mamba = MambaSpec(block_size=C, shapes=((2, 2),), dtypes=(torch.float32,))
+    with pytest.raises(ValueError, match=r"model test/tiny: KV-cache group 0 \(MambaSpec"):
+        KvTierConnector(vc, KVConnectorRole.SCHEDULER, config((mamba, names(0))))
+    with pytest.raises(ValueError, match="2 KV-cache groups .*disable-hybrid-kv-cache-manager"):
+        KvTierConnector(vc, KVConnectorRole.SCHEDULER, config((full_spec(), names(0)), (sliding_spec(64), names(1))))
