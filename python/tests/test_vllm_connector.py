@@ -893,7 +893,7 @@ class GatedStores:
 
 
 def test_stores_run_behind_the_step_and_lookups_wait_for_them(tmp_path):
-    """Embedded kv_both with a staging buffer: wait_for_save hands the staged payloads to a
+    """Embedded kv_both with a staging buffer (the default): wait_for_save hands the staged payloads to a
     background store and returns; a lookup through the worker's socket waits for that
     store (no stored prefix is missed), and the next step's saves wait before reusing the
     staging buffers, so the second prompt is stored intact."""
@@ -946,10 +946,16 @@ def _run_step_unjoined(conn, caches, meta):
     conn.clear_connector_metadata()
 
 
-@pytest.mark.parametrize("extra", [{"async_store": False}, {"staging": "pool"}])
+@pytest.mark.parametrize("extra", [{"async_store": False}, {"staging": "pool"}, {"kv_events": True}])
 def test_stores_finish_inside_wait_for_save_when_not_in_the_background(tmp_path, extra):
+    """Turned off, with the pool's buffers committed in place, and with KV events on (a
+    step's events announce what the step stored)."""
+    events = extra.pop("kv_events", False)
     cfg = dict(max_local_cpu_size=0.01, local_cpu_huge_pages=False, lookup_socket_dir=str(tmp_path), **extra)
-    conn = KvTierConnector(make_config(cfg, "fg"), KVConnectorRole.WORKER, NS(num_blocks=NB))
+    vc = make_config(cfg, "fg")
+    if events:
+        vc.kv_events_config = NS(enable_kv_cache_events=True)
+    conn = KvTierConnector(vc, KVConnectorRole.WORKER, NS(num_blocks=NB))
     caches = {n: torch.randn(NB, H, BS, 2 * D) for n in NAMES}
     conn.register_kv_caches(caches)
     try:

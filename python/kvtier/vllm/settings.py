@@ -108,8 +108,7 @@ class ConnectorSettings:
         (their worker answers the lookups and waits for its stores first, so a stored
         prefix is never missed), not for a prefill instance (its store must land before
         the response), and only from a staging buffer (the pool's claimed buffers are
-        committed in place). With KV events on the worker still stores inside the step,
-        so the step's events announce what it stored."""
+        committed in place)."""
         return self.async_store and not self.server_mode and self.kv_role == "kv_both" and self.staging == "pinned"
 
     @property

@@ -110,6 +110,7 @@ class WorkerSide:
         self._store_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._inflight_store: concurrent.futures.Future | None = None
         self._store_lock = threading.Lock()
+        self._background_stores = False  # decided once the caches (and their device) are known
         self._events: WorkerEvents | None = None  # KV events on: the tiers' changes as vLLM events
         self._server_events = None  # server mode with events: the server's stream, followed
         # For the scheduler's load-vs-recompute arbitration, drained with each step's stats:
@@ -167,6 +168,8 @@ class WorkerSide:
             self._save_staging = HostStaging(first.dtype, pin=cuda)
         if events_enabled(self._vllm_config):
             self._events = self._open_events()
+        # With KV events on, a step's stores land in the step, so its events announce them.
+        self._background_stores = self._s.stores_in_background and self._events is None
         if not self._s.server_mode:
             self._lookup_server = LookupServer(
                 self.engine,
@@ -439,7 +442,7 @@ class WorkerSide:
         if self._events is not None:
             for it in plan.items:  # before the store reports their chunks
                 self._events.learn(it.spec.tokens, it.spec.salt, it.spec.block_hashes)
-        if self._s.stores_in_background and self._events is None:
+        if self._background_stores:
             # The payloads are staged (host copies done): the store (a copy into L1 and
             # its checksum) runs behind the next steps. Lookups on this worker, a flush and
             # the next step's saves wait for it, so no stored prefix is ever missed. With
