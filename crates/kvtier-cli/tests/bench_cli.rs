@@ -254,11 +254,85 @@ fn l1_sweep_reports_a_ratio_per_size_and_round_for_both_checksum_paths() {
 }
 
 #[test]
+fn chunk_size_sweep_reports_every_size_per_round_against_its_baselines() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvtier"))
+        .args([
+            "bench",
+            "chunk-size",
+            "--model",
+            "tiny",
+            "--chunk-sizes",
+            "64,16,256",
+        ])
+        .args([
+            "--reps",
+            "2",
+            "--l1-gb",
+            "0.02",
+            "--doc-tokens",
+            "1024",
+            "--json",
+        ])
+        .env_remove("KVTIER_CONFIG_FILE")
+        .output()
+        .expect("running kvtier");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kvtier failed: {stderr}");
+    let json: Value =
+        serde_json::from_slice(&out.stdout).expect("stdout must be exactly one JSON object");
+    assert_eq!(json["workload"], "chunk-size");
+    assert_eq!(json["reference_chunk_tokens"], 256);
+    assert_eq!(json["call_tokens"], 1024, "{json}");
+    let points = json["points"].as_array().expect("points");
+    let sizes: Vec<u64> = points
+        .iter()
+        .map(|p| p["chunk_tokens"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, [64, 16, 256], "{json}");
+    for p in points {
+        let cs = p["chunk_tokens"].as_f64().unwrap();
+        assert_eq!(p["chunks_per_lookup"].as_f64().unwrap(), 131072.0 / cs);
+        assert_eq!(p["lost_tokens_per_hit"].as_f64().unwrap(), cs / 2.0);
+        assert_eq!(
+            p["lost_fraction_short"].as_f64().unwrap(),
+            cs / 2.0 / 1024.0
+        );
+        for key in [
+            "lookup_us",
+            "keys_us",
+            "memcpy_gbps",
+            "store_gbps",
+            "retrieve_gbps",
+        ] {
+            let v = p[key].as_array().unwrap_or_else(|| panic!("{key}: {p}"));
+            assert_eq!(v.len(), 2, "one figure per round: {p}");
+            assert!(v.iter().all(|x| x.as_f64().unwrap() > 0.0), "{key}: {p}");
+        }
+        for key in [
+            "lookup_vs_reference",
+            "keys_vs_reference",
+            "store_vs_memcpy",
+            "retrieve_vs_memcpy",
+        ] {
+            let s = &p[key];
+            let (lo, mid, hi) = (
+                s["min"].as_f64().unwrap(),
+                s["median"].as_f64().unwrap(),
+                s["max"].as_f64().unwrap(),
+            );
+            assert!(0.0 < lo && lo <= mid && mid <= hi, "{key}: {p}");
+        }
+    }
+    // The reference size is its own baseline.
+    assert_eq!(points[2]["lookup_vs_reference"]["median"], 1.0);
+}
+
+#[test]
 fn plot_is_refused_by_workloads_that_do_not_draw() {
     let dir = std::env::temp_dir().join(format!("kvtier-plot-refused-{}", std::process::id()));
     let disk_dir = dir.join("disk");
     let plot_dir = dir.join("plots");
-    for workload in ["disk", "remote", "l1"] {
+    for workload in ["disk", "remote", "l1", "chunk-size"] {
         let (ok, _, stderr) = kvtier(
             &[
                 "bench",

