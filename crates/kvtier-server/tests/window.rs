@@ -91,7 +91,7 @@ fn a_window_stored_by_one_client_is_found_and_read_by_others() {
     assert!(tcp.store_from(&t, None, 7, &[]).is_err());
     assert!(b.retrieve_from(&t, None, 9, &mut []).is_err());
     let short = b
-        .retrieve_from(&t, None, 3, &mut vec![0u8; 10])
+        .retrieve_from(&t, None, 3, &mut [0u8; 10])
         .unwrap_err()
         .to_string();
     assert!(short.contains("from chunk 3 (token 48) on"), "{short}");

@@ -2,11 +2,22 @@
 //! `kvtier serve` server, so callers (benchmarks, Python bindings, connectors) switch between
 //! them by configuration.
 //!
-//! The `*_from` operations are the windowed forms: they address only chunks `first_chunk..`
-//! of a prompt (a sliding-window layer group's share of it), with payloads laid out from
-//! chunk `first_chunk`'s first token and results in absolute token positions; see the
-//! [`engine`](crate::engine) module docs. The whole-prompt operations are their
-//! `first_chunk` 0 case.
+//! # Windowed operations
+//!
+//! The `*_from` operations (here and on [`Engine`](crate::Engine)) address only chunks
+//! `first_chunk..` of a prompt: what a sliding-window attention layer group needs of a long
+//! prompt. Keys stay the chained prefix keys (chunk `i`'s key commits to every token before
+//! it), so the whole prompt is still passed; only the chunks addressed, and the payload,
+//! change. A windowed payload (or output buffer) starts at chunk `first_chunk`'s first token,
+//! the *window start* `w` ([`KeySpace::window_start`](crate::keys::KeySpace::window_start)):
+//! chunk `i` occupies bytes `(start_i - w) * B .. (end_i - w) * B`, `B` the bytes per token.
+//! Token counts in the results stay absolute prompt positions: `hit_tokens` /
+//! `stored_tokens` are the token where the contiguous run of chunks starting at
+//! `first_chunk` ends, and equal `w` when that run is empty (`hit_chunks` tells; the window
+//! tokens found are `hit_tokens - w`). The whole-prompt operations are the
+//! `first_chunk` 0 case (`w` = 0). `first_chunk` may equal the prompt's chunk count (an empty
+//! window starting at the end of the chunked tokens); beyond that the call fails with
+//! [`Error::InvalidInput`](crate::Error::InvalidInput) before anything is hashed or sent.
 
 use std::time::Duration;
 

@@ -6,19 +6,9 @@
 //! payload is layer-major.
 //!
 //! Every operation over a prompt also has a *windowed* form (`lookup_from`, `store_from`,
-//! `retrieve_from`, `begin_store_from`, `acquire_from`) that addresses only chunks
-//! `first_chunk..` of it: what a sliding-window attention layer group needs of a long
-//! prompt. Keys stay the chained prefix keys (chunk `i`'s key commits to every token before
-//! it), so the whole prompt is still passed; only the chunks addressed, and the payload,
-//! change. A windowed payload starts at chunk `first_chunk`'s first token (the *window
-//! start*, [`KeySpace::window_start`]): chunk `i` occupies bytes `(start_i - w) * B ..
-//! (end_i - w) * B` where `w` is that token. Token counts in the results stay absolute
-//! prompt positions: `hit_tokens` / `stored_tokens` are the token where the contiguous run of
-//! chunks starting at `first_chunk` ends, and equal `w` when that run is empty (so
-//! `hit_tokens - w` is the number of window tokens found, and at `first_chunk` 0 the numbers
-//! are those of the whole-prompt operation, which is that case). `first_chunk` may equal the
-//! prompt's chunk count (an empty window); beyond that the call fails with
-//! [`Error::InvalidInput`].
+//! `retrieve_from`, `begin_store_from`, `acquire_from`, `lookup_keys_from`) that addresses
+//! only chunks `first_chunk..` of it; the whole-prompt operation is its `first_chunk` 0 case.
+//! Payload layout and result semantics: [`crate::api`].
 //!
 //! ```
 //! use kvtier::{Engine, EngineConfig};
@@ -37,6 +27,12 @@
 //! let mut out = vec![0u8; kv.len()];
 //! assert_eq!(engine.retrieve(&tokens, None, &mut out).unwrap().hit_tokens, 32);
 //! assert_eq!(&out[..32 * engine.bytes_per_token()], &kv[..32 * engine.bytes_per_token()]);
+//! // Chunk 1 on only (a window starting at token 16): its bytes start at out_w[0].
+//! let bpt = engine.bytes_per_token();
+//! assert_eq!(engine.lookup_from(&tokens, None, 1).unwrap().hit_chunks, 1);
+//! let mut out_w = vec![0u8; (40 - 16) * bpt];
+//! assert_eq!(engine.retrieve_from(&tokens, None, 1, &mut out_w).unwrap().hit_tokens, 32);
+//! assert_eq!(&out_w[..16 * bpt], &kv[16 * bpt..32 * bpt]);
 //! ```
 
 mod assembly;
@@ -145,7 +141,7 @@ pub struct Acquired {
     pub tiers: Vec<usize>,
 }
 
-/// The chunks a windowed operation addresses (see the module docs).
+/// The chunks a windowed operation addresses (see [`crate::api`]).
 struct Window {
     /// First token of the window: where its payload's byte 0 lies in the prompt.
     start: usize,
@@ -386,7 +382,7 @@ impl Engine {
 
     /// How many contiguous chunks starting at chunk `first_chunk` of the prompt are stored,
     /// over all tiers. `hit_chunks` counts from `first_chunk`; `hit_tokens` is the absolute
-    /// token where that run ends (the window start when it is empty; see the module docs).
+    /// token where that run ends (the window start when it is empty; see [`crate::api`]).
     pub fn lookup_from(
         &self,
         tokens: &[u32],
@@ -517,7 +513,7 @@ impl Engine {
     /// dedupe and no-memory rules. `payload` starts at chunk `first_chunk`'s first token
     /// (chunk `first_chunk`'s payload at offset 0) and covers at least the chunked tokens
     /// from there. `stored_tokens` is the absolute token where the stored run ends (the
-    /// window start when nothing from it is stored; see the module docs).
+    /// window start when nothing from it is stored; see [`crate::api`]).
     pub fn store_from(
         &self,
         tokens: &[u32],
@@ -699,7 +695,7 @@ impl Engine {
     /// it into `out`, laid out like [`Engine::store_from`]'s payload (chunk `first_chunk` at
     /// offset 0); `out` must hold the chunked tokens from there. The run stops at the first
     /// chunk missing or corrupt (C4). `hit_tokens` is the absolute token where the copied
-    /// run ends (the window start when nothing was copied; see the module docs).
+    /// run ends (the window start when nothing was copied; see [`crate::api`]).
     pub fn retrieve_from(
         &self,
         tokens: &[u32],
