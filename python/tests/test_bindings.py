@@ -613,3 +613,99 @@ def test_acquire_holds_the_stored_prefix_in_place(small_cfg):
     miss = eng.acquire([1, 2, 3] * 20)
     assert miss.hit_tokens == 0 and miss.chunks == []
 
+
+
+# -- windows (first_chunk) and other identities (for_identity) ---------------------------
+
+SERVE_CFG = "chunk_size: 16\nmax_local_cpu_size: 0.0625\nlocal_cpu_huge_pages: false\n"
+
+
+def _sliding_identity(eng):
+    """The engine's identity with another layout tag and one layer: a sliding-window KV
+    group of the same model, as the vLLM connector would name it."""
+    ident = eng.identity()
+    group = dict(ident["layout"]["groups"][0], num_layers=1)
+    return dict(ident, layout=dict(ident["layout"], tag="sliding-window-512", groups=[group]))
+
+
+def _l1_chunks(eng):
+    return eng.stats()["tiers"][0]["usage"]["chunks"]
+
+
+def test_first_chunk_stores_and_reads_a_window(small_cfg):
+    eng = make(small_cfg)
+    bpt = eng.bytes_per_token
+    toks = list(range(2000, 2100))  # 6 full chunks (96 tokens) and a 4-token tail
+    raw = np.frombuffer(np.random.default_rng(9).bytes(100 * bpt), dtype=np.uint8)
+    w = 3 * 16  # chunk 3's first token: where the window's bytes start
+    rep = eng.store(toks, raw[w * bpt :], first_chunk=3)
+    assert rep["stored_tokens"] == 96 and rep["new_chunks"] == 3
+    assert eng.lookup(toks) == 0  # chunk 0 is absent: no prefix
+    assert eng.lookup(toks, first_chunk=3) == 96
+    assert eng.lookup(toks, first_chunk=2) == 32  # nothing from chunk 2: its first token
+    assert eng.lookup_detail(toks, first_chunk=3) == {
+        "hit_tokens": 96, "hit_chunks": 3, "tiers": [0, 0, 0], "start_token": 48}
+    assert eng.lookup_detail(toks, first_chunk=2)["hit_chunks"] == 0
+    assert eng.lookup_detail(toks)["start_token"] == 0
+    out = np.zeros((100 - w) * bpt, dtype=np.uint8)
+    assert eng.retrieve(toks, out, first_chunk=3) == 96
+    assert np.array_equal(out[: 48 * bpt], raw[w * bpt : 96 * bpt]) and not out[48 * bpt :].any()
+    with eng.acquire(toks, first_chunk=4) as held:
+        assert held.hit_tokens == 96
+        assert [(a, b) for a, b, _, _ in held.chunks] == [(64, 80), (80, 96)]
+        assert _read(held.chunks[0][2], 16 * bpt) == raw[64 * bpt : 80 * bpt].tobytes()
+    # A window of a longer prompt: only the chunks not stored yet are claimed.
+    longer = toks + list(range(5000, 5028))  # 8 chunks
+    s = eng.begin_store(longer, first_chunk=5)
+    assert [(a, b) for a, b, _, _ in s.slots] == [(96, 112), (112, 128)]
+    s.abort()
+    # The chunk count is an empty window; past it is an error; first_chunk is keyword-only.
+    assert eng.lookup(toks, first_chunk=6) == 96
+    with pytest.raises(kvtier.KvTierError, match="first_chunk 7 is past the 6 chunks"):
+        eng.lookup(toks, first_chunk=7)
+    with pytest.raises(kvtier.KvTierError, match="from chunk 3"):
+        eng.store(toks, raw, first_chunk=3)  # the whole prompt's bytes: not the window's
+    with pytest.raises(TypeError):
+        eng.lookup(toks, None, 3)
+
+
+def test_for_identity_shares_the_tiers_and_pool(small_cfg):
+    eng = make(small_cfg)
+    sw = eng.for_identity(_sliding_identity(eng))
+    assert sw.identity()["layout"]["tag"] == "sliding-window-512"
+    assert sw.bytes_per_token == eng.bytes_per_token // 2 and sw.chunk_size == eng.chunk_size
+    assert sw.pool_region() == eng.pool_region() and sw.server is None
+    toks = list(range(3000, 3064))
+    assert sw.chunk_keys(toks) != eng.chunk_keys(toks)  # the identity is in every key
+    before = _l1_chunks(eng)
+    kv = payload(sw, len(toks), seed=3)
+    assert sw.store(toks, kv)["new_chunks"] == 4
+    assert _l1_chunks(eng) == before + 4  # the parent's tiers hold them
+    assert sw.lookup(toks) == 64 and eng.lookup(toks) == 0
+    out = np.zeros_like(kv)
+    assert sw.retrieve(toks, out) == 64 and np.array_equal(out, kv)
+    with pytest.raises(ValueError, match="identity"):
+        eng.for_identity({"model_name": "x"})
+
+
+def test_server_mode_for_identity_and_windows(tmp_path):
+    with _served(tmp_path, SERVE_CFG) as sock:
+        a = kvtier.Engine({"server": f"unix:{sock}"}, model="test/model", **SHAPE)
+        sw = a.for_identity(_sliding_identity(a))
+        assert sw.server == a.server and sw.bytes_per_token == 64
+        reader = kvtier.Engine({"server": str(sock)}, identity=_sliding_identity(a))
+        bpt = sw.bytes_per_token
+        toks = list(range(700, 800))  # 6 chunks + a tail
+        raw = np.frombuffer(np.random.default_rng(4).bytes(100 * bpt), dtype=np.uint8)
+        rep = sw.store(toks, raw[32 * bpt :], first_chunk=2)
+        assert rep["stored_tokens"] == 96 and rep["new_chunks"] == 4
+        assert reader.lookup(toks) == 0 and a.lookup(toks, first_chunk=2) == 32
+        assert reader.lookup(toks, first_chunk=2) == 96
+        assert reader.lookup_detail(toks, first_chunk=3) == {
+            "hit_tokens": 96, "hit_chunks": 3, "tiers": [0, 0, 0], "start_token": 48}
+        out = np.zeros((100 - 32) * bpt, dtype=np.uint8)
+        assert reader.retrieve(toks, out, first_chunk=2) == 96
+        assert np.array_equal(out[: 64 * bpt], raw[32 * bpt : 96 * bpt])
+        assert a.stats()["tiers"][0]["usage"]["chunks"] == 4  # one server, one cache
+        with pytest.raises(kvtier.KvTierError, match="past the 6 chunks"):
+            reader.retrieve(toks, out, first_chunk=7)

@@ -9,6 +9,12 @@
 //! copies them out and releases. Over TCP the bytes travel inside frames. Lookups hash
 //! tokens into chunk keys locally and send only the keys.
 //!
+//! The windowed operations ([`KvCache::lookup_from`], [`KvCache::store_from`],
+//! [`KvCache::retrieve_from`] with `first_chunk > 0`) need a server of protocol version
+//! [`proto::WINDOW_PROTOCOL_VERSION`] or later; against an older one they fail before
+//! anything is sent, saying to upgrade the server. With `first_chunk` 0 they are the
+//! whole-prompt requests every server speaks.
+//!
 //! ```no_run
 //! use kvtier::KvCache;
 //! use kvtier::layout::{Dtype, KvLayout};
@@ -227,6 +233,9 @@ struct Conn {
     shm: Option<Arc<ShmMap>>,
     timeout: Duration,
     max_frame: usize,
+    /// The protocol version this connection's server reported (per connection: a server
+    /// restarted at another version is seen as soon as a new connection is opened).
+    version: u16,
 }
 
 /// A failure on a connection: `Io` poisons the connection, `Reply` does not.
@@ -391,10 +400,13 @@ fn open_conn(
         shm: None,
         timeout: opts.timeout,
         max_frame: proto::DEFAULT_MAX_FRAME,
+        version: 0,
     };
+    // The version whose frames this client sends to any server; newer frames are sent only
+    // where the HelloOk allows them (a version-2 server refuses a Hello above 2).
     let hello = Request::Hello {
         magic: proto::MAGIC,
-        version: proto::PROTOCOL_VERSION,
+        version: proto::HELLO_VERSION,
         client_name: opts.client_name.clone(),
         identity_json: identity_json.to_string(),
         chunk_size: opts.chunk_size.map(|c| c as u32),
@@ -403,6 +415,7 @@ fn open_conn(
     };
     let reply = conn.call(&hello, &[])?;
     let Response::HelloOk {
+        version,
         shm_pool_bytes,
         max_frame,
         ..
@@ -411,6 +424,7 @@ fn open_conn(
         return Err(unexpected("Hello", &reply));
     };
     conn.max_frame = usize::try_from(*max_frame).unwrap_or(usize::MAX);
+    conn.version = *version;
     if let (Some(bytes), Stream::Unix(s)) = (shm_pool_bytes, &conn.stream) {
         let fd = shm::recv_fd(s.as_raw_fd())?;
         let mut current = shm.lock();
@@ -582,23 +596,41 @@ impl KvClient {
         cache_salt: Option<&str>,
         payload: &[u8],
     ) -> Result<(StoreSummary, bool)> {
-        self.store_checked(tokens, cache_salt, payload, true)
+        self.store_checked(tokens, cache_salt, 0, payload, true)
     }
 
     fn store_checked(
         &self,
         tokens: &[u32],
         cache_salt: Option<&str>,
+        first_chunk: usize,
         payload: &[u8],
         durable: bool,
     ) -> Result<(StoreSummary, bool)> {
         let bpt = self.bpt();
-        self.shared
-            .keys
-            .check_payload_len(tokens.len(), bpt, payload.len())?;
+        let keys = &self.shared.keys;
+        keys.check_window_payload_len(tokens.len(), first_chunk, bpt, payload.len())?;
+        let window = Window {
+            first_chunk,
+            start: keys.window_start(tokens.len(), first_chunk)?,
+        };
         kvtier::keys::normalize_salt(cache_salt)?;
         let blob = proto::tokens_to_bytes(tokens);
-        self.with_conn(|c| self.store_impl(c, &blob, cache_salt, payload, durable))
+        self.with_conn(|c| self.store_impl(c, &blob, cache_salt, window, payload, durable))
+    }
+
+    /// Refuses a windowed request (`first_chunk > 0`) on a connection whose server predates
+    /// them, before anything is sent: such a server could not decode it.
+    fn check_window(&self, c: &Conn, first_chunk: usize) -> CallResult<()> {
+        if first_chunk == 0 || c.version >= proto::WINDOW_PROTOCOL_VERSION {
+            return Ok(());
+        }
+        Err(CallError::Reply(Error::invalid(format!(
+            "the kvtier server at {} speaks protocol version {}; windowed operations (first_chunk > 0) need version {} or later: upgrade the server (kvtier serve)",
+            self.shared.addr,
+            c.version,
+            proto::WINDOW_PROTOCOL_VERSION
+        ))))
     }
 
     /// Sends a ping and waits for the answer (round trip check).
@@ -611,15 +643,34 @@ impl KvClient {
 
     /// Lookup over precomputed chunk keys (`n_tokens` is the prompt length).
     pub fn lookup_keys(&self, keys: &[ChunkKey], n_tokens: usize) -> Result<(usize, Vec<usize>)> {
+        self.lookup_keys_from(keys, n_tokens, 0)
+    }
+
+    /// Windowed lookup over precomputed chunk keys: `keys` are those of chunks
+    /// `first_chunk..` of an `n_tokens`-token prompt. Returns the hit chunks counted from
+    /// `first_chunk` and their tiers.
+    pub fn lookup_keys_from(
+        &self,
+        keys: &[ChunkKey],
+        n_tokens: usize,
+        first_chunk: usize,
+    ) -> Result<(usize, Vec<usize>)> {
         let blob = proto::keys_to_bytes(keys);
         let blob = &blob[..];
+        // Whole-prompt lookups keep the version-1 request: every server answers it.
+        let req = if first_chunk == 0 {
+            Request::Lookup {
+                n_tokens: n_tokens as u64,
+            }
+        } else {
+            Request::LookupFrom {
+                n_tokens: n_tokens as u64,
+                first_chunk: first_chunk as u64,
+            }
+        };
         self.with_conn(|c| {
-            match c.call(
-                &Request::Lookup {
-                    n_tokens: n_tokens as u64,
-                },
-                &[blob],
-            )? {
+            self.check_window(c, first_chunk)?;
+            match c.call(&req, &[blob])? {
                 Response::Lookup { hit_chunks, tiers } => Ok((
                     hit_chunks as usize,
                     tiers.into_iter().map(usize::from).collect(),
@@ -634,16 +685,21 @@ impl KvClient {
         c: &mut Conn,
         tokens_blob: &[u8],
         salt: Option<&str>,
+        window: Window,
         payload: &[u8],
         durable: bool,
     ) -> CallResult<(StoreSummary, bool)> {
         let bpt = self.bpt();
-        let reply = c.call(
-            &Request::BeginStore {
-                salt: salt.map(str::to_string),
+        self.check_window(c, window.first_chunk)?;
+        let salt = salt.map(str::to_string);
+        let begin = match window.first_chunk {
+            0 => Request::BeginStore { salt },
+            f => Request::BeginStoreFrom {
+                salt,
+                first_chunk: f as u64,
             },
-            &[tokens_blob],
-        )?;
+        };
+        let reply = c.call(&begin, &[tokens_blob])?;
         let (lease, slots) = match reply {
             Response::Stored(s) => return Ok((s.into(), true)),
             Response::StoreLease { lease, slots, .. } => (lease, slots),
@@ -652,7 +708,7 @@ impl KvClient {
         let mut checksums = Vec::with_capacity(slots.len());
         let filled = (|| -> CallResult<()> {
             for (i, slot) in slots.iter().enumerate() {
-                let src = slot_range(payload, slot, bpt).map_err(CallError::Reply)?;
+                let src = slot_range(payload, slot, window.start, bpt).map_err(CallError::Reply)?;
                 match c.shm.clone() {
                     Some(map) => {
                         checksums.push(Some(
@@ -723,15 +779,20 @@ impl KvClient {
         c: &mut Conn,
         tokens_blob: &[u8],
         salt: Option<&str>,
+        window: Window,
         out: &mut [u8],
     ) -> CallResult<RetrieveReport> {
         let bpt = self.bpt();
-        let reply = c.call(
-            &Request::Acquire {
-                salt: salt.map(str::to_string),
+        self.check_window(c, window.first_chunk)?;
+        let salt = salt.map(str::to_string);
+        let acquire = match window.first_chunk {
+            0 => Request::Acquire { salt },
+            f => Request::AcquireFrom {
+                salt,
+                first_chunk: f as u64,
             },
-            &[tokens_blob],
-        )?;
+        };
+        let reply = c.call(&acquire, &[tokens_blob])?;
         let Response::Acquired {
             lease,
             hit_tokens,
@@ -743,7 +804,7 @@ impl KvClient {
         };
         let copied = (|| -> CallResult<()> {
             for (i, slot) in chunks.iter().enumerate() {
-                let dst = slot_range_mut(out, slot, bpt).map_err(CallError::Reply)?;
+                let dst = slot_range_mut(out, slot, window.start, bpt).map_err(CallError::Reply)?;
                 match c.shm.clone() {
                     Some(map) => map.read(slot.offset, dst).map_err(CallError::Reply)?,
                     None => {
@@ -785,32 +846,60 @@ impl KvClient {
             c.send(&Request::Release { lease }, &[])?;
         }
         copied?;
+        let hit_tokens = usize::try_from(hit_tokens).unwrap_or(usize::MAX);
+        // The server's count is absolute: a windowed answer never ends before its window.
+        if hit_tokens < window.start {
+            return Err(CallError::Reply(Error::Corrupt(format!(
+                "server reported a run ending at token {hit_tokens} for a window starting at {}",
+                window.start
+            ))));
+        }
         Ok(RetrieveReport {
-            hit_tokens: hit_tokens as usize,
+            hit_tokens,
             tiers: tiers.into_iter().map(usize::from).collect(),
         })
     }
 }
 
-fn slot_bounds(total: usize, slot: &Slot, bpt: usize) -> Result<std::ops::Range<usize>> {
+/// Where a request's chunks start: the payload (or output) buffer of a windowed operation
+/// begins at token `start`, the first of chunk `first_chunk` (both 0 for a whole prompt).
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    first_chunk: usize,
+    start: usize,
+}
+
+/// The bytes of a server slot (absolute tokens `slot.start..slot.end`) in a buffer that
+/// starts at token `base`; a slot outside the buffer is the server's fault.
+fn slot_bounds(
+    total: usize,
+    slot: &Slot,
+    base: usize,
+    bpt: usize,
+) -> Result<std::ops::Range<usize>> {
     let start = usize::try_from(slot.start).unwrap_or(usize::MAX);
     let end = usize::try_from(slot.end).unwrap_or(usize::MAX);
-    let (s, e) = (start.checked_mul(bpt), end.checked_mul(bpt));
-    match (s, e) {
+    let rel = |t: usize| t.checked_sub(base).and_then(|t| t.checked_mul(bpt));
+    match (rel(start), rel(end)) {
         (Some(s), Some(e)) if s <= e && e <= total && (e - s) as u64 == slot.len => Ok(s..e),
         _ => Err(Error::Corrupt(format!(
-            "server slot for tokens {}..{} ({} bytes) does not fit a {total}-byte buffer",
+            "server slot for tokens {}..{} ({} bytes) does not fit a {total}-byte buffer starting at token {base}",
             slot.start, slot.end, slot.len
         ))),
     }
 }
 
-fn slot_range<'a>(buf: &'a [u8], slot: &Slot, bpt: usize) -> Result<&'a [u8]> {
-    Ok(&buf[slot_bounds(buf.len(), slot, bpt)?])
+fn slot_range<'a>(buf: &'a [u8], slot: &Slot, base: usize, bpt: usize) -> Result<&'a [u8]> {
+    Ok(&buf[slot_bounds(buf.len(), slot, base, bpt)?])
 }
 
-fn slot_range_mut<'a>(buf: &'a mut [u8], slot: &Slot, bpt: usize) -> Result<&'a mut [u8]> {
-    let r = slot_bounds(buf.len(), slot, bpt)?;
+fn slot_range_mut<'a>(
+    buf: &'a mut [u8],
+    slot: &Slot,
+    base: usize,
+    bpt: usize,
+) -> Result<&'a mut [u8]> {
+    let r = slot_bounds(buf.len(), slot, base, bpt)?;
     Ok(&mut buf[r])
 }
 
@@ -864,54 +953,74 @@ impl KvCache for KvClient {
         self.bpt()
     }
 
-    fn lookup(&self, tokens: &[u32], cache_salt: Option<&str>) -> Result<LookupResult> {
-        let spans = self.shared.keys.chunk_spans(tokens, cache_salt)?;
-        let keys: Vec<ChunkKey> = spans.iter().map(|s| s.key).collect();
-        let (hit_chunks, tiers) = self.lookup_keys(&keys, tokens.len())?;
-        if hit_chunks > spans.len() {
+    fn lookup_from(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        first_chunk: usize,
+    ) -> Result<LookupResult> {
+        let start = self.shared.keys.window_start(tokens.len(), first_chunk)?;
+        let mut spans = self.shared.keys.chunk_spans(tokens, cache_salt)?;
+        let window = spans.split_off(first_chunk);
+        let keys: Vec<ChunkKey> = window.iter().map(|s| s.key).collect();
+        let (hit_chunks, tiers) = self.lookup_keys_from(&keys, tokens.len(), first_chunk)?;
+        if hit_chunks > window.len() {
             return Err(Error::Corrupt(format!(
                 "server reported {hit_chunks} hit chunks of {}",
-                spans.len()
+                window.len()
             )));
         }
         Ok(LookupResult {
             hit_tokens: if hit_chunks == 0 {
-                0
+                start
             } else {
-                spans[hit_chunks - 1].end
+                window[hit_chunks - 1].end
             },
             hit_chunks,
             tiers,
         })
     }
 
-    fn store(
+    fn store_from(
         &self,
         tokens: &[u32],
         cache_salt: Option<&str>,
+        first_chunk: usize,
         payload: &[u8],
     ) -> Result<StoreSummary> {
         let durable = self.shared.opts.durable;
-        Ok(self.store_checked(tokens, cache_salt, payload, durable)?.0)
+        Ok(self
+            .store_checked(tokens, cache_salt, first_chunk, payload, durable)?
+            .0)
     }
 
-    fn retrieve(
+    fn retrieve_from(
         &self,
         tokens: &[u32],
         cache_salt: Option<&str>,
+        first_chunk: usize,
         out: &mut [u8],
     ) -> Result<RetrieveReport> {
+        let keys = &self.shared.keys;
+        let start = keys.window_start(tokens.len(), first_chunk)?;
         let covered = self.covered(tokens.len());
-        if out.len() < covered * self.bpt() {
+        let need = (covered - start) * self.bpt();
+        if out.len() < need {
+            let from = if first_chunk == 0 {
+                String::new()
+            } else {
+                format!(" from chunk {first_chunk} (token {start}) on")
+            };
             return Err(Error::invalid(format!(
-                "output buffer is {} bytes; the {covered} chunked tokens need {}",
+                "output buffer is {} bytes; the {} chunked tokens{from} need {need}",
                 out.len(),
-                covered * self.bpt()
+                covered - start,
             )));
         }
         kvtier::keys::normalize_salt(cache_salt)?;
         let blob = proto::tokens_to_bytes(tokens);
-        self.with_conn(|c| self.retrieve_impl(c, &blob, cache_salt, out))
+        let window = Window { first_chunk, start };
+        self.with_conn(|c| self.retrieve_impl(c, &blob, cache_salt, window, out))
     }
 
     fn prefetch(&self, tokens: &[u32], cache_salt: Option<&str>) -> Result<Box<dyn PendingLoad>> {
@@ -1066,17 +1175,27 @@ mod tests {
             offset: 0,
             len: 8,
         };
-        assert_eq!(slot_bounds(8, &s, 2).unwrap(), 0..8);
-        assert!(slot_bounds(7, &s, 2).is_err());
+        assert_eq!(slot_bounds(8, &s, 0, 2).unwrap(), 0..8);
+        assert!(slot_bounds(7, &s, 0, 2).is_err());
         let bad = Slot { len: 9, ..s };
-        assert!(slot_bounds(100, &bad, 2).is_err());
+        assert!(slot_bounds(100, &bad, 0, 2).is_err());
+        // A window's buffer starts at its first token: slots are placed relative to it, and
+        // one before it is refused.
+        let later = Slot {
+            start: 16,
+            end: 20,
+            ..s
+        };
+        assert_eq!(slot_bounds(8, &later, 16, 2).unwrap(), 0..8);
+        assert_eq!(slot_bounds(100, &later, 12, 2).unwrap(), 8..16);
+        assert!(slot_bounds(100, &later, 17, 2).is_err());
         let huge = Slot {
             start: u64::MAX - 1,
             end: u64::MAX,
             offset: 0,
             len: 1,
         };
-        assert!(slot_bounds(100, &huge, 2).is_err());
+        assert!(slot_bounds(100, &huge, 0, 2).is_err());
     }
 
     #[test]

@@ -687,73 +687,87 @@ impl PyEngine {
         salt: Option<String>,
     ) -> PyResult<Vec<String>> {
         let toks = tokens_of(tokens)?;
-        let ks = match &self.embedded {
-            Some(e) => e.key_space().clone(),
-            None => KeySpace::new(
-                self.identity.clone(),
-                self.cache.chunk_size(),
-                self.save_unfull_chunk,
-            )
-            .map_err(engine_err)?,
-        };
+        let ks = self.key_space()?;
         let spans = py
             .allow_threads(|| ks.chunk_spans(&toks, salt.as_deref()))
             .map_err(engine_err)?;
         Ok(spans.iter().map(|s| s.key.to_hex()).collect())
     }
 
-    /// How many leading tokens of `tokens` are stored (over all tiers).
-    #[pyo3(signature = (tokens, salt=None))]
+    /// How many leading tokens of `tokens` are stored (over all tiers). With `first_chunk=k`
+    /// (a windowed lookup, e.g. a sliding-window layer group) only chunks k.. are looked at:
+    /// the result is the absolute token where the run of stored chunks starting at chunk k
+    /// ends, which is chunk k's first token when none is stored (`lookup_detail`'s
+    /// `hit_chunks` tells). `first_chunk` may be the prompt's chunk count (an empty window);
+    /// beyond it is an error.
+    #[pyo3(signature = (tokens, salt=None, *, first_chunk=0))]
     fn lookup(
         &self,
         py: Python<'_>,
         tokens: &Bound<'_, PyAny>,
         salt: Option<String>,
+        first_chunk: usize,
     ) -> PyResult<usize> {
         let toks = tokens_of(tokens)?;
         let cache = &self.cache;
-        py.allow_threads(|| cache.lookup(&toks, salt.as_deref()))
+        py.allow_threads(|| cache.lookup_from(&toks, salt.as_deref(), first_chunk))
             .map(|r| r.hit_tokens)
             .map_err(engine_err)
     }
 
-    /// Lookup with details: {"hit_tokens", "hit_chunks", "tiers"}.
-    #[pyo3(signature = (tokens, salt=None))]
+    /// Lookup with details: {"hit_tokens", "hit_chunks", "tiers", "start_token"}. With
+    /// `first_chunk=k`, `hit_chunks` (and `tiers`) count from chunk k, `hit_tokens` is
+    /// absolute (as in `lookup`) and `start_token` is chunk k's first token (0 without).
+    #[pyo3(signature = (tokens, salt=None, *, first_chunk=0))]
     fn lookup_detail<'py>(
         &self,
         py: Python<'py>,
         tokens: &Bound<'py, PyAny>,
         salt: Option<String>,
+        first_chunk: usize,
     ) -> PyResult<Bound<'py, PyDict>> {
         let toks = tokens_of(tokens)?;
         let cache = &self.cache;
         let r = py
-            .allow_threads(|| cache.lookup(&toks, salt.as_deref()))
+            .allow_threads(|| cache.lookup_from(&toks, salt.as_deref(), first_chunk))
             .map_err(engine_err)?;
+        // The whole-prompt lookup (the connector's hot path) needs no key space for this.
+        let start = match first_chunk {
+            0 => 0,
+            k => self
+                .key_space()?
+                .window_start(toks.len(), k)
+                .map_err(engine_err)?,
+        };
         let d = PyDict::new(py);
         d.set_item("hit_tokens", r.hit_tokens)?;
         d.set_item("hit_chunks", r.hit_chunks)?;
         d.set_item("tiers", r.tiers)?;
+        d.set_item("start_token", start)?;
         Ok(d)
     }
 
     /// Stores the prompt's KV. `kv` is a C-contiguous numpy array / CPU torch tensor of any
     /// dtype holding the chunk payloads back to back (tokens x bytes_per_token bytes, or
-    /// only the chunked tokens' bytes). Read in place, no copy on the Python side.
-    #[pyo3(signature = (tokens, kv, salt=None))]
+    /// only the chunked tokens' bytes). Read in place, no copy on the Python side. With
+    /// `first_chunk=k` only chunks k.. are stored and `kv` starts at chunk k's first token
+    /// (`tokens` is still the whole prompt: keys chain over it); `stored_tokens` is then the
+    /// absolute token where the stored run ends.
+    #[pyo3(signature = (tokens, kv, salt=None, *, first_chunk=0))]
     fn store<'py>(
         &self,
         py: Python<'py>,
         tokens: &Bound<'py, PyAny>,
         kv: &Bound<'py, PyAny>,
         salt: Option<String>,
+        first_chunk: usize,
     ) -> PyResult<Bound<'py, PyDict>> {
         let toks = tokens_of(tokens)?;
         let view = ByteView::new(kv, false, "kv")?;
         let payload = view.as_slice();
         let cache = &self.cache;
         let s = py
-            .allow_threads(|| cache.store(&toks, salt.as_deref(), payload))
+            .allow_threads(|| cache.store_from(&toks, salt.as_deref(), first_chunk, payload))
             .map_err(engine_err)?;
         drop(view);
         store_report(py, &s)
@@ -761,23 +775,71 @@ impl PyEngine {
 
     /// Loads the stored prefix into `out` (writable, C-contiguous, laid out like `store`'s
     /// payload, at least as large as the chunked tokens' bytes). Returns the tokens loaded.
-    #[pyo3(signature = (tokens, out, salt=None))]
+    /// With `first_chunk=k` it loads the stored run of chunks starting at chunk k into `out`
+    /// from its byte 0 (chunk k's first token) and returns the absolute token where that run
+    /// ends (chunk k's first token when nothing was loaded).
+    #[pyo3(signature = (tokens, out, salt=None, *, first_chunk=0))]
     fn retrieve(
         &self,
         py: Python<'_>,
         tokens: &Bound<'_, PyAny>,
         out: &Bound<'_, PyAny>,
         salt: Option<String>,
+        first_chunk: usize,
     ) -> PyResult<usize> {
         let toks = tokens_of(tokens)?;
         let mut view = ByteView::new(out, true, "out")?;
         let buf = view.as_mut_slice();
         let cache = &self.cache;
         let r = py
-            .allow_threads(|| cache.retrieve(&toks, salt.as_deref(), buf))
+            .allow_threads(|| cache.retrieve_from(&toks, salt.as_deref(), first_chunk, buf))
             .map_err(engine_err)?;
         drop(view);
         Ok(r.hit_tokens)
+    }
+
+    /// Another model identity (a dict shaped like `identity()`'s, e.g. the same model with
+    /// another layout tag and layer count: one per vLLM KV-cache group) over the same cache:
+    /// in embedded mode an engine sharing this one's tiers and L1 pool (`pool_region` is the
+    /// same; an admin endpoint stays this engine's), in server mode a new connection to the
+    /// same server. Its chunk keys differ from this engine's: the identity is in every key.
+    fn for_identity(&self, py: Python<'_>, identity: &Bound<'_, PyAny>) -> PyResult<PyEngine> {
+        let id = identity_of(py, identity)?;
+        match (&self.embedded, &self.server) {
+            (Some(engine), _) => {
+                let child = id.clone();
+                let engine = py
+                    .allow_threads(|| engine.for_model(child))
+                    .map_err(engine_err)?;
+                let engine = Arc::new(engine);
+                Ok(PyEngine {
+                    cache: engine.clone(),
+                    save_unfull_chunk: engine.key_space().save_unfull_chunk(),
+                    embedded: Some(engine),
+                    identity: id,
+                    server: None,
+                    _admin: None,
+                    pool: self.pool,
+                    residency: OnceLock::new(),
+                })
+            }
+            (None, Some(addr)) => {
+                let (cache, save_unfull_chunk) = connect_server(py, addr, &id)?;
+                Ok(PyEngine {
+                    cache,
+                    save_unfull_chunk,
+                    embedded: None,
+                    identity: id,
+                    server: Some(addr.clone()),
+                    _admin: None,
+                    pool: None,
+                    residency: OnceLock::new(),
+                })
+            }
+            (None, None) => Err(KvTierError::new_err(
+                "for_identity(): this engine is neither embedded nor a server client",
+            )),
+        }
     }
 
     /// Starts loading the stored prefix into L1; returns a handle with `wait(timeout=None)`.
@@ -914,18 +976,21 @@ impl PyEngine {
     /// Holds the stored prefix of `tokens` in L1 (loading lower-tier chunks into it) until
     /// `release()`: a `HeldChunks` whose `chunks` are (token_start, token_end, address,
     /// nbytes) of pool memory to read in place (embedded mode). Checksums were verified when
-    /// the chunks entered L1.
-    #[pyo3(signature = (tokens, salt=None))]
+    /// the chunks entered L1. With `first_chunk=k`: the stored run of chunks starting at
+    /// chunk k (token ranges stay absolute; `hit_tokens` is where the run ends, chunk k's
+    /// first token when nothing is held).
+    #[pyo3(signature = (tokens, salt=None, *, first_chunk=0))]
     fn acquire(
         &self,
         py: Python<'_>,
         tokens: &Bound<'_, PyAny>,
         salt: Option<String>,
+        first_chunk: usize,
     ) -> PyResult<HeldChunks> {
         let eng = self.embedded_engine("acquire")?;
         let toks = tokens_of(tokens)?;
         let held = py
-            .allow_threads(|| eng.acquire(&toks, salt.as_deref()))
+            .allow_threads(|| eng.acquire_from(&toks, salt.as_deref(), first_chunk))
             .map_err(engine_err)?;
         let chunks = held
             .spans
@@ -945,18 +1010,20 @@ impl PyEngine {
 
     /// Claims pool buffers for the chunks of `tokens` that are not stored yet (embedded
     /// mode): a `StoreSession` whose `slots` are (token_start, token_end, address, nbytes)
-    /// to fill in place, then `commit()` (checksums and stores them) or `abort()`.
-    #[pyo3(signature = (tokens, salt=None))]
+    /// to fill in place, then `commit()` (checksums and stores them) or `abort()`. With
+    /// `first_chunk=k` only chunks k.. are claimed (token ranges stay absolute).
+    #[pyo3(signature = (tokens, salt=None, *, first_chunk=0))]
     fn begin_store(
         &self,
         py: Python<'_>,
         tokens: &Bound<'_, PyAny>,
         salt: Option<String>,
+        first_chunk: usize,
     ) -> PyResult<StoreSession> {
         let eng = self.embedded_engine("begin_store")?.clone();
         let toks = tokens_of(tokens)?;
         let mut session = py
-            .allow_threads(|| eng.begin_store(&toks, salt.as_deref()))
+            .allow_threads(|| eng.begin_store_from(&toks, salt.as_deref(), first_chunk))
             .map_err(engine_err)?;
         let slots = session
             .slots
@@ -1002,6 +1069,20 @@ impl PyEngine {
 }
 
 impl PyEngine {
+    /// The key space this handle hashes with: the engine's, or in server mode the same rule
+    /// built from the server's chunking.
+    fn key_space(&self) -> PyResult<KeySpace> {
+        match &self.embedded {
+            Some(e) => Ok(e.key_space().clone()),
+            None => KeySpace::new(
+                self.identity.clone(),
+                self.cache.chunk_size(),
+                self.save_unfull_chunk,
+            )
+            .map_err(engine_err),
+        }
+    }
+
     fn embedded_engine(&self, what: &str) -> PyResult<&Arc<Engine>> {
         self.embedded.as_ref().ok_or_else(|| {
             KvTierError::new_err(format!(

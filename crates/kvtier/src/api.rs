@@ -1,18 +1,36 @@
 //! The cache API shared by the embedded [`Engine`](crate::Engine) and the client of a
 //! `kvtier serve` server, so callers (benchmarks, Python bindings, connectors) switch between
 //! them by configuration.
+//!
+//! # Windowed operations
+//!
+//! The `*_from` operations (here and on [`Engine`](crate::Engine)) address only chunks
+//! `first_chunk..` of a prompt: what a sliding-window attention layer group needs of a long
+//! prompt. Keys stay the chained prefix keys (chunk `i`'s key commits to every token before
+//! it), so the whole prompt is still passed; only the chunks addressed, and the payload,
+//! change. A windowed payload (or output buffer) starts at chunk `first_chunk`'s first token,
+//! the *window start* `w` ([`KeySpace::window_start`](crate::keys::KeySpace::window_start)):
+//! chunk `i` occupies bytes `(start_i - w) * B .. (end_i - w) * B`, `B` the bytes per token.
+//! Token counts in the results stay absolute prompt positions: `hit_tokens` /
+//! `stored_tokens` are the token where the contiguous run of chunks starting at
+//! `first_chunk` ends, and equal `w` when that run is empty (`hit_chunks` tells; the window
+//! tokens found are `hit_tokens - w`). The whole-prompt operations are the
+//! `first_chunk` 0 case (`w` = 0). `first_chunk` may equal the prompt's chunk count (an empty
+//! window starting at the end of the chunked tokens); beyond that the call fails with
+//! [`Error::InvalidInput`](crate::Error::InvalidInput) before anything is hashed or sent.
 
 use std::time::Duration;
 
 use crate::error::Result;
 use crate::keys::ChunkKey;
 
-/// Answer to a prefix lookup, in tokens.
+/// Answer to a prefix lookup (or a windowed one), in tokens.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct LookupResult {
-    /// Leading tokens retrievable.
+    /// Leading tokens retrievable; for a windowed lookup, the absolute token where the run of
+    /// stored chunks starting at `first_chunk` ends (the window start when it is empty).
     pub hit_tokens: usize,
-    /// Chunks in that prefix.
+    /// Chunks in that prefix (or run, counted from `first_chunk`).
     pub hit_chunks: usize,
     /// Tier index of each hit chunk (0 = L1).
     pub tiers: Vec<usize>,
@@ -21,7 +39,8 @@ pub struct LookupResult {
 /// What a retrieve loaded.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RetrieveReport {
-    /// Leading tokens copied into the output.
+    /// Leading tokens copied into the output; for a windowed retrieve, the absolute token
+    /// where the copied run ends (the window start when nothing was copied).
     pub hit_tokens: usize,
     /// Tier index each chunk came from.
     pub tiers: Vec<usize>,
@@ -40,7 +59,8 @@ pub struct PinToken {
 /// What a store did, in a form that crosses process boundaries.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StoreSummary {
-    /// Leading tokens now stored (or being stored by a concurrent call).
+    /// Leading tokens now stored (or being stored by a concurrent call); for a windowed
+    /// store, the absolute token where that run ends (the window start when it is empty).
     pub stored_tokens: usize,
     /// Chunks newly written.
     pub new_chunks: usize,
@@ -68,12 +88,33 @@ pub trait KvCache: Send + Sync {
     /// KV bytes per token of the model this handle serves.
     fn bytes_per_token(&self) -> usize;
     /// How many leading tokens are stored, over all tiers.
-    fn lookup(&self, tokens: &[u32], cache_salt: Option<&str>) -> Result<LookupResult>;
+    fn lookup(&self, tokens: &[u32], cache_salt: Option<&str>) -> Result<LookupResult> {
+        self.lookup_from(tokens, cache_salt, 0)
+    }
+    /// How many contiguous chunks from chunk `first_chunk` on are stored, over all tiers
+    /// (`hit_tokens` absolute: where that run ends).
+    fn lookup_from(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        first_chunk: usize,
+    ) -> Result<LookupResult>;
     /// Stores a prompt's KV (chunk payloads back to back).
     fn store(
         &self,
         tokens: &[u32],
         cache_salt: Option<&str>,
+        payload: &[u8],
+    ) -> Result<StoreSummary> {
+        self.store_from(tokens, cache_salt, 0, payload)
+    }
+    /// Stores chunks `first_chunk..` of a prompt's KV; `payload` starts at chunk
+    /// `first_chunk`'s first token.
+    fn store_from(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        first_chunk: usize,
         payload: &[u8],
     ) -> Result<StoreSummary>;
     /// Copies the stored prefix into `out`.
@@ -81,6 +122,17 @@ pub trait KvCache: Send + Sync {
         &self,
         tokens: &[u32],
         cache_salt: Option<&str>,
+        out: &mut [u8],
+    ) -> Result<RetrieveReport> {
+        self.retrieve_from(tokens, cache_salt, 0, out)
+    }
+    /// Copies the stored run of chunks starting at chunk `first_chunk` into `out` (chunk
+    /// `first_chunk` at offset 0).
+    fn retrieve_from(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        first_chunk: usize,
         out: &mut [u8],
     ) -> Result<RetrieveReport>;
     /// Starts loading the stored prefix into L1.

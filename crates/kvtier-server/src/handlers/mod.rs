@@ -58,8 +58,15 @@ pub(crate) fn dispatch<'a>(s: &'a mut Session, req: Request, blob: &[u8]) -> Rep
             "chunk frames need a connection opened with HelloPeer (the kvtier:// tier does this)",
         )),
         Request::Ping => Ok(Reply::Msg(Response::Pong)),
-        Request::Lookup { n_tokens } => lookup::lookup(s, n_tokens, blob).map(Reply::Msg),
-        Request::BeginStore { salt } => store::begin(s, salt, blob).map(Reply::Msg),
+        Request::Lookup { n_tokens } => lookup::lookup(s, n_tokens, 0, blob).map(Reply::Msg),
+        Request::LookupFrom {
+            n_tokens,
+            first_chunk,
+        } => lookup::lookup(s, n_tokens, first_chunk, blob).map(Reply::Msg),
+        Request::BeginStore { salt } => store::begin(s, salt, 0, blob).map(Reply::Msg),
+        Request::BeginStoreFrom { salt, first_chunk } => {
+            store::begin(s, salt, first_chunk, blob).map(Reply::Msg)
+        }
         Request::WriteSlot {
             lease,
             slot,
@@ -74,7 +81,10 @@ pub(crate) fn dispatch<'a>(s: &'a mut Session, req: Request, blob: &[u8]) -> Rep
             store::abort(s, lease);
             Ok(Reply::None)
         }
-        Request::Acquire { salt } => retrieve::acquire(s, salt, blob).map(Reply::Msg),
+        Request::Acquire { salt } => retrieve::acquire(s, salt, 0, blob).map(Reply::Msg),
+        Request::AcquireFrom { salt, first_chunk } => {
+            retrieve::acquire(s, salt, first_chunk, blob).map(Reply::Msg)
+        }
         Request::ReadSlot {
             lease,
             slot,
@@ -113,6 +123,12 @@ fn proto_err(e: ProtoError) -> Response {
 /// An engine error, classed for the client.
 fn engine_err(e: kvtier::Error) -> Response {
     proto::error_reply(&e)
+}
+
+/// A chunk index from the wire. One that does not fit a `usize` is past any prompt's chunks:
+/// it saturates, and the engine's window check refuses it with a clear error.
+fn chunk_index(v: u64) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
 }
 
 /// The tokens of a token blob.

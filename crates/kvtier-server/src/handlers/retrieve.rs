@@ -1,4 +1,5 @@
-//! Retrieves: `Acquire` holds the stored prefix under a lease, `ReadSlot` reads it over TCP
+//! Retrieves: `Acquire` holds the stored prefix under a lease (`AcquireFrom`: the stored run
+//! of chunks from `first_chunk` on), `ReadSlot` reads it over TCP
 //! (a client mapping the pool reads in place), `Release` ends it; `Prefetch` and
 //! `WaitPrefetch` load a prefix into L1.
 
@@ -6,19 +7,27 @@ use std::time::{Duration, Instant};
 
 use kvtier::transport::wire::{ErrorCode, Response, Slot};
 
-use super::{block, engine_err, tokens, Handled, Session};
+use super::{block, chunk_index, engine_err, tokens, Handled, Session};
 use crate::io::err;
 use crate::lease::ReadLease;
 
 /// How long `WaitPrefetch` without a limit waits.
 const DEFAULT_PREFETCH_WAIT: Duration = Duration::from_secs(3600);
 
-/// Loads and holds the stored prefix of the prompt in the blob; replies with where its
-/// chunks are, under a lease (0 when nothing is held).
-pub(super) fn acquire(s: &mut Session, salt: Option<String>, blob: &[u8]) -> Handled<Response> {
+/// Loads and holds the stored run of chunks from `first_chunk` on (0: the stored prefix) of
+/// the prompt in the blob; replies with where its chunks are, under a lease (0 when nothing
+/// is held).
+pub(super) fn acquire(
+    s: &mut Session,
+    salt: Option<String>,
+    first_chunk: u64,
+    blob: &[u8],
+) -> Handled<Response> {
     let tokens = tokens(blob)?;
     let t0 = Instant::now();
-    let acquired = block(|| s.engine.acquire(&tokens, salt.as_deref())).map_err(engine_err)?;
+    let first = chunk_index(first_chunk);
+    let acquired =
+        block(|| s.engine.acquire_from(&tokens, salt.as_deref(), first)).map_err(engine_err)?;
     let bpt = s.engine.bytes_per_token();
     let mut chunks = Vec::with_capacity(acquired.chunks.len());
     let mut bytes = 0u64;

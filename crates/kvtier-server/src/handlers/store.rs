@@ -1,5 +1,6 @@
-//! Stores: `BeginStore` leases the slots to fill, `WriteSlot` fills them over TCP (a client
-//! mapping the pool writes in place), `CommitStore` seals them, `AbortStore` drops them.
+//! Stores: `BeginStore` (or `BeginStoreFrom`, chunks `first_chunk..` only) leases the slots
+//! to fill, `WriteSlot` fills them over TCP (a client mapping the pool writes in place),
+//! `CommitStore` seals them, `AbortStore` drops them.
 
 use std::time::Instant;
 
@@ -7,16 +8,23 @@ use kvtier::tier::PutOutcome;
 use kvtier::transport::wire::{ErrorCode, Response, Slot, StoreCounts};
 use kvtier::StoreReport;
 
-use super::{block, engine_err, tokens, Handled, Session};
+use super::{block, chunk_index, engine_err, tokens, Handled, Session};
 use crate::io::err;
 use crate::lease::StoreLease;
 
-/// Claims and allocates the chunks of the prompt in the blob; replies with the slots to
-/// fill under a lease, or at once when there is nothing to write.
-pub(super) fn begin(s: &mut Session, salt: Option<String>, blob: &[u8]) -> Handled<Response> {
+/// Claims and allocates chunks `first_chunk..` of the prompt in the blob; replies with the
+/// slots to fill under a lease, or at once when there is nothing to write.
+pub(super) fn begin(
+    s: &mut Session,
+    salt: Option<String>,
+    first_chunk: u64,
+    blob: &[u8],
+) -> Handled<Response> {
     let tokens = tokens(blob)?;
     let t0 = Instant::now();
-    let session = block(|| s.engine.begin_store(&tokens, salt.as_deref())).map_err(engine_err)?;
+    let first = chunk_index(first_chunk);
+    let session =
+        block(|| s.engine.begin_store_from(&tokens, salt.as_deref(), first)).map_err(engine_err)?;
     if session.slots.is_empty() {
         let report = block(|| s.engine.commit_store(session));
         return Ok(Response::Stored(counts(&report)));

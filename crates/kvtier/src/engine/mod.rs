@@ -5,6 +5,11 @@
 //! [`KvLayout::bytes_per_token`](crate::layout::KvLayout::bytes_per_token); inside a chunk the
 //! payload is layer-major.
 //!
+//! Every operation over a prompt also has a *windowed* form (`lookup_from`, `store_from`,
+//! `retrieve_from`, `begin_store_from`, `acquire_from`, `lookup_keys_from`) that addresses
+//! only chunks `first_chunk..` of it; the whole-prompt operation is its `first_chunk` 0 case.
+//! Payload layout and result semantics: [`crate::api`].
+//!
 //! ```
 //! use kvtier::{Engine, EngineConfig};
 //! use kvtier::layout::{Dtype, KvLayout};
@@ -22,9 +27,17 @@
 //! let mut out = vec![0u8; kv.len()];
 //! assert_eq!(engine.retrieve(&tokens, None, &mut out).unwrap().hit_tokens, 32);
 //! assert_eq!(&out[..32 * engine.bytes_per_token()], &kv[..32 * engine.bytes_per_token()]);
+//! // Chunk 1 on only (a window starting at token 16): its bytes start at out_w[0].
+//! let bpt = engine.bytes_per_token();
+//! assert_eq!(engine.lookup_from(&tokens, None, 1).unwrap().hit_chunks, 1);
+//! let mut out_w = vec![0u8; (40 - 16) * bpt];
+//! assert_eq!(engine.retrieve_from(&tokens, None, 1, &mut out_w).unwrap().hit_tokens, 32);
+//! assert_eq!(&out_w[..16 * bpt], &kv[16 * bpt..32 * bpt]);
 //! ```
 
 mod assembly;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -97,12 +110,14 @@ pub struct StoreSlot {
     claim: ClaimGuard,
 }
 
-/// A store in progress (see [`Engine::begin_store`]).
+/// A store in progress (see [`Engine::begin_store`] and [`Engine::begin_store_from`]).
 pub struct StoreSession {
     origin: Arc<Origin>,
     /// Buffers to fill, in prompt order.
     pub slots: Vec<StoreSlot>,
-    /// Leading tokens covered once the slots are committed.
+    /// Where the run of chunks covered once the slots are committed ends (absolute token;
+    /// for a whole-prompt store the leading tokens covered, for a windowed one the window
+    /// start when none is).
     pub stored_tokens: usize,
     /// Chunks already present.
     pub present_chunks: usize,
@@ -112,9 +127,11 @@ pub struct StoreSession {
     pub dropped_chunks: usize,
 }
 
-/// A loaded, held prefix (see [`Engine::acquire`]).
+/// A loaded, held prefix (see [`Engine::acquire`]), or run of chunks of a window (see
+/// [`Engine::acquire_from`]).
 pub struct Acquired {
-    /// Tokens of the contiguous prefix.
+    /// Where the held run ends (absolute token): the tokens of the contiguous prefix, or for
+    /// a windowed acquire the window start when nothing is held.
     pub hit_tokens: usize,
     /// Span of each held chunk.
     pub spans: Vec<ChunkSpan>,
@@ -122,6 +139,14 @@ pub struct Acquired {
     pub chunks: Vec<Chunk>,
     /// Tier each chunk came from.
     pub tiers: Vec<usize>,
+}
+
+/// The chunks a windowed operation addresses (see [`crate::api`]).
+struct Window {
+    /// First token of the window: where its payload's byte 0 lies in the prompt.
+    start: usize,
+    /// Spans of chunks `first_chunk..` (absolute token ranges).
+    spans: Vec<ChunkSpan>,
 }
 
 /// Per-tier numbers in [`EngineStats`].
@@ -352,10 +377,22 @@ impl Engine {
 
     /// How many leading tokens of the prompt are stored, over all tiers (C2).
     pub fn lookup(&self, tokens: &[u32], cache_salt: Option<&str>) -> Result<LookupResult> {
+        self.lookup_from(tokens, cache_salt, 0)
+    }
+
+    /// How many contiguous chunks starting at chunk `first_chunk` of the prompt are stored,
+    /// over all tiers. `hit_chunks` counts from `first_chunk`; `hit_tokens` is the absolute
+    /// token where that run ends (the window start when it is empty; see [`crate::api`]).
+    pub fn lookup_from(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        first_chunk: usize,
+    ) -> Result<LookupResult> {
         let t0 = Instant::now();
-        let spans = self.keys.chunk_spans(tokens, cache_salt)?;
-        let keys: Vec<ChunkKey> = spans.iter().map(|s| s.key).collect();
-        self.lookup_prefix(t0, &keys, tokens.len())
+        let window = self.window(tokens, cache_salt, first_chunk)?;
+        let keys: Vec<ChunkKey> = window.spans.iter().map(|s| s.key).collect();
+        self.lookup_window(t0, &keys, tokens.len(), window.start)
     }
 
     /// [`Engine::lookup`] over chunk keys the caller derived itself (a server's clients hash
@@ -363,38 +400,78 @@ impl Engine {
     /// prompt of `n_tokens` tokens: their count is checked against that. Records the same
     /// metrics as [`Engine::lookup`].
     pub fn lookup_keys(&self, keys: &[ChunkKey], n_tokens: usize) -> Result<LookupResult> {
+        self.lookup_keys_from(keys, n_tokens, 0)
+    }
+
+    /// [`Engine::lookup_from`] over chunk keys the caller derived itself: `keys` must be the
+    /// keys of chunks `first_chunk..` of a prompt of `n_tokens` tokens (their count is
+    /// checked against that).
+    pub fn lookup_keys_from(
+        &self,
+        keys: &[ChunkKey],
+        n_tokens: usize,
+        first_chunk: usize,
+    ) -> Result<LookupResult> {
         let t0 = Instant::now();
+        let start = self.keys.window_start(n_tokens, first_chunk)?;
         let chunks = self.keys.num_chunks(n_tokens);
-        if keys.len() != chunks {
+        if keys.len() != chunks - first_chunk {
+            let from = if first_chunk == 0 {
+                String::new()
+            } else {
+                format!(" from chunk {first_chunk} on")
+            };
             return Err(Error::invalid(format!(
-                "{} keys sent for a {n_tokens}-token prompt of {chunks} chunks",
+                "{} keys sent for a {n_tokens}-token prompt of {chunks} chunks{from}",
                 keys.len()
             )));
         }
-        self.lookup_prefix(t0, keys, n_tokens)
+        self.lookup_window(t0, keys, n_tokens, start)
     }
 
-    /// The lookup both entries share: the manager's answer in tokens, and the metrics.
-    fn lookup_prefix(
+    /// The lookup every entry shares: the manager's answer in tokens, and the metrics.
+    /// `keys` are the keys of the chunks from the one starting at token `start` on.
+    fn lookup_window(
         &self,
         t0: Instant,
         keys: &[ChunkKey],
         n_tokens: usize,
+        start: usize,
     ) -> Result<LookupResult> {
         self.core.manager.observe_prompt(keys, PromptReport::Lookup);
         let r = self.core.manager.lookup(keys)?;
-        // Chunk i holds tokens i*cs .. min((i+1)*cs, n): a prefix of h chunks ends there.
-        let hit_tokens = (r.hit_chunks * self.keys.chunk_size()).min(n_tokens);
+        // The window's chunks start on chunk boundaries and run to the prompt's end: a run
+        // of h chunks ends h chunks later, or at the prompt's last token.
+        // Saturating: `n_tokens` may come from a client (near `usize::MAX`).
+        let hit_tokens = start
+            .saturating_add(r.hit_chunks.saturating_mul(self.keys.chunk_size()))
+            .min(n_tokens);
         let m = &self.core.metrics;
         m.lookups.inc();
-        m.requested_tokens.inc_by(n_tokens as u64);
-        m.hit_tokens.inc_by(hit_tokens as u64);
+        // Tokens addressed and found: a window counts only its own tokens.
+        m.requested_tokens.inc_by((n_tokens - start) as u64);
+        m.hit_tokens.inc_by((hit_tokens - start) as u64);
         m.lookup_seconds.observe(t0.elapsed().as_secs_f64());
         Ok(LookupResult {
             hit_tokens,
             hit_chunks: r.hit_chunks,
             tiers: r.tiers,
         })
+    }
+
+    /// The chunks of a windowed operation: chunk `first_chunk` of the prompt and every later
+    /// one. The range is checked before any hashing.
+    fn window(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        first_chunk: usize,
+    ) -> Result<Window> {
+        let start = self.keys.window_start(tokens.len(), first_chunk)?;
+        // Chained keys: chunk i's key needs every chunk before it hashed.
+        let mut spans = self.keys.chunk_spans(tokens, cache_salt)?;
+        let spans = spans.split_off(first_chunk);
+        Ok(Window { start, spans })
     }
 
     /// Pins the L1-resident chunks of the prompt's stored prefix for `ttl` (default: the pin
@@ -429,13 +506,29 @@ impl Engine {
         cache_salt: Option<&str>,
         payload: &[u8],
     ) -> Result<StoreReport> {
+        self.store_from(tokens, cache_salt, 0, payload)
+    }
+
+    /// Stores chunks `first_chunk..` of a prompt's KV, with [`Engine::store`]'s claims,
+    /// dedupe and no-memory rules. `payload` starts at chunk `first_chunk`'s first token
+    /// (chunk `first_chunk`'s payload at offset 0) and covers at least the chunked tokens
+    /// from there. `stored_tokens` is the absolute token where the stored run ends (the
+    /// window start when nothing from it is stored; see [`crate::api`]).
+    pub fn store_from(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        first_chunk: usize,
+        payload: &[u8],
+    ) -> Result<StoreReport> {
         let t0 = Instant::now();
         let bpt = self.bytes_per_token();
         self.keys
-            .check_payload_len(tokens.len(), bpt, payload.len())?;
-        let mut session = self.begin_store(tokens, cache_salt)?;
+            .check_window_payload_len(tokens.len(), first_chunk, bpt, payload.len())?;
+        let base = self.keys.window_start(tokens.len(), first_chunk)?;
+        let mut session = self.begin_store_from(tokens, cache_salt, first_chunk)?;
         for slot in &mut session.slots {
-            let src = &payload[slot.span.start * bpt..slot.span.end * bpt];
+            let src = &payload[(slot.span.start - base) * bpt..(slot.span.end - base) * bpt];
             slot.checksum = Some(copy_with_checksum(slot.buf.as_mut_slice(), src));
         }
         let report = self.commit_store(session);
@@ -455,12 +548,23 @@ impl Engine {
     /// or in flight elsewhere are skipped; allocation stops at the first chunk L1 cannot
     /// make room for. Dropping the session releases claims and buffers.
     pub fn begin_store(&self, tokens: &[u32], cache_salt: Option<&str>) -> Result<StoreSession> {
-        let spans = self.keys.chunk_spans(tokens, cache_salt)?;
+        self.begin_store_from(tokens, cache_salt, 0)
+    }
+
+    /// [`Engine::begin_store`] over chunks `first_chunk..` of the prompt. The slots' spans
+    /// are absolute token ranges, as always.
+    pub fn begin_store_from(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        first_chunk: usize,
+    ) -> Result<StoreSession> {
+        let Window { start, spans } = self.window(tokens, cache_salt, first_chunk)?;
         let bpt = self.bytes_per_token();
         let mut session = StoreSession {
             origin: self.origin(cache_salt)?,
             slots: Vec::new(),
-            stored_tokens: 0,
+            stored_tokens: start,
             present_chunks: 0,
             inflight_chunks: 0,
             dropped_chunks: 0,
@@ -541,13 +645,25 @@ impl Engine {
     /// unevictable) until the [`Acquired`] value drops. For readers that copy out of the
     /// pool themselves (shared-memory clients).
     pub fn acquire(&self, tokens: &[u32], cache_salt: Option<&str>) -> Result<Acquired> {
-        let spans = self.keys.chunk_spans(tokens, cache_salt)?;
+        self.acquire_from(tokens, cache_salt, 0)
+    }
+
+    /// [`Engine::acquire`] of the contiguous run of stored chunks starting at chunk
+    /// `first_chunk`. Spans stay absolute; `hit_tokens` is where the run ends (the window
+    /// start when nothing is held).
+    pub fn acquire_from(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        first_chunk: usize,
+    ) -> Result<Acquired> {
+        let Window { start, mut spans } = self.window(tokens, cache_salt, first_chunk)?;
         let keys = spans.iter().map(|s| s.key).collect();
         let loaded = self.core.manager.prefetch(keys).wait()?;
-        let n = loaded.chunks.len();
+        spans.truncate(loaded.chunks.len());
         Ok(Acquired {
-            hit_tokens: if n == 0 { 0 } else { spans[n - 1].end },
-            spans: spans.into_iter().take(n).collect(),
+            hit_tokens: spans.last().map_or(start, |s| s.end),
+            spans,
             chunks: loaded.chunks,
             tiers: loaded.tiers,
         })
@@ -572,15 +688,36 @@ impl Engine {
         cache_salt: Option<&str>,
         out: &mut [u8],
     ) -> Result<RetrieveReport> {
+        self.retrieve_from(tokens, cache_salt, 0, out)
+    }
+
+    /// Loads the contiguous run of stored chunks starting at chunk `first_chunk` and copies
+    /// it into `out`, laid out like [`Engine::store_from`]'s payload (chunk `first_chunk` at
+    /// offset 0); `out` must hold the chunked tokens from there. The run stops at the first
+    /// chunk missing or corrupt (C4). `hit_tokens` is the absolute token where the copied
+    /// run ends (the window start when nothing was copied; see [`crate::api`]).
+    pub fn retrieve_from(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        first_chunk: usize,
+        out: &mut [u8],
+    ) -> Result<RetrieveReport> {
         let t0 = Instant::now();
-        let spans = self.keys.chunk_spans(tokens, cache_salt)?;
+        let Window { start, spans } = self.window(tokens, cache_salt, first_chunk)?;
         let bpt = self.bytes_per_token();
-        let covered = spans.last().map_or(0, |s| s.end);
-        if out.len() < covered * bpt {
+        let covered = spans.last().map_or(start, |s| s.end);
+        if out.len() < (covered - start) * bpt {
+            let from = if first_chunk == 0 {
+                String::new()
+            } else {
+                format!(" from chunk {first_chunk} (token {start}) on")
+            };
             return Err(Error::invalid(format!(
-                "output buffer is {} bytes; the {covered} chunked tokens need {}",
+                "output buffer is {} bytes; the {} chunked tokens{from} need {}",
                 out.len(),
-                covered * bpt
+                covered - start,
+                (covered - start) * bpt
             )));
         }
         let keys = spans.iter().map(|s| s.key).collect();
@@ -589,7 +726,7 @@ impl Engine {
         let (handle, arriving) = self.core.manager.prefetch_streaming(keys);
         let (mut bytes, mut n) = (0u64, 0usize);
         for (span, chunk) in spans.iter().zip(arriving.iter()) {
-            let dst = &mut out[span.start * bpt..span.end * bpt];
+            let dst = &mut out[(span.start - start) * bpt..(span.end - start) * bpt];
             if chunk.len() != dst.len() {
                 return Err(Error::Corrupt(format!(
                     "chunk {} holds {} bytes, expected {}",
@@ -618,7 +755,7 @@ impl Engine {
                 .observe(bytes as f64 / dt / 1e9);
         }
         Ok(RetrieveReport {
-            hit_tokens: if n == 0 { 0 } else { spans[n - 1].end },
+            hit_tokens: if n == 0 { start } else { spans[n - 1].end },
             tiers,
         })
     }
@@ -726,26 +863,33 @@ impl crate::api::KvCache for Engine {
         Engine::bytes_per_token(self)
     }
 
-    fn lookup(&self, tokens: &[u32], cache_salt: Option<&str>) -> Result<LookupResult> {
-        Engine::lookup(self, tokens, cache_salt)
-    }
-
-    fn store(
+    fn lookup_from(
         &self,
         tokens: &[u32],
         cache_salt: Option<&str>,
+        first_chunk: usize,
+    ) -> Result<LookupResult> {
+        Engine::lookup_from(self, tokens, cache_salt, first_chunk)
+    }
+
+    fn store_from(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        first_chunk: usize,
         payload: &[u8],
     ) -> Result<crate::api::StoreSummary> {
-        Ok(Engine::store(self, tokens, cache_salt, payload)?.summary())
+        Ok(Engine::store_from(self, tokens, cache_salt, first_chunk, payload)?.summary())
     }
 
-    fn retrieve(
+    fn retrieve_from(
         &self,
         tokens: &[u32],
         cache_salt: Option<&str>,
+        first_chunk: usize,
         out: &mut [u8],
     ) -> Result<RetrieveReport> {
-        Engine::retrieve(self, tokens, cache_salt, out)
+        Engine::retrieve_from(self, tokens, cache_salt, first_chunk, out)
     }
 
     fn prefetch(

@@ -331,7 +331,30 @@ impl KeySpace {
 
     /// Tokens covered by the chunks (with keys) of a prompt of `n_tokens` tokens.
     pub fn covered_tokens(&self, n_tokens: usize) -> usize {
-        (self.num_chunks(n_tokens) * self.chunk_size).min(n_tokens)
+        // Saturating: a server is told prompt lengths by its clients, and a tail chunk
+        // rounds a length near `usize::MAX` past it.
+        self.num_chunks(n_tokens)
+            .saturating_mul(self.chunk_size)
+            .min(n_tokens)
+    }
+
+    /// First token of chunk `first_chunk` of a prompt of `n_tokens` tokens: where a windowed
+    /// operation (one over chunks `first_chunk..` only) lays out its payload from. The chunk
+    /// count itself is allowed (an empty window, starting at the end of the chunked tokens):
+    /// that is what makes a prompt shorter than one chunk valid at `first_chunk` 0. A larger
+    /// index is [`Error::InvalidInput`].
+    pub fn window_start(&self, n_tokens: usize, first_chunk: usize) -> Result<usize> {
+        let chunks = self.num_chunks(n_tokens);
+        if first_chunk > chunks {
+            return Err(Error::invalid(format!(
+                "first_chunk {first_chunk} is past the {chunks} chunks of a {n_tokens}-token prompt"
+            )));
+        }
+        // Below the chunk count this is chunk `first_chunk`'s start; at it, the clamp gives
+        // the end of the chunked tokens (a partial last chunk ends at `n_tokens`).
+        Ok(first_chunk
+            .saturating_mul(self.chunk_size)
+            .min(self.covered_tokens(n_tokens)))
     }
 
     /// Checks the length of a store payload for a prompt of `n_tokens` tokens: the chunk
@@ -342,14 +365,34 @@ impl KeySpace {
         bytes_per_token: usize,
         len: usize,
     ) -> Result<()> {
+        self.check_window_payload_len(n_tokens, 0, bytes_per_token, len)
+    }
+
+    /// [`KeySpace::check_payload_len`] for a windowed store: the payload starts at chunk
+    /// `first_chunk`'s first token ([`KeySpace::window_start`]) and runs to the end of the
+    /// chunked tokens or of the prompt.
+    pub fn check_window_payload_len(
+        &self,
+        n_tokens: usize,
+        first_chunk: usize,
+        bytes_per_token: usize,
+        len: usize,
+    ) -> Result<()> {
+        let start = self.window_start(n_tokens, first_chunk)?;
         let covered = self.covered_tokens(n_tokens);
-        if len == covered * bytes_per_token || len == n_tokens * bytes_per_token {
+        let (all, chunked) = (n_tokens - start, covered - start);
+        if len == chunked * bytes_per_token || len == all * bytes_per_token {
             return Ok(());
         }
+        let from = if first_chunk == 0 {
+            String::new()
+        } else {
+            format!(" from chunk {first_chunk} (token {start}) on")
+        };
         Err(Error::invalid(format!(
-            "KV payload is {len} bytes; {n_tokens} tokens of this model need {} bytes ({bytes_per_token} bytes per token; {} if only the {covered} chunked tokens are passed)",
-            n_tokens * bytes_per_token,
-            covered * bytes_per_token
+            "KV payload is {len} bytes; {all} tokens of this model{from} need {} bytes ({bytes_per_token} bytes per token; {} if only the {chunked} chunked tokens are passed)",
+            all * bytes_per_token,
+            chunked * bytes_per_token
         )))
     }
 

@@ -390,7 +390,7 @@ async fn open(
     let mut conn = Conn::new(stream);
     let hello = Request::HelloPeer {
         magic: wire::MAGIC,
-        version: wire::PROTOCOL_VERSION,
+        version: wire::HELLO_VERSION,
         client_name: format!("peer-tier-pid-{}", std::process::id()),
         auth_token: token,
     };

@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use super::chunk::PutResult;
 use super::rpc::{Slot, StoreCounts};
 #[cfg(doc)]
-use super::{MAGIC, PEER_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use super::{
+    HELLO_VERSION, MAGIC, PEER_PROTOCOL_VERSION, PROTOCOL_VERSION, WINDOW_PROTOCOL_VERSION,
+};
 use crate::error::Error;
 
 /// Machine-readable class of an error reply; maps onto [`crate::Error`] on the client.
@@ -43,7 +45,8 @@ pub enum Request {
     Hello {
         /// [`MAGIC`].
         magic: u32,
-        /// [`PROTOCOL_VERSION`].
+        /// The client's version: [`HELLO_VERSION`] for this crate's client (a server
+        /// accepts up to its [`PROTOCOL_VERSION`]).
         version: u16,
         /// Free-form client name for logs.
         client_name: String,
@@ -163,7 +166,8 @@ pub enum Request {
     HelloPeer {
         /// [`MAGIC`].
         magic: u32,
-        /// [`PROTOCOL_VERSION`] (at least [`PEER_PROTOCOL_VERSION`]).
+        /// The client's version, at least [`PEER_PROTOCOL_VERSION`] (this crate's peer tier
+        /// sends [`HELLO_VERSION`]).
         version: u16,
         /// Free-form client name for logs.
         client_name: String,
@@ -188,6 +192,37 @@ pub enum Request {
     RemoveChunk {
         /// The chunk key.
         key: [u8; 32],
+    },
+    // ----- version 3: windowed operations on a model connection; append only -----
+    // Sent only to a server whose HelloOk reports at least [`WINDOW_PROTOCOL_VERSION`]: an
+    // older one cannot decode them. Their replies are those of the whole-prompt forms, with
+    // chunk indices counted from `first_chunk` and token positions absolute.
+    /// [`Request::Lookup`] over chunks `first_chunk..` of the prompt; blob = the keys of
+    /// those chunks only, 32 bytes each. Replies [`Response::Lookup`] (`hit_chunks` counted
+    /// from `first_chunk`).
+    LookupFrom {
+        /// Prompt length in tokens.
+        n_tokens: u64,
+        /// First chunk addressed (at most the prompt's chunk count).
+        first_chunk: u64,
+    },
+    /// [`Request::BeginStore`] of chunks `first_chunk..` only; blob = the whole prompt's
+    /// tokens (the keys chain over all of them). Replies [`Response::StoreLease`] or
+    /// [`Response::Stored`]; slot token ranges stay absolute.
+    BeginStoreFrom {
+        /// Tenant salt.
+        salt: Option<String>,
+        /// First chunk stored.
+        first_chunk: u64,
+    },
+    /// [`Request::Acquire`] of the stored run of chunks starting at `first_chunk`; blob = the
+    /// whole prompt's tokens. Replies [`Response::Acquired`] (`hit_tokens` absolute: where
+    /// the run ends, the window start when nothing is held).
+    AcquireFrom {
+        /// Tenant salt.
+        salt: Option<String>,
+        /// First chunk loaded.
+        first_chunk: u64,
     },
 }
 
@@ -344,6 +379,22 @@ mod tests {
         assert_eq!(req(&Request::Remove { salt: None }), [18, 0]);
         assert_eq!(req(&Request::ContainsChunks), [20]);
         assert_eq!(req(&Request::PutChunk), [22]);
+        // Version 3's windowed requests come after every older variant.
+        let lf = Request::LookupFrom {
+            n_tokens: 1,
+            first_chunk: 2,
+        };
+        assert_eq!(req(&lf), [24, 1, 2]);
+        let bs = Request::BeginStoreFrom {
+            salt: None,
+            first_chunk: 3,
+        };
+        assert_eq!(req(&bs), [25, 0, 3]);
+        let ac = Request::AcquireFrom {
+            salt: None,
+            first_chunk: 4,
+        };
+        assert_eq!(req(&ac), [26, 0, 4]);
         assert_eq!(resp(&Response::Pong), [16]);
         assert_eq!(resp(&Response::Record), [18]);
         assert_eq!(resp(&Response::NotFound), [19]);
