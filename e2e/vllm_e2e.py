@@ -127,7 +127,7 @@ def main():
     if "mla_tp" in suites:
         vllm_models.mla_tp(work, check, run_case, step, stop_group, timings)
     if "llama_tp" in suites:
-        vllm_models.llama_tp(work, model, check, run_case, timings)
+        vllm_models.llama_tp(work, model, check, run_case, stop_group, timings)
     if "events" in suites:  # the connector's KV events through vLLM's publisher, into Dynamo's index
         # ~30 MiB of L1 (4 KiB of KV per token): about 60 chunks of 128 tokens, fewer than
         # one instance's 25 prompts need, so stores evict.

@@ -255,7 +255,7 @@ def _batch(res, label):
     return {r["prompt"]: r for r in next(s for s in res["steps"] if s["label"] == label)["batch"]}
 
 
-def llama_tp(work, llama_model, check, run_case, timings):
+def llama_tp(work, llama_model, check, run_case, stop_group, timings):
     """The Llama-style model (GQA: each rank holds its share of the KV heads, keyed with
     its rank) at tensor parallelism 2, embedded (an engine per rank) and through one
     `kvtier serve` (both ranks' chunks in one store): a batch of concurrent prompts with
@@ -299,11 +299,5 @@ def llama_tp(work, llama_model, check, run_case, timings):
                   f"{hits3} == {doc_chunks}")
     finally:
         if started is not None:
-            proc = started[0]
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_group(started[0], 15)
         timings["Llama TP=2, embedded and via kvtier serve (3 vLLM processes), s"] = time.time() - t0

@@ -327,15 +327,15 @@ def worker(tmp_path, request):
         c.shutdown()
 
 
-def run_step(conn, caches, meta, hooks=True, attention=None):
+def run_step(conn, caches, meta, hooks=True, attention=None, join=True):
     """One model step in vLLM 0.32's order; `attention(i)` plays layer i's attention.
     Like vLLM's model runner, under inference mode (which is per thread: the connector's
     background copies must enter it themselves to update the tensors made here)."""
     with torch.inference_mode():
-        return _run_step(conn, caches, meta, hooks, attention)
+        return _run_step(conn, caches, meta, hooks, attention, join)
 
 
-def _run_step(conn, caches, meta, hooks, attention):
+def _run_step(conn, caches, meta, hooks, attention, join):
     conn.bind_connector_metadata(meta)
     conn.start_load_kv(None)
     for i, name in enumerate(NAMES):
@@ -349,8 +349,10 @@ def _run_step(conn, caches, meta, hooks, attention):
     errs = conn.get_block_ids_with_load_errors()
     conn.clear_connector_metadata()
     # The tests look at the engine right after a step: let the step's stores (which run
-    # behind the following steps, see test_stores_run_behind_the_step...) land first.
-    conn.worker_side.join_stores()
+    # behind the following steps, see test_stores_run_behind_the_step...) land first,
+    # unless the test watches them itself (join=False).
+    if join:
+        conn.worker_side.join_stores()
     return errs
 
 
@@ -985,8 +987,7 @@ def test_stores_run_behind_the_step_and_lookups_wait_for_them(tmp_path):
         gated = conn.worker_side.engine = GatedStores(conn.worker_side.engine)
         meta = KvTierConnectorMetadata()
         meta.saves.append(SaveSpec("r1", TOKENS, None, [0, 1, 2, 3]))
-        with torch.inference_mode():
-            _run_step_unjoined(conn, caches, meta)
+        run_step(conn, caches, meta, join=False)
         assert gated.started.wait(10.0)  # the store runs, after wait_for_save returned
         assert gated._eng.lookup(TOKENS) == 0
         got = []
@@ -1015,16 +1016,6 @@ def test_stores_run_behind_the_step_and_lookups_wait_for_them(tmp_path):
         conn.shutdown()
 
 
-def _run_step_unjoined(conn, caches, meta):
-    conn.bind_connector_metadata(meta)
-    conn.start_load_kv(None)
-    for name in NAMES:
-        conn.wait_for_layer_load(name)
-        conn.save_kv_layer(name, caches[name], None)
-    conn.wait_for_save()
-    conn.clear_connector_metadata()
-
-
 @pytest.mark.parametrize("extra", [{"async_store": False}, {"staging": "pool"}, {"kv_events": True}])
 def test_stores_finish_inside_wait_for_save_when_not_in_the_background(tmp_path, extra):
     """Turned off, with the pool's buffers committed in place, and with KV events on (a
@@ -1040,8 +1031,7 @@ def test_stores_finish_inside_wait_for_save_when_not_in_the_background(tmp_path,
     try:
         meta = KvTierConnectorMetadata()
         meta.saves.append(SaveSpec("r1", TOKENS, None, [0, 1, 2, 3]))
-        with torch.inference_mode():
-            _run_step_unjoined(conn, caches, meta)
+        run_step(conn, caches, meta, join=False)
         assert conn.worker_side.engine.lookup(TOKENS) == len(TOKENS)
     finally:
         conn.shutdown()

@@ -959,9 +959,10 @@ impl KvCache for KvClient {
         cache_salt: Option<&str>,
         first_chunk: usize,
     ) -> Result<LookupResult> {
-        let start = self.shared.keys.window_start(tokens.len(), first_chunk)?;
-        let mut spans = self.shared.keys.chunk_spans(tokens, cache_salt)?;
-        let window = spans.split_off(first_chunk);
+        let (start, window) = self
+            .shared
+            .keys
+            .window_spans(tokens, cache_salt, first_chunk)?;
         let keys: Vec<ChunkKey> = window.iter().map(|s| s.key).collect();
         let (hit_chunks, tiers) = self.lookup_keys_from(&keys, tokens.len(), first_chunk)?;
         if hit_chunks > window.len() {

@@ -62,6 +62,11 @@ def layer_number(name: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+def layer_order(name: str) -> tuple[int, str]:
+    """A sort key putting vLLM layer names in model order."""
+    return (layer_number(name), name)
+
+
 def kv_groups(kv_cache_config: Any, model: str) -> list[KvGroup]:
     """The model's KV-cache groups (one full-attention group when vLLM gives no config).
     ValueError naming the model and the group for a kind kvtier cannot store."""
@@ -79,7 +84,7 @@ def kv_groups(kv_cache_config: Any, model: str) -> list[KvGroup]:
         spec = g.kv_cache_spec
         if UniformTypeKVCacheSpecs and isinstance(spec, UniformTypeKVCacheSpecs):
             spec = spec.first_spec
-        names = tuple(sorted(g.layer_names, key=lambda n: (layer_number(n), n)))
+        names = tuple(sorted(g.layer_names, key=layer_order))
         if isinstance(spec, SlidingWindowSpec):
             out.append(KvGroup(i, len(groups), "sliding", int(spec.sliding_window), names))
         elif isinstance(spec, FullAttentionSpec):
@@ -111,14 +116,7 @@ def hybrid_hit(groups: Sequence[KvGroup], lookup: Callable[[KvGroup, int, int], 
         if not g.sliding and b > 0:
             b = min(b, (lookup(g, b, 0) // chunk) * chunk)
     while b > 0:
-        short = None
-        for g in groups:
-            if g.sliding:
-                got = lookup(g, b, g.window_start(b, chunk))
-                if got < b:
-                    short = got
-                    break
-        if short is None:
+        if all(lookup(g, b, g.window_start(b, chunk)) >= b for g in groups if g.sliding):
             return b
         b -= chunk
     return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
-import re
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ import torch
 
 from .arbitration import MIN_STEP_TOKENS
 from .events import ConnectorEvents, WorkerEvents, events_enabled
+from .groups import layer_order
 from .lookup import LookupServer, authkey, socket_path
 from .metadata import KvTierConnectorMetadata, LoadSpec
 from .settings import ConnectorSettings, kv_dtype_code, model_identity, use_mla
@@ -75,11 +75,6 @@ def saves_on_this_rank(identity: dict, server_mode: bool) -> bool:
     return int(identity.get("rank", 0)) == 0
 
 
-def _layer_order(name: str) -> tuple[int, str]:
-    m = re.search(r"layers\.(\d+)\.", name)
-    return (int(m.group(1)) if m else 0, name)
-
-
 class WorkerSide:
     """Loads and saves of one worker. Nothing happens before register_kv_caches."""
 
@@ -110,7 +105,7 @@ class WorkerSide:
         self._store_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._inflight_store: concurrent.futures.Future | None = None
         self._store_lock = threading.Lock()
-        self._background_stores = False  # decided once the caches (and their device) are known
+        self._background_stores = False  # decided in register_kv_caches (KV events on or off)
         self._events: WorkerEvents | None = None  # KV events on: the tiers' changes as vLLM events
         self._server_events = None  # server mode with events: the server's stream, followed
         # For the scheduler's load-vs-recompute arbitration, drained with each step's stats:
@@ -132,7 +127,7 @@ class WorkerSide:
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Opens the engine for these caches and (embedded mode) starts the lookup socket."""
-        names = sorted(kv_caches, key=_layer_order)
+        names = sorted(kv_caches, key=layer_order)
         first = kv_caches[names[0]]
         code = kv_dtype_code(self._vllm_config, first.dtype)
         self._device = first.device

@@ -467,10 +467,7 @@ impl Engine {
         cache_salt: Option<&str>,
         first_chunk: usize,
     ) -> Result<Window> {
-        let start = self.keys.window_start(tokens.len(), first_chunk)?;
-        // Chained keys: chunk i's key needs every chunk before it hashed.
-        let mut spans = self.keys.chunk_spans(tokens, cache_salt)?;
-        let spans = spans.split_off(first_chunk);
+        let (start, spans) = self.keys.window_spans(tokens, cache_salt, first_chunk)?;
         Ok(Window { start, spans })
     }
 

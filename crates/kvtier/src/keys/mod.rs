@@ -401,6 +401,20 @@ impl KeySpace {
         self.chunk_spans_limited(tokens, cache_salt, usize::MAX)
     }
 
+    /// The chunks a windowed operation addresses: the window start
+    /// ([`KeySpace::window_start`], checked before any hashing) and the spans of chunks
+    /// `first_chunk..` (chained keys: every chunk before them is hashed too).
+    pub fn window_spans(
+        &self,
+        tokens: &[u32],
+        cache_salt: Option<&str>,
+        first_chunk: usize,
+    ) -> Result<(usize, Vec<ChunkSpan>)> {
+        let start = self.window_start(tokens.len(), first_chunk)?;
+        let mut spans = self.chunk_spans(tokens, cache_salt)?;
+        Ok((start, spans.split_off(first_chunk)))
+    }
+
     /// Like [`KeySpace::chunk_spans`] but stops after `max_chunks` chunks.
     pub fn chunk_spans_limited(
         &self,
