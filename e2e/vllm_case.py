@@ -179,10 +179,17 @@ def main(spec_path: str, out_path: str) -> None:
         outs = llm.generate([{"prompt_token_ids": prompts[n]} for n in names], sp, use_tqdm=False)
         dt = time.perf_counter() - t0
         per = [request_result(n, out) for n, out in zip(names, outs)]
+        stored = None
+        if embedded:  # what the step stored (its stores land before a stats answer)
+            from kvtier.vllm import worker_call
+
+            tier = worker_call(spec["engine_id"], "stats", lookup_socket_dir=sock_dir)["tiers"][0]
+            stored = {"stored_bytes": tier["stored_bytes"], "stored_chunks": tier["stored_chunks"]}
         if isinstance(name, list):  # a batch: one result per prompt
-            steps.append({"label": label, "prompt": names, "seconds": dt, "batch": per, "events_before": seen})
+            steps.append({"label": label, "prompt": names, "seconds": dt, "batch": per, "events_before": seen,
+                          "l1_after": stored})
         else:
-            steps.append(dict(per[0], label=label, seconds=dt, events_before=seen))
+            steps.append(dict(per[0], label=label, seconds=dt, events_before=seen, l1_after=stored))
         print(f"[case] {label}: {dt:.3f}s cached={[r['num_cached_tokens'] for r in per]}", flush=True)
     result = {"steps": steps}
     if events is not None:

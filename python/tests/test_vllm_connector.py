@@ -440,6 +440,21 @@ def test_load_and_save_in_one_step(worker):
         assert torch.equal(out[2, li], kv_of(fresh[name][0])) and torch.equal(out[3, li], kv_of(fresh[name][1]))
 
 
+def test_a_salted_prompt_loads_under_its_own_salt_only(worker):
+    """vLLM's cache_salt (per-tenant isolation) keys a request's chunks: its load finds
+    them, in either staging mode, and another salt's load of the same tokens does not."""
+    conn, caches = worker()
+    run_step(conn, caches, KvTierConnectorMetadata())
+    src, dst = [3, 5, 7, 9], [20, 21, 22, 23]
+    run_step(conn, caches, KvTierConnectorMetadata(saves=[SaveSpec("s", TOKENS, "tenant-a", src)]))
+    assert run_step(conn, caches, KvTierConnectorMetadata(loads=[LoadSpec("l", TOKENS, "tenant-a", dst, 0)])) == set()
+    for name in NAMES:
+        assert torch.equal(caches[name][dst], caches[name][src])
+    other = [40, 41, 42, 43]
+    errs = run_step(conn, caches, KvTierConnectorMetadata(loads=[LoadSpec("x", TOKENS, "tenant-b", other, 0)]))
+    assert errs == set(other)
+
+
 def test_without_hooks_loads_and_saves_fall_back_to_whole_step_copies(worker):
     conn, caches = worker()
     src = [3, 5, 7, 9]

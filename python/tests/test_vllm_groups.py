@@ -60,8 +60,12 @@ def test_unsupported_group_kinds_fail_naming_the_model_and_the_group():
 
 def test_window_start_is_the_chunk_of_the_first_token_the_window_needs():
     g = KvGroup(1, 2, "sliding", 40, ())
-    assert g.window_start(160, C) == (160 - 40) // C == 7
+    assert g.window_start(160, C) == (160 - 39) // C == 7
     assert g.window_start(32, C) == 0
+    # vLLM keeps tokens boundary - window + 1 .. on: with a window of 33 before token 48,
+    # token 16 on, so chunk 0 is not needed.
+    assert KvGroup(1, 2, "sliding", 33, ()).window_start(48, C) == 1
+    assert KvGroup(0, 2, "full", 0, ()).skipped_tokens(1000) == 0
 
 
 class Store:
@@ -129,7 +133,7 @@ def test_hybrid_hit_matches_a_brute_force_model():
         assert hybrid_hit(gs, st.lookup, n, C) == want
 
 
-def test_the_connector_refuses_unsupported_groups_and_hybrid_configs_at_start_up():
+def test_the_connector_refuses_unsupported_groups_at_start_up():
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
     from kvtier.vllm import KvTierConnector
@@ -139,5 +143,6 @@ def test_the_connector_refuses_unsupported_groups_and_hybrid_configs_at_start_up
     mamba = MambaSpec(block_size=C, shapes=((2, 2),), dtypes=(torch.float32,))
     with pytest.raises(ValueError, match=r"model test/tiny: KV-cache group 0 \(MambaSpec"):
         KvTierConnector(vc, KVConnectorRole.SCHEDULER, config((mamba, names(0))))
-    with pytest.raises(ValueError, match="2 KV-cache groups .*disable-hybrid-kv-cache-manager"):
-        KvTierConnector(vc, KVConnectorRole.SCHEDULER, config((full_spec(), names(0)), (sliding_spec(64), names(1))))
+    with pytest.raises(ValueError, match=r"group 1 has blocks of 32 tokens, not the configured 16"):
+        big = FullAttentionSpec(block_size=32, num_kv_heads=2, head_size=8, dtype=torch.float32)
+        KvTierConnector(vc, KVConnectorRole.SCHEDULER, config((sliding_spec(64), names(0)), (big, names(1))))

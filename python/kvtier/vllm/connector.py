@@ -11,10 +11,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
+    SupportsHMA,
 )
 from vllm.logger import init_logger
 
-from .groups import kv_groups
+from .groups import check_hybrid, kv_groups
 from .metadata import KvTierConnectorMetadata
 from .scheduler import SchedulerSide
 from .settings import ConnectorSettings
@@ -35,8 +37,10 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = init_logger("vllm.kvtier")
 
 
-class KvTierConnector(KVConnectorBase_V1):
-    """Stores prompt KV in kvtier and loads stored prefixes instead of recomputing them."""
+class KvTierConnector(KVConnectorBase_V1, SupportsHMA):
+    """Stores prompt KV in kvtier and loads stored prefixes instead of recomputing them.
+    With vLLM's hybrid KV cache manager on, each KV-cache group (full attention, sliding
+    window) is stored under an identity of its own (see :mod:`.groups`)."""
 
     def __init__(
         self,
@@ -49,13 +53,7 @@ class KvTierConnector(KVConnectorBase_V1):
         model = str(getattr(getattr(vllm_config, "model_config", None), "model", "?"))
         # Group kinds kvtier cannot store fail here, naming the model and the group.
         groups = kv_groups(kv_cache_config, model)
-        if len(groups) > 1:
-            raise ValueError(
-                f"kvtier connector: model {model} has {len(groups)} KV-cache groups "
-                f"({', '.join(g.kind for g in groups)}): the hybrid KV cache manager is on, which this "
-                "connector does not support yet; start vLLM with --disable-hybrid-kv-cache-manager "
-                "(disable_hybrid_kv_cache_manager=True)"
-            )
+        check_hybrid(groups, settings, model)
         self.scheduler_side: SchedulerSide | None = None
         self.worker_side: WorkerSide | None = None
         # Wall time inside this role's hooks (the cost kvtier adds to vLLM's steps).
@@ -63,10 +61,10 @@ class KvTierConnector(KVConnectorBase_V1):
         self._role_name = "scheduler" if role == KVConnectorRole.SCHEDULER else "worker"
         self._counters_sent = dict.fromkeys(WORKER_COUNTERS, 0)  # worker counters already reported
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler_side = SchedulerSide(settings, vllm_config)
+            self.scheduler_side = SchedulerSide(settings, vllm_config, groups)
         else:
             num_blocks = int(kv_cache_config.num_blocks) if kv_cache_config is not None else None
-            self.worker_side = WorkerSide(settings, vllm_config, num_blocks, self.hook_times)
+            self.worker_side = WorkerSide(settings, vllm_config, num_blocks, self.hook_times, groups)
         logger.info(
             "kvtier connector (%s): chunk %d tokens = %d block(s) of %d; %s mode",
             role.name if hasattr(role, "name") else role,
@@ -168,6 +166,12 @@ class KvTierConnector(KVConnectorBase_V1):
             return False, None
         return self.hook_times.call("request_finished", self.scheduler_side.request_finished, request, block_ids)
 
+    def request_finished_all_groups(self, request: "Request", block_ids: tuple[list[int], ...]
+                                    ) -> tuple[bool, dict | None]:
+        """vLLM's call for a finished request when the connector supports hybrid models:
+        saves are issued in the steps and end in them, so no block is held back."""
+        return self.request_finished(request, list(block_ids[0]) if block_ids else [])
+
     # -- worker side -----------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
@@ -204,6 +208,14 @@ class KvTierConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, None
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """Hybrid models: the requests whose loads ended in this step (failed ones too, as
+        vLLM wants them), and the failed ones, which vLLM recomputes."""
+        if self.worker_side is None:
+            return KVConnectorTransferResults()
+        done, failed = self.worker_side.transfer_results()
+        return KVConnectorTransferResults(finished_recving=done, failed_recving=failed)
 
     def get_kv_connector_kv_cache_events(self):
         """The blocks that entered and left this worker's L1 in the last step (KV events on)."""

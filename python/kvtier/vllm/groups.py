@@ -15,6 +15,7 @@ wrong KV."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from typing import Any, Callable, Sequence
@@ -30,8 +31,9 @@ class KvGroup:
     index: int
     count: int  # groups of the model
     kind: str  # "full" or "sliding"
-    window: int  # tokens a sliding-window layer attends to (0: full attention)
+    window: int  # tokens a sliding-window layer keeps: its window (and any extra retained; 0: full)
     layer_names: tuple[str, ...]
+    block_size: int = 0  # vLLM's block size in this group (0: not given)
 
     @property
     def sliding(self) -> bool:
@@ -49,11 +51,27 @@ class KvGroup:
 
     def window_start(self, boundary: int, chunk: int) -> int:
         """The first chunk a hit ending at token ``boundary`` needs from this group: 0 for
-        full attention; for a sliding window, the chunk holding token ``boundary - window``
-        (vLLM keeps the last ``window - 1`` tokens' blocks before a hit boundary)."""
+        full attention; for a sliding window, the chunk holding token ``boundary - window + 1``
+        (vLLM keeps the blocks of the last ``window - 1`` tokens before a hit boundary)."""
+        return self.skipped_tokens(boundary) // chunk
+
+    def skipped_tokens(self, computed: int) -> int:
+        """The leading tokens whose blocks vLLM has given back (its null block in their
+        place) once ``computed`` tokens are computed: none for full attention."""
         if not self.sliding:
             return 0
-        return max(0, boundary - self.window) // chunk
+        return max(0, computed - self.window + 1)
+
+
+def group_identity(identity: dict, group: KvGroup) -> dict:
+    """The engine identity of one group: the model's, with the group's layout tag and
+    layer count (a single group keeps the model's identity as it is)."""
+    if group.count == 1 and not group.sliding:
+        return identity
+    out = copy.deepcopy(identity)
+    out["layout"]["tag"] = group.layout_tag()
+    out["layout"]["groups"][0]["num_layers"] = len(group.layer_names)
+    return out
 
 
 def layer_number(name: str) -> int:
@@ -85,13 +103,16 @@ def kv_groups(kv_cache_config: Any, model: str) -> list[KvGroup]:
         if UniformTypeKVCacheSpecs and isinstance(spec, UniformTypeKVCacheSpecs):
             spec = spec.first_spec
         names = tuple(sorted(g.layer_names, key=layer_order))
+        bs = int(getattr(spec, "block_size", 0) or 0)
         if isinstance(spec, SlidingWindowSpec):
-            out.append(KvGroup(i, len(groups), "sliding", int(spec.sliding_window), names))
+            # Extra retained tokens (multi-token prediction) stay allocated below the window.
+            keep = int(spec.sliding_window) + int(getattr(spec, "extra_retained_tokens", 0) or 0)
+            out.append(KvGroup(i, len(groups), "sliding", keep, names, bs))
         elif isinstance(spec, FullAttentionSpec):
             # A block for every prompt token (MLA, sinks too). With HMA off a sliding-window
             # layer is one of these: it keeps every token (spec.sliding_window is only a note
             # for the model runner).
-            out.append(KvGroup(i, len(groups), "full", 0, names))
+            out.append(KvGroup(i, len(groups), "full", 0, names, bs))
         else:
             raise ValueError(
                 f"kvtier connector: model {model}: KV-cache group {i} ({type(spec).__name__}, layers "
@@ -120,3 +141,54 @@ def hybrid_hit(groups: Sequence[KvGroup], lookup: Callable[[KvGroup, int, int], 
             return b
         b -= chunk
     return 0
+
+
+def check_hybrid(groups: Sequence[KvGroup], settings: Any, model: str) -> None:
+    """ValueError (naming the model and what to change) for the settings a hybrid model
+    cannot run with yet."""
+    if not is_hybrid(groups):
+        return
+    kinds = ", ".join(f"{g.index}: {g.kind}{g.window if g.sliding else ''}" for g in groups)
+    what = f"kvtier connector: model {model} runs with {len(groups)} KV-cache groups ({kinds})"
+    if settings.disaggregated:
+        raise ValueError(f"{what}: prefill/decode disaggregation ({settings.kv_role}) is not supported for it "
+                         "yet; start vLLM with --disable-hybrid-kv-cache-manager to hand over every layer's KV")
+    if settings.staging == "pool":
+        raise ValueError(f"{what}: staging 'pool' is not supported for it; use staging: pinned (the default)")
+    for g in groups:
+        if g.block_size and g.block_size != settings.block_size:
+            raise ValueError(f"{what}: group {g.index} has blocks of {g.block_size} tokens, not the "
+                             f"configured {settings.block_size}; kvtier needs one block size for every group")
+
+
+def is_hybrid(groups: Sequence[KvGroup]) -> bool:
+    """Whether the hybrid KV cache manager gave the model more than one group (or a group
+    that keeps only a window): loads then go group by group, asynchronously."""
+    return len(groups) > 1 or any(g.sliding for g in groups)
+
+
+class HybridEngines:
+    """The engines of a hybrid model's groups (one identity each, over the same tiers),
+    answering lookups as one engine: the prefix every group can load (:func:`hybrid_hit`).
+    Everything else (stats, flush, ...) is the cache's, so the first engine answers."""
+
+    def __init__(self, groups: Sequence[KvGroup], engines: Sequence[Any], chunk: int):
+        self.groups = list(groups)
+        self.engines = list(engines)
+        self.chunk = chunk
+
+    def lookup(self, tokens: Sequence[int], salt: str | None = None) -> int:
+        """The longest chunk-aligned prefix of ``tokens`` every group can load."""
+        def group_lookup(g: KvGroup, boundary: int, first_chunk: int) -> int:
+            return int(self.engines[g.index].lookup(tokens[:boundary], salt, first_chunk=first_chunk))
+
+        return hybrid_hit(self.groups, group_lookup, len(tokens), self.chunk)
+
+    def lookup_detail(self, tokens: Sequence[int], salt: str | None = None) -> dict:
+        """:meth:`lookup`'s answer in ``lookup_detail``'s shape; no tier per chunk (a
+        hybrid load is not split by tier)."""
+        hit = self.lookup(tokens, salt)
+        return {"hit_tokens": hit, "hit_chunks": hit // self.chunk, "tiers": [], "start_token": 0}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engines[0], name)

@@ -19,6 +19,9 @@ class LoadSpec:
     tiers: list[int] | None = None  # tier of each chunk to load (from the lookup), when known
     end: int | None = None  # fill the prompt's tokens before this one (None: all of ``tokens``)
     block_hashes: list | None = None  # KV events on: vLLM's hashes of the full blocks of ``tokens``
+    group: int = 0  # vLLM's KV-cache group the blocks belong to (hybrid models)
+    first_chunk: int = 0  # the first chunk to read (a sliding-window group: its window's first)
+    async_load: bool = False  # the request waits for this load (reported in get_finished)
 
     @property
     def num_tokens(self) -> int:
@@ -35,6 +38,8 @@ class SaveSpec:
     salt: str | None
     block_ids: list[int]  # the blocks holding them, in prompt order (the last may be partial)
     block_hashes: list | None = None  # KV events on: vLLM's hashes of the full blocks of ``tokens``
+    group: int = 0  # vLLM's KV-cache group the blocks belong to (hybrid models)
+    first_chunk: int = 0  # chunks before this one are not stored (a sliding window's earlier ones)
 
 
 @dataclasses.dataclass
@@ -44,3 +49,4 @@ class KvTierConnectorMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = dataclasses.field(default_factory=list)
     saves: list[SaveSpec] = dataclasses.field(default_factory=list)
     num_tokens: int = 0  # tokens the step computes (all requests): the workers time it
+    async_loads: list[str] = dataclasses.field(default_factory=list)  # requests waiting for this step's loads

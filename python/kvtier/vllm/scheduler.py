@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from .arbitration import Arbiter, CostModel
 from .events import RankVotes, events_enabled, external_hashes
+from .groups import HybridEngines, KvGroup, group_identity, is_hybrid
 from .lookup import AsyncLookups, PendingLookup, RankClients, lookup_with_tiers
 from .metadata import KvTierConnectorMetadata, LoadSpec, SaveSpec
 from .settings import ConnectorSettings, kv_dtype_code, model_identity
@@ -43,6 +44,10 @@ class _ReqState:
     wait_until: float = 0.0  # ... waited for until then (monotonic)
     retry_at: float = 0.0  # the next lookup while waiting
     block_hashes: list | None = None  # KV events on: vLLM's hashes of the prompt's blocks
+    # Hybrid models (one block table per KV-cache group):
+    local: int = 0  # tokens vLLM computed locally (prefix cache) when it asked for the hit
+    group_blocks: list[list[int]] = dataclasses.field(default_factory=list)  # per group
+    next_chunk: list[int] = dataclasses.field(default_factory=list)  # per group: the first unsaved chunk
 
 
 class SchedulerSide:
@@ -52,23 +57,36 @@ class SchedulerSide:
     opens its own client of the server.
     """
 
-    def __init__(self, settings: ConnectorSettings, vllm_config: "VllmConfig"):
+    def __init__(self, settings: ConnectorSettings, vllm_config: "VllmConfig",
+                 groups: list[KvGroup] | None = None):
         self._s = settings
         self._reqs: dict[str, _ReqState] = {}
         self._engine = None  # server mode: this side's client of the server
+        #: vLLM's KV-cache groups. A hybrid model's loads are asynchronous (vLLM takes
+        #: failures only per request there) and go group by group; saves keep each
+        #: sliding-window group's window only.
+        self.groups = groups or [KvGroup(0, 1, "full", 0, ())]
+        self.hybrid = is_hybrid(self.groups)
+        self._async_loads: list[str] = []  # hybrid: requests whose blocks were just allocated
         #: Disaggregated decode: requests whose producer's chunks all arrived in time
         #: (``complete``) or not (``short``: the rest was recomputed).
         self.pd_stats = {"complete": 0, "short": 0}
         self._warned_pd = False
         #: Load or recompute, per request (see :mod:`.arbitration`).
         self.arbiter = Arbiter(settings.arbitration, CostModel(settings.prior_prefill_tok_s, settings.prior_chunk_s))
-        self._detail = settings.arbitration != "off"  # lookups say which tier holds each chunk
+        # Lookups say which tier holds each chunk; a hybrid load is not split by tier.
+        self._detail = settings.arbitration != "off" and not self.hybrid
         #: A prefill/decode instance hands over the whole prompt, its partial last chunk
         #: (the tail) included, where the engine keeps tails (embedded engines are opened so).
         self.tails = settings.disaggregated
         if settings.server_mode:
             ident = model_identity(vllm_config, kv_dtype_code(vllm_config), 0)
-            self._engine = settings.open_engine(ident)
+            if self.hybrid:
+                first = settings.open_engine(group_identity(ident, self.groups[0]))
+                engines = [first] + [first.for_identity(group_identity(ident, g)) for g in self.groups[1:]]
+                self._engine = HybridEngines(self.groups, engines, settings.chunk_tokens)
+            else:
+                self._engine = settings.open_engine(ident)
             lookup = self._server_lookup
             if self.tails and not getattr(self._engine, "save_unfull_chunk", False):
                 self.tails = False
@@ -88,7 +106,7 @@ class SchedulerSide:
         #: KV events (vLLM's --kv-events-config): the workers report what their L1 holds, in
         #: vLLM's block hashes; a chunk is announced once every rank holds it. A server
         #: publishes its own stream (kvtier serve --kv-events-config).
-        self.events = RankVotes(settings.num_ranks) if events_enabled(vllm_config) else None
+        self.events = RankVotes(settings.num_ranks) if events_enabled(vllm_config) and not self.hybrid else None
 
     def _server_lookup(self, tokens: list[int], salt: str | None, deadline: float) -> int | tuple[int, list[int]]:
         if not self._detail:
@@ -122,6 +140,7 @@ class SchedulerSide:
             role, n, full = self._s.kv_role, len(tokens), (len(tokens) // chunk) * chunk
             st.n_save = n if self.tails and role == "kv_producer" else full
             st.n_lookup = n if self.tails else full
+            st.next_chunk = [0] * len(self.groups)
             # Never load the whole prompt: the last token must be computed for logits. A
             # decoder loads everything else (the tail, or its last chunk, only in part);
             # otherwise loads are whole chunks.
@@ -129,6 +148,10 @@ class SchedulerSide:
                 st.usable = max(0, n - 1)
             else:
                 st.usable = ((n - 1) // chunk) * chunk if tokens else 0
+            if self.hybrid:
+                # A hit is loadable only where every sliding-window group holds its window:
+                # the lookup checks the boundary the load would use.
+                st.n_lookup = st.usable
             self._reqs[request.request_id] = st
             if role != "kv_producer":
                 # A decode instance behind a prefill one: the producer said how many tokens
@@ -160,7 +183,10 @@ class SchedulerSide:
         extra = st.hit - num_computed_tokens
         if extra <= 0:
             return 0, False
-        return extra, False
+        st.local = num_computed_tokens
+        # Hybrid: vLLM takes load failures only per request (failed_recving), so the
+        # request waits for its load (WAITING_FOR_REMOTE_KVS) instead of computing with it.
+        return extra, self.hybrid
 
     def _waits_for_producer(self, st: _ReqState, req_id: str, answer) -> bool:
         """Whether a decode request keeps waiting for its producer's chunks (the lookup
@@ -198,6 +224,9 @@ class SchedulerSide:
         st.load_tokens = num_external_tokens
         if num_external_tokens > 0:
             st.block_ids = list(blocks.get_block_ids()[0])
+            if self.hybrid:
+                st.group_blocks = [list(ids) for ids in blocks.get_block_ids()]
+                self._async_loads.append(request.request_id)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KvTierConnectorMetadata:
         """The loads and saves of the step just scheduled."""
@@ -205,11 +234,16 @@ class SchedulerSide:
         self.lookups.new_step()
         meta = KvTierConnectorMetadata(num_tokens=int(getattr(scheduler_output, "total_num_scheduled_tokens", 0) or 0))
         bs = self._s.block_size
+        self._emit_async_loads(meta)
         for new in scheduler_output.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
             if st is None:
                 continue
             st.block_ids = list(new.block_ids[0])
+            if self.hybrid:
+                st.group_blocks = [list(ids) for ids in new.block_ids]
+                self._maybe_save_groups(meta, new.req_id, st, new.num_computed_tokens, scheduler_output)
+                continue
             if st.load_tokens > 0:
                 start = new.num_computed_tokens - st.load_tokens  # tokens computed locally before
                 end = new.num_computed_tokens
@@ -233,11 +267,70 @@ class SchedulerSide:
             if req_id in getattr(cached, "resumed_req_ids", ()):  # preempted: blocks were redone
                 st.block_ids = []
                 st.saved = False
+                st.group_blocks = [[] for _ in self.groups]
+                st.next_chunk = [0] * len(self.groups)
             nb = cached.new_block_ids[i]
             if nb is not None:
                 st.block_ids.extend(nb[0])
-            self._maybe_save(meta, req_id, st, cached.num_computed_tokens[i], scheduler_output)
+                if self.hybrid:
+                    for ids, new_ids in zip(st.group_blocks, nb):
+                        ids.extend(new_ids)
+            if self.hybrid:
+                self._maybe_save_groups(meta, req_id, st, cached.num_computed_tokens[i], scheduler_output)
+            else:
+                self._maybe_save(meta, req_id, st, cached.num_computed_tokens[i], scheduler_output)
         return meta
+
+    def _emit_async_loads(self, meta: KvTierConnectorMetadata) -> None:
+        """Hybrid: the loads of the requests vLLM allocated blocks for in this schedule()
+        (they wait in WAITING_FOR_REMOTE_KVS until the workers report them done): per
+        group, the blocks vLLM allocated (a sliding-window group's start at its window)."""
+        bs, bpc = self._s.block_size, self._s.blocks_per_chunk
+        for req_id in self._async_loads:
+            st = self._reqs.get(req_id)
+            if st is None or st.load_tokens <= 0:
+                continue
+            start, end = st.local, st.local + st.load_tokens
+            meta.async_loads.append(req_id)
+            for g in self.groups:
+                ids = st.group_blocks[g.index]
+                # Blocks before the window hold vLLM's null block: nothing to fill there.
+                first = max(start // bs, g.skipped_tokens(end) // bs)
+                last = min(len(ids), -(-end // bs))
+                if first >= last:
+                    continue
+                meta.loads.append(LoadSpec(req_id, st.tokens[:end], st.salt, ids[first:last], first,
+                                           group=g.index, first_chunk=first // bpc, async_load=True))
+            st.load_tokens = 0
+        self._async_loads.clear()
+
+    def _maybe_save_groups(self, meta, req_id, st: _ReqState, computed: int, so) -> None:
+        """Hybrid: a full-attention group saves the prompt's full chunks in the step that
+        completes them (as :meth:`_maybe_save`); a sliding-window group saves only the
+        chunks of the window before the prompt's hit boundaries (the last full chunk, and
+        the last before the last token), each in the step that computes it: vLLM gives a
+        block back once it leaves the window, so a later step may no longer hold it."""
+        if self._s.kv_role == "kv_consumer" or st.n_save == 0:
+            return
+        chunk, bs, bpc = self._s.chunk_tokens, self._s.block_size, self._s.blocks_per_chunk
+        done = computed + so.num_scheduled_tokens.get(req_id, 0)
+        for g in self.groups:
+            ids = st.group_blocks[g.index] if g.index < len(st.group_blocks) else []
+            lo = st.next_chunk[g.index]
+            if g.sliding:
+                lo = max(lo, g.window_start(st.usable, chunk))
+                # Blocks vLLM gave back before this step (the window moved past them).
+                lo = max(lo, -(-(g.skipped_tokens(computed) // bs) // bpc))
+                hi = min(done, st.n_save) // chunk
+            else:
+                if done < st.n_save:
+                    continue
+                hi = st.n_save // chunk
+            if hi <= lo or len(ids) < hi * bpc:
+                continue
+            meta.saves.append(SaveSpec(req_id, st.tokens[: hi * chunk], st.salt, ids[: hi * bpc],
+                                       group=g.index, first_chunk=lo))
+            st.next_chunk[g.index] = hi
 
     def _hashes(self, st: _ReqState, n_tokens: int) -> list | None:
         """KV events on: vLLM's hashes (as its events carry them) of the full blocks of the

@@ -16,7 +16,7 @@ import torch
 
 from .arbitration import MIN_STEP_TOKENS
 from .events import ConnectorEvents, WorkerEvents, events_enabled
-from .groups import layer_order
+from .groups import HybridEngines, KvGroup, group_identity, is_hybrid, layer_order
 from .lookup import LookupServer, authkey, socket_path
 from .metadata import KvTierConnectorMetadata, LoadSpec
 from .settings import ConnectorSettings, kv_dtype_code, model_identity, use_mla
@@ -40,13 +40,28 @@ logger = logging.getLogger("vllm.kvtier")
 
 
 @dataclasses.dataclass
-class _InflightLoad:
-    """One step's loads: the transfer step, the background job issuing it, and the host
-    memory to give back once its copies are done."""
+class _Lane:
+    """One vLLM KV-cache group's layers on this worker: its engine (an identity of its
+    own over the shared cache), its paged caches and their transfers. A model without the
+    hybrid KV cache manager has one lane, of every layer."""
 
-    step: LoadStep
+    group: KvGroup
+    engine: Any
+    paged: PagedLayers
+    xfer: Transfer
+    layer_names: list[str]
+
+
+@dataclasses.dataclass
+class _InflightLoad:
+    """One step's loads: a transfer step per lane, the background job issuing them, the
+    host memory to give back once their copies are done, and the requests waiting for
+    them (hybrid models: asynchronous loads)."""
+
+    steps: dict[int, LoadStep]
     future: concurrent.futures.Future | None = None
     held: list = dataclasses.field(default_factory=list)  # pool mode: HeldChunks
+    waiting: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -58,11 +73,12 @@ class _SaveItem:
 
 @dataclasses.dataclass
 class _SavePlan:
-    """The saves of one step, staged layer by layer before the store in wait_for_save."""
+    """The saves of one step, staged layer by layer (a transfer step per lane) before the
+    store in wait_for_save."""
 
     meta: Any
     items: list[_SaveItem]
-    step: SaveStep
+    steps: dict[int, SaveStep]
 
 
 def saves_on_this_rank(identity: dict, server_mode: bool) -> bool:
@@ -79,20 +95,21 @@ class WorkerSide:
     """Loads and saves of one worker. Nothing happens before register_kv_caches."""
 
     def __init__(self, settings: ConnectorSettings, vllm_config: "VllmConfig", num_blocks: int | None,
-                 hook_times: HookTimes | None = None):
+                 hook_times: HookTimes | None = None, groups: list[KvGroup] | None = None):
         self._s = settings
         self.hook_times = hook_times or HookTimes()  # the connector's hooks on this worker
         self._vllm_config = vllm_config
         self._num_blocks = num_blocks  # from vLLM's KVCacheConfig, when given
-        self.engine = None  # kvtier.Engine, once the caches are registered
-        self._paged: PagedLayers | None = None
-        self._xfer: Transfer | None = None
+        self._groups = groups or [KvGroup(0, 1, "full", 0, ())]
+        self._lanes: list[_Lane] = []  # one per KV-cache group, once the caches are registered
         self._pool: PoolMemory | None = None  # staging "pool": the engine's L1 pool
-        self._layer_index: dict[str, int] = {}  # layer name -> index in model order
+        self._layer_lane: dict[str, tuple[int, int]] = {}  # layer name -> (lane, index in the lane)
         self._device = torch.device("cpu")
         self._lookup_server: LookupServer | None = None
         self._errors_lock = threading.Lock()
         self._load_errors: set[int] = set()
+        self._recv_done: set[str] = set()  # asynchronous loads finished since the last report
+        self._recv_failed: set[str] = set()  # ... of which these did not load everything
         self._load_staging: HostStaging | None = None  # a step's loads run while its saves are staged
         self._save_staging: HostStaging | None = None
         self._hooks_seen = False  # vLLM called wait_for_layer_load / save_kv_layer at least once
@@ -125,6 +142,21 @@ class WorkerSide:
 
     # -- setup -----------------------------------------------------------------------------
 
+    @property
+    def engine(self) -> Any:
+        """The kvtier engine (the first group's in a hybrid model), once the caches are
+        registered."""
+        return self._lanes[0].engine if self._lanes else None
+
+    @engine.setter
+    def engine(self, engine: Any) -> None:
+        self._lanes[0].engine = engine
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether vLLM runs the model with more than one KV-cache group."""
+        return is_hybrid(self._groups)
+
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Opens the engine for these caches and (embedded mode) starts the lookup socket."""
         names = sorted(kv_caches, key=layer_order)
@@ -135,48 +167,74 @@ class WorkerSide:
         ident = model_identity(self._vllm_config, code, rank)
         group = ident["layout"]["groups"][0]
         group["num_layers"] = len(names)
-        self.engine = self._s.open_engine(ident)  # may adopt the server's chunk size
+        groups = self._groups
+        if not self.hybrid:  # every layer vLLM gave (vLLM's group config may be absent)
+            groups = [dataclasses.replace(groups[0], layer_names=tuple(names))]
+        missing = [n for g in groups for n in g.layer_names if n not in kv_caches]
+        if missing:
+            raise ValueError(f"kvtier connector: vLLM registered no KV cache for layer(s) {', '.join(missing[:4])}")
         self._saves_here = saves_on_this_rank(ident, self._s.server_mode)
-        paged = PagedLayers.vllm(
-            [kv_caches[n] for n in names],
-            block_size=self._s.block_size,
-            num_kv_heads=group["num_kv_heads"],
-            head_size=group["head_dim"],
-            num_blocks=self._num_blocks,
-            mla=use_mla(self._vllm_config),
-            blocks_per_chunk=self._s.blocks_per_chunk,
-        )
-        if paged.block_nbytes != self._s.block_size * self.engine.bytes_per_token:
-            raise ValueError(
-                f"kvtier connector: a block holds {paged.block_nbytes} bytes over all layers, but the "
-                f"model identity gives {self.engine.bytes_per_token} bytes/token x {self._s.block_size}; "
-                "this attention backend's KV layout is not supported"
+        base = None
+        for g in groups:
+            g_ident = group_identity(ident, g)
+            # One engine per group, all over the same tiers and L1 pool (embedded mode).
+            engine = self._s.open_engine(g_ident) if base is None else base.for_identity(g_ident)
+            base = base or engine  # the first may adopt the server's chunk size
+            layer_names = list(g.layer_names)
+            paged = PagedLayers.vllm(
+                [kv_caches[n] for n in layer_names],
+                block_size=self._s.block_size,
+                num_kv_heads=group["num_kv_heads"],
+                head_size=group["head_dim"],
+                num_blocks=self._num_blocks,
+                mla=use_mla(self._vllm_config),
+                blocks_per_chunk=self._s.blocks_per_chunk,
             )
-        self._paged = paged
-        self._layer_index = {n: i for i, n in enumerate(names)}
+            if paged.block_nbytes != self._s.block_size * engine.bytes_per_token:
+                raise ValueError(
+                    f"kvtier connector: a block holds {paged.block_nbytes} bytes over all layers"
+                    f"{'' if len(groups) == 1 else f' of KV-cache group {g.index}'}, but the model identity "
+                    f"gives {engine.bytes_per_token} bytes/token x {self._s.block_size}; this attention "
+                    "backend's KV layout is not supported"
+                )
+            xfer = Transfer(paged, streams_for(first.device), device_staging_bytes=self._s.device_staging_bytes)
+            for i, n in enumerate(layer_names):
+                self._layer_lane[n] = (len(self._lanes), i)
+            self._lanes.append(_Lane(g, engine, paged, xfer, layer_names))
+        paged = self._lanes[0].paged
         cuda = first.device.type == "cuda"
-        self._xfer = Transfer(paged, streams_for(first.device), device_staging_bytes=self._s.device_staging_bytes)
         if self._s.staging == "pool":
             self._pool = PoolMemory(self.engine, paged, self._s.chunk_tokens, cuda_register=cuda)
         else:
             self._load_staging = HostStaging(first.dtype, pin=cuda)
             self._save_staging = HostStaging(first.dtype, pin=cuda)
         if events_enabled(self._vllm_config):
-            self._events = self._open_events()
+            if self.hybrid:
+                logger.warning("kvtier: KV events are not published for models with several KV-cache groups "
+                               "(hybrid KV cache manager on): a router cannot tell which groups' blocks a "
+                               "chunk stands for")
+            else:
+                self._events = self._open_events()
         # With KV events on, a step's stores land in the step, so its events announce them.
         self._background_stores = self._s.stores_in_background and self._events is None
         if not self._s.server_mode:
+            answering = self.engine
+            if self.hybrid:  # the hit every group can load
+                answering = HybridEngines([ln.group for ln in self._lanes], [ln.engine for ln in self._lanes],
+                                          self.engine.chunk_size)
             self._lookup_server = LookupServer(
-                self.engine,
+                answering,
                 socket_path(self._s.lookup_socket_dir, self._s.engine_id, rank),
                 authkey(self._s.engine_id),
                 info=self.info,
                 before=self.join_stores,
             )
         logger.info(
-            "kvtier connector: %d layers, %s layout, block %s %s on %s, %d bytes/token, staging %s; %r",
-            len(names), paged.layout, paged.block_shape, first.dtype, first.device,
-            self.engine.bytes_per_token, self._s.staging, self.engine,
+            "kvtier connector: %d layers%s, %s layout, block %s %s on %s, %d bytes/token, staging %s; %r",
+            len(names), "" if len(self._lanes) == 1 else f" in {len(self._lanes)} KV-cache groups ("
+            + ", ".join(f"{ln.group.kind} x{len(ln.layer_names)}" for ln in self._lanes) + ")",
+            paged.layout, paged.block_shape, first.dtype, first.device,
+            sum(ln.engine.bytes_per_token for ln in self._lanes), self._s.staging, self.engine,
         )
 
     def _observe(self, **values: float) -> None:
@@ -228,12 +286,19 @@ class WorkerSide:
         """Starts the step's loads: behind the forward pass, layer by layer, once vLLM has
         shown it calls the per-layer hooks; otherwise complete before returning."""
         self._join_load()
-        if not isinstance(meta, KvTierConnectorMetadata) or self.engine is None or not meta.loads:
+        if not isinstance(meta, KvTierConnectorMetadata) or self.engine is None:
+            return
+        if not meta.loads:
+            if meta.async_loads:  # every block they need was local: nothing to copy
+                with self._errors_lock:
+                    self._recv_done.update(meta.async_loads)
             return
         specs = list(meta.loads)
         # Recorded on the compute stream now: the copies wait for the work queued so far
         # (e.g. vLLM zeroing freshly allocated blocks).
-        load = self._inflight_load = _InflightLoad(self._xfer.begin_load())
+        lanes = sorted({sp.group for sp in specs})
+        load = self._inflight_load = _InflightLoad({i: self._lanes[i].xfer.begin_load() for i in lanes},
+                                                   waiting=list(meta.async_loads))
         if self._s.layerwise and self._hooks_seen:
             if self._xfer_pool is None:
                 self._xfer_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kvtier-load")
@@ -243,7 +308,8 @@ class WorkerSide:
             # Synchronous fallback: vLLM has not called the per-layer hooks (yet), so the
             # blocks must be in place before the forward pass starts.
             self._load_job(specs, load)
-            load.step.wait_all()
+            for step in load.steps.values():
+                step.wait_all()
             self.stats["sync_loads"] += len(specs)
 
     def _load_job(self, specs: list[LoadSpec], load: _InflightLoad) -> None:
@@ -254,18 +320,19 @@ class WorkerSide:
         try:
             with torch.inference_mode():
                 plans = self._host_chunks(specs, load)
-                load.step.issue(plans)
+                for lane, step in load.steps.items():
+                    step.issue([plan for sp, plan in plans if sp.group == lane])
         except Exception as e:  # unexpected (a copy failed): recompute every block of the step
             logger.warning("kvtier: copying loaded KV into the cache failed: %s", e)
             for spec in specs:
-                self._add_load_errors(spec.block_ids)
+                self._load_failed(spec, spec.block_ids)
             self.stats["load_failures"] += 1
-            load.step.abort()
+            for step in load.steps.values():
+                step.abort()
 
-    def _host_chunks(self, specs: list[LoadSpec], load: _InflightLoad) -> list[LoadPlan]:
+    def _host_chunks(self, specs: list[LoadSpec], load: _InflightLoad) -> list[tuple[LoadSpec, LoadPlan]]:
         """The stored chunks of every spec in host memory (retrieved into the staging
         buffer, or held in L1), as load plans for the blocks they cover."""
-        paged = self._paged
         plans = []
         if self._events is not None:
             for spec in specs:  # before the chunks read back into L1 are reported
@@ -282,24 +349,44 @@ class WorkerSide:
                 load.held.append(held)
                 plan = self._short_load(spec, held.hit_tokens, held.chunks)
                 if plan is not None:
-                    plans.append(plan)
+                    plans.append((spec, plan))
                     self._note_load(spec, len(plan.block_ids), time.perf_counter() - t0)
             return plans
-        # A spec's tokens end on a chunk, or are a whole prompt whose tail is stored.
-        payloads = self._load_staging.payloads([paged.tokens_numel(len(sp.tokens)) for sp in specs])
-        for spec, payload in zip(specs, payloads):
+        # A spec's tokens end on a chunk, or are a whole prompt whose tail is stored. A
+        # windowed spec (first_chunk > 0) reads and holds only chunks first_chunk.. .
+        chunk = self._s.chunk_tokens
+        starts = [sp.first_chunk * chunk for sp in specs]
+        payloads = self._load_staging.payloads(
+            [self._lanes[sp.group].paged.tokens_numel(len(sp.tokens) - start) for sp, start in zip(specs, starts)])
+        for spec, payload, start in zip(specs, payloads, starts):
             got = 0
+            lane = self._lanes[spec.group]
             t0 = time.perf_counter()
             try:
-                # The engine fills the whole prefix; blocks before first_block were computed locally.
-                got = self.engine.retrieve(spec.tokens, payload)
+                # The engine fills the whole prefix (or window); blocks before first_block
+                # were computed locally (or are outside the window).
+                if spec.first_chunk:
+                    got = lane.engine.retrieve(spec.tokens, payload, spec.salt, first_chunk=spec.first_chunk)
+                else:
+                    got = lane.engine.retrieve(spec.tokens, payload, spec.salt)
             except Exception as e:
                 logger.warning("kvtier load of %s failed: %s", spec.req_id, e)
-            plan = self._short_load(spec, got, paged.split_tokens(payload, min(got, len(spec.tokens))))
+            held = max(0, min(got, len(spec.tokens)) - start)
+            plan = self._short_load(spec, got, lane.paged.split_tokens(payload, held, first_chunk=spec.first_chunk))
             if plan is not None:
-                plans.append(plan)
+                plans.append((spec, plan))
                 self._note_load(spec, len(plan.block_ids), time.perf_counter() - t0)
         return plans
+
+    def _load_failed(self, spec: LoadSpec, block_ids) -> None:
+        """vLLM recomputes what a load could not fill: from the first bad block (a
+        synchronous load), or the whole request (an asynchronous one: vLLM takes failures
+        of hybrid models only per request)."""
+        if spec.async_load:
+            with self._errors_lock:
+                self._recv_failed.add(spec.req_id)
+        else:
+            self._add_load_errors(block_ids)
 
     def _short_load(self, spec: LoadSpec, got: int, chunks=None) -> LoadPlan | None:
         """The plan for the blocks the ``got`` loaded tokens cover; the rest are load errors
@@ -312,7 +399,7 @@ class WorkerSide:
             n_ok = max(0, min(len(spec.block_ids), got // bs - spec.first_block))
         bad = spec.block_ids[n_ok:]
         if bad:
-            self._add_load_errors(bad)
+            self._load_failed(spec, bad)
             self.stats["load_failures"] += 1
             logger.warning(
                 "kvtier: request %s loaded %d of %d tokens; %d block(s) will be recomputed",
@@ -329,11 +416,11 @@ class WorkerSide:
         stream waits for them)."""
         self._hooks_seen = True
         load = self._inflight_load
-        li = self._layer_index.get(layer_name)
-        if load is None or li is None:
+        where = self._layer_lane.get(layer_name)
+        if load is None or where is None or where[0] not in load.steps:
             return
         t0 = time.perf_counter()
-        load.step.wait_layer(li)
+        load.steps[where[0]].wait_layer(where[1])
         self.stats["layer_wait_ms"] += (time.perf_counter() - t0) * 1000.0
 
     def _join_load(self) -> None:
@@ -344,10 +431,14 @@ class WorkerSide:
         try:
             if load.future is not None:
                 load.future.result()  # _load_job handles its own errors
-            load.step.finish()
+            for step in load.steps.values():
+                step.finish()
         finally:
             for held in load.held:
                 held.release()
+            if load.waiting:  # their loads are over, done or failed: vLLM may schedule them
+                with self._errors_lock:
+                    self._recv_done.update(load.waiting)
 
     # -- saves -----------------------------------------------------------------------------
 
@@ -364,27 +455,34 @@ class WorkerSide:
                 items.append(_SaveItem(sp, None, claim))
                 plans.append(SavePlan(claim.chunks, sp.block_ids))
         else:
-            paged = self._paged
-            # The whole prompt where it ends in a tail (its last block partial).
-            payloads = self._save_staging.payloads([paged.tokens_numel(len(sp.tokens)) for sp in meta.saves])
+            # The whole prompt where it ends in a tail (its last block partial); a windowed
+            # save (first_chunk > 0) only chunks first_chunk.. .
+            chunk = self._s.chunk_tokens
+            payloads = self._save_staging.payloads(
+                [self._lanes[sp.group].paged.tokens_numel(len(sp.tokens) - sp.first_chunk * chunk) for sp in meta.saves])
             for sp, payload in zip(meta.saves, payloads):
+                paged = self._lanes[sp.group].paged
                 items.append(_SaveItem(sp, payload, None))
-                plans.append(SavePlan(paged.split_tokens(payload, len(sp.tokens)), sp.block_ids))
+                n = len(sp.tokens) - sp.first_chunk * chunk
+                plans.append(SavePlan(paged.split_tokens(payload, n, first_chunk=sp.first_chunk), sp.block_ids))
+        steps = {}
         try:
-            step = self._xfer.begin_save(plans)
+            for lane in sorted({it.spec.group for it in items}):
+                steps[lane] = self._lanes[lane].xfer.begin_save(
+                    [p for it, p in zip(items, plans) if it.spec.group == lane])
         except Exception:
             for it in items:
                 if it.claim is not None:
                     it.claim.abort()
             raise
-        return _SavePlan(meta, items, step)
+        return _SavePlan(meta, items, steps)
 
     def save_kv_layer(self, layer_name: str, meta: Any) -> None:
         """Stages this layer's blocks of the step's saves (the layer has just been computed),
         in the background while the next layers compute."""
         self._hooks_seen = True
-        li = self._layer_index.get(layer_name)
-        if li is None or self.engine is None or not self._s.layerwise or meta is None or not self._saves_here:
+        where = self._layer_lane.get(layer_name)
+        if where is None or self.engine is None or not self._s.layerwise or meta is None or not self._saves_here:
             return
         if not isinstance(meta, KvTierConnectorMetadata) or not meta.saves:
             return
@@ -392,7 +490,8 @@ class WorkerSide:
         if plan is None or plan.meta is not meta:
             self._abort_saves()
             plan = self._save_plan = self._plan_saves(meta)
-        if plan.step.stage_layer(li):
+        step = plan.steps.get(where[0])
+        if step is not None and step.stage_layer(where[1]):
             self.stats["layers_staged_early"] += 1
 
     def _abort_saves(self) -> None:
@@ -424,7 +523,7 @@ class WorkerSide:
             plan = self._plan_saves(meta)
         try:
             t0 = time.perf_counter()
-            late = plan.step.finish()
+            late = [li for step in plan.steps.values() for li in step.finish()]
             self.hook_times.add("wait_for_save.copies", time.perf_counter() - t0, part=True)
         except Exception as e:  # a failed save only costs a future hit; never store a half copy
             logger.warning("kvtier: staging the saves of this step failed, nothing stored: %s", e)
@@ -454,12 +553,16 @@ class WorkerSide:
         """Stores staged saves (pinned staging) or commits claimed L1 buffers (pool)."""
         saved = 0
         for it in items:
+            sp = it.spec
             try:
                 if it.claim is not None:
                     rep = it.claim.commit()
+                elif sp.first_chunk:
+                    rep = self._lanes[sp.group].engine.store(sp.tokens, it.payload, sp.salt, first_chunk=sp.first_chunk)
                 else:
-                    rep = self.engine.store(it.spec.tokens, it.payload, it.spec.salt)
-                saved += min(rep["new_chunks"] * self._s.chunk_tokens, len(it.spec.tokens))
+                    rep = self._lanes[sp.group].engine.store(sp.tokens, it.payload, sp.salt)
+                if not self._lanes[sp.group].group.sliding:  # a prompt's tokens count once
+                    saved += min(rep["new_chunks"] * self._s.chunk_tokens, len(sp.tokens))
             except Exception as e:  # a failed save only costs a future hit
                 logger.warning("kvtier save of %s failed: %s", it.spec.req_id, e)
         with self._obs_lock:
@@ -497,6 +600,15 @@ class WorkerSide:
         call (None when off)."""
         return self._events.take() if self._events is not None else None
 
+    def transfer_results(self) -> tuple[set[str], set[str]]:
+        """The requests whose asynchronous loads (hybrid models) ended since the last call,
+        and those of them that did not load everything (vLLM recomputes them)."""
+        self._join_load()
+        with self._errors_lock:
+            done, failed = self._recv_done, self._recv_failed
+            self._recv_done, self._recv_failed = set(), set()
+        return done | failed, failed
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         """Blocks a load could not fill since the last call (vLLM recomputes them)."""
         self._join_load()
@@ -521,8 +633,8 @@ class WorkerSide:
             self._server_events.close()
         if self._xfer_pool is not None:
             self._xfer_pool.shutdown(wait=False, cancel_futures=True)
-        if self._xfer is not None:
-            self._xfer.close()
+        for lane in self._lanes:
+            lane.xfer.close()
         if self._pool is not None:
             try:
                 self._pool.close()
