@@ -410,42 +410,14 @@ def test_scheduler_sends_block_hashes_only_with_events_on_and_publishes_the_work
 
 
 @pytest.fixture
-def served_with_events(tmp_path):
+def served_with_events(kvtier_serve):
     """A `kvtier serve` publishing KV events on a loopback port: (socket, endpoint)."""
     import json
-    import os
-    import shutil
-    import subprocess
-    import time
 
-    b = os.environ.get("KV_SERVE_BIN") or shutil.which("kvtier")
-    if not b or not os.path.exists(b):
-        if os.environ.get("KVTIER_REQUIRE_TEST_SERVERS", "") not in ("", "0"):
-            pytest.fail("no kvtier binary: set KV_SERVE_BIN (required: KVTIER_REQUIRE_TEST_SERVERS is set)")
-        pytest.skip("no kvtier binary (set KV_SERVE_BIN)")
-    cfg = tmp_path / "serve.yaml"
-    cfg.write_text(f"chunk_size: {BS}\nmax_local_cpu_size: 0.02\nlocal_cpu_huge_pages: false\n")
-    sock, ready = tmp_path / "kvtier.sock", tmp_path / "ready.json"
     events = json.dumps({"enable_kv_cache_events": True, "endpoint": "tcp://127.0.0.1:0"})
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
-    proc = subprocess.Popen([b, "serve", "--config", str(cfg), "--socket", str(sock), "--ready-file", str(ready),
-                             "--kv-events-config", events], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        for _ in range(400):
-            if ready.exists() and ready.read_text().strip():
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"kvtier serve exited: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.05)
-        endpoint = json.loads(ready.read_text())["kv_events"].replace("0.0.0.0", "127.0.0.1")
-        yield sock, endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    sock, ready = kvtier_serve(f"chunk_size: {BS}\nmax_local_cpu_size: 0.02\nlocal_cpu_huge_pages: false\n",
+                               "--kv-events-config", events)
+    return sock, ready["kv_events"].replace("0.0.0.0", "127.0.0.1")
 
 
 def take_until(conn, want: int, timeout: float = 5.0) -> list:

@@ -37,49 +37,17 @@ def skipped_blocks(computed):
     return max(0, computed - W + 1) // BS
 
 
-@pytest.fixture
-def kvtier_serve(tmp_path):
-    """A `kvtier serve` on a unix socket (chunks of one block): its socket path."""
-    import os
-    import shutil
-    import subprocess
-    import time
-
-    b = os.environ.get("KV_SERVE_BIN") or shutil.which("kvtier")
-    if not b or not os.path.exists(b):
-        if os.environ.get("KVTIER_REQUIRE_TEST_SERVERS", "") not in ("", "0"):
-            pytest.fail("no kvtier binary: set KV_SERVE_BIN (required: KVTIER_REQUIRE_TEST_SERVERS is set)")
-        pytest.skip("no kvtier binary (set KV_SERVE_BIN)")
-    cfg = tmp_path / "serve.yaml"
-    cfg.write_text(f"chunk_size: {BS}\nmax_local_cpu_size: 0.02\nlocal_cpu_huge_pages: false\n")
-    sock, ready = tmp_path / "kvtier.sock", tmp_path / "ready.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KVTIER_")}
-    proc = subprocess.Popen([b, "serve", "--config", str(cfg), "--socket", str(sock), "--ready-file", str(ready)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        for _ in range(400):
-            if ready.exists() and ready.read_text().strip():
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"kvtier serve exited: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.05)
-        yield str(sock)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(params=["embedded", "server"])
 def hybrid(tmp_path, request):
     """A scheduler-side and a worker-side connector of one vLLM instance, on CPU caches of
     random KV: with embedded engines (the scheduler asks the worker's lookup socket), or
     as clients of a `kvtier serve` (the scheduler asks the server)."""
     made = []
-    server = {"server": f"unix:{request.getfixturevalue('kvtier_serve')}"} if request.param == "server" else {}
+    server = {}
+    if request.param == "server":
+        sock, _ = request.getfixturevalue("kvtier_serve")(
+            f"chunk_size: {BS}\nmax_local_cpu_size: 0.02\nlocal_cpu_huge_pages: false\n")
+        server = {"server": f"unix:{sock}"}
 
     def make(**extra):
         cfg = dict(max_local_cpu_size=0.01, local_cpu_huge_pages=False, lookup_socket_dir=str(tmp_path),
