@@ -432,6 +432,7 @@ fn open_conn(
             Some(m) if m.maps(&fd, *bytes) => m.clone(),
             _ => {
                 let m = Arc::new(ShmMap::map(fd, *bytes).map_err(CallError::Reply)?);
+                m.map_committed_in_background();
                 *current = Some(m.clone());
                 m
             }

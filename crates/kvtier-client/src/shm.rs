@@ -5,9 +5,32 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 
 use kvtier::memory::populate::{populate, Populate};
 use kvtier::{Error, Result};
+
+/// The background side of [`ShmMap::map_committed_in_background`].
+fn map_committed(weak: &Weak<ShmMap>) {
+    let mut off = 0;
+    loop {
+        let Some(map) = weak.upgrade() else { return };
+        if off >= map.len() || map.no_populate.load(Ordering::Relaxed) {
+            return;
+        }
+        let len = GRANULE.min(map.len() - off);
+        if map.resident(off, len) && map.populate(off, len).is_err() {
+            return;
+        }
+        off += len;
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+}
 
 /// Receives one byte carrying one descriptor (SCM_RIGHTS) on a Unix socket.
 pub fn recv_fd(sock: RawFd) -> io::Result<OwnedFd> {
@@ -202,6 +225,38 @@ impl ShmMap {
         Ok(())
     }
 
+    /// Starts a background thread that maps in, granule by granule, the regions of the
+    /// pool the server has already committed (every page resident, by `mincore`), so the
+    /// first copies through a new connection take no page-table faults (they ran at about
+    /// 0.6x the embedded engine's speed). Regions with pages the server has not committed
+    /// are left to the first copy that needs them: nothing is committed here. The thread
+    /// stops when the mapping is dropped.
+    pub fn map_committed_in_background(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("kvtier-shm-map".into())
+            .spawn(move || map_committed(&weak));
+        if let Err(e) = spawned {
+            tracing::debug!("not mapping the shared pool in the background: {e}");
+        }
+    }
+
+    /// Whether every page of `off..off + len` is resident (the server committed it).
+    fn resident(&self, off: usize, len: usize) -> bool {
+        let page = page_size();
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: off..off + len lies inside our live mapping (page aligned: off is a
+        // multiple of GRANULE); `vec` has one byte per page of it.
+        let rc = unsafe {
+            libc::mincore(
+                self.map.as_mut_ptr().add(off).cast(),
+                len,
+                vec.as_mut_ptr().cast(),
+            )
+        };
+        rc == 0 && vec.iter().all(|b| b & 1 == 1)
+    }
+
     /// Mapping length.
     pub fn len(&self) -> usize {
         self.map.len()
@@ -243,5 +298,69 @@ impl ShmMap {
         let src = unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(off), dst.len()) };
         kvtier::chunk::copy_payload(dst, src);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+    use std::time::{Duration, Instant};
+
+    fn memfd(len: u64) -> File {
+        // SAFETY: memfd_create with a static NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"shm-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+        // SAFETY: a fresh descriptor we own.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(len).unwrap();
+        f
+    }
+
+    fn is_populated(m: &ShmMap, g: usize) -> bool {
+        m.populated[g / 64].load(Ordering::Relaxed) & (1 << (g % 64)) != 0
+    }
+
+    #[test]
+    fn the_background_thread_maps_committed_regions_and_commits_nothing() {
+        // Four granules; the "server" committed the first and the third only.
+        let mut f = memfd(4 * GRANULE as u64);
+        for g in [0u64, 2] {
+            f.seek(SeekFrom::Start(g * GRANULE as u64)).unwrap();
+            f.write_all(&vec![7u8; GRANULE]).unwrap();
+        }
+        let fd = OwnedFd::from(f.try_clone().unwrap());
+        let m = Arc::new(ShmMap::map(fd, 4 * GRANULE as u64).unwrap());
+        assert!(m.resident(0, GRANULE) && !m.resident(GRANULE, GRANULE));
+        m.map_committed_in_background();
+        let t0 = Instant::now();
+        while !(is_populated(&m, 0) && is_populated(&m, 2)) {
+            if m.no_populate.load(Ordering::Relaxed) {
+                return; // kernel older than 5.14: nothing to map ahead of the copies
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "committed granules never mapped"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50)); // the thread has passed every granule
+        assert!(!is_populated(&m, 1) && !is_populated(&m, 3));
+        // The uncommitted granules are still not in memory: nothing was committed for them.
+        assert!(!m.resident(GRANULE, GRANULE) && !m.resident(3 * GRANULE, GRANULE));
+        // The mapped bytes are the server's.
+        let mut out = vec![0u8; 16];
+        m.read(2 * GRANULE as u64, &mut out).unwrap();
+        assert_eq!(out, vec![7u8; 16]);
+    }
+
+    #[test]
+    fn the_background_thread_stops_when_the_mapping_is_dropped() {
+        let f = memfd(GRANULE as u64);
+        let m = Arc::new(ShmMap::map(OwnedFd::from(f), GRANULE as u64).unwrap());
+        let weak = Arc::downgrade(&m);
+        drop(m);
+        map_committed(&weak); // returns at once: nothing to map
+        assert!(weak.upgrade().is_none());
     }
 }
