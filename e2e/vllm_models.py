@@ -317,7 +317,8 @@ def hybrid(work, check, run_case, step, timings):
     n = 8000  # 62 full chunks and a 64-token tail
     P = [rng.randrange(4, 4096) for _ in range(n)]
     T2 = P + [rng.randrange(4, 4096) for _ in range(1000)]  # the next turn: P and 1000 new tokens
-    prompts = {"P": P, "T2": T2}
+    Q = P[:6000] + [rng.randrange(4, 4096) for _ in range(1500)]  # another question on P's first 6000
+    prompts = {"P": P, "T2": T2, "Q": Q}
     full = ((n - 1) // chunk) * chunk
     # Chunked prefill in steps of 1900 tokens: the window before P's hit boundary (chunks
     # 58-61, tokens 7424..7935) is computed in two steps (to 7600, to 8000), and vLLM gives
@@ -325,31 +326,38 @@ def hybrid(work, check, run_case, step, timings):
     llm = {"disable_hybrid_kv_cache_manager": False, "max_num_batched_tokens": 1900}
     extra = {"kvtier.max_local_cpu_size": 1, "kvtier.local_cpu_huge_pages": False, "kvtier.lookup_socket_dir": work}
     common = {"model": model, "prompts": prompts, "logprobs": 1, "warmup": False, "llm": llm}
-    base = run_case(work, "hybrid-baseline", dict(common, connector="none", steps=[["P", "P", 8], ["T2", "T2", 8]]))
+    base = run_case(work, "hybrid-baseline", dict(common, connector="none",
+                                                  steps=[["P", "P", 8], ["T2", "T2", 8], ["Q", "Q", 8]]))
     if not check("hybrid: baseline process (HMA on, no connector) ran", base is not None):
         return
     a = run_case(work, "hybrid-A", dict(common, connector="kvtier", extra=extra,
                                         engine_id="e2e-hybrid-" + uuid.uuid4().hex[:8],
-                                        steps=[["miss", "P", 8], ["P", "P", 8], ["T2", "T2", 8]]))
+                                        steps=[["miss", "P", 8], ["P", "P", 8], ["T2", "T2", 8], ["Q", "Q", 8]]))
     if not check("hybrid: process A (kvtier, HMA on) ran", a is not None):
         return
     check("hybrid A: first request is a miss", step(a, "miss")["num_cached_tokens"] == 0)
-    for label, ref in (("miss", "P"), ("P", "P"), ("T2", "T2")):
+    for label, ref in (("miss", "P"), ("P", "P"), ("T2", "T2"), ("Q", "Q")):
         check(f"hybrid A: tokens identical to baseline ({label})", step(a, label)["tokens"] == step(base, ref)["tokens"])
         ok, gap = same_logprobs(step(a, label), step(base, ref))
         check(f"hybrid A: logprobs equal to baseline ({label}, within {LOGPROB_TOL:g})", ok, f"max gap {gap:.2e}")
     for label in ("P", "T2"):
         got = step(a, label)["num_cached_tokens"]
         check(f"hybrid A: {label} loads every full chunk of P", got == full, f"{got} == {full}")
-    # Bytes of P's store: the full layer's 62 chunks, and the sliding layers' window before
-    # the hit boundary (tokens 7425..7935: chunks 58-61), against every layer's every chunk.
+    # Q shares P's first 6000 tokens: the full layer holds 46 chunks of them, the sliding
+    # layers the window before the connector's checkpoint at 4096 tokens (the default
+    # window_checkpoint_tokens), the last one Q reaches.
+    got = step(a, "Q")["num_cached_tokens"]
+    check("hybrid A: Q (another question on P's first 6000 tokens) loads up to the checkpoint at 4096",
+          got == 4096, f"{got} == 4096")
+    # Bytes of P's store: the full layer's 62 chunks, and of the sliding layers the windows
+    # before the hit boundaries: before the checkpoint 4096 (tokens 3585..4095: chunks 28-31)
+    # and before 7936 (tokens 7425..7935: chunks 58-61); against every layer's every chunk.
     per_layer_chunk = chunk * 2 * 2 * 128 * 4  # K and V, 2 KV heads of 128, fp32
-    usable = full
-    sw_chunks = full // chunk - (usable - window + 1) // chunk
+    sw_chunks = sum(b // chunk - (b - window + 1) // chunk for b in (4096, full))
     want = (full // chunk + sw_chunks * sliding_layers) * per_layer_chunk
     everything = (full // chunk) * layers * per_layer_chunk
     got = (step(a, "miss").get("l1_after") or {}).get("stored_bytes")
-    check("hybrid A: P stored the full layer's chunks and the sliding layers' last window",
+    check("hybrid A: P stored the full layer's chunks and the sliding layers' windows",
           got == want, f"{got} == {want} bytes")
     if got:
         ratio = got / everything

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, SlidingWindowSpec  # noqa: E402
 
-from kvtier.vllm.groups import LAYER_MAJOR, KvGroup, hybrid_hit, kv_groups  # noqa: E402
+from kvtier.vllm.groups import LAYER_MAJOR, KvGroup, hybrid_hit, kv_groups, window_boundaries  # noqa: E402
 
 C = 16  # tokens per chunk
 
@@ -72,18 +72,18 @@ class Store:
     """What each group holds: chunk indexes per group (keys are prefix keys, so a chunk
     stands for its whole prefix)."""
 
-    def __init__(self, groups):
+    def __init__(self, groups, checkpoint=0):
         self.groups = groups
+        self.checkpoint = checkpoint
         self.held = {g.index: set() for g in groups}
 
     def save(self, n_tokens, chunk=C):
         """The connector's save of a prompt's full chunks: every chunk for full attention,
-        the window before the prompt's last possible hit boundaries for a sliding window."""
-        end = n_tokens // chunk
+        for a sliding window the windows before the prompt's possible hit boundaries."""
         usable = ((n_tokens - 1) // chunk) * chunk
+        bounds = window_boundaries((n_tokens // chunk) * chunk, usable, self.checkpoint)
         for g in self.groups:
-            first = g.window_start(usable, chunk)
-            self.held[g.index] |= set(range(first, end))
+            self.held[g.index] |= g.window_chunks(bounds, chunk)
 
     def lookup(self, g, boundary, first):
         i = first
@@ -105,32 +105,69 @@ def test_hybrid_hit_on_a_repeated_prompt_and_on_a_longer_one():
     assert hybrid_hit(gs, st.lookup, 96, C) == 0
 
 
-def test_hybrid_hit_falls_back_to_an_earlier_boundary_whose_window_is_stored():
+def test_windows_are_kept_before_the_prompts_end_and_every_checkpoint():
+    assert window_boundaries(192, 176, 0) == [176, 192]
+    assert window_boundaries(192, 192, 64) == [64, 128, 192]
+    g = KvGroup(1, 2, "sliding", 40, ())
+    # Windows of 39 tokens before 64 and 128: chunks 1-3 and 5-7.
+    assert g.window_chunks([64, 128], C) == {1, 2, 3, 5, 6, 7}
+    assert KvGroup(0, 2, "full", 0, ()).window_chunks([64, 128], C) == set(range(8))
+
+
+def test_hybrid_hit_falls_back_to_the_last_checkpoint_a_shared_prefix_reaches():
     gs = [KvGroup(0, 2, "full", 0, ()), KvGroup(1, 2, "sliding", 40, ())]
-    st = Store(gs)
-    st.save(97)  # turn 1: windows before 96 and 80
-    st.save(300)  # turn 2 extends turn 1
-    st.held[1] -= {17}  # a chunk of turn 2's window is gone (evicted)
-    assert hybrid_hit(gs, st.lookup, 299, C) == 96
+    st = Store(gs, checkpoint=64)
+    st.save(300)  # a document and a question
+    # Another question over the first 200 tokens: the full layer holds 12 chunks of it, the
+    # sliding one the windows before 64, 128 and 192 (and before the first prompt's end).
+    assert hybrid_hit(gs, st.lookup, 240, C, checkpoint=64) == 192
+    st.held[1] -= {10}  # a chunk of the window before 192 is gone (evicted)
+    assert hybrid_hit(gs, st.lookup, 240, C, checkpoint=64) == 128
+    # Without checkpoints only the prompt's end has a window: the shared prefix is a miss.
+    st0 = Store(gs)
+    st0.save(300)
+    assert hybrid_hit(gs, st0.lookup, 240, C) == 0
+    assert hybrid_hit(gs, st0.lookup, 299, C) == 288
+
+
+def test_hybrid_hit_asks_a_handful_of_lookups_not_one_per_chunk():
+    gs = [KvGroup(0, 2, "full", 0, ()), KvGroup(1, 2, "sliding", 40, ())]
+    st = Store(gs, checkpoint=64 * C)
+    st.save(100_000)
+    calls = []
+
+    def counting(g, b, first):
+        calls.append(b)
+        return st.lookup(g, b, first)
+
+    other = 90_000  # shares 90,000 tokens: the window is at the checkpoint below
+    assert hybrid_hit(gs, counting, other, C, checkpoint=64 * C) == (other // (64 * C)) * 64 * C
+    assert len(calls) <= 3
 
 
 def test_hybrid_hit_matches_a_brute_force_model():
     rng = random.Random(5)
     for _ in range(300):
         window = rng.choice([16, 40, 64])
+        checkpoint = rng.choice([0, 32, 64, 80])
         gs = [KvGroup(0, 3, "full", 0, ()), KvGroup(1, 3, "sliding", window, ()), KvGroup(2, 3, "sliding", window, ())]
-        st = Store(gs)
+        st = Store(gs, checkpoint)
         for _ in range(rng.randrange(0, 4)):
             st.save(rng.randrange(1, 400))
         for g in gs:  # random evictions
             st.held[g.index] -= {i for i in list(st.held[g.index]) if rng.random() < 0.1}
         n = rng.randrange(1, 400)
+        # The full-attention bound, then that bound or the checkpoints below it: the longest
+        # one whose every group holds what a hit there needs.
+        bound = 0
+        while bound + C <= n and bound // C in st.held[0]:
+            bound += C
         want = 0
-        for b in range(C, (n // C) * C + 1, C):
+        for b in range(C, bound + 1, C):
             ok = all(all(i in st.held[g.index] for i in range(g.window_start(b, C), b // C)) for g in gs)
-            if ok:
+            if ok and (b == bound or (checkpoint and b % checkpoint == 0)):
                 want = b
-        assert hybrid_hit(gs, st.lookup, n, C) == want
+        assert hybrid_hit(gs, st.lookup, n, C, checkpoint) == want
 
 
 def test_the_connector_refuses_unsupported_groups_at_start_up():

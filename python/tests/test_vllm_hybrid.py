@@ -197,6 +197,27 @@ def test_a_prompt_sharing_a_prefix_that_ends_in_no_stored_window_is_a_miss(hybri
     assert sched.get_num_new_matched_tokens(request("longer", longer), 0) == (96, True)
 
 
+def test_checkpoint_windows_let_a_prompt_sharing_only_a_prefix_hit(hybrid):
+    """With a window kept before every checkpoint (64 tokens here), another question over
+    the first 70 tokens of a stored prompt loads up to the checkpoint it reaches."""
+    sched, worker, caches = hybrid(window_checkpoint_tokens=64)
+    tokens = list(range(10, 10 + N))
+    metas, _, _ = prefill_in_two_steps(sched, worker, caches, tokens)
+    # Step 1 (tokens 0..63) saved the window before the checkpoint 64: chunks 1-3.
+    (s1,) = metas[0].saves
+    assert (s1.group, s1.first_chunk, len(s1.tokens)) == (SLIDING, 1, 64)
+    other = tokens[:70] + list(range(900, 930))
+    req = request("other", other)
+    assert sched.get_num_new_matched_tokens(req, 0) == (64, True)
+    sw_dst, full_dst = [0] * skipped_blocks(64) + [51, 52, 53], [55, 56, 57, 58]
+    sched.update_state_after_alloc(req, NS(get_block_ids=lambda: (sw_dst, full_dst)), 64)
+    meta = sched.build_connector_meta(no_work())
+    assert worker_step(worker, caches, meta) == ({"other"}, set())
+    for name in NAMES[:2]:
+        for i, src in zip(range(1, 4), [2, 3, 4]):  # the first prompt's blocks 1-3
+            assert torch.equal(caches[name][sw_dst[i]], caches[name][src])
+
+
 def test_hybrid_models_refuse_what_they_cannot_run_with_yet():
     vc = make_config({"kvtier.max_local_cpu_size": 0.01, "kvtier.local_cpu_huge_pages": False}, "hy-refuse")
     vc.kv_transfer_config.kv_role = "kv_producer"

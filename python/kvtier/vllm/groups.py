@@ -55,6 +55,16 @@ class KvGroup:
         (vLLM keeps the blocks of the last ``window - 1`` tokens before a hit boundary)."""
         return self.skipped_tokens(boundary) // chunk
 
+    def window_chunks(self, boundaries: Sequence[int], chunk: int) -> set[int]:
+        """The chunks this group stores so that a hit may end at any of ``boundaries``:
+        every chunk before the last for full attention; for a sliding window, the window
+        before each boundary."""
+        if not boundaries:
+            return set()
+        if not self.sliding:
+            return set(range(max(boundaries) // chunk))
+        return {i for b in boundaries for i in range(self.window_start(b, chunk), b // chunk)}
+
     def skipped_tokens(self, computed: int) -> int:
         """The leading tokens whose blocks vLLM has given back (its null block in their
         place) once ``computed`` tokens are computed: none for full attention."""
@@ -123,23 +133,39 @@ def kv_groups(kv_cache_config: Any, model: str) -> list[KvGroup]:
     return out
 
 
+def window_boundaries(n_save: int, usable: int, checkpoint: int) -> list[int]:
+    """Where a stored prompt lets later hits end, so where its sliding-window groups keep
+    the window before: the last full chunk (a longer prompt extending it), the last before
+    its final token (its repeat), and every multiple of ``checkpoint`` tokens (a prompt
+    sharing only a prefix of it; 0: none)."""
+    out = {b for b in (usable, n_save) if b > 0}
+    if checkpoint > 0:
+        out.update(range(checkpoint, n_save + 1, checkpoint))
+    return sorted(out)
+
+
 def hybrid_hit(groups: Sequence[KvGroup], lookup: Callable[[KvGroup, int, int], int], n_tokens: int,
-               chunk: int) -> int:
+               chunk: int, checkpoint: int = 0) -> int:
     """The longest chunk-aligned prefix, at most ``n_tokens`` long, that every group can
     load: ``lookup(group, boundary, first_chunk)`` answers how far (absolute token) the
     group's stored chunks run contiguously from ``first_chunk`` within the first
     ``boundary`` tokens. Full-attention groups bound the hit from the start of the prompt;
     each sliding-window group then needs the chunks of its window before the boundary,
-    which only exist where a stored prompt ended, so boundaries are tried from the longest
-    down."""
+    which exist where a stored prompt ended (:func:`window_boundaries`): the bound itself
+    is tried, then the multiples of ``checkpoint`` below it, longest first (a handful of
+    lookups, not one per chunk)."""
     b = (n_tokens // chunk) * chunk
     for g in groups:
         if not g.sliding and b > 0:
             b = min(b, (lookup(g, b, 0) // chunk) * chunk)
-    while b > 0:
-        if all(lookup(g, b, g.window_start(b, chunk)) >= b for g in groups if g.sliding):
-            return b
-        b -= chunk
+    if b <= 0:
+        return 0
+    candidates = [b]
+    if checkpoint > 0:
+        candidates += range((b - 1) // checkpoint * checkpoint, 0, -checkpoint)
+    for c in candidates:
+        if all(lookup(g, c, g.window_start(c, chunk)) >= c for g in groups if g.sliding):
+            return c
     return 0
 
 
@@ -172,17 +198,18 @@ class HybridEngines:
     answering lookups as one engine: the prefix every group can load (:func:`hybrid_hit`).
     Everything else (stats, flush, ...) is the cache's, so the first engine answers."""
 
-    def __init__(self, groups: Sequence[KvGroup], engines: Sequence[Any], chunk: int):
+    def __init__(self, groups: Sequence[KvGroup], engines: Sequence[Any], chunk: int, checkpoint: int = 0):
         self.groups = list(groups)
         self.engines = list(engines)
         self.chunk = chunk
+        self.checkpoint = checkpoint  # tokens between the windows stored for prefix hits
 
     def lookup(self, tokens: Sequence[int], salt: str | None = None) -> int:
         """The longest chunk-aligned prefix of ``tokens`` every group can load."""
         def group_lookup(g: KvGroup, boundary: int, first_chunk: int) -> int:
             return int(self.engines[g.index].lookup(tokens[:boundary], salt, first_chunk=first_chunk))
 
-        return hybrid_hit(self.groups, group_lookup, len(tokens), self.chunk)
+        return hybrid_hit(self.groups, group_lookup, len(tokens), self.chunk, self.checkpoint)
 
     def lookup_detail(self, tokens: Sequence[int], salt: str | None = None) -> dict:
         """:meth:`lookup`'s answer in ``lookup_detail``'s shape; no tier per chunk (a

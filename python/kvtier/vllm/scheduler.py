@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from .arbitration import Arbiter, CostModel
 from .events import RankVotes, events_enabled, external_hashes
-from .groups import HybridEngines, KvGroup, group_identity, is_hybrid
+from .groups import HybridEngines, KvGroup, group_identity, is_hybrid, window_boundaries
 from .lookup import AsyncLookups, PendingLookup, RankClients, lookup_with_tiers
 from .metadata import KvTierConnectorMetadata, LoadSpec, SaveSpec
 from .settings import ConnectorSettings, kv_dtype_code, model_identity
@@ -48,6 +48,18 @@ class _ReqState:
     local: int = 0  # tokens vLLM computed locally (prefix cache) when it asked for the hit
     group_blocks: list[list[int]] = dataclasses.field(default_factory=list)  # per group
     next_chunk: list[int] = dataclasses.field(default_factory=list)  # per group: the first unsaved chunk
+    boundaries: list[int] = dataclasses.field(default_factory=list)  # where later hits may end
+
+
+def _runs(indexes: list[int]) -> list[tuple[int, int]]:
+    """Sorted indexes as runs of consecutive ones: ``(first, end)``, end exclusive."""
+    runs: list[tuple[int, int]] = []
+    for i in indexes:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 class SchedulerSide:
@@ -84,7 +96,7 @@ class SchedulerSide:
             if self.hybrid:
                 first = settings.open_engine(group_identity(ident, self.groups[0]))
                 engines = [first] + [first.for_identity(group_identity(ident, g)) for g in self.groups[1:]]
-                self._engine = HybridEngines(self.groups, engines, settings.chunk_tokens)
+                self._engine = HybridEngines(self.groups, engines, settings.chunk_tokens, settings.checkpoint_tokens)
             else:
                 self._engine = settings.open_engine(ident)
             lookup = self._server_lookup
@@ -152,6 +164,7 @@ class SchedulerSide:
                 # A hit is loadable only where every sliding-window group holds its window:
                 # the lookup checks the boundary the load would use.
                 st.n_lookup = st.usable
+                st.boundaries = window_boundaries(st.n_save, st.usable, self._s.checkpoint_tokens)
             self._reqs[request.request_id] = st
             if role != "kv_producer":
                 # A decode instance behind a prefill one: the producer said how many tokens
@@ -307,9 +320,9 @@ class SchedulerSide:
     def _maybe_save_groups(self, meta, req_id, st: _ReqState, computed: int, so) -> None:
         """Hybrid: a full-attention group saves the prompt's full chunks in the step that
         completes them (as :meth:`_maybe_save`); a sliding-window group saves only the
-        chunks of the window before the prompt's hit boundaries (the last full chunk, and
-        the last before the last token), each in the step that computes it: vLLM gives a
-        block back once it leaves the window, so a later step may no longer hold it."""
+        chunks of the windows before the prompt's hit boundaries (:func:`.groups.window_boundaries`),
+        each in the step that computes it: vLLM gives a block back once it leaves the
+        window, so a later step may no longer hold it."""
         if self._s.kv_role == "kv_consumer" or st.n_save == 0:
             return
         chunk, bs, bpc = self._s.chunk_tokens, self._s.block_size, self._s.blocks_per_chunk
@@ -318,18 +331,19 @@ class SchedulerSide:
             ids = st.group_blocks[g.index] if g.index < len(st.group_blocks) else []
             lo = st.next_chunk[g.index]
             if g.sliding:
-                lo = max(lo, g.window_start(st.usable, chunk))
                 # Blocks vLLM gave back before this step (the window moved past them).
                 lo = max(lo, -(-(g.skipped_tokens(computed) // bs) // bpc))
                 hi = min(done, st.n_save) // chunk
+            elif done < st.n_save:
+                continue
             else:
-                if done < st.n_save:
-                    continue
                 hi = st.n_save // chunk
             if hi <= lo or len(ids) < hi * bpc:
                 continue
-            meta.saves.append(SaveSpec(req_id, st.tokens[: hi * chunk], st.salt, ids[: hi * bpc],
-                                       group=g.index, first_chunk=lo))
+            wanted = sorted(i for i in g.window_chunks(st.boundaries, chunk) if lo <= i < hi)
+            for first, end in _runs(wanted):  # one save per run of consecutive chunks
+                meta.saves.append(SaveSpec(req_id, st.tokens[: end * chunk], st.salt, ids[: end * bpc],
+                                           group=g.index, first_chunk=first))
             st.next_chunk[g.index] = hi
 
     def _hashes(self, st: _ReqState, n_tokens: int) -> list | None:

@@ -38,6 +38,7 @@ CONNECTOR_KEYS = {
     "pd_wait_s",
     "server_kv_events",
     "async_store",
+    "window_checkpoint_tokens",
 }
 
 #: vLLM's kv_role values: a prefill instance stores (and hands the stored length to the
@@ -100,6 +101,17 @@ class ConnectorSettings:
     kv_role: str = "kv_both"  # vLLM's kv_role (prefill/decode disaggregation)
     pd_wait_s: float = 5.0  # consumer: how long to wait for a producer's chunks to appear
     async_store: bool = True  # embedded kv_both, pinned staging: stores finish behind the next steps
+    #: Hybrid models: sliding-window groups also keep the window before every multiple of
+    #: this many tokens (whole chunks; 0: only before the prompt's end), so a prompt sharing
+    #: only a prefix (a document, another question) hits up to the last one it reaches.
+    window_checkpoint_tokens: int = 4096
+
+    @property
+    def checkpoint_tokens(self) -> int:
+        """:attr:`window_checkpoint_tokens` in whole chunks (at least one; 0: off)."""
+        if self.window_checkpoint_tokens <= 0:
+            return 0
+        return max(1, self.window_checkpoint_tokens // self.chunk_tokens) * self.chunk_tokens
 
     @property
     def chunk_tokens(self) -> int:
@@ -168,11 +180,15 @@ class ConnectorSettings:
             kv_role=str(getattr(vllm_config.kv_transfer_config, "kv_role", None) or "kv_both"),
             pd_wait_s=float(conn.get("pd_wait_s", 5.0)),
             async_store=flag(conn.get("async_store", True)),
+            window_checkpoint_tokens=int(conn.get("window_checkpoint_tokens", 4096)),
         )
         if s.kv_role not in ROLES:
             raise ValueError(f"kvtier connector: kv_role must be one of {ROLES}, got {s.kv_role!r}")
         if s.pd_wait_s < 0:
             raise ValueError(f"kvtier connector: pd_wait_s must be >= 0, got {s.pd_wait_s}")
+        if s.window_checkpoint_tokens < 0:
+            raise ValueError(
+                f"kvtier connector: window_checkpoint_tokens must be >= 0, got {s.window_checkpoint_tokens}")
         if s.arbitration not in ARBITRATION_MODES:
             raise ValueError(f"kvtier connector: arbitration must be one of {ARBITRATION_MODES}, got {s.arbitration!r}")
         if s.prior_prefill_tok_s <= 0 or s.prior_chunk_s < 0:

@@ -221,7 +221,7 @@ class WorkerSide:
             answering = self.engine
             if self.hybrid:  # the hit every group can load
                 answering = HybridEngines([ln.group for ln in self._lanes], [ln.engine for ln in self._lanes],
-                                          self.engine.chunk_size)
+                                          self.engine.chunk_size, self._s.checkpoint_tokens)
             self._lookup_server = LookupServer(
                 answering,
                 socket_path(self._s.lookup_socket_dir, self._s.engine_id, rank),
