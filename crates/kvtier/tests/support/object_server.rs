@@ -129,17 +129,12 @@ impl ObjectServer {
             prereq::missing(&format!("{name} not found"), INSTALL);
             return None;
         };
-        let ports = match kind {
-            // master, volume, filer, s3, admin (gRPC at +10000 each), iceberg, lance, metrics
-            Kind::S3 => (0..8).map(|_| free_port()).collect(),
-            _ => vec![free_port()],
-        };
         let mut s = ObjectServer {
             kind,
             child: None,
             bin,
-            port: if kind == Kind::S3 { ports[3] } else { ports[0] },
-            ports,
+            port: 0,
+            ports: Vec::new(),
             bucket: "kvt".to_string(),
             // Under the target directory, where tools/no_leftover_processes.sh looks.
             dir: tempfile::Builder::new()
@@ -147,8 +142,36 @@ impl ObjectServer {
                 .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
                 .expect("temp dir"),
         };
-        s.spawn();
-        Some(s)
+        // The ports are free when picked, but another process may bind one before the
+        // server does (it then exits with "address already in use"): pick them again.
+        for attempt in 1..=3 {
+            s.pick_ports();
+            s.launch();
+            match s.wait_ready() {
+                Ok(()) => return Some(s),
+                Err(e) if attempt < 3 && e.contains("address already in use") => {
+                    eprintln!(
+                        "{kind:?} server lost a port to another process; starting it on others"
+                    );
+                    s.child = None;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    fn pick_ports(&mut self) {
+        self.ports = match self.kind {
+            // master, volume, filer, s3, admin (gRPC at +10000 each), iceberg, lance, metrics
+            Kind::S3 => (0..8).map(|_| free_port()).collect(),
+            _ => vec![free_port()],
+        };
+        self.port = if self.kind == Kind::S3 {
+            self.ports[3]
+        } else {
+            self.ports[0]
+        };
     }
 
     /// The server's data directory.
@@ -156,7 +179,15 @@ impl ObjectServer {
         self.dir.path()
     }
 
+    /// Starts the server on its ports and waits until it serves.
     fn spawn(&mut self) {
+        self.launch();
+        if let Err(e) = self.wait_ready() {
+            panic!("{e}");
+        }
+    }
+
+    fn launch(&mut self) {
         let p = |i: usize| self.ports[i].to_string();
         let mut cmd = Command::new(&self.bin);
         match self.kind {
@@ -197,7 +228,6 @@ impl ObjectServer {
             .stdout(log.try_clone().expect("log"))
             .stderr(log);
         self.child = Some(ChildGuard::spawn(&mut cmd).expect("spawning the object server"));
-        self.wait_ready();
     }
 
     fn log(&self) -> String {
@@ -244,25 +274,30 @@ impl ObjectServer {
         }
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until the server serves; the error says why not, with its log.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(60) {
             if self.ready() {
-                return;
+                return Ok(());
             }
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(status)) = c.try_wait() {
-                    panic!("{:?} server exited ({status}):\n{}", self.kind, self.log());
+                    return Err(format!(
+                        "{:?} server exited ({status}):\n{}",
+                        self.kind,
+                        self.log()
+                    ));
                 }
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!(
+        Err(format!(
             "{:?} server on port {} not ready:\n{}",
             self.kind,
             self.port,
             self.log()
-        );
+        ))
     }
 
     /// The `remote_url` of the bucket under `prefix`, plus `options` (`&`-joined).
