@@ -122,6 +122,15 @@ def build_rows(raw):
                       if "mean" in lh and "mean" in kh else ""),
                 accept=(f"long-doc-qa {shape} hit rate kvtier/LMCache >= 1.0x (median of the shuffles; issue 21)",
                         1.0, "lmcache"))
+            if lm.get("hit_rate_no_touch"):
+                ln = lm["hit_rate_no_touch"]
+                row(f"long-doc-qa {shape} hit rate, LMCache looked up without pin (no recency refresh)", "fraction",
+                    "higher", ln, kh,
+                    note="LMCache's batched_contains without pin: touch_cache() never runs and the pool keeps "
+                         "insertion order; the row above looks up as vLLM's lookup server does (pin=True, "
+                         "touch_cache(), unpin after the retrieve)"
+                         + (f"; means: LMCache {ln['mean']:.3f}, kvtier {kh['mean']:.3f}" if "mean" in ln and "mean" in kh
+                            else ""))
             row(f"long-doc-qa {shape} query throughput", "GB/s", "higher", lm.get("query_gbps"), kv.get("query_gbps"),
                 note="(queried KV bytes) / (lookup + retrieve + re-store time)")
         nd = raw.get(f"native_disk/{shape}") or []
