@@ -44,7 +44,8 @@ def stats(xs):
     xs = [float(x) for x in xs]
     if not xs:
         return None
-    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "n": len(xs)}
+    return {"min": min(xs), "median": statistics.median(xs), "max": max(xs), "mean": statistics.fmean(xs),
+            "n": len(xs)}
 
 
 def gbps(nbytes, secs):

@@ -717,32 +717,46 @@ impl Engine {
                 (covered - start) * bpt
             )));
         }
-        let keys = spans.iter().map(|s| s.key).collect();
-        // Copy each chunk out as soon as it arrives, while later chunks still load; the copy
-        // is also where a disk read's checksum is checked (one pass over the bytes).
-        let (handle, arriving) = self.core.manager.prefetch_streaming(keys);
+        let keys: Vec<ChunkKey> = spans.iter().map(|s| s.key).collect();
         let (mut bytes, mut n) = (0u64, 0usize);
-        for (span, chunk) in spans.iter().zip(arriving.iter()) {
-            let dst = &mut out[(span.start - start) * bpt..(span.end - start) * bpt];
-            if chunk.len() != dst.len() {
-                return Err(Error::Corrupt(format!(
-                    "chunk {} holds {} bytes, expected {}",
-                    span.key,
-                    chunk.len(),
-                    dst.len()
-                )));
+        let chunk_len_error = |key: ChunkKey, have: usize, want: usize| {
+            Error::Corrupt(format!("chunk {key} holds {have} bytes, expected {want}"))
+        };
+        let tiers = if let Some(chunks) = self.core.manager.l1_read(&keys) {
+            // Served by L1 alone: copied on this thread (L1 bytes were checked when they
+            // were created), no hand-off to the runtime.
+            for (span, chunk) in spans.iter().zip(&chunks) {
+                let dst = &mut out[(span.start - start) * bpt..(span.end - start) * bpt];
+                if chunk.payload().len() != dst.len() {
+                    return Err(chunk_len_error(span.key, chunk.payload().len(), dst.len()));
+                }
+                crate::chunk::copy_payload(dst, chunk.payload());
+                bytes += dst.len() as u64;
+                n += 1;
             }
-            if !chunk.copy_to(dst)? {
-                // Corrupt: a miss from here on (C4); the prefetch cuts the prefix there too.
-                break;
+            vec![0; n]
+        } else {
+            // Copy each chunk out as soon as it arrives, while later chunks still load; the
+            // copy is also where a disk read's checksum is checked (one pass over the bytes).
+            let (handle, arriving) = self.core.manager.prefetch_streaming(keys);
+            for (span, chunk) in spans.iter().zip(arriving.iter()) {
+                let dst = &mut out[(span.start - start) * bpt..(span.end - start) * bpt];
+                if chunk.len() != dst.len() {
+                    return Err(chunk_len_error(span.key, chunk.len(), dst.len()));
+                }
+                if !chunk.copy_to(dst)? {
+                    // Corrupt: a miss from here on (C4); the prefetch cuts the prefix there.
+                    break;
+                }
+                bytes += dst.len() as u64;
+                n += 1;
             }
-            bytes += dst.len() as u64;
-            n += 1;
-        }
-        // Chunks still queued are dropped unread, so the prefetch need not wait for them.
-        drop(arriving);
-        let mut tiers = handle.wait()?.tiers;
-        tiers.truncate(n);
+            // Chunks still queued are dropped unread, so the prefetch need not wait for them.
+            drop(arriving);
+            let mut tiers = handle.wait()?.tiers;
+            tiers.truncate(n);
+            tiers
+        };
         let dt = t0.elapsed().as_secs_f64();
         self.core.metrics.retrieve_seconds.observe(dt);
         if bytes > 0 && dt > 0.0 {

@@ -521,3 +521,70 @@ proptest! {
         }
     }
 }
+
+fn l1_hits(e: &Engine) -> u64 {
+    e.stats().tiers[0].hits
+}
+
+#[test]
+fn a_read_l1_answers_alone_counts_and_copies_like_the_full_path() {
+    // L1 only: the whole prompt, then a prompt of which L1 holds the first 3 chunks.
+    let e = engine();
+    let bpt = e.bytes_per_token();
+    let tokens = prompt(10, 96);
+    let kv = kv_for(&e, &tokens);
+    e.store(&tokens[..48], None, &kv[..48 * bpt]).unwrap();
+    let mut out = vec![0u8; 96 * bpt];
+    let r = e.retrieve(&tokens, None, &mut out).unwrap();
+    assert_eq!((r.hit_tokens, r.tiers), (48, vec![0, 0, 0]));
+    assert_eq!(out[..48 * bpt], kv[..48 * bpt]);
+    assert!(
+        out[48 * bpt..].iter().all(|&b| b == 0),
+        "nothing past the prefix"
+    );
+    assert_eq!(l1_hits(&e), 3);
+    e.store(&tokens, None, &kv).unwrap();
+    let r = e.retrieve(&tokens, None, &mut out).unwrap();
+    assert_eq!((r.hit_tokens, r.tiers), (96, vec![0; 6]));
+    assert_eq!(out, kv);
+    assert_eq!(l1_hits(&e), 9);
+    // A window, and a prompt L1 does not hold.
+    let mut w = vec![0u8; 64 * bpt];
+    let r = e.retrieve_from(&tokens, None, 2, &mut w).unwrap();
+    assert_eq!((r.hit_tokens, r.tiers.len()), (96, 4));
+    assert_eq!(w, kv[32 * bpt..]);
+    let r = e.retrieve(&prompt(11, 32), None, &mut out).unwrap();
+    assert_eq!((r.hit_tokens, r.tiers), (0, vec![]));
+}
+
+#[test]
+fn a_read_l1_answers_in_part_still_loads_the_rest_from_below() {
+    let lower = Arc::new(CpuTier::new(lower_options()).unwrap());
+    let writer = Engine::with_lower_tiers(
+        config(|_| {}),
+        identity(),
+        vec![TierSpec::new(lower.clone())],
+    )
+    .unwrap();
+    let bpt = writer.bytes_per_token();
+    let tokens = prompt(12, 96);
+    let kv = kv_for(&writer, &tokens);
+    writer.store(&tokens, None, &kv).unwrap();
+    assert!(writer.flush(Duration::from_secs(10)));
+    // A fresh L1 over the same lower tier: reading the first 2 chunks promotes them.
+    let e =
+        Engine::with_lower_tiers(config(|_| {}), identity(), vec![TierSpec::new(lower)]).unwrap();
+    let mut out = vec![0u8; 96 * bpt];
+    let r = e
+        .retrieve(&tokens[..32], None, &mut out[..32 * bpt])
+        .unwrap();
+    assert_eq!((r.hit_tokens, r.tiers), (32, vec![1, 1]));
+    out.fill(0);
+    let r = e.retrieve(&tokens, None, &mut out).unwrap();
+    assert_eq!((r.hit_tokens, r.tiers), (96, vec![0, 0, 1, 1, 1, 1]));
+    assert_eq!(out, kv);
+    // Now all of it is in L1.
+    let r = e.retrieve(&tokens, None, &mut out).unwrap();
+    assert_eq!((r.hit_tokens, r.tiers), (96, vec![0; 6]));
+    assert_eq!(out, kv);
+}

@@ -322,6 +322,31 @@ impl StorageManager {
         }
     }
 
+    /// The L1 fast path of a read, on the caller's thread: when L1 alone answers it (every
+    /// key is resident there, or there is no lower tier to look in), handles on the leading
+    /// run of `keys` resident in L1, counted as hits and touched as
+    /// [`prefetch`](Self::prefetch) would count and touch them. `None` when a lower tier
+    /// may hold more of the prefix (or L1 is off): the caller then takes the full path.
+    /// Saves a read served from L1 the hand-off to the runtime and back (two thread
+    /// wake-ups, ~20 µs per call on a 2-core VM: a tenth of a 1 MiB chunk's copy).
+    pub fn l1_read(&self, keys: &[ChunkKey]) -> Option<Vec<Chunk>> {
+        let inner = &self.inner;
+        if !inner.l1_enabled {
+            return None;
+        }
+        let got = inner.l1.lookup_prefix(keys);
+        if got.len() < keys.len() && !inner.lower.is_empty() {
+            return None;
+        }
+        for c in &got {
+            inner.count_hit(0, c.buf.len() as u64);
+        }
+        if !got.is_empty() {
+            inner.l1.touch_reverse(&keys[..got.len()]);
+        }
+        Some(got)
+    }
+
     /// Like [`prefetch`](Self::prefetch), and the receiver also gets each chunk of the
     /// contiguous prefix, in order, as soon as it is loaded: a caller copies chunk `i` out
     /// (verifying it in the same pass, see [`StreamedChunk`]) while later chunks are still
