@@ -143,6 +143,24 @@ fn assert_every_chunk_stored_and_hit(json: &Value) {
 mod prereq;
 
 /// Runs `kvtier` with `args` and a clean engine environment; returns (success, stdout, stderr).
+/// `p[key]` holds one positive figure per round, `rounds` of them.
+fn assert_positive_per_round(p: &Value, key: &str, rounds: usize) {
+    let v = p[key].as_array().unwrap_or_else(|| panic!("{key}: {p}"));
+    assert_eq!(v.len(), rounds, "one figure per round: {p}");
+    assert!(v.iter().all(|x| x.as_f64().unwrap() > 0.0), "{key}: {p}");
+}
+
+/// `p[key]` is a spread of positive figures: 0 < min <= median <= max.
+fn assert_ordered_spread(p: &Value, key: &str) {
+    let s = &p[key];
+    let (lo, mid, hi) = (
+        s["min"].as_f64().unwrap(),
+        s["median"].as_f64().unwrap(),
+        s["max"].as_f64().unwrap(),
+    );
+    assert!(0.0 < lo && lo <= mid && mid <= hi, "{key}: {p}");
+}
+
 fn kvtier(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvtier"));
     cmd.args(args)
@@ -232,9 +250,7 @@ fn l1_sweep_reports_a_ratio_per_size_and_round_for_both_checksum_paths() {
     assert_eq!(sizes, [1, 2], "{json}");
     for p in points {
         for key in ["memcpy_gbps", "store_gbps", "retrieve_gbps"] {
-            let v = p[key].as_array().unwrap_or_else(|| panic!("{key}: {p}"));
-            assert_eq!(v.len(), 2, "one figure per round: {p}");
-            assert!(v.iter().all(|x| x.as_f64().unwrap() > 0.0), "{key}: {p}");
+            assert_positive_per_round(p, key, 2);
         }
         for key in [
             "store_vs_memcpy",
@@ -242,13 +258,7 @@ fn l1_sweep_reports_a_ratio_per_size_and_round_for_both_checksum_paths() {
             "portable_store_vs_memcpy",
             "portable_retrieve_vs_memcpy",
         ] {
-            let s = &p[key];
-            let (lo, mid, hi) = (
-                s["min"].as_f64().unwrap(),
-                s["median"].as_f64().unwrap(),
-                s["max"].as_f64().unwrap(),
-            );
-            assert!(0.0 < lo && lo <= mid && mid <= hi, "{key}: {p}");
+            assert_ordered_spread(p, key);
         }
     }
 }
@@ -304,9 +314,7 @@ fn chunk_size_sweep_reports_every_size_per_round_against_its_baselines() {
             "store_gbps",
             "retrieve_gbps",
         ] {
-            let v = p[key].as_array().unwrap_or_else(|| panic!("{key}: {p}"));
-            assert_eq!(v.len(), 2, "one figure per round: {p}");
-            assert!(v.iter().all(|x| x.as_f64().unwrap() > 0.0), "{key}: {p}");
+            assert_positive_per_round(p, key, 2);
         }
         for key in [
             "lookup_vs_reference",
@@ -314,13 +322,7 @@ fn chunk_size_sweep_reports_every_size_per_round_against_its_baselines() {
             "store_vs_memcpy",
             "retrieve_vs_memcpy",
         ] {
-            let s = &p[key];
-            let (lo, mid, hi) = (
-                s["min"].as_f64().unwrap(),
-                s["median"].as_f64().unwrap(),
-                s["max"].as_f64().unwrap(),
-            );
-            assert!(0.0 < lo && lo <= mid && mid <= hi, "{key}: {p}");
+            assert_ordered_spread(p, key);
         }
     }
     // The reference size is its own baseline.
