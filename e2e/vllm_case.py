@@ -5,7 +5,8 @@ Usage: vllm_case.py SPEC.json RESULT.json. SPEC: {"model", "connector": "none"|"
 prompt name or a list of names (one batch: vLLM schedules them together), max_tokens(,
 {"kv_transfer_params": {...}})], ...], "kv_role", "keys_of": prompt name or null, "llm": {extra LLM(...)
 keyword arguments, e.g. disable_hybrid_kv_cache_manager: false}, "logprobs": top-k or 0,
-"warmup": false to skip the warm-up, "kv_events": a loopback port to publish vLLM's KV events on,
+"warmup": false to skip the warm-up, "l1_after": true to record
+the L1 tier's stored bytes and chunks after each step (embedded), "kv_events": a loopback port to publish vLLM's KV events on,
 collected here and decoded with vLLM's own types}. RESULT: per step the token ids, the sampled tokens'
 logprobs (when asked), num_cached_tokens and wall seconds, plus the kvtier worker's stats."""
 
@@ -180,7 +181,7 @@ def main(spec_path: str, out_path: str) -> None:
         dt = time.perf_counter() - t0
         per = [request_result(n, out) for n, out in zip(names, outs)]
         stored = None
-        if embedded:  # what the step stored (its stores land before a stats answer)
+        if embedded and spec.get("l1_after"):  # what the step stored (its stores land before a stats answer)
             from kvtier.vllm import worker_call
 
             tier = worker_call(spec["engine_id"], "stats", lookup_socket_dir=sock_dir)["tiers"][0]

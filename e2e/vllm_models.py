@@ -332,6 +332,7 @@ def hybrid(work, check, run_case, step, timings):
         return
     a = run_case(work, "hybrid-A", dict(common, connector="kvtier", extra=extra,
                                         engine_id="e2e-hybrid-" + uuid.uuid4().hex[:8],
+                                        l1_after=True,
                                         steps=[["miss", "P", 8], ["P", "P", 8], ["T2", "T2", 8], ["Q", "Q", 8]]))
     if not check("hybrid: process A (kvtier, HMA on) ran", a is not None):
         return

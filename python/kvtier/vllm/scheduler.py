@@ -33,7 +33,7 @@ class _ReqState:
     salt: str | None
     hit: int = 0  # tokens loadable from kvtier, from the lookup (chunk aligned but for a decoder)
     load_tokens: int = 0  # external tokens vLLM agreed to load
-    block_ids: list[int] = dataclasses.field(default_factory=list)
+    group_blocks: list[list[int]] = dataclasses.field(default_factory=list)  # per KV-cache group, in prompt order
     saved: bool = False
     usable: int = 0  # the most tokens a load may cover (>= 1 token left; whole chunks but for a decoder)
     n_save: int = 0  # tokens to store: the prompt's full chunks (a prefill instance: all of it)
@@ -46,9 +46,13 @@ class _ReqState:
     block_hashes: list | None = None  # KV events on: vLLM's hashes of the prompt's blocks
     # Hybrid models (one block table per KV-cache group):
     local: int = 0  # tokens vLLM computed locally (prefix cache) when it asked for the hit
-    group_blocks: list[list[int]] = dataclasses.field(default_factory=list)  # per group
     next_chunk: list[int] = dataclasses.field(default_factory=list)  # per group: the first unsaved chunk
     boundaries: list[int] = dataclasses.field(default_factory=list)  # where later hits may end
+
+    @property
+    def block_ids(self) -> list[int]:
+        """The blocks of the first (for most models, the only) KV-cache group."""
+        return self.group_blocks[0] if self.group_blocks else []
 
 
 def _runs(indexes: list[int]) -> list[tuple[int, int]]:
@@ -153,6 +157,7 @@ class SchedulerSide:
             st.n_save = n if self.tails and role == "kv_producer" else full
             st.n_lookup = n if self.tails else full
             st.next_chunk = [0] * len(self.groups)
+            st.group_blocks = [[] for _ in self.groups]
             # Never load the whole prompt: the last token must be computed for logits. A
             # decoder loads everything else (the tail, or its last chunk, only in part);
             # otherwise loads are whole chunks.
@@ -236,9 +241,8 @@ class SchedulerSide:
             return
         st.load_tokens = num_external_tokens
         if num_external_tokens > 0:
-            st.block_ids = list(blocks.get_block_ids()[0])
+            st.group_blocks = [list(ids) for ids in blocks.get_block_ids()]
             if self.hybrid:
-                st.group_blocks = [list(ids) for ids in blocks.get_block_ids()]
                 self._async_loads.append(request.request_id)
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KvTierConnectorMetadata:
@@ -252,9 +256,8 @@ class SchedulerSide:
             st = self._reqs.get(new.req_id)
             if st is None:
                 continue
-            st.block_ids = list(new.block_ids[0])
+            st.group_blocks = [list(ids) for ids in new.block_ids]
             if self.hybrid:
-                st.group_blocks = [list(ids) for ids in new.block_ids]
                 self._maybe_save_groups(meta, new.req_id, st, new.num_computed_tokens, scheduler_output)
                 continue
             if st.load_tokens > 0:
@@ -278,16 +281,13 @@ class SchedulerSide:
             if st is None:
                 continue
             if req_id in getattr(cached, "resumed_req_ids", ()):  # preempted: blocks were redone
-                st.block_ids = []
                 st.saved = False
                 st.group_blocks = [[] for _ in self.groups]
                 st.next_chunk = [0] * len(self.groups)
             nb = cached.new_block_ids[i]
             if nb is not None:
-                st.block_ids.extend(nb[0])
-                if self.hybrid:
-                    for ids, new_ids in zip(st.group_blocks, nb):
-                        ids.extend(new_ids)
+                for ids, new_ids in zip(st.group_blocks, nb):
+                    ids.extend(new_ids)
             if self.hybrid:
                 self._maybe_save_groups(meta, req_id, st, cached.num_computed_tokens[i], scheduler_output)
             else:
@@ -328,7 +328,7 @@ class SchedulerSide:
         chunk, bs, bpc = self._s.chunk_tokens, self._s.block_size, self._s.blocks_per_chunk
         done = computed + so.num_scheduled_tokens.get(req_id, 0)
         for g in self.groups:
-            ids = st.group_blocks[g.index] if g.index < len(st.group_blocks) else []
+            ids = st.group_blocks[g.index]
             lo = st.next_chunk[g.index]
             if g.sliding:
                 # Blocks vLLM gave back before this step (the window moved past them).

@@ -354,29 +354,29 @@ class WorkerSide:
             return plans
         # A spec's tokens end on a chunk, or are a whole prompt whose tail is stored. A
         # windowed spec (first_chunk > 0) reads and holds only chunks first_chunk.. .
-        chunk = self._s.chunk_tokens
-        starts = [sp.first_chunk * chunk for sp in specs]
-        payloads = self._load_staging.payloads(
-            [self._lanes[sp.group].paged.tokens_numel(len(sp.tokens) - start) for sp, start in zip(specs, starts)])
-        for spec, payload, start in zip(specs, payloads, starts):
+        payloads = self._load_staging.payloads([lane.paged.tokens_numel(n) for lane, n in map(self._payload_of, specs)])
+        for spec, payload in zip(specs, payloads):
             got = 0
-            lane = self._lanes[spec.group]
+            lane, n = self._payload_of(spec)
             t0 = time.perf_counter()
             try:
                 # The engine fills the whole prefix (or window); blocks before first_block
                 # were computed locally (or are outside the window).
-                if spec.first_chunk:
-                    got = lane.engine.retrieve(spec.tokens, payload, spec.salt, first_chunk=spec.first_chunk)
-                else:
-                    got = lane.engine.retrieve(spec.tokens, payload, spec.salt)
+                got = lane.engine.retrieve(spec.tokens, payload, spec.salt, first_chunk=spec.first_chunk)
             except Exception as e:
                 logger.warning("kvtier load of %s failed: %s", spec.req_id, e)
+            start = len(spec.tokens) - n  # the payload's first token
             held = max(0, min(got, len(spec.tokens)) - start)
             plan = self._short_load(spec, got, lane.paged.split_tokens(payload, held, first_chunk=spec.first_chunk))
             if plan is not None:
                 plans.append((spec, plan))
                 self._note_load(spec, len(plan.block_ids), time.perf_counter() - t0)
         return plans
+
+    def _payload_of(self, spec: Any) -> tuple[_Lane, int]:
+        """A load or save spec's lane, and the tokens its payload holds: from its first
+        chunk (0, or a sliding window's first) to the end of its tokens."""
+        return self._lanes[spec.group], len(spec.tokens) - spec.first_chunk * self._s.chunk_tokens
 
     def _load_failed(self, spec: LoadSpec, block_ids) -> None:
         """vLLM recomputes what a load could not fill: from the first bad block (a
@@ -457,14 +457,12 @@ class WorkerSide:
         else:
             # The whole prompt where it ends in a tail (its last block partial); a windowed
             # save (first_chunk > 0) only chunks first_chunk.. .
-            chunk = self._s.chunk_tokens
             payloads = self._save_staging.payloads(
-                [self._lanes[sp.group].paged.tokens_numel(len(sp.tokens) - sp.first_chunk * chunk) for sp in meta.saves])
+                [lane.paged.tokens_numel(n) for lane, n in map(self._payload_of, meta.saves)])
             for sp, payload in zip(meta.saves, payloads):
-                paged = self._lanes[sp.group].paged
+                lane, n = self._payload_of(sp)
                 items.append(_SaveItem(sp, payload, None))
-                n = len(sp.tokens) - sp.first_chunk * chunk
-                plans.append(SavePlan(paged.split_tokens(payload, n, first_chunk=sp.first_chunk), sp.block_ids))
+                plans.append(SavePlan(lane.paged.split_tokens(payload, n, first_chunk=sp.first_chunk), sp.block_ids))
         steps = {}
         try:
             for lane in sorted({it.spec.group for it in items}):
@@ -557,10 +555,8 @@ class WorkerSide:
             try:
                 if it.claim is not None:
                     rep = it.claim.commit()
-                elif sp.first_chunk:
-                    rep = self._lanes[sp.group].engine.store(sp.tokens, it.payload, sp.salt, first_chunk=sp.first_chunk)
                 else:
-                    rep = self._lanes[sp.group].engine.store(sp.tokens, it.payload, sp.salt)
+                    rep = self._lanes[sp.group].engine.store(sp.tokens, it.payload, sp.salt, first_chunk=sp.first_chunk)
                 if not self._lanes[sp.group].group.sliding:  # a prompt's tokens count once
                     saved += min(rep["new_chunks"] * self._s.chunk_tokens, len(sp.tokens))
             except Exception as e:  # a failed save only costs a future hit
