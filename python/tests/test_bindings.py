@@ -101,9 +101,18 @@ def test_any_dtype_and_numpy_tokens(small_cfg):
 def test_token_inputs_give_the_same_keys_and_bad_ids_are_value_errors(small_cfg):
     # tokens_fast(): exact lists via the C API, int numpy arrays / CPU torch tensors read in
     # place; everything else takes the generic path. All must agree.
+    # A list's ints are read from their digits (one or two 30-bit digits), checked here
+    # against a numpy array's memory: every digit boundary, small cached ints, bools.
+    from kvtier import _native
+    assert _native.token_list_reader() == "digits", "the int layout check failed on this CPython"
     eng = make(small_cfg)
-    toks = [7, 2**32 - 1, 0, 123456] * 64
-    want = eng.chunk_keys(toks)
+    edges = [0, 1, 5, 255, 256, 257, 2**15, 2**29, 2**30 - 1, 2**30, 2**30 + 1, 2**31,
+             2**32 - 2, 2**32 - 1, 123456]
+    toks = (edges + [7, 2**32 - 1, 0, 123456]) * 16
+    want = eng.chunk_keys(np.asarray(toks, dtype=np.uint32))
+    assert eng.chunk_keys(toks) == want
+    flags = [True, False] * 32
+    assert eng.chunk_keys(flags) == eng.chunk_keys(np.asarray(flags, dtype=np.uint32))
     same = [tuple(toks), np.asarray(toks, dtype=np.uint32), np.asarray(toks, dtype=np.int64),
             np.asarray(toks, dtype=np.uint64), np.asarray(toks, dtype=np.int64)[::1]]
     torch = None
@@ -115,7 +124,8 @@ def test_token_inputs_give_the_same_keys_and_bad_ids_are_value_errors(small_cfg)
         same += [torch.tensor(toks, dtype=torch.int64)]
     for t in same:
         assert eng.chunk_keys(t) == want, type(t)
-    bad = [[-1], [2**32], np.array([-1]), np.array([2**32], dtype=np.int64)]
+    bad = [[-1], [2**32], [5, -2**31], [2**62], [2**64], [-2**70],
+           np.array([-1]), np.array([2**32], dtype=np.int64)]
     if torch is not None:
         bad.append(torch.tensor([-5]))
     for t in bad:

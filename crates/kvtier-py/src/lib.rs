@@ -19,7 +19,7 @@ use kvtier::keys::{KeySpace, ModelIdentity};
 use kvtier::layout::{Dtype, KvLayout, LayerGroup};
 use kvtier::tier::{ResidencyChange, ResidencyLog, DISK_TIER_NAME};
 use kvtier::{Engine, EngineConfig, KvCache, PendingLoad};
-use pyo3::exceptions::{PyBufferError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
@@ -30,191 +30,14 @@ pyo3::create_exception!(
     "An error reported by the kvtier engine; the message is the engine's."
 );
 
+mod buffer;
+mod tokens;
+
+use buffer::ByteView;
+use tokens::tokens_of;
+
 fn engine_err(e: kvtier::Error) -> PyErr {
     KvTierError::new_err(e.to_string())
-}
-
-// ---------------------------------------------------------------------------------------
-// The buffer protocol under the stable ABI.
-
-/// `PyObject_GetBuffer`, `PyBuffer_Release` and `Py_buffer`, declared here because pyo3 only
-/// offers them under the stable ABI from Python 3.11 (when they joined it). Every CPython 3.x
-/// exports both functions and has this struct layout (unchanged since 3.3), so the abi3
-/// wheel uses them on 3.10 as well; the symbols resolve when the interpreter loads the module.
-mod buffer_ffi {
-    use pyo3::ffi::{PyObject, Py_ssize_t};
-    use std::os::raw::{c_char, c_int, c_void};
-
-    /// `Py_buffer`.
-    #[repr(C)]
-    pub struct PyBuffer {
-        pub buf: *mut c_void,
-        pub obj: *mut PyObject,
-        pub len: Py_ssize_t,
-        pub itemsize: Py_ssize_t,
-        pub readonly: c_int,
-        pub ndim: c_int,
-        pub format: *mut c_char,
-        pub shape: *mut Py_ssize_t,
-        pub strides: *mut Py_ssize_t,
-        pub suboffsets: *mut Py_ssize_t,
-        pub internal: *mut c_void,
-    }
-
-    pub const PYBUF_WRITABLE: c_int = 0x0001;
-    pub const PYBUF_FORMAT: c_int = 0x0004;
-    /// `PyBUF_C_CONTIGUOUS` (implies shape and strides).
-    pub const PYBUF_C_CONTIGUOUS: c_int = 0x0038;
-
-    extern "C" {
-        pub fn PyObject_GetBuffer(obj: *mut PyObject, view: *mut PyBuffer, flags: c_int) -> c_int;
-        pub fn PyBuffer_Release(view: *mut PyBuffer);
-    }
-}
-
-/// A buffer-protocol view of an object, released on drop (the GIL must be held then: these
-/// are dropped on the calling Python thread).
-struct BufferView(Box<buffer_ffi::PyBuffer>);
-
-impl BufferView {
-    /// `PyObject_GetBuffer(obj, flags)`; the Python error when the object refuses.
-    fn get(obj: &Bound<'_, PyAny>, flags: std::os::raw::c_int) -> Result<BufferView, PyErr> {
-        // SAFETY: an all-zero Py_buffer is a valid "empty" view for GetBuffer to fill.
-        let mut view: Box<buffer_ffi::PyBuffer> = Box::new(unsafe { std::mem::zeroed() });
-        // SAFETY: obj is a live object (we hold a reference and the GIL).
-        let rc = unsafe { buffer_ffi::PyObject_GetBuffer(obj.as_ptr(), &mut *view, flags) };
-        if rc != 0 {
-            return Err(PyErr::take(obj.py())
-                .unwrap_or_else(|| PyBufferError::new_err("the object refused a buffer view")));
-        }
-        Ok(BufferView(view))
-    }
-}
-
-impl Drop for BufferView {
-    fn drop(&mut self) {
-        // SAFETY: a view GetBuffer filled, released once, with the GIL held.
-        unsafe { buffer_ffi::PyBuffer_Release(&mut *self.0) };
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Zero-copy byte views of numpy arrays / torch tensors.
-
-/// A contiguous byte region borrowed from a Python object, kept valid while this lives.
-struct ByteView {
-    ptr: *mut u8,
-    len: usize,
-    /// The buffer-protocol view to release on drop (None for torch tensors, which stay
-    /// alive through the Python reference the caller holds).
-    _view: Option<BufferView>,
-}
-
-impl ByteView {
-    /// Borrows the bytes of `obj`: a CPU torch tensor (any dtype) or any object exporting a
-    /// C-contiguous buffer (numpy array of any dtype, bytearray, memoryview, ...).
-    fn new(obj: &Bound<'_, PyAny>, writable: bool, what: &str) -> PyResult<ByteView> {
-        if obj.hasattr("data_ptr")? && obj.hasattr("is_contiguous")? {
-            return Self::from_tensor(obj, what);
-        }
-        let mut flags = buffer_ffi::PYBUF_C_CONTIGUOUS;
-        if writable {
-            flags |= buffer_ffi::PYBUF_WRITABLE;
-        }
-        let view = BufferView::get(obj, flags);
-        if let Err(e) = view {
-            let cause = e.to_string();
-            let tname = obj
-                .get_type()
-                .name()
-                .map(|n| n.to_string())
-                .unwrap_or_default();
-            return Err(PyBufferError::new_err(format!(
-                "{what} must be a C-contiguous{} buffer (numpy array, CPU torch tensor, bytearray); got {tname}: {cause}{}",
-                if writable { ", writable" } else { "" },
-                if cause.contains("contiguous") {
-                    " (use numpy.ascontiguousarray(x) or x.contiguous())"
-                } else {
-                    ""
-                }
-            )));
-        }
-        let view = view?;
-        let len = view.0.len.max(0) as usize;
-        let ptr = view.0.buf as *mut u8;
-        Ok(ByteView {
-            ptr,
-            len,
-            _view: Some(view),
-        })
-    }
-
-    fn from_tensor(t: &Bound<'_, PyAny>, what: &str) -> PyResult<ByteView> {
-        let device: String = t.getattr("device")?.getattr("type")?.extract()?;
-        if device != "cpu" {
-            return Err(PyValueError::new_err(format!(
-                "{what} is a torch tensor on `{device}`; kvtier reads and writes host memory: copy it to a CPU tensor (ideally pinned) first"
-            )));
-        }
-        if !t.call_method0("is_contiguous")?.extract::<bool>()? {
-            return Err(PyBufferError::new_err(format!(
-                "{what} must be C-contiguous; call .contiguous() first"
-            )));
-        }
-        let ptr: usize = t.call_method0("data_ptr")?.extract()?;
-        let numel: usize = t.call_method0("numel")?.extract()?;
-        let esize: usize = t.call_method0("element_size")?.extract()?;
-        Ok(ByteView {
-            ptr: ptr as *mut u8,
-            len: numel * esize,
-            _view: None,
-        })
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        if self.len == 0 {
-            return &[];
-        }
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        if self.len == 0 {
-            return &mut [];
-        }
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-/// Token ids from a list/tuple of ints, a numpy array or a torch tensor.
-fn tokens_of(obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
-    if let Some(v) = tokens_fast(obj)? {
-        return Ok(v);
-    }
-    if let Ok(v) = obj.extract::<Vec<u32>>() {
-        return Ok(v);
-    }
-    if obj.hasattr("tolist")? {
-        let l = obj.call_method0("tolist")?;
-        return l.extract::<Vec<u32>>().map_err(|_| {
-            PyValueError::new_err("tokens must be a 1-D sequence of integers in 0..2**32")
-        });
-    }
-    Err(PyTypeError::new_err(
-        "tokens must be a sequence of integers in 0..2**32 (list, numpy array, torch tensor)",
-    ))
-}
-
-/// The head of CPython's `PyListObject` (every GIL build of 3.x: the object header, the
-/// size, then the item array). The stable ABI only offers `PyList_GetItem`, a function call
-/// per token; reading the array directly keeps list conversion as fast as the non-abi3
-/// build. [`list_layout_ok`] checks the layout against the running interpreter once.
-#[repr(C)]
-struct ListHead {
-    ob_refcnt: isize,
-    ob_type: *mut std::os::raw::c_void,
-    ob_size: isize,
-    ob_item: *mut *mut pyo3::ffi::PyObject,
 }
 
 /// vLLM's KV-event medium of L1's chunks (Dynamo maps it to host memory).
@@ -225,155 +48,6 @@ const MEDIUM_DISK: &str = "STORAGE";
 /// What `take_residency_changes` returns: the media whose log overflowed, and the changes
 /// as `(stored, key_hex, medium)`.
 type ResidencyTake = (Vec<&'static str>, Vec<(bool, String, &'static str)>);
-
-static LIST_LAYOUT_OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-
-/// Whether [`ListHead`] matches this interpreter's lists (checked on a 3-item list).
-fn list_layout_ok(py: Python<'_>) -> bool {
-    *LIST_LAYOUT_OK.get_or_init(|| {
-        let Ok(probe) = PyList::new(py, [11u32, 22, 33]) else {
-            return false;
-        };
-        // SAFETY: a live list; we only read its header and compare pointers.
-        unsafe {
-            let head = &*(probe.as_ptr() as *const ListHead);
-            head.ob_size == 3
-                && !head.ob_item.is_null()
-                && (0..3).all(|i| {
-                    *head.ob_item.add(i) == pyo3::ffi::PyList_GetItem(probe.as_ptr(), i as isize)
-                })
-        }
-    })
-}
-
-/// The item array of an exact list when the layout check passed.
-fn list_items(list: &Bound<'_, PyList>) -> Option<*mut *mut pyo3::ffi::PyObject> {
-    if !list_layout_ok(list.py()) {
-        return None;
-    }
-    // SAFETY: layout verified above; the list is alive (we hold a reference).
-    let head = unsafe { &*(list.as_ptr() as *const ListHead) };
-    Some(head.ob_item)
-}
-
-fn out_of_range() -> PyErr {
-    PyValueError::new_err("tokens must be integers in 0..2**32")
-}
-
-/// Token ids of another integer type, each checked to fit in u32.
-fn narrow<T: Copy + TryInto<u32>>(xs: &[T]) -> PyResult<Vec<u32>> {
-    xs.iter()
-        .map(|&x| x.try_into().map_err(|_| out_of_range()))
-        .collect()
-}
-
-/// Fast paths of [`tokens_of`] for the shapes prompts usually come in. A 128K-token prompt
-/// is 131,072 Python objects: the generic `extract::<Vec<u32>>` goes through the iterator
-/// protocol per item (and, for numpy arrays and torch tensors, creates a scalar object per
-/// item), which costs more than hashing the prompt. Here an exact `list` is read through
-/// the C API item by item, and a 1-D C-contiguous int32/int64/uint32/uint64 numpy array
-/// or CPU torch int32/int64 tensor is read from its memory. `None`: not one of these shapes
-/// (the caller falls back to the generic path, which also produces the error messages).
-fn tokens_fast(obj: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u32>>> {
-    if let Ok(list) = obj.downcast_exact::<PyList>() {
-        let n = list.len();
-        let mut v = Vec::with_capacity(n);
-        let int_type = std::ptr::addr_of_mut!(pyo3::ffi::PyLong_Type);
-        let direct = list_items(list);
-        for i in 0..n {
-            let item = match direct {
-                // SAFETY: i < len; the list is not mutated while we read (no Python code runs).
-                Some(items) => unsafe { *items.add(i) },
-                // SAFETY: as above; PyList_GetItem returns a borrowed reference and checks i.
-                None => unsafe { pyo3::ffi::PyList_GetItem(list.as_ptr(), i as isize) },
-            };
-            if item.is_null() {
-                return Err(PyErr::fetch(obj.py()));
-            }
-            // Exact ints (nearly every token) are told by their type pointer; the flags
-            // lookup of PyLong_Check is a function call under the stable ABI.
-            if unsafe { pyo3::ffi::Py_TYPE(item) } != int_type
-                && unsafe { pyo3::ffi::PyLong_Check(item) } == 0
-            {
-                return Ok(None);
-            }
-            let x = unsafe { pyo3::ffi::PyLong_AsUnsignedLongLong(item) };
-            if x == u64::MAX && PyErr::take(obj.py()).is_some() || x > u32::MAX as u64 {
-                return Err(out_of_range());
-            }
-            v.push(x as u32);
-        }
-        return Ok(Some(v));
-    }
-    if obj.hasattr("data_ptr")? && obj.hasattr("is_contiguous")? {
-        // A torch tensor: only CPU, 1-D, contiguous int32/int64 are read in place.
-        let dtype = obj.getattr("dtype")?.str()?.to_string();
-        let device: String = obj.getattr("device")?.getattr("type")?.extract()?;
-        let dim: usize = obj.call_method0("dim")?.extract()?;
-        let contiguous: bool = obj.call_method0("is_contiguous")?.extract()?;
-        if device != "cpu" || dim != 1 || !contiguous {
-            return Ok(None);
-        }
-        let ptr: usize = obj.call_method0("data_ptr")?.extract()?;
-        let n: usize = obj.call_method0("numel")?.extract()?;
-        if n == 0 {
-            return Ok(Some(Vec::new()));
-        }
-        // SAFETY: a contiguous CPU tensor of n elements of this dtype starts at data_ptr and
-        // stays alive (the caller holds it) while we copy out under the GIL.
-        return match dtype.as_str() {
-            "torch.int64" => {
-                narrow(unsafe { std::slice::from_raw_parts(ptr as *const i64, n) }).map(Some)
-            }
-            "torch.int32" => {
-                narrow(unsafe { std::slice::from_raw_parts(ptr as *const i32, n) }).map(Some)
-            }
-            _ => Ok(None),
-        };
-    }
-    if obj.hasattr("__array_interface__")? {
-        return int_buffer(obj);
-    }
-    Ok(None)
-}
-
-/// The integers of a 1-D C-contiguous buffer of int32/int64/uint32/uint64 in native byte
-/// order (a numpy array), narrowed to u32; `None` for any other buffer.
-fn int_buffer(obj: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u32>>> {
-    let flags = buffer_ffi::PYBUF_FORMAT | buffer_ffi::PYBUF_C_CONTIGUOUS;
-    let Ok(view) = BufferView::get(obj, flags) else {
-        return Ok(None);
-    };
-    let b = &*view.0;
-    if b.ndim != 1 || b.format.is_null() || b.itemsize <= 0 {
-        return Ok(None);
-    }
-    // SAFETY: a NUL-terminated struct-module format string owned by the view.
-    let fmt = unsafe { std::ffi::CStr::from_ptr(b.format) }.to_bytes();
-    let code = match fmt {
-        [c] => *c,
-        [b'@' | b'=', c] => *c,
-        [b'<', c] if cfg!(target_endian = "little") => *c,
-        [b'>' | b'!', c] if cfg!(target_endian = "big") => *c,
-        _ => return Ok(None),
-    };
-    let n = (b.len / b.itemsize) as usize;
-    if n == 0 {
-        return Ok(Some(Vec::new()));
-    }
-    let signed = b"bhilqn".contains(&code);
-    let unsigned = b"BHILQN".contains(&code);
-    // SAFETY: a C-contiguous buffer of n items of itemsize bytes, alive while `view` is.
-    unsafe {
-        match (signed, unsigned, b.itemsize) {
-            (true, _, 8) => narrow(std::slice::from_raw_parts(b.buf as *const i64, n)).map(Some),
-            (true, _, 4) => narrow(std::slice::from_raw_parts(b.buf as *const i32, n)).map(Some),
-            (_, true, 8) => narrow(std::slice::from_raw_parts(b.buf as *const u64, n)).map(Some),
-            (_, true, 4) => narrow(std::slice::from_raw_parts(b.buf as *const u32, n)).map(Some),
-            _ => Ok(None),
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // Configuration and identity.
@@ -1249,6 +923,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<HeldChunks>()?;
     m.add_class::<StoreSession>()?;
     m.add_function(wrap_pyfunction!(chunk_keys, m)?)?;
+    m.add_function(wrap_pyfunction!(tokens::token_list_reader, m)?)?;
     m.add("KvTierError", m.py().get_type::<KvTierError>())?;
     m.add("KEY_SPEC_VERSION", kvtier::keys::KEY_SPEC_VERSION)?;
     // The package version is the crates' (one number, set in the workspace manifest).

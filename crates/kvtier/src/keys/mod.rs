@@ -18,11 +18,12 @@
 use std::fmt;
 use std::sync::Arc;
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::layout::KvLayout;
+
+mod digest;
 
 /// Version of the key encoding; bumped whenever the bytes hashed change.
 pub const KEY_SPEC_VERSION: u32 = 1;
@@ -33,8 +34,6 @@ pub const KEY_DOMAIN_TAG: &[u8] = b"kvtier-key-v1";
 pub const REPLICATED_RANK: u32 = u32::MAX;
 /// Longest accepted `cache_salt`, in bytes.
 pub const MAX_SALT_LEN: usize = 128;
-/// Chunk digests are computed on the rayon pool from this many chunks on.
-const PARALLEL_DIGEST_MIN_CHUNKS: usize = 64;
 
 /// A 32-byte chunk key: commits to the namespace and every token of the prefix up to the
 /// end of its chunk.
@@ -426,26 +425,24 @@ impl KeySpace {
         let n = self.num_chunks(tokens.len()).min(max_chunks);
         let cs = self.chunk_size;
         let bounds = |i: usize| (i * cs, ((i + 1) * cs).min(tokens.len()));
-        let digest = |i: usize| {
-            let (s, e) = bounds(i);
-            *blake3::hash(&tokens_as_le_bytes(&tokens[s..e])).as_bytes()
-        };
-        // Chunk digests are independent, so they run in parallel; only the cheap 68-byte
-        // chain below is sequential.
-        let digests: Vec<[u8; 32]> = if n >= PARALLEL_DIGEST_MIN_CHUNKS {
-            (0..n).into_par_iter().map(digest).collect()
-        } else {
-            (0..n).map(digest).collect()
-        };
+        // The digests are independent (hashed many at a time); only the short chain below
+        // is sequential. A partial tail chunk (save_unfull_chunk) is hashed on its own.
+        let full = n.min(tokens.len() / cs);
+        let mut digests = digest::digests(&tokens_as_le_bytes(&tokens[..full * cs]), cs * 4, full);
+        if full < n {
+            let (s, e) = bounds(full);
+            digests.push(*blake3::hash(&tokens_as_le_bytes(&tokens[s..e])).as_bytes());
+        }
         let mut prev = ns;
         let mut out = Vec::with_capacity(n);
+        // h_i = BLAKE3(h_(i-1) ‖ u32(tokens in chunk i) ‖ d_i): 68 bytes, hashed in one call.
+        let mut link = [0u8; 68];
         for (i, d) in digests.iter().enumerate() {
             let (s, e) = bounds(i);
-            let mut h = blake3::Hasher::new();
-            h.update(&prev);
-            h.update(&((e - s) as u32).to_le_bytes());
-            h.update(d);
-            prev = *h.finalize().as_bytes();
+            link[..32].copy_from_slice(&prev);
+            link[32..36].copy_from_slice(&((e - s) as u32).to_le_bytes());
+            link[36..].copy_from_slice(d);
+            prev = *blake3::hash(&link).as_bytes();
             out.push(ChunkSpan {
                 index: i,
                 start: s,
