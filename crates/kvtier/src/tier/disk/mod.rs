@@ -429,6 +429,13 @@ impl DiskTier {
                 dir.counters
                     .read_errors
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // A record the device cannot read would be a hit on every lookup and a
+                // failed load on every retrieve: forget it (and reclaim its space). Not when
+                // the process ran short of a resource: the record is likely fine then.
+                if blames_the_record(&e) {
+                    tracing::warn!(tier = %self.name, key = %key, error = %e, "disk tier: record unreadable; forgotten and deleted");
+                    dir.drop_entry(&key, gen);
+                }
                 Err(Error::io(
                     format!(
                         "disk tier: reading chunk {key} under `{}`",
@@ -438,6 +445,19 @@ impl DiskTier {
                 ))
             }
         }
+    }
+}
+
+/// Whether a failed read speaks against the record or its device: an error from the system,
+/// other than this process lacking a resource (file descriptors, memory) or an interrupted
+/// or would-block call, after which the record is likely fine.
+fn blames_the_record(e: &std::io::Error) -> bool {
+    match e.raw_os_error() {
+        Some(
+            libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS | libc::EINTR | libc::EAGAIN,
+        ) => false,
+        Some(_) => true,
+        None => false,
     }
 }
 

@@ -228,6 +228,43 @@ fn residency_reports_a_damaged_or_vanished_record_when_a_read_finds_it() {
 }
 
 #[test]
+fn an_unreadable_record_is_forgotten_but_not_one_read_short_of_resources() {
+    let d = tempfile::tempdir().unwrap();
+    let tier = DiskTier::open(DiskTierOptions::new(d.path().join("c"), 1 << 20)).unwrap();
+    let l1 = l1();
+    assert_eq!(
+        tier.put_blocking(&chunk(&l1, 1, 5000, None)),
+        PutOutcome::Stored
+    );
+    // A unix socket where the record was: open() fails with ENXIO, a real I/O error.
+    let p1 = layout::record_path(&tier.paths()[0], &key(1), None);
+    std::fs::remove_file(&p1).unwrap();
+    let _socket = std::os::unix::net::UnixListener::bind(&p1).unwrap();
+    assert!(
+        tier.get_blocking(key(1), &l1).is_err(),
+        "the failed read is reported"
+    );
+    assert_eq!(tier.stats().read_errors, 1);
+    assert_eq!(
+        tier.holds(&key(1)),
+        Some(false),
+        "and the record is forgotten"
+    );
+    assert!(!p1.exists(), "its file is deleted");
+    assert!(
+        tier.get_blocking(key(1), &l1).unwrap().is_none(),
+        "later reads miss"
+    );
+
+    let os = std::io::Error::from_raw_os_error;
+    assert!(
+        !blames_the_record(&os(libc::EMFILE)),
+        "out of file descriptors"
+    );
+    assert!(blames_the_record(&os(libc::EIO)));
+}
+
+#[test]
 fn records_found_at_startup_are_not_reported_but_their_removal_is() {
     let d = tempfile::tempdir().unwrap();
     let l1 = l1();
