@@ -114,6 +114,8 @@ pub struct ObjectServer {
     /// The bucket.
     pub bucket: String,
     dir: tempfile::TempDir,
+    /// SeaweedFS: the readiness probe file is written (see `s3_probe_reads_back`).
+    probe_written: std::cell::Cell<bool>,
 }
 
 impl ObjectServer {
@@ -141,6 +143,7 @@ impl ObjectServer {
                 .prefix("objstore-")
                 .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
                 .expect("temp dir"),
+            probe_written: std::cell::Cell::new(false),
         };
         // The ports are free when picked, but another process may bind one before the
         // server does (it then exits with "address already in use"): pick them again.
@@ -249,6 +252,7 @@ impl ObjectServer {
                         "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
                     )
                     .is_some()
+                    && self.s3_probe_reads_back()
             }
             Kind::Azure => {
                 if http_status(
@@ -271,6 +275,29 @@ impl ObjectServer {
                 );
                 http_status(self.port, &req) == Some(200)
             }
+        }
+    }
+
+    /// Whether a file written through the filer at the first start reads back (written here
+    /// when it is not there yet). After a restart the filer and the S3 gateway answer before
+    /// the volume server has told the master its volumes, and reads then fail: a restarted
+    /// server is ready once what it held before can be read.
+    fn s3_probe_reads_back(&self) -> bool {
+        let filer = self.ports[2];
+        let get =
+            "GET /kvtier-ready-probe HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+        match http_status(filer, get) {
+            Some(200) => true,
+            Some(404) if !self.probe_written.get() => {
+                let put = format!(
+                    "PUT /kvtier-ready-probe?collection={} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    self.bucket
+                );
+                let written = matches!(http_status(filer, &put), Some(200 | 201));
+                self.probe_written.set(written);
+                written && http_status(filer, get) == Some(200)
+            }
+            _ => false,
         }
     }
 
