@@ -70,9 +70,9 @@ fn list_items(list: &Bound<'_, PyList>) -> Option<*mut *mut pyo3::ffi::PyObject>
 /// How this interpreter lays out an `int`'s size word, which follows the object header and
 /// precedes the 30-bit digits in every 64-bit CPython build of 3.x. The stable ABI only
 /// offers `PyLong_AsUnsignedLongLong`, a function call with overflow checks per token; a
-/// token id is one or two digits, read here directly. [`int_layout`] checks the guess
-/// against that function on probe values once, and without a match every int goes
-/// through the function.
+/// token id is one or two digits, read here directly. [`int_layout`] checks the guess on
+/// probe values of known value once, and without a match every int goes through the
+/// function.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum IntLayout {
     /// CPython <= 3.11: a signed digit count, negative for negative numbers.
@@ -92,9 +92,9 @@ struct IntHead {
 
 static INT_LAYOUT: std::sync::OnceLock<Option<IntLayout>> = std::sync::OnceLock::new();
 
-/// This interpreter's [`IntLayout`], when reading it reproduces `PyLong_AsUnsignedLongLong`
-/// on ints of zero, one and two digits (small cached ones among them) and refuses negative
-/// ones; `None` otherwise.
+/// This interpreter's [`IntLayout`], when reading probe ints under it gives their values: ints
+/// of zero, one and two digits (small cached ones among them), and no value for a negative
+/// one; `None` otherwise.
 fn int_layout(py: Python<'_>) -> Option<IntLayout> {
     *INT_LAYOUT.get_or_init(|| {
         let guess = if py.version_info() >= (3, 12) {
