@@ -43,6 +43,11 @@ fn engine() -> Engine {
     engine_with(|_| {})
 }
 
+/// A default engine (L1 on) over one lower tier.
+fn engine_over(lower: Arc<dyn Tier>) -> Engine {
+    Engine::with_lower_tiers(config(|_| {}), identity(), vec![TierSpec::new(lower)]).unwrap()
+}
+
 fn prompt(seed: u32, n: usize) -> Vec<u32> {
     (0..n as u32)
         .map(|i| seed.wrapping_mul(1_000_003).wrapping_add(i * 17))
@@ -413,12 +418,7 @@ fn prompt_reports_name_the_keys_addressed() {
         inner: CpuTier::new(lower_options()).unwrap(),
         seen: Mutex::default(),
     });
-    let e = Engine::with_lower_tiers(
-        config(|_| {}),
-        identity(),
-        vec![TierSpec::new(tier.clone())],
-    )
-    .unwrap();
+    let e = engine_over(tier.clone());
     let bpt = e.bytes_per_token();
     let tokens = prompt(9, 96);
     let kv = kv_for(&e, &tokens);
@@ -560,20 +560,14 @@ fn a_read_l1_answers_alone_counts_and_copies_like_the_full_path() {
 #[test]
 fn a_read_l1_answers_in_part_still_loads_the_rest_from_below() {
     let lower = Arc::new(CpuTier::new(lower_options()).unwrap());
-    let writer = Engine::with_lower_tiers(
-        config(|_| {}),
-        identity(),
-        vec![TierSpec::new(lower.clone())],
-    )
-    .unwrap();
+    let writer = engine_over(lower.clone());
     let bpt = writer.bytes_per_token();
     let tokens = prompt(12, 96);
     let kv = kv_for(&writer, &tokens);
     writer.store(&tokens, None, &kv).unwrap();
     assert!(writer.flush(Duration::from_secs(10)));
     // A fresh L1 over the same lower tier: reading the first 2 chunks promotes them.
-    let e =
-        Engine::with_lower_tiers(config(|_| {}), identity(), vec![TierSpec::new(lower)]).unwrap();
+    let e = engine_over(lower);
     let mut out = vec![0u8; 96 * bpt];
     let r = e
         .retrieve(&tokens[..32], None, &mut out[..32 * bpt])
