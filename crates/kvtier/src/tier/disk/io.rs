@@ -72,6 +72,19 @@ pub(crate) fn is_no_space(e: &io::Error) -> bool {
         || e.kind() == io::ErrorKind::StorageFull
 }
 
+/// Whether a failed read speaks against the record or its device: an error from the system,
+/// other than this process lacking a resource (file descriptors, memory) or an interrupted
+/// or would-block call, after which the record is likely fine.
+pub(crate) fn blames_the_record(e: &io::Error) -> bool {
+    match e.raw_os_error() {
+        Some(
+            libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS | libc::EINTR | libc::EAGAIN,
+        ) => false,
+        Some(_) => true,
+        None => false,
+    }
+}
+
 /// Creates a new file for writing (`O_EXCL`, owner-only: cached KV is every tenant's
 /// prompts), with `O_DIRECT` when `direct`.
 pub(crate) fn create_new(path: &Path, direct: bool) -> io::Result<File> {

@@ -76,6 +76,7 @@ use std::sync::Arc;
 
 use dir::{DirOptions, DiskDir, ReadError};
 pub use inspect::{inspect, BadRecord, GroupCount, InspectReport};
+use io::blames_the_record;
 pub use layout::MARKER;
 
 use super::{PutOutcome, ResidencyObserver, Tier, TierFuture, TierUsage};
@@ -445,19 +446,6 @@ impl DiskTier {
                 ))
             }
         }
-    }
-}
-
-/// Whether a failed read speaks against the record or its device: an error from the system,
-/// other than this process lacking a resource (file descriptors, memory) or an interrupted
-/// or would-block call, after which the record is likely fine.
-fn blames_the_record(e: &std::io::Error) -> bool {
-    match e.raw_os_error() {
-        Some(
-            libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::ENOBUFS | libc::EINTR | libc::EAGAIN,
-        ) => false,
-        Some(_) => true,
-        None => false,
     }
 }
 
