@@ -99,10 +99,10 @@ def test_any_dtype_and_numpy_tokens(small_cfg):
 
 
 def test_token_inputs_give_the_same_keys_and_bad_ids_are_value_errors(small_cfg):
-    # tokens_fast(): exact lists via the C API, int numpy arrays / CPU torch tensors read in
-    # place; everything else takes the generic path. All must agree.
-    # A list's ints are read from their digits (one or two 30-bit digits), checked here
-    # against a numpy array's memory: every digit boundary, small cached ints, bools.
+    # tokens_fast(): an exact list's ints read from their digits (one or two 30-bit digits),
+    # int numpy arrays / CPU torch tensors read in place; everything else takes the generic
+    # path. All must agree: list keys against a numpy array's at every digit boundary, small
+    # cached ints, bools.
     from kvtier import _native
     assert _native.token_list_reader() == "digits", "the int layout check failed on this CPython"
     eng = make(small_cfg)

@@ -176,8 +176,9 @@ fn narrow<T: Copy + TryInto<u32>>(xs: &[T]) -> PyResult<Vec<u32>> {
 /// Fast paths of [`tokens_of`] for the shapes prompts usually come in. A 128K-token prompt
 /// is 131,072 Python objects: the generic `extract::<Vec<u32>>` goes through the iterator
 /// protocol per item (and, for numpy arrays and torch tensors, creates a scalar object per
-/// item), which costs more than hashing the prompt. Here an exact `list` is read through
-/// the C API item by item, and a 1-D C-contiguous int32/int64/uint32/uint64 numpy array
+/// item), which costs more than hashing the prompt. Here an exact `list`'s item array is
+/// walked directly and its ints read from their digits ([`read_int`], the C API for any
+/// other int), and a 1-D C-contiguous int32/int64/uint32/uint64 numpy array
 /// or CPU torch int32/int64 tensor is read from its memory. `None`: not one of these shapes
 /// (the caller falls back to the generic path, which also produces the error messages).
 fn tokens_fast(obj: &Bound<'_, PyAny>) -> PyResult<Option<Vec<u32>>> {
