@@ -58,29 +58,21 @@ pub(crate) fn digests(bytes: &[u8], chunk_len: usize, n: usize) -> Vec<Digest> {
     }
 }
 
-/// Runs `hash_many` over equal inputs of a length known only at run time (1..=16 blocks).
-macro_rules! hash_many_blocks {
-    ($blocks:expr, $inputs:expr, $counter:expr, $flags_end:expr, $out:expr, [$($b:literal),*]) => {
-        match $blocks {
-            $($b => hash_many::<{ $b * BLOCK_LEN }>(
-                $inputs, $b * BLOCK_LEN, 0, $counter, $flags_end, $out,
-            ),)*
-            _ => unreachable!("1..=16 blocks"),
-        }
-    };
-}
-
-/// Inputs of 1..=16 whole blocks: one BLAKE3 piece each, finished as the root.
+/// Inputs of 1..=16 whole blocks: one BLAKE3 piece each, finished as the root. `hash_many`
+/// takes the input length as a constant, so each block count is its own instance.
 fn single_piece(bytes: &[u8], chunk_len: usize, n: usize) -> Vec<Digest> {
     let mut out = vec![[0u8; 32]; n];
-    hash_many_blocks!(
-        chunk_len / BLOCK_LEN,
-        bytes,
-        0,
-        CHUNK_END | ROOT,
-        &mut out,
-        [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
-    );
+    macro_rules! by_blocks {
+        ($($b:literal),*) => {
+            match chunk_len / BLOCK_LEN {
+                $($b => hash_many::<{ $b * BLOCK_LEN }>(
+                    bytes, $b * BLOCK_LEN, 0, 0, CHUNK_END | ROOT, &mut out,
+                ),)*
+                _ => unreachable!("1..=16 blocks"),
+            }
+        };
+    }
+    by_blocks!(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16);
     out
 }
 
